@@ -1,0 +1,1 @@
+"""Authentication (bearer JWTs) and authorization (roles to permissions)."""

@@ -1,0 +1,319 @@
+"""Bearer token verification and the built-in development issuer.
+
+This is the ONLY module that imports python-jose. Invariants, each checked before a claim is
+trusted:
+- tokens over ``MAX_TOKEN_BYTES`` are refused before any parsing;
+- the header must name exactly the configured asymmetric algorithm (RS256 or ES256) and a ``kid``;
+  ``jku``, ``x5u``, ``jwk``, ``x5c`` and ``crit`` headers are refused (no key is ever taken from
+  the token itself);
+- the key is chosen by ``kid`` from the pinned key set only, and its type must fit the algorithm;
+- ``jwt.decode`` always receives ``algorithms=[<the one algorithm>]``;
+- ``exp``, ``iat``, ``iss``, ``aud`` and ``sub`` are required; ``nbf`` and a future ``iat`` are
+  honoured with a small leeway.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from jose import jwk, jwt
+from jose.exceptions import JOSEError
+
+MAX_TOKEN_BYTES = 8 * 1024
+FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
+KEY_TYPE_FOR_ALGORITHM = {"RS256": "RSA", "ES256": "EC"}
+REFETCH_INTERVAL_SECONDS = 60.0
+
+
+class InvalidToken(Exception):
+    """The token is not acceptable; the message says why without echoing the token."""
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    subject: str
+    roles: frozenset[str]
+    issued_at: int
+    expires_at: int
+
+
+class KeySet:
+    """Pinned public keys by ``kid``: from a JWKS file, a JWKS URL, or given directly."""
+
+    def __init__(
+        self,
+        keys: Sequence[Mapping[str, Any]] = (),
+        *,
+        url: str | None = None,
+        fetch: Callable[[str], Mapping[str, Any]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keys: dict[str, dict[str, Any]] = {}
+        self._static = [dict(k) for k in keys]
+        self._url = url
+        self._fetch = fetch or _fetch_jwks
+        self._clock = clock
+        self._last_fetch: float | None = None
+        self._lock = threading.Lock()
+        self._install(self._static)
+        if url:
+            self.refresh()
+
+    @classmethod
+    def from_file(cls, path: Path) -> KeySet:
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read JWKS file {path}: {exc}") from exc
+        return cls(_jwks_keys(document, source=str(path)))
+
+    def _install(self, keys: Sequence[Mapping[str, Any]]) -> None:
+        installed = {k["kid"]: dict(k) for k in self._static}
+        for key in keys:
+            if "kid" in key:
+                installed[str(key["kid"])] = dict(key)
+        self._keys = installed
+
+    def refresh(self) -> None:
+        if not self._url:
+            return
+        self._last_fetch = self._clock()
+        self._install(self._static + list(_jwks_keys(self._fetch(self._url), source=self._url)))
+
+    def get(self, kid: str) -> dict[str, Any] | None:
+        key = self._keys.get(kid)
+        if key is not None or not self._url:
+            return key
+        with self._lock:
+            # An unknown kid may mean the provider rotated: refetch, but at most once a minute.
+            if self._last_fetch is None or self._clock() - self._last_fetch >= (
+                REFETCH_INTERVAL_SECONDS
+            ):
+                try:
+                    self.refresh()
+                except (httpx.HTTPError, ValueError):
+                    return None
+        return self._keys.get(kid)
+
+    def public_jwks(self) -> dict[str, Any]:
+        return {"keys": [_public_members(k) for k in self._static]}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _fetch_jwks(url: str) -> Mapping[str, Any]:
+    response = httpx.get(url, timeout=5.0, follow_redirects=False)
+    response.raise_for_status()
+    document = response.json()
+    if not isinstance(document, dict):
+        raise ValueError("JWKS document is not an object")
+    return document
+
+
+def _jwks_keys(document: Any, *, source: str) -> list[dict[str, Any]]:
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError(f"{source}: a JWKS document needs a 'keys' list")
+    keys = [k for k in document["keys"] if isinstance(k, dict) and "kid" in k]
+    if not keys:
+        raise ValueError(f"{source}: no key with a 'kid'")
+    return keys
+
+
+def _public_members(key: Mapping[str, Any]) -> dict[str, Any]:
+    private = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
+    return {name: value for name, value in key.items() if name not in private}
+
+
+def _roles_at(claims: Mapping[str, Any], path: str) -> frozenset[str]:
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return frozenset()
+        value = value.get(part)
+    if isinstance(value, str):
+        return frozenset({value})
+    if isinstance(value, list):
+        return frozenset(v for v in value if isinstance(v, str))
+    return frozenset()
+
+
+class TokenVerifier:
+    def __init__(
+        self,
+        *,
+        algorithm: str,
+        issuer: str,
+        audience: str,
+        roles_claim: str,
+        keys: KeySet,
+        leeway_seconds: int = 30,
+    ) -> None:
+        if algorithm not in KEY_TYPE_FOR_ALGORITHM:
+            raise ValueError(f"algorithm must be one of {sorted(KEY_TYPE_FOR_ALGORITHM)}")
+        self.algorithm = algorithm
+        self.issuer = issuer
+        self.audience = audience
+        self.roles_claim = roles_claim
+        self.keys = keys
+        self.leeway_seconds = leeway_seconds
+
+    def verify(self, token: str) -> VerifiedToken:
+        if len(token.encode("utf-8", "replace")) > MAX_TOKEN_BYTES:
+            raise InvalidToken(f"token is larger than {MAX_TOKEN_BYTES} bytes")
+        try:
+            header = jwt.get_unverified_header(token)
+        except JOSEError as exc:
+            raise InvalidToken("token is not a well-formed JWS") from exc
+        if not isinstance(header, dict):
+            raise InvalidToken("token header is not an object")
+        if header.get("alg") != self.algorithm:
+            raise InvalidToken(f"token algorithm must be {self.algorithm}")
+        forbidden = sorted(FORBIDDEN_HEADERS & header.keys())
+        if forbidden:
+            raise InvalidToken(f"token header may not carry {', '.join(forbidden)}")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise InvalidToken("token header needs a 'kid'")
+        key = self.keys.get(kid)
+        if key is None:
+            raise InvalidToken("token is signed by an unknown key")
+        if key.get("kty") != KEY_TYPE_FOR_ALGORITHM[self.algorithm] or key.get("alg") not in (
+            None,
+            self.algorithm,
+        ):
+            raise InvalidToken("pinned key does not fit the accepted algorithm")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[self.algorithm],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={
+                    "require_exp": True,
+                    "require_iat": True,
+                    "require_aud": True,
+                    "require_iss": True,
+                    "require_sub": True,
+                    "leeway": self.leeway_seconds,
+                },
+            )
+        except JOSEError as exc:
+            raise InvalidToken(_reason(exc)) from exc
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise InvalidToken("token 'sub' must be a non-empty string")
+        issued_at, expires_at = claims.get("iat"), claims.get("exp")
+        if not isinstance(issued_at, int) or not isinstance(expires_at, int):
+            raise InvalidToken("token 'iat' and 'exp' must be integers")
+        if issued_at > time.time() + self.leeway_seconds:
+            raise InvalidToken("token is issued in the future")
+        return VerifiedToken(
+            subject=subject,
+            roles=_roles_at(claims, self.roles_claim),
+            issued_at=issued_at,
+            expires_at=expires_at,
+        )
+
+
+def _reason(exc: JOSEError) -> str:
+    text = str(exc).lower()
+    for needle, reason in (
+        ("expired", "token has expired"),
+        ("not yet valid", "token is not yet valid"),
+        ("audience", "token audience is not accepted"),
+        ("issuer", "token issuer is not accepted"),
+        ("signature", "token signature does not verify"),
+        ("missing", "token lacks a required claim (exp, iat, iss, aud, sub)"),
+        ("require", "token lacks a required claim (exp, iat, iss, aud, sub)"),
+    ):
+        if needle in text:
+            return reason
+    return "token is not acceptable"
+
+
+# --- built-in development issuer -----------------------------------------------------------
+
+
+def key_id(public_jwk: Mapping[str, Any]) -> str:
+    """RFC 7638 thumbprint of the public key (base64url, no padding)."""
+    members = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y")}[public_jwk["kty"]]
+    canonical = json.dumps({m: public_jwk[m] for m in members}, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+class DevIssuer:
+    """Signs tokens with a locally generated key; only for the embedded default."""
+
+    def __init__(
+        self,
+        *,
+        private_pem: bytes,
+        algorithm: str,
+        issuer: str,
+        audience: str,
+        kid: str | None = None,
+    ) -> None:
+        self._private_pem = private_pem
+        self.algorithm = algorithm
+        self.issuer = issuer
+        self.audience = audience
+        public = jwk.construct(private_pem, algorithm).public_key().to_dict()
+        public = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in public.items()}
+        public["kid"] = kid or key_id(public)
+        public["use"] = "sig"
+        public["alg"] = algorithm
+        self.public_jwk: dict[str, Any] = public
+
+    @property
+    def kid(self) -> str:
+        return str(self.public_jwk["kid"])
+
+    def __repr__(self) -> str:
+        return f"DevIssuer(kid={self.kid!r}, key=***)"
+
+    def mint(
+        self,
+        *,
+        subject: str,
+        roles: Sequence[str],
+        roles_claim: str = "roles",
+        ttl_seconds: int = 3600,
+        extra_claims: Mapping[str, Any] | None = None,
+    ) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": subject,
+            "iat": now,
+            "exp": now + ttl_seconds,
+        }
+        target = claims
+        *parents, leaf = roles_claim.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = list(roles)
+        claims.update(extra_claims or {})
+        return self.sign(claims)
+
+    def sign(
+        self, claims: Mapping[str, Any], *, extra_headers: Mapping[str, Any] | None = None
+    ) -> str:
+        """Sign exactly ``claims`` (no defaults added) under this issuer's key and ``kid``."""
+        headers = {"kid": self.kid, **(extra_headers or {})}
+        token: str = jwt.encode(
+            dict(claims), self._private_pem.decode(), algorithm=self.algorithm, headers=headers
+        )
+        return token

@@ -1,0 +1,104 @@
+"""Settings, read once from the environment (prefix ``CASEPACKETS_``) and validated.
+
+Guarantee: a ``Settings`` object exists only for a safe combination. Production with the built-in
+dev issuer, production without a pinned JWKS, or a placeholder value anywhere is refused with a
+message naming the variable to change.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PLACEHOLDERS = ("changeme", "change-me", "change_me", "changethis", "placeholder")
+
+
+class UnsafeSettings(ValueError):
+    """The configuration would run the service in an unsafe way."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CASEPACKETS_", extra="ignore")
+
+    env: Literal["development", "test", "production"] = "development"
+    home: Path = Field(default=Path("var"), description="data folder (SQLite file, keyring)")
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CASEPACKETS_DATABASE_URL", "DATABASE_URL"),
+        description="SQLAlchemy URL; default is SQLite under the data folder",
+    )
+    keyring_path: Path | None = Field(default=None, description="default <home>/keyring.json")
+    policies_dir: Path = PROJECT_ROOT / "policies"
+    migrations_dir: Path = PROJECT_ROOT / "alembic"
+
+    jwt_issuer: str = "casepackets-dev"
+    jwt_audience: str = "casepackets"
+    jwt_algorithm: Literal["RS256", "ES256"] = "RS256"
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    roles_claim: str = "roles"
+    dev_issuer: bool = True
+    token_leeway_seconds: int = Field(default=30, ge=0, le=300)
+
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_batch_rows: int = Field(default=10_000, ge=1)
+    max_page_size: int = Field(default=1_000, ge=1)
+    log_lock_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    checkpoint_origin: str = Field(default_factory=lambda: f"casepackets/{socket.gethostname()}")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return normalize_database_url(self.database_url)
+        return f"sqlite:///{(self.home / 'casepackets.db').resolve()}"
+
+    @property
+    def resolved_keyring_path(self) -> Path:
+        return self.keyring_path or self.home / "keyring.json"
+
+    @property
+    def dev_issuer_key_path(self) -> Path:
+        return self.home / f"dev-issuer-{self.jwt_algorithm.lower()}.pem"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        for name, value in self.model_dump().items():
+            if isinstance(value, str) and any(p in value.lower() for p in PLACEHOLDERS):
+                raise UnsafeSettings(
+                    f"CASEPACKETS_{name.upper()} holds a placeholder value; set a real one"
+                )
+        if self.env == "production":
+            if self.dev_issuer:
+                raise UnsafeSettings(
+                    "CASEPACKETS_DEV_ISSUER must be false when CASEPACKETS_ENV=production: "
+                    "the built-in issuer mints tokens for any role"
+                )
+            if not (self.jwks_file or self.jwks_url):
+                raise UnsafeSettings(
+                    "CASEPACKETS_ENV=production needs CASEPACKETS_JWKS_FILE or "
+                    "CASEPACKETS_JWKS_URL (the identity provider's pinned public keys)"
+                )
+            if self.jwks_url and not self.jwks_url.startswith("https://"):
+                raise UnsafeSettings("CASEPACKETS_JWKS_URL must use https:// in production")
+        if self.jwks_file and self.jwks_url:
+            raise UnsafeSettings("set CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL, not both")
+        return self
+
+
+def normalize_database_url(url: str) -> str:
+    """Map plain ``postgresql://`` URLs to the psycopg 3 driver."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""Cryptography boundary: the only package that imports ``cryptography``."""

@@ -1,0 +1,135 @@
+"""Database engines, sessions and migrations.
+
+Guarantees:
+- SQLite runs in WAL mode with foreign keys on, ``synchronous=FULL`` (an accepted request survives a
+  power cut) and every transaction ``BEGIN IMMEDIATE``, so writers are serialized instead of
+  failing half-way with a stale snapshot;
+- PostgreSQL goes through psycopg 3;
+- SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
+- the schema is changed only by Alembic (``migrate``), never by ``create_all``;
+- the request owns the transaction: ``get_session`` commits after the route returns and before
+  the response is sent; services only flush.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+from alembic.config import Config
+from fastapi import Depends, Request
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlmodel import Session
+
+from alembic import command
+from service.config import Settings
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int = 10) -> Engine:
+    if is_sqlite(url):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": lock_timeout_seconds},
+            hide_parameters=True,
+        )
+        _configure_sqlite(engine, busy_timeout_ms=int(lock_timeout_seconds * 1000))
+        return engine
+    return create_engine(
+        url,
+        hide_parameters=True,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+    )
+
+
+def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    """One engine per process; sessions are short and owned by a request or a command."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.resolved_database_url
+        self.engine = make_engine(self.url, lock_timeout_seconds=settings.log_lock_timeout_seconds)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return is_sqlite(self.url)
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on any error (for commands and jobs)."""
+        with self.session() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config(url: str, migrations_dir: Path) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def migrate(url: str, migrations_dir: Path, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (creating the SQLite file and folder when needed)."""
+    if is_sqlite(url):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url, migrations_dir), revision)
+
+
+def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
+    command.downgrade(alembic_config(url, migrations_dir), revision)
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    database: Database = request.app.state.database
+    with database.session() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+# scope="function": the commit runs when the route returns, before the response is sent.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]

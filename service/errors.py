@@ -1,0 +1,188 @@
+"""Every error a client sees is RFC 9457 ``application/problem+json``.
+
+Guarantees:
+- services raise ``ServiceError`` subclasses (no FastAPI import); one handler renders them;
+- validation errors name the field and row but never echo the submitted value, because the value
+  may be a national id or a name;
+- unexpected exceptions become a bare 500 with the request id; the traceback goes to the server
+  log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+PROBLEM_JSON = "application/problem+json"
+logger = logging.getLogger("casepackets")
+
+
+class ServiceError(Exception):
+    """A domain error with the HTTP status it maps to. ``detail`` must never hold an identity."""
+
+    status: int = 400
+    title: str | None = None
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: Sequence[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = list(errors) if errors else None
+        self.headers = headers
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class Unauthenticated(ServiceError):
+    status = 401
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            detail,
+            headers={"WWW-Authenticate": 'Bearer realm="casepackets", error="invalid_token"'},
+        )
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class Gone(ServiceError):
+    status = 410
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
+class Unprocessable(ServiceError):
+    status = 422
+
+
+class Unavailable(ServiceError):
+    status = 503
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    request: Request | None = None,
+    title: str | None = None,
+    errors: Sequence[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ProblemResponse:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if request is not None:
+        body["instance"] = request.url.path
+        request_id = getattr(request.state, "request_id", None)
+        if request_id:
+            body["request_id"] = request_id
+    if errors:
+        body["errors"] = list(errors)
+    return ProblemResponse(body, status_code=status, headers=dict(headers) if headers else None)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Field paths and messages only: the offending input is deliberately left out."""
+    cleaned = []
+    for err in exc.errors():
+        loc = [part for part in err.get("loc", ()) if part != "body"]
+        entry: dict[str, Any] = {"loc": loc, "msg": str(err.get("msg", "invalid"))}
+        if err.get("type"):
+            entry["type"] = err["type"]
+        if (
+            len(loc) >= 2
+            and loc[0] in ("subjects", "rows", "flags", "items")
+            and isinstance(loc[1], int)
+        ):
+            entry["row"] = loc[1]
+        cleaned.append(entry)
+    return cleaned
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> ProblemResponse:
+        return problem(
+            exc.status,
+            exc.detail,
+            request=request,
+            title=exc.title,
+            errors=exc.errors,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> ProblemResponse:
+        errors = _validation_errors(exc)
+        fields = sorted({".".join(str(p) for p in e["loc"]) or "body" for e in errors})
+        shown = ", ".join(fields[:10]) + (" …" if len(fields) > 10 else "")
+        return problem(422, f"request is invalid: {shown}", request=request, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.url.path}"
+        if exc.status_code == 405:
+            detail = f"method {request.method} is not allowed on {request.url.path}"
+        return problem(exc.status_code, detail, request=request, headers=exc.headers)
+
+    @app.exception_handler(OperationalError)
+    async def _db_unavailable(request: Request, exc: OperationalError) -> ProblemResponse:
+        logger.warning("database operational error on %s: %s", request.url.path, type(exc.orig))
+        return problem(
+            503,
+            "the database is busy or unreachable; nothing was changed, try again",
+            request=request,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> ProblemResponse:
+        # The exception's message may quote input (an identity); log its type and frames only.
+        logger.error(
+            "unhandled %s on %s %s (request %s)\n%s",
+            type(exc).__name__,
+            request.method,
+            request.url.path,
+            getattr(request.state, "request_id", "-"),
+            "".join(traceback.format_tb(exc.__traceback__)),
+        )
+        return problem(
+            500, "internal error; the request id identifies it in the server log", request=request
+        )

@@ -1,0 +1,187 @@
+"""The ASGI application: settings, policies, keys and the database are wired here, once.
+
+Start-up fails fast, with a message naming the file or variable, when a policy file is invalid,
+keys are missing or the settings are unsafe. ``create_app`` builds everything synchronously so a
+broken configuration never serves a single request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel
+from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.auth.permissions import load_access_policy
+from service.auth.router import router as auth_router
+from service.auth.tokens import DevIssuer, KeySet, TokenVerifier
+from service.config import Settings, get_settings
+from service.crypto.issuer_keys import load_or_create_private_pem
+from service.db import Database
+from service.errors import install_error_handlers, problem
+from service.openapi import problem_responses
+
+logger = logging.getLogger("casepackets")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class BodySizeLimit:
+    """Refuse bodies over ``max_bytes`` with 413 before any route parses them.
+
+    A declared ``Content-Length`` over the limit is refused without reading; a chunked body is
+    counted as it arrives and refused as soon as it passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem(413, f"request body is larger than {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}
+
+
+def create_app(settings: Settings | None = None, *, database: Database | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    access_policy = load_access_policy(settings.policies_dir / "access.yaml")
+
+    dev_issuer: DevIssuer | None = None
+    static_keys: list[dict[str, Any]] = []
+    if settings.dev_issuer:
+        dev_issuer = DevIssuer(
+            private_pem=load_or_create_private_pem(
+                settings.dev_issuer_key_path, settings.jwt_algorithm
+            ),
+            algorithm=settings.jwt_algorithm,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+        static_keys.append(dev_issuer.public_jwk)
+    if settings.jwks_file:
+        static_keys.extend(KeySet.from_file(settings.jwks_file).public_jwks()["keys"])
+    keys = KeySet(static_keys, url=settings.jwks_url)
+    if not len(keys):
+        raise RuntimeError(
+            "no token keys: set CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL, "
+            "or enable the built-in issuer (CASEPACKETS_DEV_ISSUER=true) outside production"
+        )
+    verifier = TokenVerifier(
+        algorithm=settings.jwt_algorithm,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        roles_claim=settings.roles_claim,
+        keys=keys,
+        leeway_seconds=settings.token_leeway_seconds,
+    )
+    database = database or Database(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        database.dispose()
+
+    app = FastAPI(
+        title="casepackets",
+        version="1.0.0",
+        summary="Per-professional case packets over pseudonymized records, with a verifiable "
+        "access log",
+        lifespan=lifespan,
+        responses=problem_responses(422),
+    )
+    app.state.settings = settings
+    app.state.database = database
+    app.state.access_policy = access_policy
+    app.state.token_verifier = verifier
+    app.state.dev_issuer = dev_issuer
+
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def request_id(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        given = request.headers.get("x-request-id", "")
+        request.state.request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = request.state.request_id
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        tags=["health"],
+        summary="Readiness: database reachable, keys loaded",
+        responses=problem_responses(503),
+    )
+    def readyz(request: Request) -> Any:
+        checks: dict[str, str] = {}
+        try:
+            with database.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"unreachable ({type(exc).__name__})"
+        checks["token_keys"] = "ok" if len(verifier.keys) else "missing"
+        for name, check in request.app.state.readiness_checks.items():
+            checks[name] = check()
+        if any(value != "ok" for value in checks.values()):
+            failing = ", ".join(k for k, v in checks.items() if v != "ok")
+            return problem(503, f"not ready: {failing}", request=request)
+        return Health(status="ok", checks=checks)
+
+    app.state.readiness_checks = {}
+    app.include_router(auth_router)
+    return app

@@ -1,0 +1,264 @@
+"""Bearer tokens: every forged, stale or oversized token is refused with 401 problem+json."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.auth.tokens import DevIssuer, InvalidToken, KeySet, TokenVerifier
+from service.config import Settings
+from service.crypto.issuer_keys import generate_private_pem, public_pem
+from tests.conftest import bearer
+
+ISSUER = "casepackets-dev"
+AUDIENCE = "casepackets"
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FastAPI, TestClient]]:
+    """An app whose auth does not touch the database (``/v1/me``)."""
+    from service.main import create_app
+
+    home = tmp_path_factory.mktemp("auth-home")
+    app = create_app(Settings(env="test", home=home, database_url=f"sqlite:///{home}/x.db"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield app, client
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge(header: Mapping[str, Any], claims: Mapping[str, Any], sign: bytes | None) -> str:
+    """Build a JWS by hand (HMAC with ``sign`` as secret, or no signature at all)."""
+    signing_input = (
+        f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    ).encode()
+    signature = b"" if sign is None else hmac.new(sign, signing_input, hashlib.sha256).digest()
+    return f"{signing_input.decode()}.{b64url(signature)}"
+
+
+def good_claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "prof-001",
+        "iat": now,
+        "exp": now + 600,
+        "roles": ["professional"],
+    }
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def assert_401(client: TestClient, token: str, reason: str) -> None:
+    response = client.get("/v1/me", headers=bearer(token))
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert reason in response.json()["detail"]
+
+
+def test_valid_token_is_accepted(api: tuple[FastAPI, TestClient]) -> None:
+    app, client = api
+    token = app.state.dev_issuer.mint(subject="prof-001", roles=["professional"])
+    response = client.get("/v1/me", headers=bearer(token))
+    assert response.status_code == 200
+    assert response.json()["sub"] == "prof-001"
+    assert "packets.open" in response.json()["permissions"]
+
+
+def test_missing_token_is_401(api: tuple[FastAPI, TestClient]) -> None:
+    response = api[1].get("/v1/me")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_alg_none_is_refused(api: tuple[FastAPI, TestClient]) -> None:
+    app, client = api
+    header = {"alg": "none", "typ": "JWT", "kid": app.state.dev_issuer.kid}
+    assert_401(client, forge(header, good_claims(), None), "algorithm must be RS256")
+
+
+@pytest.mark.parametrize("encoding", ["pem", "der"])
+def test_hs256_signed_with_the_public_key_is_refused(
+    api: tuple[FastAPI, TestClient], home_key: bytes, encoding: str
+) -> None:
+    app, client = api
+    pem = public_pem(home_key)
+    der = base64.b64decode(b"".join(pem.splitlines()[1:-1]))
+    secret = pem if encoding == "pem" else der
+    header = {"alg": "HS256", "typ": "JWT", "kid": app.state.dev_issuer.kid}
+    assert_401(client, forge(header, good_claims(), secret), "algorithm must be RS256")
+
+
+@pytest.fixture(scope="module")
+def home_key(api: tuple[FastAPI, TestClient]) -> bytes:
+    settings: Settings = api[0].state.settings
+    return Path(settings.dev_issuer_key_path).read_bytes()
+
+
+def test_token_from_another_key_with_a_known_kid_is_refused(
+    api: tuple[FastAPI, TestClient],
+) -> None:
+    app, client = api
+    impostor = DevIssuer(
+        private_pem=generate_private_pem("RS256"),
+        algorithm="RS256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        kid=app.state.dev_issuer.kid,
+    )
+    token = impostor.mint(subject="prof-001", roles=["admin"])
+    assert_401(client, token, "signature does not verify")
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        (good_claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600), "expired"),
+        (good_claims(nbf=int(time.time()) + 3600), "not yet valid"),
+        (good_claims(iat=int(time.time()) + 3600, exp=int(time.time()) + 7200), "future"),
+        (good_claims(aud="someone-else"), "audience"),
+        (good_claims(iss="https://evil.example"), "issuer"),
+        (good_claims(sub=None), "required claim"),
+        (good_claims(exp=None), "required claim"),
+        (good_claims(iat=None), "required claim"),
+    ],
+    ids=[
+        "expired",
+        "not-yet-valid",
+        "issued-in-future",
+        "audience",
+        "issuer",
+        "no-sub",
+        "no-exp",
+        "no-iat",
+    ],
+)
+def test_bad_claims_are_refused(
+    api: tuple[FastAPI, TestClient], claims: dict[str, Any], reason: str
+) -> None:
+    app, client = api
+    assert_401(client, app.state.dev_issuer.sign(claims), reason)
+
+
+@pytest.mark.parametrize("header", ["jku", "x5u", "jwk"])
+def test_key_location_headers_are_refused(api: tuple[FastAPI, TestClient], header: str) -> None:
+    app, client = api
+    token = app.state.dev_issuer.sign(
+        good_claims(), extra_headers={header: "https://evil.example/keys.json"}
+    )
+    assert_401(client, token, f"may not carry {header}")
+
+
+def test_oversized_token_is_refused_before_parsing(api: tuple[FastAPI, TestClient]) -> None:
+    app, client = api
+    token = app.state.dev_issuer.mint(
+        subject="prof-001", roles=["professional"], extra_claims={"pad": "x" * 9 * 1024}
+    )
+    assert len(token) > 9 * 1024
+    assert_401(client, token, "larger than 8192 bytes")
+
+
+def test_garbage_is_refused(api: tuple[FastAPI, TestClient]) -> None:
+    assert_401(api[1], "not.a.jwt", "well-formed")
+
+
+def test_roles_from_a_nested_claim_path(home_key: bytes) -> None:
+    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    verifier = TokenVerifier(
+        algorithm="RS256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim="realm_access.roles",
+        keys=KeySet([issuer.public_jwk]),
+    )
+    token = issuer.mint(subject="a", roles=["auditor"], roles_claim="realm_access.roles")
+    assert verifier.verify(token).roles == frozenset({"auditor"})
+    flat = issuer.mint(subject="a", roles=["auditor"], roles_claim="roles")
+    assert verifier.verify(flat).roles == frozenset()
+
+
+def test_es256_can_be_configured_and_rs256_is_then_refused(home_key: bytes) -> None:
+    ec_issuer = DevIssuer(
+        private_pem=generate_private_pem("ES256"),
+        algorithm="ES256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+    )
+    rsa_issuer = DevIssuer(
+        private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE
+    )
+    verifier = TokenVerifier(
+        algorithm="ES256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim="roles",
+        keys=KeySet([ec_issuer.public_jwk, rsa_issuer.public_jwk]),
+    )
+    assert verifier.verify(ec_issuer.mint(subject="s", roles=["analyst"])).subject == "s"
+    with pytest.raises(InvalidToken, match="algorithm must be ES256"):
+        verifier.verify(rsa_issuer.mint(subject="s", roles=["analyst"]))
+
+
+def test_jwks_url_is_refetched_on_unknown_kid_at_most_once_a_minute(home_key: bytes) -> None:
+    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    served: list[dict[str, Any]] = []
+    fetches: list[str] = []
+    now = [1000.0]
+
+    def fetch(url: str) -> Mapping[str, Any]:
+        fetches.append(url)
+        return {"keys": served or [{"kty": "RSA", "kid": "old", "n": "AQAB", "e": "AQAB"}]}
+
+    keys = KeySet(url="https://idp.example/jwks", fetch=fetch, clock=lambda: now[0])
+    verifier = TokenVerifier(
+        algorithm="RS256", issuer=ISSUER, audience=AUDIENCE, roles_claim="roles", keys=keys
+    )
+    token = issuer.mint(subject="s", roles=[])
+    assert len(fetches) == 1
+    # The provider rotates to our key, but we fetched less than a minute ago: no refetch.
+    served.append(issuer.public_jwk)
+    now[0] += 30
+    with pytest.raises(InvalidToken, match="unknown key"):
+        verifier.verify(token)
+    assert len(fetches) == 1
+    now[0] += 31
+    assert verifier.verify(token).subject == "s"
+    assert len(fetches) == 2
+
+
+def test_jwks_file_is_pinned(tmp_path: Path, home_key: bytes) -> None:
+    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [issuer.public_jwk]}))
+    keys = KeySet.from_file(path)
+    assert keys.get(issuer.kid) is not None
+    (published,) = keys.public_jwks()["keys"]
+    assert published["kid"] == issuer.kid
+    assert "d" not in published
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="'keys' list"):
+        KeySet.from_file(bad)
+
+
+def test_jwks_endpoint_publishes_only_public_members(api: tuple[FastAPI, TestClient]) -> None:
+    response = api[1].get("/.well-known/jwks.json")
+    assert response.status_code == 200
+    (key,) = response.json()["keys"]
+    assert key["kty"] == "RSA"
+    assert key["kid"] == api[0].state.dev_issuer.kid
+    assert not {"d", "p", "q", "dp", "dq", "qi"} & key.keys()

@@ -1,0 +1,229 @@
+"""Shared fixtures: every database test runs on SQLite and on PostgreSQL.
+
+Each test gets its own freshly migrated database, cloned from a template that the migrations build
+once per run: a file copy on SQLite, ``CREATE DATABASE … TEMPLATE`` on PostgreSQL. Every PostgreSQL
+database a run creates carries the run's random prefix and is dropped at the end, so concurrent runs
+never see each other's rows. With ``CI=true`` an unreachable PostgreSQL fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
+from sqlmodel import Session
+
+from service.config import PROJECT_ROOT, Settings, normalize_database_url
+from service.db import Database, migrate
+from service.main import create_app
+
+MIGRATIONS = PROJECT_ROOT / "alembic"
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def postgres_admin_url() -> str:
+    given = os.environ.get("DATABASE_URL", "")
+    if given.startswith(("postgres://", "postgresql")):
+        return normalize_database_url(given)
+    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class PostgresServer:
+    """Creates and drops this run's databases through an admin connection."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    def _admin(self) -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(_libpq(self.admin_url), autocommit=True, connect_timeout=3)
+
+    def reachable(self) -> bool:
+        try:
+            with self._admin() as connection:
+                connection.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
+    def create(self, *, template: str | None = None) -> str:
+        name = f"cp_{RUN_ID}_{uuid.uuid4().hex[:8]}"
+        clause = f" TEMPLATE {template}" if template else ""
+        with self._admin() as connection:
+            connection.execute(f"CREATE DATABASE {name}{clause}")
+        self.created.append(name)
+        return make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop(self, url: str) -> None:
+        name = make_url(url).database
+        with self._admin() as connection:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        if name in self.created:
+            self.created.remove(name)
+
+    def drop_all(self) -> None:
+        for name in list(self.created):
+            self.drop(make_url(self.admin_url).set(database=name).render_as_string(False))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer(postgres_admin_url())
+    if not server.reachable():
+        message = f"PostgreSQL is not reachable at {make_url(server.admin_url).host}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message}; CI requires the PostgreSQL tests to run", pytrace=False)
+        pytest.skip(f"{message} (set DATABASE_URL; CI=true turns this into a failure)")
+    yield server
+    server.drop_all()
+
+
+@dataclass(frozen=True)
+class Template:
+    backend: str
+    url: str
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Template:
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    url = f"sqlite:///{path}"
+    migrate(url, MIGRATIONS)
+    return Template("sqlite", url)
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres: PostgresServer) -> Template:
+    url = postgres.create()
+    migrate(url, MIGRATIONS)
+    return Template("postgres", url)
+
+
+class Databases:
+    """Hands out fresh, migrated databases of one backend (dropped at test end)."""
+
+    def __init__(
+        self, backend: str, template: Template, tmp: Path, postgres: PostgresServer | None
+    ) -> None:
+        self.backend = backend
+        self.template = template
+        self.tmp = tmp
+        self.postgres = postgres
+        self.urls: list[str] = []
+
+    def fresh(self) -> str:
+        if self.backend == "sqlite":
+            path = self.tmp / f"db-{uuid.uuid4().hex[:8]}.db"
+            shutil.copyfile(str(make_url(self.template.url).database), path)
+            url = f"sqlite:///{path}"
+        else:
+            assert self.postgres is not None
+            url = self.postgres.create(template=make_url(self.template.url).database)
+        self.urls.append(url)
+        return url
+
+    def empty(self) -> str:
+        """A database with no schema at all (for migration tests)."""
+        if self.backend == "sqlite":
+            url = f"sqlite:///{self.tmp / f'empty-{uuid.uuid4().hex[:8]}.db'}"
+        else:
+            assert self.postgres is not None
+            url = self.postgres.create()
+        self.urls.append(url)
+        return url
+
+    def cleanup(self) -> None:
+        if self.postgres is not None:
+            for url in self.urls:
+                self.postgres.drop(url)
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+)
+def databases(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databases]:
+    backend: str = request.param
+    if backend == "sqlite":
+        dbs = Databases(backend, request.getfixturevalue("sqlite_template"), tmp_path, None)
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres")
+        dbs = Databases(backend, request.getfixturevalue("postgres_template"), tmp_path, server)
+    yield dbs
+    dbs.cleanup()
+
+
+@pytest.fixture
+def backend(databases: Databases) -> str:
+    return databases.backend
+
+
+@pytest.fixture
+def db_url(databases: Databases) -> str:
+    return databases.fresh()
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder shared by the run, so the issuer key is generated only once."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture
+def settings(home: Path, db_url: str) -> Settings:
+    return Settings(env="test", home=home, database_url=db_url)
+
+
+@pytest.fixture
+def database(settings: Settings) -> Iterator[Database]:
+    db = Database(settings)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def session(database: Database) -> Iterator[Session]:
+    with database.session() as s:
+        yield s
+
+
+@pytest.fixture
+def app(settings: Settings, database: Database) -> FastAPI:
+    return create_app(settings, database=database)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+TokenFactory = Callable[..., str]
+
+
+@pytest.fixture
+def token(app: FastAPI) -> TokenFactory:
+    """``token("prof-001", "professional")`` → a bearer token from the app's dev issuer."""
+
+    def mint(sub: str, *roles: str, ttl: int = 600) -> str:
+        issuer = app.state.dev_issuer
+        minted: str = issuer.mint(subject=sub, roles=list(roles), ttl_seconds=ttl)
+        return minted
+
+    return mint
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

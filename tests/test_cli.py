@@ -1,0 +1,50 @@
+"""The command line mints tokens the service accepts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+from service.config import Settings, get_settings
+from service.main import create_app
+from tests.conftest import bearer
+
+
+@pytest.fixture
+def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("CASEPACKETS_HOME", str(tmp_path))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", f"sqlite:///{tmp_path}/cli.db")
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def test_token_command_prints_a_token_the_service_accepts(cli_home: Path) -> None:
+    result = CliRunner().invoke(cli, ["token", "--sub", "prof-007", "--role", "professional"])
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip().splitlines()[-1]
+    app = create_app(Settings(env="test", home=cli_home, database_url=f"sqlite:///{cli_home}/x"))
+    with TestClient(app) as client:
+        response = client.get("/v1/me", headers=bearer(token))
+    assert response.status_code == 200
+    assert response.json() == {
+        "sub": "prof-007",
+        "roles": ["professional"],
+        "permissions": sorted(["packets.read", "packets.open", "followups.write", "packets.close"]),
+    }
+
+
+def test_token_command_refuses_an_unknown_role(cli_home: Path) -> None:
+    result = CliRunner().invoke(cli, ["token", "--sub", "x", "--role", "wizard"])
+    assert result.exit_code != 0
+
+
+def test_migrate_command_builds_the_schema(cli_home: Path) -> None:
+    result = CliRunner().invoke(cli, ["migrate"])
+    assert result.exit_code == 0, result.output
+    assert (cli_home / "cli.db").exists()

@@ -1,0 +1,159 @@
+"""Health, problem+json errors, body limits and request ids, end to end over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import pytest
+from fastapi import APIRouter, FastAPI
+from fastapi.testclient import TestClient
+
+from service.auth.dependencies import Caller, require
+from service.auth.permissions import Permission
+from service.config import Settings
+from service.main import create_app
+from service.schemas import StrictModel
+from tests.conftest import TokenFactory, bearer
+
+PROBLEM = "application/problem+json"
+
+
+class Thing(StrictModel):
+    name: str
+    count: int
+
+
+def probe_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/probe/things")
+    def create_thing(
+        thing: Thing, _caller: Annotated[Caller, require(Permission.RECORDS_INGEST)]
+    ) -> dict[str, str]:
+        return {"name": thing.name}
+
+    @router.get("/probe/boom")
+    def boom() -> None:
+        raise RuntimeError("secret-bsn-123456782 must not leak")
+
+    return router
+
+
+@pytest.fixture
+def probed(app: FastAPI) -> Iterator[TestClient]:
+    app.include_router(probe_router())
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_healthz(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_readyz_checks_database_and_keys(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200, response.text
+    assert response.json()["checks"]["database"] == "ok"
+    assert response.json()["checks"]["token_keys"] == "ok"
+
+
+def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
+    settings = Settings(
+        env="test",
+        home=tmp_path,
+        database_url="postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=1",
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert "database" in response.json()["detail"]
+
+
+def test_unknown_route_is_404_problem(client: TestClient) -> None:
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert response.json()["detail"] == "no route /v1/nothing-here"
+
+
+def test_wrong_method_is_405_problem(client: TestClient) -> None:
+    response = client.delete("/healthz")
+    assert response.status_code == 405
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert "DELETE" in response.json()["detail"]
+
+
+def test_missing_permission_is_403(probed: TestClient, token: TokenFactory) -> None:
+    response = probed.post(
+        "/probe/things", json={"name": "a", "count": 1}, headers=bearer(token("a-1", "analyst"))
+    )
+    assert response.status_code == 403
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert "records.ingest" in response.json()["detail"]
+
+
+def test_unknown_fields_are_rejected_without_echoing_input(
+    probed: TestClient, token: TokenFactory
+) -> None:
+    response = probed.post(
+        "/probe/things",
+        json={"name": "a", "count": "many", "bsn": "123456782"},
+        headers=bearer(token("s-1", "source")),
+    )
+    assert response.status_code == 422
+    body = response.json()
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert {tuple(e["loc"]) for e in body["errors"]} == {("count",), ("bsn",)}
+    assert "123456782" not in response.text
+    assert "many" not in response.text
+
+
+def test_malformed_json_is_422_problem(probed: TestClient, token: TokenFactory) -> None:
+    response = probed.post(
+        "/probe/things",
+        content=b'{"name": "a", ',
+        headers={**bearer(token("s-1", "source")), "content-type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith(PROBLEM)
+
+
+def test_body_over_the_limit_is_413_before_parsing(probed: TestClient, app: FastAPI) -> None:
+    limit = app.state.settings.max_body_bytes
+    response = probed.post("/probe/things", content=b"x" * (limit + 1))
+    assert response.status_code == 413
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert str(limit) in response.json()["detail"]
+
+
+def test_chunked_body_over_the_limit_is_413(probed: TestClient, app: FastAPI) -> None:
+    limit = app.state.settings.max_body_bytes
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(limit // 65536 + 2):
+            yield b"x" * 65536
+
+    response = probed.post("/probe/things", content=chunks())
+    assert response.status_code == 413
+
+
+def test_unexpected_error_is_500_without_details(probed: TestClient) -> None:
+    response = probed.get("/probe/boom", headers={"X-Request-ID": "req-42"})
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert response.json()["request_id"] == "req-42"
+    assert "secret-bsn" not in response.text
+    assert "Traceback" not in response.text
+
+
+def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
+    assert client.get("/healthz", headers={"X-Request-ID": "abc-1"}).headers["x-request-id"] == (
+        "abc-1"
+    )
+    generated = client.get("/healthz", headers={"X-Request-ID": "bad id\n"}).headers["x-request-id"]
+    assert len(generated) == 32

@@ -1,0 +1,44 @@
+"""The committed contract (openapi/openapi.json) matches what the service serves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.openapi_export import CONTRACT, current_spec, render
+
+PUBLIC = {"/healthz", "/readyz", "/.well-known/jwks.json"}
+
+
+def test_committed_contract_matches_the_served_spec() -> None:
+    assert CONTRACT.exists(), "run scripts/export_openapi and commit openapi/openapi.json"
+    assert CONTRACT.read_text(encoding="utf-8") == render(current_spec()), (
+        "the API changed: run scripts/export_openapi and review the diff"
+    )
+
+
+def operations() -> list[tuple[str, str, dict[str, Any]]]:
+    spec = current_spec()
+    return [
+        (path, method, op)
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if method in {"get", "post", "put", "patch", "delete"}
+    ]
+
+
+def test_every_protected_route_declares_bearer_auth_and_its_errors() -> None:
+    spec = current_spec()
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path, method, op in operations():
+        if path in PUBLIC:
+            continue
+        assert op.get("security") == [{"HTTPBearer": []}], f"{method} {path} lacks bearer auth"
+        assert "401" in op["responses"], f"{method} {path} does not declare 401"
+
+
+def test_every_route_has_a_success_schema() -> None:
+    for path, method, op in operations():
+        ok = [s for s in op["responses"] if s.startswith("2")]
+        assert ok, f"{method} {path} declares no success response"
+        content = op["responses"][ok[0]].get("content", {})
+        assert content, f"{method} {path} has no response model"
