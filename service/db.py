@@ -8,7 +8,9 @@ Guarantees:
 - SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
 - the schema is changed only by Alembic (``migrate``), never by ``create_all``;
 - the request owns the transaction: ``get_session`` commits after the route returns and before
-  the response is sent; services only flush.
+  the response is sent; services only flush. A failed request rolls back, except a refusal whose
+  error asks to keep what it flushed (``commit_before_raising``: a denied access and its log
+  entry).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqlmodel import Session
 
 from alembic import command
 from service.config import Settings
+from service.errors import ServiceError
 
 
 def is_sqlite(url: str) -> bool:
@@ -126,6 +129,12 @@ def get_session(request: Request) -> Iterator[Session]:
         try:
             yield session
             session.commit()
+        except ServiceError as exc:
+            if exc.commit_before_raising:
+                session.commit()
+            else:
+                session.rollback()
+            raise
         except BaseException:
             session.rollback()
             raise

@@ -31,6 +31,9 @@ class ServiceError(Exception):
 
     status: int = 400
     title: str | None = None
+    # True for refusals that must still leave their access-log entry (a denied packet open):
+    # the request's transaction commits what was flushed before the error is rendered.
+    commit_before_raising: bool = False
 
     def __init__(
         self,

@@ -1,0 +1,43 @@
+# casepackets API image. Build: docker build -t casepackets .
+# Runtime configuration comes from the environment (see README "Configuration"); nothing secret is
+# baked in. The keyring lives on the /data volume (create it once: `casepackets keys init`).
+FROM python:3.11-slim AS base
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Install dependencies first (cached layer), then the project itself.
+COPY pyproject.toml README.md ./
+COPY service ./service
+RUN pip install .
+
+COPY alembic.ini ./
+COPY alembic ./alembic
+COPY policies ./policies
+
+RUN groupadd --system casepackets \
+    && useradd --system --gid casepackets --home-dir /data --no-create-home casepackets \
+    && mkdir -p /data \
+    && chown casepackets:casepackets /data
+
+ENV CASEPACKETS_ENV=production \
+    CASEPACKETS_DEV_ISSUER=false \
+    CASEPACKETS_HOME=/data \
+    CASEPACKETS_POLICIES_DIR=/app/policies \
+    CASEPACKETS_MIGRATIONS_DIR=/app/alembic \
+    PORT=8000 \
+    WORKERS=2
+
+USER casepackets
+VOLUME ["/data"]
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/healthz\", timeout=4)"]
+
+# Migrations first (idempotent), then the API.
+CMD ["sh", "-c", "casepackets migrate && exec uvicorn service.main:create_app --factory --host 0.0.0.0 --port \"$PORT\" --workers \"$WORKERS\" --proxy-headers"]
