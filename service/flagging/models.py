@@ -1,0 +1,152 @@
+"""Flagging runs and flags: tables, request bodies and public schemas.
+
+Invariants:
+- a flag names its subject by id and is shown by pseudonym only; it never holds an identity;
+- an algorithm flag records the run and the exact policy version (declared version + file hash)
+  that produced it, with the rule hits (evidence) and the sentence a professional reads aloud;
+- an external flag (``kind="external"``) has no run; it records who pushed it, a reason code and
+  an explanation. It waits until a partitioning places it in a packet (see
+  ``service.packets.service.partition_run``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, Field
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlmodel import Field as SQLField
+from sqlmodel import SQLModel
+
+from service.schemas import StrictModel
+
+FlagKind = Literal["algorithm", "external"]
+MAX_PUSHED_FLAGS = 1000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every time this service stores is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+class FlaggingRun(SQLModel, table=True):
+    """One evaluation of the flagging policy over every subject."""
+
+    __tablename__ = "flagging_runs"
+
+    id: str = SQLField(primary_key=True, max_length=32)
+    policy_name: str = SQLField(max_length=128)
+    policy_version: str = SQLField(max_length=64)
+    as_of: dt.date
+    started_by: str = SQLField(max_length=128)
+    evaluated: int = 0
+    flagged: int = 0
+    created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    finished_at: datetime | None = SQLField(default=None, sa_type=DateTime(timezone=True))
+
+
+class Flag(SQLModel, table=True):
+    """Why one subject was surfaced: by a run of the policy, or pushed by a source."""
+
+    __tablename__ = "flags"
+    __table_args__ = (
+        Index("ix_flags_run_id_id", "run_id", "id"),
+        Index("ix_flags_subject_id", "subject_id"),
+        Index("ix_flags_kind", "kind"),
+    )
+
+    id: int | None = SQLField(default=None, primary_key=True)
+    run_id: str | None = SQLField(
+        default=None, sa_column=Column(String(32), ForeignKey("flagging_runs.id"), nullable=True)
+    )
+    subject_id: int = SQLField(sa_column=Column(Integer, ForeignKey("subjects.id"), nullable=False))
+    kind: str = SQLField(max_length=16)
+    policy_version: str | None = SQLField(default=None, max_length=64)
+    reason_code: str | None = SQLField(default=None, max_length=64)
+    pushed_by: str | None = SQLField(default=None, max_length=128)
+    hits: list[dict[str, Any]] = SQLField(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    explanation: str = SQLField(sa_type=Text)
+    created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+class FlaggingRunCreate(StrictModel):
+    as_of: dt.date | None = Field(
+        default=None,
+        description="evaluate as on this date (default: today); events after it are ignored",
+    )
+
+
+class PushedFlag(StrictModel):
+    pseudonym: str = Field(min_length=1, max_length=64, description="as returned by ingest")
+    reason_code: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z0-9][a-z0-9_.-]*$",
+        description="e.g. 'debt-signal'",
+    )
+    explanation: str = Field(
+        min_length=10,
+        max_length=1000,
+        description="one plain-language sentence for the professional and the person concerned",
+    )
+
+
+class FlagsPush(StrictModel):
+    flags: list[PushedFlag] = Field(min_length=1, max_length=MAX_PUSHED_FLAGS)
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+class FlaggingRunPublic(BaseModel):
+    id: str
+    policy_name: str
+    policy_version: str = Field(description="declared version + '+' + hash of the policy file")
+    as_of: dt.date
+    started_by: str
+    evaluated: int
+    flagged: int
+    created_at: UtcDatetime
+    finished_at: UtcDatetime | None
+
+
+class RuleHitPublic(BaseModel):
+    rule_id: str
+    rule_type: str
+    evidence: dict[str, Any]
+    explanation: str
+
+
+class FlagPublic(BaseModel):
+    id: int
+    pseudonym: str
+    kind: FlagKind
+    run_id: str | None
+    policy_version: str | None
+    reason_code: str | None
+    hits: list[RuleHitPublic]
+    explanation: str
+    created_at: UtcDatetime
+
+
+class FlagPagePublic(BaseModel):
+    items: list[FlagPublic]
+    next_after: int | None = Field(description="pass as ?after= for the next page; null at the end")
+
+
+class FlagsPushedPublic(BaseModel):
+    flags: list[FlagPublic]

@@ -1,0 +1,102 @@
+"""Flagging routes: runs (coordinators), their flags, and flags pushed by sources."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from service.auth.dependencies import Caller, require
+from service.auth.permissions import Permission
+from service.db import SessionDep
+from service.flagging import service
+from service.flagging.models import (
+    FlaggingRunCreate,
+    FlaggingRunPublic,
+    FlagPagePublic,
+    FlagsPush,
+    FlagsPushedPublic,
+)
+from service.flagging.rules import FlaggingPolicy
+from service.openapi import AUTH_ERRORS, problem_responses
+
+router = APIRouter(tags=["flagging"])
+
+
+def _policy(request: Request) -> FlaggingPolicy:
+    policy: FlaggingPolicy = request.app.state.flagging_policy
+    return policy
+
+
+@router.post(
+    "/v1/flagging/runs",
+    response_model=FlaggingRunPublic,
+    status_code=201,
+    responses={**AUTH_ERRORS, **problem_responses(422, 503)},
+    summary="Evaluate the flagging policy over every subject",
+)
+def create_run(
+    request: Request,
+    body: FlaggingRunCreate,
+    session: SessionDep,
+    caller: Annotated[Caller, require(Permission.FLAGGING_RUN)],
+) -> FlaggingRunPublic:
+    run = service.run_flagging(
+        session=session,
+        policy=_policy(request),
+        as_of=body.as_of or date.today(),
+        caller=caller,
+    )
+    return FlaggingRunPublic.model_validate(run, from_attributes=True)
+
+
+@router.get(
+    "/v1/flagging/runs/{run_id}",
+    response_model=FlaggingRunPublic,
+    responses={**AUTH_ERRORS, **problem_responses(404)},
+    summary="One flagging run: policy version and counts",
+)
+def get_run(
+    run_id: str,
+    session: SessionDep,
+    _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
+) -> FlaggingRunPublic:
+    run = service.get_run(session=session, run_id=run_id)
+    return FlaggingRunPublic.model_validate(run, from_attributes=True)
+
+
+@router.get(
+    "/v1/flagging/runs/{run_id}/flags",
+    response_model=FlagPagePublic,
+    responses={**AUTH_ERRORS, **problem_responses(404)},
+    summary="A run's flags: pseudonyms, rule hits and explanations (never identities)",
+)
+def list_run_flags(
+    run_id: str,
+    session: SessionDep,
+    _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
+    after: Annotated[int, Query(ge=0, description="the previous page's next_after")] = 0,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
+) -> FlagPagePublic:
+    items, next_after = service.list_run_flags(
+        session=session, run_id=run_id, after=after, limit=limit
+    )
+    return FlagPagePublic(items=items, next_after=next_after)
+
+
+@router.post(
+    "/v1/flags",
+    response_model=FlagsPushedPublic,
+    status_code=201,
+    responses={**AUTH_ERRORS, **problem_responses(422, 503)},
+    summary="Push external flags by pseudonym, with a reason code and an explanation",
+)
+def push_flags(
+    body: FlagsPush,
+    session: SessionDep,
+    caller: Annotated[Caller, require(Permission.FLAGS_PUSH)],
+) -> FlagsPushedPublic:
+    return FlagsPushedPublic(
+        flags=service.push_flags(session=session, flags=body.flags, caller=caller)
+    )

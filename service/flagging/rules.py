@@ -1,0 +1,365 @@
+"""Pure rule evaluation: a flagging policy and one subject's event history → rule hits.
+
+Guarantees:
+- no database, clock, settings or file access: the caller passes the policy, the events and the
+  ``as_of`` date, so the same input always gives the same hits;
+- a rule reads only the event types its policy declares under ``uses`` (checked when the policy
+  is loaded, see ``service.flagging.policy``); protected attributes never reach this module;
+- every hit carries its evidence (the dates and counts that made it fire) and one sentence a
+  professional can read aloud to the person concerned;
+- events dated after ``as_of`` are ignored, so a run can be replayed for any past date.
+
+Windows: "within M months" means on or after ``as_of`` moved back M calendar months (a day past the
+end of a shorter month is clamped to its last day), up to and including ``as_of``.
+
+The hot path works on plain tuples ``(type, ordinal day, office)`` so a million histories evaluate
+in seconds; :func:`event` builds one from a ``date``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Final, Literal
+
+EventType = Literal[
+    "welfare_start",
+    "welfare_end",
+    "employment_start",
+    "employment_end",
+    "jobseeker_registered",
+    "jobseeker_deregistered",
+    "helpdesk_visit",
+]
+EVENT_TYPES: Final = (
+    "welfare_start",
+    "welfare_end",
+    "employment_start",
+    "employment_end",
+    "jobseeker_registered",
+    "jobseeker_deregistered",
+    "helpdesk_visit",
+)
+# Order of events on the same day: a job (or a welfare spell) that ends on the day welfare starts
+# again ended before it, so that start counts as a return after work.
+SAME_DAY_ORDER: Final[Mapping[str, int]] = {
+    "welfare_end": 0,
+    "employment_end": 1,
+    "jobseeker_deregistered": 2,
+    "employment_start": 3,
+    "jobseeker_registered": 4,
+    "helpdesk_visit": 5,
+    "welfare_start": 6,
+}
+
+SubjectEvent = tuple[str, int, str]
+"""``(event type, date.toordinal(), office)``: one event in the evaluation hot path."""
+
+RuleType = Literal["relapse", "desk_hopping", "long_welfare_without_contact"]
+
+MONTHS: Final = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+
+
+def event(type_: str, day: date, office: str = "") -> SubjectEvent:
+    """One event as the evaluator takes it."""
+    return (type_, day.toordinal(), office)
+
+
+def months_before(day: date, months: int) -> date:
+    """``day`` moved back ``months`` calendar months, clamped to the end of a shorter month."""
+    index = day.year * 12 + (day.month - 1) - months
+    year, month = divmod(index, 12)
+    month += 1
+    for candidate in (day.day, 30, 29, 28):
+        try:
+            return date(year, month, min(day.day, candidate))
+        except ValueError:
+            continue
+    raise AssertionError("unreachable: every month has 28 days")  # pragma: no cover
+
+
+def whole_months_between(start: date, end: date) -> int:
+    """Completed calendar months from ``start`` to ``end`` (0 when ``end`` is earlier)."""
+    months = (end.year - start.year) * 12 + end.month - start.month
+    if months > 0 and months_before(end, months) < start:
+        months -= 1
+    return max(months, 0)
+
+
+def _month(day: int) -> str:
+    return date.fromordinal(day).strftime("%Y-%m")
+
+
+def _iso(day: int) -> str:
+    return date.fromordinal(day).isoformat()
+
+
+def _spoken_month(day: date) -> str:
+    return f"{MONTHS[day.month - 1]} {day.year}"
+
+
+def _join(items: Sequence[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+@dataclass(frozen=True)
+class RelapseRule:
+    """Returned to welfare at least ``min_returns`` times within ``within_months``.
+
+    A return is a ``welfare_start`` that follows an ``employment_end`` with no other welfare start
+    in between; the welfare start must fall in the window, the job may have ended before it.
+    """
+
+    id: str
+    description: str
+    min_returns: int
+    within_months: int
+    uses: tuple[str, ...] = ("welfare_start", "employment_end")
+    type: Literal["relapse"] = "relapse"
+
+
+@dataclass(frozen=True)
+class DeskHoppingRule:
+    """Helpdesk visits at ``min_helpdesks`` or more different offices within ``within_months``."""
+
+    id: str
+    description: str
+    min_helpdesks: int
+    within_months: int
+    uses: tuple[str, ...] = ("helpdesk_visit", "office")
+    type: Literal["desk_hopping"] = "desk_hopping"
+
+
+@dataclass(frozen=True)
+class LongWelfareWithoutContactRule:
+    """On welfare for ``min_welfare_months`` or more, no helpdesk visit in ``no_contact_months``.
+
+    "On welfare" means the latest welfare spell started and has not ended by ``as_of``; the spell
+    is measured from its first ``welfare_start`` (a repeated start by another source does not reset
+    it). A visit on the first day of the no-contact window counts as contact.
+    """
+
+    id: str
+    description: str
+    min_welfare_months: int
+    no_contact_months: int
+    uses: tuple[str, ...] = ("welfare_start", "welfare_end", "helpdesk_visit")
+    type: Literal["long_welfare_without_contact"] = "long_welfare_without_contact"
+
+
+Rule = RelapseRule | DeskHoppingRule | LongWelfareWithoutContactRule
+
+# What each rule type actually reads; a policy must declare at least these under ``uses``.
+READS: Final[Mapping[str, frozenset[str]]] = {
+    "relapse": frozenset({"welfare_start", "employment_end"}),
+    "desk_hopping": frozenset({"helpdesk_visit", "office"}),
+    "long_welfare_without_contact": frozenset({"welfare_start", "welfare_end", "helpdesk_visit"}),
+}
+
+
+@dataclass(frozen=True)
+class FlaggingPolicy:
+    """A validated policy. ``version`` = declared version + "+" + short hash of the file."""
+
+    name: str
+    declared_version: str
+    version: str
+    characteristics: tuple[str, ...]
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class RuleHit:
+    rule_id: str
+    rule_type: str
+    evidence: Mapping[str, Any] = field(hash=False)
+    explanation: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "rule_id": self.rule_id,
+            "rule_type": self.rule_type,
+            "evidence": dict(self.evidence),
+            "explanation": self.explanation,
+        }
+
+
+def explain(hits: Sequence[RuleHit]) -> str:
+    """All hits' sentences, in policy order: the explanation stored with a flag."""
+    return " ".join(hit.explanation for hit in hits)
+
+
+class Evaluator:
+    """A policy bound to an ``as_of`` date, with every window precomputed as a day number.
+
+    ``evaluate`` is the hot path: one pass over the sorted history collects what any rule needs,
+    then each rule decides with a few comparisons; evidence and sentences are built only for hits.
+    """
+
+    def __init__(self, policy: FlaggingPolicy, as_of: date) -> None:
+        self.policy = policy
+        self.as_of = as_of
+        self._as_of = as_of.toordinal()
+        self._checks: list[tuple[Rule, int, int]] = []
+        for rule in policy.rules:
+            if isinstance(rule, RelapseRule | DeskHoppingRule):
+                start = months_before(as_of, rule.within_months).toordinal()
+                self._checks.append((rule, start, 0))
+            else:
+                welfare_by = months_before(as_of, rule.min_welfare_months).toordinal()
+                contact_from = months_before(as_of, rule.no_contact_months).toordinal()
+                self._checks.append((rule, welfare_by, contact_from))
+
+    def evaluate(self, events: Iterable[SubjectEvent]) -> list[RuleHit]:
+        """Rule hits for one subject's events (any order), in policy order; [] if none fires."""
+        ordered = sorted(events, key=_sort_key)
+        return self.evaluate_sorted(ordered)
+
+    def evaluate_sorted(self, events: Sequence[SubjectEvent]) -> list[RuleHit]:
+        """As ``evaluate`` for events already sorted by day and ``SAME_DAY_ORDER``."""
+        as_of = self._as_of
+        returns: list[tuple[int, int]] = []  # (job ended, welfare started again)
+        visits: list[tuple[int, str]] = []
+        job_ended = -1
+        on_welfare_since = -1
+        for kind, day, office in events:
+            if day > as_of:
+                break
+            if kind == "helpdesk_visit":
+                visits.append((day, office))
+            elif kind == "welfare_start":
+                if job_ended >= 0:
+                    returns.append((job_ended, day))
+                    job_ended = -1
+                if on_welfare_since < 0:
+                    on_welfare_since = day
+            elif kind == "employment_end":
+                job_ended = day
+            elif kind == "welfare_end":
+                on_welfare_since = -1
+
+        hits: list[RuleHit] = []
+        for rule, first, second in self._checks:
+            if isinstance(rule, RelapseRule):
+                if len(returns) >= rule.min_returns:
+                    in_window = [r for r in returns if r[1] >= first]
+                    if len(in_window) >= rule.min_returns:
+                        hits.append(_relapse_hit(rule, first, in_window))
+            elif isinstance(rule, DeskHoppingRule):
+                if len(visits) >= rule.min_helpdesks:
+                    offices = {office for day, office in visits if day >= first}
+                    if len(offices) >= rule.min_helpdesks:
+                        hits.append(_desk_hopping_hit(rule, first, visits))
+            elif 0 <= on_welfare_since <= first:
+                last_visit = visits[-1][0] if visits else -1
+                if last_visit < second:
+                    hits.append(
+                        _long_welfare_hit(rule, as_of, on_welfare_since, last_visit, second)
+                    )
+        return hits
+
+
+def _sort_key(item: SubjectEvent) -> tuple[int, int]:
+    return (item[1], SAME_DAY_ORDER.get(item[0], 7))
+
+
+def order_events(events: Iterable[SubjectEvent]) -> list[SubjectEvent]:
+    """Events in the order ``Evaluator.evaluate_sorted`` expects."""
+    return sorted(events, key=_sort_key)
+
+
+def evaluate(
+    policy: FlaggingPolicy, events: Iterable[SubjectEvent], *, as_of: date
+) -> list[RuleHit]:
+    """Rule hits for one subject (convenience form of ``Evaluator(policy, as_of).evaluate``)."""
+    return Evaluator(policy, as_of).evaluate(events)
+
+
+def _relapse_hit(rule: RelapseRule, since: int, returns: list[tuple[int, int]]) -> RuleHit:
+    count = len(returns)
+    jobs = [_month(job) for job, _ in returns]
+    times = "once" if count == 1 else f"{count} times"
+    after = "a job ending" if count == 1 else "jobs ending"
+    return RuleHit(
+        rule_id=rule.id,
+        rule_type=rule.type,
+        evidence={
+            "returns": count,
+            "since": _iso(since),
+            "welfare_started": [_iso(day) for _, day in returns],
+            "jobs_ended": [_iso(job) for job, _ in returns],
+            "threshold": rule.min_returns,
+        },
+        explanation=(
+            f"Returned to welfare {times} since {_spoken_month(date.fromordinal(since))}, "
+            f"after {after} {_join(jobs)}."
+        ),
+    )
+
+
+def _desk_hopping_hit(rule: DeskHoppingRule, since: int, visits: list[tuple[int, str]]) -> RuleHit:
+    first_visit: dict[str, int] = {}
+    for day, office in visits:
+        if day >= since and office not in first_visit:
+            first_visit[office] = day
+    offices = sorted(first_visit)
+    visit_count = sum(1 for day, _ in visits if day >= since)
+    return RuleHit(
+        rule_id=rule.id,
+        rule_type=rule.type,
+        evidence={
+            "helpdesks": len(offices),
+            "visits": visit_count,
+            "since": _iso(since),
+            "offices": offices,
+            "first_visits": [_iso(first_visit[office]) for office in offices],
+            "threshold": rule.min_helpdesks,
+        },
+        explanation=(
+            f"Visited {len(offices)} different helpdesks since "
+            f"{_spoken_month(date.fromordinal(since))} ({_join(offices)})."
+        ),
+    )
+
+
+def _long_welfare_hit(
+    rule: LongWelfareWithoutContactRule,
+    as_of: int,
+    since: int,
+    last_visit: int,
+    contact_from: int,
+) -> RuleHit:
+    months = whole_months_between(date.fromordinal(since), date.fromordinal(as_of))
+    contact = f"last visit {_iso(last_visit)}" if last_visit >= 0 else "no visit on record"
+    return RuleHit(
+        rule_id=rule.id,
+        rule_type=rule.type,
+        evidence={
+            "on_welfare_since": _iso(since),
+            "months_on_welfare": months,
+            "last_helpdesk_visit": _iso(last_visit) if last_visit >= 0 else None,
+            "no_contact_since": _iso(contact_from),
+            "threshold_months": rule.min_welfare_months,
+            "no_contact_months": rule.no_contact_months,
+        },
+        explanation=(
+            f"On welfare since {_month(since)} ({months} months) and no helpdesk visit in the "
+            f"last {rule.no_contact_months} months ({contact})."
+        ),
+    )

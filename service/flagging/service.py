@@ -1,0 +1,245 @@
+"""Flagging runs over the database, the flags they store, and flags pushed by sources.
+
+Guarantees:
+- a run reads subjects in keyset-paginated batches and only that batch's events, so its memory is
+  bounded by the batch size, not by the number of subjects; erased subjects are not evaluated
+  (nobody could re-identify them, so flagging them would help no one);
+- every flag stores the exact policy version and the hits (evidence + sentence) that produced it;
+- a run and a push each leave one access-log entry in the same transaction ("flagging.run",
+  "flags.push"); a failed log append rolls the whole action back;
+- nothing here reads or returns an identity: subjects are handled by id and shown by pseudonym.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlmodel import Session
+
+from service.access_log.service import LogEntry, append
+from service.auth.dependencies import Caller
+from service.errors import NotFound, Unprocessable
+from service.flagging.models import Flag, FlaggingRun, FlagPublic, PushedFlag, RuleHitPublic, utcnow
+from service.flagging.rules import Evaluator, FlaggingPolicy, SubjectEvent, explain
+from service.records.models import Event, Subject
+
+DEFAULT_BATCH_SIZE = 2000
+MAX_PAGE = 1000
+
+_subjects = Subject.__table__  # type: ignore[attr-defined]
+_events = Event.__table__  # type: ignore[attr-defined]
+_flags = Flag.__table__  # type: ignore[attr-defined]
+
+
+class FlaggingRunNotFound(NotFound):
+    pass
+
+
+def system_caller(command: str, *, request_id: str = "-") -> Caller:
+    """The actor of a command-line job, as it appears in the access log ("system:<command>")."""
+    return Caller(
+        sub=f"system:{command}",
+        roles=frozenset({"system"}),
+        permissions=frozenset(),
+        request_id=request_id,
+    )
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    evaluated: int
+    flagged: int
+
+
+def run_flagging(
+    *,
+    session: Session,
+    policy: FlaggingPolicy,
+    as_of: date,
+    caller: Caller,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Any = None,
+) -> FlaggingRun:
+    """Evaluate ``policy`` over every subject not erased; store one flag per flagged subject.
+
+    ``progress``, when given, is called with a ``RunProgress`` after each batch.
+    """
+    run = FlaggingRun(
+        id=uuid.uuid4().hex,
+        policy_name=policy.name,
+        policy_version=policy.version,
+        as_of=as_of,
+        started_by=caller.sub,
+    )
+    session.add(run)
+    session.flush()
+    evaluator = Evaluator(policy, as_of)
+    evaluated = flagged = 0
+    after = 0
+    while True:
+        ids = list(
+            session.execute(
+                select(_subjects.c.id)
+                .where(_subjects.c.id > after, _subjects.c.erased_at.is_(None))
+                .order_by(_subjects.c.id)
+                .limit(batch_size)
+            ).scalars()
+        )
+        if not ids:
+            break
+        histories: dict[int, list[SubjectEvent]] = {subject_id: [] for subject_id in ids}
+        rows = session.execute(
+            select(_events.c.subject_id, _events.c.type, _events.c.date, _events.c.office)
+            .where(_events.c.subject_id > after, _events.c.subject_id <= ids[-1])
+            .order_by(_events.c.subject_id, _events.c.date)
+        )
+        for subject_id, kind, day, office in rows:
+            history = histories.get(subject_id)
+            if history is not None:
+                history.append((kind, day.toordinal(), office))
+        now = utcnow()
+        new_flags: list[dict[str, Any]] = []
+        for subject_id, history in histories.items():
+            hits = evaluator.evaluate(history)
+            if hits:
+                new_flags.append(
+                    {
+                        "run_id": run.id,
+                        "subject_id": subject_id,
+                        "kind": "algorithm",
+                        "policy_version": policy.version,
+                        "reason_code": None,
+                        "pushed_by": None,
+                        "hits": [hit.as_json() for hit in hits],
+                        "explanation": explain(hits),
+                        "created_at": now,
+                    }
+                )
+        if new_flags:
+            session.execute(insert(_flags), new_flags)
+        evaluated += len(ids)
+        flagged += len(new_flags)
+        after = ids[-1]
+        if progress is not None:
+            progress(RunProgress(evaluated=evaluated, flagged=flagged))
+    run.evaluated = evaluated
+    run.flagged = flagged
+    run.finished_at = utcnow()
+    session.add(run)
+    session.flush()
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action="flagging.run",
+            object_type="flagging_run",
+            object_id=run.id,
+            reason=f"policy {policy.version} as of {as_of.isoformat()}: "
+            f"{evaluated} evaluated, {flagged} flagged",
+        ),
+    )
+    return run
+
+
+def get_run(*, session: Session, run_id: str) -> FlaggingRun:
+    run = session.get(FlaggingRun, run_id)
+    if run is None:
+        raise FlaggingRunNotFound(f"no flagging run {run_id}")
+    return run
+
+
+def _public(flag: Flag, pseudonym: str) -> FlagPublic:
+    if flag.id is None:
+        raise RuntimeError("a flag is shown only after it was flushed")
+    return FlagPublic(
+        id=flag.id,
+        pseudonym=pseudonym,
+        kind="external" if flag.kind == "external" else "algorithm",
+        run_id=flag.run_id,
+        policy_version=flag.policy_version,
+        reason_code=flag.reason_code,
+        hits=[RuleHitPublic.model_validate(hit) for hit in flag.hits],
+        explanation=flag.explanation,
+        created_at=flag.created_at,
+    )
+
+
+def list_run_flags(
+    *, session: Session, run_id: str, after: int = 0, limit: int = 100
+) -> tuple[list[FlagPublic], int | None]:
+    """One page of a run's flags in id order; the second value is the next ``after`` or None."""
+    get_run(session=session, run_id=run_id)
+    limit = max(1, min(limit, MAX_PAGE))
+    rows = session.execute(
+        select(Flag, Subject.pseudonym)  # type: ignore[call-overload]
+        .join(Subject, Subject.id == Flag.subject_id)
+        .where(_flags.c.run_id == run_id, _flags.c.id > after)
+        .order_by(_flags.c.id)
+        .limit(limit + 1)
+    ).all()
+    items = [_public(flag, pseudonym) for flag, pseudonym in rows[:limit]]
+    next_after = items[-1].id if len(rows) > limit else None
+    return items, next_after
+
+
+def push_flags(
+    *, session: Session, flags: Sequence[PushedFlag], caller: Caller
+) -> list[FlagPublic]:
+    """Store flags a source pushed by pseudonym (all or nothing); unknown pseudonyms → 422."""
+    wanted = sorted({flag.pseudonym for flag in flags})
+    known: dict[str, tuple[int, bool]] = {}
+    for start in range(0, len(wanted), 500):
+        for subject_id, pseudonym, erased_at in session.execute(
+            select(_subjects.c.id, _subjects.c.pseudonym, _subjects.c.erased_at).where(
+                _subjects.c.pseudonym.in_(wanted[start : start + 500])
+            )
+        ):
+            known[pseudonym] = (subject_id, erased_at is not None)
+    errors: list[dict[str, Any]] = []
+    for row, flag in enumerate(flags):
+        found = known.get(flag.pseudonym)
+        if found is None:
+            errors.append(
+                {"row": row, "loc": ["flags", row, "pseudonym"], "msg": "unknown pseudonym"}
+            )
+        elif found[1]:
+            errors.append(
+                {"row": row, "loc": ["flags", row, "pseudonym"], "msg": "subject was erased"}
+            )
+    if errors:
+        shown = ", ".join(
+            f"row {e['row']} ({flags[e['row']].pseudonym}: {e['msg']})" for e in errors[:10]
+        )
+        raise Unprocessable(
+            f"flags refer to pseudonyms that cannot be flagged: {shown}", errors=errors
+        )
+    stored: list[FlagPublic] = []
+    for flag in flags:
+        record = Flag(
+            run_id=None,
+            subject_id=known[flag.pseudonym][0],
+            kind="external",
+            reason_code=flag.reason_code,
+            pushed_by=caller.sub,
+            hits=[],
+            explanation=flag.explanation,
+        )
+        session.add(record)
+        session.flush()
+        stored.append(_public(record, flag.pseudonym))
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action="flags.push",
+            object_type="flag",
+            object_id=",".join(str(f.id) for f in stored),
+            pseudonyms=sorted({flag.pseudonym for flag in flags}),
+        ),
+    )
+    return stored

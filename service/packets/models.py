@@ -1,0 +1,198 @@
+"""Professionals, packets and packet members: tables, request bodies and public schemas.
+
+Invariants:
+- a packet row holds metadata and its packet key wrapped by the packet KEK (``wrapped_key``); a
+  member row holds the member's DEK wrapped under that packet key (``wrapped_dek``). Setting
+  ``wrapped_key`` to NULL crypto-shreds every re-identification path through the packet;
+- no table here holds an identity in clear, and no public schema carries a key, a wrap or an
+  identity: metadata and pseudonyms only;
+- packet ids are random UUIDs, so an id reveals neither order nor count.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlmodel import Field as SQLField
+from sqlmodel import SQLModel
+
+from service.flagging.models import UtcDatetime
+from service.schemas import StrictModel
+
+PacketStatus = Literal["assigned", "opened", "closed", "expired", "shredded"]
+# Statuses in which a packet's members count against their professional's capacity.
+OPEN_STATUSES: tuple[str, ...] = ("assigned", "opened")
+MAX_DISTRICTS = 50
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+
+class ProfessionalBase(SQLModel):
+    display_name: str = SQLField(max_length=128)
+    team: str = SQLField(max_length=64)
+    capacity: int
+
+
+class Professional(ProfessionalBase, table=True):
+    """A caseworker; ``id`` is the ``sub`` their tokens carry."""
+
+    __tablename__ = "professionals"
+
+    id: str = SQLField(primary_key=True, max_length=128)
+    districts: list[str] = SQLField(default_factory=list, sa_column=Column(JSON, nullable=False))
+    active: bool = True
+    created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    updated_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class Packet(SQLModel, table=True):
+    """At most ``packet_size`` flagged clients of one district, for one professional."""
+
+    __tablename__ = "packets"
+    __table_args__ = (
+        Index("ix_packets_professional_status", "professional_id", "status"),
+        Index("ix_packets_run_id", "run_id"),
+    )
+
+    id: str = SQLField(primary_key=True, max_length=36)
+    run_id: str | None = SQLField(
+        default=None, sa_column=Column(String(32), ForeignKey("flagging_runs.id"), nullable=True)
+    )
+    professional_id: str = SQLField(
+        sa_column=Column(String(128), ForeignKey("professionals.id"), nullable=False)
+    )
+    district: str = SQLField(max_length=64)
+    status: str = SQLField(max_length=16)
+    created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    expires_at: datetime = SQLField(sa_type=DateTime(timezone=True))
+    closed_at: datetime | None = SQLField(default=None, sa_type=DateTime(timezone=True))
+    shredded_at: datetime | None = SQLField(default=None, sa_type=DateTime(timezone=True))
+    # packet key under the packet KEK; NULL once crypto-shredded
+    wrapped_key: str | None = SQLField(default=None, sa_type=Text)
+
+
+class PacketMember(SQLModel, table=True):
+    """One client in one packet, known by pseudonym, with their DEK under the packet key."""
+
+    __tablename__ = "packet_members"
+    __table_args__ = (Index("ix_packet_members_subject_id", "subject_id"),)
+
+    packet_id: str = SQLField(
+        sa_column=Column(String(36), ForeignKey("packets.id"), primary_key=True)
+    )
+    subject_id: int = SQLField(
+        sa_column=Column(Integer, ForeignKey("subjects.id"), primary_key=True)
+    )
+    pseudonym: str = SQLField(max_length=64)
+    flag_id: int = SQLField(sa_column=Column(Integer, ForeignKey("flags.id"), nullable=False))
+    # member DEK under the packet key; NULL once the subject is erased
+    wrapped_dek: str | None = SQLField(default=None, sa_type=Text)
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def _clean_districts(value: list[str]) -> list[str]:
+    cleaned = sorted({district.strip() for district in value})
+    if any(not district or len(district) > 64 for district in cleaned):
+        raise ValueError("a district is 1 to 64 characters")
+    return cleaned
+
+
+class ProfessionalCreate(StrictModel):
+    id: str = Field(
+        min_length=1, max_length=128, description="the `sub` claim of the professional's tokens"
+    )
+    display_name: str = Field(min_length=1, max_length=128)
+    team: str = Field(min_length=1, max_length=64)
+    districts: list[str] = Field(min_length=1, max_length=MAX_DISTRICTS)
+    capacity: int = Field(ge=0, le=10_000, description="most clients open at once")
+
+    _districts = field_validator("districts")(_clean_districts)
+
+
+class ProfessionalUpdate(StrictModel):
+    display_name: str | None = Field(default=None, min_length=1, max_length=128)
+    team: str | None = Field(default=None, min_length=1, max_length=64)
+    districts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_DISTRICTS)
+    capacity: int | None = Field(default=None, ge=0, le=10_000)
+    active: bool | None = None
+
+    @field_validator("districts")
+    @classmethod
+    def _districts(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _clean_districts(value)
+
+
+class PartitionCreate(StrictModel):
+    run_id: str = Field(min_length=1, max_length=32)
+
+
+class PacketReassign(StrictModel):
+    professional_id: str = Field(min_length=1, max_length=128)
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+class ProfessionalPublic(BaseModel):
+    id: str
+    display_name: str
+    team: str
+    districts: list[str]
+    capacity: int
+    open_load: int = Field(description="clients in this professional's open packets")
+    active: bool
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+
+
+class ProfessionalPagePublic(BaseModel):
+    items: list[ProfessionalPublic]
+
+
+class PacketPublic(BaseModel):
+    id: str
+    run_id: str | None
+    professional_id: str
+    district: str
+    status: PacketStatus
+    member_count: int
+    created_at: UtcDatetime
+    expires_at: UtcDatetime
+    closed_at: UtcDatetime | None
+
+
+class PacketMemberPublic(BaseModel):
+    pseudonym: str
+    flag_kind: str = Field(description="'algorithm' or 'external'")
+
+
+class PacketDetailPublic(PacketPublic):
+    members: list[PacketMemberPublic]
+
+
+class PacketPagePublic(BaseModel):
+    items: list[PacketPublic]
+    next_offset: int | None
+
+
+class UnplacedCasePublic(BaseModel):
+    pseudonym: str
+    district: str
+    reason: str
+
+
+class PartitionPublic(BaseModel):
+    run_id: str
+    packet_size: int
+    packets: list[PacketPublic]
+    unplaced: list[UnplacedCasePublic]

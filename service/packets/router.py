@@ -1,0 +1,191 @@
+"""Routes for professionals (coordinators), partitioning and packet metadata."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from service.auth.dependencies import Caller, require
+from service.auth.permissions import Permission
+from service.crypto.keyring import KeyProvider
+from service.db import SessionDep
+from service.openapi import AUTH_ERRORS, problem_responses
+from service.packets import service
+from service.packets.models import (
+    PacketDetailPublic,
+    PacketPagePublic,
+    PacketPublic,
+    PacketReassign,
+    PacketStatus,
+    PartitionCreate,
+    PartitionPublic,
+    ProfessionalCreate,
+    ProfessionalPagePublic,
+    ProfessionalPublic,
+    ProfessionalUpdate,
+)
+from service.packets.policy import PartitioningPolicy, RetentionPolicy
+
+router = APIRouter()
+
+
+# -- professionals ----------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/professionals",
+    response_model=ProfessionalPublic,
+    status_code=201,
+    tags=["professionals"],
+    responses={**AUTH_ERRORS, **problem_responses(409, 422)},
+    summary="Register a professional (id = the `sub` of their tokens)",
+)
+def create_professional(
+    body: ProfessionalCreate,
+    session: SessionDep,
+    _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
+) -> ProfessionalPublic:
+    return service.create_professional(session=session, given=body)
+
+
+@router.get(
+    "/v1/professionals",
+    response_model=ProfessionalPagePublic,
+    tags=["professionals"],
+    responses=AUTH_ERRORS,
+    summary="Professionals with their districts, capacity and open load",
+)
+def list_professionals(
+    session: SessionDep,
+    _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
+    team: Annotated[str | None, Query(max_length=64)] = None,
+    active: bool | None = None,
+) -> ProfessionalPagePublic:
+    return ProfessionalPagePublic(
+        items=service.list_professionals(session=session, team=team, active=active)
+    )
+
+
+@router.patch(
+    "/v1/professionals/{professional_id}",
+    response_model=ProfessionalPublic,
+    tags=["professionals"],
+    responses={**AUTH_ERRORS, **problem_responses(404, 422)},
+    summary="Change a professional's name, team, districts, capacity or active flag",
+)
+def update_professional(
+    professional_id: str,
+    body: ProfessionalUpdate,
+    session: SessionDep,
+    _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
+) -> ProfessionalPublic:
+    return service.update_professional(
+        session=session, professional_id=professional_id, changes=body
+    )
+
+
+@router.post(
+    "/v1/professionals/{professional_id}/deactivate",
+    response_model=ProfessionalPublic,
+    tags=["professionals"],
+    responses={**AUTH_ERRORS, **problem_responses(404)},
+    summary="Stop assigning new packets to a professional (open packets stay until reassigned)",
+)
+def deactivate_professional(
+    professional_id: str,
+    session: SessionDep,
+    _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
+) -> ProfessionalPublic:
+    return service.deactivate_professional(session=session, professional_id=professional_id)
+
+
+# -- packets ----------------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/packets/partition",
+    response_model=PartitionPublic,
+    status_code=201,
+    tags=["packets"],
+    responses={**AUTH_ERRORS, **problem_responses(404, 422, 503)},
+    summary="Split a run's flagged cases (and pending external flags) into assigned packets",
+)
+def partition(
+    request: Request,
+    body: PartitionCreate,
+    session: SessionDep,
+    caller: Annotated[Caller, require(Permission.PACKETS_PARTITION)],
+) -> PartitionPublic:
+    keyring: KeyProvider = request.app.state.keyring
+    partitioning: PartitioningPolicy = request.app.state.partitioning_policy
+    retention: RetentionPolicy = request.app.state.retention_policy
+    return service.partition_run(
+        session=session,
+        keyring=keyring,
+        run_id=body.run_id,
+        packet_size=partitioning.packet_size,
+        retention=retention,
+        caller=caller,
+    )
+
+
+@router.get(
+    "/v1/packets",
+    response_model=PacketPagePublic,
+    tags=["packets"],
+    responses=AUTH_ERRORS,
+    summary="Packet metadata: own packets for professionals, all for coordinators and sources",
+)
+def list_packets(
+    session: SessionDep,
+    caller: Annotated[Caller, require(Permission.PACKETS_READ)],
+    status: PacketStatus | None = None,
+    professional_id: Annotated[
+        str | None, Query(max_length=128, description="only with packets.read_all")
+    ] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
+) -> PacketPagePublic:
+    items, next_offset = service.list_packets(
+        session=session,
+        caller=caller,
+        status=status,
+        professional_id=professional_id,
+        offset=offset,
+        limit=limit,
+    )
+    return PacketPagePublic(items=items, next_offset=next_offset)
+
+
+@router.get(
+    "/v1/packets/{packet_id}",
+    response_model=PacketDetailPublic,
+    tags=["packets"],
+    responses={**AUTH_ERRORS, **problem_responses(404)},
+    summary="One packet's metadata: status, members' pseudonyms, dates (never identities)",
+)
+def get_packet(
+    packet_id: str,
+    session: SessionDep,
+    caller: Annotated[Caller, require(Permission.PACKETS_READ)],
+) -> PacketDetailPublic:
+    return service.get_packet(session=session, packet_id=packet_id, caller=caller)
+
+
+@router.post(
+    "/v1/packets/{packet_id}/reassign",
+    response_model=PacketPublic,
+    tags=["packets"],
+    responses={**AUTH_ERRORS, **problem_responses(404, 409, 422, 503)},
+    summary="Give an open packet to another professional; the former owner loses access",
+)
+def reassign_packet(
+    packet_id: str,
+    body: PacketReassign,
+    session: SessionDep,
+    caller: Annotated[Caller, require(Permission.PACKETS_REASSIGN)],
+) -> PacketPublic:
+    return service.reassign_packet(
+        session=session, packet_id=packet_id, professional_id=body.professional_id, caller=caller
+    )

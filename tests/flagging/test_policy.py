@@ -1,0 +1,153 @@
+"""The flagging policy file: what loads, what is refused, and how its version is stamped."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from service.config import PROJECT_ROOT
+from service.flagging.policy import (
+    FlaggingPolicyError,
+    load_flagging_policy,
+    parse_flagging_policy,
+)
+from service.flagging.rules import DeskHoppingRule, RelapseRule
+
+GOOD = """
+name: test-policy
+version: "2026.1"
+characteristics: [welfare_start, welfare_end, employment_end, helpdesk_visit, office]
+rules:
+  - id: relapse
+    type: relapse
+    description: Came back on welfare three times after a job ended.
+    uses: [welfare_start, employment_end]
+    params: {min_returns: 3, within_months: 24}
+  - id: hopping
+    type: desk_hopping
+    description: Visited four different helpdesks in a year.
+    uses: [helpdesk_visit, office]
+    params: {min_helpdesks: 4, within_months: 12}
+"""
+
+
+def test_the_shipped_policy_loads_with_a_hashed_version() -> None:
+    path = PROJECT_ROOT / "policies" / "flagging.yaml"
+    policy = load_flagging_policy(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    assert policy.version == f"{policy.declared_version}+{digest}"
+    assert {rule.type for rule in policy.rules} == {
+        "relapse",
+        "desk_hopping",
+        "long_welfare_without_contact",
+    }
+
+
+def test_a_valid_policy_gives_typed_rules() -> None:
+    policy = parse_flagging_policy(GOOD.encode())
+    assert policy.name == "test-policy"
+    assert policy.rules == (
+        RelapseRule(
+            id="relapse",
+            description="Came back on welfare three times after a job ended.",
+            min_returns=3,
+            within_months=24,
+            uses=("welfare_start", "employment_end"),
+        ),
+        DeskHoppingRule(
+            id="hopping",
+            description="Visited four different helpdesks in a year.",
+            min_helpdesks=4,
+            within_months=12,
+            uses=("helpdesk_visit", "office"),
+        ),
+    )
+
+
+def test_any_edit_changes_the_stored_version() -> None:
+    first = parse_flagging_policy(GOOD.encode())
+    second = parse_flagging_policy((GOOD + "# a comment\n").encode())
+    assert first.declared_version == second.declared_version == "2026.1"
+    assert first.version != second.version
+    assert first.version.startswith("2026.1+")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("uses: [welfare_start, employment_end]", "uses: [welfare_start, gender]", "'relapse'"),
+        (
+            "params: {min_helpdesks: 4, within_months: 12}",
+            "params: {min_helpdesks: 4, within_months: 12, nationality: NL}",
+            "'hopping'",
+        ),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: 3, within_months: 24, skip_if_language: nl}",
+            "'relapse'",
+        ),
+    ],
+)
+def test_a_rule_referring_to_a_protected_attribute_fails_naming_the_rule(
+    old: str, new: str, message: str
+) -> None:
+    with pytest.raises(FlaggingPolicyError, match="protected attribute") as caught:
+        parse_flagging_policy(GOOD.replace(old, new).encode())
+    assert f"rule {message}" in str(caught.value)
+
+
+def test_protected_attribute_among_characteristics_fails() -> None:
+    bad = GOOD.replace("office]", "office, religion]")
+    with pytest.raises(FlaggingPolicyError, match="protected attribute religion"):
+        parse_flagging_policy(bad.encode())
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("type: relapse", "type: zodiac", "rule 'relapse': unknown rule type 'zodiac'"),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: 3}",
+            "rule 'relapse' is missing parameters ['within_months']",
+        ),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: 3, within_months: 24, weight: 2}",
+            "unknown parameters ['weight']",
+        ),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: zero, within_months: 24}",
+            "'min_returns' must be a whole number",
+        ),
+        (
+            "uses: [helpdesk_visit, office]",
+            "uses: [helpdesk_visit]",
+            "a desk_hopping rule reads ['office']",
+        ),
+        (
+            "uses: [welfare_start, employment_end]",
+            "uses: [welfare_start, employment_end, employment_start]",
+            "which the policy's 'characteristics' do not list",
+        ),
+        ("    description: Visited four different helpdesks in a year.\n", "", "description"),
+        ("  - id: hopping", "  - id: relapse", "used twice"),
+        ('version: "2026.1"', "", "'version' must be given"),
+    ],
+)
+def test_bad_policy_files_fail_with_a_clear_message(old: str, new: str, message: str) -> None:
+    bad = GOOD.replace(old, new)
+    assert bad != GOOD
+    with pytest.raises(FlaggingPolicyError) as caught:
+        parse_flagging_policy(bad.encode(), source="flagging.yaml")
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("flagging.yaml")
+
+
+def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "flagging.yaml"
+    with pytest.raises(FlaggingPolicyError, match="cannot read"):
+        load_flagging_policy(missing)

@@ -1,0 +1,273 @@
+"""Rule evaluation on hand-built histories, at the boundaries of every rule type."""
+
+from __future__ import annotations
+
+import random
+from datetime import date
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.flagging.rules import (
+    EVENT_TYPES,
+    DeskHoppingRule,
+    FlaggingPolicy,
+    LongWelfareWithoutContactRule,
+    RelapseRule,
+    Rule,
+    SubjectEvent,
+    evaluate,
+    event,
+    months_before,
+    whole_months_between,
+)
+
+AS_OF = date(2026, 3, 15)
+
+
+def policy(*rules: Rule) -> FlaggingPolicy:
+    return FlaggingPolicy(
+        name="test",
+        declared_version="1",
+        version="1+000000000000",
+        characteristics=(*EVENT_TYPES, "office"),
+        rules=rules,
+    )
+
+
+RELAPSE = RelapseRule(id="relapse", description="relapse test", min_returns=3, within_months=24)
+HOPPING = DeskHoppingRule(id="hop", description="hop test", min_helpdesks=3, within_months=12)
+LONG = LongWelfareWithoutContactRule(
+    id="long", description="long test", min_welfare_months=24, no_contact_months=12
+)
+
+
+def relapses(*pairs: tuple[date, date]) -> list[SubjectEvent]:
+    """A job ending and welfare starting again, per pair, with a job in between each."""
+    events: list[SubjectEvent] = []
+    for job_end, welfare_start in pairs:
+        events.append(event("employment_start", months_before(job_end, 3)))
+        events.append(event("welfare_end", months_before(job_end, 3)))
+        events.append(event("employment_end", job_end))
+        events.append(event("welfare_start", welfare_start))
+    return events
+
+
+# ---- relapse
+
+
+def test_relapse_fires_at_exactly_n_returns_with_a_sentence_to_read_aloud() -> None:
+    history = relapses(
+        (date(2024, 6, 30), date(2024, 7, 1)),
+        (date(2025, 1, 31), date(2025, 2, 3)),
+        (date(2025, 9, 30), date(2025, 10, 1)),
+    )
+    [hit] = evaluate(policy(RELAPSE), history, as_of=AS_OF)
+    assert hit.rule_id == "relapse"
+    assert hit.evidence["returns"] == 3
+    assert hit.evidence["since"] == "2024-03-15"
+    assert hit.evidence["jobs_ended"] == ["2024-06-30", "2025-01-31", "2025-09-30"]
+    assert hit.evidence["welfare_started"] == ["2024-07-01", "2025-02-03", "2025-10-01"]
+    assert hit.explanation == (
+        "Returned to welfare 3 times since March 2024, "
+        "after jobs ending 2024-06, 2025-01 and 2025-09."
+    )
+
+
+def test_relapse_does_not_fire_at_one_return_less() -> None:
+    history = relapses((date(2024, 6, 30), date(2024, 7, 1)), (date(2025, 1, 31), date(2025, 2, 3)))
+    assert evaluate(policy(RELAPSE), history, as_of=AS_OF) == []
+
+
+def test_relapse_window_starts_exactly_m_months_before_as_of() -> None:
+    on_edge = relapses(
+        (date(2024, 3, 1), date(2024, 3, 15)),
+        (date(2025, 1, 31), date(2025, 2, 3)),
+        (date(2025, 9, 30), date(2025, 10, 1)),
+    )
+    assert [h.rule_id for h in evaluate(policy(RELAPSE), on_edge, as_of=AS_OF)] == ["relapse"]
+    a_day_early = relapses(
+        (date(2024, 3, 1), date(2024, 3, 14)),
+        (date(2025, 1, 31), date(2025, 2, 3)),
+        (date(2025, 9, 30), date(2025, 10, 1)),
+    )
+    assert evaluate(policy(RELAPSE), a_day_early, as_of=AS_OF) == []
+
+
+def test_welfare_starts_without_a_job_in_between_are_not_returns() -> None:
+    history = [
+        event("employment_end", date(2024, 6, 1)),
+        event("welfare_start", date(2024, 6, 2)),
+        event("welfare_end", date(2024, 8, 1)),
+        event("welfare_start", date(2024, 9, 1)),
+        event("welfare_end", date(2024, 10, 1)),
+        event("welfare_start", date(2024, 11, 1)),
+    ]
+    assert evaluate(policy(RELAPSE), history, as_of=AS_OF) == []
+
+
+def test_a_job_ending_on_the_day_welfare_starts_counts_and_order_of_input_does_not_matter() -> None:
+    history = relapses(
+        (date(2024, 6, 1), date(2024, 6, 1)),
+        (date(2025, 1, 1), date(2025, 1, 1)),
+        (date(2025, 9, 1), date(2025, 9, 1)),
+    )
+    assert len(evaluate(policy(RELAPSE), list(reversed(history)), as_of=AS_OF)) == 1
+
+
+def test_events_after_as_of_are_ignored() -> None:
+    history = relapses(
+        (date(2024, 6, 30), date(2024, 7, 1)),
+        (date(2025, 1, 31), date(2025, 2, 3)),
+        (date(2026, 3, 15), date(2026, 3, 16)),
+    )
+    assert evaluate(policy(RELAPSE), history, as_of=AS_OF) == []
+    assert len(evaluate(policy(RELAPSE), history, as_of=date(2026, 3, 16))) == 1
+
+
+# ---- desk hopping
+
+
+def visits(*places: tuple[date, str]) -> list[SubjectEvent]:
+    return [event("helpdesk_visit", day, office) for day, office in places]
+
+
+def test_desk_hopping_fires_at_exactly_n_different_helpdesks() -> None:
+    history = visits(
+        (date(2025, 4, 1), "Bloemhof"),
+        (date(2025, 5, 1), "Afrikaanderwijk"),
+        (date(2025, 6, 1), "Bloemhof"),
+        (date(2026, 1, 5), "Carnisse"),
+    )
+    [hit] = evaluate(policy(HOPPING), history, as_of=AS_OF)
+    assert hit.evidence["helpdesks"] == 3
+    assert hit.evidence["visits"] == 4
+    assert hit.evidence["offices"] == ["Afrikaanderwijk", "Bloemhof", "Carnisse"]
+    assert hit.explanation == (
+        "Visited 3 different helpdesks since March 2025 (Afrikaanderwijk, Bloemhof and Carnisse)."
+    )
+
+
+def test_desk_hopping_does_not_fire_at_one_helpdesk_less() -> None:
+    history = visits(
+        (date(2025, 4, 1), "Bloemhof"),
+        (date(2025, 5, 1), "Afrikaanderwijk"),
+        (date(2025, 6, 1), "Bloemhof"),
+    )
+    assert evaluate(policy(HOPPING), history, as_of=AS_OF) == []
+
+
+def test_desk_hopping_window_edges() -> None:
+    inside = visits((date(2025, 3, 15), "A"), (date(2025, 5, 1), "B"), (date(2026, 3, 15), "C"))
+    assert len(evaluate(policy(HOPPING), inside, as_of=AS_OF)) == 1
+    one_day_early = visits(
+        (date(2025, 3, 14), "A"), (date(2025, 5, 1), "B"), (date(2026, 3, 15), "C")
+    )
+    assert evaluate(policy(HOPPING), one_day_early, as_of=AS_OF) == []
+
+
+def test_desk_hopping_counts_only_helpdesk_visits() -> None:
+    history = [
+        event("welfare_start", date(2025, 6, 1), "A"),
+        event("employment_end", date(2025, 7, 1), "B"),
+        *visits((date(2025, 8, 1), "C"), (date(2025, 9, 1), "D")),
+    ]
+    assert evaluate(policy(HOPPING), history, as_of=AS_OF) == []
+
+
+# ---- long welfare without contact
+
+
+def test_long_welfare_fires_at_exactly_m_months_without_contact_for_k_months() -> None:
+    history = [
+        event("welfare_start", date(2024, 3, 15)),
+        *visits((date(2025, 3, 14), "Bloemhof")),
+    ]
+    [hit] = evaluate(policy(LONG), history, as_of=AS_OF)
+    assert hit.evidence["on_welfare_since"] == "2024-03-15"
+    assert hit.evidence["months_on_welfare"] == 24
+    assert hit.evidence["last_helpdesk_visit"] == "2025-03-14"
+    assert hit.explanation == (
+        "On welfare since 2024-03 (24 months) and no helpdesk visit in the last 12 months "
+        "(last visit 2025-03-14)."
+    )
+
+
+def test_long_welfare_does_not_fire_one_day_short_of_m_months() -> None:
+    history = [event("welfare_start", date(2024, 3, 16))]
+    assert evaluate(policy(LONG), history, as_of=AS_OF) == []
+
+
+def test_a_visit_on_the_first_day_of_the_no_contact_window_is_contact() -> None:
+    history = [
+        event("welfare_start", date(2020, 1, 1)),
+        *visits((date(2025, 3, 15), "Bloemhof")),
+    ]
+    assert evaluate(policy(LONG), history, as_of=AS_OF) == []
+
+
+def test_long_welfare_needs_the_spell_to_be_ongoing() -> None:
+    ended = [event("welfare_start", date(2020, 1, 1)), event("welfare_end", date(2026, 3, 1))]
+    assert evaluate(policy(LONG), ended, as_of=AS_OF) == []
+    restarted = [*ended, event("welfare_start", date(2026, 3, 10))]
+    assert evaluate(policy(LONG), restarted, as_of=AS_OF) == []
+
+
+def test_long_welfare_without_any_visit_says_so() -> None:
+    [hit] = evaluate(policy(LONG), [event("welfare_start", date(2020, 1, 1))], as_of=AS_OF)
+    assert hit.evidence["last_helpdesk_visit"] is None
+    assert hit.explanation.endswith("(no visit on record).")
+
+
+def test_hits_come_in_policy_order() -> None:
+    history = [
+        *relapses(
+            (date(2024, 6, 30), date(2024, 7, 1)),
+            (date(2025, 1, 31), date(2025, 2, 3)),
+            (date(2025, 9, 30), date(2025, 10, 1)),
+        ),
+        *visits((date(2025, 4, 1), "A"), (date(2025, 5, 1), "B"), (date(2025, 6, 1), "C")),
+    ]
+    hits = evaluate(policy(HOPPING, RELAPSE, LONG), history, as_of=AS_OF)
+    assert [h.rule_id for h in hits] == ["hop", "relapse"]
+
+
+# ---- calendar arithmetic and general properties
+
+
+def test_months_before_clamps_to_the_end_of_a_shorter_month() -> None:
+    assert months_before(date(2026, 3, 31), 1) == date(2026, 2, 28)
+    assert months_before(date(2024, 3, 31), 1) == date(2024, 2, 29)
+    assert months_before(date(2026, 1, 15), 13) == date(2024, 12, 15)
+
+
+@given(st.dates(min_value=date(1950, 1, 1)), st.integers(min_value=0, max_value=600))
+def test_whole_months_between_inverts_months_before(day: date, months: int) -> None:
+    assert whole_months_between(months_before(day, months), day) == months
+
+
+event_strategy = st.tuples(
+    st.sampled_from(EVENT_TYPES),
+    st.dates(min_value=date(2015, 1, 1), max_value=date(2027, 1, 1)),
+    st.sampled_from(["A", "B", "C", "D", "E"]),
+)
+
+
+@given(st.lists(event_strategy, max_size=30), st.randoms(use_true_random=False))
+def test_evaluation_is_independent_of_input_order_and_evidence_meets_thresholds(
+    raw: list[tuple[str, date, str]], shuffler: random.Random
+) -> None:
+    history = [event(kind, day, office) for kind, day, office in raw]
+    shuffled = list(history)
+    shuffler.shuffle(shuffled)
+    everything = policy(RELAPSE, HOPPING, LONG)
+    hits = evaluate(everything, history, as_of=AS_OF)
+    assert hits == evaluate(everything, shuffled, as_of=AS_OF)
+    for hit in hits:
+        if hit.rule_type == "relapse":
+            assert hit.evidence["returns"] >= RELAPSE.min_returns
+        elif hit.rule_type == "desk_hopping":
+            assert hit.evidence["helpdesks"] >= HOPPING.min_helpdesks
+        else:
+            assert hit.evidence["months_on_welfare"] >= LONG.min_welfare_months
+        assert hit.explanation.endswith(".")

@@ -1,0 +1,164 @@
+"""Flagging runs over the database, their flags, and external flags (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlmodel import Session
+
+from service.flagging.service import run_flagging, system_caller
+from service.records.models import Subject
+from tests.conftest import TokenFactory, bearer
+from tests.flagging.seed import AS_OF, QUIET, RELAPSING, add_subject, log_entries
+
+
+def seed(app: FastAPI, session: Session) -> None:
+    keyring = app.state.keyring
+    add_subject(session, keyring, pseudonym="ps-relapse", events=RELAPSING)
+    add_subject(session, keyring, pseudonym="ps-quiet", events=QUIET)
+    add_subject(session, keyring, pseudonym="ps-none")
+    session.commit()
+
+
+def test_a_run_flags_matching_subjects_and_explains_why(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    coordinator = bearer(token("coord-001", "coordinator"))
+    response = client.post(
+        "/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator
+    )
+    assert response.status_code == 201, response.text
+    run = response.json()
+    assert run["evaluated"] == 3
+    assert run["flagged"] == 1
+    assert run["policy_version"] == app.state.flagging_policy.version
+    assert "+" in run["policy_version"]
+
+    fetched = client.get(f"/v1/flagging/runs/{run['id']}", headers=coordinator)
+    assert fetched.json() == run
+
+    page = client.get(f"/v1/flagging/runs/{run['id']}/flags", headers=coordinator).json()
+    assert page["next_after"] is None
+    [flag] = page["items"]
+    assert flag["pseudonym"] == "ps-relapse"
+    assert flag["kind"] == "algorithm"
+    assert flag["policy_version"] == run["policy_version"]
+    assert [hit["rule_id"] for hit in flag["hits"]] == ["relapse"]
+    assert flag["hits"][0]["evidence"]["returns"] == 3
+    assert flag["explanation"] == (
+        "Returned to welfare 3 times since March 2024, "
+        "after jobs ending 2024-06, 2025-01 and 2025-09."
+    )
+    assert "Person" not in str(page)
+    assert "111222333" not in str(page)
+
+    [logged] = log_entries(session, "flagging.run")
+    assert logged["object_id"] == run["id"]
+    assert logged["actor"] == "coord-001"
+
+
+def test_flags_are_paged(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    for i in range(5):
+        add_subject(session, app.state.keyring, pseudonym=f"ps-{i}", events=RELAPSING)
+    session.commit()
+    coordinator = bearer(token("coord-001", "coordinator"))
+    run = client.post("/v1/flagging/runs", json={"as_of": "2026-03-15"}, headers=coordinator)
+    run_id = run.json()["id"]
+    seen: list[str] = []
+    after = 0
+    while True:
+        page = client.get(
+            f"/v1/flagging/runs/{run_id}/flags",
+            params={"after": after, "limit": 2},
+            headers=coordinator,
+        ).json()
+        seen += [item["pseudonym"] for item in page["items"]]
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+    assert sorted(seen) == [f"ps-{i}" for i in range(5)]
+
+
+def test_runs_evaluate_in_batches_and_skip_erased_subjects(app: FastAPI, session: Session) -> None:
+    for i in range(7):
+        add_subject(session, app.state.keyring, pseudonym=f"ps-{i}", events=RELAPSING)
+    session.connection().execute(
+        update(Subject.__table__)  # type: ignore[attr-defined]
+        .where(Subject.__table__.c.pseudonym == "ps-3")  # type: ignore[attr-defined]
+        .values(erased_at=datetime.now(UTC), wrapped_dek=None, identity_ciphertext=None)
+    )
+    batches: list[int] = []
+    run = run_flagging(
+        session=session,
+        policy=app.state.flagging_policy,
+        as_of=AS_OF,
+        caller=system_caller("flag"),
+        batch_size=2,
+        progress=lambda p: batches.append(p.evaluated),
+    )
+    assert (run.evaluated, run.flagged) == (6, 6)
+    assert batches == [2, 4, 6]
+    [logged] = log_entries(session, "flagging.run")
+    assert logged["actor"] == "system:flag"
+
+
+def test_a_professional_may_not_run_or_read_flagging(
+    client: TestClient, token: TokenFactory
+) -> None:
+    professional = bearer(token("prof-001", "professional"))
+    assert client.post("/v1/flagging/runs", json={}, headers=professional).status_code == 403
+    assert client.get("/v1/flagging/runs/x/flags", headers=professional).status_code == 403
+
+
+def test_unknown_run_is_404(client: TestClient, token: TokenFactory) -> None:
+    response = client.get("/v1/flagging/runs/nope", headers=bearer(token("c", "coordinator")))
+    assert response.status_code == 404
+
+
+def test_a_source_pushes_external_flags_and_it_is_logged(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    response = client.post(
+        "/v1/flags",
+        json={
+            "flags": [
+                {
+                    "pseudonym": "ps-quiet",
+                    "reason_code": "debt-signal",
+                    "explanation": "Rent arrears reported by the housing corporation.",
+                }
+            ]
+        },
+        headers=bearer(token("source-welfare", "source")),
+    )
+    assert response.status_code == 201, response.text
+    [flag] = response.json()["flags"]
+    assert flag["kind"] == "external"
+    assert flag["run_id"] is None
+    assert flag["reason_code"] == "debt-signal"
+    [logged] = log_entries(session, "flags.push")
+    assert logged["pseudonyms"] == ["ps-quiet"]
+    assert logged["object_id"] == str(flag["id"])
+
+
+def test_an_unknown_pseudonym_is_422_naming_it_and_nothing_is_stored(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    good = {"pseudonym": "ps-quiet", "reason_code": "x", "explanation": "Reported by a school."}
+    bad = {**good, "pseudonym": "ps-missing"}
+    response = client.post(
+        "/v1/flags", json={"flags": [good, bad]}, headers=bearer(token("src", "source"))
+    )
+    assert response.status_code == 422
+    problem = response.json()
+    assert "ps-missing" in problem["detail"]
+    assert [e["row"] for e in problem["errors"]] == [1]
+    assert log_entries(session, "flags.push") == []

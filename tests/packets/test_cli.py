@@ -1,0 +1,41 @@
+"""The ``flag`` and ``partition`` commands run the same services as the API, logged as system."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+from service.config import get_settings
+
+
+@pytest.fixture
+def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("CASEPACKETS_HOME", str(tmp_path))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", f"sqlite:///{tmp_path}/cli.db")
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def test_flag_then_partition_from_the_command_line(cli_home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    flagged = runner.invoke(cli, ["flag", "--as-of", "2026-03-15"])
+    assert flagged.exit_code == 0, flagged.output
+    output = " ".join(flagged.output.split())
+    found = re.search(r"run ([0-9a-f]{32}): policy \S+, 0 evaluated, 0 flagged", output)
+    assert found is not None, flagged.output
+    parted = runner.invoke(cli, ["partition", "--run-id", found.group(1)])
+    assert parted.exit_code == 0, parted.output
+    assert "0 packets built" in " ".join(parted.output.split())
+    missing = runner.invoke(cli, ["partition", "--run-id", "nope"])
+    assert missing.exit_code == 1
+    assert "no flagging run nope" in " ".join(missing.output.split())
+    bad_date = runner.invoke(cli, ["flag", "--as-of", "yesterday"])
+    assert bad_date.exit_code == 2

@@ -1,0 +1,298 @@
+"""Professionals, packet building with keys, visibility and reassignment (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlmodel import Session
+
+from service.crypto.envelope import DecryptionFailed, unwrap_key, unwrap_under
+from service.packets.models import Packet, PacketMember
+from service.packets.service import member_dek_aad, packet_key_aad
+from tests.conftest import TokenFactory, bearer
+from tests.flagging.seed import AS_OF, RELAPSING, add_subject, log_entries
+
+
+def professional(
+    client: TestClient, coordinator: dict[str, str], sub: str, **changes: Any
+) -> dict[str, Any]:
+    body = {
+        "id": sub,
+        "display_name": f"Caseworker {sub}",
+        "team": "Zuid-1",
+        "districts": ["Charlois"],
+        "capacity": 40,
+        **changes,
+    }
+    response = client.post("/v1/professionals", json=body, headers=coordinator)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def flagged_run(
+    app: FastAPI, client: TestClient, session: Session, coordinator: dict[str, str], count: int
+) -> tuple[str, dict[str, Any]]:
+    deks = {}
+    for i in range(count):
+        pseudonym = f"ps-{i:03d}"
+        _, deks[pseudonym] = add_subject(
+            session, app.state.keyring, pseudonym=pseudonym, events=RELAPSING
+        )
+    session.commit()
+    run = client.post(
+        "/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator
+    ).json()
+    return str(run["id"]), deks
+
+
+def test_professionals_are_registered_listed_updated_and_deactivated(
+    client: TestClient, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    created = professional(client, coordinator, "prof-001", districts=["Feijenoord", "Charlois"])
+    assert created["districts"] == ["Charlois", "Feijenoord"]
+    assert created["open_load"] == 0
+    assert created["active"] is True
+    again = client.post(
+        "/v1/professionals",
+        json={
+            "id": "prof-001",
+            "display_name": "x",
+            "team": "t",
+            "districts": ["a"],
+            "capacity": 1,
+        },
+        headers=coordinator,
+    )
+    assert again.status_code == 409
+    patched = client.patch(
+        "/v1/professionals/prof-001", json={"capacity": 10}, headers=coordinator
+    ).json()
+    assert patched["capacity"] == 10
+    assert (
+        client.patch(
+            "/v1/professionals/prof-001", json={"colour": "red"}, headers=coordinator
+        ).status_code
+        == 422
+    )
+    deactivated = client.post("/v1/professionals/prof-001/deactivate", headers=coordinator)
+    assert deactivated.json()["active"] is False
+    listed = client.get("/v1/professionals", headers=coordinator).json()["items"]
+    assert [p["id"] for p in listed] == ["prof-001"]
+    assert (
+        client.get(
+            "/v1/professionals", headers=bearer(token("prof-001", "professional"))
+        ).status_code
+        == 403
+    )
+    assert (
+        client.post("/v1/professionals/nobody/deactivate", headers=coordinator).status_code == 404
+    )
+
+
+def test_partitioning_builds_packets_whose_keys_unwrap_to_the_vault_dek(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=30)
+    professional(client, coordinator, "prof-002", capacity=30)
+    run_id, deks = flagged_run(app, client, session, coordinator, 25)
+
+    response = client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+    assert response.status_code == 201, response.text
+    result = response.json()
+    assert sorted(p["member_count"] for p in result["packets"]) == [5, 20]
+    assert result["unplaced"] == []
+    assert "wrapped" not in response.text
+
+    keyring = app.state.keyring
+    packets = list(session.execute(select(Packet)).scalars())
+    assert {p.id for p in packets} == {p["id"] for p in result["packets"]}
+    for packet in packets:
+        assert packet.status == "assigned"
+        assert packet.wrapped_key is not None
+        assert packet.expires_at > packet.created_at
+        packet_key = unwrap_key(
+            keyring, "packet", packet.wrapped_key, aad=packet_key_aad(packet.id)
+        )
+        members = session.execute(
+            select(PacketMember).where(PacketMember.packet_id == packet.id)
+        ).scalars()
+        for member in members:
+            assert member.wrapped_dek is not None
+            dek = unwrap_under(
+                packet_key,
+                member.wrapped_dek,
+                aad=member_dek_aad(packet.id, member.subject_id),
+            )
+            assert dek.material == deks[member.pseudonym].material
+
+    packet_ids = sorted(p.id for p in packets)
+    built = log_entries(session, "packet.build")
+    assigned = log_entries(session, "packet.assign")
+    assert sorted(e["object_id"] for e in built) == packet_ids
+    assert sorted(e["object_id"] for e in assigned) == packet_ids
+    assert sorted(p for e in built for p in e["pseudonyms"]) == sorted(deks)
+
+    again = client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+    assert again.json()["packets"] == []
+    assert {u["reason"] for u in again.json()["unplaced"]} == {"already in an open packet"}
+
+
+def test_a_member_wrap_moved_to_another_packet_does_not_open(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=1)
+    professional(client, coordinator, "prof-002", capacity=1)
+    run_id, _ = flagged_run(app, client, session, coordinator, 2)
+    client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+    first, second = session.execute(select(Packet)).scalars()
+    member = session.execute(
+        select(PacketMember).where(PacketMember.packet_id == first.id)
+    ).scalar_one()
+    assert second.wrapped_key is not None
+    assert member.wrapped_dek is not None
+    keyring = app.state.keyring
+    other_key = unwrap_key(keyring, "packet", second.wrapped_key, aad=packet_key_aad(second.id))
+    with pytest.raises(DecryptionFailed):
+        unwrap_under(
+            other_key, member.wrapped_dek, aad=member_dek_aad(second.id, member.subject_id)
+        )
+
+
+def test_unplaceable_cases_come_back_with_a_reason(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=3)
+    run_id, _ = flagged_run(app, client, session, coordinator, 5)
+    result = client.post(
+        "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
+    ).json()
+    assert [p["member_count"] for p in result["packets"]] == [3]
+    assert [u["pseudonym"] for u in result["unplaced"]] == ["ps-003", "ps-004"]
+    assert {u["reason"] for u in result["unplaced"]} == {
+        "every professional serving district Charlois is at capacity"
+    }
+    assert (
+        client.post(
+            "/v1/packets/partition", json={"run_id": "nope"}, headers=coordinator
+        ).status_code
+        == 404
+    )
+
+
+def test_external_flags_join_the_next_partitioning(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001")
+    run_id, _ = flagged_run(app, client, session, coordinator, 1)
+    add_subject(session, app.state.keyring, pseudonym="ps-external")
+    session.commit()
+    pushed = client.post(
+        "/v1/flags",
+        json={
+            "flags": [
+                {
+                    "pseudonym": "ps-external",
+                    "reason_code": "school-absence",
+                    "explanation": "Long school absence of a child in the household.",
+                }
+            ]
+        },
+        headers=bearer(token("source-1", "source")),
+    )
+    assert pushed.status_code == 201
+    result = client.post(
+        "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
+    ).json()
+    [packet] = result["packets"]
+    detail = client.get(f"/v1/packets/{packet['id']}", headers=coordinator).json()
+    assert {(m["pseudonym"], m["flag_kind"]) for m in detail["members"]} == {
+        ("ps-000", "algorithm"),
+        ("ps-external", "external"),
+    }
+
+
+def test_a_professional_sees_only_their_own_packets(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=2)
+    professional(client, coordinator, "prof-002", capacity=2)
+    run_id, _ = flagged_run(app, client, session, coordinator, 4)
+    client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+
+    mine = client.get("/v1/packets", headers=bearer(token("prof-001", "professional"))).json()
+    theirs = client.get("/v1/packets", headers=bearer(token("prof-002", "professional"))).json()
+    everything = client.get("/v1/packets", headers=coordinator).json()
+    source_view = client.get("/v1/packets", headers=bearer(token("src", "source"))).json()
+    assert {p["professional_id"] for p in mine["items"]} == {"prof-001"}
+    assert {p["professional_id"] for p in theirs["items"]} == {"prof-002"}
+    assert len(everything["items"]) == len(source_view["items"]) == 2
+
+    their_packet = theirs["items"][0]["id"]
+    denied = client.get(
+        f"/v1/packets/{their_packet}", headers=bearer(token("prof-001", "professional"))
+    )
+    assert denied.status_code == 404
+    [logged] = log_entries(session, "packet.read")
+    assert logged["outcome"] == "denied"
+    assert logged["actor"] == "prof-001"
+    own = client.get(
+        f"/v1/packets/{their_packet}", headers=bearer(token("prof-002", "professional"))
+    )
+    assert own.status_code == 200
+    assert len(own.json()["members"]) == 2
+
+
+def test_reassignment_moves_access_at_once(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=5)
+    run_id, _ = flagged_run(app, client, session, coordinator, 3)
+    [packet] = client.post(
+        "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
+    ).json()["packets"]
+    professional(client, coordinator, "prof-002", capacity=5)
+    former = bearer(token("prof-001", "professional"))
+    new = bearer(token("prof-002", "professional"))
+    assert client.get(f"/v1/packets/{packet['id']}", headers=former).status_code == 200
+
+    moved = client.post(
+        f"/v1/packets/{packet['id']}/reassign",
+        json={"professional_id": "prof-002"},
+        headers=coordinator,
+    )
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["professional_id"] == "prof-002"
+    assert client.get(f"/v1/packets/{packet['id']}", headers=former).status_code == 404
+    assert client.get(f"/v1/packets/{packet['id']}", headers=new).status_code == 200
+    assert client.get("/v1/packets", headers=former).json()["items"] == []
+    [logged] = log_entries(session, "packet.reassign")
+    assert logged["reason"] == "from prof-001 to prof-002"
+    assert len(logged["pseudonyms"]) == 3
+
+    professional(client, coordinator, "prof-003", capacity=1)
+    too_small = client.post(
+        f"/v1/packets/{packet['id']}/reassign",
+        json={"professional_id": "prof-003"},
+        headers=coordinator,
+    )
+    assert too_small.status_code == 409
+    assert (
+        client.post(
+            f"/v1/packets/{packet['id']}/reassign",
+            json={"professional_id": "prof-001"},
+            headers=new,
+        ).status_code
+        == 403
+    )
