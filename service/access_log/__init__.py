@@ -1,0 +1,1 @@
+"""The verifiable access log: one append path, an RFC 6962 Merkle tree, signed checkpoints."""

@@ -1,0 +1,54 @@
+"""The C2SP ``tlog-checkpoint`` body: origin, tree size, base64 root hash (pure).
+
+Invariant: ``parse_checkpoint`` accepts exactly what ``checkpoint_text`` produces (plus optional
+extension lines) and raises ``CheckpointError`` on anything else, so a verifier never acts on a
+half-understood checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from service.access_log.merkle import HASH_SIZE
+
+
+class CheckpointError(ValueError):
+    """A checkpoint text is malformed."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    origin: str
+    size: int
+    root: bytes
+
+
+def checkpoint_text(checkpoint: Checkpoint) -> str:
+    root = base64.b64encode(checkpoint.root).decode("ascii")
+    return f"{checkpoint.origin}\n{checkpoint.size}\n{root}\n"
+
+
+def parse_checkpoint(text: str) -> Checkpoint:
+    if not text.endswith("\n"):
+        raise CheckpointError("a checkpoint ends with a newline")
+    lines = text[:-1].split("\n")
+    if len(lines) < 3 or not lines[0]:
+        raise CheckpointError("a checkpoint has an origin, a tree size and a root hash line")
+    origin, size_line, root_line = lines[:3]
+    if (
+        not size_line.isascii()
+        or not size_line.isdigit()
+        or (len(size_line) > 1 and size_line[0] == "0")
+    ):
+        raise CheckpointError("the tree size is not a decimal number")
+    try:
+        root = base64.b64decode(root_line, validate=True)
+    except binascii.Error:
+        raise CheckpointError("the root hash is not base64") from None
+    if len(root) != HASH_SIZE:
+        raise CheckpointError("the root hash is not 32 bytes")
+    if any(not line for line in lines[3:]):
+        raise CheckpointError("empty extension line")
+    return Checkpoint(origin=origin, size=int(size_line), root=root)

@@ -1,0 +1,171 @@
+"""The auditor API: entries as NDJSON, signed checkpoints, proofs and the verifier key.
+
+Every route needs ``audit.read`` and is itself logged (action ``audit.read``) in the request's
+transaction, so a read that cannot be logged is not served (503).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from service.access_log import service
+from service.access_log.models import ConsistencyProofPublic, InclusionProofPublic
+from service.auth.dependencies import Caller, require
+from service.auth.permissions import Permission
+from service.config import Settings
+from service.crypto.keyring import KeyProvider
+from service.crypto.signing import NoteSigner
+from service.db import Database, SessionDep
+from service.errors import Unavailable
+from service.openapi import AUTH_ERRORS, problem_responses
+
+router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=AUTH_ERRORS)
+Auditor = Annotated[Caller, require(Permission.AUDIT_READ)]
+ERRORS = problem_responses(400, 503)
+NDJSON = "application/x-ndjson"
+
+
+def get_signer(request: Request) -> NoteSigner:
+    signer: NoteSigner | None = getattr(request.app.state, "log_signer", None)
+    if signer is None:
+        raise Unavailable("the log signing key is not loaded")
+    return signer
+
+
+SignerDep = Annotated[NoteSigner, Depends(get_signer)]
+
+
+def _b64(hashes: list[bytes]) -> list[str]:
+    return [base64.b64encode(h).decode("ascii") for h in hashes]
+
+
+@router.get(
+    "/entries",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "One line per entry, each exactly the leaf's bytes",
+            "content": {NDJSON: {"schema": {"type": "string"}}},
+        },
+    },
+    summary="Stream log entries [start, end) as NDJSON",
+)
+def entries(
+    request: Request,
+    session: SessionDep,
+    caller: Auditor,
+    start: Annotated[int, Query(ge=0, description="first leaf index (inclusive)")],
+    end: Annotated[int, Query(ge=1, description="last leaf index (exclusive)")],
+) -> StreamingResponse:
+    start, end = service.entry_range(session=session, start=start, end=end)
+    service.log_audit_read(session=session, caller=caller, object_id=f"entries:{start}-{end}")
+    database: Database = request.app.state.database
+    # The request's session is closed once the route returns; the stream reads in chunks, each
+    # in its own short session, so memory stays constant and no lock is held across the stream.
+    return StreamingResponse(
+        _ndjson(service.stream_entries(open_session=database.session, start=start, end=end)),
+        media_type=NDJSON,
+    )
+
+
+def _ndjson(chunks: Iterator[list[bytes]]) -> Iterator[bytes]:
+    for chunk in chunks:
+        yield b"".join(data + b"\n" for data in chunk)
+
+
+@router.get(
+    "/checkpoint",
+    response_class=PlainTextResponse,
+    responses={**ERRORS, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    summary="A signed checkpoint (C2SP signed note) covering every committed entry",
+)
+def checkpoint(
+    request: Request, session: SessionDep, caller: Auditor, signer: SignerDep
+) -> PlainTextResponse:
+    service.log_audit_read(session=session, caller=caller, object_id="checkpoint")
+    settings: Settings = request.app.state.settings
+    note = service.signed_checkpoint(
+        session=session, signer=signer, origin=settings.checkpoint_origin
+    )
+    return PlainTextResponse(note)
+
+
+@router.get(
+    "/proofs/inclusion",
+    response_model=InclusionProofPublic,
+    responses=ERRORS,
+    summary="RFC 9162 inclusion proof of one leaf in a tree size",
+)
+def inclusion(
+    session: SessionDep,
+    caller: Auditor,
+    index: Annotated[int, Query(ge=0)],
+    tree_size: Annotated[int, Query(ge=1)],
+) -> InclusionProofPublic:
+    hashes = service.inclusion_proof(session=session, index=index, size=tree_size)
+    service.log_audit_read(
+        session=session, caller=caller, object_id=f"inclusion:{index}@{tree_size}"
+    )
+    return InclusionProofPublic(leaf_index=index, tree_size=tree_size, hashes=_b64(hashes))
+
+
+@router.get(
+    "/proofs/consistency",
+    response_model=ConsistencyProofPublic,
+    responses=ERRORS,
+    summary="RFC 9162 consistency proof between two tree sizes",
+)
+def consistency(
+    session: SessionDep,
+    caller: Auditor,
+    first: Annotated[int, Query(ge=0)],
+    second: Annotated[int, Query(ge=0)],
+) -> ConsistencyProofPublic:
+    hashes = service.consistency_proof(session=session, first=first, second=second)
+    service.log_audit_read(
+        session=session, caller=caller, object_id=f"consistency:{first}-{second}"
+    )
+    return ConsistencyProofPublic(first=first, second=second, hashes=_b64(hashes))
+
+
+@router.get(
+    "/public-key",
+    response_class=PlainTextResponse,
+    responses={**ERRORS, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    summary="The checkpoint verifier key: <name>+<hex key id>+<base64(0x01 ‖ key)>",
+)
+def public_key(session: SessionDep, caller: Auditor, signer: SignerDep) -> PlainTextResponse:
+    service.log_audit_read(session=session, caller=caller, object_id="public-key")
+    return PlainTextResponse(f"{signer.verifier}\n")
+
+
+def install(app: FastAPI) -> None:
+    """Wire the access log into the app: signer from the keyring, lock bound, readiness, routes."""
+    settings: Settings = app.state.settings
+    database: Database = app.state.database
+    keyring: KeyProvider | None = getattr(app.state, "keyring", None)
+    if getattr(app.state, "log_signer", None) is None and keyring is not None:
+        app.state.log_signer = NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
+    service.use_lock_timeout(database.engine, settings.log_lock_timeout_seconds)
+    app.state.readiness_checks["access_log"] = _readiness(app)
+    app.include_router(router)
+
+
+def _readiness(app: FastAPI) -> Callable[[], str]:
+    def check() -> str:
+        database: Database = app.state.database
+        try:
+            with database.session() as session:
+                return service.check_readiness(
+                    session=session, signer=getattr(app.state, "log_signer", None)
+                )
+        except Exception as exc:
+            return f"access log unreachable ({type(exc).__name__})"
+
+    return check

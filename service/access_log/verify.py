@@ -1,0 +1,204 @@
+"""Offline verification of an exported access log (no database, no service).
+
+Invariant: ``verify_export`` returns only when the checkpoint's signature verifies under the given
+key, the entries hash to exactly the signed root at exactly the signed size, and (when a trusted
+checkpoint is given) the first entries also hash to the trusted root — which proves the new tree
+extends the trusted one. Anything else raises ``VerificationFailed``; when the exported leaf hashes
+are themselves authenticated by the signed root, the error names the first bad entry index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import zip_longest
+from pathlib import Path
+from typing import BinaryIO
+
+from service.access_log.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from service.access_log.merkle import HASH_SIZE, CompactRange, fold
+from service.crypto.signing import NoteError, VerifierKey, open_note
+
+
+class VerificationFailed(Exception):
+    """The export does not verify. ``first_bad_index`` is set when it could be located."""
+
+    def __init__(self, message: str, *, first_bad_index: int | None = None) -> None:
+        super().__init__(message)
+        self.first_bad_index = first_bad_index
+
+
+@dataclass(frozen=True)
+class Verified:
+    checkpoint: Checkpoint
+    trusted: Checkpoint | None
+
+
+def open_checkpoint(note: str, verifier: VerifierKey) -> Checkpoint:
+    try:
+        checkpoint = parse_checkpoint(open_note(note, verifier))
+    except (NoteError, CheckpointError) as exc:
+        raise VerificationFailed(f"checkpoint rejected: {exc}") from None
+    if checkpoint.origin != verifier.name:
+        raise VerificationFailed(
+            f"checkpoint origin {checkpoint.origin!r} is not the key's name {verifier.name!r}"
+        )
+    return checkpoint
+
+
+def _without_newline(line: bytes) -> bytes:
+    if not line.endswith(b"\n"):
+        raise VerificationFailed("every entry line must end with a newline")
+    return line[:-1]
+
+
+def read_hashes(handle: BinaryIO) -> Iterator[bytes]:
+    while chunk := handle.read(HASH_SIZE * 4096):
+        if len(chunk) % HASH_SIZE:
+            raise VerificationFailed("the leaf-hashes file is not a whole number of hashes")
+        for offset in range(0, len(chunk), HASH_SIZE):
+            yield chunk[offset : offset + HASH_SIZE]
+
+
+class _Roots:
+    """The compact range of a stream of leaves, with the root remembered at one earlier size."""
+
+    __slots__ = ("at", "compact", "root_at")
+
+    def __init__(self, at: int | None) -> None:
+        self.compact = CompactRange()
+        self.at = at
+        self.root_at: bytes | None = None
+
+    def append(self, leaf: bytes) -> None:
+        self.compact.append(leaf)
+        if self.compact.size == self.at:
+            self.root_at = self.compact.root()
+
+
+def root_of_lines(lines: Iterable[bytes]) -> tuple[int, bytes]:
+    """Size and RFC 6962 root of NDJSON lines (the verifier's hot loop, kept tight)."""
+    sha256 = hashlib.sha256
+    peaks: list[bytes] = []
+    size = 0
+    line = b"\n"
+    for line in lines:
+        current = sha256(b"\x00" + line[:-1]).digest()
+        position = size
+        while position & 1:
+            current = sha256(b"\x01" + peaks.pop() + current).digest()
+            position >>= 1
+        peaks.append(current)
+        size += 1
+    _without_newline(line)  # only the last line can lack it
+    return size, fold(peaks)
+
+
+def verify_export(
+    *,
+    entries: Iterable[bytes],  # NDJSON lines, each ending in a newline
+    checkpoint_note: str,
+    verifier: VerifierKey,
+    trusted_note: str | None = None,
+    leaf_hashes: Iterable[bytes] | None = None,
+) -> Verified:
+    checkpoint = open_checkpoint(checkpoint_note, verifier)
+    trusted = open_checkpoint(trusted_note, verifier) if trusted_note is not None else None
+    if trusted is not None and trusted.size > checkpoint.size:
+        raise VerificationFailed(
+            f"the checkpoint (size {checkpoint.size}) is older than the trusted one "
+            f"(size {trusted.size}): the log was rolled back"
+        )
+
+    if trusted is None and leaf_hashes is None:
+        size, root = root_of_lines(entries)
+        trusted_root = None
+        first_difference = None
+        hashes_root = None
+        hashes_size = 0
+    else:
+        entry_roots = _Roots(trusted.size if trusted else None)
+        hash_roots = _Roots(None)
+        first_difference = None
+        for index, (data, given) in enumerate(zip_longest(entries, leaf_hashes or ())):
+            leaf = None
+            if data is not None:
+                leaf = hashlib.sha256(b"\x00" + _without_newline(data)).digest()
+                entry_roots.append(leaf)
+            if given is not None:
+                hash_roots.append(given)
+            if leaf_hashes is not None and first_difference is None and leaf != given:
+                first_difference = index
+        size, root = entry_roots.compact.size, entry_roots.compact.root()
+        trusted_root = entry_roots.root_at
+        if trusted is not None and trusted.size == 0:
+            trusted_root = fold([])
+        hashes_size, hashes_root = hash_roots.compact.size, hash_roots.compact.root()
+
+    if size == checkpoint.size and root == checkpoint.root:
+        if trusted is not None and trusted_root != trusted.root:
+            raise VerificationFailed(
+                f"the log was rewritten: its first {trusted.size} entries no longer have the "
+                "trusted checkpoint's root, yet the service signed the new tree"
+            )
+        return Verified(checkpoint=checkpoint, trusted=trusted)
+
+    located = hashes_root == checkpoint.root and hashes_size == checkpoint.size
+    if located and first_difference is not None:
+        raise VerificationFailed(
+            f"entry {first_difference} is not the entry the signed checkpoint commits to "
+            f"(first bad index {first_difference})",
+            first_bad_index=first_difference,
+        )
+    if size < checkpoint.size:
+        raise VerificationFailed(
+            f"only {size} entries for a checkpoint of size {checkpoint.size}: "
+            f"entries from index {size} are missing (first bad index {size})",
+            first_bad_index=size,
+        )
+    if size > checkpoint.size:
+        raise VerificationFailed(
+            f"{size} entries for a checkpoint of size {checkpoint.size}",
+            first_bad_index=checkpoint.size,
+        )
+    raise VerificationFailed(
+        "the entries do not hash to the signed root"
+        + ("" if leaf_hashes is None else " (and the leaf hashes cannot locate the change)")
+    )
+
+
+def verify_files(
+    *,
+    entries: Path,
+    checkpoint: Path,
+    public_key: Path,
+    trusted_checkpoint: Path | None = None,
+    leaf_hashes: Path | None = None,
+) -> Verified:
+    verifier = _read_key(public_key)
+    note = checkpoint.read_text(encoding="utf-8")
+    trusted = trusted_checkpoint.read_text(encoding="utf-8") if trusted_checkpoint else None
+    with entries.open("rb") as entries_file:
+        if leaf_hashes is None:
+            return verify_export(
+                entries=entries_file,
+                checkpoint_note=note,
+                verifier=verifier,
+                trusted_note=trusted,
+            )
+        with leaf_hashes.open("rb") as hashes_file:
+            return verify_export(
+                entries=entries_file,
+                checkpoint_note=note,
+                verifier=verifier,
+                trusted_note=trusted,
+                leaf_hashes=read_hashes(hashes_file),
+            )
+
+
+def _read_key(path: Path) -> VerifierKey:
+    try:
+        return VerifierKey.parse(path.read_text(encoding="utf-8"))
+    except NoteError as exc:
+        raise VerificationFailed(f"public key rejected: {exc}") from None

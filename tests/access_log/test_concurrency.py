@@ -1,0 +1,85 @@
+"""Concurrent appends from several processes form one gap-free log with consistent checkpoints."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from service.access_log import merkle
+from service.access_log import service as log
+from service.access_log.checkpoint import Checkpoint, parse_checkpoint
+from service.config import Settings
+from service.crypto.signing import NoteSigner, open_note
+from service.db import Database
+from tests.access_log.conftest import ORIGIN, entry
+
+PROCESSES = 4
+APPENDS_PER_PROCESS = 500
+CHECKPOINT_EVERY = 100
+
+
+def append_and_checkpoint(
+    url: str, home: str, seed: bytes, worker: int
+) -> tuple[list[int], list[str]]:
+    """One worker process: its own engine, one transaction per append, a checkpoint now and then."""
+    settings = Settings(env="test", home=Path(home), database_url=url, log_lock_timeout_seconds=60)
+    database = Database(settings)
+    log.use_lock_timeout(database.engine, settings.log_lock_timeout_seconds)
+    signer = NoteSigner(name=ORIGIN, seed=seed)
+    indexes: list[int] = []
+    notes: list[str] = []
+    try:
+        for number in range(APPENDS_PER_PROCESS):
+            with database.transaction() as session:
+                indexes.append(log.append(session=session, entry=entry(worker * 10_000 + number)))
+            if number % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
+                with database.transaction() as session:
+                    notes.append(
+                        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+                    )
+    finally:
+        database.dispose()
+    return indexes, notes
+
+
+@pytest.mark.slow
+def test_processes_append_one_gap_free_log_with_consistent_checkpoints(
+    db_url: str, database: Database, home: Path
+) -> None:
+    seed = os.urandom(32)
+    signer = NoteSigner(name=ORIGIN, seed=seed)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(PROCESSES) as pool:
+        results = pool.starmap(
+            append_and_checkpoint, [(db_url, str(home), seed, w) for w in range(PROCESSES)]
+        )
+    total = PROCESSES * APPENDS_PER_PROCESS
+    every_index = sorted(i for indexes, _ in results for i in indexes)
+    assert every_index == list(range(total))
+    for indexes, _ in results:
+        assert indexes == sorted(indexes)
+
+    with database.transaction() as session:
+        final_note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+        entries = list(log.iter_entries(session=session, start=0, end=total))
+    assert len({bytes(e) for e in entries}) == total
+    tree = merkle.MemoryTree(merkle.leaf_hash(e) for e in entries)
+    final = parse_checkpoint(open_note(final_note, signer.verifier))
+    assert (final.size, final.root) == (total, tree.root())
+
+    checkpoints: list[Checkpoint] = [final]
+    for _, notes in results:
+        checkpoints.extend(parse_checkpoint(open_note(note, signer.verifier)) for note in notes)
+    assert len(checkpoints) == 1 + PROCESSES * (APPENDS_PER_PROCESS // CHECKPOINT_EVERY)
+    for older, newer in combinations(sorted(checkpoints, key=lambda c: c.size), 2):
+        merkle.verify_consistency(
+            first=older.size,
+            second=newer.size,
+            first_root=older.root,
+            second_root=newer.root,
+            proof=merkle.consistency_proof(older.size, newer.size, tree.lookup),
+        )

@@ -1,0 +1,263 @@
+"""The append path, tree reads from the database, append-only triggers and checkpoint signing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import Engine, event, select, text
+from sqlalchemy.exc import DBAPIError
+
+from service.access_log import merkle
+from service.access_log import service as log
+from service.access_log.checkpoint import parse_checkpoint
+from service.access_log.models import AccessLogEntry
+from service.auth.dependencies import Caller
+from service.auth.permissions import Permission
+from service.crypto.signing import NoteSigner, VerifierKey, key_id, open_note
+from service.db import Database
+from service.errors import BadRequest
+from tests.access_log.conftest import ORIGIN, append_many, entry, run_sql, without_triggers_sql
+
+
+def test_appends_get_consecutive_indexes_and_canonical_bytes(database: Database) -> None:
+    assert append_many(database, 5) == [0, 1, 2, 3, 4]
+    with database.session() as session:
+        rows = session.execute(
+            select(
+                AccessLogEntry.leaf_index, AccessLogEntry.leaf_hash, AccessLogEntry.entry
+            ).order_by(AccessLogEntry.leaf_index)  # type: ignore[call-overload]
+        ).all()
+    assert [row[0] for row in rows] == [0, 1, 2, 3, 4]
+    _index, leaf, data = rows[3]
+    document = json.loads(data)
+    assert data == json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+    assert set(document) == {
+        "time",
+        "actor",
+        "role",
+        "action",
+        "object_type",
+        "object_id",
+        "pseudonyms",
+        "outcome",
+        "reason",
+        "request_id",
+    }
+    assert document["object_id"] == "3"
+    assert document["pseudonyms"] == ["ps-0003"]
+    assert document["time"].endswith("Z")
+    assert bytes(leaf) == merkle.leaf_hash(bytes(data))
+
+
+def test_log_entry_by_caller_takes_actor_role_and_request_id() -> None:
+    caller = Caller(
+        sub="prof-009",
+        roles=frozenset({"professional", "coordinator"}),
+        permissions=frozenset({Permission.PACKETS_OPEN}),
+        request_id="req-77",
+    )
+    made = log.LogEntry.by(
+        caller,
+        action="packet.open",
+        object_type="packet",
+        object_id="12",
+        outcome="denied",
+        pseudonyms=["a", "b"],
+        reason="not the owner",
+    )
+    assert made == log.LogEntry(
+        actor="prof-009",
+        role="coordinator,professional",
+        action="packet.open",
+        object_type="packet",
+        object_id="12",
+        outcome="denied",
+        pseudonyms=("a", "b"),
+        reason="not the owner",
+        request_id="req-77",
+    )
+
+
+def test_entry_bytes_keep_non_ascii_text_as_utf8() -> None:
+    from datetime import UTC, datetime
+
+    data = log.LogEntry(
+        actor="système", role="r", action="a", object_type="t", object_id="ë"
+    ).canonical_bytes(time=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC))
+    assert "système".encode() in data
+    assert b'"time":"2026-01-02T03:04:05.000006Z"' in data
+
+
+def test_roots_and_proofs_from_the_database_match_an_in_memory_tree(database: Database) -> None:
+    append_many(database, 21)
+    with database.session() as session:
+        leaves = [
+            merkle.leaf_hash(bytes(data))
+            for data in log.iter_entries(session=session, start=0, end=21)
+        ]
+        tree = merkle.MemoryTree(leaves)
+        assert log.tree_size(session=session) == 21
+        for size in range(22):
+            assert log.root(session=session, size=size) == tree.root(size)
+        for size in (1, 7, 8, 13, 21):
+            for index in range(size):
+                proof = log.inclusion_proof(session=session, index=index, size=size)
+                merkle.verify_inclusion(
+                    leaf=leaves[index], index=index, size=size, proof=proof, root=tree.root(size)
+                )
+        for second in (1, 8, 16, 21):
+            for first in range(second + 1):
+                merkle.verify_consistency(
+                    first=first,
+                    second=second,
+                    first_root=tree.root(first),
+                    second_root=tree.root(second),
+                    proof=log.consistency_proof(session=session, first=first, second=second),
+                )
+        assert list(log.iter_leaf_hashes(session=session, start=0, end=21)) == leaves
+
+
+def test_an_append_runs_a_constant_number_of_statements(database: Database) -> None:
+    append_many(database, 63)  # the 64th leaf completes 6 subtrees at once
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    event.listen(database.engine, "before_cursor_execute", count)
+    try:
+        with database.transaction() as session:
+            assert log.append(session=session, entry=entry(63)) == 63
+    finally:
+        event.remove(database.engine, "before_cursor_execute", count)
+    # lock (1 on SQLite, 3 on PostgreSQL), size, siblings, entry insert, subtree insert, BEGIN
+    assert len(statements) <= 8
+    with database.session() as session:
+        assert (
+            log.root(session=session, size=64)
+            == merkle.MemoryTree(
+                merkle.leaf_hash(bytes(d))
+                for d in log.iter_entries(session=session, start=0, end=64)
+            ).root()
+        )
+
+
+def test_an_append_rolls_back_with_the_callers_transaction(database: Database) -> None:
+    append_many(database, 2)
+    with database.session() as session:
+        assert log.append(session=session, entry=entry(2)) == 2
+        session.rollback()
+    with database.session() as session:
+        assert log.tree_size(session=session) == 2
+    with database.transaction() as session:
+        assert log.append(session=session, entry=entry(3)) == 2  # no gap where the rollback was
+
+
+@pytest.mark.parametrize(
+    "table", ["access_log_entries", "access_log_subtrees", "access_log_checkpoints"]
+)
+def test_direct_update_and_delete_are_rejected(
+    database: Database, raw_engine: Engine, signer: NoteSigner, backend: str, table: str
+) -> None:
+    append_many(database, 3)
+    with database.transaction() as session:
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    column = {
+        "access_log_entries": "entry",
+        "access_log_subtrees": "hash",
+        "access_log_checkpoints": "root_hash",
+    }[table]
+    attempts = [f"UPDATE {table} SET {column} = {column}", f"DELETE FROM {table}"]
+    if backend == "postgres":
+        attempts.append(f"TRUNCATE {table}")
+    for statement in attempts:
+        with pytest.raises(DBAPIError, match="append-only"):
+            run_sql(raw_engine, [statement])
+    with raw_engine.connect() as connection:
+        remaining = connection.execute(text(f"SELECT count(*) FROM {table}")).scalar()
+    assert isinstance(remaining, int)
+    assert remaining > 0
+
+
+def test_checkpoints_are_c2sp_signed_notes(database: Database, signer: NoteSigner) -> None:
+    append_many(database, 5)
+    with database.transaction() as session:
+        note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    text_, _, signature_line = note.partition("\n\n")
+    origin, size, _root_b64 = text_.split("\n")
+    assert (origin, size) == (ORIGIN, "5")
+    assert signature_line.startswith(f"\u2014 {ORIGIN} ")
+    assert signature_line.endswith("\n")
+    import base64
+    import hashlib
+
+    blob = base64.b64decode(signature_line.split(" ")[2])
+    public = signer.verifier.public_key
+    assert blob[:4] == hashlib.sha256(ORIGIN.encode() + b"\n\x01" + public).digest()[:4]
+    assert blob[:4] == key_id(ORIGIN, public)
+    assert len(blob) == 4 + 64
+    checkpoint = parse_checkpoint(open_note(note, signer.verifier))
+    with database.session() as session:
+        assert checkpoint.root == log.root(session=session, size=5)
+    assert VerifierKey.parse(str(signer.verifier)) == signer.verifier
+    # No growth: the same stored checkpoint comes back; growth: a new, consistent one.
+    with database.transaction() as session:
+        assert log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN) == note
+    append_many(database, 4)
+    with database.transaction() as session:
+        newer = parse_checkpoint(
+            open_note(
+                log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN),
+                signer.verifier,
+            )
+        )
+        merkle.verify_consistency(
+            first=5,
+            second=9,
+            first_root=checkpoint.root,
+            second_root=newer.root,
+            proof=log.consistency_proof(session=session, first=5, second=9),
+        )
+
+
+def test_the_service_refuses_to_sign_over_a_rewritten_tree(
+    database: Database, raw_engine: Engine, signer: NoteSigner, backend: str
+) -> None:
+    append_many(database, 6)
+    with database.transaction() as session:
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    append_many(database, 2)
+    run_sql(
+        raw_engine,
+        without_triggers_sql(
+            backend,
+            "access_log_subtrees",
+            ["UPDATE access_log_subtrees SET hash = :forged WHERE level = 2 AND position = 0"],
+        ),
+        {"forged": b"\x07" * 32},
+    )
+    with database.session() as session, pytest.raises(log.LogCorrupted):
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    with raw_engine.connect() as connection:
+        assert (
+            connection.execute(text("SELECT max(tree_size) FROM access_log_checkpoints")).scalar()
+            == 6
+        )
+
+
+def test_out_of_range_proofs_are_bad_requests(database: Database) -> None:
+    append_many(database, 4)
+    with database.session() as session:
+        with pytest.raises(BadRequest):
+            log.inclusion_proof(session=session, index=4, size=4)
+        with pytest.raises(BadRequest):
+            log.inclusion_proof(session=session, index=0, size=5)
+        with pytest.raises(BadRequest):
+            log.consistency_proof(session=session, first=3, second=2)
+        with pytest.raises(BadRequest):
+            log.entry_range(session=session, start=2, end=2)
+        with pytest.raises(BadRequest):
+            log.entry_range(session=session, start=0, end=5)

@@ -1,0 +1,218 @@
+"""Offline export and verification: an untouched log verifies; every kind of tampering is named."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from typer.testing import CliRunner
+
+from service.access_log import merkle
+from service.access_log.export import (
+    CHECKPOINT_FILE,
+    ENTRIES_FILE,
+    LEAF_HASHES_FILE,
+    PUBLIC_KEY_FILE,
+    export_log,
+)
+from service.cli import app as cli
+from service.config import get_settings
+from service.crypto.keyring import Keyring
+from service.crypto.signing import NoteSigner
+from service.db import Database
+from tests.access_log.conftest import ORIGIN, append_many, run_sql, without_triggers_sql
+
+Rows = list[tuple[bytes, bytes]]
+
+
+def verify(folder: Path, *extra: str, leaf_hashes: bool = True) -> tuple[int, str]:
+    arguments = [
+        "audit",
+        "verify",
+        "--entries",
+        str(folder / ENTRIES_FILE),
+        "--checkpoint",
+        str(folder / CHECKPOINT_FILE),
+        "--public-key",
+        str(folder / PUBLIC_KEY_FILE),
+    ]
+    if leaf_hashes:
+        arguments += ["--leaf-hashes", str(folder / LEAF_HASHES_FILE)]
+    result = CliRunner().invoke(cli, [*arguments, *extra])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def export(database: Database, signer: NoteSigner, folder: Path) -> Path:
+    export_log(database=database, signer=signer, origin=ORIGIN, folder=folder)
+    return folder
+
+
+def test_an_untouched_export_verifies(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_many(database, 30)
+    trusted = export(database, signer, tmp_path / "first")
+    append_many(database, 11)
+    folder = export(database, signer, tmp_path / "second")
+    assert len((folder / ENTRIES_FILE).read_bytes().splitlines()) == 41
+    assert (folder / LEAF_HASHES_FILE).stat().st_size == 41 * 32
+    code, output = verify(folder, "--trusted-checkpoint", str(trusted / CHECKPOINT_FILE))
+    assert code == 0, output
+    assert "OK: 41 entries" in output
+    assert "trusted checkpoint of size 30" in output
+    assert verify(folder, leaf_hashes=False)[0] == 0
+
+
+def rewrite_entries(engine: Engine, backend: str, change: Callable[[Rows], Rows]) -> None:
+    """What an operator with the triggers switched off could do: rewrite the entry table."""
+    with engine.connect() as connection:
+        rows = [
+            (bytes(leaf), bytes(data))
+            for leaf, data in connection.execute(
+                text("SELECT leaf_hash, entry FROM access_log_entries ORDER BY leaf_index")
+            )
+        ]
+    changed = change(rows)
+    inserts = [
+        f"INSERT INTO access_log_entries (leaf_index, leaf_hash, entry) VALUES ({i}, :h{i}, :e{i})"
+        for i in range(len(changed))
+    ]
+    params: dict[str, object] = {}
+    for i, (_, data) in enumerate(changed):
+        params[f"h{i}"] = merkle.leaf_hash(data)  # a careful forger recomputes the leaf hash
+        params[f"e{i}"] = data
+    run_sql(
+        engine,
+        without_triggers_sql(backend, "access_log_entries", ["DELETE FROM access_log_entries"]),
+    )
+    with engine.begin() as connection:
+        for statement in inserts:
+            connection.execute(text(statement), params)
+
+
+def edited(rows: Rows) -> Rows:
+    leaf, data = rows[7]
+    document = json.loads(data)
+    document["outcome"] = "allowed" if document["outcome"] == "denied" else "denied"
+    forged = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    return [*rows[:7], (leaf, forged), *rows[8:]]
+
+
+def deleted(rows: Rows) -> Rows:
+    return [*rows[:7], *rows[8:]]
+
+
+def swapped(rows: Rows) -> Rows:
+    changed = [*rows]
+    changed[3], changed[9] = changed[9], changed[3]
+    return changed
+
+
+def truncated(rows: Rows) -> Rows:
+    return rows[:15]
+
+
+def inserted(rows: Rows) -> Rows:
+    fake = rows[2][1].replace(b'"object_id":"2"', b'"object_id":"999"')
+    return [*rows[:10], (b"", fake), *rows[10:]]
+
+
+@pytest.mark.parametrize(
+    ("change", "first_bad"),
+    [(edited, 7), (deleted, 7), (swapped, 3), (truncated, 15), (inserted, 10)],
+)
+def test_tampering_is_flagged_with_the_first_bad_index(
+    database: Database,
+    signer: NoteSigner,
+    raw_engine: Engine,
+    backend: str,
+    tmp_path: Path,
+    change: Callable[[Rows], Rows],
+    first_bad: int,
+) -> None:
+    append_many(database, 20)
+    trusted = export(database, signer, tmp_path / "before")
+    rewrite_entries(raw_engine, backend, change)
+    folder = export(database, signer, tmp_path / "after")
+
+    code, output = verify(folder)
+    assert code != 0
+    assert "FAILED" in output
+    assert f"first bad index {first_bad}" in output
+
+    code, output = verify(
+        folder, "--trusted-checkpoint", str(trusted / CHECKPOINT_FILE), leaf_hashes=False
+    )
+    assert code != 0
+    assert "FAILED" in output
+
+
+def test_a_forged_or_foreign_checkpoint_is_refused(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_many(database, 5)
+    folder = export(database, signer, tmp_path / "export")
+    note = (folder / CHECKPOINT_FILE).read_text()
+    (folder / CHECKPOINT_FILE).write_text(note.replace("\n5\n", "\n4\n", 1))
+    code, output = verify(folder)
+    assert code != 0
+    assert "does not verify" in output
+
+    impostor = NoteSigner(name=ORIGIN, seed=b"\x01" * 32)
+    (folder / CHECKPOINT_FILE).write_text(impostor.sign(note.partition("\n\n")[0] + "\n"))
+    code, output = verify(folder)
+    assert code != 0
+    assert "no signature by" in output
+
+
+def test_a_rolled_back_log_fails_against_the_trusted_checkpoint(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_many(database, 9)
+    newer = export(database, signer, tmp_path / "newer")
+    older = tmp_path / "older"
+    older.mkdir()
+    lines = (newer / ENTRIES_FILE).read_bytes().splitlines(keepends=True)
+    (older / ENTRIES_FILE).write_bytes(b"".join(lines[:5]))
+    tree = merkle.MemoryTree(merkle.leaf_hash(line[:-1]) for line in lines[:5])
+    from service.access_log.checkpoint import Checkpoint, checkpoint_text
+
+    (older / CHECKPOINT_FILE).write_text(
+        signer.sign(checkpoint_text(Checkpoint(origin=ORIGIN, size=5, root=tree.root())))
+    )
+    (older / PUBLIC_KEY_FILE).write_text((newer / PUBLIC_KEY_FILE).read_text())
+    assert verify(older, leaf_hashes=False)[0] == 0
+    code, output = verify(
+        older, "--trusted-checkpoint", str(newer / CHECKPOINT_FILE), leaf_hashes=False
+    )
+    assert code != 0
+    assert "rolled back" in output
+
+
+@pytest.fixture
+def cli_env(
+    home: Path, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    keyring = tmp_path / "keyring.json"
+    Keyring.init(keyring)
+    monkeypatch.setenv("CASEPACKETS_HOME", str(home))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", db_url)
+    monkeypatch.setenv("CASEPACKETS_KEYRING_PATH", str(keyring))
+    monkeypatch.setenv("CASEPACKETS_CHECKPOINT_ORIGIN", ORIGIN)
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def test_export_command_writes_files_that_verify(cli_env: Path, database: Database) -> None:
+    append_many(database, 12)
+    out = cli_env / "export"
+    result = CliRunner().invoke(cli, ["audit", "export", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "exported 12 entries" in " ".join(result.output.split())
+    assert (out / PUBLIC_KEY_FILE).read_text().startswith(f"{ORIGIN}+")
+    code, output = verify(out)
+    assert code == 0, output
