@@ -1,0 +1,298 @@
+"""The keyring: versioned secret keys per purpose, kept outside the database.
+
+Invariants:
+- the keyring file is created with mode 0600 and is refused (never read) when group or others may
+  read it; it is rewritten atomically (temporary 0600 file, then rename), so a crash never leaves
+  a half-written keyring;
+- every purpose has at least one version; ``current`` is the newest active version and is the only
+  one that encrypts, wraps or pseudonymizes new data; older versions only decrypt until retired;
+- a retired version's key material is destroyed; retiring the current version is refused (the
+  caller, ``casepackets keys retire``, additionally refuses while any row still depends on it);
+- key material never appears in a repr, a log line or an exception message.
+
+``KeyProvider`` is the boundary the rest of the service depends on, so an HSM (PKCS#11) can replace
+the file later without touching callers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+Purpose = Literal["pseudonym", "vault", "packet", "log_signing"]
+PURPOSES: tuple[Purpose, ...] = get_args(Purpose)
+KEY_BYTES = 32
+FILE_FORMAT = "casepackets-keyring/1"
+
+
+class KeyringError(Exception):
+    """The keyring is missing, unreadable, malformed, or the operation is not allowed."""
+
+
+class KeyringMissing(KeyringError):
+    """No keyring file at the configured path."""
+
+
+class KeyringTooOpen(KeyringError):
+    """The keyring file is readable by group or others."""
+
+
+class UnknownKey(KeyringError):
+    """No such purpose or version (or the version was retired and its material destroyed)."""
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class Key:
+    """One version of one purpose's secret key. ``material`` is 32 random bytes."""
+
+    purpose: Purpose
+    version: int
+    material: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Key(purpose={self.purpose!r}, version={self.version}, material=***)"
+
+    @cached_property
+    def aead(self) -> AESGCM:
+        """The AES-256-GCM cipher for this key (built once; used by ``envelope``)."""
+        return AESGCM(self.material)
+
+
+@dataclass(frozen=True)
+class KeyVersionInfo:
+    """What may be shown about a key version: never its material."""
+
+    purpose: Purpose
+    version: int
+    created_at: str
+    retired_at: str | None
+    current: bool
+
+
+class KeyProvider(Protocol):
+    """Where keys come from (the keyring file today, an HSM later)."""
+
+    def current(self, purpose: Purpose) -> Key: ...
+
+    def get(self, purpose: Purpose, version: int) -> Key: ...
+
+    def active(self, purpose: Purpose) -> list[Key]: ...
+
+    def versions(self, purpose: Purpose) -> list[KeyVersionInfo]: ...
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def check_purpose(purpose: str) -> Purpose:
+    if purpose not in PURPOSES:
+        raise UnknownKey(f"unknown key purpose {purpose!r} (known: {', '.join(PURPOSES)})")
+    return purpose
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _read_private(path: Path) -> bytes:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise KeyringMissing(
+            f"no keyring at {path}; run `casepackets keys init` (or set CASEPACKETS_KEYRING_PATH)"
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyringTooOpen(
+            f"{path} is readable by group or others (mode {oct(mode & 0o777)}); "
+            f"run chmod 600 {path}"
+        )
+    return path.read_bytes()
+
+
+class Keyring:
+    """A ``KeyProvider`` backed by a JSON file (mode 0600) holding every version of every key."""
+
+    def __init__(self, path: Path, document: dict[str, Any]) -> None:
+        self.path = path
+        self._document = document
+        self._keys: dict[tuple[Purpose, int], Key] = {}
+        self._parse()
+
+    def __repr__(self) -> str:
+        return f"Keyring(path={str(self.path)!r}, keys=***)"
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, path: Path) -> Keyring:
+        """Create a new keyring with version 1 of every purpose; refuses to overwrite one."""
+        if path.exists():
+            raise KeyringError(f"a keyring already exists at {path}; refusing to overwrite it")
+        created = _now()
+        document: dict[str, Any] = {
+            "format": FILE_FORMAT,
+            "purposes": {
+                purpose: {
+                    "current": 1,
+                    "versions": {"1": {"material": _new_material(), "created_at": created}},
+                }
+                for purpose in PURPOSES
+            },
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise KeyringError(
+                f"a keyring already exists at {path}; refusing to overwrite it"
+            ) from None
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_dump(document))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return cls(path, document)
+
+    @classmethod
+    def load(cls, path: Path) -> Keyring:
+        """Read the keyring at ``path``; refuses a missing, group/world-readable or bad file."""
+        raw = _read_private(path)
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            raise KeyringError(f"{path} is not a valid keyring (not JSON)") from None
+        if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
+            raise KeyringError(f"{path} is not a keyring of format {FILE_FORMAT}")
+        return cls(path, document)
+
+    @classmethod
+    def load_or_init(cls, path: Path) -> Keyring:
+        """The keyring at ``path``, created on first use (development and test only)."""
+        if not path.exists():
+            try:
+                return cls.init(path)
+            except KeyringError:
+                pass  # another process created it first
+        return cls.load(path)
+
+    def _parse(self) -> None:
+        purposes = self._document.get("purposes")
+        if not isinstance(purposes, dict):
+            raise KeyringError(f"{self.path}: 'purposes' is missing")
+        for purpose in PURPOSES:
+            entry = purposes.get(purpose)
+            if not isinstance(entry, dict) or not isinstance(entry.get("versions"), dict):
+                raise KeyringError(f"{self.path}: purpose {purpose!r} is missing")
+            for version_text, version in entry["versions"].items():
+                if version.get("retired_at"):
+                    continue
+                try:
+                    material = base64.b64decode(version["material"], validate=True)
+                except (KeyError, ValueError):
+                    raise KeyringError(
+                        f"{self.path}: {purpose} v{version_text} has no valid key material"
+                    ) from None
+                if len(material) != KEY_BYTES:
+                    raise KeyringError(f"{self.path}: {purpose} v{version_text} is not 32 bytes")
+                self._keys[(purpose, int(version_text))] = Key(purpose, int(version_text), material)
+            if (purpose, int(entry["current"])) not in self._keys:
+                raise KeyringError(f"{self.path}: current version of {purpose!r} is unusable")
+
+    # -- KeyProvider ----------------------------------------------------------------------------
+
+    def current(self, purpose: Purpose) -> Key:
+        purpose = check_purpose(purpose)
+        return self._keys[(purpose, int(self._document["purposes"][purpose]["current"]))]
+
+    def get(self, purpose: Purpose, version: int) -> Key:
+        try:
+            return self._keys[(check_purpose(purpose), version)]
+        except KeyError:
+            raise UnknownKey(f"no usable {purpose} key version {version}") from None
+
+    def active(self, purpose: Purpose) -> list[Key]:
+        """Every version that can still decrypt, newest first."""
+        purpose = check_purpose(purpose)
+        return sorted(
+            (key for (p, _v), key in self._keys.items() if p == purpose),
+            key=lambda key: key.version,
+            reverse=True,
+        )
+
+    def versions(self, purpose: Purpose) -> list[KeyVersionInfo]:
+        purpose = check_purpose(purpose)
+        entry = self._document["purposes"][purpose]
+        return [
+            KeyVersionInfo(
+                purpose=purpose,
+                version=int(version_text),
+                created_at=str(version.get("created_at", "")),
+                retired_at=version.get("retired_at"),
+                current=int(version_text) == int(entry["current"]),
+            )
+            for version_text, version in sorted(
+                entry["versions"].items(), key=lambda item: int(item[0])
+            )
+        ]
+
+    # -- changes (each rewrites the file atomically) --------------------------------------------
+
+    def rotate(self, purpose: Purpose) -> Key:
+        """Add a new version of ``purpose`` that encrypts from now on; returns it."""
+        purpose = check_purpose(purpose)
+        entry = self._document["purposes"][purpose]
+        version = max(int(v) for v in entry["versions"]) + 1
+        entry["versions"][str(version)] = {"material": _new_material(), "created_at": _now()}
+        entry["current"] = version
+        self._save()
+        return self.current(purpose)
+
+    def retire(self, purpose: Purpose, version: int) -> None:
+        """Destroy an old version's material. The caller checks that nothing depends on it."""
+        purpose = check_purpose(purpose)
+        entry = self._document["purposes"][purpose]
+        if int(entry["current"]) == version:
+            raise KeyringError(f"{purpose} v{version} is current; rotate before retiring it")
+        found = entry["versions"].get(str(version))
+        if found is None or found.get("retired_at"):
+            raise UnknownKey(f"no active {purpose} key version {version}")
+        entry["versions"][str(version)] = {
+            "created_at": found.get("created_at", ""),
+            "retired_at": _now(),
+        }
+        self._save()
+
+    def _save(self) -> None:
+        _write_atomically(self.path, _dump(self._document))
+        self._keys.clear()
+        self._parse()
+
+
+def _new_material() -> str:
+    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii")
+
+
+def _dump(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, indent=2, sort_keys=True).encode("utf-8") + b"\n"

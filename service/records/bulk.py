@@ -1,0 +1,289 @@
+"""Bulk ingest for ``casepackets import`` and ``demo``: batches, each its own transaction.
+
+Invariants:
+- every batch goes through ``service.ingest_batch``, the same path as ``POST /v1/records/batch``;
+- a batch commits whole or not at all, so an interrupted import never leaves half a batch;
+  re-running it is harmless (source event ids make events idempotent);
+- memory is bounded by one batch: the file is streamed line by line;
+- a rejected CSV line is reported by its line number and field, never by its content.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydantic import ValidationError
+
+from service.crypto.keyring import KeyProvider
+from service.db import Database
+from service.records.models import RecordBatchCreate, SubjectRecordIn
+from service.records.service import ingest_batch
+
+IDENTITY_COLUMNS = (
+    "bsn",
+    "given_name",
+    "family_name",
+    "birth_date",
+    "street",
+    "postcode",
+    "city",
+    "phone",
+    "email",
+)
+CHARACTERISTIC_COLUMNS = ("district", "neighbourhood", "birth_year", "household_type")
+EVENT_COLUMNS = ("event_type", "event_date", "office", "source_event_id")
+CSV_COLUMNS = IDENTITY_COLUMNS + CHARACTERISTIC_COLUMNS + EVENT_COLUMNS
+REQUIRED_COLUMNS = frozenset(
+    ("bsn", "given_name", "family_name", "birth_date", "district", "neighbourhood")
+)
+
+
+@dataclass
+class Rejection:
+    line: int
+    fields: tuple[str, ...]
+    reason: str
+
+
+@dataclass
+class BulkResult:
+    subjects: int = 0
+    events_stored: int = 0
+    events_already_known: int = 0
+    batches: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    rejected_total: int = 0
+
+
+Progress = Callable[[int, int], None]  # (subjects in the batch just committed, bytes read)
+
+
+def _commit_batch(
+    *,
+    database: Database,
+    keyring: KeyProvider,
+    event_types: frozenset[str],
+    source: str,
+    actor: str,
+    subjects: list[SubjectRecordIn],
+    max_rows: int,
+    result: BulkResult,
+) -> None:
+    batch = RecordBatchCreate.model_construct(subjects=subjects)
+    with database.transaction() as session:
+        answer = ingest_batch(
+            session=session,
+            keyring=keyring,
+            event_types=event_types,
+            source=source,
+            batch=batch,
+            max_rows=max_rows,
+            idempotency_key=None,
+            actor=actor,
+            role="system",
+        )
+    result.subjects += answer.subjects
+    result.events_stored += answer.events_stored
+    result.events_already_known += answer.events_already_known
+    result.batches += 1
+
+
+def ingest_records(
+    *,
+    database: Database,
+    keyring: KeyProvider,
+    event_types: frozenset[str],
+    source: str,
+    actor: str,
+    records: Iterable[dict[str, Any]],
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> BulkResult:
+    """Validate and ingest already-shaped records (the demo generator) batch by batch."""
+    result = BulkResult()
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        batch = RecordBatchCreate.model_validate({"subjects": pending})
+        _commit_batch(
+            database=database,
+            keyring=keyring,
+            event_types=event_types,
+            source=source,
+            actor=actor,
+            subjects=batch.subjects,
+            max_rows=batch_size,
+            result=result,
+        )
+        if on_batch is not None:
+            on_batch(len(pending))
+        pending.clear()
+
+    for record in records:
+        pending.append(record)
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    return result
+
+
+# -- CSV --------------------------------------------------------------------------------------
+
+
+def _lines(handle: BinaryIO, on_bytes: Callable[[int], None]) -> Iterator[str]:
+    for raw in handle:
+        on_bytes(len(raw))
+        yield raw.decode("utf-8-sig")
+
+
+def _blank(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+@dataclass
+class _Pending:
+    key: tuple[Any, ...]
+    lines: list[int]
+    record: dict[str, Any]
+
+
+def _subject_of(row: dict[str, str | None]) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
+    identity = {name: _blank(row.get(name)) for name in IDENTITY_COLUMNS}
+    characteristics: dict[str, Any] = {
+        name: _blank(row.get(name)) for name in CHARACTERISTIC_COLUMNS
+    }
+    key = tuple(identity.values()) + tuple(characteristics.values())
+    return identity["bsn"] or "", key, {"identity": identity, "characteristics": characteristics}
+
+
+def _event_of(row: dict[str, str | None]) -> dict[str, Any] | None:
+    values = {name: _blank(row.get(name)) for name in EVENT_COLUMNS}
+    if not any(values.values()):
+        return None
+    return {
+        "type": values["event_type"],
+        "date": values["event_date"],
+        "office": values["office"],
+        "source_event_id": values["source_event_id"],
+    }
+
+
+def _field_names(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    if len(loc) >= 3 and loc[0] == "events":
+        return {"type": "event_type", "date": "event_date"}.get(loc[-1], loc[-1])
+    return loc[-1] if loc else "row"
+
+
+def import_csv(
+    *,
+    database: Database,
+    keyring: KeyProvider,
+    event_types: frozenset[str],
+    path: Path,
+    source: str,
+    actor: str,
+    batch_size: int,
+    keep_rejections: int = 1000,
+    on_progress: Progress | None = None,
+) -> BulkResult:
+    """Stream a CSV (one line per event; see ``CSV_COLUMNS``) into the store, batch by batch.
+
+    Lines of one subject (same BSN) are grouped within a batch; a subject with any rejected line
+    is left out whole, every other subject is stored.
+    """
+    result = BulkResult()
+    pending: dict[str, _Pending] = {}
+    read_bytes = 0
+
+    def count(size: int) -> None:
+        nonlocal read_bytes
+        read_bytes += size
+
+    def reject(lines: Iterable[int], fields: Iterable[str], reason: str) -> None:
+        for line in lines:
+            result.rejected_total += 1
+            if len(result.rejected) < keep_rejections:
+                result.rejected.append(Rejection(line, tuple(fields), reason))
+
+    def flush() -> None:
+        valid: list[SubjectRecordIn] = []
+        seen_events: set[str] = set()
+        for item in pending.values():
+            try:
+                record = SubjectRecordIn.model_validate(item.record)
+            except ValidationError as exc:
+                names = sorted({_field_names(dict(e)) for e in exc.errors()})
+                reject(item.lines, names, "invalid value")
+                continue
+            unknown = [e for e in record.events if e.type not in event_types]
+            if unknown:
+                reject(item.lines, ("event_type",), "unknown event type")
+                continue
+            ids = [e.source_event_id for e in record.events]
+            if len(set(ids)) != len(ids) or seen_events.intersection(ids):
+                reject(item.lines, ("source_event_id",), "source_event_id repeated")
+                continue
+            seen_events.update(ids)
+            valid.append(record)
+        if valid:
+            _commit_batch(
+                database=database,
+                keyring=keyring,
+                event_types=event_types,
+                source=source,
+                actor=actor,
+                subjects=valid,
+                max_rows=batch_size,
+                result=result,
+            )
+        if on_progress is not None:
+            on_progress(len(valid), read_bytes)
+        pending.clear()
+
+    with path.open("rb") as handle:
+        reader = csv.DictReader(_lines(handle, count))
+        header = set(reader.fieldnames or ())
+        missing = REQUIRED_COLUMNS - header
+        unknown = header - set(CSV_COLUMNS)
+        if missing or unknown:
+            raise ValueError(
+                f"{path}: header must use the columns {', '.join(CSV_COLUMNS)}"
+                + (f"; missing {', '.join(sorted(missing))}" if missing else "")
+                + (f"; unknown {', '.join(sorted(unknown))}" if unknown else "")
+            )
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                reject([line], ("row",), "more values than header columns")
+                continue
+            bsn, key, record = _subject_of(row)
+            event = _event_of(row)
+            item = pending.get(bsn)
+            if item is None:
+                if len(pending) >= batch_size:
+                    flush()
+                item = _Pending(key=key, lines=[], record={**record, "events": []})
+                pending[bsn] = item
+            elif item.key != key:
+                reject([line], ("identity",), "differs from an earlier line of the same BSN")
+                continue
+            item.lines.append(line)
+            if event is not None:
+                item.record["events"].append(event)
+    if pending:
+        flush()
+    return result
+
+
+def write_csv_header(handle: io.TextIOBase) -> None:
+    csv.writer(handle).writerow(CSV_COLUMNS)

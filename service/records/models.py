@@ -1,0 +1,235 @@
+"""Record store tables and the ingest request/response schemas.
+
+Invariants:
+- nothing identifying is stored in clear: a subject row holds its pseudonym, non-identifying
+  characteristics (district, neighbourhood, birth year, household type) and the identity only as
+  ciphertext under the subject's own DEK, which is stored wrapped by the vault KEK;
+- erasure sets ``identity_ciphertext`` and ``wrapped_dek`` to NULL; events stay, pseudonymized;
+- an event is unique per (source, source event id), so re-sending it is harmless;
+- request schemas reject unknown fields and their error messages never contain the value.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, Text, UniqueConstraint
+from sqlmodel import Field as SQLField
+from sqlmodel import SQLModel
+
+from service.crypto.pseudonym import InvalidBsn, normalize_bsn
+from service.schemas import StrictModel
+
+POSTCODE = re.compile(r"^[1-9][0-9]{3} ?[A-Z]{2}$")
+PHONE = re.compile(r"^\+?[0-9][0-9 ()-]{5,19}$")
+EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[A-Za-z]{2,}$")
+EARLIEST = dt.date(1900, 1, 1)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+_SURELY_PAST = dt.date.today() - dt.timedelta(days=1)
+
+
+def not_after_today(value: dt.date) -> bool:
+    """``value <= today`` (asking the clock only for recent dates: it is slow per call)."""
+    return value <= _SURELY_PAST or value <= dt.date.today()
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+
+class SubjectBase(SQLModel):
+    district: str = SQLField(max_length=64)
+    neighbourhood: str = SQLField(max_length=64)
+    birth_year: int | None = None
+    household_type: str | None = SQLField(default=None, max_length=32)
+
+
+class Subject(SubjectBase, table=True):
+    """One person in the identity vault, known by pseudonym."""
+
+    __tablename__ = "subjects"
+
+    id: int | None = SQLField(default=None, primary_key=True)
+    pseudonym: str = SQLField(max_length=64, unique=True, index=True)
+    pseudonym_key_version: int
+    identity_ciphertext: str | None = SQLField(default=None, sa_type=Text)
+    wrapped_dek: str | None = SQLField(default=None, max_length=255)
+    erased_at: datetime | None = SQLField(default=None, sa_type=DateTime(timezone=True))
+    created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    updated_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+class Event(SQLModel, table=True):
+    """Something that happened to a subject, as one source reported it."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("source", "source_event_id", name="uq_events_source_event"),
+        Index("ix_events_subject_date", "subject_id", "date"),
+    )
+
+    id: int | None = SQLField(default=None, primary_key=True)
+    subject_id: int = SQLField(sa_column=Column(Integer, ForeignKey("subjects.id"), nullable=False))
+    source: str = SQLField(max_length=64)
+    source_event_id: str = SQLField(max_length=128)
+    type: str = SQLField(max_length=64)
+    date: dt.date
+    office: str = SQLField(max_length=128)
+
+
+class IngestBatch(SQLModel, table=True):
+    """One accepted batch and the response it got, so an ``Idempotency-Key`` replays it."""
+
+    __tablename__ = "ingest_batches"
+    __table_args__ = (
+        UniqueConstraint("source", "idempotency_key", name="uq_ingest_batches_source_key"),
+    )
+
+    id: str = SQLField(primary_key=True, max_length=32)
+    source: str = SQLField(max_length=64)
+    idempotency_key: str | None = SQLField(default=None, max_length=128)
+    # keyed digest of the batch (HMAC under the pseudonym key): same key + other body = 409
+    request_digest: str = SQLField(max_length=96)
+    subject_count: int
+    response: str = SQLField(sa_type=Text)
+    created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+
+
+# -- ingest request ---------------------------------------------------------------------------
+
+
+class IdentityIn(StrictModel):
+    """Who the subject is. Encrypted before it reaches the database; never echoed in errors."""
+
+    bsn: str = Field(min_length=8, max_length=11, description="BSN, 9 digits passing the 11-check")
+    given_name: str = Field(min_length=1, max_length=100)
+    family_name: str = Field(min_length=1, max_length=100)
+    birth_date: dt.date
+    street: str | None = Field(default=None, max_length=150, description="street and number")
+    postcode: str | None = Field(default=None, max_length=7)
+    city: str | None = Field(default=None, max_length=80)
+    phone: str | None = Field(default=None, max_length=20)
+    email: str | None = Field(default=None, max_length=254)
+
+    @field_validator("bsn")
+    @classmethod
+    def _valid_bsn(cls, value: str) -> str:
+        try:
+            return normalize_bsn(value)
+        except InvalidBsn as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("birth_date")
+    @classmethod
+    def _plausible_birth_date(cls, value: dt.date) -> dt.date:
+        if value < EARLIEST or not not_after_today(value):
+            raise ValueError("birth date must lie between 1900-01-01 and today")
+        return value
+
+    @field_validator("postcode")
+    @classmethod
+    def _postcode(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.upper()
+            if not POSTCODE.match(value):
+                raise ValueError("a Dutch postcode looks like 1234 AB")
+        return value
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        if value is not None and not PHONE.match(value):
+            raise ValueError("a phone number has 6 to 20 digits, spaces, dashes or brackets")
+        return value
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not EMAIL.match(value):
+            raise ValueError("not an e-mail address")
+        return value
+
+
+class CharacteristicsIn(StrictModel):
+    """Not identifying on their own; stored in clear beside the pseudonym for analysis."""
+
+    district: str = Field(min_length=1, max_length=64)
+    neighbourhood: str = Field(min_length=1, max_length=64)
+    birth_year: int | None = Field(
+        default=None, ge=1900, le=2100, description="default: from birth date"
+    )
+    household_type: str | None = Field(default=None, max_length=32)
+
+
+class EventIn(StrictModel):
+    type: str = Field(min_length=1, max_length=64, description="from policies/events.yaml")
+    date: dt.date
+    office: str = Field(min_length=1, max_length=128, description="helpdesk or office")
+    source_event_id: str = Field(
+        min_length=1, max_length=128, description="unique per source; re-sending is harmless"
+    )
+
+    @field_validator("date")
+    @classmethod
+    def _not_in_future(cls, value: dt.date) -> dt.date:
+        if value < EARLIEST or not not_after_today(value):
+            raise ValueError("event date must lie between 1900-01-01 and today")
+        return value
+
+
+class SubjectRecordIn(StrictModel):
+    identity: IdentityIn
+    characteristics: CharacteristicsIn
+    events: list[EventIn] = Field(default_factory=list, max_length=1000)
+
+    @model_validator(mode="after")
+    def _birth_year_matches(self) -> SubjectRecordIn:
+        given = self.characteristics.birth_year
+        if given is not None and given != self.identity.birth_date.year:
+            raise ValueError("characteristics.birth_year differs from identity.birth_date")
+        return self
+
+
+class RecordBatchCreate(StrictModel):
+    """A batch of subjects; all-or-nothing."""
+
+    subjects: list[SubjectRecordIn] = Field(min_length=1)
+
+
+# -- ingest response --------------------------------------------------------------------------
+
+RowStatus = Literal["created", "updated", "unchanged", "erased"]
+
+
+class RowResultPublic(BaseModel):
+    row: int
+    pseudonym: str
+    status: RowStatus = Field(
+        description="created: new subject; updated: identity or characteristics changed; "
+        "unchanged; erased: the subject was erased and its identity is not stored again"
+    )
+
+
+class RecordBatchPublic(BaseModel):
+    batch_id: str
+    source: str
+    subjects: int
+    events_stored: int
+    events_already_known: int
+    replayed: bool = Field(description="true when this is the stored answer to an earlier request")
+    rows: list[RowResultPublic]
+
+
+class SubjectErasurePublic(BaseModel):
+    pseudonym: str
+    erased_at: datetime
+    already_erased: bool
+    events_kept: int

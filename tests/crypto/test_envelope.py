@@ -1,0 +1,132 @@
+"""Envelope AEAD: bound to its place, tamper-evident, never reusing a nonce."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+
+from service.crypto.envelope import (
+    DataKey,
+    DecryptionFailed,
+    Plaintext,
+    open_,
+    seal,
+    unwrap_key,
+    unwrap_under,
+    wrap_key,
+    wrap_under,
+)
+from service.crypto.keyring import Keyring
+
+PLACE = {"table": "subjects", "column": "identity_ciphertext", "row": "abc"}
+
+
+@pytest.fixture
+def keyring(tmp_path: Path) -> Keyring:
+    return Keyring.init(tmp_path / "keyring.json")
+
+
+def flip_bit(token: str, byte_index: int) -> str:
+    head, version, body = token.split(".")
+    raw = bytearray(base64.b64decode(body))
+    raw[byte_index] ^= 0x01
+    return f"{head}.{version}.{base64.b64encode(bytes(raw)).decode()}"
+
+
+def test_round_trip_and_format() -> None:
+    key = DataKey.generate()
+    token = seal(key, b"secret identity", aad=PLACE)
+    assert token.startswith("v1.0.")
+    assert b"secret identity" not in base64.b64decode(token.split(".")[2])
+    assert open_(key, token, aad=PLACE) == b"secret identity"
+
+
+def test_wrong_associated_data_is_rejected() -> None:
+    key = DataKey.generate()
+    token = seal(key, b"x", aad=PLACE)
+    with pytest.raises(DecryptionFailed):
+        open_(key, token, aad={**PLACE, "column": "wrapped_dek"})
+
+
+def test_ciphertext_moved_to_another_row_is_rejected() -> None:
+    key = DataKey.generate()
+    token = seal(key, b"x", aad=PLACE)
+    with pytest.raises(DecryptionFailed):
+        open_(key, token, aad={**PLACE, "row": "def"})
+
+
+@pytest.mark.parametrize(
+    ("part", "index"),
+    [
+        ("nonce", 0),
+        ("nonce", 11),
+        ("ciphertext", 12),
+        ("ciphertext", 20),
+        ("tag", -1),
+        ("tag", -16),
+    ],
+)
+def test_flipped_bit_is_rejected(part: str, index: int) -> None:
+    key = DataKey.generate()
+    token = seal(key, b"twenty bytes of data", aad=PLACE)
+    with pytest.raises(DecryptionFailed):
+        open_(key, flip_bit(token, index), aad=PLACE)
+
+
+def test_flipped_bit_in_a_wrapped_key_is_rejected(keyring: Keyring) -> None:
+    wrapped = wrap_key(keyring, "vault", DataKey.generate(), aad=PLACE)
+    for index in (0, 12, 30, -1):
+        with pytest.raises(DecryptionFailed):
+            unwrap_key(keyring, "vault", flip_bit(wrapped, index), aad=PLACE)
+
+
+def test_wrap_names_the_kek_version_and_survives_rotation(keyring: Keyring) -> None:
+    data_key = DataKey.generate()
+    wrapped = wrap_key(keyring, "vault", data_key, aad=PLACE)
+    assert wrapped.startswith("v1.1.")
+    keyring.rotate("vault")
+    assert wrap_key(keyring, "vault", data_key, aad=PLACE).startswith("v1.2.")
+    assert unwrap_key(keyring, "vault", wrapped, aad=PLACE).material == data_key.material
+
+
+def test_wrap_under_another_purpose_is_rejected(keyring: Keyring) -> None:
+    wrapped = wrap_key(keyring, "vault", DataKey.generate(), aad=PLACE)
+    with pytest.raises(DecryptionFailed):
+        unwrap_key(keyring, "packet", wrapped, aad=PLACE)
+
+
+def test_wrap_under_a_packet_key() -> None:
+    packet_key, member_dek = DataKey.generate(), DataKey.generate()
+    place = {"table": "packet_members", "row": "p1/7"}
+    wrapped = wrap_under(packet_key, member_dek, aad=place)
+    assert unwrap_under(packet_key, wrapped, aad=place).material == member_dek.material
+    with pytest.raises(DecryptionFailed):
+        unwrap_under(DataKey.generate(), wrapped, aad=place)
+    with pytest.raises(DecryptionFailed):
+        unwrap_under(packet_key, wrapped, aad={**place, "row": "p1/8"})
+
+
+@pytest.mark.parametrize("token", ["", "v2.0.AAAA", "v1.x.AAAA", "v1.0.!!!!", "v1.0.AAAA"])
+def test_malformed_envelopes_are_rejected(token: str) -> None:
+    with pytest.raises(DecryptionFailed):
+        open_(DataKey.generate(), token, aad=PLACE)
+
+
+def test_a_hundred_thousand_encryptions_never_repeat_a_nonce() -> None:
+    key = DataKey.generate()
+    nonces = {
+        base64.b64decode(seal(key, b"", aad=PLACE).split(".")[2])[:12] for _ in range(100_000)
+    }
+    assert len(nonces) == 100_000
+
+
+def test_reprs_hide_secrets(keyring: Keyring) -> None:
+    data_key = DataKey.generate()
+    assert repr(data_key) == "DataKey(***)"
+    assert repr(Plaintext(b"Jansen")) == "Plaintext(***)"
+    current = keyring.current("vault")
+    assert "***" in repr(current)
+    assert current.material.hex() not in repr(current)
+    assert "***" in repr(keyring)

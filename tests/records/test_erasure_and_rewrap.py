@@ -1,0 +1,167 @@
+"""Erasure shreds one subject; rewrap moves every wrap forward; everyone else stays readable."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from service.crypto.envelope import DecryptionFailed
+from service.crypto.keyring import Keyring, UnknownKey
+from service.db import Database
+from service.records.service import (
+    WRAPPED_KEY_COLUMNS,
+    SubjectErased,
+    count_key_dependents,
+    decrypt_identity,
+    get_subject,
+    pending_rewraps,
+    rewrap_chunk,
+    subject_dek,
+)
+from tests.conftest import TokenFactory, bearer
+from tests.records.conftest import Record, count_rows
+
+Make = Callable[..., Record]
+
+
+@pytest.fixture
+def own_keyring(app: FastAPI, tmp_path: Path) -> Keyring:
+    keyring = Keyring.init(tmp_path / "keyring.json")
+    app.state.keyring = keyring
+    return keyring
+
+
+def ingest(client: TestClient, headers: dict[str, str], records: list[Record]) -> list[str]:
+    response = client.post("/v1/records/batch", json={"subjects": records}, headers=headers)
+    assert response.status_code == 200, response.text
+    return [row["pseudonym"] for row in response.json()["rows"]]
+
+
+def family_name(session: Session, keyring: Keyring, pseudonym: str) -> str:
+    subject = get_subject(session=session, pseudonym=pseudonym)
+    try:
+        dek = subject_dek(keyring=keyring, subject=subject)
+        return decrypt_identity(keyring=keyring, subject=subject, dek=dek).family_name
+    finally:
+        session.rollback()
+
+
+def test_erasure_shreds_one_subject_and_keeps_events_and_everyone_else(
+    client: TestClient,
+    session: Session,
+    own_keyring: Keyring,
+    source_headers: dict[str, str],
+    admin_headers: dict[str, str],
+    make: Make,
+) -> None:
+    pseudonyms = ingest(client, source_headers, [make(i) for i in range(4)])
+    response = client.post(f"/v1/subjects/{pseudonyms[1]}/erase", headers=admin_headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["already_erased"] is False
+    assert response.json()["events_kept"] == 3
+
+    erased = get_subject(session=session, pseudonym=pseudonyms[1])
+    assert erased.wrapped_dek is None
+    assert erased.identity_ciphertext is None
+    assert erased.erased_at is not None
+    with pytest.raises(SubjectErased):
+        subject_dek(keyring=own_keyring, subject=erased)
+    session.rollback()
+    for index in (0, 2, 3):
+        assert family_name(session, own_keyring, pseudonyms[index]) == f"Zwanenburg{index}"
+    assert count_rows(session, "events") == 12
+
+    again = client.post(f"/v1/subjects/{pseudonyms[1]}/erase", headers=admin_headers)
+    assert again.json()["already_erased"] is True
+    # A source sending the person again does not bring the identity back.
+    rows = client.post(
+        "/v1/records/batch", json={"subjects": [make(1, prefix="later")]}, headers=source_headers
+    ).json()["rows"]
+    assert rows[0]["status"] == "erased"
+    assert get_subject(session=session, pseudonym=pseudonyms[1]).wrapped_dek is None
+    session.rollback()
+
+
+def test_erasure_needs_the_admin_role_and_an_existing_subject(
+    client: TestClient, token: TokenFactory, admin_headers: dict[str, str]
+) -> None:
+    professional = bearer(token("prof-001", "professional"))
+    assert client.post(f"/v1/subjects/{'a' * 32}/erase", headers=professional).status_code == 403
+    assert client.post(f"/v1/subjects/{'a' * 32}/erase", headers=admin_headers).status_code == 404
+    assert (
+        client.post("/v1/subjects/not-a-pseudonym/erase", headers=admin_headers).status_code == 422
+    )
+
+
+def test_erasure_is_logged(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    admin_headers: dict[str, str],
+    make: Make,
+) -> None:
+    (pseudonym,) = ingest(client, source_headers, [make(0)])
+    before = count_rows(session, "access_log_entries")
+    client.post(f"/v1/subjects/{pseudonym}/erase", headers=admin_headers)
+    assert count_rows(session, "access_log_entries") == before + 1
+
+
+def test_rewrap_moves_every_wrap_and_unblocks_retirement(
+    client: TestClient,
+    session: Session,
+    database: Database,
+    own_keyring: Keyring,
+    source_headers: dict[str, str],
+    admin_headers: dict[str, str],
+    make: Make,
+) -> None:
+    pseudonyms = ingest(client, source_headers, [make(i) for i in range(7)])
+    client.post(f"/v1/subjects/{pseudonyms[3]}/erase", headers=admin_headers)
+    own_keyring.rotate("vault")
+    vault = next(c for c in WRAPPED_KEY_COLUMNS if c.purpose == "vault")
+    with database.transaction() as tx:
+        assert count_key_dependents(session=tx, purpose="vault", version=1) == 6
+        assert pending_rewraps(session=tx, keyring=own_keyring, wrapped=vault) == 6
+
+    after, moved_total = 0, 0
+    while True:  # small chunks, one transaction each: the command's resumable loop
+        with database.transaction() as tx:
+            last, moved = rewrap_chunk(
+                session=tx, keyring=own_keyring, wrapped=vault, after_id=after, limit=2
+            )
+        if last == after:
+            break
+        after, moved_total = last, moved_total + moved
+    assert moved_total == 6
+
+    with database.transaction() as tx:
+        assert count_key_dependents(session=tx, purpose="vault", version=1) == 0
+    own_keyring.retire("vault", 1)
+    with pytest.raises(UnknownKey):
+        own_keyring.get("vault", 1)
+    for index, pseudonym in enumerate(pseudonyms):
+        if index == 3:
+            with pytest.raises(SubjectErased):
+                family_name(session, own_keyring, pseudonym)
+        else:
+            assert family_name(session, own_keyring, pseudonym) == f"Zwanenburg{index}"
+
+
+def test_a_wrapped_dek_moved_to_another_subject_does_not_open(
+    client: TestClient,
+    session: Session,
+    own_keyring: Keyring,
+    source_headers: dict[str, str],
+    make: Make,
+) -> None:
+    first, second = ingest(client, source_headers, [make(0), make(1)])
+    victim = get_subject(session=session, pseudonym=second)
+    victim.wrapped_dek = get_subject(session=session, pseudonym=first).wrapped_dek
+    with pytest.raises(DecryptionFailed):
+        subject_dek(keyring=own_keyring, subject=victim)
+    session.rollback()

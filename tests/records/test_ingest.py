@@ -1,0 +1,260 @@
+"""POST /v1/records/batch: all-or-nothing, idempotent, linking, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from service.crypto.keyring import Keyring
+from service.records.models import Subject
+from service.records.service import decrypt_identity, get_subject, subject_dek
+from tests.conftest import TokenFactory, bearer
+from tests.records.conftest import Record, count_rows
+
+URL = "/v1/records/batch"
+Make = Callable[..., Record]
+
+
+def assert_nothing_stored(session: Session) -> None:
+    assert count_rows(session, "subjects") == 0
+    assert count_rows(session, "events") == 0
+    assert count_rows(session, "ingest_batches") == 0
+
+
+def test_batch_stores_subjects_and_events_and_returns_pseudonyms(
+    client: TestClient, app: FastAPI, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    response = client.post(URL, json={"subjects": [make(0), make(1)]}, headers=source_headers)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [row["status"] for row in body["rows"]] == ["created", "created"]
+    assert body["events_stored"] == 6
+    assert count_rows(session, "subjects") == 2
+    assert count_rows(session, "events") == 6
+    subject = get_subject(session=session, pseudonym=body["rows"][0]["pseudonym"])
+    keyring = app.state.keyring
+    identity = decrypt_identity(
+        keyring=keyring, subject=subject, dek=subject_dek(keyring=keyring, subject=subject)
+    )
+    assert identity.family_name == "Zwanenburg0"
+    assert subject.birth_year == 1990
+    assert subject.district == "Feijenoord"
+    assert repr(identity) == "Identity(***)"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: r["identity"].update(bsn="123456789"), "bsn"),
+        (lambda r: r["identity"].update(birth_date="1990-02-30"), "birth_date"),
+        (lambda r: r["identity"].update(birth_date="2999-01-01"), "birth_date"),
+        (lambda r: r["events"][0].update(date="2999-01-01"), "date"),
+        (lambda r: r["events"][1].update(type="alien_abduction"), "type"),
+        (lambda r: r["identity"].update(nickname="Gerrie"), "nickname"),
+        (lambda r: r["identity"].update(postcode="ABC"), "postcode"),
+    ],
+)
+def test_one_bad_row_rejects_the_whole_batch(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    mutate: Callable[[Record], Any],
+    field: str,
+) -> None:
+    bad = make(1)
+    mutate(bad)
+    response = client.post(URL, json={"subjects": [make(0), bad, make(2)]}, headers=source_headers)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    errors = response.json()["errors"]
+    assert {e["row"] for e in errors} == {1}
+    assert any(e["loc"][-1] == field for e in errors)
+    assert "Zwanenburg" not in response.text
+    assert "Gerrie" not in response.text
+    assert_nothing_stored(session)
+
+
+def test_every_failing_row_is_listed(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    rows = [make(i) for i in range(5)]
+    rows[1]["identity"]["bsn"] = "111222334"
+    rows[3]["identity"]["bsn"] = "999999999"
+    response = client.post(URL, json={"subjects": rows}, headers=source_headers)
+    assert response.status_code == 422
+    assert {e["row"] for e in response.json()["errors"]} == {1, 3}
+    assert "111222334" not in response.text
+    assert_nothing_stored(session)
+
+
+def test_duplicate_rows_in_a_batch_are_rejected(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    response = client.post(URL, json={"subjects": [make(0), make(0)]}, headers=source_headers)
+    assert response.status_code == 422
+    assert {e["row"] for e in response.json()["errors"]} == {0, 1}
+    assert_nothing_stored(session)
+
+
+def test_malformed_json_is_rejected(
+    client: TestClient, session: Session, source_headers: dict[str, str]
+) -> None:
+    response = client.post(
+        URL,
+        content=b'{"subjects": [ {"identity": ',
+        headers={**source_headers, "content-type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert_nothing_stored(session)
+
+
+def test_too_many_rows_are_rejected(
+    client: TestClient,
+    app: FastAPI,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+) -> None:
+    app.state.settings = app.state.settings.model_copy(update={"max_batch_rows": 3})
+    response = client.post(
+        URL, json={"subjects": [make(i) for i in range(4)]}, headers=source_headers
+    )
+    assert response.status_code == 422
+    assert "at most 3" in response.json()["detail"]
+    assert_nothing_stored(session)
+
+
+def test_body_too_large_is_413(
+    client: TestClient, app: FastAPI, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    limit = app.state.settings.max_body_bytes
+    body = json.dumps({"subjects": [make(0)], "padding": "x" * limit})
+    response = client.post(
+        URL, content=body, headers={**source_headers, "content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert_nothing_stored(session)
+
+
+def test_only_sources_may_ingest(
+    client: TestClient, session: Session, token: TokenFactory, make: Make
+) -> None:
+    response = client.post(
+        URL, json={"subjects": [make(0)]}, headers=bearer(token("prof-001", "professional"))
+    )
+    assert response.status_code == 403
+    assert client.post(URL, json={"subjects": [make(0)]}).status_code == 401
+    assert_nothing_stored(session)
+
+
+def test_replayed_batch_never_duplicates(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    body = {"subjects": [make(i) for i in range(3)]}
+    first = client.post(URL, json=body, headers=source_headers).json()
+    again = client.post(URL, json=body, headers=source_headers).json()
+    assert [r["pseudonym"] for r in again["rows"]] == [r["pseudonym"] for r in first["rows"]]
+    assert [r["status"] for r in again["rows"]] == ["unchanged"] * 3
+    assert again["events_stored"] == 0
+    assert again["events_already_known"] == 9
+    assert count_rows(session, "subjects") == 3
+    assert count_rows(session, "events") == 9
+
+
+def test_idempotency_key_returns_the_first_answer(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    headers = {**source_headers, "Idempotency-Key": "batch-2025-001"}
+    body = {"subjects": [make(0), make(1)]}
+    first = client.post(URL, json=body, headers=headers)
+    second = client.post(URL, json=body, headers=headers)
+    assert second.status_code == 200
+    assert second.json()["replayed"] is True
+    assert second.json()["batch_id"] == first.json()["batch_id"]
+    assert second.json()["rows"] == first.json()["rows"]
+    assert count_rows(session, "ingest_batches") == 1
+    other = client.post(URL, json={"subjects": [make(5)]}, headers=headers)
+    assert other.status_code == 409
+    assert count_rows(session, "subjects") == 2
+
+
+def test_a_subject_from_another_source_links_and_a_changed_identity_is_reencrypted(
+    client: TestClient,
+    app: FastAPI,
+    session: Session,
+    source_headers: dict[str, str],
+    token: TokenFactory,
+    make: Make,
+) -> None:
+    first = client.post(URL, json={"subjects": [make(0)]}, headers=source_headers).json()
+    pseudonym = first["rows"][0]["pseudonym"]
+    before = get_subject(session=session, pseudonym=pseudonym).identity_ciphertext
+    session.rollback()
+    moved = make(0, prefix="uwv")
+    moved["identity"]["street"] = "Putselaan 12"
+    other = bearer(token("source-uwv", "source"))
+    second = client.post(URL, json={"subjects": [moved]}, headers=other).json()
+    assert second["rows"][0] == {"row": 0, "pseudonym": pseudonym, "status": "updated"}
+    session.rollback()
+    subject = get_subject(session=session, pseudonym=pseudonym)
+    assert subject.identity_ciphertext != before
+    keyring = app.state.keyring
+    dek = subject_dek(keyring=keyring, subject=subject)
+    assert decrypt_identity(keyring=keyring, subject=subject, dek=dek).street == "Putselaan 12"
+    assert count_rows(session, "subjects") == 1
+    assert count_rows(session, "events") == 6
+
+
+def test_pseudonym_key_rotation_keeps_linking(
+    client: TestClient,
+    app: FastAPI,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    tmp_path: Path,
+) -> None:
+    app.state.keyring = Keyring.init(tmp_path / "own-keyring.json")
+    pseudonym = client.post(URL, json={"subjects": [make(0)]}, headers=source_headers).json()[
+        "rows"
+    ][0]["pseudonym"]
+    app.state.keyring.rotate("pseudonym")
+    rows = client.post(URL, json={"subjects": [make(0), make(1)]}, headers=source_headers).json()[
+        "rows"
+    ]
+    assert rows[0]["pseudonym"] == pseudonym
+    session.rollback()
+    assert get_subject(session=session, pseudonym=rows[1]["pseudonym"]).pseudonym_key_version == 2
+    assert count_rows(session, "subjects") == 2
+
+
+def test_ingest_is_written_to_the_access_log_without_identities(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    before = count_rows(session, "access_log_entries")
+    client.post(URL, json={"subjects": [make(0)]}, headers=source_headers)
+    assert count_rows(session, "access_log_entries") == before + 1
+    session.rollback()
+    from sqlalchemy import text
+
+    entry = (
+        session.connection()
+        .execute(text("SELECT entry FROM access_log_entries ORDER BY leaf_index DESC LIMIT 1"))
+        .scalar_one()
+    )
+    logged = json.loads(bytes(entry))
+    assert logged["action"] == "records.ingest"
+    assert logged["object_type"] == "batch"
+    assert "Zwanenburg" not in bytes(entry).decode()
+
+
+def test_subject_model_has_no_clear_identity_columns() -> None:
+    columns = set(Subject.model_fields)
+    assert not columns & {"bsn", "given_name", "family_name", "street", "phone", "email"}
