@@ -12,12 +12,37 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlmodel import Session
 
+from service.access_log.service import LogEntry, append
 from service.auth.permissions import Role
 from service.auth.tokens import DevIssuer
 from service.config import Settings, UnsafeSettings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
+from service.crypto.keyring import PURPOSES, Keyring, KeyringError, Purpose, check_purpose
+from service.db import Database
 from service.db import migrate as run_migrations
+from service.errors import ServiceError
+from service.records.bulk import CSV_COLUMNS, BulkResult, import_csv, ingest_records
+from service.records.demo import demo_records
+from service.records.service import (
+    SUBJECTS,
+    WRAPPED_KEY_COLUMNS,
+    count_key_dependents,
+    pending_rewraps,
+    rewrap_chunk,
+)
+from service.records.vocabulary import load_event_types
 
 app = typer.Typer(
     name="casepackets",
@@ -89,11 +114,20 @@ DEMO_SUBJECTS = {
 
 
 def prepare(settings: Settings) -> None:
-    """Everything the service needs before it serves: data folder, keys, schema."""
+    """Everything the service needs before it serves: data folder, keys, schema, demo data.
+
+    Idempotent: the keyring is created only when absent, and the demo population (outside
+    production) is loaded only into an empty record store.
+    """
     settings.home.mkdir(parents=True, exist_ok=True)
     if settings.dev_issuer:
         dev_issuer(settings)
+    if not settings.resolved_keyring_path.exists():
+        Keyring.init(settings.resolved_keyring_path)
+        console.print(f"created the keyring at {settings.resolved_keyring_path}")
     run_migrations(settings.resolved_database_url, settings.migrations_dir)
+    if settings.env != "production":
+        load_demo_if_empty(settings, subjects=PREPARE_DEMO_SUBJECTS, seed=1)
 
 
 @app.command()
@@ -138,6 +172,542 @@ def serve(
         log_level="info",
         access_log=True,
     )
+
+
+audit = typer.Typer(
+    help="Export the access log and verify an export offline.", no_args_is_help=True
+)
+app.add_typer(audit, name="audit")
+
+
+@audit.command("export")
+def audit_export(
+    out: Annotated[Path, typer.Option(help="folder for the export files")],
+) -> None:
+    """Sign a checkpoint and write entries, leaf hashes, checkpoint and public key to OUT."""
+    from rich.progress import Progress
+
+    from service.access_log.export import export_log
+    from service.crypto.keyring import Keyring, KeyringError
+    from service.crypto.signing import NoteSigner
+    from service.db import Database
+
+    settings = settings_or_exit()
+    try:
+        keyring = Keyring.load(settings.resolved_keyring_path)
+    except KeyringError as exc:
+        console.print(f"[red]cannot sign a checkpoint:[/red] {exc}")
+        raise typer.Exit(2) from None
+    signer = NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
+    database = Database(settings)
+    try:
+        with Progress(console=console) as progress:
+            task = progress.add_task("exporting entries", total=None)
+            exported = export_log(
+                database=database,
+                signer=signer,
+                origin=settings.checkpoint_origin,
+                folder=out,
+                on_start=lambda total: progress.update(task, total=total),
+                on_progress=lambda done: progress.advance(task, done),
+            )
+    finally:
+        database.dispose()
+    console.print(f"exported {exported.size} entries and a signed checkpoint to {out}")
+
+
+@audit.command("verify")
+def audit_verify(
+    entries: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="entries.ndjson")],
+    checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="signed note")],
+    public_key: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help="verifier key file")
+    ],
+    trusted_checkpoint: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="an earlier checkpoint you trust"),
+    ] = None,
+    leaf_hashes: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="leaf-hashes.bin, to name the first bad index"
+        ),
+    ] = None,
+) -> None:
+    """Verify an export offline: signature, root, consistency with a trusted checkpoint."""
+    from service.access_log.verify import VerificationFailed, verify_files
+
+    try:
+        verified = verify_files(
+            entries=entries,
+            checkpoint=checkpoint,
+            public_key=public_key,
+            trusted_checkpoint=trusted_checkpoint,
+            leaf_hashes=leaf_hashes,
+        )
+    except VerificationFailed as exc:
+        console.print(f"[red]FAILED:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    message = f"OK: {verified.checkpoint.size} entries match the signed checkpoint"
+    if verified.trusted is not None:
+        message += f" and extend the trusted checkpoint of size {verified.trusted.size}"
+    console.print(message, highlight=False)
+
+
+# -- record store: keys, import, demo -------------------------------------------------------
+
+PREPARE_DEMO_SUBJECTS = 500
+keys = typer.Typer(
+    help="Create, rotate, rewrap and retire the service's keys.", no_args_is_help=True
+)
+app.add_typer(keys, name="keys")
+
+
+def keyring_or_exit(settings: Settings) -> Keyring:
+    try:
+        return Keyring.load(settings.resolved_keyring_path)
+    except KeyringError as exc:
+        console.print(f"[red]keyring refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def log_system_action(
+    database: Database, session: Session, *, command: str, action: str, object_id: str, reason: str
+) -> None:
+    del database
+    append(
+        session=session,
+        entry=LogEntry(
+            actor=f"system:{command}",
+            role="system",
+            action=action,
+            object_type="key",
+            object_id=object_id,
+            reason=reason,
+        ),
+    )
+
+
+@keys.command("init")
+def keys_init() -> None:
+    """Create the keyring (mode 0600) with version 1 of every key; refuses to overwrite one."""
+    settings = settings_or_exit()
+    try:
+        keyring = Keyring.init(settings.resolved_keyring_path)
+    except KeyringError as exc:
+        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"created {keyring.path} with keys: {', '.join(PURPOSES)} (version 1 each)")
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """Show every key version (never its material)."""
+    keyring = keyring_or_exit(settings_or_exit())
+    table = Table("purpose", "version", "created", "state")
+    for purpose in PURPOSES:
+        for info in keyring.versions(purpose):
+            state = "retired" if info.retired_at else ("current" if info.current else "decrypts")
+            table.add_row(purpose, str(info.version), info.created_at, state)
+    Console().print(table)
+
+
+@keys.command("rotate")
+def keys_rotate(
+    purpose: Annotated[str, typer.Option(help=f"one of: {', '.join(PURPOSES)}")],
+) -> None:
+    """Add a new version of a key; it encrypts (or pseudonymizes, or signs) from now on."""
+    settings = settings_or_exit()
+    keyring = keyring_or_exit(settings)
+    checked = check_purpose_or_exit(purpose)
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            new = keyring.rotate(checked)
+            log_system_action(
+                database,
+                session,
+                command="keys",
+                action="keys.rotate",
+                object_id=f"{checked}/v{new.version}",
+                reason="new current version",
+            )
+    finally:
+        database.dispose()
+    console.print(f"{checked} key is now at version {new.version}; older versions still decrypt")
+    if checked in ("vault", "packet"):
+        console.print("run `casepackets keys rewrap` to move existing wraps to it")
+
+
+def check_purpose_or_exit(purpose: str) -> Purpose:
+    try:
+        return check_purpose(purpose)
+    except KeyringError as exc:
+        console.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@keys.command("rewrap")
+def keys_rewrap(
+    chunk: Annotated[int, typer.Option(min=1, max=100_000, help="rows per transaction")] = 2000,
+) -> None:
+    """Move every wrapped key to the newest KEK version, without decrypting any identity.
+
+    Works in id order and commits per chunk, so it can be interrupted and run again.
+    """
+    settings = settings_or_exit()
+    keyring = keyring_or_exit(settings)
+    database = Database(settings)
+    total_moved = 0
+    try:
+        for wrapped in WRAPPED_KEY_COLUMNS:
+            with database.transaction() as session:
+                pending = pending_rewraps(session=session, keyring=keyring, wrapped=wrapped)
+            label = f"{wrapped.table}.{wrapped.column} → {wrapped.purpose} " + (
+                f"v{keyring.current(wrapped.purpose).version}"
+            )
+            with progress_bar() as progress:
+                task = progress.add_task(label, total=pending)
+                after = 0
+                while True:
+                    with database.transaction() as session:
+                        last, moved = rewrap_chunk(
+                            session=session,
+                            keyring=keyring,
+                            wrapped=wrapped,
+                            after_id=after,
+                            limit=chunk,
+                        )
+                    if last == after:
+                        break
+                    after = last
+                    total_moved += moved
+                    progress.advance(task, moved)
+        with database.transaction() as session:
+            log_system_action(
+                database,
+                session,
+                command="keys",
+                action="keys.rewrap",
+                object_id="all",
+                reason=f"rewrapped={total_moved}",
+            )
+    finally:
+        database.dispose()
+    console.print(f"rewrapped {total_moved} keys; nothing depends on older KEK versions now")
+
+
+@keys.command("retire")
+def keys_retire(
+    purpose: Annotated[str, typer.Option(help=f"one of: {', '.join(PURPOSES)}")],
+    version: Annotated[int, typer.Option(min=1, help="the old version to destroy")],
+) -> None:
+    """Destroy an old key version; refused while anything still depends on it."""
+    settings = settings_or_exit()
+    keyring = keyring_or_exit(settings)
+    checked = check_purpose_or_exit(purpose)
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            try:
+                dependents = count_key_dependents(session=session, purpose=checked, version=version)
+            except ServiceError as exc:
+                console.print(f"[red]refused:[/red] {exc.detail}", highlight=False)
+                raise typer.Exit(1) from None
+            if dependents:
+                console.print(
+                    f"[red]refused:[/red] {dependents} rows still depend on {checked} "
+                    f"v{version}; run `casepackets keys rewrap` first",
+                    highlight=False,
+                )
+                raise typer.Exit(1)
+            try:
+                keyring.retire(checked, version)
+            except KeyringError as exc:
+                console.print(f"[red]refused:[/red] {exc}", highlight=False)
+                raise typer.Exit(1) from None
+            log_system_action(
+                database,
+                session,
+                command="keys",
+                action="keys.retire",
+                object_id=f"{checked}/v{version}",
+                reason="material destroyed",
+            )
+    finally:
+        database.dispose()
+    console.print(f"{checked} v{version} is retired; its material is destroyed")
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def load_demo_if_empty(settings: Settings, *, subjects: int, seed: int) -> None:
+    """Load the demo population into an empty record store (first run of ``serve``)."""
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            if session.connection().execute(select(func.count()).select_from(SUBJECTS)).scalar():
+                return
+        run_demo(settings, database, subjects=subjects, seed=seed, batch_size=500)
+    finally:
+        database.dispose()
+
+
+def run_demo(
+    settings: Settings, database: Database, *, subjects: int, seed: int, batch_size: int
+) -> BulkResult:
+    keyring = keyring_or_exit(settings)
+    with progress_bar() as progress:
+        task = progress.add_task(f"demo population (seed {seed})", total=subjects)
+        result = ingest_records(
+            database=database,
+            keyring=keyring,
+            event_types=load_event_types(settings.policies_dir / "events.yaml"),
+            source=f"demo-seed-{seed}",
+            actor="system:demo",
+            records=demo_records(subjects=subjects, seed=seed),
+            batch_size=batch_size,
+            on_batch=lambda done: progress.advance(task, done),
+        )
+    console.print(
+        f"demo: {result.subjects} subjects, {result.events_stored} new events "
+        f"({result.events_already_known} already known) in {result.batches} batches"
+    )
+    return result
+
+
+@app.command()
+def demo(
+    subjects: Annotated[int, typer.Option(min=100, max=1_000_000, help="population size")] = 1000,
+    seed: Annotated[int, typer.Option(help="same seed, same population")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="subjects per batch")] = 5000,
+) -> None:
+    """Generate and ingest a synthetic Rotterdam-South-like population (deterministic per seed).
+
+    Everything goes through the same ingest path as POST /v1/records/batch; running it again
+    with the same seed changes nothing.
+    """
+    settings = settings_or_exit()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    run_migrations(settings.resolved_database_url, settings.migrations_dir)
+    database = Database(settings)
+    try:
+        run_demo(settings, database, subjects=subjects, seed=seed, batch_size=batch_size)
+    finally:
+        database.dispose()
+
+
+IMPORT_HELP = (
+    "Import a CSV file of subjects and events, streamed in batches (constant memory).\n\n"
+    "One line per event, UTF-8, with a header line. Columns: "
+    + ", ".join(CSV_COLUMNS)
+    + ". Required per line: bsn, given_name, family_name, birth_date (YYYY-MM-DD), district, "
+    "neighbourhood. Lines with the same bsn are one subject (identity and characteristics must "
+    "be equal on each); leave the four event columns empty for a subject without events. "
+    "event_type comes from policies/events.yaml; source_event_id must be unique per source.\n\n"
+    "Each batch commits whole or not at all. A subject with any invalid line is left out and "
+    "its lines are reported by line number; all other subjects are stored. Re-running an import "
+    "is harmless. Exit status 1 when any line was rejected."
+)
+
+
+@app.command("import", help=IMPORT_HELP)
+def import_(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    source: Annotated[str, typer.Option(min=1, max=64, help="the sending source's name")],
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="subjects per batch")] = 5000,
+) -> None:
+    settings = settings_or_exit()
+    keyring = keyring_or_exit(settings)
+    run_migrations(settings.resolved_database_url, settings.migrations_dir)
+    database = Database(settings)
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task(f"import {file.name}", total=file.stat().st_size)
+            result = import_csv(
+                database=database,
+                keyring=keyring,
+                event_types=load_event_types(settings.policies_dir / "events.yaml"),
+                path=file,
+                source=source,
+                actor=f"system:import:{source}",
+                batch_size=batch_size,
+                on_progress=lambda _done, read: progress.update(task, completed=read),
+            )
+    except ValueError as exc:
+        console.print(f"[red]import refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    finally:
+        database.dispose()
+    console.print(
+        f"imported {result.subjects} subjects, {result.events_stored} new events "
+        f"({result.events_already_known} already known) in {result.batches} batches"
+    )
+    if result.rejected_total:
+        for rejection in result.rejected[:50]:
+            console.print(
+                f"  line {rejection.line}: {', '.join(rejection.fields)}: {rejection.reason}",
+                highlight=False,
+            )
+        more = result.rejected_total - min(len(result.rejected), 50)
+        if more > 0:
+            console.print(f"  … and {more} more rejected lines")
+        console.print(f"[yellow]{result.rejected_total} lines rejected[/yellow]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def flag(
+    as_of: Annotated[
+        str | None, typer.Option(help="evaluate as on this date, YYYY-MM-DD (default: today)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="subjects per batch")] = 2000,
+) -> None:
+    """Run the flagging policy over every subject and store the flags (logged)."""
+    from datetime import date
+
+    from service.flagging.policy import FlaggingPolicyError, load_flagging_policy
+    from service.flagging.service import RunProgress, run_flagging, system_caller
+
+    settings = settings_or_exit()
+    try:
+        policy = load_flagging_policy(settings.policies_dir / "flagging.yaml")
+        day = date.fromisoformat(as_of) if as_of else date.today()
+    except (FlaggingPolicyError, ValueError) as exc:
+        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            total = session.connection().execute(select(func.count()).select_from(SUBJECTS))
+            with progress_bar() as progress:
+                task = progress.add_task(f"flagging ({policy.version})", total=total.scalar())
+
+                def advance(done: RunProgress) -> None:
+                    progress.update(task, completed=done.evaluated)
+
+                run = run_flagging(
+                    session=session,
+                    policy=policy,
+                    as_of=day,
+                    caller=system_caller("flag"),
+                    batch_size=batch_size,
+                    progress=advance,
+                )
+    except ServiceError as exc:
+        console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        database.dispose()
+    console.print(
+        f"run {run.id}: policy {run.policy_version}, {run.evaluated} evaluated, "
+        f"{run.flagged} flagged",
+        highlight=False,
+    )
+
+
+@app.command()
+def partition(
+    run_id: Annotated[str, typer.Option(help="the flagging run to split into packets")],
+) -> None:
+    """Split a run's flagged cases (and pending external flags) into packets and assign them."""
+    from service.flagging.service import system_caller
+    from service.packets.policy import (
+        PacketsPolicyError,
+        load_partitioning_policy,
+        load_retention_policy,
+    )
+    from service.packets.service import partition_run
+
+    settings = settings_or_exit()
+    try:
+        partitioning = load_partitioning_policy(settings.policies_dir / "partitioning.yaml")
+        retention = load_retention_policy(settings.policies_dir / "retention.yaml")
+    except PacketsPolicyError as exc:
+        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    keyring = keyring_or_exit(settings)
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            result = partition_run(
+                session=session,
+                keyring=keyring,
+                run_id=run_id,
+                packet_size=partitioning.packet_size,
+                retention=retention,
+                caller=system_caller("partition"),
+            )
+    except ServiceError as exc:
+        console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        database.dispose()
+    table = Table("professional", "district", "packets", "clients")
+    summary: dict[tuple[str, str], list[int]] = {}
+    for packet in result.packets:
+        counts = summary.setdefault((packet.professional_id, packet.district), [0, 0])
+        counts[0] += 1
+        counts[1] += packet.member_count
+    for (professional_id, district), (packets, clients) in sorted(summary.items()):
+        table.add_row(professional_id, district, str(packets), str(clients))
+    Console().print(table)
+    reasons: dict[str, int] = {}
+    for case in result.unplaced:
+        reasons[case.reason] = reasons.get(case.reason, 0) + 1
+    for reason, count in sorted(reasons.items()):
+        console.print(f"unplaced: {count} ({reason})", highlight=False)
+    console.print(f"{len(result.packets)} packets built for run {run_id}", highlight=False)
+
+
+@app.command()
+def expire(
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=10_000, help="packets per transaction")
+    ] = 100,
+) -> None:
+    """Crypto-shred packets past their expiry and closed packets past the grace period.
+
+    Deletes each due packet's wrapped key, its members' wraps and its follow-up notes; metadata,
+    outcome codes and the access log stay. Every shred is logged. Safe to run while the service
+    (which also does this periodically) is running, and safe to interrupt and run again.
+    """
+    from service.packets.policy import PacketsPolicyError, load_retention_policy
+    from service.packets.service import shred_expired
+
+    settings = settings_or_exit()
+    try:
+        retention = load_retention_policy(settings.policies_dir / "retention.yaml")
+    except PacketsPolicyError as exc:
+        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    database = Database(settings)
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task("crypto-shredding due packets", total=None)
+            shredded = shred_expired(
+                database=database,
+                retention=retention,
+                actor="system:expire",
+                batch_size=batch_size,
+                on_start=lambda due: progress.update(task, total=due),
+                on_progress=lambda done: progress.advance(task, done),
+            )
+    except ServiceError as exc:
+        console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        database.dispose()
+    console.print(f"crypto-shredded {shredded} packets", highlight=False)
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ broken configuration never serves a single request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -19,14 +21,26 @@ from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.access_log.router import install as install_access_log
 from service.auth.permissions import load_access_policy
 from service.auth.router import router as auth_router
 from service.auth.tokens import DevIssuer, KeySet, TokenVerifier
 from service.config import Settings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
+from service.crypto.keyring import Keyring
 from service.db import Database
 from service.errors import install_error_handlers, problem
+from service.flagging.policy import load_flagging_policy
+from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses
+from service.packets.policy import (
+    load_followup_policy,
+    load_partitioning_policy,
+    load_retention_policy,
+)
+from service.packets.router import router as packets_router
+from service.packets.service import shred_periodically
+from service.records.router import router as records_router
 
 logger = logging.getLogger("casepackets")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -90,6 +104,10 @@ class Health(BaseModel):
 def create_app(settings: Settings | None = None, *, database: Database | None = None) -> FastAPI:
     settings = settings or get_settings()
     access_policy = load_access_policy(settings.policies_dir / "access.yaml")
+    flagging_policy = load_flagging_policy(settings.policies_dir / "flagging.yaml")
+    partitioning_policy = load_partitioning_policy(settings.policies_dir / "partitioning.yaml")
+    retention_policy = load_retention_policy(settings.policies_dir / "retention.yaml")
+    followup_policy = load_followup_policy(settings.policies_dir / "followups.yaml")
 
     dev_issuer: DevIssuer | None = None
     static_keys: list[dict[str, Any]] = []
@@ -120,10 +138,30 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         leeway_seconds=settings.token_leeway_seconds,
     )
     database = database or Database(settings)
+    # Production refuses to start without the keyring (`casepackets keys init`); development and
+    # test create it on first use, like the built-in issuer's key.
+    keyring = (
+        Keyring.load(settings.resolved_keyring_path)
+        if settings.env == "production"
+        else Keyring.load_or_init(settings.resolved_keyring_path)
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        shredder = None
+        if settings.shred_interval_seconds > 0:
+            shredder = asyncio.create_task(
+                shred_periodically(
+                    database=database,
+                    retention=retention_policy,
+                    interval_seconds=settings.shred_interval_seconds,
+                )
+            )
         yield
+        if shredder is not None:
+            shredder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shredder
         database.dispose()
 
     app = FastAPI(
@@ -136,7 +174,12 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     )
     app.state.settings = settings
     app.state.database = database
+    app.state.keyring = keyring
     app.state.access_policy = access_policy
+    app.state.flagging_policy = flagging_policy
+    app.state.partitioning_policy = partitioning_policy
+    app.state.retention_policy = retention_policy
+    app.state.followup_policy = followup_policy
     app.state.token_verifier = verifier
     app.state.dev_issuer = dev_issuer
 
@@ -184,4 +227,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
 
     app.state.readiness_checks = {}
     app.include_router(auth_router)
+    app.include_router(records_router)
+    app.include_router(flagging_router)
+    app.include_router(packets_router)
+    install_access_log(app)
     return app

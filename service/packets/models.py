@@ -6,11 +6,15 @@ Invariants:
   ``wrapped_key`` to NULL crypto-shreds every re-identification path through the packet;
 - no table here holds an identity in clear, and no public schema carries a key, a wrap or an
   identity: metadata and pseudonyms only;
-- packet ids are random UUIDs, so an id reveals neither order nor count.
+- packet ids are random UUIDs, so an id reveals neither order nor count;
+- a follow-up's kind, date and outcome code are metadata (case-management systems read them);
+  its free-text note may hold personal data and is stored only sealed under the packet key,
+  bound to (follow-up id, packet id), so crypto-shredding the packet destroys it too.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -19,10 +23,12 @@ from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, Strin
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
-from service.flagging.models import UtcDatetime
+from service.flagging.models import FlagKind, RuleHitPublic, UtcDatetime
 from service.schemas import StrictModel
 
 PacketStatus = Literal["assigned", "opened", "closed", "expired", "shredded"]
+FollowupKind = Literal["appointment", "contact", "intervention", "outcome"]
+MAX_NOTE_CHARS = 4000
 # Statuses in which a packet's members count against their professional's capacity.
 OPEN_STATUSES: tuple[str, ...] = ("assigned", "opened")
 MAX_DISTRICTS = 50
@@ -60,6 +66,7 @@ class Packet(SQLModel, table=True):
     __table_args__ = (
         Index("ix_packets_professional_status", "professional_id", "status"),
         Index("ix_packets_run_id", "run_id"),
+        Index("ix_packets_status_expires_at", "status", "expires_at"),
     )
 
     id: str = SQLField(primary_key=True, max_length=36)
@@ -75,6 +82,7 @@ class Packet(SQLModel, table=True):
     expires_at: datetime = SQLField(sa_type=DateTime(timezone=True))
     closed_at: datetime | None = SQLField(default=None, sa_type=DateTime(timezone=True))
     shredded_at: datetime | None = SQLField(default=None, sa_type=DateTime(timezone=True))
+    opened_at: datetime | None = SQLField(default=None, sa_type=DateTime(timezone=True))
     # packet key under the packet KEK; NULL once crypto-shredded
     wrapped_key: str | None = SQLField(default=None, sa_type=Text)
 
@@ -95,6 +103,27 @@ class PacketMember(SQLModel, table=True):
     flag_id: int = SQLField(sa_column=Column(Integer, ForeignKey("flags.id"), nullable=False))
     # member DEK under the packet key; NULL once the subject is erased
     wrapped_dek: str | None = SQLField(default=None, sa_type=Text)
+
+
+class Followup(SQLModel, table=True):
+    """An appointment, contact, intervention or outcome the owner recorded for one client."""
+
+    __tablename__ = "packet_followups"
+    __table_args__ = (Index("ix_packet_followups_packet_subject", "packet_id", "subject_id"),)
+
+    id: str = SQLField(primary_key=True, max_length=32)
+    packet_id: str = SQLField(
+        sa_column=Column(String(36), ForeignKey("packets.id"), nullable=False)
+    )
+    subject_id: int = SQLField(sa_column=Column(Integer, ForeignKey("subjects.id"), nullable=False))
+    pseudonym: str = SQLField(max_length=64)
+    kind: str = SQLField(max_length=16)
+    date: dt.date
+    outcome_code: str | None = SQLField(default=None, max_length=64)
+    # the note sealed under the packet key; NULL when none was given or once shredded/erased
+    note_ciphertext: str | None = SQLField(default=None, sa_type=Text)
+    created_by: str = SQLField(max_length=128)
+    created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -140,6 +169,23 @@ class PacketReassign(StrictModel):
     professional_id: str = Field(min_length=1, max_length=128)
 
 
+class FollowupCreate(StrictModel):
+    kind: FollowupKind
+    date: dt.date = Field(description="when it happened or is planned")
+    outcome_code: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="from policies/followups.yaml; required for kind 'outcome'",
+    )
+    note: str | None = Field(
+        default=None,
+        max_length=MAX_NOTE_CHARS,
+        description="free text; may hold personal data, so it is encrypted under the packet key "
+        "and shown only to the packet's owner",
+    )
+
+
 # -- responses --------------------------------------------------------------------------------
 
 
@@ -169,15 +215,81 @@ class PacketPublic(BaseModel):
     created_at: UtcDatetime
     expires_at: UtcDatetime
     closed_at: UtcDatetime | None
+    opened_at: UtcDatetime | None = None
+    shredded_at: UtcDatetime | None = None
+
+
+class FollowupSummaryPublic(BaseModel):
+    """What case-management systems may read: never the note."""
+
+    id: str
+    kind: FollowupKind
+    date: dt.date
+    outcome_code: str | None
+    created_at: UtcDatetime
+
+
+class FollowupPublic(FollowupSummaryPublic):
+    """The owner's view, with the decrypted note (null when none, or shredded with the packet)."""
+
+    note: str | None
+    created_by: str
 
 
 class PacketMemberPublic(BaseModel):
     pseudonym: str
     flag_kind: str = Field(description="'algorithm' or 'external'")
+    followups: list[FollowupSummaryPublic] = Field(default_factory=list)
 
 
 class PacketDetailPublic(PacketPublic):
     members: list[PacketMemberPublic]
+
+
+class IdentityPublic(BaseModel):
+    bsn: str
+    given_name: str
+    family_name: str
+    birth_date: dt.date
+    street: str | None
+    postcode: str | None
+    city: str | None
+    phone: str | None
+    email: str | None
+
+
+class CharacteristicsPublic(BaseModel):
+    district: str
+    neighbourhood: str
+    birth_year: int | None
+    household_type: str | None
+
+
+class FlagReasonPublic(BaseModel):
+    """Why the client was surfaced: the policy's rule hits, or the source's reason."""
+
+    kind: FlagKind
+    run_id: str | None
+    policy_version: str | None
+    reason_code: str | None
+    hits: list[RuleHitPublic]
+    explanation: str
+
+
+class ClientPublic(BaseModel):
+    pseudonym: str
+    identity: IdentityPublic | None = Field(description="null when the subject was erased")
+    note: Literal["erased"] | None = Field(
+        default=None, description="'erased' when the identity no longer exists"
+    )
+    characteristics: CharacteristicsPublic
+    flag: FlagReasonPublic
+    followups: list[FollowupPublic]
+
+
+class PacketClientsPublic(BaseModel):
+    packet: PacketPublic
+    clients: list[ClientPublic]
 
 
 class PacketPagePublic(BaseModel):

@@ -1,7 +1,8 @@
-"""Loading ``policies/partitioning.yaml`` and ``policies/retention.yaml``.
+"""Loading the packet policies: partitioning, retention and follow-ups (``policies/*.yaml``).
 
 Invariants: a packet never holds more than 50 clients (a larger ``packet_size`` is refused at
-start-up, not clamped); unknown keys and non-positive durations are refused with the file named.
+start-up, not clamped); unknown keys and non-positive durations are refused with the file named;
+an outcome code is usable only with the follow-up kinds it names.
 """
 
 from __future__ import annotations
@@ -74,4 +75,82 @@ def load_retention_policy(path: Path) -> RetentionPolicy:
         version=_whole(path, document, "version", low=1, high=10**6),
         packet_ttl_days=_whole(path, document, "packet_ttl_days", low=1, high=3650),
         closed_grace_days=_whole(path, document, "closed_grace_days", low=0, high=3650),
+    )
+
+
+FOLLOWUP_KINDS: Final = ("appointment", "contact", "intervention", "outcome")
+
+
+@dataclass(frozen=True)
+class FollowupPolicy:
+    """The follow-up kinds and the outcome-code vocabulary (``policies/followups.yaml``)."""
+
+    version: int
+    outcome_required: frozenset[str]
+    # outcome code -> the kinds it may be used with
+    outcome_codes: dict[str, frozenset[str]]
+
+    def check(self, *, kind: str, outcome_code: str | None) -> str | None:
+        """Why ``outcome_code`` does not fit ``kind``, or None when it does."""
+        if outcome_code is None:
+            if kind in self.outcome_required:
+                return f"a follow-up of kind {kind!r} needs an outcome_code"
+            return None
+        kinds = self.outcome_codes.get(outcome_code)
+        if kinds is None:
+            return f"unknown outcome_code {outcome_code!r} (see policies/followups.yaml)"
+        if kind not in kinds:
+            return f"outcome_code {outcome_code!r} is for {', '.join(sorted(kinds))}, not {kind!r}"
+        return None
+
+
+def load_followup_policy(path: Path) -> FollowupPolicy:
+    document = _read(path, {"version", "kinds", "outcome_codes"})
+    version = _whole(path, document, "version", low=1, high=10**6)
+    kinds = document.get("kinds")
+    if not isinstance(kinds, dict) or set(map(str, kinds)) != set(FOLLOWUP_KINDS):
+        raise PacketsPolicyError(
+            f"{path}: 'kinds' must describe exactly {', '.join(FOLLOWUP_KINDS)}"
+        )
+    required: set[str] = set()
+    for kind, spec in kinds.items():
+        if not isinstance(spec, dict) or set(spec) - {"description", "outcome_required"}:
+            raise PacketsPolicyError(
+                f"{path}: kind {kind!r} takes 'description' and 'outcome_required' only"
+            )
+        if not isinstance(spec.get("description"), str) or not spec["description"].strip():
+            raise PacketsPolicyError(f"{path}: kind {kind!r} needs a description")
+        if not isinstance(spec.get("outcome_required", False), bool):
+            raise PacketsPolicyError(f"{path}: kind {kind!r}: outcome_required is true or false")
+        if spec.get("outcome_required", False):
+            required.add(str(kind))
+    codes = document.get("outcome_codes")
+    if not isinstance(codes, dict) or not codes:
+        raise PacketsPolicyError(f"{path}: 'outcome_codes' must list at least one code")
+    vocabulary: dict[str, frozenset[str]] = {}
+    for code, spec in codes.items():
+        if not isinstance(code, str) or not code or len(code) > 64:
+            raise PacketsPolicyError(f"{path}: outcome code {code!r} must be 1 to 64 characters")
+        if not isinstance(spec, dict) or set(spec) - {"description", "kinds"}:
+            raise PacketsPolicyError(
+                f"{path}: outcome code {code!r} takes 'description' and 'kinds'"
+            )
+        if not isinstance(spec.get("description"), str) or not spec["description"].strip():
+            raise PacketsPolicyError(f"{path}: outcome code {code!r} needs a description")
+        code_kinds = spec.get("kinds")
+        if (
+            not isinstance(code_kinds, list)
+            or not code_kinds
+            or any(k not in FOLLOWUP_KINDS for k in code_kinds)
+        ):
+            raise PacketsPolicyError(
+                f"{path}: outcome code {code!r}: 'kinds' must list some of "
+                f"{', '.join(FOLLOWUP_KINDS)}"
+            )
+        vocabulary[code] = frozenset(code_kinds)
+    for kind in required:
+        if not any(kind in kinds_ for kinds_ in vocabulary.values()):
+            raise PacketsPolicyError(f"{path}: kind {kind!r} needs an outcome code but none fits")
+    return FollowupPolicy(
+        version=version, outcome_required=frozenset(required), outcome_codes=vocabulary
     )

@@ -1,18 +1,30 @@
-"""Routes for professionals (coordinators), partitioning and packet metadata."""
+"""Routes for professionals (coordinators), partitioning, packet metadata, re-identification,
+follow-ups and closing.
+
+The owner-only routes depend on authentication alone, not on ``require(...)``: whoever is not
+entitled gets the same 404 (never a 403 that would confirm the packet exists), and the service
+logs the attempt as denied.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
-from service.auth.dependencies import Caller, require
+from service.auth.dependencies import Caller, CurrentCaller, require
 from service.auth.permissions import Permission
 from service.crypto.keyring import KeyProvider
 from service.db import SessionDep
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.packets import service
 from service.packets.models import (
+    FollowupCreate,
+    FollowupPublic,
+    PacketClientsPublic,
     PacketDetailPublic,
     PacketPagePublic,
     PacketPublic,
@@ -25,7 +37,7 @@ from service.packets.models import (
     ProfessionalPublic,
     ProfessionalUpdate,
 )
-from service.packets.policy import PartitioningPolicy, RetentionPolicy
+from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
 
 router = APIRouter()
 
@@ -189,3 +201,96 @@ def reassign_packet(
     return service.reassign_packet(
         session=session, packet_id=packet_id, professional_id=body.professional_id, caller=caller
     )
+
+
+# -- the owner's routes -----------------------------------------------------------------------
+
+
+class RevealedAfterCommit(Response):
+    """A JSON body rendered only when the response is sent.
+
+    FastAPI closes the request's session dependency (``scope="function"``: the commit) after the
+    route returns and before it sends the response; rendering here therefore decrypts identities
+    only once their access-log entry has committed, and outside the log's lock. A failed commit
+    means this is never called.
+    """
+
+    media_type = "application/json"
+
+    def __init__(self, render: Callable[[], bytes]) -> None:
+        super().__init__(status_code=200, media_type=self.media_type)
+        self._render = render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await run_in_threadpool(self._render)
+        response = Response(body, status_code=200, media_type=self.media_type)
+        response.raw_headers = [
+            *(h for h in self.raw_headers if h[0] not in (b"content-length", b"content-type")),
+            *response.raw_headers,
+        ]
+        await response(scope, receive, send)
+
+
+OWNER_ERRORS = {**problem_responses(401, 404, 410, 503)}
+
+
+@router.get(
+    "/v1/packets/{packet_id}/clients",
+    response_model=PacketClientsPublic,
+    tags=["packets"],
+    responses=OWNER_ERRORS,
+    summary="Re-identify your own packet: identities, characteristics, why flagged, follow-ups",
+)
+def open_packet(
+    request: Request, packet_id: str, session: SessionDep, caller: CurrentCaller
+) -> Response:
+    """Owner only; everyone else gets 404 and the attempt is logged as denied. The access is
+    logged before any identity is decrypted: if the log cannot be written in time, 503 and no
+    identity. A closed, expired or shredded packet gets 410."""
+    keyring: KeyProvider = request.app.state.keyring
+    sealed = service.open_packet(session=session, packet_id=packet_id, caller=caller)
+    return RevealedAfterCommit(
+        lambda: service.reveal(keyring=keyring, sealed=sealed).model_dump_json().encode()
+    )
+
+
+@router.post(
+    "/v1/packets/{packet_id}/clients/{pseudonym}/followups",
+    response_model=FollowupPublic,
+    status_code=201,
+    tags=["packets"],
+    responses={**OWNER_ERRORS, **problem_responses(422)},
+    summary="Record an appointment, contact, intervention or outcome for one of your clients",
+)
+def create_followup(
+    request: Request,
+    packet_id: str,
+    pseudonym: Annotated[str, Path(min_length=1, max_length=64)],
+    body: FollowupCreate,
+    session: SessionDep,
+    caller: CurrentCaller,
+) -> FollowupPublic:
+    """Owner only (others: 404, logged). The note is encrypted under the packet key and shown
+    only on the owner's re-identification route; kinds, dates and outcome codes are metadata."""
+    keyring: KeyProvider = request.app.state.keyring
+    policy: FollowupPolicy = request.app.state.followup_policy
+    return service.create_followup(
+        session=session,
+        keyring=keyring,
+        policy=policy,
+        packet_id=packet_id,
+        pseudonym=pseudonym,
+        given=body,
+        caller=caller,
+    )
+
+
+@router.post(
+    "/v1/packets/{packet_id}/close",
+    response_model=PacketPublic,
+    tags=["packets"],
+    responses={**OWNER_ERRORS, **problem_responses(409)},
+    summary="Close a packet (its owner, or a coordinator); it is crypto-shredded after the grace",
+)
+def close_packet(packet_id: str, session: SessionDep, caller: CurrentCaller) -> PacketPublic:
+    return service.close_packet(session=session, packet_id=packet_id, caller=caller)

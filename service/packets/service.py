@@ -12,16 +12,30 @@ Guarantees:
   an erased subject, or one nobody can take is returned as unplaced with the reason;
 - a professional sees only packets assigned to them; anyone else without ``packets.read_all``
   gets 404 for a packet (its existence is not revealed) and the attempt is logged as denied;
-- reassignment changes the owner in place, so the former owner loses access with the commit.
+- reassignment changes the owner in place, so the former owner loses access with the commit;
+- re-identification is for the owner only and fails closed: ``open_packet`` appends the
+  ``packet.open`` entry in the request's transaction and returns ciphertexts only; ``reveal``
+  decrypts, and the router calls it only after that transaction committed. So no identity exists
+  in the service before its log entry is durable. Every refusal leaves a ``denied`` entry and a
+  404 (410 for a packet no longer in use);
+- a follow-up note is sealed under the packet key, bound to (follow-up id, packet id); it is never
+  logged and never shown on a metadata route;
+- crypto-shredding (close + grace, expiry) NULLs the packet key wrap, the members' DEK wraps and
+  the sealed notes in one transaction with its log entry; metadata, outcome codes and the log stay.
+  Due packets are claimed with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite serializes writers
+  with ``BEGIN IMMEDIATE``), so several workers can run the shredder at once;
+- erasing a subject removes their DEK from every packet and their follow-up notes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlmodel import Session
@@ -29,15 +43,33 @@ from sqlmodel import Session
 from service.access_log.service import LogEntry, append
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
-from service.crypto.envelope import AadValue, DataKey, unwrap_key, wrap_key, wrap_under
+from service.crypto.envelope import (
+    AadValue,
+    DataKey,
+    open_,
+    seal,
+    unwrap_key,
+    unwrap_under,
+    wrap_key,
+    wrap_under,
+)
 from service.crypto.keyring import KeyProvider
-from service.errors import Conflict, NotFound, Unprocessable
-from service.flagging.models import Flag
+from service.errors import Conflict, Gone, NotFound, Unprocessable
+from service.flagging.models import Flag, RuleHitPublic, as_utc
 from service.flagging.service import get_run
 from service.packets import partition as partitioning
 from service.packets.models import (
     OPEN_STATUSES,
+    CharacteristicsPublic,
+    ClientPublic,
+    FlagReasonPublic,
+    Followup,
+    FollowupCreate,
+    FollowupPublic,
+    FollowupSummaryPublic,
+    IdentityPublic,
     Packet,
+    PacketClientsPublic,
     PacketDetailPublic,
     PacketMember,
     PacketMemberPublic,
@@ -50,9 +82,9 @@ from service.packets.models import (
     UnplacedCasePublic,
     utcnow,
 )
-from service.packets.policy import RetentionPolicy
+from service.packets.policy import FollowupPolicy, RetentionPolicy
 from service.records.models import Subject
-from service.records.service import dek_aad, register_erasure_hook
+from service.records.service import Identity, dek_aad, identity_aad, register_erasure_hook
 
 ERASED = "the subject was erased"
 MAX_PAGE = 1000
@@ -62,6 +94,11 @@ _flags = Flag.__table__  # type: ignore[attr-defined]
 _packets = Packet.__table__  # type: ignore[attr-defined]
 _members = PacketMember.__table__  # type: ignore[attr-defined]
 _professionals = Professional.__table__  # type: ignore[attr-defined]
+_followups = Followup.__table__  # type: ignore[attr-defined]
+logger = logging.getLogger("casepackets")
+
+if TYPE_CHECKING:
+    from service.db import Database
 
 
 class ProfessionalNotFound(NotFound):
@@ -99,12 +136,29 @@ def member_dek_aad(packet_id: str, subject_id: int) -> dict[str, AadValue]:
     }
 
 
+def note_aad(followup_id: str, packet_id: str) -> dict[str, AadValue]:
+    """Where a follow-up note (under the packet key) belongs: that follow-up of that packet."""
+    return {
+        "table": "packet_followups",
+        "column": "note_ciphertext",
+        "row": followup_id,
+        "packet": packet_id,
+    }
+
+
 def _erase_member_wraps(session: Session, subject_id: int) -> int:
-    """Erasure hook: a subject's DEK under any packet key is deleted with the subject."""
-    result = session.connection().execute(
+    """Erasure hook: a subject's DEK under any packet key, and the notes about them, go with the
+    subject. Returns the number of DEK wraps removed."""
+    connection = session.connection()
+    result = connection.execute(
         update(_members)
         .where(_members.c.subject_id == subject_id, _members.c.wrapped_dek.is_not(None))
         .values(wrapped_dek=None)
+    )
+    connection.execute(
+        update(_followups)
+        .where(_followups.c.subject_id == subject_id, _followups.c.note_ciphertext.is_not(None))
+        .values(note_ciphertext=None)
     )
     session.flush()
     return int(result.rowcount or 0)
@@ -301,6 +355,8 @@ def _packet_public(row: Any, member_count: int) -> PacketPublic:
         created_at=row.created_at,
         expires_at=row.expires_at,
         closed_at=row.closed_at,
+        opened_at=row.opened_at,
+        shredded_at=row.shredded_at,
     )
 
 
@@ -352,6 +408,7 @@ def partition_run(
                 "expires_at": expires_at,
                 "closed_at": None,
                 "shredded_at": None,
+                "opened_at": None,
                 "wrapped_key": wrap_key(
                     keyring, "packet", packet_key, aad=packet_key_aad(packet_id)
                 ),
@@ -497,9 +554,26 @@ def get_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketDet
         .order_by(_members.c.pseudonym)
     ).all()
     summary = _packet_public(packet, len(rows))
+    followups = _followups_by_pseudonym(session, packet_id)
     return PacketDetailPublic(
         **summary.model_dump(),
-        members=[PacketMemberPublic(pseudonym=p, flag_kind=kind) for p, kind in rows],
+        members=[
+            PacketMemberPublic(
+                pseudonym=p,
+                flag_kind=kind,
+                followups=[
+                    FollowupSummaryPublic(
+                        id=f.id,
+                        kind=f.kind,
+                        date=f.date,
+                        outcome_code=f.outcome_code,
+                        created_at=f.created_at,
+                    )
+                    for f in followups.get(p, [])
+                ],
+            )
+            for p, kind in rows
+        ],
     )
 
 
@@ -555,3 +629,609 @@ def reassign_packet(
         ),
     )
     return _packet_public(packet, len(members))
+
+
+# -- re-identification, follow-ups, lifecycle --------------------------------------------------
+
+
+class PacketGone(Gone):
+    """The packet is closed, expired or shredded; the refusal keeps its ``denied`` entry."""
+
+    commit_before_raising = True
+
+
+class PacketNotClosable(Conflict):
+    pass
+
+
+class ClientNotInPacket(NotFound):
+    pass
+
+
+@dataclass(frozen=True)
+class _Followup:
+    id: str
+    kind: Any
+    date: Any
+    outcome_code: str | None
+    note_ciphertext: str | None
+    created_by: str
+    created_at: datetime
+
+
+def _followups_by_pseudonym(session: Session, packet_id: str) -> dict[str, list[_Followup]]:
+    """Every follow-up of the packet in one query, grouped by client, oldest first."""
+    rows = session.execute(
+        select(
+            _followups.c.pseudonym,
+            _followups.c.id,
+            _followups.c.kind,
+            _followups.c.date,
+            _followups.c.outcome_code,
+            _followups.c.note_ciphertext,
+            _followups.c.created_by,
+            _followups.c.created_at,
+        )
+        .where(_followups.c.packet_id == packet_id)
+        .order_by(_followups.c.pseudonym, _followups.c.date, _followups.c.created_at)
+    ).all()
+    grouped: dict[str, list[_Followup]] = {}
+    for pseudonym, *fields in rows:
+        grouped.setdefault(pseudonym, []).append(_Followup(*fields))
+    return grouped
+
+
+def _member_pseudonyms(session: Session, packet_id: str) -> list[str]:
+    return list(
+        session.execute(
+            select(_members.c.pseudonym)
+            .where(_members.c.packet_id == packet_id)
+            .order_by(_members.c.pseudonym)
+        ).scalars()
+    )
+
+
+def _deny(
+    session: Session,
+    *,
+    caller: Caller,
+    action: str,
+    packet_id: str,
+    reason: str,
+    pseudonyms: Sequence[str] = (),
+) -> None:
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action=action,
+            object_type="packet",
+            object_id=packet_id,
+            outcome="denied",
+            pseudonyms=pseudonyms,
+            reason=reason,
+        ),
+    )
+
+
+def _locked_packet(session: Session, packet_id: str) -> Packet | None:
+    """The packet row, locked until commit on PostgreSQL (a shredder skips it meanwhile)."""
+    found: Packet | None = session.execute(
+        select(Packet).where(Packet.id == packet_id).with_for_update()  # type: ignore[arg-type]
+    ).scalar_one_or_none()
+    return found
+
+
+def _owned_packet(
+    session: Session,
+    *,
+    packet_id: str,
+    caller: Caller,
+    action: str,
+    permission: Permission,
+    any_permission: Permission | None = None,
+) -> Packet:
+    """The packet, locked, if ``caller`` may act on it; otherwise a logged denial and a 404.
+
+    The owner needs ``permission``; anyone holding ``any_permission`` may act on every packet.
+    """
+    packet = _locked_packet(session, packet_id)
+    if packet is None:
+        reason = "no such packet"
+    elif any_permission is not None and caller.can(any_permission):
+        return packet
+    elif packet.professional_id != caller.sub:
+        reason = "not the packet's owner"
+    elif not caller.can(permission):
+        reason = f"lacks {permission.value}"
+    else:
+        return packet
+    _deny(
+        session,
+        caller=caller,
+        action=action,
+        packet_id=packet_id,
+        reason=reason,
+        pseudonyms=_member_pseudonyms(session, packet_id) if packet is not None else (),
+    )
+    raise PacketNotFound(f"no packet {packet_id} for this caller")
+
+
+def _why_not_in_use(packet: Packet, now: datetime) -> str | None:
+    """Why a packet can no longer be used, or None while it is open for use."""
+    if packet.status == "closed":
+        return "closed"
+    if packet.status in ("expired", "shredded") or packet.wrapped_key is None:
+        return "shredded" if packet.status == "shredded" else "expired"
+    if as_utc(packet.expires_at) <= now:
+        return "expired"
+    return None
+
+
+def _in_use(session: Session, *, packet: Packet, caller: Caller, action: str) -> None:
+    """Refuse (logged, 410) a packet that is closed, expired or crypto-shredded."""
+    why = _why_not_in_use(packet, utcnow())
+    if why is None:
+        return
+    _deny(
+        session,
+        caller=caller,
+        action=action,
+        packet_id=packet.id,
+        reason=f"packet is {why}",
+        pseudonyms=_member_pseudonyms(session, packet.id),
+    )
+    raise PacketGone(
+        f"packet {packet.id} is {why}; its clients can no longer be re-identified through it"
+    )
+
+
+def _packet_key_wrap(packet: Packet) -> str:
+    if packet.wrapped_key is None:
+        raise PacketGone(f"packet {packet.id} is crypto-shredded")
+    return packet.wrapped_key
+
+
+def _packet_key(keyring: KeyProvider, packet: Packet) -> DataKey:
+    """Unwrap the packet key with the packet KEK (only after the access is logged)."""
+    return unwrap_key(keyring, "packet", _packet_key_wrap(packet), aad=packet_key_aad(packet.id))
+
+
+def _identity_public(identity: Identity) -> IdentityPublic:
+    return IdentityPublic(
+        bsn=identity.bsn,
+        given_name=identity.given_name,
+        family_name=identity.family_name,
+        birth_date=identity.birth_date,
+        street=identity.street,
+        postcode=identity.postcode,
+        city=identity.city,
+        phone=identity.phone,
+        email=identity.email,
+    )
+
+
+def _followup_public(
+    followup: _Followup, *, packet_id: str, packet_key: DataKey | None
+) -> FollowupPublic:
+    note = None
+    if followup.note_ciphertext is not None and packet_key is not None:
+        note = open_(
+            packet_key, followup.note_ciphertext, aad=note_aad(followup.id, packet_id)
+        ).decode("utf-8")
+    return FollowupPublic(
+        id=followup.id,
+        kind=followup.kind,
+        date=followup.date,
+        outcome_code=followup.outcome_code,
+        created_at=followup.created_at,
+        note=note,
+        created_by=followup.created_by,
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class SealedPacket:
+    """A packet open that is logged but not yet decrypted: ciphertexts and wraps only.
+
+    ``reveal`` turns it into identities; call it only once the transaction that holds the
+    ``packet.open`` entry has committed.
+    """
+
+    packet: PacketPublic
+    wrapped_key: str
+    members: Sequence[Any]
+    followups: dict[str, list[_Followup]]
+
+    def __repr__(self) -> str:
+        return f"SealedPacket({self.packet.id}, {len(self.members)} members)"
+
+
+def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPacket:
+    """Log a re-identification of the caller's own packet; ``reveal`` then decrypts it.
+
+    In this order, in the caller's transaction: ownership and state are checked (a refusal is
+    logged as denied, 404 or 410); the ``packet.open`` entry is appended — if the log cannot be
+    written within its bound, ``LogUnavailable`` (503) is raised. Nothing is decrypted here: the
+    caller commits, and only then calls ``reveal`` (so the log lock is not held while decrypting,
+    and no identity exists before its log entry is durable). The first open moves the packet to
+    ``opened``.
+    """
+    packet = _owned_packet(
+        session,
+        packet_id=packet_id,
+        caller=caller,
+        action="packet.open",
+        permission=Permission.PACKETS_OPEN,
+    )
+    _in_use(session, packet=packet, caller=caller, action="packet.open")
+    members = session.execute(
+        select(
+            _members.c.pseudonym,
+            _members.c.subject_id,
+            _members.c.wrapped_dek,
+            _subjects.c.identity_ciphertext,
+            _subjects.c.district,
+            _subjects.c.neighbourhood,
+            _subjects.c.birth_year,
+            _subjects.c.household_type,
+            _flags.c.kind,
+            _flags.c.run_id,
+            _flags.c.policy_version,
+            _flags.c.reason_code,
+            _flags.c.hits,
+            _flags.c.explanation,
+        )
+        .select_from(
+            _members.join(_subjects, _subjects.c.id == _members.c.subject_id).join(
+                _flags, _flags.c.id == _members.c.flag_id
+            )
+        )
+        .where(_members.c.packet_id == packet_id)
+        .order_by(_members.c.pseudonym)
+    ).all()
+    followups = _followups_by_pseudonym(session, packet_id)
+    revealable = [
+        m.pseudonym
+        for m in members
+        if m.wrapped_dek is not None and m.identity_ciphertext is not None
+    ]
+    erased = len(members) - len(revealable)
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action="packet.open",
+            object_type="packet",
+            object_id=packet_id,
+            pseudonyms=revealable,
+            reason=f"{erased} erased members not revealed" if erased else None,
+        ),
+    )
+    if packet.status == "assigned":
+        packet.status = "opened"
+        packet.opened_at = utcnow()
+        session.add(packet)
+        session.flush()
+
+    return SealedPacket(
+        packet=_packet_public(packet, len(members)),
+        wrapped_key=_packet_key_wrap(packet),
+        members=members,
+        followups=followups,
+    )
+
+
+def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> PacketClientsPublic:
+    """Decrypt a logged open: the packet key (packet KEK), each member's DEK (packet key), the
+    identities and the follow-up notes. An erased member comes back with ``identity=None`` and
+    ``note="erased"``; the packet as a whole never fails for it. No database access."""
+    packet_id = sealed.packet.id
+    packet_key = unwrap_key(keyring, "packet", sealed.wrapped_key, aad=packet_key_aad(packet_id))
+    followups = sealed.followups
+    clients = []
+    for member in sealed.members:
+        identity: IdentityPublic | None = None
+        if member.wrapped_dek is not None and member.identity_ciphertext is not None:
+            dek = unwrap_under(
+                packet_key,
+                member.wrapped_dek,
+                aad=member_dek_aad(packet_id, member.subject_id),
+            )
+            identity = _identity_public(
+                Identity.from_bytes(
+                    open_(dek, member.identity_ciphertext, aad=identity_aad(member.pseudonym))
+                )
+            )
+        clients.append(
+            ClientPublic(
+                pseudonym=member.pseudonym,
+                identity=identity,
+                note=None if identity is not None else "erased",
+                characteristics=CharacteristicsPublic(
+                    district=member.district,
+                    neighbourhood=member.neighbourhood,
+                    birth_year=member.birth_year,
+                    household_type=member.household_type,
+                ),
+                flag=FlagReasonPublic(
+                    kind=member.kind,
+                    run_id=member.run_id,
+                    policy_version=member.policy_version,
+                    reason_code=member.reason_code,
+                    hits=[RuleHitPublic.model_validate(hit) for hit in member.hits],
+                    explanation=member.explanation,
+                ),
+                followups=[
+                    _followup_public(f, packet_id=packet_id, packet_key=packet_key)
+                    for f in followups.get(member.pseudonym, [])
+                ],
+            )
+        )
+    return PacketClientsPublic(packet=sealed.packet, clients=clients)
+
+
+def create_followup(
+    *,
+    session: Session,
+    keyring: KeyProvider,
+    policy: FollowupPolicy,
+    packet_id: str,
+    pseudonym: str,
+    given: FollowupCreate,
+    caller: Caller,
+) -> FollowupPublic:
+    """Record a follow-up for one client of the caller's own open packet (logged, note never).
+
+    The note is sealed under the packet key, bound to this follow-up and packet.
+    """
+    packet = _owned_packet(
+        session,
+        packet_id=packet_id,
+        caller=caller,
+        action="followup.create",
+        permission=Permission.FOLLOWUPS_WRITE,
+    )
+    _in_use(session, packet=packet, caller=caller, action="followup.create")
+    problem = policy.check(kind=given.kind, outcome_code=given.outcome_code)
+    if problem is not None:
+        raise Unprocessable(problem, errors=[{"loc": ["outcome_code"], "msg": problem}])
+    member = session.execute(
+        select(_members.c.subject_id, _members.c.wrapped_dek).where(
+            _members.c.packet_id == packet_id, _members.c.pseudonym == pseudonym
+        )
+    ).first()
+    if member is None:
+        raise ClientNotInPacket(f"packet {packet_id} has no client with this pseudonym")
+    if member.wrapped_dek is None:
+        raise Gone("this client was erased; no follow-up can be recorded for them")
+
+    followup_id = uuid.uuid4().hex
+    note_ciphertext = None
+    if given.note:
+        packet_key = _packet_key(keyring, packet)
+        note_ciphertext = seal(
+            packet_key, given.note.encode("utf-8"), aad=note_aad(followup_id, packet_id)
+        )
+    now = utcnow()
+    session.connection().execute(
+        insert(_followups).values(
+            id=followup_id,
+            packet_id=packet_id,
+            subject_id=member.subject_id,
+            pseudonym=pseudonym,
+            kind=given.kind,
+            date=given.date,
+            outcome_code=given.outcome_code,
+            note_ciphertext=note_ciphertext,
+            created_by=caller.sub,
+            created_at=now,
+        )
+    )
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action="followup.create",
+            object_type="packet",
+            object_id=packet_id,
+            pseudonyms=[pseudonym],
+            reason=f"followup {followup_id}; kind {given.kind}; "
+            f"outcome {given.outcome_code or '-'}",
+        ),
+    )
+    return FollowupPublic(
+        id=followup_id,
+        kind=given.kind,
+        date=given.date,
+        outcome_code=given.outcome_code,
+        created_at=now,
+        note=given.note or None,
+        created_by=caller.sub,
+    )
+
+
+def close_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketPublic:
+    """Close a packet (its owner, or anyone with ``packets.close_any``); logged.
+
+    It stays readable as metadata and is crypto-shredded after the retention policy's grace.
+    """
+    packet = _owned_packet(
+        session,
+        packet_id=packet_id,
+        caller=caller,
+        action="packet.close",
+        permission=Permission.PACKETS_CLOSE,
+        any_permission=Permission.PACKETS_CLOSE_ANY,
+    )
+    why = _why_not_in_use(packet, utcnow())
+    if why == "closed":
+        raise PacketNotClosable(f"packet {packet_id} is already closed")
+    if why is not None:
+        raise Gone(f"packet {packet_id} is {why}")
+    members = _member_pseudonyms(session, packet_id)
+    packet.status = "closed"
+    packet.closed_at = utcnow()
+    session.add(packet)
+    session.flush()
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action="packet.close",
+            object_type="packet",
+            object_id=packet_id,
+            pseudonyms=members,
+        ),
+    )
+    return _packet_public(packet, len(members))
+
+
+def _due_condition(*, retention: RetentionPolicy, now: datetime) -> Any:
+    grace_cutoff = now - timedelta(days=retention.closed_grace_days)
+    return and_(
+        _packets.c.shredded_at.is_(None),
+        or_(
+            and_(_packets.c.status.in_(OPEN_STATUSES), _packets.c.expires_at <= now),
+            and_(
+                _packets.c.status == "closed",
+                or_(_packets.c.closed_at <= grace_cutoff, _packets.c.expires_at <= now),
+            ),
+        ),
+    )
+
+
+def count_due_for_shredding(*, session: Session, retention: RetentionPolicy, now: datetime) -> int:
+    return int(
+        session.execute(
+            select(func.count())
+            .select_from(_packets)
+            .where(_due_condition(retention=retention, now=now))
+        ).scalar_one()
+    )
+
+
+def shred_due(
+    *,
+    session: Session,
+    retention: RetentionPolicy,
+    now: datetime,
+    actor: str,
+    limit: int = 100,
+) -> list[str]:
+    """Crypto-shred up to ``limit`` due packets in this transaction; returns their ids.
+
+    Due: open packets past ``expires_at`` (→ ``expired``) and closed packets past the grace
+    period or their expiry (→ ``shredded``). The packet key wrap, the members' DEK wraps and the
+    follow-up notes become NULL; each shred is logged as ``packet.shred``. Rows another worker
+    is handling are skipped (PostgreSQL ``SKIP LOCKED``), so concurrent shredders never collide.
+    """
+    due = session.execute(
+        select(_packets.c.id, _packets.c.status, _packets.c.expires_at, _packets.c.closed_at)
+        .where(_due_condition(retention=retention, now=now))
+        .order_by(_packets.c.expires_at, _packets.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not due:
+        return []
+    ids = [row.id for row in due]
+    connection = session.connection()
+    members: dict[str, list[str]] = {}
+    for packet_id, pseudonym in connection.execute(
+        select(_members.c.packet_id, _members.c.pseudonym)
+        .where(_members.c.packet_id.in_(ids))
+        .order_by(_members.c.packet_id, _members.c.pseudonym)
+    ):
+        members.setdefault(packet_id, []).append(pseudonym)
+    for new_status, group in (
+        ("expired", [r.id for r in due if r.status in OPEN_STATUSES]),
+        ("shredded", [r.id for r in due if r.status == "closed"]),
+    ):
+        if group:
+            connection.execute(
+                update(_packets)
+                .where(_packets.c.id.in_(group))
+                .values(status=new_status, wrapped_key=None, shredded_at=now)
+            )
+    # Same order as the erasure hook (members, then follow-ups): no lock cycle between them.
+    connection.execute(
+        update(_members).where(_members.c.packet_id.in_(ids)).values(wrapped_dek=None)
+    )
+    connection.execute(
+        update(_followups).where(_followups.c.packet_id.in_(ids)).values(note_ciphertext=None)
+    )
+    for row in due:
+        if row.status == "closed":
+            closed = as_utc(row.closed_at).isoformat()
+            reason = f"closed {closed}; grace {retention.closed_grace_days} days"
+        else:
+            reason = f"expired {as_utc(row.expires_at).isoformat()}"
+        append(
+            session=session,
+            entry=LogEntry(
+                actor=actor,
+                role="system",
+                action="packet.shred",
+                object_type="packet",
+                object_id=row.id,
+                pseudonyms=tuple(members.get(row.id, ())),
+                reason=reason,
+            ),
+        )
+    session.flush()
+    return ids
+
+
+def shred_expired(
+    *,
+    database: Database,
+    retention: RetentionPolicy,
+    actor: str,
+    batch_size: int = 100,
+    now: datetime | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """The shredding job: every due packet, ``batch_size`` per committed transaction.
+
+    A job, not a request: it owns its transactions (one per batch), so an interruption loses at
+    most one batch and a rerun continues. Returns how many packets it shredded.
+    """
+    moment = now or utcnow()
+    if on_start is not None:
+        with database.transaction() as session:
+            on_start(count_due_for_shredding(session=session, retention=retention, now=moment))
+    total = 0
+    while True:
+        with database.transaction() as session:
+            shredded = shred_due(
+                session=session, retention=retention, now=moment, actor=actor, limit=batch_size
+            )
+        if not shredded:
+            return total
+        total += len(shredded)
+        if on_progress is not None:
+            on_progress(len(shredded))
+
+
+async def shred_periodically(
+    *, database: Database, retention: RetentionPolicy, interval_seconds: float
+) -> None:
+    """Run the shredding job every ``interval_seconds`` in a worker thread, until cancelled.
+
+    A failed run (database busy, log unavailable) is logged by type and retried next time.
+    """
+    while True:
+        await asyncio.sleep(interval_seconds)
+        try:
+            shredded = await asyncio.to_thread(
+                shred_expired, database=database, retention=retention, actor="system:shredder"
+            )
+        except Exception as exc:
+            logger.warning(
+                "periodic crypto-shredding failed (%s); retrying later", type(exc).__name__
+            )
+            continue
+        if shredded:
+            logger.info("crypto-shredded %d packets", shredded)

@@ -1,0 +1,374 @@
+"""Packet opens (re-identification) per second and p50/p99 under load, against GET /healthz."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import httpx
+import psycopg
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
+
+from service.config import PROJECT_ROOT, Settings, normalize_database_url
+from service.crypto.keyring import Keyring
+from service.db import Database, migrate
+from service.main import create_app
+from service.records.demo import synthetic_bsn
+
+MIGRATIONS = PROJECT_ROOT / "alembic"
+AS_OF = date(2026, 3, 15)
+# A history the shipped policy's relapse rule flags (3 returns within 24 months of AS_OF).
+RELAPSING = (
+    ("employment_end", "2024-06-30"),
+    ("welfare_start", "2024-07-01"),
+    ("welfare_end", "2024-09-01"),
+    ("employment_end", "2025-01-31"),
+    ("welfare_start", "2025-02-03"),
+    ("welfare_end", "2025-04-01"),
+    ("employment_end", "2025-09-30"),
+    ("welfare_start", "2025-10-01"),
+)
+
+
+@dataclass(frozen=True)
+class Phase:
+    label: str
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def subject(index: int, district: str) -> dict[str, Any]:
+    return {
+        "identity": {
+            "bsn": synthetic_bsn(index, seed=2026),
+            "given_name": f"Client{index}",
+            "family_name": "Benchmark",
+            "birth_date": "1985-03-04",
+            "street": f"Dordtselaan {index % 300 + 1}",
+            "postcode": "3073 AA",
+            "city": "Rotterdam",
+            "phone": "+31 10 000 0000",
+            "email": f"client{index}@example.org",
+        },
+        "characteristics": {"district": district, "neighbourhood": "Tarwewijk"},
+        "events": [
+            {
+                "type": kind,
+                "date": day,
+                "office": "Werkplein Zuid",
+                "source_event_id": f"{index}-{n}",
+            }
+            for n, (kind, day) in enumerate(RELAPSING)
+        ],
+    }
+
+
+def prepare(settings: Settings, *, professionals: int, packet_size: int) -> list[tuple[str, str]]:
+    """Through the API: ingest, flag, register professionals, partition. Returns
+    (professional, packet id) pairs, one packet of ``packet_size`` clients each."""
+    database = Database(settings)
+    try:
+        app = create_app(settings, database=database)
+        issuer = app.state.dev_issuer
+        source = {"Authorization": f"Bearer {issuer.mint(subject='source', roles=['source'])}"}
+        coordinator = {
+            "Authorization": f"Bearer {issuer.mint(subject='coord', roles=['coordinator'])}"
+        }
+        with TestClient(app) as client:
+            records = [
+                subject(p * packet_size + i, f"district-{p:02d}")
+                for p in range(professionals)
+                for i in range(packet_size)
+            ]
+            for start in range(0, len(records), 500):
+                batch = {"subjects": records[start : start + 500]}
+                response = client.post("/v1/records/batch", json=batch, headers=source)
+                response.raise_for_status()
+            for p in range(professionals):
+                client.post(
+                    "/v1/professionals",
+                    json={
+                        "id": f"prof-{p:03d}",
+                        "display_name": f"Caseworker {p}",
+                        "team": "Zuid",
+                        "districts": [f"district-{p:02d}"],
+                        "capacity": packet_size,
+                    },
+                    headers=coordinator,
+                ).raise_for_status()
+            run = client.post(
+                "/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator
+            )
+            run.raise_for_status()
+            parted = client.post(
+                "/v1/packets/partition", json={"run_id": run.json()["id"]}, headers=coordinator
+            )
+            parted.raise_for_status()
+            return sorted((p["professional_id"], p["id"]) for p in parted.json()["packets"])
+    finally:
+        database.dispose()
+
+
+# -- load -------------------------------------------------------------------------------------
+
+
+async def _drive(
+    targets: list[tuple[str, dict[str, str]]], *, concurrency: int, total: int, limit_s: float
+) -> tuple[int, int, float, list[float]]:
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+        started = time.perf_counter()
+        deadline = started + limit_s
+
+        async def worker(number: int) -> None:
+            nonlocal errors, issued
+            position = number
+            while issued < total and time.perf_counter() < deadline:
+                issued += 1
+                url, headers = targets[position % len(targets)]
+                position += concurrency
+                sent = time.perf_counter()
+                response = await client.get(url, headers=headers)
+                latencies.append((time.perf_counter() - sent) * 1000)
+                if response.status_code != 200:
+                    errors += 1
+
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return len(latencies), errors, elapsed, latencies
+
+
+def load_process(
+    targets: list[tuple[str, dict[str, str]]],
+    concurrency: int,
+    total: int,
+    limit_s: float,
+    queue: Any,
+) -> None:
+    queue.put(asyncio.run(_drive(targets, concurrency=concurrency, total=total, limit_s=limit_s)))
+
+
+def run_load(
+    label: str,
+    targets: list[tuple[str, dict[str, str]]],
+    *,
+    concurrency: int,
+    total: int,
+    limit_s: float,
+) -> Phase:
+    """Drive the server from a separate process, so the generator does not share our GIL."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(
+        target=load_process, args=(targets, concurrency, total, limit_s, queue)
+    )
+    process.start()
+    requests, errors, seconds, latencies = queue.get(timeout=limit_s + 120)
+    process.join()
+    return Phase(label, requests, errors, seconds, latencies)
+
+
+# -- server -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve(env: dict[str, str], port: int, workers: int) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env},
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.terminate()
+    raise RuntimeError("the server did not come up within 60 s")
+
+
+def bench_backend(label: str, url: str, args: argparse.Namespace) -> tuple[Phase, Phase] | None:
+    home = Path(tempfile.mkdtemp(prefix="cp-bench-open-"))
+    try:
+        Keyring.init(home / "keyring.json")
+        migrate(url, MIGRATIONS)
+        env = {
+            "CASEPACKETS_ENV": "development",
+            "CASEPACKETS_HOME": str(home),
+            "CASEPACKETS_DATABASE_URL": url,
+            "CASEPACKETS_SHRED_INTERVAL_SECONDS": "0",
+        }
+        settings = Settings(env="development", home=home, database_url=url)
+        started = time.perf_counter()
+        packets = prepare(settings, professionals=args.professionals, packet_size=args.packet_size)
+        print(
+            f"[{label}] prepared {len(packets)} packets of {args.packet_size} clients "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
+        database = Database(settings)
+        try:
+            issuer = create_app(settings, database=database).state.dev_issuer
+        finally:
+            database.dispose()
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        opens = [
+            (
+                f"{base}/v1/packets/{packet_id}/clients",
+                {"Authorization": f"Bearer {issuer.mint(subject=owner, roles=['professional'])}"},
+            )
+            for owner, packet_id in packets
+        ]
+        health = [(f"{base}/healthz", {})]
+        server = serve(env, port, args.workers)
+        try:
+            common = {"concurrency": args.concurrency, "limit_s": args.seconds}
+            run_load("warm-up", opens, total=max(50, args.requests // 10), **common)
+            ceiling = run_load("GET /healthz", health, total=args.requests, **common)
+            opened = run_load("GET /v1/packets/{id}/clients", opens, total=args.requests, **common)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        return ceiling, opened
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def postgres_database() -> tuple[str, Callable[[], None]] | None:
+    admin = normalize_database_url(
+        os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    )
+    libpq = make_url(admin).set(drivername="postgresql").render_as_string(hide_password=False)
+    name = f"cp_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(libpq, autocommit=True, connect_timeout=3) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+    except psycopg.Error as exc:
+        print(f"PostgreSQL not reachable ({type(exc).__name__}); skipping its figures")
+        return None
+
+    def drop() -> None:
+        with psycopg.connect(libpq, autocommit=True) as connection:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    return make_url(admin).set(database=name).render_as_string(hide_password=False), drop
+
+
+def report(label: str, ceiling: Phase, opened: Phase) -> None:
+    ratio = opened.per_second / ceiling.per_second if ceiling.per_second else 0.0
+    print(f"\n[{label}]")
+    print(f"  {'route':32} {'req':>6} {'err':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for phase in (ceiling, opened):
+        print(
+            f"  {phase.label:32} {phase.requests:6d} {phase.errors:4d} {phase.per_second:8.0f} "
+            f"{phase.percentile(50):8.1f} {phase.percentile(99):8.1f}"
+        )
+    print(
+        f"  opens/s ÷ healthz/s = {ratio:.2f}× (target ≥ 0.5×); "
+        f"open p99 {opened.percentile(99):.1f} ms (target ≤ 25 ms)"
+    )
+    if opened.errors:
+        print(f"  WARNING: {opened.errors} opens did not return 200")
+    if opened.latencies_ms:
+        print(f"  open mean {statistics.fmean(opened.latencies_ms):.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--requests", type=int, default=4000, help="requests per phase")
+    parser.add_argument("--seconds", type=float, default=60.0, help="time limit per phase")
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients (≥ 16)")
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--professionals", type=int, default=16, help="packets to open")
+    parser.add_argument("--packet-size", type=int, default=20)
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.seconds, args.professionals = 400, 20.0, 4
+    print(
+        f"packet open benchmark: {args.concurrency} concurrent clients, {args.workers} workers, "
+        f"≤ {args.requests} requests or {args.seconds:.0f} s per phase, "
+        f"{os.cpu_count()} CPUs (load generator shares them)"
+    )
+    if args.backend in ("sqlite", "both"):
+        folder = Path(tempfile.mkdtemp(prefix="cp-bench-sqlite-"))
+        try:
+            result = bench_backend("SQLite", f"sqlite:///{folder / 'bench.db'}", args)
+            if result:
+                report("SQLite", *result)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    if args.backend in ("postgres", "both"):
+        created = postgres_database()
+        if created is not None:
+            url, drop = created
+            try:
+                result = bench_backend("PostgreSQL", url, args)
+                if result:
+                    report("PostgreSQL", *result)
+            finally:
+                drop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""A small world built through the API: subjects ingested by a source, a flagging run,
+professionals and their packets. Shared by the re-identification, lifecycle and authorization
+tests; every identity it ingests is distinctive, so a response can be scanned for leaks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlmodel import Session
+
+from service.access_log.models import AccessLogEntry
+from service.packets.models import Followup, Packet, PacketMember
+from service.records.demo import synthetic_bsn
+from service.records.models import Subject
+from tests.conftest import TokenFactory, bearer
+from tests.flagging.seed import AS_OF, RELAPSING
+
+LOG = AccessLogEntry.__table__  # type: ignore[attr-defined]
+PACKETS = Packet.__table__  # type: ignore[attr-defined]
+MEMBERS = PacketMember.__table__  # type: ignore[attr-defined]
+FOLLOWUPS = Followup.__table__  # type: ignore[attr-defined]
+SUBJECTS = Subject.__table__  # type: ignore[attr-defined]
+SOURCE = "source-welfare"
+COORDINATOR = "coord-001"
+NOTE = "Spoke with Mrs Quaedvlieg-Oostindie about the rent arrears"
+
+
+@dataclass(frozen=True)
+class Person:
+    """What a source sent for one subject (the identity the owner must get back)."""
+
+    pseudonym: str
+    identity: dict[str, Any]
+    characteristics: dict[str, Any]
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Strings that identify this person and must never reach a non-owner."""
+        return (
+            self.identity["bsn"],
+            self.identity["given_name"],
+            self.identity["family_name"],
+            self.identity["street"],
+            self.identity["email"],
+        )
+
+
+@dataclass
+class World:
+    run_id: str
+    people: dict[str, Person]
+    # professional id -> district -> packet (as returned by partitioning)
+    packets: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def packet(self, professional_id: str, district: str) -> dict[str, Any]:
+        return self.packets[professional_id][district]
+
+    def members(self, packet: Mapping[str, Any]) -> list[Person]:
+        return [self.people[p] for p in packet["pseudonyms"]]
+
+    @property
+    def secrets(self) -> set[str]:
+        return {s for person in self.people.values() for s in person.secrets} | {NOTE}
+
+
+def record(index: int, district: str) -> dict[str, Any]:
+    """One subject of the batch, with a relapsing history the shipped policy flags."""
+    return {
+        "identity": {
+            "bsn": synthetic_bsn(index, seed=77),
+            "given_name": f"Ymkje{index:03d}x",
+            "family_name": f"Quaedvlieg{index:03d}z",
+            "birth_date": "1984-05-17",
+            "street": f"Wolphaertsbocht {100 + index}q",
+            "postcode": "3083 AB",
+            "city": "Rotterdam",
+            "phone": "+31 10 123 4567",
+            "email": f"ymkje{index:03d}@example.org",
+        },
+        "characteristics": {
+            "district": district,
+            "neighbourhood": "Tarwewijk",
+            "household_type": "single",
+        },
+        "events": [
+            {
+                "type": kind,
+                "date": day.isoformat(),
+                "office": office,
+                "source_event_id": f"ev-{index}-{n}",
+            }
+            for n, (kind, day, office) in enumerate(RELAPSING)
+        ],
+    }
+
+
+def ingest(
+    client: TestClient, token: TokenFactory, districts: Sequence[str], *, start: int = 0
+) -> dict[str, Person]:
+    records = [record(start + i, district) for i, district in enumerate(districts)]
+    response = client.post(
+        "/v1/records/batch",
+        json={"subjects": records},
+        headers=bearer(token(SOURCE, "source")),
+    )
+    assert response.status_code == 200, response.text
+    people = {}
+    for row, sent in zip(response.json()["rows"], records, strict=True):
+        people[row["pseudonym"]] = Person(
+            pseudonym=row["pseudonym"],
+            identity=sent["identity"],
+            characteristics=sent["characteristics"],
+        )
+    return people
+
+
+def build_world(
+    client: TestClient,
+    token: TokenFactory,
+    *,
+    professionals: Mapping[str, Sequence[str]],
+    per_district: int = 2,
+    spare_professionals: Sequence[str] = (),
+) -> World:
+    """Ingest ``per_district`` subjects in every district served, flag them, register the
+    professionals and partition: one packet per district, for the professional serving it."""
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    districts = [d for served in professionals.values() for d in served]
+    people = ingest(client, token, [d for d in districts for _ in range(per_district)])
+    for professional_id, served in professionals.items():
+        register(client, coordinator, professional_id, list(served))
+    for professional_id in spare_professionals:
+        register(client, coordinator, professional_id, ["Nowhere"])
+    run = client.post("/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator)
+    assert run.status_code == 201, run.text
+    assert run.json()["flagged"] == len(people)
+    world = World(run_id=run.json()["id"], people=people)
+    parted = client.post(
+        "/v1/packets/partition", json={"run_id": world.run_id}, headers=coordinator
+    )
+    assert parted.status_code == 201, parted.text
+    assert parted.json()["unplaced"] == []
+    for packet in parted.json()["packets"]:
+        detail = client.get(f"/v1/packets/{packet['id']}", headers=coordinator).json()
+        packet["pseudonyms"] = [m["pseudonym"] for m in detail["members"]]
+        world.packets.setdefault(packet["professional_id"], {})[packet["district"]] = packet
+    return world
+
+
+def register(
+    client: TestClient, coordinator: dict[str, str], professional_id: str, districts: list[str]
+) -> None:
+    response = client.post(
+        "/v1/professionals",
+        json={
+            "id": professional_id,
+            "display_name": f"Caseworker {professional_id}",
+            "team": "Zuid-1",
+            "districts": districts,
+            "capacity": 40,
+        },
+        headers=coordinator,
+    )
+    assert response.status_code == 201, response.text
+
+
+def log_entries(session: Session, action: str | None = None) -> list[dict[str, Any]]:
+    rows = session.execute(select(LOG.c.entry).order_by(LOG.c.leaf_index)).scalars()
+    entries = [json.loads(bytes(row)) for row in rows]
+    session.rollback()  # end the read (on SQLite every transaction holds the write lock)
+    return [e for e in entries if action is None or e["action"] == action]
+
+
+def leaked(text: str, secrets: set[str]) -> list[str]:
+    return sorted(secret for secret in secrets if secret in text)

@@ -1,0 +1,366 @@
+"""Closing, expiry, crypto-shredding and erasure: afterwards no route and no reader of the database
+holding the keyring can recover an identity through a packet (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, update
+from sqlmodel import Session
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+from service.config import Settings, get_settings
+from service.crypto.envelope import DataKey, unwrap_key
+from service.crypto.keyring import KeyProvider
+from service.db import Database
+from service.main import create_app
+from service.packets.models import utcnow
+from service.packets.service import packet_key_aad, shred_expired
+from tests.conftest import TokenFactory, bearer
+from tests.packets.scenario import (
+    COORDINATOR,
+    FOLLOWUPS,
+    MEMBERS,
+    NOTE,
+    PACKETS,
+    SUBJECTS,
+    World,
+    build_world,
+    leaked,
+    log_entries,
+)
+
+OWNER = "prof-001"
+OTHER = "prof-002"
+
+
+def world_of(client: TestClient, token: TokenFactory) -> World:
+    return build_world(
+        client,
+        token,
+        professionals={OWNER: ["Charlois"], OTHER: ["Feijenoord"]},
+        per_district=3,
+    )
+
+
+def packet_state(session: Session, packet_id: str) -> dict[str, Any]:
+    """Everything stored about one packet that could lead to an identity."""
+    packet = session.execute(
+        select(PACKETS.c.status, PACKETS.c.wrapped_key, PACKETS.c.shredded_at).where(
+            PACKETS.c.id == packet_id
+        )
+    ).one()
+    wraps = list(
+        session.execute(
+            select(MEMBERS.c.wrapped_dek).where(MEMBERS.c.packet_id == packet_id)
+        ).scalars()
+    )
+    notes = session.execute(
+        select(FOLLOWUPS.c.note_ciphertext, FOLLOWUPS.c.outcome_code).where(
+            FOLLOWUPS.c.packet_id == packet_id
+        )
+    ).all()
+    session.rollback()
+    return {
+        "status": packet.status,
+        "wrapped_key": packet.wrapped_key,
+        "shredded_at": packet.shredded_at,
+        "member_wraps": wraps,
+        "notes": [n for n, _ in notes],
+        "outcome_codes": [c for _, c in notes],
+    }
+
+
+def recoverable_packet_key(
+    session: Session, keyring: KeyProvider, packet_id: str
+) -> DataKey | None:
+    """What an operator with the keyring and the database could do: unwrap the packet key."""
+    wrapped = session.execute(
+        select(PACKETS.c.wrapped_key).where(PACKETS.c.id == packet_id)
+    ).scalar()
+    session.rollback()
+    if wrapped is None:
+        return None
+    return unwrap_key(keyring, "packet", wrapped, aad=packet_key_aad(packet_id))
+
+
+def assert_shredded(state: dict[str, Any], status: str) -> None:
+    assert state["status"] == status
+    assert state["shredded_at"] is not None
+    assert state["wrapped_key"] is None
+    assert state["member_wraps"]
+    assert all(w is None for w in state["member_wraps"])
+    assert all(n is None for n in state["notes"])
+
+
+def assert_gone_everywhere(
+    client: TestClient, token: TokenFactory, world: World, packet: dict[str, Any]
+) -> None:
+    owner = bearer(token(OWNER, "professional"))
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert opened.status_code == 410
+    assert leaked(opened.text, world.secrets) == []
+    followup = client.post(
+        f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups",
+        json={"kind": "contact", "date": "2026-04-01"},
+        headers=owner,
+    )
+    assert followup.status_code == 410
+    for sub, role in ((OWNER, "professional"), (COORDINATOR, "coordinator")):
+        metadata = client.get(f"/v1/packets/{packet['id']}", headers=bearer(token(sub, role)))
+        assert metadata.status_code == 200
+        assert leaked(metadata.text, world.secrets) == []
+
+
+def test_closed_packet_is_refused_then_shredded_after_the_grace_period(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, database: Database
+) -> None:
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    first = packet["pseudonyms"][0]
+    client.post(
+        f"/v1/packets/{packet['id']}/clients/{first}/followups",
+        json={
+            "kind": "outcome",
+            "date": "2026-04-01",
+            "outcome_code": "support_accepted",
+            "note": NOTE,
+        },
+        headers=owner,
+    )
+    assert client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).status_code == 200
+
+    closed = client.post(f"/v1/packets/{packet['id']}/close", headers=owner)
+    assert closed.status_code == 200, closed.text
+    assert closed.json()["status"] == "closed"
+    assert client.post(f"/v1/packets/{packet['id']}/close", headers=owner).status_code == 409
+    refused = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert refused.status_code == 410
+    assert "closed" in refused.json()["detail"]
+    assert log_entries(session, "packet.open")[-1]["outcome"] == "denied"
+    assert log_entries(session, "packet.open")[-1]["reason"] == "packet is closed"
+
+    # within the grace period the key still exists; after it, the shredder destroys it
+    retention = app.state.retention_policy
+    closed_at = utcnow()
+    within = closed_at + timedelta(days=retention.closed_grace_days) - timedelta(hours=1)
+    after = closed_at + timedelta(days=retention.closed_grace_days, hours=1)
+    assert (
+        shred_expired(database=database, retention=retention, actor="system:test", now=within) == 0
+    )
+    assert recoverable_packet_key(session, app.state.keyring, packet["id"]) is not None
+    assert (
+        shred_expired(database=database, retention=retention, actor="system:test", now=after) == 1
+    )
+
+    state = packet_state(session, packet["id"])
+    assert_shredded(state, "shredded")
+    assert state["outcome_codes"] == ["support_accepted"]
+    assert recoverable_packet_key(session, app.state.keyring, packet["id"]) is None
+    assert_gone_everywhere(client, token, world, packet)
+    metadata = client.get(f"/v1/packets/{packet['id']}", headers=owner).json()
+    assert metadata["status"] == "shredded"
+    assert metadata["shredded_at"] is not None
+    member = {m["pseudonym"]: m for m in metadata["members"]}[first]
+    assert [f["outcome_code"] for f in member["followups"]] == ["support_accepted"]
+    # the other professional's packet is untouched
+    other = packet_state(session, world.packet(OTHER, "Feijenoord")["id"])
+    assert other["status"] == "assigned"
+    assert other["wrapped_key"] is not None
+
+    closes = log_entries(session, "packet.close")
+    shreds = log_entries(session, "packet.shred")
+    assert [(e["actor"], e["object_id"]) for e in closes] == [(OWNER, packet["id"])]
+    assert [(e["actor"], e["object_id"]) for e in shreds] == [("system:test", packet["id"])]
+    assert sorted(shreds[0]["pseudonyms"]) == sorted(packet["pseudonyms"])
+
+
+@pytest.fixture
+def cli_env(db_url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("CASEPACKETS_HOME", str(home))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", db_url)
+    monkeypatch.setenv("CASEPACKETS_ENV", "test")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_expired_packets_are_refused_and_the_expire_command_shreds_them(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, cli_env: None
+) -> None:
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    session.execute(
+        update(PACKETS)
+        .where(PACKETS.c.id == packet["id"])
+        .values(expires_at=utcnow() - timedelta(minutes=1))
+    )
+    session.commit()
+    owner = bearer(token(OWNER, "professional"))
+    refused = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert refused.status_code == 410
+    assert "expired" in refused.json()["detail"]
+
+    runner = CliRunner()
+    result = runner.invoke(cli, ["expire"])
+    assert result.exit_code == 0, result.output
+    assert "crypto-shredded 1 packets" in " ".join(result.output.split())
+    again = runner.invoke(cli, ["expire"])
+    assert "crypto-shredded 0 packets" in " ".join(again.output.split())
+
+    assert_shredded(packet_state(session, packet["id"]), "expired")
+    assert recoverable_packet_key(session, app.state.keyring, packet["id"]) is None
+    assert_gone_everywhere(client, token, world, packet)
+    shreds = log_entries(session, "packet.shred")
+    assert [(e["actor"], e["object_id"]) for e in shreds] == [("system:expire", packet["id"])]
+    assert shreds[0]["reason"].startswith("expired")
+
+
+def test_a_coordinator_may_close_any_packet_another_professional_may_not(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    for sub, role in (
+        (OTHER, "professional"),
+        ("source-welfare", "source"),
+        ("admin-001", "admin"),
+    ):
+        response = client.post(
+            f"/v1/packets/{packet['id']}/close", headers=bearer(token(sub, role))
+        )
+        assert response.status_code == 404, (role, response.text)
+    closed = client.post(
+        f"/v1/packets/{packet['id']}/close", headers=bearer(token(COORDINATOR, "coordinator"))
+    )
+    assert closed.status_code == 200
+    entries = log_entries(session, "packet.close")
+    assert [(e["actor"], e["outcome"]) for e in entries] == [
+        (OTHER, "denied"),
+        ("source-welfare", "denied"),
+        ("admin-001", "denied"),
+        (COORDINATOR, "allowed"),
+    ]
+
+
+def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
+    app: Any, client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = world_of(client, token)
+    first_packet = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    assert client.post(f"/v1/packets/{first_packet['id']}/close", headers=owner).status_code == 200
+    # the closed packet's clients go into a new packet for the same professional
+    again = client.post("/v1/packets/partition", json={"run_id": world.run_id}, headers=coordinator)
+    assert again.status_code == 201
+    [second_packet] = again.json()["packets"]
+    assert second_packet["professional_id"] == OWNER
+    erased = first_packet["pseudonyms"][0]
+    client.post(
+        f"/v1/packets/{second_packet['id']}/clients/{erased}/followups",
+        json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+        headers=owner,
+    )
+
+    response = client.post(
+        f"/v1/subjects/{erased}/erase", headers=bearer(token("admin-001", "admin"))
+    )
+    assert response.status_code == 200, response.text
+    erasures = log_entries(session, "subject.erase")
+    assert erasures[-1]["reason"] == "packet_wraps_removed=2"
+
+    subject = session.execute(
+        select(SUBJECTS.c.wrapped_dek, SUBJECTS.c.identity_ciphertext).where(
+            SUBJECTS.c.pseudonym == erased
+        )
+    ).one()
+    wraps = session.execute(
+        select(MEMBERS.c.packet_id, MEMBERS.c.wrapped_dek).where(MEMBERS.c.pseudonym == erased)
+    ).all()
+    notes = list(
+        session.execute(
+            select(FOLLOWUPS.c.note_ciphertext).where(FOLLOWUPS.c.pseudonym == erased)
+        ).scalars()
+    )
+    session.rollback()
+    assert tuple(subject) == (None, None)
+    assert sorted(p for p, _ in wraps) == sorted([first_packet["id"], second_packet["id"]])
+    assert all(w is None for _, w in wraps)
+    assert notes == [None]
+    # with the keyring in hand the packet keys still unwrap, but no wrap of this DEK is left
+    for packet_id in (first_packet["id"], second_packet["id"]):
+        assert recoverable_packet_key(session, app.state.keyring, packet_id) is not None
+
+    opened = client.get(f"/v1/packets/{second_packet['id']}/clients", headers=owner)
+    assert opened.status_code == 200
+    assert {c["pseudonym"]: c["note"] for c in opened.json()["clients"]}[erased] == "erased"
+    assert leaked(opened.text, set(world.people[erased].secrets) | {NOTE}) == []
+
+
+def test_concurrent_shredders_shred_each_packet_exactly_once(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, database: Database
+) -> None:
+    build_world(
+        client,
+        token,
+        professionals={OWNER: ["Charlois", "Feijenoord", "IJsselmonde"], OTHER: ["Delfshaven"]},
+        per_district=2,
+    )
+    retention = app.state.retention_policy
+    later = utcnow() + timedelta(days=retention.packet_ttl_days + 1)
+    totals: list[int] = []
+
+    def shred() -> None:
+        totals.append(
+            shred_expired(
+                database=database, retention=retention, actor="system:test", now=later, batch_size=1
+            )
+        )
+
+    threads = [threading.Thread(target=shred) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(totals) == 4
+    shreds = log_entries(session, "packet.shred")
+    assert len(shreds) == 4
+    assert len({e["object_id"] for e in shreds}) == 4
+    statuses = set(session.execute(select(PACKETS.c.status)).scalars())
+    session.rollback()
+    assert statuses == {"expired"}
+
+
+def test_the_service_shreds_due_packets_periodically(
+    client: TestClient, token: TokenFactory, session: Session, db_url: str, home: Path
+) -> None:
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    session.execute(
+        update(PACKETS)
+        .where(PACKETS.c.id == packet["id"])
+        .values(expires_at=utcnow() - timedelta(minutes=1))
+    )
+    session.commit()
+    periodic = Settings(env="test", home=home, database_url=db_url, shred_interval_seconds=0.05)
+    database = Database(periodic)
+    try:
+        with TestClient(create_app(periodic, database=database)):
+            deadline = time.monotonic() + 30
+            while packet_state(session, packet["id"])["status"] != "expired":
+                assert time.monotonic() < deadline, "the periodic shredder never ran"
+                time.sleep(0.05)
+    finally:
+        database.dispose()
+    assert_shredded(packet_state(session, packet["id"]), "expired")
+    assert [e["actor"] for e in log_entries(session, "packet.shred")] == ["system:shredder"]

@@ -1,0 +1,414 @@
+"""Re-identification by the owner, follow-ups, failing closed (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+from sqlmodel import Session
+
+from service.access_log import service as log
+from service.access_log.service import LOG_LOCK_KEY
+from service.access_log.verify import verify_export
+from service.config import Settings
+from service.db import Database, make_engine
+from service.main import create_app
+from service.packets import service as packets_service
+from tests.conftest import TokenFactory, bearer
+from tests.packets.scenario import (
+    COORDINATOR,
+    FOLLOWUPS,
+    MEMBERS,
+    NOTE,
+    PACKETS,
+    World,
+    build_world,
+    leaked,
+    log_entries,
+)
+
+OWNER = "prof-001"
+OTHER = "prof-002"
+
+
+def small_world(client: TestClient, token: TokenFactory, per_district: int = 3) -> World:
+    return build_world(
+        client,
+        token,
+        professionals={OWNER: ["Charlois"], OTHER: ["Feijenoord"]},
+        per_district=per_district,
+    )
+
+
+def test_owner_gets_back_exactly_the_identities_that_were_ingested(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    response = client.get(
+        f"/v1/packets/{packet['id']}/clients", headers=bearer(token(OWNER, "professional"))
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["packet"]["status"] == "opened"
+    assert body["packet"]["opened_at"] is not None
+    clients = {c["pseudonym"]: c for c in body["clients"]}
+    assert sorted(clients) == sorted(packet["pseudonyms"])
+    for person in world.members(packet):
+        client_view = clients[person.pseudonym]
+        assert client_view["identity"] == person.identity
+        assert client_view["note"] is None
+        assert client_view["characteristics"] == {**person.characteristics, "birth_year": 1984}
+        assert client_view["flag"]["kind"] == "algorithm"
+        assert client_view["flag"]["run_id"] == world.run_id
+        assert [hit["rule_id"] for hit in client_view["flag"]["hits"]] == ["relapse"]
+        assert "Returned to welfare" in client_view["flag"]["explanation"]
+        assert client_view["followups"] == []
+    # nobody else's client is in it
+    other = world.packet(OTHER, "Feijenoord")
+    assert leaked(response.text, {s for p in world.members(other) for s in p.secrets}) == []
+
+    opened = log_entries(session, "packet.open")
+    assert len(opened) == 1
+    assert opened[0]["outcome"] == "allowed"
+    assert opened[0]["actor"] == OWNER
+    assert sorted(opened[0]["pseudonyms"]) == sorted(packet["pseudonyms"])
+    assert leaked(str(log_entries(session)), world.secrets) == []
+
+
+def test_non_owners_get_404_and_each_attempt_is_logged_as_denied(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    callers = [
+        (OTHER, "professional"),
+        (COORDINATOR, "coordinator"),
+        ("auditor-001", "auditor"),
+        ("source-welfare", "source"),
+        ("analyst-001", "analyst"),
+        ("admin-001", "admin"),
+    ]
+    for sub, role in callers:
+        response = client.get(
+            f"/v1/packets/{packet['id']}/clients", headers=bearer(token(sub, role))
+        )
+        assert response.status_code == 404, (role, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert leaked(response.text, world.secrets) == []
+    missing = client.get(
+        f"/v1/packets/{uuid.uuid4()}/clients", headers=bearer(token(OWNER, "professional"))
+    )
+    assert missing.status_code == 404
+
+    denied = log_entries(session, "packet.open")
+    assert [(e["actor"], e["outcome"]) for e in denied] == [
+        *((sub, "denied") for sub, _ in callers),
+        (OWNER, "denied"),
+    ]
+    assert {e["reason"] for e in denied[:-1]} == {"not the packet's owner"}
+    assert denied[-1]["reason"] == "no such packet"
+    status = session.execute(select(PACKETS.c.status).where(PACKETS.c.id == packet["id"])).scalar()
+    session.rollback()
+    assert status == "assigned"
+
+
+def test_followups_are_recorded_with_a_note_only_the_owner_reads(
+    app: Any, client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    pseudonym = packet["pseudonyms"][0]
+    owner = bearer(token(OWNER, "professional"))
+    url = f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups"
+
+    created = client.post(
+        url,
+        json={"kind": "appointment", "date": "2026-04-02", "outcome_code": "planned", "note": NOTE},
+        headers=owner,
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["note"] == NOTE
+    outcome = client.post(
+        url,
+        json={"kind": "outcome", "date": "2026-05-01", "outcome_code": "support_accepted"},
+        headers=owner,
+    )
+    assert outcome.status_code == 201, outcome.text
+
+    for wrong, field in (
+        ({"kind": "outcome", "date": "2026-05-01"}, "outcome_code"),
+        ({"kind": "contact", "date": "2026-05-01", "outcome_code": "no_such"}, "outcome_code"),
+        ({"kind": "contact", "date": "2026-05-01", "outcome_code": "attended"}, "outcome_code"),
+        ({"kind": "visit", "date": "2026-05-01"}, "kind"),
+        ({"kind": "contact", "date": "2026-05-01", "extra": 1}, "extra"),
+    ):
+        refused = client.post(url, json=wrong, headers=owner)
+        assert refused.status_code == 422, (wrong, refused.text)
+        assert field in refused.text
+    not_a_member = client.post(
+        f"/v1/packets/{packet['id']}/clients/{'0' * 32}/followups",
+        json={"kind": "contact", "date": "2026-05-01"},
+        headers=owner,
+    )
+    assert not_a_member.status_code == 404
+    intruder = client.post(
+        url,
+        json={"kind": "contact", "date": "2026-05-01", "note": "x"},
+        headers=bearer(token(OTHER, "professional")),
+    )
+    assert intruder.status_code == 404
+
+    # the note is stored sealed, bound to its row
+    sealed = [
+        str(ciphertext)
+        for ciphertext in session.execute(select(FOLLOWUPS.c.note_ciphertext)).scalars()
+        if ciphertext is not None
+    ]
+    session.rollback()
+    assert len(sealed) == 1
+    assert sealed[0].startswith("v1.")
+    assert NOTE not in sealed[0]
+
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).json()
+    followups = {c["pseudonym"]: c["followups"] for c in opened["clients"]}[pseudonym]
+    assert [(f["kind"], f["outcome_code"], f["note"]) for f in followups] == [
+        ("appointment", "planned", NOTE),
+        ("outcome", "support_accepted", None),
+    ]
+
+    # case-management systems read kinds, dates and outcome codes, never the note
+    for sub, role in (
+        (COORDINATOR, "coordinator"),
+        ("source-welfare", "source"),
+        (OWNER, "professional"),
+    ):
+        metadata = client.get(f"/v1/packets/{packet['id']}", headers=bearer(token(sub, role)))
+        assert metadata.status_code == 200
+        member = {m["pseudonym"]: m for m in metadata.json()["members"]}[pseudonym]
+        assert [(f["kind"], f["date"], f["outcome_code"]) for f in member["followups"]] == [
+            ("appointment", "2026-04-02", "planned"),
+            ("outcome", "2026-05-01", "support_accepted"),
+        ]
+        assert "note" not in member["followups"][0]
+        assert leaked(metadata.text, world.secrets) == []
+
+    entries = log_entries(session, "followup.create")
+    assert [(e["actor"], e["outcome"]) for e in entries] == [
+        (OWNER, "allowed"),
+        (OWNER, "allowed"),
+        (OTHER, "denied"),
+    ]
+    assert all(e["pseudonyms"] == [pseudonym] for e in entries[:2])
+    assert leaked(str(log_entries(session)), world.secrets) == []
+
+
+def test_an_erased_member_comes_back_as_erased_without_failing_the_packet(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    erased, *kept = packet["pseudonyms"]
+    owner = bearer(token(OWNER, "professional"))
+    client.post(
+        f"/v1/packets/{packet['id']}/clients/{erased}/followups",
+        json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+        headers=owner,
+    )
+    response = client.post(
+        f"/v1/subjects/{erased}/erase", headers=bearer(token("admin-001", "admin"))
+    )
+    assert response.status_code == 200, response.text
+
+    wrapped_dek = session.execute(
+        select(MEMBERS.c.wrapped_dek).where(MEMBERS.c.pseudonym == erased)
+    ).scalar_one()
+    note = session.execute(select(FOLLOWUPS.c.note_ciphertext, FOLLOWUPS.c.outcome_code)).one()
+    session.rollback()
+    assert wrapped_dek is None
+    assert tuple(note) == (None, "reached")
+
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert opened.status_code == 200, opened.text
+    clients = {c["pseudonym"]: c for c in opened.json()["clients"]}
+    assert clients[erased]["identity"] is None
+    assert clients[erased]["note"] == "erased"
+    assert clients[erased]["followups"][0]["note"] is None
+    assert clients[erased]["followups"][0]["outcome_code"] == "reached"
+    for pseudonym in kept:
+        assert clients[pseudonym]["identity"] == world.people[pseudonym].identity
+    assert leaked(opened.text, set(world.people[erased].secrets) | {NOTE}) == []
+    assert sorted(log_entries(session, "packet.open")[-1]["pseudonyms"]) == sorted(kept)
+    assert (
+        client.post(
+            f"/v1/packets/{packet['id']}/clients/{erased}/followups",
+            json={"kind": "contact", "date": "2026-04-01"},
+            headers=owner,
+        ).status_code
+        == 410
+    )
+
+
+# -- failing closed ---------------------------------------------------------------------------
+
+LOCK_BOUND_SECONDS = 0.5
+
+
+class HeldLogLock:
+    """Holds the access log's write lock from another connection, as a busy worker would."""
+
+    def __init__(self, db_url: str) -> None:
+        self.db_url = db_url
+        self.postgres: psycopg.Connection[Any] | None = None
+        self.engine = (
+            make_engine(db_url) if make_url(db_url).get_backend_name() == "sqlite" else None
+        )
+
+    def __enter__(self) -> HeldLogLock:
+        if self.engine is not None:
+            self.connection = self.engine.connect()
+            self.transaction = self.connection.begin()  # BEGIN IMMEDIATE: the write lock
+            self.connection.execute(text("SELECT 1"))
+        else:
+            libpq = make_url(self.db_url).set(drivername="postgresql").render_as_string(False)
+            self.postgres = psycopg.connect(libpq, autocommit=True)
+            self.postgres.execute("SELECT pg_advisory_lock(%s)", (LOG_LOCK_KEY,))
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.engine is not None:
+            self.transaction.rollback()
+            self.connection.close()
+            self.engine.dispose()
+        elif self.postgres is not None:
+            self.postgres.execute("SELECT pg_advisory_unlock(%s)", (LOG_LOCK_KEY,))
+            self.postgres.close()
+
+
+def test_open_fails_closed_with_503_and_no_identity_while_the_log_is_locked(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    bounded = Settings(
+        env="test", home=home, database_url=db_url, log_lock_timeout_seconds=LOCK_BOUND_SECONDS
+    )
+    database = Database(bounded)
+    try:
+        with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
+            owner = bearer(token(OWNER, "professional"))
+            with HeldLogLock(db_url):
+                started = time.monotonic()
+                response = c.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+                waited = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["retry-after"] == "1"
+            assert leaked(response.text, world.secrets) == []
+            # a liveness bound, not a benchmark: the request gave up instead of hanging
+            assert waited < LOCK_BOUND_SECONDS + 10
+            assert log_entries(session, "packet.open") == []
+            status = session.execute(
+                select(PACKETS.c.status).where(PACKETS.c.id == packet["id"])
+            ).scalar()
+            session.rollback()
+            assert status == "assigned"
+            # once the lock is free the same request succeeds
+            again = c.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+            assert again.status_code == 200
+    finally:
+        database.dispose()
+
+
+# -- many workers -----------------------------------------------------------------------------
+
+PROCESSES = 3
+OPENS_PER_PROCESS = 6
+
+
+def open_repeatedly(db_url: str, home: str, packet_id: str, worker: int) -> list[str]:
+    """One worker process with its own app and engine; returns the request ids it used."""
+    settings = Settings(
+        env="test", home=Path(home), database_url=db_url, log_lock_timeout_seconds=30
+    )
+    database = Database(settings)
+    request_ids = []
+    try:
+        app = create_app(settings, database=database)
+        owner = bearer(app.state.dev_issuer.mint(subject=OWNER, roles=["professional"]))
+        with TestClient(app, raise_server_exceptions=False) as client:
+            for number in range(OPENS_PER_PROCESS):
+                request_id = f"w{worker}-open{number}"
+                response = client.get(
+                    f"/v1/packets/{packet_id}/clients",
+                    headers={**owner, "X-Request-ID": request_id},
+                )
+                assert response.status_code == 200, response.text
+                request_ids.append(request_id)
+    finally:
+        database.dispose()
+    return request_ids
+
+
+@pytest.mark.slow
+def test_concurrent_opens_from_several_processes_each_leave_one_entry_and_the_log_verifies(
+    app: Any, client: TestClient, token: TokenFactory, db_url: str, home: Path, database: Database
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(PROCESSES) as pool:
+        results = pool.starmap(
+            open_repeatedly, [(db_url, str(home), packet["id"], w) for w in range(PROCESSES)]
+        )
+    sent = sorted(r for ids in results for r in ids)
+    assert len(sent) == PROCESSES * OPENS_PER_PROCESS
+
+    signer = app.state.log_signer
+    with database.transaction() as session:
+        note = log.signed_checkpoint(
+            session=session, signer=signer, origin=app.state.settings.checkpoint_origin
+        )
+        size = log.tree_size(session=session)
+        entries = list(log.iter_entries(session=session, start=0, end=size))
+    opened = [e for e in (json.loads(raw) for raw in entries) if e["action"] == "packet.open"]
+    assert sorted(e["request_id"] for e in opened) == sent
+    assert {e["outcome"] for e in opened} == {"allowed"}
+    verified = verify_export(
+        entries=[raw + b"\n" for raw in entries], checkpoint_note=note, verifier=signer.verifier
+    )
+    assert verified.checkpoint.size == size
+
+
+def test_identities_are_decrypted_only_after_the_open_is_committed_to_the_log(
+    client: TestClient,
+    token: TokenFactory,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    committed_before_reveal: list[int] = []
+    real_reveal = packets_service.reveal
+
+    def observed_reveal(**kwargs: Any) -> Any:
+        # another connection sees the entry only if the request's transaction committed
+        with database.session() as other:
+            committed_before_reveal.append(len(log_entries(other, "packet.open")))
+        return real_reveal(**kwargs)
+
+    monkeypatch.setattr(packets_service, "reveal", observed_reveal)
+    response = client.get(
+        f"/v1/packets/{packet['id']}/clients", headers=bearer(token(OWNER, "professional"))
+    )
+    assert response.status_code == 200
+    assert committed_before_reveal == [1]

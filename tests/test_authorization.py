@@ -1,0 +1,298 @@
+"""The authorization matrix: every route × every role × {own, someone else's, missing} object.
+
+The table below is the specification. The test enumerates the app's routes and fails when a route
+has no row (or a row names a route that no longer exists), so a new route cannot ship without a
+decision about who may call it. Each backend builds one small world through the API and runs the
+whole matrix against it; no response to anyone but the packet's owner may contain an identity.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from tests.conftest import TokenFactory, bearer
+from tests.flagging.seed import AS_OF
+from tests.packets.scenario import NOTE, World, build_world, leaked, log_entries, record
+
+ROLES = ("professional", "coordinator", "source", "auditor", "analyst", "admin", "anonymous")
+SUBS = {
+    "professional": "prof-001",
+    "coordinator": "coord-001",
+    "source": "source-welfare",
+    "auditor": "auditor-001",
+    "analyst": "analyst-001",
+    "admin": "admin-001",
+}
+VARIANTS = ("own", "other", "missing")
+OWNER, OTHER = "prof-001", "prof-002"
+Expected = int | tuple[int, int, int]  # no object | (own, someone else's, missing)
+
+
+def everyone(status: int) -> dict[str, Expected]:
+    return dict.fromkeys(ROLES, status)
+
+
+def only(
+    allowed: Mapping[str, Expected], *, others: Expected, anonymous: Expected
+) -> dict[str, Expected]:
+    """``allowed`` roles as given; every other role ``others``; no token ``anonymous``."""
+    table = {role: allowed.get(role, others) for role in ROLES}
+    table["anonymous"] = anonymous
+    return table
+
+
+DENY = 403, 403, 403
+HIDDEN = 404, 404, 404
+NO_TOKEN = 401, 401, 401
+
+MATRIX: dict[tuple[str, str], dict[str, Expected]] = {
+    ("GET", "/openapi.json"): everyone(200),
+    ("GET", "/docs"): everyone(200),
+    ("GET", "/docs/oauth2-redirect"): everyone(200),
+    ("GET", "/redoc"): everyone(200),
+    ("GET", "/healthz"): everyone(200),
+    ("GET", "/readyz"): everyone(200),
+    ("GET", "/.well-known/jwks.json"): everyone(200),
+    ("GET", "/v1/me"): only({}, others=200, anonymous=401),
+    ("POST", "/v1/records/batch"): only({"source": 200}, others=403, anonymous=401),
+    ("POST", "/v1/subjects/{pseudonym}/erase"): only(
+        {"admin": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+    ),
+    ("POST", "/v1/flagging/runs"): only({"coordinator": 201}, others=403, anonymous=401),
+    ("GET", "/v1/flagging/runs/{run_id}"): only(
+        {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+    ),
+    ("GET", "/v1/flagging/runs/{run_id}/flags"): only(
+        {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+    ),
+    ("POST", "/v1/flags"): only({"source": (201, 201, 422)}, others=DENY, anonymous=NO_TOKEN),
+    ("POST", "/v1/professionals"): only({"coordinator": 201}, others=403, anonymous=401),
+    ("GET", "/v1/professionals"): only({"coordinator": 200}, others=403, anonymous=401),
+    ("PATCH", "/v1/professionals/{professional_id}"): only(
+        {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+    ),
+    ("POST", "/v1/professionals/{professional_id}/deactivate"): only(
+        {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+    ),
+    ("POST", "/v1/packets/partition"): only(
+        {"coordinator": (201, 201, 404)}, others=DENY, anonymous=NO_TOKEN
+    ),
+    ("GET", "/v1/packets"): only(
+        {"professional": 200, "coordinator": 200, "source": 200}, others=403, anonymous=401
+    ),
+    ("GET", "/v1/packets/{packet_id}"): only(
+        {
+            "professional": (200, 404, 404),
+            "coordinator": (200, 200, 404),
+            "source": (200, 200, 404),
+        },
+        others=DENY,
+        anonymous=NO_TOKEN,
+    ),
+    ("POST", "/v1/packets/{packet_id}/reassign"): only(
+        {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+    ),
+    # owner-only routes: everyone else gets the same 404, never a 403 that confirms existence
+    ("GET", "/v1/packets/{packet_id}/clients"): only(
+        {"professional": (200, 404, 404)}, others=HIDDEN, anonymous=NO_TOKEN
+    ),
+    ("POST", "/v1/packets/{packet_id}/clients/{pseudonym}/followups"): only(
+        {"professional": (201, 404, 404)}, others=HIDDEN, anonymous=NO_TOKEN
+    ),
+    ("POST", "/v1/packets/{packet_id}/close"): only(
+        {"professional": (200, 404, 404), "coordinator": (200, 200, 404)},
+        others=HIDDEN,
+        anonymous=NO_TOKEN,
+    ),
+    ("GET", "/v1/audit/entries"): only({"auditor": 200}, others=403, anonymous=401),
+    ("GET", "/v1/audit/checkpoint"): only({"auditor": 200}, others=403, anonymous=401),
+    ("GET", "/v1/audit/proofs/inclusion"): only({"auditor": 200}, others=403, anonymous=401),
+    ("GET", "/v1/audit/proofs/consistency"): only({"auditor": 200}, others=403, anonymous=401),
+    ("GET", "/v1/audit/public-key"): only({"auditor": 200}, others=403, anonymous=401),
+}
+# Refusals that must leave a ``denied`` access-log entry (route → logged action).
+LOGGED_DENIALS = {
+    ("GET", "/v1/packets/{packet_id}"): "packet.read",
+    ("GET", "/v1/packets/{packet_id}/clients"): "packet.open",
+    ("POST", "/v1/packets/{packet_id}/clients/{pseudonym}/followups"): "followup.create",
+    ("POST", "/v1/packets/{packet_id}/close"): "packet.close",
+}
+
+
+def app_routes(app: FastAPI) -> set[tuple[str, str]]:
+    routes = set()
+    for route in iter_route_contexts(app.routes):
+        for method in route.methods or ():
+            if method != "HEAD" and route.path is not None:
+                routes.add((method, route.path))
+    return routes
+
+
+@dataclass
+class Objects:
+    """The world's objects each variant points at; mutating successes get their own packet."""
+
+    world: World
+    own: dict[str, Any]
+    other: dict[str, Any]
+    closed_by_owner: dict[str, Any]
+    closed_by_coordinator: dict[str, Any]
+    others_closed_by_coordinator: dict[str, Any]
+    missing_packet: str = str(uuid.uuid4())
+
+    def packet(self, variant: str) -> dict[str, Any]:
+        if variant == "missing":
+            return {"id": self.missing_packet, "pseudonyms": self.own["pseudonyms"]}
+        return self.own if variant == "own" else self.other
+
+    def closing(self, role: str, variant: str) -> str:
+        if (role, variant) == ("professional", "own"):
+            return str(self.closed_by_owner["id"])
+        if (role, variant) == ("coordinator", "own"):
+            return str(self.closed_by_coordinator["id"])
+        if (role, variant) == ("coordinator", "other"):
+            return str(self.others_closed_by_coordinator["id"])
+        return str(self.packet(variant)["id"])
+
+
+Request = tuple[str, str, Any]  # method, url, json body
+Builder = Callable[[Objects, str, str], Request]
+PUSHED = "Rent arrears were reported by the housing corporation."
+
+
+def build(objects: Objects, key: tuple[str, str], role: str, variant: str) -> Request:
+    method, path = key
+    packet = objects.packet(variant)
+    # the subject an admin erases is not the one the other routes use
+    erasable = packet["pseudonyms"][1] if variant != "missing" else "0" * 32
+    subject = packet["pseudonyms"][0] if variant != "missing" else "0" * 32
+    run = objects.world.run_id if variant != "missing" else "0" * 32
+    professional = {"own": OWNER, "other": OTHER, "missing": "nobody"}[variant]
+    spare = {"own": "spare-1", "other": "spare-2", "missing": "nobody"}[variant]
+    body: Any = None
+    url = path
+    if path == "/v1/records/batch":
+        body = {"subjects": [record(900, "Nowhere")]}
+    elif path == "/v1/subjects/{pseudonym}/erase":
+        url = f"/v1/subjects/{erasable}/erase"
+    elif path == "/v1/flagging/runs":
+        body = {"as_of": AS_OF.isoformat()}
+    elif path.startswith("/v1/flagging/runs/{run_id}"):
+        url = path.replace("{run_id}", run)
+    elif path == "/v1/flags":
+        body = {
+            "flags": [{"pseudonym": subject, "reason_code": "debt-signal", "explanation": PUSHED}]
+        }
+    elif path == "/v1/professionals" and method == "POST":
+        body = {
+            "id": f"new-{uuid.uuid4().hex[:8]}",
+            "display_name": "New caseworker",
+            "team": "Zuid-2",
+            "districts": ["Nowhere"],
+            "capacity": 5,
+        }
+    elif path == "/v1/professionals/{professional_id}":
+        url, body = f"/v1/professionals/{professional}", {"team": "Zuid-1"}
+    elif path == "/v1/professionals/{professional_id}/deactivate":
+        url = f"/v1/professionals/{spare}/deactivate"
+    elif path == "/v1/packets/partition":
+        body = {"run_id": run}
+    elif path == "/v1/packets/{packet_id}/reassign":
+        url, body = f"/v1/packets/{packet['id']}/reassign", {"professional_id": professional}
+    elif path == "/v1/packets/{packet_id}/close":
+        url = f"/v1/packets/{objects.closing(role, variant)}/close"
+    elif path == "/v1/packets/{packet_id}/clients/{pseudonym}/followups":
+        url = f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups"
+        body = {"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE}
+    elif "{packet_id}" in path:
+        url = path.replace("{packet_id}", str(packet["id"]))
+    elif path == "/v1/audit/entries":
+        url = "/v1/audit/entries?start=0&end=1"
+    elif path == "/v1/audit/proofs/inclusion":
+        url = "/v1/audit/proofs/inclusion?index=0&tree_size=1"
+    elif path == "/v1/audit/proofs/consistency":
+        url = "/v1/audit/proofs/consistency?first=0&second=1"
+    assert "{" not in url, f"no request builder for {method} {path}"
+    return method, url, body
+
+
+def test_every_route_has_a_row_in_the_matrix(app: FastAPI) -> None:
+    routes = app_routes(app)
+    missing = sorted(routes - MATRIX.keys())
+    stale = sorted(MATRIX.keys() - routes)
+    assert not missing, f"routes without a row in the authorization matrix: {missing}"
+    assert not stale, f"matrix rows for routes that no longer exist: {stale}"
+
+
+def test_authorization_matrix(
+    app: FastAPI, client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    assert app_routes(app) == MATRIX.keys()
+    world = build_world(
+        client,
+        token,
+        professionals={OWNER: ["A1", "A2", "A3"], OTHER: ["B1", "B2"]},
+        spare_professionals=["spare-1", "spare-2"],
+    )
+    objects = Objects(
+        world=world,
+        own=world.packet(OWNER, "A1"),
+        other=world.packet(OTHER, "B1"),
+        closed_by_owner=world.packet(OWNER, "A2"),
+        closed_by_coordinator=world.packet(OWNER, "A3"),
+        others_closed_by_coordinator=world.packet(OTHER, "B2"),
+    )
+    headers = {role: bearer(token(sub, role)) for role, sub in SUBS.items()}
+    headers["anonymous"] = {}
+
+    mismatches: list[str] = []
+    leaks: list[str] = []
+    owner_saw_identities = False
+    expected_denials: Counter[tuple[str, str]] = Counter()
+    for key, row in MATRIX.items():
+        for role in ROLES:
+            expectation = row[role]
+            cases = (
+                [("-", expectation)]
+                if isinstance(expectation, int)
+                else list(zip(VARIANTS, expectation, strict=True))
+            )
+            for variant, status in cases:
+                # a route without an object still gets a valid request (the "own" world)
+                method, url, body = build(objects, key, role, "own" if variant == "-" else variant)
+                response = client.request(method, url, json=body, headers=headers[role])
+                if response.status_code != status:
+                    mismatches.append(
+                        f"{method} {key[1]} as {role} ({variant}): expected {status}, got "
+                        f"{response.status_code} {response.text[:120]}"
+                    )
+                owners_view = (
+                    role == "professional"
+                    and variant == "own"
+                    and key[1].startswith("/v1/packets/{packet_id}/clients")
+                )
+                found = leaked(response.text, world.secrets)
+                if owners_view:
+                    owner_saw_identities |= bool(found)
+                elif found:
+                    leaks.append(f"{method} {key[1]} as {role} ({variant})")
+                if key in LOGGED_DENIALS and status == 404 and role != "anonymous":
+                    expected_denials[(LOGGED_DENIALS[key], SUBS[role])] += 1
+
+    assert not mismatches, "authorization matrix violated:\n" + "\n".join(mismatches)
+    assert not leaks, f"identities reached a non-owner: {leaks}"
+    assert owner_saw_identities, "the leak scan never matched: it would not catch a leak"
+    denied = Counter(
+        (e["action"], e["actor"]) for e in log_entries(session) if e["outcome"] == "denied"
+    )
+    assert denied == expected_denials
+    assert leaked(str(log_entries(session)), world.secrets) == []
