@@ -30,6 +30,10 @@ from alembic import command
 from service.config import Settings
 from service.errors import ServiceError
 
+# Engine execution option carrying settings.log_lock_timeout_seconds, so every engine built by
+# make_engine bounds the access log's lock wait (read back from the session's connection).
+LOG_LOCK_TIMEOUT_OPTION = "casepackets_log_lock_timeout_seconds"
+
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
@@ -44,6 +48,7 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
             url,
             connect_args={"check_same_thread": False, "timeout": lock_timeout_seconds},
             hide_parameters=True,
+            execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
         )
         _configure_sqlite(engine, busy_timeout_ms=int(lock_timeout_seconds * 1000))
         return engine
@@ -53,6 +58,7 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=pool_size,
+        execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
     )
 
 

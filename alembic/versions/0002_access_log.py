@@ -55,6 +55,36 @@ def upgrade() -> None:
             $$
             """
         )
+        # The append path's first round trip: take the log's advisory lock under a bounded
+        # lock_timeout, then read the tree size and its peaks. VOLATILE, so the read takes a
+        # fresh snapshot after the lock is held (READ COMMITTED) and sees every earlier append.
+        op.execute(
+            """
+            CREATE FUNCTION access_log_lock_frontier(lock_key bigint, wait text)
+            RETURNS TABLE (peak_level integer, peak_position bigint, peak_hash bytea)
+            LANGUAGE plpgsql VOLATILE AS $$
+            DECLARE
+                previous text := current_setting('lock_timeout');
+            BEGIN
+                PERFORM set_config('lock_timeout', wait, true);
+                PERFORM pg_advisory_xact_lock(lock_key);
+                PERFORM set_config('lock_timeout', previous, true);
+                RETURN QUERY
+                WITH RECURSIVE
+                tree(size) AS (
+                    SELECT coalesce(max(s.position) + 1, 0) FROM access_log_subtrees s
+                    WHERE s.level = 0
+                ),
+                levels(l) AS (SELECT 0 UNION ALL SELECT l + 1 FROM levels WHERE l < 62)
+                SELECT -1, tree.size, NULL::bytea FROM tree
+                UNION ALL
+                SELECT s.level, s.position, s.hash FROM tree, levels, access_log_subtrees s
+                WHERE (tree.size >> levels.l) & 1 = 1
+                    AND s.level = levels.l AND s.position = (tree.size >> levels.l) - 1;
+            END;
+            $$
+            """
+        )
         for table in APPEND_ONLY_TABLES:
             op.execute(
                 f"CREATE TRIGGER {table}_no_change BEFORE UPDATE OR DELETE ON {table} "
@@ -80,6 +110,7 @@ def downgrade() -> None:
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_change ON {table}")
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
         op.execute("DROP FUNCTION IF EXISTS access_log_append_only()")
+        op.execute("DROP FUNCTION IF EXISTS access_log_lock_frontier(bigint, text)")
     else:
         for table in APPEND_ONLY_TABLES:
             op.execute(f"DROP TRIGGER IF EXISTS {table}_no_update")

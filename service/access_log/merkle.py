@@ -247,6 +247,42 @@ def new_subtrees(
     return completed
 
 
+def peaks(size: int) -> list[Subtree]:
+    """The complete subtrees a tree of ``size`` leaves folds into for its root, largest first.
+
+    They are everything needed to append to the tree (its right frontier): one per set bit of
+    ``size``, at level ``l`` the subtree ``(size >> l) - 1``.
+    """
+    return range_subtrees(0, size) if size else []
+
+
+def extend(
+    size: int, peak_hashes: Sequence[bytes], leaves: Iterable[bytes]
+) -> list[tuple[Subtree, bytes]]:
+    """Every complete subtree that appending ``leaves`` to a tree of ``size`` completes, with its
+    hash, in order of completion (the leaves themselves are the level-0 subtrees).
+
+    ``peak_hashes`` are the hashes of ``peaks(size)``, largest first. Appending in one batch gives
+    exactly the subtrees of appending the leaves one by one.
+    """
+    if len(peak_hashes) != size.bit_count():
+        raise ValueError(f"a tree of size {size} has {size.bit_count()} peaks")
+    stack = list(peak_hashes)
+    completed: list[tuple[Subtree, bytes]] = []
+    index = size
+    for leaf in leaves:
+        completed.append((Subtree(0, index), leaf))
+        current, level, position = leaf, 0, index
+        while position & 1:
+            current = node_hash(stack.pop(), current)
+            level += 1
+            position >>= 1
+            completed.append((Subtree(level, position), current))
+        stack.append(current)
+        index += 1
+    return completed
+
+
 def siblings_to_complete(index: int) -> list[Subtree]:
     """The left siblings that appending leaf ``index`` pairs with, lowest level first."""
     siblings = []

@@ -146,13 +146,14 @@ def public_key(session: SessionDep, caller: Auditor, signer: SignerDep) -> Plain
 
 
 def install(app: FastAPI) -> None:
-    """Wire the access log into the app: signer from the keyring, lock bound, readiness, routes."""
+    """Wire the access log into the app: signer from the keyring, readiness, routes.
+
+    The lock bound needs no wiring: the app's engine carries settings.log_lock_timeout_seconds.
+    """
     settings: Settings = app.state.settings
-    database: Database = app.state.database
     keyring: KeyProvider | None = getattr(app.state, "keyring", None)
     if getattr(app.state, "log_signer", None) is None and keyring is not None:
         app.state.log_signer = NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
-    service.use_lock_timeout(database.engine, settings.log_lock_timeout_seconds)
     app.state.readiness_checks["access_log"] = _readiness(app)
     app.include_router(router)
 

@@ -5,10 +5,12 @@ Invariants:
   commit or roll back together;
 - appends are serialized — ``pg_advisory_xact_lock`` on PostgreSQL, the engine's
   ``BEGIN IMMEDIATE`` on SQLite — so concurrent workers and processes produce one gap-free
-  sequence; the wait is bounded and past it ``LogUnavailable`` (503) is raised with nothing
-  written;
-- an append reads and writes O(log n) rows (the left siblings it completes, amortized O(1));
-  roots and proofs read O(log n) complete-subtree rows;
+  sequence; the wait is bounded by the engine's ``LOG_LOCK_TIMEOUT_OPTION`` (every engine from
+  ``service.db.make_engine`` carries settings.log_lock_timeout_seconds) and past it
+  ``LogUnavailable`` (503) is raised with nothing written;
+- ``append`` is ``append_many`` of one: a batch reads the tree's O(log n) peaks once and writes
+  its entries and the subtrees they complete (amortized O(1) each): on PostgreSQL two
+  statements, lock-and-read then write; roots and proofs read O(log n) complete-subtree rows;
 - ``signed_checkpoint`` never signs a tree that is inconsistent with the latest checkpoint it
   stored: the stored root must be recomputable from the tree and a consistency proof to the new
   size must verify before anything is signed.
@@ -17,13 +19,12 @@ Invariants:
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import Engine, and_, func, insert, or_, select, text
+from sqlalchemy import Connection, and_, func, insert, or_, select
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
@@ -32,6 +33,7 @@ from service.access_log.checkpoint import Checkpoint, checkpoint_text, parse_che
 from service.access_log.models import AccessLogCheckpoint, AccessLogEntry, AccessLogSubtree
 from service.auth.dependencies import Caller
 from service.crypto.signing import NoteError, NoteSigner, open_note
+from service.db import LOG_LOCK_TIMEOUT_OPTION
 from service.errors import BadRequest, ServiceError
 
 Outcome = Literal["allowed", "denied", "error"]
@@ -44,7 +46,6 @@ MAX_ENTRIES_PER_REQUEST = 10_000
 _entries = AccessLogEntry.__table__  # type: ignore[attr-defined]
 _subtrees = AccessLogSubtree.__table__  # type: ignore[attr-defined]
 _checkpoints = AccessLogCheckpoint.__table__  # type: ignore[attr-defined]
-_lock_timeouts: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
 
 
 class LogUnavailable(ServiceError):
@@ -119,43 +120,112 @@ class LogEntry:
         ).encode("utf-8")
 
 
-def use_lock_timeout(engine: Engine, seconds: float) -> None:
-    """Bound the wait for the log lock on ``engine`` (settings.log_lock_timeout_seconds).
+def clock() -> datetime:
+    """The log's clock (entries are stamped with it under the lock)."""
+    return datetime.now(UTC)
 
-    On SQLite the engine's busy timeout (set from the same setting) is the bound.
+
+# PostgreSQL, one round trip: bound the wait, take the advisory lock, restore the caller's lock
+# timeout, then read the frontier with a fresh snapshot (a VOLATILE function created by migration
+# 0002, so the read sees every append committed before the lock was granted).
+_PG_LOCK_FRONTIER = "SELECT * FROM access_log_lock_frontier(%(key)s, %(timeout)s)"
+
+# SQLite (already locked by BEGIN IMMEDIATE): the same frontier read, a row (-1, size) then one
+# row (level, position, hash) per peak, each found by a primary-key probe.
+_SQLITE_FRONTIER = (
+    "WITH RECURSIVE "
+    "tree(size) AS (SELECT coalesce(max(position) + 1, 0) FROM access_log_subtrees "
+    "WHERE level = 0), "
+    "levels(level) AS (SELECT 0 UNION ALL SELECT level + 1 FROM levels WHERE level < 62) "
+    "SELECT -1, tree.size, NULL FROM tree "
+    "UNION ALL "
+    "SELECT s.level, s.position, s.hash FROM tree, levels, access_log_subtrees s "
+    "WHERE (tree.size >> levels.level) & 1 = 1 "
+    "AND s.level = levels.level AND s.position = (tree.size >> levels.level) - 1"
+)
+
+# PostgreSQL: the entry rows and the completed subtree rows in one statement, constant text
+# whatever the batch size (so psycopg prepares it once).
+_PG_WRITE = (
+    "WITH written AS (INSERT INTO access_log_entries (leaf_index, leaf_hash, entry) "
+    "SELECT * FROM unnest(%(indexes)s::bigint[], %(leaves)s::bytea[], %(entries)s::bytea[])) "
+    "INSERT INTO access_log_subtrees (level, position, hash) "
+    "SELECT * FROM unnest(%(levels)s::int[], %(positions)s::bigint[], %(hashes)s::bytea[])"
+)
+_SQLITE_WRITE_ENTRIES = (
+    "INSERT INTO access_log_entries (leaf_index, leaf_hash, entry) VALUES (?, ?, ?)"
+)
+_SQLITE_WRITE_SUBTREES = "INSERT INTO access_log_subtrees (level, position, hash) VALUES (?, ?, ?)"
+
+
+@dataclass(frozen=True)
+class _Frontier:
+    connection: Connection
+    size: int
+    peak_hashes: list[bytes]  # of merkle.peaks(size), largest first
+
+
+def _lock_frontier(session: Session) -> _Frontier:
+    """Take the log's write lock for the rest of the transaction, waiting at most the bound, and
+    read the tree size and its peaks under it.
+
+    PostgreSQL: ``pg_advisory_xact_lock`` under ``lock_timeout`` from the engine's
+    ``LOG_LOCK_TIMEOUT_OPTION`` (settings.log_lock_timeout_seconds, see ``service.db``), read in
+    the same round trip. SQLite: the engine begins every transaction ``BEGIN IMMEDIATE`` under the
+    busy timeout set from the same setting, so holding the session's connection is holding the
+    lock.
     """
-    _lock_timeouts[engine] = seconds
-
-
-def _lock_log(session: Session) -> None:
-    """Take the log's write lock for the rest of the transaction, waiting at most the bound."""
-    bind = session.get_bind()
     try:
-        if bind.dialect.name == "postgresql":
-            engine = bind if isinstance(bind, Engine) else bind.engine
-            timeout_ms = max(
-                1, int(_lock_timeouts.get(engine, DEFAULT_LOCK_TIMEOUT_SECONDS) * 1000)
+        connection = session.connection()
+        if connection.dialect.name == "postgresql":
+            seconds = connection.get_execution_options().get(
+                LOG_LOCK_TIMEOUT_OPTION, DEFAULT_LOCK_TIMEOUT_SECONDS
             )
-            # One round trip: bound the wait, take the lock, then give the caller's later
-            # statements back their own lock timeout. The size is read by a later statement,
-            # whose snapshot is taken after the lock is held.
-            session.execute(
-                text(
-                    "WITH bounded AS (SELECT current_setting('lock_timeout') AS previous, "
-                    "set_config('lock_timeout', :timeout, true)) "
-                    "SELECT pg_advisory_xact_lock(:key), "
-                    "set_config('lock_timeout', bounded.previous, true) FROM bounded"
-                ),
-                {"timeout": f"{timeout_ms}ms", "key": LOG_LOCK_KEY},
-            )
+            rows = connection.exec_driver_sql(
+                _PG_LOCK_FRONTIER,
+                {"key": LOG_LOCK_KEY, "timeout": f"{max(1, int(seconds * 1000))}ms"},
+            ).all()
         else:
-            # BEGIN IMMEDIATE (issued by the engine) holds the write lock; this makes sure the
-            # transaction has begun, waiting at most the busy timeout.
-            session.execute(text("SELECT 1"))
+            rows = connection.exec_driver_sql(_SQLITE_FRONTIER).all()
     except OperationalError:
         raise LogUnavailable(
             "the access log is busy; the request was not carried out, try again"
         ) from None
+    size = 0
+    found: dict[merkle.Subtree, bytes] = {}
+    for level, position, hash_ in rows:
+        if level == -1:
+            size = int(position)
+        else:
+            found[merkle.Subtree(int(level), int(position))] = bytes(hash_)
+    wanted = merkle.peaks(size)
+    if found.keys() != set(wanted):
+        raise LogCorrupted(f"the access log is missing {len(set(wanted) - found.keys())} peaks")
+    return _Frontier(connection, size, [found[s] for s in wanted])
+
+
+def _write(
+    connection: Connection,
+    entries: Sequence[tuple[int, bytes, bytes]],
+    subtrees: Sequence[tuple[merkle.Subtree, bytes]],
+) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(
+            _PG_WRITE,
+            {
+                "indexes": [index for index, _, _ in entries],
+                "leaves": [leaf for _, leaf, _ in entries],
+                "entries": [data for _, _, data in entries],
+                "levels": [s.level for s, _ in subtrees],
+                "positions": [s.index for s, _ in subtrees],
+                "hashes": [hash_ for _, hash_ in subtrees],
+            },
+        )
+    else:
+        connection.exec_driver_sql(_SQLITE_WRITE_ENTRIES, list(entries))
+        connection.exec_driver_sql(
+            _SQLITE_WRITE_SUBTREES, [(s.level, s.index, hash_) for s, hash_ in subtrees]
+        )
 
 
 def _lookup(session: Session) -> merkle.SubtreeLookup:
@@ -190,26 +260,34 @@ def tree_size(*, session: Session) -> int:
     return 0 if last is None else int(last) + 1
 
 
+def append_many(*, session: Session, entries: Sequence[LogEntry]) -> list[int]:
+    """Append ``entries`` in order in the caller's transaction (serialized, bounded wait →
+    ``LogUnavailable``); returns their consecutive leaf indexes.
+
+    One lock with one read of the tree's frontier, then one batched write of the entry rows and
+    every subtree they complete (hashed here from the frontier): two statements on PostgreSQL
+    for any batch size. The batch is stamped once, under the lock, so time never goes backwards
+    along the log on one clock.
+    """
+    if not entries:
+        return []
+    frontier = _lock_frontier(session)
+    now = clock()
+    rows = []
+    for index, entry in enumerate(entries, start=frontier.size):
+        data = entry.canonical_bytes(time=now)
+        rows.append((index, merkle.leaf_hash(data), data))
+    completed = merkle.extend(frontier.size, frontier.peak_hashes, [leaf for _, leaf, _ in rows])
+    _write(frontier.connection, rows, completed)
+    return list(range(frontier.size, frontier.size + len(rows)))
+
+
 def append(*, session: Session, entry: LogEntry) -> int:
     """Append in the caller's transaction (serialized, bounded wait → ``LogUnavailable``).
 
-    Returns the leaf index. The time is stamped here, under the lock, so it never goes backwards
-    along the log on one clock.
+    Returns the leaf index; ``append_many`` of one entry.
     """
-    _lock_log(session)
-    index = tree_size(session=session)
-    data = entry.canonical_bytes(time=datetime.now(UTC))
-    leaf = merkle.leaf_hash(data)
-    siblings = _lookup(session)(set(merkle.siblings_to_complete(index)))
-    session.execute(insert(_entries), [{"leaf_index": index, "leaf_hash": leaf, "entry": data}])
-    session.execute(
-        insert(_subtrees),
-        [
-            {"level": s.level, "position": s.index, "hash": h}
-            for s, h in merkle.new_subtrees(index, leaf, siblings)
-        ],
-    )
-    return index
+    return append_many(session=session, entries=(entry,))[0]
 
 
 def root(*, session: Session, size: int) -> bytes:
@@ -325,13 +403,13 @@ def signed_checkpoint(*, session: Session, signer: NoteSigner, origin: str) -> s
 
     Runs under the log lock so concurrent callers neither race nor sign a fork.
     """
-    _lock_log(session)
-    size = tree_size(session=session)
+    frontier = _lock_frontier(session)
+    size = frontier.size
     latest = _latest_checkpoint(session)
     if latest is not None and latest.tree_size == size:
         _check_against(latest, session=session, signer=signer)
         return latest.note
-    new_root = root(session=session, size=size)
+    new_root = merkle.fold(frontier.peak_hashes)
     if latest is not None:
         if latest.tree_size > size:
             raise LogCorrupted(

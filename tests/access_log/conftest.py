@@ -34,7 +34,7 @@ def entry(number: int, *, outcome: str = "allowed") -> LogEntry:
     )
 
 
-def append_many(database: Database, count: int) -> list[int]:
+def append_each(database: Database, count: int) -> list[int]:
     indexes = []
     for number in range(count):
         with database.transaction() as session:

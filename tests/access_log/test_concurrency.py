@@ -23,19 +23,26 @@ CHECKPOINT_EVERY = 100
 
 
 def append_and_checkpoint(
-    url: str, home: str, seed: bytes, worker: int
+    url: str, home: str, seed: bytes, worker: int, batched: bool = False
 ) -> tuple[list[int], list[str]]:
-    """One worker process: its own engine, one transaction per append, a checkpoint now and then."""
+    """One worker process: its own engine, one transaction per append (or per batch of 1–4
+    entries with ``append_many``), a checkpoint now and then."""
     settings = Settings(env="test", home=Path(home), database_url=url, log_lock_timeout_seconds=60)
     database = Database(settings)
-    log.use_lock_timeout(database.engine, settings.log_lock_timeout_seconds)
     signer = NoteSigner(name=ORIGIN, seed=seed)
     indexes: list[int] = []
     notes: list[str] = []
     try:
         for number in range(APPENDS_PER_PROCESS):
             with database.transaction() as session:
-                indexes.append(log.append(session=session, entry=entry(worker * 10_000 + number)))
+                first = worker * 10_000 + number * 4
+                if batched:
+                    batch = [entry(first + n) for n in range(1 + number % 4)]
+                    got = log.append_many(session=session, entries=batch)
+                    assert got == list(range(got[0], got[0] + len(batch)))
+                    indexes.extend(got)
+                else:
+                    indexes.append(log.append(session=session, entry=entry(first)))
             if number % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
                 with database.transaction() as session:
                     notes.append(
@@ -47,17 +54,20 @@ def append_and_checkpoint(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("batched", [False, True], ids=["append", "append_many"])
 def test_processes_append_one_gap_free_log_with_consistent_checkpoints(
-    db_url: str, database: Database, home: Path
+    db_url: str, database: Database, home: Path, batched: bool
 ) -> None:
     seed = os.urandom(32)
     signer = NoteSigner(name=ORIGIN, seed=seed)
     context = multiprocessing.get_context("spawn")
     with context.Pool(PROCESSES) as pool:
         results = pool.starmap(
-            append_and_checkpoint, [(db_url, str(home), seed, w) for w in range(PROCESSES)]
+            append_and_checkpoint,
+            [(db_url, str(home), seed, w, batched) for w in range(PROCESSES)],
         )
-    total = PROCESSES * APPENDS_PER_PROCESS
+    # Batches hold 1, 2, 3, 4, 1, 2, ... entries: 2.5 per batch on average.
+    total = PROCESSES * (APPENDS_PER_PROCESS * 5 // 2 if batched else APPENDS_PER_PROCESS)
     every_index = sorted(i for indexes, _ in results for i in indexes)
     assert every_index == list(range(total))
     for indexes, _ in results:

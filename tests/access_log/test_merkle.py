@@ -281,3 +281,34 @@ def test_subtrees_completed_by_an_append() -> None:
         merkle.Subtree(2, 2),
         merkle.Subtree(0, 12),
     ]
+
+
+def test_peaks_are_the_right_frontier_of_a_tree() -> None:
+    assert merkle.peaks(0) == []
+    assert merkle.peaks(13) == [merkle.Subtree(3, 0), merkle.Subtree(2, 2), merkle.Subtree(0, 12)]
+    assert merkle.peaks(8) == [merkle.Subtree(3, 0)]
+    with pytest.raises(ValueError, match="peaks"):
+        merkle.extend(3, [leaf_hash(b"a")], [leaf_hash(b"b")])
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(min_value=0, max_value=300), batch=st.integers(min_value=0, max_value=70))
+def test_extending_in_one_batch_completes_the_subtrees_of_appending_one_by_one(
+    size: int, batch: int
+) -> None:
+    leaves = [leaf_hash(str(n).encode()) for n in range(size + batch)]
+    before = MemoryTree(leaves[:size])
+    completed = merkle.extend(
+        size, [before.levels[s.level][s.index] for s in merkle.peaks(size)], leaves[size:]
+    )
+    after = MemoryTree(leaves)
+    expected = {
+        merkle.Subtree(level, position): hash_
+        for level, hashes in enumerate(after.levels)
+        for position, hash_ in enumerate(hashes)
+        if (position + 1) << level > size
+    }
+    assert dict(completed) == expected
+    assert len(completed) == len(expected)
+    known = {s: before.levels[s.level][s.index] for s in merkle.peaks(size)} | dict(completed)
+    assert merkle.fold([known[s] for s in merkle.peaks(size + batch)]) == after.root()

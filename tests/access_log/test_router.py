@@ -18,7 +18,7 @@ from service.config import Settings
 from service.crypto.signing import VerifierKey, open_note
 from service.db import Database, make_engine
 from service.main import create_app
-from tests.access_log.conftest import append_many
+from tests.access_log.conftest import append_each
 from tests.conftest import TokenFactory, bearer
 
 
@@ -30,7 +30,7 @@ def auditor(token: TokenFactory) -> dict[str, str]:
 def test_checkpoint_covers_every_committed_entry_and_verifies(
     client: TestClient, database: Database, auditor: dict[str, str]
 ) -> None:
-    append_many(database, 10)
+    append_each(database, 10)
     key = VerifierKey.parse(client.get("/v1/audit/public-key", headers=auditor).text)
     response = client.get("/v1/audit/checkpoint", headers=auditor)
     assert response.status_code == 200
@@ -46,7 +46,7 @@ def test_checkpoint_covers_every_committed_entry_and_verifies(
 def test_entries_stream_exactly_the_leaf_bytes(
     client: TestClient, database: Database, auditor: dict[str, str]
 ) -> None:
-    append_many(database, 25)
+    append_each(database, 25)
     response = client.get("/v1/audit/entries?start=3&end=25", headers=auditor)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/x-ndjson")
@@ -63,7 +63,7 @@ def test_entries_stream_exactly_the_leaf_bytes(
 def test_proof_endpoints_return_verifiable_proofs(
     client: TestClient, database: Database, auditor: dict[str, str]
 ) -> None:
-    append_many(database, 13)
+    append_each(database, 13)
     with database.session() as session:
         leaves = [merkle.leaf_hash(d) for d in log.iter_entries(session=session, start=0, end=13)]
     tree = merkle.MemoryTree(leaves)
@@ -110,7 +110,7 @@ def test_proof_endpoints_return_verifiable_proofs(
 def test_bad_parameters_are_problems_and_change_nothing(
     client: TestClient, database: Database, auditor: dict[str, str], path: str, status: int
 ) -> None:
-    append_many(database, 4)
+    append_each(database, 4)
     response = client.get(path, headers=auditor)
     assert response.status_code == status
     assert response.headers["content-type"] == "application/problem+json"
@@ -128,7 +128,7 @@ def test_only_auditors_read_the_log(client: TestClient, token: TokenFactory) -> 
 def test_audit_reads_are_logged(
     client: TestClient, database: Database, auditor: dict[str, str]
 ) -> None:
-    append_many(database, 2)
+    append_each(database, 2)
     response = client.get(
         "/v1/audit/public-key", headers={**auditor, "X-Request-ID": "audit-req-1"}
     )

@@ -23,7 +23,7 @@ from service.config import get_settings
 from service.crypto.keyring import Keyring
 from service.crypto.signing import NoteSigner
 from service.db import Database
-from tests.access_log.conftest import ORIGIN, append_many, run_sql, without_triggers_sql
+from tests.access_log.conftest import ORIGIN, append_each, run_sql, without_triggers_sql
 
 Rows = list[tuple[bytes, bytes]]
 
@@ -53,9 +53,9 @@ def export(database: Database, signer: NoteSigner, folder: Path) -> Path:
 def test_an_untouched_export_verifies(
     database: Database, signer: NoteSigner, tmp_path: Path
 ) -> None:
-    append_many(database, 30)
+    append_each(database, 30)
     trusted = export(database, signer, tmp_path / "first")
-    append_many(database, 11)
+    append_each(database, 11)
     folder = export(database, signer, tmp_path / "second")
     assert len((folder / ENTRIES_FILE).read_bytes().splitlines()) == 41
     assert (folder / LEAF_HASHES_FILE).stat().st_size == 41 * 32
@@ -133,7 +133,7 @@ def test_tampering_is_flagged_with_the_first_bad_index(
     change: Callable[[Rows], Rows],
     first_bad: int,
 ) -> None:
-    append_many(database, 20)
+    append_each(database, 20)
     trusted = export(database, signer, tmp_path / "before")
     rewrite_entries(raw_engine, backend, change)
     folder = export(database, signer, tmp_path / "after")
@@ -153,7 +153,7 @@ def test_tampering_is_flagged_with_the_first_bad_index(
 def test_a_forged_or_foreign_checkpoint_is_refused(
     database: Database, signer: NoteSigner, tmp_path: Path
 ) -> None:
-    append_many(database, 5)
+    append_each(database, 5)
     folder = export(database, signer, tmp_path / "export")
     note = (folder / CHECKPOINT_FILE).read_text()
     (folder / CHECKPOINT_FILE).write_text(note.replace("\n5\n", "\n4\n", 1))
@@ -171,7 +171,7 @@ def test_a_forged_or_foreign_checkpoint_is_refused(
 def test_a_rolled_back_log_fails_against_the_trusted_checkpoint(
     database: Database, signer: NoteSigner, tmp_path: Path
 ) -> None:
-    append_many(database, 9)
+    append_each(database, 9)
     newer = export(database, signer, tmp_path / "newer")
     older = tmp_path / "older"
     older.mkdir()
@@ -208,7 +208,7 @@ def cli_env(
 
 
 def test_export_command_writes_files_that_verify(cli_env: Path, database: Database) -> None:
-    append_many(database, 12)
+    append_each(database, 12)
     out = cli_env / "export"
     result = CliRunner().invoke(cli, ["audit", "export", "--out", str(out)])
     assert result.exit_code == 0, result.output
