@@ -128,6 +128,51 @@ def prepare(settings: Settings) -> None:
     run_migrations(settings.resolved_database_url, settings.migrations_dir)
     if settings.env != "production":
         load_demo_if_empty(settings, subjects=PREPARE_DEMO_SUBJECTS, seed=1)
+        build_demo_packets_if_none(settings)
+
+
+def build_demo_packets_if_none(settings: Settings) -> None:
+    """First run only: a demo team, a flagging run and packets for them to open."""
+    from datetime import date
+
+    from service.flagging.policy import load_flagging_policy
+    from service.packets.demo import build_demo_packets, has_packets
+    from service.packets.policy import load_partitioning_policy, load_retention_policy
+
+    keyring = keyring_or_exit(settings)
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            if has_packets(session=session):
+                return
+            built = build_demo_packets(
+                session=session,
+                keyring=keyring,
+                flagging_policy=load_flagging_policy(settings.policies_dir / "flagging.yaml"),
+                packet_size=load_partitioning_policy(
+                    settings.policies_dir / "partitioning.yaml"
+                ).packet_size,
+                retention=load_retention_policy(settings.policies_dir / "retention.yaml"),
+                as_of=date.today(),
+            )
+    finally:
+        database.dispose()
+    console.print(
+        f"demo: flagging run {built.run_id} flagged {built.flagged}; "
+        f"{built.packets} packets assigned to the demo team ({built.unplaced} unplaced)",
+        highlight=False,
+    )
+
+
+def demo_first_packet(settings: Settings, professional_id: str) -> str | None:
+    from service.packets.demo import first_packet_of
+
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            return first_packet_of(session=session, professional_id=professional_id)
+    finally:
+        database.dispose()
 
 
 @app.command()
@@ -157,10 +202,31 @@ def serve(
             )
             out.print(f"\n[cyan]{role.value}[/cyan] ({subject}):", highlight=False)
             print(minted)
+        base = f"http://{host}:{port}"
         out.print(
-            f'\ntry:  curl -s -H "Authorization: Bearer $TOKEN" http://{host}:{port}/v1/me\n',
+            "\nPut a token in TOKEN, then try:"
+            f'\n  curl -s -H "Authorization: Bearer $TOKEN" {base}/v1/me',
             highlight=False,
         )
+        professional = DEMO_SUBJECTS[Role.PROFESSIONAL]
+        packet_id = (
+            demo_first_packet(settings, professional) if settings.env != "production" else None
+        )
+        if packet_id:
+            opener = issuer.mint(
+                subject=professional,
+                roles=[Role.PROFESSIONAL.value],
+                roles_claim=settings.roles_claim,
+                ttl_seconds=12 * 3600,
+            )
+            out.print(
+                f"\n[bold]Open {professional}'s first packet[/bold] (re-identifies its clients; "
+                "the access is logged):",
+                highlight=False,
+            )
+            opener_header = f"'Authorization: Bearer {opener}'"
+            print(f"  curl -s -H {opener_header} {base}/v1/packets/{packet_id}/clients")
+        out.print("")
     sys.stdout.flush()
     os.environ.setdefault("CASEPACKETS_HOME", str(Path(settings.home).resolve()))
     uvicorn.run(
