@@ -15,7 +15,7 @@ from tests.conftest import TokenFactory, bearer
 
 def packet_count(database: Database) -> int:
     with database.session() as session:
-        return int(session.connection().execute(select(func.count()).select_from(Packet)).scalar())
+        return session.connection().execute(select(func.count()).select_from(Packet)).scalar_one()
 
 
 def test_prepare_builds_demo_packets_once_and_the_owner_can_open_one(
