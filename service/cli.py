@@ -24,6 +24,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlmodel import Session
 
+import service.packets.service  # noqa: F401  (registers packets.wrapped_key for `keys`)
 from service.access_log.service import LogEntry, append
 from service.auth.permissions import Role
 from service.auth.tokens import DevIssuer
@@ -38,6 +39,7 @@ from service.records.demo import demo_records
 from service.records.service import (
     SUBJECTS,
     WRAPPED_KEY_COLUMNS,
+    RowKey,
     count_key_dependents,
     pending_rewraps,
     rewrap_chunk,
@@ -419,7 +421,7 @@ def keys_rewrap(
 ) -> None:
     """Move every wrapped key to the newest KEK version, without decrypting any identity.
 
-    Works in id order and commits per chunk, so it can be interrupted and run again.
+    Works in primary-key order and commits per chunk, so it can be interrupted and run again.
     """
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
@@ -434,7 +436,7 @@ def keys_rewrap(
             )
             with progress_bar() as progress:
                 task = progress.add_task(label, total=pending)
-                after = 0
+                after: RowKey | None = None
                 while True:
                     with database.transaction() as session:
                         last, moved = rewrap_chunk(

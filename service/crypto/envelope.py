@@ -18,7 +18,7 @@ import base64
 import binascii
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -33,6 +33,19 @@ DATA_KEY_BYTES = 32
 DATA_KEY_VERSION = 0  # a data key is not versioned; the slot in the format is kept uniform
 AadValue = str | int | None
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+# The same encoder without ``JSONEncoder.encode``'s per-call set-up: the C one-shot encoder that
+# ``encode`` itself builds for these options (sorted keys, ``,``/``:``, no ASCII escaping), made
+# once. Identical bytes (tested); the pure-Python path stands in where the C module is missing.
+_c_make_encoder: Callable[..., Callable[[object, int], Iterable[str]]] | None = getattr(
+    json.encoder, "c_make_encoder", None
+)
+_C_CANONICAL = (
+    _c_make_encoder(
+        None, _CANONICAL.default, json.encoder.encode_basestring, None, ":", ",", True, False, True
+    )
+    if _c_make_encoder is not None
+    else None
+)
 
 
 class DecryptionFailed(Exception):
@@ -72,59 +85,95 @@ class Plaintext:
         return "Plaintext(***)"
 
 
-def canonical_aad(aad: Mapping[str, AadValue], *, key_version: int) -> bytes:
-    """The associated data bytes: canonical JSON of the placement plus the key version."""
+def _aad_bytes(aad: Mapping[str, AadValue], key_version: int, purpose: str | None) -> bytes:
+    """Canonical JSON of ``aad`` (with ``purpose`` set when given) plus the key version, built
+    with one dict merge and the prebuilt encoder."""
     if "key_version" in aad:
         raise ValueError("'key_version' is added by the envelope itself")
-    return _CANONICAL.encode({**aad, "key_version": key_version}).encode("utf-8")
+    document: dict[str, AadValue] = (
+        {**aad, "key_version": key_version}
+        if purpose is None
+        else {**aad, "purpose": purpose, "key_version": key_version}
+    )
+    if _C_CANONICAL is None:
+        return _CANONICAL.encode(document).encode("utf-8")
+    return "".join(_C_CANONICAL(document, 0)).encode("utf-8")
+
+
+def canonical_aad(aad: Mapping[str, AadValue], *, key_version: int) -> bytes:
+    """The associated data bytes: canonical JSON of the placement plus the key version."""
+    return _aad_bytes(aad, key_version, None)
+
+
+def _split(token: str) -> tuple[int, str]:
+    """``(key version, base64 body)`` of a ``v1.<version>.<base64>`` string."""
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != FORMAT or not (parts[1].isascii() and parts[1].isdigit()):
+        raise DecryptionFailed("not a v1 envelope")
+    return int(parts[1]), parts[2]
 
 
 def token_version(token: str) -> int:
     """The key version a ``v1.<version>.<base64>`` string was made with."""
-    parts = token.split(".")
-    if len(parts) != 3 or parts[0] != FORMAT or not parts[1].isdigit():
-        raise DecryptionFailed("not a v1 envelope")
-    return int(parts[1])
+    return _split(token)[0]
 
 
-def seal(key: Key | DataKey, plaintext: bytes, *, aad: Mapping[str, AadValue]) -> str:
-    """Encrypt ``plaintext`` under ``key`` bound to ``aad``; returns ``v1.<version>.<base64>``."""
-    nonce = secrets.token_bytes(NONCE_BYTES)
-    sealed = key.aead.encrypt(nonce, plaintext, canonical_aad(aad, key_version=key.version))
-    return f"{FORMAT}.{key.version}.{base64.b64encode(nonce + sealed).decode('ascii')}"
+def _seal(
+    key: Key | DataKey, plaintext: bytes, aad: Mapping[str, AadValue], purpose: str | None
+) -> str:
+    nonce = secrets.token_bytes(NONCE_BYTES)  # fresh from the OS CSPRNG for every message
+    sealed = key.aead.encrypt(nonce, plaintext, _aad_bytes(aad, key.version, purpose))
+    body = binascii.b2a_base64(nonce + sealed, newline=False).decode("ascii")
+    return f"{FORMAT}.{key.version}.{body}"
 
 
-def open_(key: Key | DataKey, token: str, *, aad: Mapping[str, AadValue]) -> bytes:
-    """Decrypt a ``seal`` result; raises ``DecryptionFailed`` on any mismatch or tampering."""
-    if token_version(token) != key.version:
+def _open(
+    key: Key | DataKey,
+    version: int,
+    body: str,
+    aad: Mapping[str, AadValue],
+    purpose: str | None,
+) -> bytes:
+    if version != key.version:
         raise DecryptionFailed("envelope was sealed under another key version")
     try:
-        raw = base64.b64decode(token.split(".", 2)[2], validate=True)
+        raw = base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
         raise DecryptionFailed("envelope body is not base64") from None
     if len(raw) < NONCE_BYTES + 16:
         raise DecryptionFailed("envelope is truncated")
     try:
         return key.aead.decrypt(
-            raw[:NONCE_BYTES], raw[NONCE_BYTES:], canonical_aad(aad, key_version=key.version)
+            raw[:NONCE_BYTES], raw[NONCE_BYTES:], _aad_bytes(aad, key.version, purpose)
         )
     except InvalidTag:
         raise DecryptionFailed("envelope does not authenticate for this place and key") from None
+
+
+def seal(key: Key | DataKey, plaintext: bytes, *, aad: Mapping[str, AadValue]) -> str:
+    """Encrypt ``plaintext`` under ``key`` bound to ``aad``; returns ``v1.<version>.<base64>``."""
+    return _seal(key, plaintext, aad, None)
+
+
+def open_(key: Key | DataKey, token: str, *, aad: Mapping[str, AadValue]) -> bytes:
+    """Decrypt a ``seal`` result; raises ``DecryptionFailed`` on any mismatch or tampering."""
+    version, body = _split(token)
+    return _open(key, version, body, aad, None)
 
 
 def wrap_key(
     keyring: KeyProvider, purpose: Purpose, data_key: DataKey, *, aad: Mapping[str, AadValue]
 ) -> str:
     """Wrap ``data_key`` under the current KEK of ``purpose`` (the version is in the string)."""
-    return seal(keyring.current(purpose), data_key.material, aad={**aad, "purpose": purpose})
+    return _seal(keyring.current(purpose), data_key.material, aad, purpose)
 
 
 def unwrap_key(
     keyring: KeyProvider, purpose: Purpose, wrapped: str, *, aad: Mapping[str, AadValue]
 ) -> DataKey:
     """Unwrap a ``wrap_key`` result with the KEK version it names."""
-    kek = keyring.get(purpose, token_version(wrapped))
-    return DataKey(open_(kek, wrapped, aad={**aad, "purpose": purpose}))
+    version, body = _split(wrapped)
+    return DataKey(_open(keyring.get(purpose, version), version, body, aad, purpose))
 
 
 def rewrap_key(
@@ -136,8 +185,9 @@ def rewrap_key(
 
 def wrap_under(data_key_kek: DataKey, data_key: DataKey, *, aad: Mapping[str, AadValue]) -> str:
     """Wrap ``data_key`` under another data key (a member's DEK under its packet key)."""
-    return seal(data_key_kek, data_key.material, aad={**aad, "purpose": "wrap_under"})
+    return _seal(data_key_kek, data_key.material, aad, "wrap_under")
 
 
 def unwrap_under(data_key_kek: DataKey, wrapped: str, *, aad: Mapping[str, AadValue]) -> DataKey:
-    return DataKey(open_(data_key_kek, wrapped, aad={**aad, "purpose": "wrap_under"}))
+    version, body = _split(wrapped)
+    return DataKey(_open(data_key_kek, version, body, aad, "wrap_under"))

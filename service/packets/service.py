@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlmodel import Session
 
-from service.access_log.service import LogEntry, append
+from service.access_log.service import LogEntry, append, append_many
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.crypto.envelope import (
@@ -84,10 +84,18 @@ from service.packets.models import (
 )
 from service.packets.policy import FollowupPolicy, RetentionPolicy
 from service.records.models import Subject
-from service.records.service import Identity, dek_aad, identity_aad, register_erasure_hook
+from service.records.service import (
+    Identity,
+    WrappedKeyColumn,
+    dek_aad,
+    identity_aad,
+    register_erasure_hook,
+    register_wrapped_key_column,
+)
 
 ERASED = "the subject was erased"
 MAX_PAGE = 1000
+LOG_BATCH = 2000  # access-log entries per append_many while building packets
 
 _subjects = Subject.__table__  # type: ignore[attr-defined]
 _flags = Flag.__table__  # type: ignore[attr-defined]
@@ -165,6 +173,17 @@ def _erase_member_wraps(session: Session, subject_id: int) -> int:
 
 
 register_erasure_hook(_erase_member_wraps)
+# ``keys rewrap`` moves packet key wraps to the newest packet KEK (paging by the UUID id) and
+# ``keys retire --purpose packet`` is refused while any packet still needs an older version.
+register_wrapped_key_column(
+    WrappedKeyColumn(
+        purpose="packet",
+        table="packets",
+        column="wrapped_key",
+        aad_columns=("id",),
+        aad=lambda row: packet_key_aad(str(row["id"])),
+    )
+)
 
 
 # -- professionals ----------------------------------------------------------------------------
@@ -447,21 +466,25 @@ def partition_run(
     for start in range(0, len(member_rows), 5000):
         connection.execute(insert(_members), member_rows[start : start + 5000])
 
-    for packet, planned in zip(created, plan.packets, strict=True):
-        for action in ("packet.build", "packet.assign"):
-            append(
-                session=session,
-                entry=LogEntry.by(
-                    caller,
-                    action=action,
-                    object_type="packet",
-                    object_id=packet.id,
-                    pseudonyms=planned.pseudonyms,
-                    reason=f"run {run_id}; professional {planned.professional_id}"
-                    if action == "packet.assign"
-                    else f"run {run_id}; district {planned.district}",
-                ),
-            )
+    # Every packet's build and assign entries, in order, appended in a few large batches (one
+    # log lock and one batched write each) within this transaction.
+    entries = [
+        LogEntry.by(
+            caller,
+            action=action,
+            object_type="packet",
+            object_id=packet.id,
+            pseudonyms=planned.pseudonyms,
+            reason=reason,
+        )
+        for packet, planned in zip(created, plan.packets, strict=True)
+        for action, reason in (
+            ("packet.build", f"run {run_id}; district {planned.district}"),
+            ("packet.assign", f"run {run_id}; professional {planned.professional_id}"),
+        )
+    ]
+    for start in range(0, len(entries), LOG_BATCH):
+        append_many(session=session, entries=entries[start : start + LOG_BATCH])
     unplaced = [
         UnplacedCasePublic(pseudonym=u.pseudonym, district=u.district, reason=u.reason)
         for u in plan.unplaced
@@ -897,6 +920,12 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
         if m.wrapped_dek is not None and m.identity_ciphertext is not None
     ]
     erased = len(members) - len(revealable)
+    if packet.status == "assigned":
+        packet.status = "opened"
+        packet.opened_at = utcnow()
+        session.add(packet)
+        session.flush()
+    # Last statement before the commit: the log's lock is held only for the append itself.
     append(
         session=session,
         entry=LogEntry.by(
@@ -908,11 +937,6 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
             reason=f"{erased} erased members not revealed" if erased else None,
         ),
     )
-    if packet.status == "assigned":
-        packet.status = "opened"
-        packet.opened_at = utcnow()
-        session.add(packet)
-        session.flush()
 
     return SealedPacket(
         packet=_packet_public(packet, len(members)),

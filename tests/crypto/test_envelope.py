@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
 
 from service.crypto.envelope import (
+    AadValue,
     DataKey,
     DecryptionFailed,
     Plaintext,
+    canonical_aad,
     open_,
     seal,
     unwrap_key,
@@ -130,3 +133,54 @@ def test_reprs_hide_secrets(keyring: Keyring) -> None:
     assert "***" in repr(current)
     assert current.material.hex() not in repr(current)
     assert "***" in repr(keyring)
+
+
+@pytest.mark.parametrize(
+    "aad",
+    [
+        {},
+        PLACE,
+        {"table": "packet_members", "row": "0f1e-2d3c", "subject": 12345, "extra": None},
+        {"z": -1, "a": 'Ĳsselmonde ☃ "quoted" \\ \n', "m": 0},
+    ],
+)
+def test_associated_data_is_exactly_the_canonical_json(aad: dict[str, AadValue]) -> None:
+    """The prebuilt encoder gives the same bytes as the documented canonical JSON."""
+    expected = json.dumps(
+        {**aad, "key_version": 3}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+    assert canonical_aad(aad, key_version=3) == expected
+    with pytest.raises(ValueError, match="added by the envelope"):
+        canonical_aad({"key_version": 1}, key_version=1)
+
+
+def test_a_wrap_is_bound_to_purpose_and_version_as_documented(keyring: Keyring) -> None:
+    """A wrap authenticates under the placement plus purpose and KEK version, nothing else."""
+    data_key = DataKey.generate()
+    wrapped = wrap_key(keyring, "packet", data_key, aad=PLACE)
+    kek = keyring.current("packet")
+    manual = {**PLACE, "purpose": "packet"}
+    assert open_(kek, wrapped, aad=manual) == data_key.material
+    under = wrap_under(kek_as_data_key := DataKey.generate(), data_key, aad=PLACE)
+    assert open_(kek_as_data_key, under, aad={**PLACE, "purpose": "wrap_under"}) == (
+        data_key.material
+    )
+
+
+def test_ciphers_are_built_once_per_key_and_nonces_stay_fresh(keyring: Keyring) -> None:
+    kek = keyring.current("vault")
+    assert keyring.current("vault").aead is kek.aead
+    data_key = DataKey.generate()
+    assert data_key.aead is data_key.aead
+    first = wrap_key(keyring, "vault", data_key, aad=PLACE)
+    second = wrap_key(keyring, "vault", data_key, aad=PLACE)
+    assert first != second
+    assert base64.b64decode(first.split(".")[2])[:12] != base64.b64decode(second.split(".")[2])[:12]
+    assert repr(data_key) == "DataKey(***)"
+
+
+def test_a_version_that_is_not_ascii_digits_is_rejected() -> None:
+    key = DataKey.generate()
+    token = seal(key, b"x", aad=PLACE)
+    with pytest.raises(DecryptionFailed):
+        open_(key, token.replace("v1.0.", "v1.\u00b2.", 1), aad=PLACE)

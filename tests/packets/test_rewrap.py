@@ -1,0 +1,173 @@
+"""Packet KEK rotation end to end: rotate, rewrap (paging by UUID ids), open, retire.
+
+SQLite and PostgreSQL, through the ``casepackets keys`` commands against the test's database and
+its own keyring file, and the owner's ``GET /v1/packets/{id}/clients``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+from service.config import Settings, get_settings
+from service.crypto.keyring import Keyring, UnknownKey
+from service.db import Database
+from service.records.service import WRAPPED_KEY_COLUMNS, pending_rewraps, rewrap_chunk
+from tests.conftest import TokenFactory, bearer
+from tests.packets.scenario import PACKETS, World, build_world
+
+OWNER = "prof-001"
+OTHER = "prof-002"
+
+
+@pytest.fixture
+def keyring_path(tmp_path: Path) -> Path:
+    return tmp_path / "own-keyring.json"
+
+
+@pytest.fixture
+def settings(home: Path, db_url: str, keyring_path: Path) -> Settings:
+    """The shared test settings, but with a keyring of this test's own (it gets rotated)."""
+    return Settings(env="test", home=home, database_url=db_url, keyring_path=keyring_path)
+
+
+@pytest.fixture
+def keys_cli(
+    db_url: str, keyring_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[CliRunner]:
+    """``casepackets`` pointed at the test's database and keyring."""
+    monkeypatch.setenv("CASEPACKETS_HOME", str(tmp_path))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", db_url)
+    monkeypatch.setenv("CASEPACKETS_KEYRING_PATH", str(keyring_path))
+    get_settings.cache_clear()
+    yield CliRunner()
+    get_settings.cache_clear()
+
+
+def packet_wraps(database: Database) -> dict[str, str]:
+    with database.session() as session:
+        rows = session.execute(select(PACKETS.c.id, PACKETS.c.wrapped_key)).all()
+        session.rollback()
+    return {str(packet_id): str(wrapped) for packet_id, wrapped in rows}
+
+
+def family_names(client: TestClient, token: TokenFactory, packet_id: str, owner: str) -> set[str]:
+    response = client.get(
+        f"/v1/packets/{packet_id}/clients", headers=bearer(token(owner, "professional"))
+    )
+    assert response.status_code == 200, response.text
+    return {c["identity"]["family_name"] for c in response.json()["clients"]}
+
+
+def expected_names(world: World, owner: str, district: str) -> set[str]:
+    return {p.identity["family_name"] for p in world.members(world.packet(owner, district))}
+
+
+def said(output: str) -> str:
+    return " ".join(output.split())
+
+
+def test_packet_kek_rotation_rewrap_then_retire(
+    client: TestClient,
+    app: FastAPI,
+    token: TokenFactory,
+    database: Database,
+    keyring_path: Path,
+    keys_cli: CliRunner,
+) -> None:
+    world = build_world(
+        client,
+        token,
+        professionals={OWNER: ["Charlois", "Feijenoord"], OTHER: ["IJsselmonde"]},
+        per_district=3,
+    )
+    packets = {
+        (owner, district): packet["id"]
+        for owner, by_district in world.packets.items()
+        for district, packet in by_district.items()
+    }
+    assert len(packets) == 3
+    assert all(w.startswith("v1.1.") for w in packet_wraps(database).values())
+
+    rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "packet"])
+    assert rotated.exit_code == 0, rotated.output
+    app.state.keyring = Keyring.load(keyring_path)
+
+    # Before the rewrap every packet still needs v1: retiring it is refused, nothing destroyed.
+    refused = keys_cli.invoke(cli, ["keys", "retire", "--purpose", "packet", "--version", "1"])
+    assert refused.exit_code == 1, refused.output
+    assert "3 rows still depend on packet v1" in said(refused.output)
+    assert Keyring.load(keyring_path).get("packet", 1).version == 1
+
+    rewrapped = keys_cli.invoke(cli, ["keys", "rewrap", "--chunk", "2"])
+    assert rewrapped.exit_code == 0, rewrapped.output
+    assert "rewrapped 3 keys" in said(rewrapped.output)
+    after = packet_wraps(database)
+    assert sorted(after) == sorted(packets.values())
+    assert all(w.startswith("v1.2.") for w in after.values())
+
+    retired = keys_cli.invoke(cli, ["keys", "retire", "--purpose", "packet", "--version", "1"])
+    assert retired.exit_code == 0, retired.output
+    app.state.keyring = Keyring.load(keyring_path)
+    with pytest.raises(UnknownKey):
+        app.state.keyring.get("packet", 1)
+
+    # Every packet still opens for its owner, with the identities that were ingested.
+    for (owner, district), packet_id in packets.items():
+        names = family_names(client, token, packet_id, owner)
+        assert names == expected_names(world, owner, district)
+
+    # Nothing is left to move: a second rewrap is a no-op.
+    again = keys_cli.invoke(cli, ["keys", "rewrap"])
+    assert again.exit_code == 0, again.output
+    assert "rewrapped 0 keys" in said(again.output)
+
+
+def test_rewrap_pages_by_uuid_and_resumes(
+    client: TestClient,
+    app: FastAPI,
+    token: TokenFactory,
+    database: Database,
+    keyring_path: Path,
+) -> None:
+    """``rewrap_chunk`` in chunks of one: keyset pagination over string keys, one commit each,
+    every packet moved exactly once, in id order."""
+    world = build_world(
+        client, token, professionals={OWNER: ["Charlois", "Feijenoord", "IJsselmonde"]}
+    )
+    keyring = Keyring.load(keyring_path)
+    keyring.rotate("packet")
+    app.state.keyring = keyring
+    column = next(c for c in WRAPPED_KEY_COLUMNS if c.table == "packets")
+    assert column.purpose == "packet"
+    with database.transaction() as session:
+        assert pending_rewraps(session=session, keyring=keyring, wrapped=column) == 3
+
+    seen: list[str] = []
+    after: str | None = None
+    while True:
+        with database.transaction() as session:
+            last, moved = rewrap_chunk(
+                session=session, keyring=keyring, wrapped=column, after_id=after, limit=1
+            )
+        if last == after:
+            break
+        assert isinstance(last, str)
+        assert moved == 1
+        seen.append(last)
+        after = last
+    assert seen == sorted(p["id"] for d in world.packets.values() for p in d.values())
+    with database.transaction() as session:
+        assert pending_rewraps(session=session, keyring=keyring, wrapped=column) == 0
+    for district in ("Charlois", "Feijenoord", "IJsselmonde"):
+        packet_id = world.packet(OWNER, district)["id"]
+        assert family_names(client, token, packet_id, OWNER) == expected_names(
+            world, OWNER, district
+        )
