@@ -3,7 +3,10 @@
 Guarantees:
 - SQLite runs in WAL mode with foreign keys on, ``synchronous=FULL`` (an accepted request survives a
   power cut) and every transaction ``BEGIN IMMEDIATE``, so writers are serialized instead of
-  failing half-way with a stale snapshot;
+  failing half-way with a stale snapshot. Within one process the threads of an engine queue for
+  that lock on a ``threading.Lock`` first (taken on BEGIN, released after COMMIT/ROLLBACK or
+  close), so SQLite's sleeping busy handler only arbitrates between processes; the two waits
+  together stay within the engine's lock timeout;
 - PostgreSQL goes through psycopg 3;
 - SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
 - the schema is changed only by Alembic (``migrate``), never by ``create_all``;
@@ -15,6 +18,9 @@ Guarantees:
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +30,7 @@ from alembic.config import Config
 from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from alembic import command
@@ -46,7 +53,11 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": lock_timeout_seconds},
+            connect_args={
+                "check_same_thread": False,
+                "timeout": lock_timeout_seconds,
+                "factory": _SerializedConnection,
+            },
             hide_parameters=True,
             execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
         )
@@ -62,7 +73,45 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
     )
 
 
+class _SerializedConnection(sqlite3.Connection):
+    """A pysqlite connection that gives its engine's process-local write lock back as soon as
+    its transaction ends (after COMMIT or ROLLBACK returns, or on close).
+
+    SQLite's own lock stays the guarantee; this lock only makes the threads of one process queue
+    without sleeping. Releasing it is idempotent, so every end of a transaction may call it.
+    """
+
+    write_lock: threading.Lock | None = None
+    busy_timeout_ms: int = 0
+
+    def release_write_lock(self) -> None:
+        held, self.write_lock = self.write_lock, None
+        if held is not None:
+            held.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self.release_write_lock()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self.release_write_lock()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.release_write_lock()
+
+
 def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
+    write_lock = threading.Lock()
+    bound_seconds = busy_timeout_ms / 1000
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it).
@@ -73,10 +122,32 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.close()
+        dbapi_connection.busy_timeout_ms = int(busy_timeout_ms)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        dbapi_connection = connection.connection.dbapi_connection
+        if not isinstance(dbapi_connection, _SerializedConnection):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        started = time.monotonic()
+        if not write_lock.acquire(timeout=bound_seconds):
+            raise OperationalError(
+                "BEGIN IMMEDIATE",
+                None,
+                sqlite3.OperationalError("database is locked (by this process's writers)"),
+            )
+        dbapi_connection.write_lock = write_lock
+        try:
+            # What is left of the bound is the busy timeout against other processes.
+            left_ms = max(1, busy_timeout_ms - int((time.monotonic() - started) * 1000))
+            if left_ms < busy_timeout_ms or dbapi_connection.busy_timeout_ms != busy_timeout_ms:
+                dbapi_connection.execute(f"PRAGMA busy_timeout={left_ms}")
+                dbapi_connection.busy_timeout_ms = left_ms
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            dbapi_connection.release_write_lock()
+            raise
 
 
 class Database:

@@ -166,6 +166,17 @@ class TokenVerifier:
         self.roles_claim = roles_claim
         self.keys = keys
         self.leeway_seconds = leeway_seconds
+        # kid -> (the pinned JWK, its constructed verifier): building an RSA key from its JWK
+        # costs more than verifying a signature, so it is done once per key, not per request.
+        self._verifiers: dict[str, tuple[dict[str, Any], Any]] = {}
+
+    def _verifier(self, kid: str, key: dict[str, Any]) -> Any:
+        cached = self._verifiers.get(kid)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        verifier = jwk.construct(key, self.algorithm)
+        self._verifiers[kid] = (dict(key), verifier)
+        return verifier
 
     def verify(self, token: str) -> VerifiedToken:
         if len(token.encode("utf-8", "replace")) > MAX_TOKEN_BYTES:
@@ -195,7 +206,7 @@ class TokenVerifier:
         try:
             claims = jwt.decode(
                 token,
-                key,
+                self._verifier(kid, key),
                 algorithms=[self.algorithm],
                 audience=self.audience,
                 issuer=self.issuer,

@@ -8,12 +8,9 @@ logs the attempt as denied.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
-from starlette.types import Receive, Scope, Send
 
 from service.auth.dependencies import Caller, CurrentCaller, require
 from service.auth.permissions import Permission
@@ -206,31 +203,6 @@ def reassign_packet(
 # -- the owner's routes -----------------------------------------------------------------------
 
 
-class RevealedAfterCommit(Response):
-    """A JSON body rendered only when the response is sent.
-
-    FastAPI closes the request's session dependency (``scope="function"``: the commit) after the
-    route returns and before it sends the response; rendering here therefore decrypts identities
-    only once their access-log entry has committed, and outside the log's lock. A failed commit
-    means this is never called.
-    """
-
-    media_type = "application/json"
-
-    def __init__(self, render: Callable[[], bytes]) -> None:
-        super().__init__(status_code=200, media_type=self.media_type)
-        self._render = render
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await run_in_threadpool(self._render)
-        response = Response(body, status_code=200, media_type=self.media_type)
-        response.raw_headers = [
-            *(h for h in self.raw_headers if h[0] not in (b"content-length", b"content-type")),
-            *response.raw_headers,
-        ]
-        await response(scope, receive, send)
-
-
 OWNER_ERRORS = {**problem_responses(401, 404, 410, 503)}
 
 
@@ -249,9 +221,13 @@ def open_packet(
     identity. A closed, expired or shredded packet gets 410."""
     keyring: KeyProvider = request.app.state.keyring
     sealed = service.open_packet(session=session, packet_id=packet_id, caller=caller)
-    return RevealedAfterCommit(
-        lambda: service.reveal(keyring=keyring, sealed=sealed).model_dump_json().encode()
-    )
+    # The request's transaction ends here, in this thread: the ``packet.open`` entry is durable
+    # before anything is decrypted, and the write lock is not held while this thread waits for
+    # the event loop (get_session's own commit then has nothing left to do). A failed commit
+    # raises, so nothing is revealed.
+    session.commit()
+    body = service.reveal(keyring=keyring, sealed=sealed).model_dump_json().encode()
+    return Response(body, media_type="application/json")
 
 
 @router.post(
