@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from service.crypto.keyring import KeyProvider
 from service.db import Database
-from service.records.models import RecordBatchCreate, SubjectRecordIn
+from service.records.models import RECORD_BATCH, SUBJECT_RECORD, SubjectRecordIn
 from service.records.service import ingest_batch
 
 IDENTITY_COLUMNS = (
@@ -74,14 +74,13 @@ def _commit_batch(
     max_rows: int,
     result: BulkResult,
 ) -> None:
-    batch = RecordBatchCreate.model_construct(subjects=subjects)
     with database.transaction() as session:
         answer = ingest_batch(
             session=session,
             keyring=keyring,
             event_types=event_types,
             source=source,
-            batch=batch,
+            subjects=subjects,
             max_rows=max_rows,
             idempotency_key=None,
             actor=actor,
@@ -109,14 +108,14 @@ def ingest_records(
     pending: list[dict[str, Any]] = []
 
     def flush() -> None:
-        batch = RecordBatchCreate.model_validate({"subjects": pending})
+        batch = RECORD_BATCH.validate_python({"subjects": pending})
         _commit_batch(
             database=database,
             keyring=keyring,
             event_types=event_types,
             source=source,
             actor=actor,
-            subjects=batch.subjects,
+            subjects=batch["subjects"],
             max_rows=batch_size,
             result=result,
         )
@@ -220,16 +219,16 @@ def import_csv(
         seen_events: set[str] = set()
         for item in pending.values():
             try:
-                record = SubjectRecordIn.model_validate(item.record)
+                record = SUBJECT_RECORD.validate_python(item.record)
             except ValidationError as exc:
                 names = sorted({_field_names(dict(e)) for e in exc.errors()})
                 reject(item.lines, names, "invalid value")
                 continue
-            unknown = [e for e in record.events if e.type not in event_types]
+            unknown = [e for e in record["events"] if e["type"] not in event_types]
             if unknown:
                 reject(item.lines, ("event_type",), "unknown event type")
                 continue
-            ids = [e.source_event_id for e in record.events]
+            ids = [e["source_event_id"] for e in record["events"]]
             if len(set(ids)) != len(ids) or seen_events.intersection(ids):
                 reject(item.lines, ("source_event_id",), "source_event_id repeated")
                 continue

@@ -22,15 +22,13 @@ import hmac
 import json
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from sqlalchemy import (
     Connection,
-    String,
-    any_,
     bindparam,
     func,
     insert,
@@ -38,7 +36,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql
 from sqlmodel import Session
 
 from service.access_log.service import LogEntry, append
@@ -53,15 +50,15 @@ from service.crypto.envelope import (
     wrap_key,
 )
 from service.crypto.keyring import KeyProvider, KeyringError, Purpose
-from service.crypto.pseudonym import pseudonymize
+from service.crypto.pseudonym import DOMAIN, PSEUDONYM_BYTES
 from service.errors import Conflict, Gone, NotFound, Unprocessable
 from service.records.models import (
+    IDENTITY,
+    RECORD_BATCH,
     Event,
     IdentityIn,
     IngestBatch,
-    RecordBatchCreate,
     RecordBatchPublic,
-    RowResultPublic,
     RowStatus,
     Subject,
     SubjectErasurePublic,
@@ -71,8 +68,6 @@ from service.records.models import (
 SUBJECTS = Subject.__table__  # type: ignore[attr-defined]
 EVENTS = Event.__table__  # type: ignore[attr-defined]
 BATCHES = IngestBatch.__table__  # type: ignore[attr-defined]
-LOOKUP_CHUNK = 1000
-T = TypeVar("T")
 
 
 class BatchInvalid(Unprocessable):
@@ -132,7 +127,7 @@ class Identity:
 
     @classmethod
     def from_input(cls, given: IdentityIn) -> Identity:
-        return cls(**given.model_dump())
+        return cls(**given)
 
 
 def identity_aad(pseudonym: str) -> dict[str, AadValue]:
@@ -185,9 +180,15 @@ SUBJECT_COLUMNS = (
 EVENT_COLUMNS = ("subject_id", "source", "source_event_id", "type", "date", "office")
 
 
+_IDENTITY_JSON = IDENTITY.serializer.to_json
+_RECORD_BATCH_JSON = RECORD_BATCH.serializer.to_json
+
+
 def identity_plaintext(given: IdentityIn) -> bytes:
-    """The bytes that get encrypted: the validated identity as compact JSON."""
-    return given.model_dump_json().encode("utf-8")
+    """The bytes that get encrypted: the validated identity as compact JSON (every field in
+    declaration order, dates in ISO 8601)."""
+    plaintext: bytes = _IDENTITY_JSON(given)
+    return plaintext
 
 
 def _binder(connection: Connection, column: Any) -> Callable[[Any], Any]:
@@ -221,18 +222,22 @@ def _allocate_subject_ids(connection: Connection, count: int) -> list[int]:
 
 
 def _refresh_statistics(connection: Connection, *, added: int) -> None:
-    """On PostgreSQL, ANALYZE ``subjects`` after it grew by a tenth (and at least 1,000 rows).
+    """On PostgreSQL, ANALYZE ``subjects`` and ``events`` when a batch (of at least 1,000 new
+    subjects) is as large as the table was at its last ANALYZE, i.e. the table at least doubled.
 
     Why: the foreign-key checks of the events insert use plans cached per connection; planned
     against a nearly empty table they scan it sequentially, which makes every later batch
-    quadratic. ANALYZE refreshes the estimates and invalidates those plans.
+    quadratic. ANALYZE refreshes the estimates and invalidates those plans. Once planned against
+    a table of some size they use the index and stay good as it grows (the planner scales row
+    estimates by the table's current size), so doubling is often enough; ANALYZE after every
+    batch cost about a tenth of a 10,000-subject batch.
     """
     if connection.dialect.name != "postgresql" or added < 1000:
         return
     estimate = connection.execute(
         text("SELECT reltuples FROM pg_class WHERE oid = 'subjects'::regclass")
     ).scalar()
-    if estimate is None or estimate < 0 or added * 10 >= estimate:
+    if estimate is None or estimate < 0 or added >= estimate:
         connection.execute(text("ANALYZE subjects, events"))
 
 
@@ -257,25 +262,29 @@ def _bulk_insert(
     connection.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)  # noqa: S608
 
 
-def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def batch_errors(
-    *, batch: RecordBatchCreate, event_types: frozenset[str], max_rows: int
+    *, subjects: Sequence[SubjectRecordIn], event_types: frozenset[str], max_rows: int
 ) -> list[dict[str, Any]]:
     """Checks beyond the schema: row limit, event vocabulary, duplicates within the batch."""
     errors: list[dict[str, Any]] = []
-    if len(batch.subjects) > max_rows:
+    if len(subjects) > max_rows:
         errors.append(
             {"row": None, "loc": ["subjects"], "msg": f"a batch holds at most {max_rows} subjects"}
         )
         return errors
+    events = [e for r in subjects for e in r["events"]]
+    event_ids = {e["source_event_id"] for e in events}
+    if (
+        len(event_ids) == len(events)
+        and {e["type"] for e in events} <= event_types
+        and len({r["identity"]["bsn"] for r in subjects}) == len(subjects)
+    ):
+        return errors  # the common case, in three set operations
     first_row_of_bsn: dict[str, int] = {}
-    event_id_counts = Counter(e.source_event_id for r in batch.subjects for e in r.events)
-    for row, record in enumerate(batch.subjects):
-        seen = first_row_of_bsn.setdefault(record.identity.bsn, row)
+    event_id_counts = Counter(e["source_event_id"] for e in events)
+    repeated = {event_id for event_id, count in event_id_counts.items() if count > 1}
+    for row, record in enumerate(subjects):
+        seen = first_row_of_bsn.setdefault(record["identity"]["bsn"], row)
         if seen != row:
             errors.append(
                 {
@@ -284,9 +293,12 @@ def batch_errors(
                     "msg": f"same subject as row {seen}; send each subject once per batch",
                 }
             )
-        for index, event in enumerate(record.events):
+        for index, event in enumerate(record["events"]):
+            unknown_type = event["type"] not in event_types
+            if not unknown_type and event["source_event_id"] not in repeated:
+                continue
             loc: list[str | int] = ["subjects", row, "events", index]
-            if event.type not in event_types:
+            if unknown_type:
                 errors.append(
                     {
                         "row": row,
@@ -294,7 +306,7 @@ def batch_errors(
                         "msg": "unknown event type (see policies/events.yaml)",
                     }
                 )
-            if event_id_counts[event.source_event_id] > 1:
+            if event["source_event_id"] in repeated:
                 errors.append(
                     {
                         "row": row,
@@ -305,44 +317,103 @@ def batch_errors(
     return errors
 
 
-def batch_digest(*, keyring: KeyProvider, batch: RecordBatchCreate) -> str:
+def _batch_json(subjects: Sequence[SubjectRecordIn]) -> bytes:
+    """The validated batch as canonical compact JSON (what the idempotency digest covers)."""
+    serialized: bytes = _RECORD_BATCH_JSON({"subjects": list(subjects)})
+    return serialized
+
+
+def _digest(key: bytes, subjects: Sequence[SubjectRecordIn]) -> str:
+    return hmac.new(
+        key, b"casepackets/idempotency/v1\x00" + _batch_json(subjects), hashlib.sha256
+    ).hexdigest()
+
+
+def batch_digest(*, keyring: KeyProvider, subjects: Sequence[SubjectRecordIn]) -> str:
     """A keyed digest of the batch content (no identity can be guessed from it)."""
     key = keyring.current("pseudonym")
-    mac = hmac.new(
-        key.material,
-        b"casepackets/idempotency/v1\x00" + batch.model_dump_json().encode(),
-        hashlib.sha256,
-    )
-    return f"{key.version}:{mac.hexdigest()}"
+    return f"{key.version}:{_digest(key.material, subjects)}"
 
 
-def digest_matches(*, keyring: KeyProvider, batch: RecordBatchCreate, stored: str) -> bool:
+def digest_matches(
+    *, keyring: KeyProvider, subjects: Sequence[SubjectRecordIn], stored: str
+) -> bool:
     version_text, _, expected = stored.partition(":")
     try:
         key = keyring.get("pseudonym", int(version_text))
     except (ValueError, KeyringError):
         return False
-    mac = hmac.new(
-        key.material,
-        b"casepackets/idempotency/v1\x00" + batch.model_dump_json().encode(),
-        hashlib.sha256,
-    )
-    return hmac.compare_digest(mac.hexdigest(), expected)
+    return hmac.compare_digest(_digest(key.material, subjects), expected)
 
 
-def _replay(stored: Mapping[str, Any]) -> RecordBatchPublic:
+def pseudonymizer(key: bytes) -> Callable[[str], str]:
+    """``pseudonymize`` under one key for many BSNs: the keyed HMAC state over the domain prefix
+    is computed once and copied per BSN (same result, about half the work)."""
+    prefix = hmac.new(key, DOMAIN, hashlib.sha256)
+
+    def pseudonym_of(normalized_bsn: str) -> str:
+        mac = prefix.copy()
+        mac.update(normalized_bsn.encode("ascii"))
+        return mac.digest()[:PSEUDONYM_BYTES].hex()
+
+    return pseudonym_of
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ``ingest_batch`` did; ``to_json`` is the ``RecordBatchPublic`` body.
+
+    Why not ``RecordBatchPublic`` itself: one model object per row costs more than the JSON
+    for 10,000 rows; the values are typed already, so they are written out once.
+    """
+
+    batch_id: str
+    source: str
+    events_stored: int
+    events_already_known: int
+    replayed: bool
+    pseudonyms: Sequence[str]
+    statuses: Sequence[RowStatus]
+
+    @property
+    def subjects(self) -> int:
+        return len(self.pseudonyms)
+
+    def to_json(self) -> bytes:
+        """The ``RecordBatchPublic`` JSON (same fields, same order)."""
+        return json.dumps(
+            {
+                "batch_id": self.batch_id,
+                "source": self.source,
+                "subjects": self.subjects,
+                "events_stored": self.events_stored,
+                "events_already_known": self.events_already_known,
+                "replayed": self.replayed,
+                "rows": [
+                    {"row": row, "pseudonym": pseudonym, "status": status}
+                    for row, (pseudonym, status) in enumerate(
+                        zip(self.pseudonyms, self.statuses, strict=True)
+                    )
+                ],
+            },
+            separators=(",", ":"),
+        ).encode("utf-8")
+
+    def public(self) -> RecordBatchPublic:
+        return RecordBatchPublic.model_validate_json(self.to_json())
+
+
+def _replay(stored: Mapping[str, Any]) -> IngestResult:
     answer = json.loads(stored["response"])
-    return RecordBatchPublic(
+    rows = answer["rows"]
+    return IngestResult(
         batch_id=stored["id"],
         source=stored["source"],
-        subjects=answer["subjects"],
         events_stored=answer["events_stored"],
         events_already_known=answer["events_already_known"],
         replayed=True,
-        rows=[
-            RowResultPublic.model_construct(row=r, pseudonym=p, status=s)
-            for r, p, s in answer["rows"]
-        ],
+        pseudonyms=[p for _r, p, _s in rows],
+        statuses=[s for _r, _p, s in rows],
     )
 
 
@@ -356,28 +427,19 @@ class _Known:
 
 
 def _characteristics(record: SubjectRecordIn) -> tuple[Any, ...]:
-    c = record.characteristics
-    birth_year = c.birth_year if c.birth_year is not None else record.identity.birth_date.year
-    return (c.district, c.neighbourhood, birth_year, c.household_type)
-
-
-def _among(connection: Connection, column: Any, values: Sequence[str]) -> Any:
-    """``column IN values``; on PostgreSQL as ``= ANY(one text[] parameter)``.
-
-    Why: a list of separately cast parameters is not a constant to the planner, so PostgreSQL
-    compares each row against every value (quadratic per batch); one array parameter is hashed
-    and can use the index.
-    """
-    if connection.dialect.name == "postgresql":
-        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(String)))
-    return column.in_(values)
+    c = record["characteristics"]
+    birth_year = c.get("birth_year")
+    if birth_year is None:
+        birth_year = record["identity"]["birth_date"].year
+    return (c["district"], c["neighbourhood"], birth_year, c.get("household_type"))
 
 
 def _known_event_ids(connection: Connection, *, source: str, ids: Sequence[str]) -> set[str]:
-    """Which of ``ids`` this source has sent before.
+    """Which of ``ids`` this source has sent before, in one query.
 
-    On PostgreSQL one query joins an unnested array parameter against the unique index; an
-    ``IN`` list of separately bound values is compared row by row, which grows with the table.
+    The ids travel as one parameter (a text[] on PostgreSQL, a JSON array on SQLite) joined
+    against the unique index: an ``IN`` list of separately bound values costs a bind parameter
+    each to compile and, on PostgreSQL, is compared row by row.
     """
     if not ids:
         return set()
@@ -388,50 +450,48 @@ def _known_event_ids(connection: Connection, *, source: str, ids: Sequence[str])
                 "JOIN events e ON e.source = :source AND e.source_event_id = sent.id"
             ),
             {"ids": list(ids), "source": source},
-        ).scalars()
-        return set(rows)
-    found: set[str] = set()
-    for chunk in chunked(ids, LOOKUP_CHUNK):
-        found.update(
-            connection.execute(
-                select(EVENTS.c.source_event_id).where(
-                    EVENTS.c.source == source, EVENTS.c.source_event_id.in_(chunk)
-                )
-            ).scalars()
         )
-    return found
+    else:
+        rows = connection.exec_driver_sql(
+            "SELECT source_event_id FROM events WHERE source = ? "
+            "AND source_event_id IN (SELECT value FROM json_each(?))",
+            (source, json.dumps(list(ids))),
+        )
+    return {row[0] for row in rows}
 
 
-def _find_known(session: Session, candidates: Sequence[str]) -> dict[str, _Known]:
-    connection = session.connection()
-    known: dict[str, _Known] = {}
-    for chunk in chunked(candidates, LOOKUP_CHUNK):
+def _find_known(connection: Connection, candidates: Sequence[str]) -> dict[str, _Known]:
+    """The stored subjects among ``candidates`` (pseudonyms), in one query (see above)."""
+    if not candidates:
+        return {}
+    columns = (
+        "id, pseudonym, identity_ciphertext, wrapped_dek, "
+        "district, neighbourhood, birth_year, household_type"
+    )
+    if connection.dialect.name == "postgresql":
         rows = connection.execute(
-            select(
-                SUBJECTS.c.id,
-                SUBJECTS.c.pseudonym,
-                SUBJECTS.c.identity_ciphertext,
-                SUBJECTS.c.wrapped_dek,
-                SUBJECTS.c.district,
-                SUBJECTS.c.neighbourhood,
-                SUBJECTS.c.birth_year,
-                SUBJECTS.c.household_type,
-            ).where(_among(connection, SUBJECTS.c.pseudonym, chunk))
+            text(
+                f"SELECT {columns} FROM subjects "  # noqa: S608 (constant column list)
+                "WHERE pseudonym = ANY(CAST(:candidates AS text[]))"
+            ),
+            {"candidates": list(candidates)},
         )
-        for row in rows:
-            known[row.pseudonym] = _Known(
-                id=row.id,
-                pseudonym=row.pseudonym,
-                identity_ciphertext=row.identity_ciphertext,
-                wrapped_dek=row.wrapped_dek,
-                characteristics=(
-                    row.district,
-                    row.neighbourhood,
-                    row.birth_year,
-                    row.household_type,
-                ),
-            )
-    return known
+    else:
+        rows = connection.exec_driver_sql(
+            f"SELECT {columns} FROM subjects "  # noqa: S608 (constant column list)
+            "WHERE pseudonym IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(candidates)),),
+        )
+    return {
+        row[1]: _Known(
+            id=row[0],
+            pseudonym=row[1],
+            identity_ciphertext=row[2],
+            wrapped_dek=row[3],
+            characteristics=tuple(row[4:8]),
+        )
+        for row in rows
+    }
 
 
 def ingest_batch(
@@ -440,15 +500,19 @@ def ingest_batch(
     keyring: KeyProvider,
     event_types: frozenset[str],
     source: str,
-    batch: RecordBatchCreate,
+    subjects: Sequence[SubjectRecordIn],
     max_rows: int,
     idempotency_key: str | None,
     actor: str,
     role: str,
     request_id: str | None = None,
-) -> RecordBatchPublic:
-    """Store a batch of subjects and events, all or nothing; returns a pseudonym per row."""
-    errors = batch_errors(batch=batch, event_types=event_types, max_rows=max_rows)
+) -> IngestResult:
+    """Store a batch of validated subjects and events, all or nothing; a pseudonym per row.
+
+    ``subjects`` are values validated by ``RECORD_BATCH`` / ``SUBJECT_RECORD`` (every key
+    present, BSN normalized, dates parsed).
+    """
+    errors = batch_errors(subjects=subjects, event_types=event_types, max_rows=max_rows)
     if errors:
         rows = sorted({e["row"] for e in errors if e["row"] is not None})
         shown = ", ".join(str(r) for r in rows[:20]) + (" …" if len(rows) > 20 else "")
@@ -462,7 +526,7 @@ def ingest_batch(
 
     digest = ""
     if idempotency_key is not None:
-        digest = batch_digest(keyring=keyring, batch=batch)
+        digest = batch_digest(keyring=keyring, subjects=subjects)
         stored = (
             connection.execute(
                 select(BATCHES).where(
@@ -473,7 +537,9 @@ def ingest_batch(
             .first()
         )
         if stored is not None:
-            if not digest_matches(keyring=keyring, batch=batch, stored=stored["request_digest"]):
+            if not digest_matches(
+                keyring=keyring, subjects=subjects, stored=stored["request_digest"]
+            ):
                 raise IdempotencyKeyReused(
                     "this Idempotency-Key was used for a different batch; use a new key"
                 )
@@ -483,11 +549,9 @@ def ingest_batch(
     # over creating a second subject for the same person.
     pseudonym_keys = keyring.active("pseudonym")
     current_key = keyring.current("pseudonym")
-    per_version = [
-        [pseudonymize(key.material, record.identity.bsn) for record in batch.subjects]
-        for key in pseudonym_keys
-    ]
-    known = _find_known(session, sorted({p for candidates in per_version for p in candidates}))
+    bsns = [record["identity"]["bsn"] for record in subjects]
+    per_version = [list(map(pseudonymizer(key.material), bsns)) for key in pseudonym_keys]
+    known = _find_known(connection, sorted({p for candidates in per_version for p in candidates}))
 
     now = datetime.now(UTC)
     statuses: list[RowStatus] = []
@@ -497,18 +561,25 @@ def ingest_batch(
     changed_rows: list[dict[str, Any]] = []
     subject_ids: list[int] = []
     current_candidates = per_version[pseudonym_keys.index(current_key)]
-    for row, record in enumerate(batch.subjects):
-        match = next((known[c[row]] for c in per_version if c[row] in known), None)
+    current_version = current_key.version
+    for row, record in enumerate(subjects):
+        match = None
+        if known:
+            for candidates in per_version:
+                match = known.get(candidates[row])
+                if match is not None:
+                    break
         characteristics = _characteristics(record)
         if match is None:
+            # New subject: one random DEK, one AES-GCM seal of the identity, one DEK wrap.
             pseudonym = current_candidates[row]
             dek = DataKey.generate()
             new_rows.append(
                 (
                     pseudonym,
-                    current_key.version,
+                    current_version,
                     *characteristics,
-                    seal(dek, identity_plaintext(record.identity), aad=identity_aad(pseudonym)),
+                    seal(dek, identity_plaintext(record["identity"]), aad=identity_aad(pseudonym)),
                     wrap_key(keyring, "vault", dek, aad=dek_aad(pseudonym)),
                 )
             )
@@ -522,10 +593,12 @@ def ingest_batch(
         if match.wrapped_dek is None or match.identity_ciphertext is None:
             statuses.append("erased")
             continue
-        plaintext = identity_plaintext(record.identity)
+        plaintext = identity_plaintext(record["identity"])
         dek = unwrap_key(keyring, "vault", match.wrapped_dek, aad=dek_aad(match.pseudonym))
         stored_plaintext = open_(dek, match.identity_ciphertext, aad=identity_aad(match.pseudonym))
-        identity_changed = json.loads(stored_plaintext) != json.loads(plaintext)
+        identity_changed = stored_plaintext != plaintext and json.loads(
+            stored_plaintext
+        ) != json.loads(plaintext)
         if not identity_changed and characteristics == match.characteristics:
             statuses.append("unchanged")
             continue
@@ -573,40 +646,48 @@ def ingest_batch(
                 changed_rows,
             )
 
-        sent_ids = [e.source_event_id for record in batch.subjects for e in record.events]
+        sent_ids = [event["source_event_id"] for record in subjects for event in record["events"]]
         already = _known_event_ids(connection, source=source, ids=sent_ids)
-        to_date = _binder(connection, EVENTS.c.date)
+        date_processor = EVENTS.c.date.type.bind_processor(connection.dialect)
         event_rows = [
             (
                 subject_id,
                 source,
-                event.source_event_id,
-                event.type,
-                to_date(event.date),
-                event.office,
+                event["source_event_id"],
+                event["type"],
+                event["date"] if date_processor is None else date_processor(event["date"]),
+                event["office"],
             )
-            for subject_id, record in zip(subject_ids, batch.subjects, strict=True)
-            for event in record.events
-            if event.source_event_id not in already
+            for subject_id, record in zip(subject_ids, subjects, strict=True)
+            for event in record["events"]
+            if not already or event["source_event_id"] not in already
         ]
         if event_rows:
             _bulk_insert(connection, EVENTS, EVENT_COLUMNS, event_rows)
         _refresh_statistics(connection, added=len(new_rows))
 
-        batch_id = uuid.uuid4().hex
+        result = IngestResult(
+            batch_id=uuid.uuid4().hex,
+            source=source,
+            events_stored=len(event_rows),
+            events_already_known=len(sent_ids) - len(event_rows),
+            replayed=False,
+            pseudonyms=pseudonyms,
+            statuses=statuses,
+        )
         answer = {
-            "subjects": len(batch.subjects),
-            "events_stored": len(event_rows),
-            "events_already_known": len(sent_ids) - len(event_rows),
+            "subjects": result.subjects,
+            "events_stored": result.events_stored,
+            "events_already_known": result.events_already_known,
             "rows": [[r, p, s] for r, (p, s) in enumerate(zip(pseudonyms, statuses, strict=True))],
         }
         connection.execute(
             insert(BATCHES).values(
-                id=batch_id,
+                id=result.batch_id,
                 source=source,
                 idempotency_key=idempotency_key,
                 request_digest=digest,
-                subject_count=len(batch.subjects),
+                subject_count=result.subjects,
                 response=json.dumps(answer, separators=(",", ":")),
                 created_at=now,
             )
@@ -626,24 +707,12 @@ def ingest_batch(
             role=role,
             action="records.ingest",
             object_type="batch",
-            object_id=batch_id,
-            reason=f"source={source} subjects={answer['subjects']} "
-            f"events={answer['events_stored']}",
+            object_id=result.batch_id,
+            reason=f"source={source} subjects={result.subjects} events={result.events_stored}",
             request_id=request_id,
         ),
     )
-    return RecordBatchPublic(
-        batch_id=batch_id,
-        source=source,
-        subjects=len(batch.subjects),
-        events_stored=len(event_rows),
-        events_already_known=len(sent_ids) - len(event_rows),
-        replayed=False,
-        rows=[
-            RowResultPublic.model_construct(row=r, pseudonym=p, status=s)
-            for r, (p, s) in enumerate(zip(pseudonyms, statuses, strict=True))
-        ],
-    )
+    return result
 
 
 def _is_integrity_error(exc: Exception) -> bool:
@@ -819,43 +888,75 @@ def pending_rewraps(*, session: Session, keyring: KeyProvider, wrapped: WrappedK
     )
 
 
+RowKey = int | str
+K = TypeVar("K", int, str)
+
+
+def _row_key(table: Any) -> Any:
+    """The single-column primary key rewrap pages by (an int id, a UUID string, ...)."""
+    columns = list(table.primary_key.columns)
+    if len(columns) != 1:
+        raise ValueError(f"{table.name} needs a single-column primary key to be rewrapped")
+    return columns[0]
+
+
+@overload
 def rewrap_chunk(
     *,
     session: Session,
     keyring: KeyProvider,
     wrapped: WrappedKeyColumn,
-    after_id: int,
+    after_id: K,
     limit: int,
-) -> tuple[int, int]:
-    """Move up to ``limit`` wraps (in id order, after ``after_id``) to the current KEK version.
+) -> tuple[K, int]: ...
 
+
+@overload
+def rewrap_chunk(
+    *,
+    session: Session,
+    keyring: KeyProvider,
+    wrapped: WrappedKeyColumn,
+    after_id: None = None,
+    limit: int,
+) -> tuple[RowKey | None, int]: ...
+
+
+def rewrap_chunk(
+    *,
+    session: Session,
+    keyring: KeyProvider,
+    wrapped: WrappedKeyColumn,
+    after_id: RowKey | None = None,
+    limit: int,
+) -> tuple[RowKey | None, int]:
+    """Move up to ``limit`` wraps (in primary-key order, after ``after_id``; from the start when
+    it is None) to the current KEK version.
+
+    Keyset pagination on the table's primary key, whatever its type (an int id, a UUID string).
     Only the wrapped keys are unwrapped and re-wrapped; no identity is decrypted. Returns
-    ``(last id seen, rows rewrapped)``; the last id is ``after_id`` when nothing was left.
-    Resumable: rows already under the current version are skipped.
+    ``(last key seen, rows rewrapped)``; the last key is ``after_id`` when nothing was left.
+    Resumable: rows already under the current version are skipped, and a row whose wrap changed
+    since it was read (shredded, erased, rewrapped by another run) is left alone.
     """
     table = _table(wrapped.table)
+    key = _row_key(table)
     column = table.c[wrapped.column]
     current = keyring.current(wrapped.purpose).version
-    connection = session.connection()
-    rows = (
-        connection.execute(
-            select(table.c.id, column, *(table.c[name] for name in wrapped.aad_columns))
-            .where(
-                table.c.id > after_id,
-                column.is_not(None),
-                column.not_like(f"v1.{current}.%"),
-            )
-            .order_by(table.c.id)
-            .limit(limit)
-        )
-        .mappings()
-        .all()
+    names = list(dict.fromkeys((key.name, wrapped.column, *wrapped.aad_columns)))
+    query = select(*(table.c[name] for name in names)).where(
+        column.is_not(None), column.not_like(f"v1.{current}.%")
     )
+    if after_id is not None:
+        query = query.where(key > after_id)
+    connection = session.connection()
+    rows = connection.execute(query.order_by(key).limit(limit)).mappings().all()
     if not rows:
         return after_id, 0
     updates = [
         {
-            "_id": row["id"],
+            "_key": row[key.name],
+            "_old": row[wrapped.column],
             "_wrapped": rewrap_key(
                 keyring, wrapped.purpose, row[wrapped.column], aad=wrapped.aad(dict(row))
             ),
@@ -866,8 +967,9 @@ def rewrap_chunk(
     if updates:
         connection.execute(
             update(table)
-            .where(table.c.id == bindparam("_id"), column.is_not(None))
+            .where(key == bindparam("_key"), column == bindparam("_old"))
             .values({wrapped.column: bindparam("_wrapped")}),
             updates,
         )
-    return int(rows[-1]["id"]), len(updates)
+    last: RowKey = rows[-1][key.name]
+    return last, len(updates)

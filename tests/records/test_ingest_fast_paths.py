@@ -1,0 +1,229 @@
+"""The ingest fast paths give exactly what the straightforward code gives.
+
+Validation runs over TypedDicts (no model objects), the BSN check has a shortcut, pseudonyms
+reuse one HMAC state, and the response is written as JSON directly: each must stay equal to
+the reference it replaces, and the request/response contract must not move.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from sqlmodel import Session
+
+from service.crypto.keyring import Keyring
+from service.crypto.pseudonym import InvalidBsn, normalize_bsn, pseudonymize
+from service.records.models import (
+    RECORD_BATCH,
+    SUBJECT_RECORD,
+    RecordBatchPublic,
+    _valid_bsn,
+)
+from service.records.service import (
+    IngestResult,
+    batch_errors,
+    decrypt_identity,
+    get_subject,
+    identity_plaintext,
+    pseudonymizer,
+    subject_dek,
+)
+from tests.records.conftest import Record
+
+URL = "/v1/records/batch"
+Make = Callable[..., Record]
+NINE_DIGITS = st.text(alphabet="0123456789", min_size=9, max_size=9)
+BSN_LIKE = st.text(alphabet="0123456789 .-x٣", min_size=0, max_size=12)
+
+
+def reference_bsn(value: str) -> str | None:
+    try:
+        return normalize_bsn(value)
+    except InvalidBsn:
+        return None
+
+
+def fast_bsn(value: str) -> str | None:
+    try:
+        return _valid_bsn(value)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(NINE_DIGITS | BSN_LIKE)
+def test_bsn_shortcut_agrees_with_normalize_bsn(value: str) -> None:
+    assert fast_bsn(value) == reference_bsn(value)
+
+
+def test_bsn_shortcut_rejects_all_zeros_and_checks_the_last_digit() -> None:
+    assert fast_bsn("000000000") is None
+    assert fast_bsn("111222333") == "111222333"
+    assert fast_bsn("111222334") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=32, max_size=32), NINE_DIGITS)
+def test_pseudonymizer_equals_pseudonymize(key: bytes, digits: str) -> None:
+    assert pseudonymizer(key)(digits) == pseudonymize(key, digits)
+
+
+def test_validated_records_carry_every_key_with_defaults(make: Make) -> None:
+    record = make(0)
+    for name in ("street", "postcode", "city", "phone", "email"):
+        del record["identity"][name]
+    del record["characteristics"]["household_type"]
+    del record["events"]
+    checked = SUBJECT_RECORD.validate_python(record)
+    assert checked["events"] == []
+    assert checked["characteristics"]["birth_year"] is None
+    assert checked["characteristics"]["household_type"] is None
+    plaintext = json.loads(identity_plaintext(checked["identity"]))
+    assert list(plaintext) == [
+        "bsn",
+        "given_name",
+        "family_name",
+        "birth_date",
+        "street",
+        "postcode",
+        "city",
+        "phone",
+        "email",
+    ]
+    assert plaintext["birth_date"] == "1990-04-17"
+    assert plaintext["email"] is None
+
+
+def test_strings_are_stripped_and_postcodes_upper_cased(make: Make) -> None:
+    record = make(0)
+    record["identity"]["given_name"] = "  Gerritje  "
+    record["identity"]["postcode"] = "3074 lk"
+    checked = SUBJECT_RECORD.validate_python(record)
+    assert checked["identity"]["given_name"] == "Gerritje"
+    assert checked["identity"]["postcode"] == "3074 LK"
+
+
+@pytest.mark.parametrize(
+    ("place", "loc"),
+    [
+        (lambda r: r, ("subjects", 0, "surprise")),
+        (lambda r: r["identity"], ("subjects", 0, "identity", "surprise")),
+        (lambda r: r["characteristics"], ("subjects", 0, "characteristics", "surprise")),
+        (lambda r: r["events"][1], ("subjects", 0, "events", 1, "surprise")),
+    ],
+)
+def test_unknown_fields_are_rejected_at_every_level(
+    make: Make, place: Callable[[Record], dict[str, Any]], loc: tuple[Any, ...]
+) -> None:
+    record = make(0)
+    place(record)["surprise"] = "Zwanenburg"
+    with pytest.raises(ValidationError) as caught:
+        RECORD_BATCH.validate_python({"subjects": [record]})
+    errors = caught.value.errors(include_input=False)
+    assert [(e["loc"], e["type"]) for e in errors] == [(loc, "extra_forbidden")]
+
+
+def test_every_failing_field_of_a_row_is_named_without_values(
+    client: TestClient, source_headers: dict[str, str], make: Make
+) -> None:
+    bad = make(1)
+    bad["identity"]["postcode"] = "Tarwewijk"
+    bad["identity"]["bsn"] = "123456789"
+    bad["events"][2]["date"] = "2999-01-01"
+    bad["characteristics"]["birth_year"] = 1991
+    response = client.post(URL, json={"subjects": [make(0), bad]}, headers=source_headers)
+    assert response.status_code == 422, response.text
+    fields = {(e["row"], tuple(e["loc"][2:])) for e in response.json()["errors"]}
+    assert fields == {
+        (1, ("identity", "postcode")),
+        (1, ("identity", "bsn")),
+        (1, ("events", 2, "date")),
+    }
+    assert "Tarwewijk" not in response.text
+    assert "123456789" not in response.text
+
+
+def test_birth_year_disagreeing_with_the_birth_date_names_the_row(
+    client: TestClient, source_headers: dict[str, str], make: Make
+) -> None:
+    bad = make(1)
+    bad["characteristics"]["birth_year"] = 1991
+    response = client.post(URL, json={"subjects": [make(0), bad]}, headers=source_headers)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["row"] == 1
+    assert "birth_year" in error["msg"]
+
+
+def test_batch_errors_lists_every_problem_when_the_shortcut_does_not_apply(make: Make) -> None:
+    rows = [make(0), make(1), make(0)]
+    rows[1]["events"][0]["type"] = "moon_landing"
+    subjects = RECORD_BATCH.validate_python({"subjects": rows})["subjects"]
+    errors = batch_errors(subjects=subjects, event_types=frozenset({"welfare_start"}), max_rows=9)
+    locs = {tuple(e["loc"]) for e in errors}
+    assert ("subjects", 2, "identity", "bsn") in locs
+    assert ("subjects", 1, "events", 0, "type") in locs
+    assert ("subjects", 0, "events", 0, "source_event_id") in locs
+    assert ("subjects", 2, "events", 2, "source_event_id") in locs
+    clean = RECORD_BATCH.validate_python({"subjects": [make(0), make(1)]})["subjects"]
+    types = frozenset({"welfare_start", "employment_start", "helpdesk_visit"})
+    assert batch_errors(subjects=clean, event_types=types, max_rows=9) == []
+
+
+def test_response_body_is_the_declared_model(
+    client: TestClient, source_headers: dict[str, str], make: Make
+) -> None:
+    body = {"subjects": [make(0), make(1)]}
+    first = client.post(URL, json=body, headers={**source_headers, "Idempotency-Key": "k1"})
+    assert first.status_code == 200, first.text
+    parsed = RecordBatchPublic.model_validate_json(first.content)
+    assert json.loads(parsed.model_dump_json()) == first.json()
+    again = client.post(URL, json=body, headers={**source_headers, "Idempotency-Key": "k1"})
+    replayed = RecordBatchPublic.model_validate_json(again.content)
+    assert replayed.replayed is True
+    assert replayed.rows == parsed.rows
+
+
+def test_ingest_result_json_matches_the_model_dump() -> None:
+    result = IngestResult(
+        batch_id="b" * 32,
+        source="source-welfare",
+        events_stored=5,
+        events_already_known=1,
+        replayed=False,
+        pseudonyms=["a" * 32, "c" * 32],
+        statuses=["created", "erased"],
+    )
+    assert json.loads(result.to_json()) == json.loads(result.public().model_dump_json())
+    assert list(json.loads(result.to_json())) == list(RecordBatchPublic.model_fields)
+
+
+def test_identity_without_optional_fields_round_trips(
+    app: FastAPI,
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+) -> None:
+    keyring: Keyring = app.state.keyring
+    record = make(0)
+    for name in ("street", "postcode", "city", "phone", "email"):
+        del record["identity"][name]
+    response = client.post(URL, json={"subjects": [record]}, headers=source_headers)
+    assert response.status_code == 200, response.text
+    again = client.post(URL, json={"subjects": [record]}, headers=source_headers)
+    assert again.json()["rows"][0]["status"] == "unchanged"
+    subject = get_subject(session=session, pseudonym=response.json()["rows"][0]["pseudonym"])
+    identity = decrypt_identity(
+        keyring=keyring, subject=subject, dek=subject_dek(keyring=keyring, subject=subject)
+    )
+    assert identity.bsn == record["identity"]["bsn"]
+    assert identity.email is None
