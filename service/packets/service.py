@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlmodel import Session
@@ -543,26 +543,13 @@ def list_packets(
 def _visible_packet(session: Session, *, packet_id: str, caller: Caller, action: str) -> Packet:
     packet = session.get(Packet, packet_id)
     if packet is None or (not _sees_all(caller) and packet.professional_id != caller.sub):
-        pseudonyms: list[str] = []
-        if packet is not None:
-            pseudonyms = list(
-                session.execute(
-                    select(_members.c.pseudonym)
-                    .where(_members.c.packet_id == packet_id)
-                    .order_by(_members.c.pseudonym)
-                ).scalars()
-            )
-        append(
-            session=session,
-            entry=LogEntry.by(
-                caller,
-                action=action,
-                object_type="packet",
-                object_id=packet_id,
-                outcome="denied",
-                pseudonyms=pseudonyms,
-                reason="no such packet" if packet is None else "not the packet's owner",
-            ),
+        _deny(
+            session,
+            caller=caller,
+            action=action,
+            packet_id=packet_id,
+            reason="no such packet" if packet is None else "not the packet's owner",
+            pseudonyms=_member_pseudonyms(session, packet_id) if packet is not None else (),
         )
         raise PacketNotFound(f"no packet {packet_id} for this caller")
     return packet
@@ -640,16 +627,13 @@ def reassign_packet(
         packet.professional_id = professional_id
         session.add(packet)
         session.flush()
-    append(
-        session=session,
-        entry=LogEntry.by(
-            caller,
-            action="packet.reassign",
-            object_type="packet",
-            object_id=packet_id,
-            pseudonyms=members,
-            reason=f"from {former} to {professional_id}",
-        ),
+    _log_packet(
+        session,
+        caller=caller,
+        action="packet.reassign",
+        packet_id=packet_id,
+        pseudonyms=members,
+        reason=f"from {former} to {professional_id}",
     )
     return _packet_public(packet, len(members))
 
@@ -714,6 +698,31 @@ def _member_pseudonyms(session: Session, packet_id: str) -> list[str]:
     )
 
 
+def _log_packet(
+    session: Session,
+    *,
+    caller: Caller,
+    action: str,
+    packet_id: str,
+    pseudonyms: Sequence[str] = (),
+    reason: str | None = None,
+    outcome: Literal["allowed", "denied"] = "allowed",
+) -> None:
+    """Append one access-log entry about a packet, in the caller's transaction."""
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action=action,
+            object_type="packet",
+            object_id=packet_id,
+            outcome=outcome,
+            pseudonyms=pseudonyms,
+            reason=reason,
+        ),
+    )
+
+
 def _deny(
     session: Session,
     *,
@@ -723,17 +732,14 @@ def _deny(
     reason: str,
     pseudonyms: Sequence[str] = (),
 ) -> None:
-    append(
-        session=session,
-        entry=LogEntry.by(
-            caller,
-            action=action,
-            object_type="packet",
-            object_id=packet_id,
-            outcome="denied",
-            pseudonyms=pseudonyms,
-            reason=reason,
-        ),
+    _log_packet(
+        session,
+        caller=caller,
+        action=action,
+        packet_id=packet_id,
+        pseudonyms=pseudonyms,
+        reason=reason,
+        outcome="denied",
     )
 
 
@@ -926,16 +932,13 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
         session.add(packet)
         session.flush()
     # Last statement before the commit: the log's lock is held only for the append itself.
-    append(
-        session=session,
-        entry=LogEntry.by(
-            caller,
-            action="packet.open",
-            object_type="packet",
-            object_id=packet_id,
-            pseudonyms=revealable,
-            reason=f"{erased} erased members not revealed" if erased else None,
-        ),
+    _log_packet(
+        session,
+        caller=caller,
+        action="packet.open",
+        packet_id=packet_id,
+        pseudonyms=revealable,
+        reason=f"{erased} erased members not revealed" if erased else None,
     )
 
     return SealedPacket(
@@ -1052,17 +1055,13 @@ def create_followup(
             created_at=now,
         )
     )
-    append(
-        session=session,
-        entry=LogEntry.by(
-            caller,
-            action="followup.create",
-            object_type="packet",
-            object_id=packet_id,
-            pseudonyms=[pseudonym],
-            reason=f"followup {followup_id}; kind {given.kind}; "
-            f"outcome {given.outcome_code or '-'}",
-        ),
+    _log_packet(
+        session,
+        caller=caller,
+        action="followup.create",
+        packet_id=packet_id,
+        pseudonyms=[pseudonym],
+        reason=f"followup {followup_id}; kind {given.kind}; outcome {given.outcome_code or '-'}",
     )
     return FollowupPublic(
         id=followup_id,
@@ -1098,15 +1097,12 @@ def close_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketP
     packet.closed_at = utcnow()
     session.add(packet)
     session.flush()
-    append(
-        session=session,
-        entry=LogEntry.by(
-            caller,
-            action="packet.close",
-            object_type="packet",
-            object_id=packet_id,
-            pseudonyms=members,
-        ),
+    _log_packet(
+        session,
+        caller=caller,
+        action="packet.close",
+        packet_id=packet_id,
+        pseudonyms=members,
     )
     return _packet_public(packet, len(members))
 
