@@ -11,13 +11,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import psycopg
+from _common import postgres_database  # type: ignore[import-not-found]
 from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
 
@@ -25,7 +26,7 @@ from service.access_log import merkle
 from service.access_log import service as log
 from service.access_log.checkpoint import Checkpoint, checkpoint_text
 from service.access_log.verify import verify_files
-from service.config import PROJECT_ROOT, Settings, normalize_database_url
+from service.config import PROJECT_ROOT, Settings
 from service.crypto.signing import NoteSigner
 from service.db import Database, migrate
 
@@ -53,26 +54,6 @@ def sample_bytes(count: int) -> Iterator[bytes]:
 
 def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds else float("inf")
-
-
-def postgres_database() -> tuple[str, Callable[[], None]] | None:
-    admin = normalize_database_url(
-        os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
-    libpq = make_url(admin).set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"cp_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(libpq, autocommit=True, connect_timeout=3) as connection:
-            connection.execute(f"CREATE DATABASE {name}")
-    except psycopg.Error as exc:
-        print(f"PostgreSQL not reachable ({type(exc).__name__}); skipping its figures")
-        return None
-
-    def drop() -> None:
-        with psycopg.connect(libpq, autocommit=True) as connection:
-            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-    return make_url(admin).set(database=name).render_as_string(hide_password=False), drop
 
 
 def bench_appends(url: str, label: str, count: int) -> None:

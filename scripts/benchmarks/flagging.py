@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import tempfile
@@ -17,12 +16,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import psycopg
+from _common import create_postgres_database, drop_postgres_database  # type: ignore[import-not-found]
 from sqlalchemy import func, insert, select
-from sqlalchemy.engine import make_url
 
 from service.access_log.models import AccessLogEntry
-from service.config import PROJECT_ROOT, normalize_database_url
+from service.config import PROJECT_ROOT
 from service.crypto.envelope import DataKey, seal, wrap_key
 from service.crypto.keyring import Keyring
 from service.db import Database, migrate
@@ -109,31 +107,16 @@ def bench_pure(subjects: int) -> None:
 # -- databases --------------------------------------------------------------------------------
 
 
-def postgres_admin_url() -> str:
-    given = os.environ.get("DATABASE_URL", "")
-    if given.startswith(("postgres://", "postgresql")):
-        return normalize_database_url(given)
-    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def _libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @contextmanager
 def scratch_database(backend: str, folder: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{folder / f'bench-{uuid.uuid4().hex[:8]}.db'}"
         return
-    admin = postgres_admin_url()
-    name = f"cp_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(_libpq(admin), autocommit=True, connect_timeout=3) as connection:
-        connection.execute(f"CREATE DATABASE {name}")
+    url = create_postgres_database()
     try:
-        yield make_url(admin).set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        with psycopg.connect(_libpq(admin), autocommit=True, connect_timeout=3) as connection:
-            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        drop_postgres_database(url)
 
 
 class Settingsish:

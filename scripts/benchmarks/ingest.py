@@ -31,11 +31,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import psycopg
+from _common import create_postgres_database, drop_postgres_database  # type: ignore[import-not-found]
 from fastapi.testclient import TestClient
-from sqlalchemy.engine import make_url
 
-from service.config import Settings, normalize_database_url
+from service.config import Settings
 from service.db import Database, migrate
 from service.main import create_app
 from service.records.bulk import CSV_COLUMNS
@@ -93,30 +92,22 @@ def records(count: int, seed: int) -> list[dict[str, Any]]:
 class Engine:
     """A fresh, migrated database per measurement (SQLite file or a PostgreSQL database)."""
 
-    def __init__(self, backend: str, tmp: Path, admin_url: str) -> None:
-        self.backend, self.tmp, self.admin_url = backend, tmp, admin_url
+    def __init__(self, backend: str, tmp: Path) -> None:
+        self.backend, self.tmp = backend, tmp
         self.created: list[str] = []
 
     def fresh(self) -> str:
         if self.backend == "sqlite":
             url = f"sqlite:///{self.tmp / f'bench-{uuid.uuid4().hex[:8]}.db'}"
         else:
-            name = f"cp_bench_{uuid.uuid4().hex[:10]}"
-            with psycopg.connect(self._libpq(self.admin_url), autocommit=True) as connection:
-                connection.execute(f"CREATE DATABASE {name}")
-            self.created.append(name)
-            url = make_url(self.admin_url).set(database=name).render_as_string(False)
+            url = create_postgres_database()
+            self.created.append(url)
         migrate(url, ROOT / "alembic")
         return url
 
-    @staticmethod
-    def _libpq(url: str) -> str:
-        return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
     def cleanup(self) -> None:
-        with psycopg.connect(self._libpq(self.admin_url), autocommit=True) as connection:
-            for name in self.created:
-                connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        for url in self.created:
+            drop_postgres_database(url)
 
 
 def bench_api(url: str, home: Path, rows: list[dict[str, Any]]) -> float:
@@ -257,9 +248,6 @@ def main() -> None:
     args = parser.parse_args()
     subjects = args.subjects or (5_000 if args.quick else 50_000)
     memory_lines = (3_000, 30_000) if args.quick else (100_000, 1_000_000)
-    admin_url = normalize_database_url(
-        os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    )
     rows = records(subjects, seed=1)
     print(f"ingest benchmark: {subjects} subjects x 3 events, batches of {BATCH}", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -268,7 +256,7 @@ def main() -> None:
         home.mkdir()
         csv_path = write_csv(tmp / "bench.csv", subjects, seed=2)
         for backend in args.backends.split(","):
-            engine = Engine(backend, tmp, admin_url)
+            engine = Engine(backend, tmp)
             try:
                 plain = bench_plain(engine.fresh(), home, rows)
                 api = bench_api(engine.fresh(), home, rows)
@@ -288,7 +276,7 @@ def main() -> None:
             peaks = []
             for lines in memory_lines:
                 path = write_csv(tmp / f"mem-{lines}.csv", lines // 3, seed=3)
-                engine = Engine("sqlite", tmp, admin_url)
+                engine = Engine("sqlite", tmp)
                 _seconds, rss = run_import(engine.fresh(), home, path)
                 peaks.append(rss)
                 print(f"memory   import of {lines:>9} CSV lines (sqlite): peak RSS {rss:6.1f} MiB")

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -24,11 +22,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx
-import psycopg
+from _common import postgres_database  # type: ignore[import-not-found]
 from fastapi.testclient import TestClient
-from sqlalchemy.engine import make_url
 
-from service.config import PROJECT_ROOT, Settings, normalize_database_url
+from service.config import PROJECT_ROOT, Settings
 from service.crypto.keyring import Keyring
 from service.db import Database, migrate
 from service.main import create_app
@@ -466,26 +463,6 @@ def bench_backend(
         return rounds
     finally:
         shutil.rmtree(home, ignore_errors=True)
-
-
-def postgres_database() -> tuple[str, Callable[[], None]] | None:
-    admin = normalize_database_url(
-        os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    )
-    libpq = make_url(admin).set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"cp_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(libpq, autocommit=True, connect_timeout=3) as connection:
-            connection.execute(f"CREATE DATABASE {name}")
-    except psycopg.Error as exc:
-        print(f"PostgreSQL not reachable ({type(exc).__name__}); skipping its figures")
-        return None
-
-    def drop() -> None:
-        with psycopg.connect(libpq, autocommit=True) as connection:
-            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-    return make_url(admin).set(database=name).render_as_string(hide_password=False), drop
 
 
 def report(label: str, rounds: list[tuple[Phase, Phase]]) -> None:
