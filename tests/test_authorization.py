@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlmodel import Session
+from starlette.routing import Route
 
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF
@@ -128,12 +128,22 @@ LOGGED_DENIALS = {
 }
 
 
+HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
+
+
 def app_routes(app: FastAPI) -> set[tuple[str, str]]:
-    routes = set()
-    for route in iter_route_contexts(app.routes):
-        for method in route.methods or ():
-            if method != "HEAD" and route.path is not None:
-                routes.add((method, route.path))
+    """Every operation the app serves: the OpenAPI document's operations (every API route is in
+    it) plus the plain routes mounted on the app itself (documentation pages, the spec)."""
+    paths: dict[str, dict[str, object]] = app.openapi()["paths"]
+    routes = {
+        (method.upper(), path)
+        for path, operations in paths.items()
+        for method in operations
+        if method in HTTP_METHODS
+    }
+    for route in app.routes:
+        if isinstance(route, Route):
+            routes |= {(m, route.path) for m in route.methods or () if m != "HEAD"}
     return routes
 
 
