@@ -20,35 +20,21 @@ from service.packets.models import Packet, ProfessionalCreate
 from service.packets.policy import RetentionPolicy
 from service.packets.service import create_professional, get_professional, partition_run
 
-DEMO_TEAM = (
+SOUTH = ("Feijenoord", "Charlois", "IJsselmonde")
+DEMO_TEAM = tuple(
     ProfessionalCreate(
-        id="prof-001",
-        display_name="Demo professional Feijenoord",
+        id=professional_id,
+        display_name=f"Demo professional {label}",
         team="Zuid",
-        districts=["Feijenoord"],
+        districts=list(districts),
         capacity=60,
-    ),
-    ProfessionalCreate(
-        id="prof-002",
-        display_name="Demo professional Charlois",
-        team="Zuid",
-        districts=["Charlois"],
-        capacity=60,
-    ),
-    ProfessionalCreate(
-        id="prof-003",
-        display_name="Demo professional IJsselmonde",
-        team="Zuid",
-        districts=["IJsselmonde"],
-        capacity=60,
-    ),
-    ProfessionalCreate(
-        id="prof-004",
-        display_name="Demo professional Zuid (all districts)",
-        team="Zuid",
-        districts=["Feijenoord", "Charlois", "IJsselmonde"],
-        capacity=60,
-    ),
+    )
+    for professional_id, label, districts in (
+        ("prof-001", "Feijenoord", ("Feijenoord",)),
+        ("prof-002", "Charlois", ("Charlois",)),
+        ("prof-003", "IJsselmonde", ("IJsselmonde",)),
+        ("prof-004", "Zuid (all districts)", SOUTH),
+    )
 )
 
 
