@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -164,6 +164,17 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             detail = f"method {request.method} is not allowed on {request.url.path}"
         return problem(exc.status_code, detail, request=request, headers=exc.headers)
+
+    @app.exception_handler(DataError)
+    async def _unstorable_value(request: Request, exc: DataError) -> ProblemResponse:
+        # The driver's message quotes the value; only its class is logged.
+        logger.info("database refused a value on %s: %s", request.url.path, type(exc.orig).__name__)
+        return problem(
+            422,
+            "a value cannot be stored: it is out of range or holds a character the database "
+            "refuses (such as NUL); nothing was changed",
+            request=request,
+        )
 
     @app.exception_handler(OperationalError)
     async def _db_unavailable(request: Request, exc: OperationalError) -> ProblemResponse:

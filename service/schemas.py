@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+# Largest integer both SQLite and PostgreSQL store (64-bit signed). Query parameters that reach
+# SQL (offsets, indexes, cursors) are bounded by it: an oversized number is a 422, not a 500.
+MAX_INT64 = 2**63 - 1
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_holds_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return False
 
 
 class StrictModel(BaseModel):
-    """Request bodies: unknown fields are rejected (a typo must not be silently ignored)."""
+    """Request bodies: unknown fields are rejected (a typo must not be silently ignored), and no
+    text may hold a NUL character (PostgreSQL cannot store one; SQLite would, so both refuse)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _refuse_nul(cls, value: Any) -> Any:
+        if _holds_nul(value):
+            raise ValueError("must not contain NUL characters")
+        return value

@@ -23,6 +23,7 @@ from service.crypto.signing import NoteSigner
 from service.db import Database, SessionDep
 from service.errors import Unavailable
 from service.openapi import AUTH_ERRORS, problem_responses
+from service.schemas import MAX_INT64
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=AUTH_ERRORS)
 Auditor = Annotated[Caller, require(Permission.AUDIT_READ)]
@@ -60,8 +61,8 @@ def entries(
     request: Request,
     session: SessionDep,
     caller: Auditor,
-    start: Annotated[int, Query(ge=0, description="first leaf index (inclusive)")],
-    end: Annotated[int, Query(ge=1, description="last leaf index (exclusive)")],
+    start: Annotated[int, Query(ge=0, le=MAX_INT64, description="first leaf index (inclusive)")],
+    end: Annotated[int, Query(ge=1, le=MAX_INT64, description="last leaf index (exclusive)")],
 ) -> StreamingResponse:
     start, end = service.entry_range(session=session, start=start, end=end)
     service.log_audit_read(session=session, caller=caller, object_id=f"entries:{start}-{end}")
@@ -105,8 +106,8 @@ def checkpoint(
 def inclusion(
     session: SessionDep,
     caller: Auditor,
-    index: Annotated[int, Query(ge=0)],
-    tree_size: Annotated[int, Query(ge=1)],
+    index: Annotated[int, Query(ge=0, le=MAX_INT64)],
+    tree_size: Annotated[int, Query(ge=1, le=MAX_INT64)],
 ) -> InclusionProofPublic:
     hashes = service.inclusion_proof(session=session, index=index, size=tree_size)
     service.log_audit_read(
@@ -124,8 +125,8 @@ def inclusion(
 def consistency(
     session: SessionDep,
     caller: Auditor,
-    first: Annotated[int, Query(ge=0)],
-    second: Annotated[int, Query(ge=0)],
+    first: Annotated[int, Query(ge=0, le=MAX_INT64)],
+    second: Annotated[int, Query(ge=0, le=MAX_INT64)],
 ) -> ConsistencyProofPublic:
     hashes = service.consistency_proof(session=session, first=first, second=second)
     service.log_audit_read(

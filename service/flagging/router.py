@@ -20,6 +20,7 @@ from service.flagging.models import (
 )
 from service.flagging.rules import FlaggingPolicy
 from service.openapi import AUTH_ERRORS, problem_responses
+from service.schemas import MAX_INT64
 
 router = APIRouter(tags=["flagging"])
 
@@ -76,7 +77,9 @@ def list_run_flags(
     run_id: str,
     session: SessionDep,
     _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
-    after: Annotated[int, Query(ge=0, description="the previous page's next_after")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=MAX_INT64, description="the previous page's next_after")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
 ) -> FlagPagePublic:
     items, next_after = service.list_run_flags(

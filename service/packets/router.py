@@ -35,6 +35,7 @@ from service.packets.models import (
     ProfessionalUpdate,
 )
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
+from service.schemas import MAX_INT64
 
 router = APIRouter()
 
@@ -153,7 +154,7 @@ def list_packets(
     professional_id: Annotated[
         str | None, Query(max_length=128, description="only with packets.read_all")
     ] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
 ) -> PacketPagePublic:
     items, next_offset = service.list_packets(
