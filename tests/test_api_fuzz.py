@@ -10,6 +10,7 @@ schemathesis' pytest plugin, whose parametrization does not work under pytest 9.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import schemathesis
@@ -27,7 +28,8 @@ from service.auth.permissions import Role
 from tests.conftest import TokenFactory, bearer
 
 ALL_ROLES = tuple(role.value for role in Role)
-EXAMPLES_PER_OPERATION = 15
+# CASEPACKETS_FUZZ_EXAMPLES=500 scripts/test -k fuzz digs deeper than the default run.
+EXAMPLES_PER_OPERATION = int(os.environ.get("CASEPACKETS_FUZZ_EXAMPLES", "15"))
 # Semantic rules the schema cannot express (the BSN 11-check, the event vocabulary, dates in the
 # past) rightly reject some schema-valid bodies, so "positive data acceptance" is not checked.
 CHECKS = [
