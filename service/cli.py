@@ -125,6 +125,14 @@ def prepare(settings: Settings) -> None:
     if settings.dev_issuer:
         dev_issuer(settings)
     if not settings.resolved_keyring_path.exists():
+        if settings.env == "production":
+            console.print(
+                f"[red]no keyring at {settings.resolved_keyring_path}[/red]: in production it is "
+                "created deliberately, once, with `casepackets keys init` (and backed up apart "
+                "from the database)",
+                highlight=False,
+            )
+            raise typer.Exit(2)
         Keyring.init(settings.resolved_keyring_path)
         console.print(f"created the keyring at {settings.resolved_keyring_path}")
     run_migrations(settings.resolved_database_url, settings.migrations_dir)

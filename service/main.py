@@ -161,12 +161,12 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         static_keys.append(dev_issuer.public_jwk)
     if settings.jwks_file:
         static_keys.extend(KeySet.from_file(settings.jwks_file).public_jwks()["keys"])
-    keys = KeySet(static_keys, url=settings.jwks_url)
-    if not len(keys):
+    if not (static_keys or settings.jwks_url):
         raise RuntimeError(
             "no token keys: set CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL, "
             "or enable the built-in issuer (CASEPACKETS_DEV_ISSUER=true) outside production"
         )
+    keys = KeySet(static_keys, url=settings.jwks_url)
     verifier = TokenVerifier(
         algorithm=settings.jwt_algorithm,
         issuer=settings.jwt_issuer,
@@ -246,7 +246,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"unreachable ({type(exc).__name__})"
-        checks["token_keys"] = "ok" if len(verifier.keys) else "missing"
+        checks["token_keys"] = verifier.keys.readiness()
         for name, check in request.app.state.readiness_checks.items():
             checks[name] = check()
         if any(value != "ok" for value in checks.values()):

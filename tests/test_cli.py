@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -48,3 +49,19 @@ def test_migrate_command_builds_the_schema(cli_home: Path) -> None:
     result = CliRunner().invoke(cli, ["migrate"])
     assert result.exit_code == 0, result.output
     assert (cli_home / "cli.db").exists()
+
+
+def test_serve_refuses_to_create_a_keyring_in_production(cli_home: Path) -> None:
+    from service.cli import prepare
+
+    settings = Settings(
+        env="production",
+        home=cli_home,
+        dev_issuer=False,
+        jwks_url="https://idp.example/jwks",
+        database_url=f"sqlite:///{cli_home}/p.db",
+    )
+    with pytest.raises(typer.Exit) as refused:
+        prepare(settings)
+    assert refused.value.exit_code == 2
+    assert not (cli_home / "keyring.json").exists()

@@ -157,3 +157,25 @@ def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
     )
     generated = client.get("/healthz", headers={"X-Request-ID": "bad id\n"}).headers["x-request-id"]
     assert len(generated) == 32
+
+
+def test_production_starts_not_ready_while_the_identity_provider_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    from service.crypto.keyring import Keyring
+
+    Keyring.init(tmp_path / "keyring.json")
+    settings = Settings(
+        env="production",
+        home=tmp_path,
+        dev_issuer=False,
+        jwks_url="https://127.0.0.1:1/jwks",
+        database_url=f"sqlite:///{tmp_path}/p.db",
+        shred_interval_seconds=0,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "token_keys" in ready.json()["detail"]
+        assert client.get("/.well-known/jwks.json").status_code == 404
+        assert client.get("/v1/me", headers={"Authorization": "Bearer a.b.c"}).status_code == 401

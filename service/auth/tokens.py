@@ -64,9 +64,12 @@ class KeySet:
         self._clock = clock
         self._last_fetch: float | None = None
         self._lock = threading.Lock()
+        self.last_error: str | None = None
         self._install(self._static)
         if url:
-            self.refresh()
+            # An identity provider that is down at start-up leaves the service not ready (no
+            # keys, every token refused) instead of failing to start; keys come on next fetch.
+            self._refresh_if_due()
 
     @classmethod
     def from_file(cls, path: Path) -> KeySet:
@@ -89,20 +92,34 @@ class KeySet:
         self._last_fetch = self._clock()
         self._install(self._static + list(_jwks_keys(self._fetch(self._url), source=self._url)))
 
+    def _refresh_if_due(self) -> None:
+        """Refetch the JWKS URL, at most once a minute; a failed fetch keeps the keys we have."""
+        with self._lock:
+            if self._last_fetch is not None and (
+                self._clock() - self._last_fetch < REFETCH_INTERVAL_SECONDS
+            ):
+                return
+            try:
+                self.refresh()
+                self.last_error = None
+            except (httpx.HTTPError, ValueError) as exc:
+                self.last_error = type(exc).__name__
+
     def get(self, kid: str) -> dict[str, Any] | None:
         key = self._keys.get(kid)
-        if key is not None or not self._url:
-            return key
-        with self._lock:
-            # An unknown kid may mean the provider rotated: refetch, but at most once a minute.
-            if self._last_fetch is None or self._clock() - self._last_fetch >= (
-                REFETCH_INTERVAL_SECONDS
-            ):
-                try:
-                    self.refresh()
-                except (httpx.HTTPError, ValueError):
-                    return None
-        return self._keys.get(kid)
+        if key is None and self._url:
+            # An unknown kid may mean the provider rotated its keys.
+            self._refresh_if_due()
+            key = self._keys.get(kid)
+        return key
+
+    def readiness(self) -> str:
+        """ "ok" when at least one key is pinned (fetching the URL again when it is due)."""
+        if not self._keys and self._url:
+            self._refresh_if_due()
+        if self._keys:
+            return "ok"
+        return f"no keys (JWKS fetch failed: {self.last_error})" if self.last_error else "no keys"
 
     def public_jwks(self) -> dict[str, Any]:
         return {"keys": [_public_members(k) for k in self._static]}

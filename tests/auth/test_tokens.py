@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -262,3 +263,25 @@ def test_jwks_endpoint_publishes_only_public_members(api: tuple[FastAPI, TestCli
     assert key["kty"] == "RSA"
     assert key["kid"] == api[0].state.dev_issuer.kid
     assert not {"d", "p", "q", "dp", "dq", "qi"} & key.keys()
+
+
+def test_an_unreachable_jwks_url_leaves_the_key_set_empty_until_a_fetch_succeeds(
+    home_key: bytes,
+) -> None:
+    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    provider_up = [False]
+    now = [0.0]
+
+    def fetch(url: str) -> Mapping[str, Any]:
+        if not provider_up[0]:
+            raise httpx.ConnectError("connection refused")
+        return {"keys": [issuer.public_jwk]}
+
+    keys = KeySet(url="https://idp.example/jwks", fetch=fetch, clock=lambda: now[0])
+    assert len(keys) == 0
+    assert keys.readiness() == "no keys (JWKS fetch failed: ConnectError)"
+    provider_up[0] = True
+    assert keys.readiness() != "ok", "a failed fetch is retried at most once a minute"
+    now[0] += 61
+    assert keys.readiness() == "ok"
+    assert keys.get(issuer.kid) is not None
