@@ -348,9 +348,8 @@ def keyring_or_exit(settings: Settings) -> Keyring:
 
 
 def log_system_action(
-    database: Database, session: Session, *, command: str, action: str, object_id: str, reason: str
+    session: Session, *, command: str, action: str, object_id: str, reason: str
 ) -> None:
-    del database
     append(
         session=session,
         entry=LogEntry(
@@ -401,7 +400,6 @@ def keys_rotate(
         with database.transaction() as session:
             new = keyring.rotate(checked)
             log_system_action(
-                database,
                 session,
                 command="keys",
                 action="keys.rotate",
@@ -461,7 +459,6 @@ def keys_rewrap(
                     progress.advance(task, moved)
         with database.transaction() as session:
             log_system_action(
-                database,
                 session,
                 command="keys",
                 action="keys.rewrap",
@@ -503,7 +500,6 @@ def keys_retire(
                 console.print(f"[red]refused:[/red] {exc}", highlight=False)
                 raise typer.Exit(1) from None
             log_system_action(
-                database,
                 session,
                 command="keys",
                 action="keys.retire",
