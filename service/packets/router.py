@@ -227,8 +227,7 @@ def open_packet(
     # the event loop (get_session's own commit then has nothing left to do). A failed commit
     # raises, so nothing is revealed.
     session.commit()
-    body = service.reveal(keyring=keyring, sealed=sealed).model_dump_json().encode()
-    return Response(body, media_type="application/json")
+    return Response(service.reveal(keyring=keyring, sealed=sealed), media_type="application/json")
 
 
 @router.post(

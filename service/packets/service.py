@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic_core import to_json
 from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlmodel import Session
 
@@ -55,21 +56,16 @@ from service.crypto.envelope import (
 )
 from service.crypto.keyring import KeyProvider
 from service.errors import Conflict, Gone, NotFound, Unprocessable
-from service.flagging.models import Flag, RuleHitPublic, as_utc
+from service.flagging.models import Flag, as_utc
 from service.flagging.service import get_run
 from service.packets import partition as partitioning
 from service.packets.models import (
     OPEN_STATUSES,
-    CharacteristicsPublic,
-    ClientPublic,
-    FlagReasonPublic,
     Followup,
     FollowupCreate,
     FollowupPublic,
     FollowupSummaryPublic,
-    IdentityPublic,
     Packet,
-    PacketClientsPublic,
     PacketDetailPublic,
     PacketMember,
     PacketMemberPublic,
@@ -85,10 +81,10 @@ from service.packets.models import (
 from service.packets.policy import FollowupPolicy, RetentionPolicy
 from service.records.models import Subject
 from service.records.service import (
-    Identity,
     WrappedKeyColumn,
     dek_aad,
     identity_aad,
+    identity_fields,
     register_erasure_hook,
     register_wrapped_key_column,
 )
@@ -826,20 +822,6 @@ def _packet_key(keyring: KeyProvider, packet: Packet) -> DataKey:
     return unwrap_key(keyring, "packet", _packet_key_wrap(packet), aad=packet_key_aad(packet.id))
 
 
-def _identity_public(identity: Identity) -> IdentityPublic:
-    return IdentityPublic(
-        bsn=identity.bsn,
-        given_name=identity.given_name,
-        family_name=identity.family_name,
-        birth_date=identity.birth_date,
-        street=identity.street,
-        postcode=identity.postcode,
-        city=identity.city,
-        phone=identity.phone,
-        email=identity.email,
-    )
-
-
 def _followup_public(
     followup: _Followup, *, packet_id: str, packet_key: DataKey | None
 ) -> FollowupPublic:
@@ -949,53 +931,57 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
     )
 
 
-def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> PacketClientsPublic:
-    """Decrypt a logged open: the packet key (packet KEK), each member's DEK (packet key), the
-    identities and the follow-up notes. An erased member comes back with ``identity=None`` and
-    ``note="erased"``; the packet as a whole never fails for it. No database access."""
+def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
+    """Decrypt a logged open into the response body, JSON shaped as ``PacketClientsPublic``:
+    the packet key (packet KEK), each member's DEK (packet key), the identities and the
+    follow-up notes. An erased member comes back with ``identity=None`` and ``note="erased"``;
+    the packet as a whole never fails for it. No database access.
+
+    This is the service's hottest path, so the body is built from plain values (checked on
+    their way in: identities at ingest, rule hits by the flagging run) and serialized once,
+    rather than through a pydantic model per client, rule hit and identity.
+    """
     packet_id = sealed.packet.id
     packet_key = unwrap_key(keyring, "packet", sealed.wrapped_key, aad=packet_key_aad(packet_id))
     followups = sealed.followups
     clients = []
     for member in sealed.members:
-        identity: IdentityPublic | None = None
+        identity: dict[str, Any] | None = None
         if member.wrapped_dek is not None and member.identity_ciphertext is not None:
             dek = unwrap_under(
                 packet_key,
                 member.wrapped_dek,
                 aad=member_dek_aad(packet_id, member.subject_id),
             )
-            identity = _identity_public(
-                Identity.from_bytes(
-                    open_(dek, member.identity_ciphertext, aad=identity_aad(member.pseudonym))
-                )
+            identity = identity_fields(
+                open_(dek, member.identity_ciphertext, aad=identity_aad(member.pseudonym))
             )
         clients.append(
-            ClientPublic(
-                pseudonym=member.pseudonym,
-                identity=identity,
-                note=None if identity is not None else "erased",
-                characteristics=CharacteristicsPublic(
-                    district=member.district,
-                    neighbourhood=member.neighbourhood,
-                    birth_year=member.birth_year,
-                    household_type=member.household_type,
-                ),
-                flag=FlagReasonPublic(
-                    kind=member.kind,
-                    run_id=member.run_id,
-                    policy_version=member.policy_version,
-                    reason_code=member.reason_code,
-                    hits=[RuleHitPublic.model_validate(hit) for hit in member.hits],
-                    explanation=member.explanation,
-                ),
-                followups=[
+            {
+                "pseudonym": member.pseudonym,
+                "identity": identity,
+                "note": None if identity is not None else "erased",
+                "characteristics": {
+                    "district": member.district,
+                    "neighbourhood": member.neighbourhood,
+                    "birth_year": member.birth_year,
+                    "household_type": member.household_type,
+                },
+                "flag": {
+                    "kind": member.kind,
+                    "run_id": member.run_id,
+                    "policy_version": member.policy_version,
+                    "reason_code": member.reason_code,
+                    "hits": member.hits,
+                    "explanation": member.explanation,
+                },
+                "followups": [
                     _followup_public(f, packet_id=packet_id, packet_key=packet_key)
                     for f in followups.get(member.pseudonym, [])
                 ],
-            )
+            }
         )
-    return PacketClientsPublic(packet=sealed.packet, clients=clients)
+    return to_json({"packet": sealed.packet, "clients": clients})
 
 
 def create_followup(

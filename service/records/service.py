@@ -23,7 +23,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar, overload
 
@@ -128,6 +128,16 @@ class Identity:
     @classmethod
     def from_input(cls, given: IdentityIn) -> Identity:
         return cls(**given)
+
+
+_IDENTITY_FIELDS = tuple(f.name for f in fields(Identity))
+
+
+def identity_fields(raw: bytes) -> dict[str, Any]:
+    """A decrypted identity as plain JSON values (the birth date stays ISO text), for a response
+    that is serialized at once. Only the identity's own fields pass; a missing one raises."""
+    decoded = json.loads(raw)
+    return {name: decoded[name] for name in _IDENTITY_FIELDS}
 
 
 def identity_aad(pseudonym: str) -> dict[str, AadValue]:

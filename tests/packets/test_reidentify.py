@@ -23,6 +23,7 @@ from service.config import Settings
 from service.db import Database, make_engine
 from service.main import create_app
 from service.packets import service as packets_service
+from service.packets.models import PacketClientsPublic
 from tests.conftest import TokenFactory, bearer
 from tests.packets.scenario import (
     COORDINATOR,
@@ -292,6 +293,39 @@ class HeldLogLock:
         elif self.postgres is not None:
             self.postgres.execute("SELECT pg_advisory_unlock(%s)", (LOG_LOCK_KEY,))
             self.postgres.close()
+
+
+def test_the_open_body_is_exactly_what_the_documented_schema_serializes(
+    client: TestClient, token: TokenFactory
+) -> None:
+    """The body is built from plain values for speed; it must still be the documented
+    ``PacketClientsPublic``, field for field, with a note, an erased member and every hit."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    erased, noted, *_ = packet["pseudonyms"]
+    owner = bearer(token(OWNER, "professional"))
+    admin = bearer(token("admin-001", "admin"))
+    for pseudonym in (erased, noted):
+        response = client.post(
+            f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups",
+            json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+            headers=owner,
+        )
+        assert response.status_code == 201, response.text
+    assert client.post(f"/v1/subjects/{erased}/erase", headers=admin).status_code == 200
+
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert opened.status_code == 200, opened.text
+    assert opened.headers["content-type"] == "application/json"
+    parsed = PacketClientsPublic.model_validate_json(opened.content)
+    assert json.loads(parsed.model_dump_json()) == opened.json()
+    clients = {c.pseudonym: c for c in parsed.clients}
+    assert clients[erased].identity is None
+    assert clients[noted].followups[0].note == NOTE
+    identity = clients[noted].identity
+    assert identity is not None
+    assert identity.model_dump(mode="json") == world.people[noted].identity
+    assert all(c.flag.hits for c in parsed.clients)
 
 
 def test_open_fails_closed_with_503_and_no_identity_while_the_log_is_locked(
