@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(default=10_000, ge=1)
     max_page_size: int = Field(default=1_000, ge=1)
     log_lock_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    database_pool_size: int = Field(
+        default=20,
+        ge=1,
+        le=200,
+        description="PostgreSQL connections kept open per worker process (as many again may be "
+        "opened briefly under bursts)",
+    )
     shred_interval_seconds: float = Field(
         default=300, ge=0, description="crypto-shred due packets this often; 0 turns it off"
     )

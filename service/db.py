@@ -46,7 +46,7 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int = 20) -> Engine:
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -155,7 +155,11 @@ class Database:
 
     def __init__(self, settings: Settings) -> None:
         self.url = settings.resolved_database_url
-        self.engine = make_engine(self.url, lock_timeout_seconds=settings.log_lock_timeout_seconds)
+        self.engine = make_engine(
+            self.url,
+            lock_timeout_seconds=settings.log_lock_timeout_seconds,
+            pool_size=settings.database_pool_size,
+        )
 
     @property
     def is_sqlite(self) -> bool:
