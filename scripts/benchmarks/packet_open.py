@@ -355,6 +355,60 @@ def run_python(
     return Phase(label, requests, errors, seconds, latencies)
 
 
+# Open loop: requests leave on a fixed schedule whatever the server does, and each latency runs
+# from the scheduled send time, so a stalled server cannot hide its stall by slowing the client
+# (no coordinated omission). This answers "how fast is an open at a given load", the figure a
+# municipality sizing its deployment needs; the closed-loop phases answer "how many at most".
+
+
+async def _drive_at_rate(
+    targets: list[tuple[str, dict[str, str]]], *, rate: float, seconds: float
+) -> tuple[int, int, float, list[float]]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+
+        async def one(number: int, scheduled: float) -> None:
+            nonlocal errors
+            url, headers = targets[number % len(targets)]
+            response = await client.get(url, headers=headers)
+            latencies.append((time.perf_counter() - scheduled) * 1000)
+            if response.status_code != 200:
+                errors += 1
+
+        started = time.perf_counter()
+        tasks = []
+        for number in range(int(rate * seconds)):
+            scheduled = started + number / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(number, scheduled)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return len(latencies), errors, elapsed, latencies
+
+
+def rate_process(
+    targets: list[tuple[str, dict[str, str]]], rate: float, seconds: float, queue: Any
+) -> None:
+    queue.put(asyncio.run(_drive_at_rate(targets, rate=rate, seconds=seconds)))
+
+
+def run_at_rate(
+    label: str, base: str, targets: list[Target], *, rate: float, seconds: float
+) -> Phase:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    pairs = [(base + t.path, t.headers) for t in targets]
+    process = context.Process(target=rate_process, args=(pairs, rate, seconds, queue))
+    process.start()
+    requests, errors, elapsed, latencies = queue.get(timeout=seconds + 120)
+    process.join()
+    return Phase(label, requests, errors, elapsed, latencies)
+
+
 # -- server -----------------------------------------------------------------------------------
 
 
@@ -399,7 +453,7 @@ def serve(env: dict[str, str], port: int, workers: int) -> subprocess.Popen[byte
 
 def bench_backend(
     label: str, url: str, args: argparse.Namespace, wrk: str | None
-) -> list[tuple[Phase, Phase]]:
+) -> tuple[list[tuple[Phase, Phase]], list[Phase]]:
     home = Path(tempfile.mkdtemp(prefix="cp-bench-open-"))
     try:
         Keyring.init(home / "keyring.json")
@@ -457,15 +511,21 @@ def bench_backend(
                 ceiling = load("GET /healthz", health, args.seconds, args.requests)
                 opened = load("GET /v1/packets/{id}/clients", opens, args.seconds, args.requests)
                 rounds.append((ceiling, opened))
+            at_rates = [
+                run_at_rate(
+                    f"{rate:g} opens/s, fixed rate", base, opens, rate=rate, seconds=args.seconds
+                )
+                for rate in args.rates
+            ]
         finally:
             server.terminate()
             server.wait(timeout=30)
-        return rounds
+        return rounds, at_rates
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def report(label: str, rounds: list[tuple[Phase, Phase]]) -> None:
+def report(label: str, rounds: list[tuple[Phase, Phase]], at_rates: list[Phase]) -> None:
     print(f"\n[{label}]  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
         f"  {'route':32} {'req':>7} {'err':>5} {'503':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
@@ -486,6 +546,12 @@ def report(label: str, rounds: list[tuple[Phase, Phase]]) -> None:
             print(
                 f"  WARNING: {opened.errors} opens did not return 200 ({opened.unavailable} × 503)"
             )
+    for phase in at_rates:
+        print(
+            f"  open at {phase.label}: {phase.requests} requests, {phase.errors} errors, "
+            f"p50 {phase.percentile(50):.1f} ms, p99 {phase.percentile(99):.1f} ms "
+            f"(from the scheduled send time)"
+        )
 
 
 def main() -> None:
@@ -501,6 +567,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     parser.add_argument("--professionals", type=int, default=16, help="packets to open")
     parser.add_argument("--packet-size", type=int, default=20)
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [float(x) for x in text.split(",") if x],
+        default=[25.0, 50.0, 100.0],
+        help="fixed request rates (opens/s, comma-separated) for the open-loop latency phases",
+    )
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument(
         "--python-client", action="store_true", help="use the Python client even if wrk exists"
@@ -508,6 +580,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.requests, args.seconds, args.professionals, args.rounds = 400, 4.0, 4, 1
+        args.rates = [25.0]
     wrk = ensure_wrk(args.python_client)
     print(
         f"packet open benchmark: {args.concurrency} concurrent clients, {args.workers} workers, "
@@ -519,8 +592,10 @@ def main() -> None:
     if args.backend in ("sqlite", "both"):
         folder = Path(tempfile.mkdtemp(prefix="cp-bench-sqlite-"))
         try:
-            rounds = bench_backend("SQLite", f"sqlite:///{folder / 'bench.db'}", args, wrk)
-            report("SQLite", rounds)
+            rounds, at_rates = bench_backend(
+                "SQLite", f"sqlite:///{folder / 'bench.db'}", args, wrk
+            )
+            report("SQLite", rounds, at_rates)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     if args.backend in ("postgres", "both"):
@@ -528,7 +603,7 @@ def main() -> None:
         if created is not None:
             url, drop = created
             try:
-                report("PostgreSQL", bench_backend("PostgreSQL", url, args, wrk))
+                report("PostgreSQL", *bench_backend("PostgreSQL", url, args, wrk))
             finally:
                 drop()
 
