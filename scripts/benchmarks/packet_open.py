@@ -344,11 +344,17 @@ def run_python(
     total: int,
     limit_s: float,
 ) -> Phase:
-    """Drive the server from a separate process, so the generator does not share our GIL."""
+    """Drive the server closed-loop from a separate process."""
+    pairs = [(base + t.path, t.headers) for t in targets]
+    return in_child(label, load_process, (pairs, concurrency, total, limit_s), limit_s=limit_s)
+
+
+def in_child(label: str, target: Any, args: tuple[Any, ...], *, limit_s: float) -> Phase:
+    """Run a Python load generator in its own process, so it does not share our GIL; ``target``
+    puts its ``(requests, errors, seconds, latencies)`` on the queue passed last."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    pairs = [(base + t.path, t.headers) for t in targets]
-    process = context.Process(target=load_process, args=(pairs, concurrency, total, limit_s, queue))
+    process = context.Process(target=target, args=(*args, queue))
     process.start()
     requests, errors, seconds, latencies = queue.get(timeout=limit_s + 120)
     process.join()
@@ -399,14 +405,9 @@ def rate_process(
 def run_at_rate(
     label: str, base: str, targets: list[Target], *, rate: float, seconds: float
 ) -> Phase:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
+    """Drive the server open-loop at ``rate`` requests per second from a separate process."""
     pairs = [(base + t.path, t.headers) for t in targets]
-    process = context.Process(target=rate_process, args=(pairs, rate, seconds, queue))
-    process.start()
-    requests, errors, elapsed, latencies = queue.get(timeout=seconds + 120)
-    process.join()
-    return Phase(label, requests, errors, elapsed, latencies)
+    return in_child(label, rate_process, (pairs, rate, seconds), limit_s=seconds)
 
 
 # -- server -----------------------------------------------------------------------------------
