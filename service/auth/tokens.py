@@ -9,7 +9,10 @@ trusted:
 - the key is chosen by ``kid`` from the pinned key set only, and its type must fit the algorithm;
 - ``jwt.decode`` always receives ``algorithms=[<the one algorithm>]``;
 - ``exp``, ``iat``, ``iss``, ``aud`` and ``sub`` are required; ``nbf`` and a future ``iat`` are
-  honoured with a small leeway.
+  honoured with a small leeway;
+- a token that passed all of this is remembered by its SHA-256 (never the token itself) so a
+  client repeating it is not verified again; a remembered token is still refused once it
+  expires, and is verified afresh when its key is no longer the pinned one.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ MAX_TOKEN_BYTES = 8 * 1024
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 KEY_TYPE_FOR_ALGORITHM = {"RS256": "RSA", "ES256": "EC"}
 REFETCH_INTERVAL_SECONDS = 60.0
+# Verified tokens remembered per process (oldest forgotten first): a few MB at most.
+MAX_REMEMBERED_TOKENS = 10_000
 
 
 class InvalidToken(Exception):
@@ -44,6 +49,13 @@ class VerifiedToken:
     roles: frozenset[str]
     issued_at: int
     expires_at: int
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    token: VerifiedToken
+    kid: str
+    key: dict[str, Any]  # the pinned JWK object the signature was checked against
 
 
 class KeySet:
@@ -174,6 +186,7 @@ class TokenVerifier:
         roles_claim: str,
         keys: KeySet,
         leeway_seconds: int = 30,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if algorithm not in KEY_TYPE_FOR_ALGORITHM:
             raise ValueError(f"algorithm must be one of {sorted(KEY_TYPE_FOR_ALGORITHM)}")
@@ -186,6 +199,9 @@ class TokenVerifier:
         # kid -> (the pinned JWK, its constructed verifier): building an RSA key from its JWK
         # costs more than verifying a signature, so it is done once per key, not per request.
         self._verifiers: dict[str, tuple[dict[str, Any], Any]] = {}
+        self._clock = clock
+        self._remembered: dict[bytes, _Remembered] = {}
+        self._remembered_lock = threading.Lock()
 
     def _verifier(self, kid: str, key: dict[str, Any]) -> Any:
         cached = self._verifiers.get(kid)
@@ -196,8 +212,31 @@ class TokenVerifier:
         return verifier
 
     def verify(self, token: str) -> VerifiedToken:
-        if len(token.encode("utf-8", "replace")) > MAX_TOKEN_BYTES:
+        encoded = token.encode("utf-8", "replace")
+        if len(encoded) > MAX_TOKEN_BYTES:
             raise InvalidToken(f"token is larger than {MAX_TOKEN_BYTES} bytes")
+        digest = hashlib.sha256(encoded).digest()
+        remembered = self._remembered.get(digest)
+        if remembered is not None:
+            if self.keys.get(remembered.kid) is remembered.key:
+                if self._clock() <= remembered.token.expires_at + self.leeway_seconds:
+                    return remembered.token
+                self._forget(digest)
+                raise InvalidToken("token has expired")
+            self._forget(digest)  # the key was rotated or withdrawn: check everything again
+        verified, kid, key = self._verify(token)
+        with self._remembered_lock:
+            if len(self._remembered) >= MAX_REMEMBERED_TOKENS:
+                self._remembered.pop(next(iter(self._remembered)))
+            self._remembered[digest] = _Remembered(verified, kid, key)
+        return verified
+
+    def _forget(self, digest: bytes) -> None:
+        with self._remembered_lock:
+            self._remembered.pop(digest, None)
+
+    def _verify(self, token: str) -> tuple[VerifiedToken, str, dict[str, Any]]:
+        """Every check on the token itself; returns it with the ``kid`` and pinned key used."""
         try:
             header = jwt.get_unverified_header(token)
         except JOSEError as exc:
@@ -244,14 +283,18 @@ class TokenVerifier:
         issued_at, expires_at = claims.get("iat"), claims.get("exp")
         if not isinstance(issued_at, int) or not isinstance(expires_at, int):
             raise InvalidToken("token 'iat' and 'exp' must be integers")
-        if issued_at > time.time() + self.leeway_seconds:
+        now = self._clock()
+        if issued_at > now + self.leeway_seconds:
             raise InvalidToken("token is issued in the future")
-        return VerifiedToken(
+        if expires_at + self.leeway_seconds < now:
+            raise InvalidToken("token has expired")
+        verified = VerifiedToken(
             subject=subject,
             roles=_roles_at(claims, self.roles_claim),
             issued_at=issued_at,
             expires_at=expires_at,
         )
+        return verified, kid, key
 
 
 def _reason(exc: JOSEError) -> str:

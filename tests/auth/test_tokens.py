@@ -241,6 +241,89 @@ def test_jwks_url_is_refetched_on_unknown_kid_at_most_once_a_minute(home_key: by
     assert len(fetches) == 2
 
 
+def test_a_repeated_token_is_verified_once_and_refused_once_it_expires(
+    home_key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    now = [time.time()]
+    verifier = TokenVerifier(
+        algorithm="RS256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim="roles",
+        keys=KeySet([issuer.public_jwk]),
+        leeway_seconds=30,
+        clock=lambda: now[0],
+    )
+    full_checks: list[str] = []
+    check = verifier._verify
+
+    def counted(token: str) -> Any:
+        full_checks.append(token)
+        return check(token)
+
+    monkeypatch.setattr(verifier, "_verify", counted)
+    token = issuer.mint(subject="prof-001", roles=["professional"], ttl_seconds=60)
+    first = verifier.verify(token)
+    assert verifier.verify(token) == first
+    assert len(full_checks) == 1
+    # Within the leeway it is still good; past it, the remembered token is refused, and stays so.
+    now[0] = first.expires_at + 30
+    assert verifier.verify(token).subject == "prof-001"
+    now[0] = first.expires_at + 31
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(token)
+    with pytest.raises(InvalidToken, match="expired"):
+        verifier.verify(token)
+    # A refused token is never remembered: each attempt is checked in full.
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    for _ in range(2):
+        with pytest.raises(InvalidToken):
+            verifier.verify(forged)
+    assert full_checks.count(forged) == 2
+
+
+def test_a_remembered_token_is_refused_once_its_key_is_withdrawn(home_key: bytes) -> None:
+    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    served: list[dict[str, Any]] = [issuer.public_jwk]
+    now = [1000.0]
+    keys = KeySet(
+        url="https://idp.example/jwks",
+        fetch=lambda _url: {"keys": list(served)},
+        clock=lambda: now[0],
+    )
+    verifier = TokenVerifier(
+        algorithm="RS256", issuer=ISSUER, audience=AUDIENCE, roles_claim="roles", keys=keys
+    )
+    token = issuer.mint(subject="s", roles=["auditor"])
+    assert verifier.verify(token).roles == frozenset({"auditor"})
+    # The provider withdraws the key and publishes another one.
+    served[:] = [{"kty": "RSA", "kid": "next", "n": "AQAB", "e": "AQAB"}]
+    now[0] += 61
+    keys.refresh()
+    with pytest.raises(InvalidToken, match="unknown key"):
+        verifier.verify(token)
+
+
+def test_remembered_tokens_are_bounded(home_key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("service.auth.tokens.MAX_REMEMBERED_TOKENS", 3)
+    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    verifier = TokenVerifier(
+        algorithm="RS256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim="roles",
+        keys=KeySet([issuer.public_jwk]),
+    )
+    tokens = [issuer.mint(subject=f"s{n}", roles=[]) for n in range(5)]
+    for token in tokens:
+        verifier.verify(token)
+    assert len(verifier._remembered) == 3
+    # The oldest were forgotten, never a token's text: only SHA-256 digests are kept.
+    assert set(verifier._remembered) == {hashlib.sha256(t.encode()).digest() for t in tokens[2:]}
+    assert [verifier.verify(t).subject for t in tokens] == [f"s{n}" for n in range(5)]
+
+
 def test_jwks_file_is_pinned(tmp_path: Path, home_key: bytes) -> None:
     issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
     path = tmp_path / "jwks.json"
