@@ -21,7 +21,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +32,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from alembic import command
 from service.config import Settings
@@ -204,21 +205,39 @@ def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
     command.downgrade(alembic_config(url, migrations_dir), revision)
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's session. Opening it does no I/O (the connection is taken on first use, in
+    the route's thread), so only ending a transaction still open after the route goes to the
+    thread pool: a route that committed itself costs no extra hop."""
     database: Database = request.app.state.database
-    with database.session() as session:
-        try:
-            yield session
+    session = database.session()
+    try:
+        yield session
+    except ServiceError as exc:
+        if exc.commit_before_raising:
+            await run_in_threadpool(_end, session, commit=True)
+        else:
+            await run_in_threadpool(_end, session, commit=False)
+        raise
+    except BaseException:
+        await run_in_threadpool(_end, session, commit=False)
+        raise
+    else:
+        if session.in_transaction():
+            await run_in_threadpool(_end, session, commit=True)
+        else:
+            session.close()
+
+
+def _end(session: Session, *, commit: bool) -> None:
+    """Commit (or roll back) and close: rolled back and closed whatever happens."""
+    try:
+        if commit:
             session.commit()
-        except ServiceError as exc:
-            if exc.commit_before_raising:
-                session.commit()
-            else:
-                session.rollback()
-            raise
-        except BaseException:
+        else:
             session.rollback()
-            raise
+    finally:
+        session.close()
 
 
 # scope="function": the commit runs when the route returns, before the response is sent.

@@ -37,7 +37,7 @@ class Caller:
         return permission in self.permissions
 
 
-def authenticate(
+async def authenticate(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Caller:
@@ -63,7 +63,7 @@ CurrentCaller = Annotated[Caller, Depends(authenticate)]
 def require(permission: Permission) -> Any:
     """``caller: Annotated[Caller, require(Permission.X)]`` — 403 unless the caller has X."""
 
-    def _check(caller: CurrentCaller) -> Caller:
+    async def _check(caller: CurrentCaller) -> Caller:
         if not caller.can(permission):
             raise Forbidden(f"this action needs the permission {permission.value!r}")
         return caller
