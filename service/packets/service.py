@@ -33,7 +33,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -739,12 +739,41 @@ def _deny(
     )
 
 
-def _locked_packet(session: Session, packet_id: str) -> Packet | None:
+@dataclass(frozen=True)
+class _PacketRow:
+    """A packet row as read under its lock (plain values: no ORM identity map on the hot path)."""
+
+    id: str
+    run_id: str | None
+    professional_id: str
+    district: str
+    status: str
+    created_at: datetime
+    expires_at: datetime
+    closed_at: datetime | None
+    shredded_at: datetime | None
+    opened_at: datetime | None
+    wrapped_key: str | None
+
+
+_PACKET_ROW_COLUMNS = [_packets.c[name] for name in _PacketRow.__dataclass_fields__]
+
+
+def _locked_packet(session: Session, packet_id: str) -> _PacketRow | None:
     """The packet row, locked until commit on PostgreSQL (a shredder skips it meanwhile)."""
-    found: Packet | None = session.execute(
-        select(Packet).where(Packet.id == packet_id).with_for_update()  # type: ignore[arg-type]
-    ).scalar_one_or_none()
-    return found
+    row = session.execute(
+        select(*_PACKET_ROW_COLUMNS).where(_packets.c.id == packet_id).with_for_update()
+    ).first()
+    return None if row is None else _PacketRow(*row)
+
+
+def _set_status(
+    session: Session, packet: _PacketRow, *, status: str, **stamps: datetime
+) -> _PacketRow:
+    """Move the (locked) packet to ``status``, stamping e.g. ``opened_at``; returns the new row."""
+    values: dict[str, Any] = {"status": status, **stamps}
+    session.execute(update(_packets).where(_packets.c.id == packet.id).values(**values))
+    return replace(packet, **values)
 
 
 def _owned_packet(
@@ -755,7 +784,7 @@ def _owned_packet(
     action: str,
     permission: Permission,
     any_permission: Permission | None = None,
-) -> Packet:
+) -> _PacketRow:
     """The packet, locked, if ``caller`` may act on it; otherwise a logged denial and a 404.
 
     The owner needs ``permission``; anyone holding ``any_permission`` may act on every packet.
@@ -782,7 +811,7 @@ def _owned_packet(
     raise PacketNotFound(f"no packet {packet_id} for this caller")
 
 
-def _why_not_in_use(packet: Packet, now: datetime) -> str | None:
+def _why_not_in_use(packet: _PacketRow, now: datetime) -> str | None:
     """Why a packet can no longer be used, or None while it is open for use."""
     if packet.status == "closed":
         return "closed"
@@ -793,7 +822,7 @@ def _why_not_in_use(packet: Packet, now: datetime) -> str | None:
     return None
 
 
-def _in_use(session: Session, *, packet: Packet, caller: Caller, action: str) -> None:
+def _in_use(session: Session, *, packet: _PacketRow, caller: Caller, action: str) -> None:
     """Refuse (logged, 410) a packet that is closed, expired or crypto-shredded."""
     why = _why_not_in_use(packet, utcnow())
     if why is None:
@@ -811,13 +840,13 @@ def _in_use(session: Session, *, packet: Packet, caller: Caller, action: str) ->
     )
 
 
-def _packet_key_wrap(packet: Packet) -> str:
+def _packet_key_wrap(packet: _PacketRow) -> str:
     if packet.wrapped_key is None:
         raise PacketGone(f"packet {packet.id} is crypto-shredded")
     return packet.wrapped_key
 
 
-def _packet_key(keyring: KeyProvider, packet: Packet) -> DataKey:
+def _packet_key(keyring: KeyProvider, packet: _PacketRow) -> DataKey:
     """Unwrap the packet key with the packet KEK (only after the access is logged)."""
     return unwrap_key(keyring, "packet", _packet_key_wrap(packet), aad=packet_key_aad(packet.id))
 
@@ -909,10 +938,7 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
     ]
     erased = len(members) - len(revealable)
     if packet.status == "assigned":
-        packet.status = "opened"
-        packet.opened_at = utcnow()
-        session.add(packet)
-        session.flush()
+        packet = _set_status(session, packet, status="opened", opened_at=utcnow())
     # Last statement before the commit: the log's lock is held only for the append itself.
     _log_packet(
         session,
@@ -1079,10 +1105,7 @@ def close_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketP
     if why is not None:
         raise Gone(f"packet {packet_id} is {why}")
     members = _member_pseudonyms(session, packet_id)
-    packet.status = "closed"
-    packet.closed_at = utcnow()
-    session.add(packet)
-    session.flush()
+    packet = _set_status(session, packet, status="closed", closed_at=utcnow())
     _log_packet(
         session,
         caller=caller,
