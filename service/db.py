@@ -3,10 +3,10 @@
 Guarantees:
 - SQLite runs in WAL mode with foreign keys on, ``synchronous=FULL`` (an accepted request survives a
   power cut) and every transaction ``BEGIN IMMEDIATE``, so writers are serialized instead of
-  failing half-way with a stale snapshot. Within one process the threads of an engine queue for
-  that lock on a ``threading.Lock`` first (taken on BEGIN, released after COMMIT/ROLLBACK or
-  close), so SQLite's sleeping busy handler only arbitrates between processes; the two waits
-  together stay within the engine's lock timeout;
+  failing half-way with a stale snapshot. Writers queue for that lock on a ``WriterTurn`` first
+  (taken on BEGIN, given back after COMMIT/ROLLBACK or close): the threads of a process on a
+  lock, the processes on ``flock`` of ``<database>-writers``, waiting in the kernel rather than
+  in SQLite's sleeping busy handler. The waits together stay within the engine's lock timeout;
 - PostgreSQL goes through psycopg 3;
 - SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
 - the schema is changed only by Alembic (``migrate``), never by ``create_all``;
@@ -18,11 +18,16 @@ Guarantees:
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +47,8 @@ from service.errors import ServiceError
 # make_engine bounds the access log's lock wait (read back from the session's connection).
 LOG_LOCK_TIMEOUT_OPTION = "casepackets_log_lock_timeout_seconds"
 
+logger = logging.getLogger(__name__)
+
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
@@ -52,6 +59,7 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+        lock_file = Path(f"{database}-writers") if database and database != ":memory:" else None
         engine = create_engine(
             url,
             connect_args={
@@ -62,7 +70,9 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
             hide_parameters=True,
             execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
         )
-        _configure_sqlite(engine, busy_timeout_ms=int(lock_timeout_seconds * 1000))
+        _configure_sqlite(
+            engine, busy_timeout_ms=int(lock_timeout_seconds * 1000), turn=WriterTurn(lock_file)
+        )
         return engine
     return create_engine(
         url,
@@ -74,15 +84,111 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
     )
 
 
-class _SerializedConnection(sqlite3.Connection):
-    """A pysqlite connection that gives its engine's process-local write lock back as soon as
-    its transaction ends (after COMMIT or ROLLBACK returns, or on close).
+@dataclass
+class _Wait:
+    """A process's pending claim on the lock file, waited for by a helper thread in the kernel."""
 
-    SQLite's own lock stays the guarantee; this lock only makes the threads of one process queue
-    without sleeping. Releasing it is idempotent, so every end of a transaction may call it.
+    granted: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+
+
+class WriterTurn:
+    """The turn to write to one SQLite database: first among this process's threads (a lock),
+    then among processes (``flock`` on ``lock_file``; None for an in-memory database).
+
+    SQLite's own lock stays the guarantee; the turn makes writers queue instead of poll. SQLite's
+    busy handler sleeps up to 100 ms between tries, so under load a worker process could lose the
+    race to its neighbour again and again, for a second or more. Here a process whose turn is
+    taken waits in a helper thread blocked in ``flock``, woken the moment the holder lets go; the
+    caller stops waiting at its bound, and a turn granted after that is given straight back.
     """
 
-    write_lock: threading.Lock | None = None
+    def __init__(self, lock_file: Path | None) -> None:
+        self._threads = threading.Lock()
+        self._lock_file = lock_file
+        self._fd: int | None = None
+        self._fd_pid = 0
+        self._mutex = threading.Lock()  # guards _wait and every flock call on _fd
+        self._wait: _Wait | None = None
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the turn within ``timeout`` seconds; False (nothing held) past it."""
+        deadline = time.monotonic() + timeout
+        if not self._threads.acquire(timeout=timeout):
+            return False
+        try:
+            if self._lock_file is None or self._take_file_lock(self._lock_file, deadline):
+                return True
+        except BaseException:
+            self._threads.release()
+            raise
+        self._threads.release()
+        return False
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            with self._mutex:
+                fcntl.flock(self._file(self._lock_file), fcntl.LOCK_UN)
+        self._threads.release()
+
+    def _file(self, lock_file: Path) -> int:
+        """This process's descriptor of the lock file (opened again after a fork: a shared open
+        file would share the lock)."""
+        if self._fd is None or self._fd_pid != os.getpid():
+            self._fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd_pid = os.getpid()
+            weakref.finalize(self, os.close, self._fd)
+        return self._fd
+
+    def _take_file_lock(self, lock_file: Path, deadline: float) -> bool:
+        with self._mutex:
+            wait = self._wait
+            if wait is None:
+                fd = self._file(lock_file)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    wait = self._wait = _Wait()
+                    threading.Thread(
+                        target=self._wait_in_kernel, args=(fd, wait), daemon=True
+                    ).start()
+            wait.abandoned = False  # a wait an earlier thread gave up on is taken over
+        if wait.granted.wait(max(0.0, deadline - time.monotonic())):
+            return True
+        with self._mutex:
+            if wait.granted.is_set():
+                return True
+            wait.abandoned = True
+            return False
+
+    def _wait_in_kernel(self, fd: int, wait: _Wait) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # without the GIL, until the holder lets go
+        except OSError:
+            # The turn is about fairness only: SQLite's busy timeout still bounds what follows.
+            logger.warning("could not wait on the SQLite writers' lock file; going on without")
+            with self._mutex:
+                self._wait = None
+                wait.granted.set()
+            return
+        with self._mutex:
+            self._wait = None
+            if wait.abandoned:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            else:
+                wait.granted.set()
+
+
+class _SerializedConnection(sqlite3.Connection):
+    """A pysqlite connection that gives its engine's writer turn back as soon as
+    its transaction ends (after COMMIT or ROLLBACK returns, or on close).
+
+    SQLite's own lock stays the guarantee; the turn only makes writers queue without sleeping.
+    Giving it back is idempotent, so every end of a transaction may call it.
+    """
+
+    write_lock: WriterTurn | None = None
     busy_timeout_ms: int = 0
 
     def release_write_lock(self) -> None:
@@ -109,8 +215,7 @@ class _SerializedConnection(sqlite3.Connection):
             self.release_write_lock()
 
 
-def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
-    write_lock = threading.Lock()
+def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, turn: WriterTurn) -> None:
     bound_seconds = busy_timeout_ms / 1000
 
     @event.listens_for(engine, "connect")
@@ -132,13 +237,15 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
             return
         started = time.monotonic()
-        if not write_lock.acquire(timeout=bound_seconds):
+        if not turn.acquire(timeout=bound_seconds):
             raise OperationalError(
                 "BEGIN IMMEDIATE",
                 None,
-                sqlite3.OperationalError("database is locked (by this process's writers)"),
+                sqlite3.OperationalError(
+                    "database is locked (other writers kept their turn past the bound)"
+                ),
             )
-        dbapi_connection.write_lock = write_lock
+        dbapi_connection.write_lock = turn
         try:
             # What is left of the bound is the busy timeout against other processes.
             left_ms = max(1, busy_timeout_ms - int((time.monotonic() - started) * 1000))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
 
 from service.config import Settings
-from service.db import Database, downgrade, make_engine, migrate
+from service.db import Database, WriterTurn, downgrade, make_engine, migrate
 from service.schema import metadata
 from tests.conftest import MIGRATIONS, Databases
 
@@ -54,3 +60,83 @@ def test_sqlite_runs_in_wal_with_foreign_keys(settings: Settings, backend: str) 
                 assert connection.execute(text("SELECT 1")).scalar() == 1
     finally:
         database.dispose()
+
+
+# -- SQLite writers take turns across processes -----------------------------------------------
+# Each WriterTurn opens the lock file on its own, so two of them contend as two processes do.
+
+
+def test_a_writer_waits_for_another_processs_turn_within_its_bound(tmp_path: Path) -> None:
+    holder, waiter = WriterTurn(tmp_path / "db-writers"), WriterTurn(tmp_path / "db-writers")
+    assert holder.acquire(timeout=1.0)
+    started = time.monotonic()
+    assert not waiter.acquire(timeout=0.2)
+    assert time.monotonic() - started >= 0.19
+    holder.release()
+    assert waiter.acquire(timeout=5.0)
+    assert not holder.acquire(timeout=0.05)
+    waiter.release()
+    assert holder.acquire(timeout=5.0)
+    holder.release()
+
+
+def test_a_waiting_writer_is_woken_when_the_holder_lets_go(tmp_path: Path) -> None:
+    holder, waiter = WriterTurn(tmp_path / "db-writers"), WriterTurn(tmp_path / "db-writers")
+    assert holder.acquire(timeout=1.0)
+    waited: list[float] = []
+
+    def wait() -> None:
+        started = time.monotonic()
+        if waiter.acquire(timeout=30.0):
+            waited.append(time.monotonic() - started)
+            waiter.release()
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.1)
+    holder.release()
+    thread.join(timeout=30.0)
+    assert len(waited) == 1
+    assert waited[0] < 10.0  # woken by the release, long before its bound
+
+
+def test_a_turn_given_up_on_is_given_back_or_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "db-writers"
+    holder, waiter, third = WriterTurn(path), WriterTurn(path), WriterTurn(path)
+    assert holder.acquire(timeout=1.0)
+    assert not waiter.acquire(timeout=0.05)  # its helper thread still waits in the kernel
+    holder.release()
+    # The helper gets the file lock for nobody and gives it straight back.
+    assert third.acquire(timeout=5.0)
+    third.release()
+    # A later writer of the same process takes over a wait that is still pending.
+    assert holder.acquire(timeout=1.0)
+    assert not waiter.acquire(timeout=0.05)
+    outcome: list[bool] = []
+    thread = threading.Thread(target=lambda: outcome.append(waiter.acquire(timeout=30.0)))
+    thread.start()
+    time.sleep(0.05)
+    holder.release()
+    thread.join(timeout=30.0)
+    assert outcome == [True]
+    assert not third.acquire(timeout=0.05)
+    waiter.release()
+    assert third.acquire(timeout=5.0)
+    third.release()
+
+
+def test_sqlite_engines_share_a_writers_file_next_to_the_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/casepackets.db"
+    migrate(url, MIGRATIONS)
+    first, second = make_engine(url), make_engine(url, lock_timeout_seconds=0.2)
+    try:
+        with first.begin() as connection:
+            connection.execute(text("SELECT 1"))
+            assert (tmp_path / "casepackets.db-writers").exists()
+            with pytest.raises(OperationalError, match="locked"), second.begin() as other:
+                other.execute(text("SELECT 1"))
+        with second.begin() as other:
+            other.execute(text("SELECT 1"))
+    finally:
+        first.dispose()
+        second.dispose()
