@@ -939,6 +939,8 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
     erased = len(members) - len(revealable)
     if packet.status == "assigned":
         packet = _set_status(session, packet, status="opened", opened_at=utcnow())
+    public = _packet_public(packet, len(members))
+    wrapped_key = _packet_key_wrap(packet)
     # Last statement before the commit: the log's lock is held only for the append itself.
     _log_packet(
         session,
@@ -950,10 +952,7 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
     )
 
     return SealedPacket(
-        packet=_packet_public(packet, len(members)),
-        wrapped_key=_packet_key_wrap(packet),
-        members=members,
-        followups=followups,
+        packet=public, wrapped_key=wrapped_key, members=members, followups=followups
     )
 
 
