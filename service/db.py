@@ -54,12 +54,19 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for an in-memory database."""
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
 def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int = 20) -> Engine:
     if is_sqlite(url):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        lock_file = Path(f"{database}-writers") if database and database != ":memory:" else None
+        database = _sqlite_file(url)
+        lock_file = None
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+            lock_file = database.with_name(f"{database.name}-writers")
         engine = create_engine(
             url,
             connect_args={
@@ -301,10 +308,9 @@ def alembic_config(url: str, migrations_dir: Path) -> Config:
 
 def migrate(url: str, migrations_dir: Path, revision: str = "head") -> None:
     """Bring the schema to ``revision`` (creating the SQLite file and folder when needed)."""
-    if is_sqlite(url):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+    database = _sqlite_file(url) if is_sqlite(url) else None
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(url, migrations_dir), revision)
 
 
@@ -315,16 +321,14 @@ def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """The request's session. Opening it does no I/O (the connection is taken on first use, in
     the route's thread), so only ending a transaction still open after the route goes to the
-    thread pool: a route that committed itself costs no extra hop."""
+    thread pool: a route that committed itself costs no extra hop. FastAPI shields this exit from
+    cancellation, so a client that hangs up still has its transaction ended."""
     database: Database = request.app.state.database
     session = database.session()
     try:
         yield session
     except ServiceError as exc:
-        if exc.commit_before_raising:
-            await run_in_threadpool(_end, session, commit=True)
-        else:
-            await run_in_threadpool(_end, session, commit=False)
+        await run_in_threadpool(_end, session, commit=exc.commit_before_raising)
         raise
     except BaseException:
         await run_in_threadpool(_end, session, commit=False)
