@@ -219,7 +219,7 @@ class TokenVerifier:
         remembered = self._remembered.get(digest)
         if remembered is not None:
             if self.keys.get(remembered.kid) is remembered.key:
-                if self._clock() <= remembered.token.expires_at + self.leeway_seconds:
+                if not self._expired(remembered.token.expires_at, now=self._clock()):
                     return remembered.token
                 self._forget(digest)
                 raise InvalidToken("token has expired")
@@ -230,6 +230,9 @@ class TokenVerifier:
                 self._remembered.pop(next(iter(self._remembered)))
             self._remembered[digest] = _Remembered(verified, kid, key)
         return verified
+
+    def _expired(self, expires_at: int, *, now: float) -> bool:
+        return expires_at + self.leeway_seconds < now
 
     def _forget(self, digest: bytes) -> None:
         with self._remembered_lock:
@@ -286,7 +289,7 @@ class TokenVerifier:
         now = self._clock()
         if issued_at > now + self.leeway_seconds:
             raise InvalidToken("token is issued in the future")
-        if expires_at + self.leeway_seconds < now:
+        if self._expired(expires_at, now=now):
             raise InvalidToken("token has expired")
         verified = VerifiedToken(
             subject=subject,
