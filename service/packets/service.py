@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pydantic_core import to_json
 from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
@@ -877,6 +877,30 @@ def _followup_public(
     )
 
 
+class _SealedMember(NamedTuple):
+    """One member of a packet as read for an open: its wraps and ciphertext (None once erased),
+    characteristics and why it was flagged.
+
+    A plain tuple rather than SQLAlchemy's ``Row``: reading a ``Row`` attribute by name first
+    fails a generic lookup and builds an ``AttributeError``, which cost a tenth of an open.
+    """
+
+    pseudonym: str
+    subject_id: int
+    wrapped_dek: str | None
+    identity_ciphertext: str | None
+    district: str
+    neighbourhood: str
+    birth_year: int | None
+    household_type: str | None
+    kind: str
+    run_id: str | None
+    policy_version: str | None
+    reason_code: str | None
+    hits: list[dict[str, Any]]
+    explanation: str
+
+
 @dataclass(frozen=True, repr=False)
 class SealedPacket:
     """A packet open that is logged but not yet decrypted: ciphertexts and wraps only.
@@ -887,14 +911,13 @@ class SealedPacket:
 
     packet: PacketPublic
     wrapped_key: str
-    members: Sequence[Any]
+    members: Sequence[_SealedMember]
     followups: dict[str, list[_Followup]]
 
     def __repr__(self) -> str:
         return f"SealedPacket({self.packet.id}, {len(self.members)} members)"
 
 
-# Per member of a packet: its wraps and ciphertext, characteristics and why it was flagged.
 _SEALED_MEMBERS = (
     select(
         _members.c.pseudonym,
@@ -940,7 +963,9 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
         permission=Permission.PACKETS_OPEN,
     )
     _in_use(session, packet=packet, caller=caller, action="packet.open")
-    members = session.execute(_SEALED_MEMBERS, {"packet_id": packet_id}).all()
+    members = [
+        _SealedMember(*row) for row in session.execute(_SEALED_MEMBERS, {"packet_id": packet_id})
+    ]
     followups = _followups_by_pseudonym(session, packet_id)
     revealable = [
         m.pseudonym
