@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -150,23 +152,19 @@ def build_demo_packets_if_none(settings: Settings) -> None:
     from service.packets.policy import load_partitioning_policy, load_retention_policy
 
     keyring = keyring_or_exit(settings)
-    database = Database(settings)
-    try:
-        with database.transaction() as session:
-            if has_packets(session=session):
-                return
-            built = build_demo_packets(
-                session=session,
-                keyring=keyring,
-                flagging_policy=load_flagging_policy(settings.policies_dir / "flagging.yaml"),
-                packet_size=load_partitioning_policy(
-                    settings.policies_dir / "partitioning.yaml"
-                ).packet_size,
-                retention=load_retention_policy(settings.policies_dir / "retention.yaml"),
-                as_of=date.today(),
-            )
-    finally:
-        database.dispose()
+    with database_for(settings) as database, database.transaction() as session:
+        if has_packets(session=session):
+            return
+        built = build_demo_packets(
+            session=session,
+            keyring=keyring,
+            flagging_policy=load_flagging_policy(settings.policies_dir / "flagging.yaml"),
+            packet_size=load_partitioning_policy(
+                settings.policies_dir / "partitioning.yaml"
+            ).packet_size,
+            retention=load_retention_policy(settings.policies_dir / "retention.yaml"),
+            as_of=date.today(),
+        )
     console.print(
         f"demo: flagging run {built.run_id} flagged {built.flagged}; "
         f"{built.packets} packets assigned to the demo team ({built.unplaced} unplaced)",
@@ -177,12 +175,8 @@ def build_demo_packets_if_none(settings: Settings) -> None:
 def demo_first_packet(settings: Settings, professional_id: str) -> str | None:
     from service.packets.demo import first_packet_of
 
-    database = Database(settings)
-    try:
-        with database.transaction() as session:
-            return first_packet_of(session=session, professional_id=professional_id)
-    finally:
-        database.dispose()
+    with database_for(settings) as database, database.transaction() as session:
+        return first_packet_of(session=session, professional_id=professional_id)
 
 
 @app.command()
@@ -264,9 +258,7 @@ def audit_export(
     from rich.progress import Progress
 
     from service.access_log.export import export_log
-    from service.crypto.keyring import Keyring, KeyringError
     from service.crypto.signing import NoteSigner
-    from service.db import Database
 
     settings = settings_or_exit()
     try:
@@ -275,20 +267,16 @@ def audit_export(
         console.print(f"[red]cannot sign a checkpoint:[/red] {exc}")
         raise typer.Exit(2) from None
     signer = NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
-    database = Database(settings)
-    try:
-        with Progress(console=console) as progress:
-            task = progress.add_task("exporting entries", total=None)
-            exported = export_log(
-                database=database,
-                signer=signer,
-                origin=settings.checkpoint_origin,
-                folder=out,
-                on_start=lambda total: progress.update(task, total=total),
-                on_progress=lambda done: progress.advance(task, done),
-            )
-    finally:
-        database.dispose()
+    with database_for(settings) as database, Progress(console=console) as progress:
+        task = progress.add_task("exporting entries", total=None)
+        exported = export_log(
+            database=database,
+            signer=signer,
+            origin=settings.checkpoint_origin,
+            folder=out,
+            on_start=lambda total: progress.update(task, total=total),
+            on_progress=lambda done: progress.advance(task, done),
+        )
     console.print(f"exported {exported.size} entries and a signed checkpoint to {out}")
 
 
@@ -337,6 +325,20 @@ keys = typer.Typer(
     help="Create, rotate, rewrap and retire the service's keys.", no_args_is_help=True
 )
 app.add_typer(keys, name="keys")
+
+
+@contextmanager
+def database_for(settings: Settings) -> Iterator[Database]:
+    """The command's database, disposed when the command is done. A service refusal ends the
+    command with its detail and exit status 1, not a traceback."""
+    database = Database(settings)
+    try:
+        yield database
+    except ServiceError as exc:
+        console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
+        raise typer.Exit(1) from None
+    finally:
+        database.dispose()
 
 
 def keyring_or_exit(settings: Settings) -> Keyring:
@@ -395,19 +397,15 @@ def keys_rotate(
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
     checked = check_purpose_or_exit(purpose)
-    database = Database(settings)
-    try:
-        with database.transaction() as session:
-            new = keyring.rotate(checked)
-            log_system_action(
-                session,
-                command="keys",
-                action="keys.rotate",
-                object_id=f"{checked}/v{new.version}",
-                reason="new current version",
-            )
-    finally:
-        database.dispose()
+    with database_for(settings) as database, database.transaction() as session:
+        new = keyring.rotate(checked)
+        log_system_action(
+            session,
+            command="keys",
+            action="keys.rotate",
+            object_id=f"{checked}/v{new.version}",
+            reason="new current version",
+        )
     console.print(f"{checked} key is now at version {new.version}; older versions still decrypt")
     if checked in ("vault", "packet"):
         console.print("run `casepackets keys rewrap` to move existing wraps to it")
@@ -431,9 +429,8 @@ def keys_rewrap(
     """
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
-    database = Database(settings)
     total_moved = 0
-    try:
+    with database_for(settings) as database:
         for wrapped in WRAPPED_KEY_COLUMNS:
             with database.transaction() as session:
                 pending = pending_rewraps(session=session, keyring=keyring, wrapped=wrapped)
@@ -465,8 +462,6 @@ def keys_rewrap(
                 object_id="all",
                 reason=f"rewrapped={total_moved}",
             )
-    finally:
-        database.dispose()
     console.print(f"rewrapped {total_moved} keys; nothing depends on older KEK versions now")
 
 
@@ -479,35 +474,31 @@ def keys_retire(
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
     checked = check_purpose_or_exit(purpose)
-    database = Database(settings)
-    try:
-        with database.transaction() as session:
-            try:
-                dependents = count_key_dependents(session=session, purpose=checked, version=version)
-            except ServiceError as exc:
-                console.print(f"[red]refused:[/red] {exc.detail}", highlight=False)
-                raise typer.Exit(1) from None
-            if dependents:
-                console.print(
-                    f"[red]refused:[/red] {dependents} rows still depend on {checked} "
-                    f"v{version}; run `casepackets keys rewrap` first",
-                    highlight=False,
-                )
-                raise typer.Exit(1)
-            try:
-                keyring.retire(checked, version)
-            except KeyringError as exc:
-                console.print(f"[red]refused:[/red] {exc}", highlight=False)
-                raise typer.Exit(1) from None
-            log_system_action(
-                session,
-                command="keys",
-                action="keys.retire",
-                object_id=f"{checked}/v{version}",
-                reason="material destroyed",
+    with database_for(settings) as database, database.transaction() as session:
+        try:
+            dependents = count_key_dependents(session=session, purpose=checked, version=version)
+        except ServiceError as exc:
+            console.print(f"[red]refused:[/red] {exc.detail}", highlight=False)
+            raise typer.Exit(1) from None
+        if dependents:
+            console.print(
+                f"[red]refused:[/red] {dependents} rows still depend on {checked} "
+                f"v{version}; run `casepackets keys rewrap` first",
+                highlight=False,
             )
-    finally:
-        database.dispose()
+            raise typer.Exit(1)
+        try:
+            keyring.retire(checked, version)
+        except KeyringError as exc:
+            console.print(f"[red]refused:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        log_system_action(
+            session,
+            command="keys",
+            action="keys.retire",
+            object_id=f"{checked}/v{version}",
+            reason="material destroyed",
+        )
     console.print(f"{checked} v{version} is retired; its material is destroyed")
 
 
@@ -524,14 +515,11 @@ def progress_bar() -> Progress:
 
 def load_demo_if_empty(settings: Settings, *, subjects: int, seed: int) -> None:
     """Load the demo population into an empty record store (first run of ``serve``)."""
-    database = Database(settings)
-    try:
+    with database_for(settings) as database:
         with database.transaction() as session:
             if session.connection().execute(select(func.count()).select_from(SUBJECTS)).scalar():
                 return
         run_demo(settings, database, subjects=subjects, seed=seed, batch_size=500)
-    finally:
-        database.dispose()
 
 
 def run_demo(
@@ -571,11 +559,8 @@ def demo(
     settings = settings_or_exit()
     settings.home.mkdir(parents=True, exist_ok=True)
     run_migrations(settings.resolved_database_url, settings.migrations_dir)
-    database = Database(settings)
-    try:
+    with database_for(settings) as database:
         run_demo(settings, database, subjects=subjects, seed=seed, batch_size=batch_size)
-    finally:
-        database.dispose()
 
 
 IMPORT_HELP = (
@@ -601,9 +586,8 @@ def import_(
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
     run_migrations(settings.resolved_database_url, settings.migrations_dir)
-    database = Database(settings)
     try:
-        with progress_bar() as progress:
+        with database_for(settings) as database, progress_bar() as progress:
             task = progress.add_task(f"import {file.name}", total=file.stat().st_size)
             result = import_csv(
                 database=database,
@@ -618,8 +602,6 @@ def import_(
     except ValueError as exc:
         console.print(f"[red]import refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    finally:
-        database.dispose()
     console.print(
         f"imported {result.subjects} subjects, {result.events_stored} new events "
         f"({result.events_already_known} already known) in {result.batches} batches"
@@ -657,29 +639,22 @@ def flag(
     except (FlaggingPolicyError, ValueError) as exc:
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    database = Database(settings)
-    try:
-        with database.transaction() as session:
-            total = session.connection().execute(select(func.count()).select_from(SUBJECTS))
-            with progress_bar() as progress:
-                task = progress.add_task(f"flagging ({policy.version})", total=total.scalar())
+    with database_for(settings) as database, database.transaction() as session:
+        total = session.connection().execute(select(func.count()).select_from(SUBJECTS))
+        with progress_bar() as progress:
+            task = progress.add_task(f"flagging ({policy.version})", total=total.scalar())
 
-                def advance(done: RunProgress) -> None:
-                    progress.update(task, completed=done.evaluated)
+            def advance(done: RunProgress) -> None:
+                progress.update(task, completed=done.evaluated)
 
-                run = run_flagging(
-                    session=session,
-                    policy=policy,
-                    as_of=day,
-                    caller=system_caller("flag"),
-                    batch_size=batch_size,
-                    progress=advance,
-                )
-    except ServiceError as exc:
-        console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        database.dispose()
+            run = run_flagging(
+                session=session,
+                policy=policy,
+                as_of=day,
+                caller=system_caller("flag"),
+                batch_size=batch_size,
+                progress=advance,
+            )
     console.print(
         f"run {run.id}: policy {run.policy_version}, {run.evaluated} evaluated, "
         f"{run.flagged} flagged",
@@ -708,22 +683,15 @@ def partition(
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     keyring = keyring_or_exit(settings)
-    database = Database(settings)
-    try:
-        with database.transaction() as session:
-            result = partition_run(
-                session=session,
-                keyring=keyring,
-                run_id=run_id,
-                packet_size=partitioning.packet_size,
-                retention=retention,
-                caller=system_caller("partition"),
-            )
-    except ServiceError as exc:
-        console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        database.dispose()
+    with database_for(settings) as database, database.transaction() as session:
+        result = partition_run(
+            session=session,
+            keyring=keyring,
+            run_id=run_id,
+            packet_size=partitioning.packet_size,
+            retention=retention,
+            caller=system_caller("partition"),
+        )
     table = Table("professional", "district", "packets", "clients")
     summary: dict[tuple[str, str], list[int]] = {}
     for packet in result.packets:
@@ -762,23 +730,16 @@ def expire(
     except PacketsPolicyError as exc:
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    database = Database(settings)
-    try:
-        with progress_bar() as progress:
-            task = progress.add_task("crypto-shredding due packets", total=None)
-            shredded = shred_expired(
-                database=database,
-                retention=retention,
-                actor="system:expire",
-                batch_size=batch_size,
-                on_start=lambda due: progress.update(task, total=due),
-                on_progress=lambda done: progress.advance(task, done),
-            )
-    except ServiceError as exc:
-        console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        database.dispose()
+    with database_for(settings) as database, progress_bar() as progress:
+        task = progress.add_task("crypto-shredding due packets", total=None)
+        shredded = shred_expired(
+            database=database,
+            retention=retention,
+            actor="system:expire",
+            batch_size=batch_size,
+            on_start=lambda due: progress.update(task, total=due),
+            on_progress=lambda done: progress.advance(task, done),
+        )
     console.print(f"crypto-shredded {shredded} packets", highlight=False)
 
 
