@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import psycopg
-from _common import postgres_database  # type: ignore[import-not-found]
+from _common import postgres_database
 from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
 

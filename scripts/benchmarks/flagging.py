@@ -16,11 +16,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from _common import create_postgres_database, drop_postgres_database  # type: ignore[import-not-found]
+from _common import create_postgres_database, drop_postgres_database
 from sqlalchemy import func, insert, select
 
 from service.access_log.models import AccessLogEntry
-from service.config import PROJECT_ROOT
+from service.config import PROJECT_ROOT, Settings
 from service.crypto.envelope import DataKey, seal, wrap_key
 from service.crypto.keyring import Keyring
 from service.db import Database, migrate
@@ -119,14 +119,6 @@ def scratch_database(backend: str, folder: Path) -> Iterator[str]:
         drop_postgres_database(url)
 
 
-class Settingsish:
-    """What ``Database`` reads from settings."""
-
-    def __init__(self, url: str) -> None:
-        self.resolved_database_url = url
-        self.log_lock_timeout_seconds = 30.0
-
-
 def seed_subjects(database: Database, keyring: Keyring, subjects: int) -> None:
     """Bulk-insert subjects with real vault-wrapped DEKs and sealed identities, and events."""
     rng = random.Random(11)
@@ -179,7 +171,9 @@ def bench_database(backend: str, *, subjects: int, cases: int, folder: Path) -> 
     total = max(subjects, cases)
     with scratch_database(backend, folder) as url:
         migrate(url, PROJECT_ROOT / "alembic")
-        database = Database(Settingsish(url))  # type: ignore[arg-type]
+        database = Database(
+            Settings(env="development", home=folder, database_url=url, log_lock_timeout_seconds=30)
+        )
         try:
             seed_s, _ = timed(lambda: seed_subjects(database, keyring, total))
             print(f"\n== {backend}: {total:,} subjects with wrapped DEKs and events")
@@ -281,7 +275,8 @@ def bench_partition(database: Database, keyring: Keyring, retention: Any, cases:
                     .where(FLAGS.c.run_id == run_id)
                 )
             )
-            packets, members = [], []
+            packets: list[dict[str, Any]] = []
+            members: list[dict[str, Any]] = []
             for start in range(0, len(subject_pseudonyms), 20):
                 packet_id = str(uuid.uuid4())
                 packets.append(

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from _common import create_postgres_database, drop_postgres_database  # type: ignore[import-not-found]
+from _common import create_postgres_database, drop_postgres_database
 from fastapi.testclient import TestClient
 
 from service.config import Settings

@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx
-from _common import postgres_database  # type: ignore[import-not-found]
+from _common import postgres_database
 from fastapi.testclient import TestClient
 
 from service.config import PROJECT_ROOT, Settings
