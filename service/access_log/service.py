@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import Connection, and_, func, insert, or_, select
+from sqlalchemy import Connection, func, insert, select
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
@@ -228,22 +228,39 @@ def _write(
         )
 
 
+# The subtrees a root or proof needs, each found by a primary-key probe, in one statement whose
+# text does not depend on how many are wanted: (level, position) pairs go in as two arrays
+# (PostgreSQL) or one JSON array (SQLite, where CROSS JOIN keeps the pairs as the outer loop).
+_PG_SUBTREES = (
+    "SELECT s.level, s.position, s.hash "
+    "FROM unnest(%(levels)s::int[], %(positions)s::bigint[]) AS wanted(level, position) "
+    "JOIN access_log_subtrees s ON s.level = wanted.level AND s.position = wanted.position"
+)
+_SQLITE_SUBTREES = (
+    "SELECT s.level, s.position, s.hash FROM json_each(?) AS wanted "
+    "CROSS JOIN access_log_subtrees s ON s.level = json_extract(wanted.value, '$[0]') "
+    "AND s.position = json_extract(wanted.value, '$[1]')"
+)
+_TREE_SIZE = select(func.max(_subtrees.c.position)).where(_subtrees.c.level == 0)
+
+
 def _lookup(session: Session) -> merkle.SubtreeLookup:
     def lookup(wanted: set[merkle.Subtree]) -> Mapping[merkle.Subtree, bytes]:
         if not wanted:
             return {}
-        # One primary-key probe per subtree (SQLite does not use the index for a row-value IN).
-        rows = session.execute(
-            select(_subtrees.c.level, _subtrees.c.position, _subtrees.c.hash).where(
-                or_(
-                    *(
-                        and_(_subtrees.c.level == s.level, _subtrees.c.position == s.index)
-                        for s in sorted(wanted)
-                    )
-                )
+        connection = session.connection()
+        pairs = [(s.level, s.index) for s in wanted]
+        if connection.dialect.name == "postgresql":
+            levels, positions = zip(*pairs, strict=True)
+            result = connection.exec_driver_sql(
+                _PG_SUBTREES, {"levels": list(levels), "positions": list(positions)}
             )
-        ).all()
-        found = {merkle.Subtree(level, position): bytes(hash_) for level, position, hash_ in rows}
+        else:
+            result = connection.exec_driver_sql(_SQLITE_SUBTREES, (json.dumps(pairs),))
+        found = {
+            merkle.Subtree(int(level), int(position)): bytes(hash_)
+            for level, position, hash_ in result
+        }
         missing = wanted - found.keys()
         if missing:
             raise LogCorrupted(f"the access log is missing {len(missing)} subtree hashes")
@@ -254,9 +271,7 @@ def _lookup(session: Session) -> merkle.SubtreeLookup:
 
 def tree_size(*, session: Session) -> int:
     """The number of leaves, read from the tree itself (one primary-key lookup)."""
-    last = session.execute(
-        select(func.max(_subtrees.c.position)).where(_subtrees.c.level == 0)
-    ).scalar()
+    last = session.execute(_TREE_SIZE).scalar()
     return 0 if last is None else int(last) + 1
 
 

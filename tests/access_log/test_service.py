@@ -223,6 +223,28 @@ def test_checkpoints_are_c2sp_signed_notes(database: Database, signer: NoteSigne
         )
 
 
+def test_a_proof_that_needs_a_missing_subtree_is_refused(
+    database: Database, raw_engine: Engine, backend: str
+) -> None:
+    append_each(database, 8)
+    with database.session() as session:
+        # The proof of leaf 7 in a tree of 8 uses the hashes of leaf 6, leaves 4-5 and leaves 0-3.
+        assert len(log.inclusion_proof(session=session, index=7, size=8)) == 3
+    run_sql(
+        raw_engine,
+        without_triggers_sql(
+            backend,
+            "access_log_subtrees",
+            ["DELETE FROM access_log_subtrees WHERE level = 2 AND position = 0"],
+        ),
+    )
+    with (
+        database.session() as session,
+        pytest.raises(log.LogCorrupted, match="missing 1 subtree hashes"),
+    ):
+        log.inclusion_proof(session=session, index=7, size=8)
+
+
 def test_the_service_refuses_to_sign_over_a_rewritten_tree(
     database: Database, raw_engine: Engine, signer: NoteSigner, backend: str
 ) -> None:
