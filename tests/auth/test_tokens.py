@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,28 @@ def good_claims(**overrides: Any) -> dict[str, Any]:
     }
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
+
+
+def rs256_issuer(home_key: bytes) -> DevIssuer:
+    return DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+
+
+def rs256_verifier(
+    keys: KeySet,
+    *,
+    roles_claim: str = "roles",
+    leeway_seconds: int = 30,
+    clock: Callable[[], float] = time.time,
+) -> TokenVerifier:
+    return TokenVerifier(
+        algorithm="RS256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim=roles_claim,
+        keys=keys,
+        leeway_seconds=leeway_seconds,
+        clock=clock,
+    )
 
 
 def assert_401(client: TestClient, token: str, reason: str) -> None:
@@ -178,14 +200,8 @@ def test_garbage_is_refused(api: tuple[FastAPI, TestClient]) -> None:
 
 
 def test_roles_from_a_nested_claim_path(home_key: bytes) -> None:
-    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
-    verifier = TokenVerifier(
-        algorithm="RS256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        roles_claim="realm_access.roles",
-        keys=KeySet([issuer.public_jwk]),
-    )
+    issuer = rs256_issuer(home_key)
+    verifier = rs256_verifier(KeySet([issuer.public_jwk]), roles_claim="realm_access.roles")
     token = issuer.mint(subject="a", roles=["auditor"], roles_claim="realm_access.roles")
     assert verifier.verify(token).roles == frozenset({"auditor"})
     flat = issuer.mint(subject="a", roles=["auditor"], roles_claim="roles")
@@ -199,9 +215,7 @@ def test_es256_can_be_configured_and_rs256_is_then_refused(home_key: bytes) -> N
         issuer=ISSUER,
         audience=AUDIENCE,
     )
-    rsa_issuer = DevIssuer(
-        private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE
-    )
+    rsa_issuer = rs256_issuer(home_key)
     verifier = TokenVerifier(
         algorithm="ES256",
         issuer=ISSUER,
@@ -215,7 +229,7 @@ def test_es256_can_be_configured_and_rs256_is_then_refused(home_key: bytes) -> N
 
 
 def test_jwks_url_is_refetched_on_unknown_kid_at_most_once_a_minute(home_key: bytes) -> None:
-    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    issuer = rs256_issuer(home_key)
     served: list[dict[str, Any]] = []
     fetches: list[str] = []
     now = [1000.0]
@@ -225,9 +239,7 @@ def test_jwks_url_is_refetched_on_unknown_kid_at_most_once_a_minute(home_key: by
         return {"keys": served or [{"kty": "RSA", "kid": "old", "n": "AQAB", "e": "AQAB"}]}
 
     keys = KeySet(url="https://idp.example/jwks", fetch=fetch, clock=lambda: now[0])
-    verifier = TokenVerifier(
-        algorithm="RS256", issuer=ISSUER, audience=AUDIENCE, roles_claim="roles", keys=keys
-    )
+    verifier = rs256_verifier(keys)
     token = issuer.mint(subject="s", roles=[])
     assert len(fetches) == 1
     # The provider rotates to our key, but we fetched less than a minute ago: no refetch.
@@ -244,17 +256,9 @@ def test_jwks_url_is_refetched_on_unknown_kid_at_most_once_a_minute(home_key: by
 def test_a_repeated_token_is_verified_once_and_refused_once_it_expires(
     home_key: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    issuer = rs256_issuer(home_key)
     now = [time.time()]
-    verifier = TokenVerifier(
-        algorithm="RS256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        roles_claim="roles",
-        keys=KeySet([issuer.public_jwk]),
-        leeway_seconds=30,
-        clock=lambda: now[0],
-    )
+    verifier = rs256_verifier(KeySet([issuer.public_jwk]), leeway_seconds=30, clock=lambda: now[0])
     full_checks: list[str] = []
     check = verifier._verify
 
@@ -284,7 +288,7 @@ def test_a_repeated_token_is_verified_once_and_refused_once_it_expires(
 
 
 def test_a_remembered_token_is_refused_once_its_key_is_withdrawn(home_key: bytes) -> None:
-    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    issuer = rs256_issuer(home_key)
     served: list[dict[str, Any]] = [issuer.public_jwk]
     now = [1000.0]
     keys = KeySet(
@@ -292,9 +296,7 @@ def test_a_remembered_token_is_refused_once_its_key_is_withdrawn(home_key: bytes
         fetch=lambda _url: {"keys": list(served)},
         clock=lambda: now[0],
     )
-    verifier = TokenVerifier(
-        algorithm="RS256", issuer=ISSUER, audience=AUDIENCE, roles_claim="roles", keys=keys
-    )
+    verifier = rs256_verifier(keys)
     token = issuer.mint(subject="s", roles=["auditor"])
     assert verifier.verify(token).roles == frozenset({"auditor"})
     # The provider withdraws the key and publishes another one.
@@ -307,14 +309,8 @@ def test_a_remembered_token_is_refused_once_its_key_is_withdrawn(home_key: bytes
 
 def test_remembered_tokens_are_bounded(home_key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("service.auth.tokens.MAX_REMEMBERED_TOKENS", 3)
-    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
-    verifier = TokenVerifier(
-        algorithm="RS256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        roles_claim="roles",
-        keys=KeySet([issuer.public_jwk]),
-    )
+    issuer = rs256_issuer(home_key)
+    verifier = rs256_verifier(KeySet([issuer.public_jwk]))
     tokens = [issuer.mint(subject=f"s{n}", roles=[]) for n in range(5)]
     for token in tokens:
         verifier.verify(token)
@@ -325,7 +321,7 @@ def test_remembered_tokens_are_bounded(home_key: bytes, monkeypatch: pytest.Monk
 
 
 def test_jwks_file_is_pinned(tmp_path: Path, home_key: bytes) -> None:
-    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    issuer = rs256_issuer(home_key)
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [issuer.public_jwk]}))
     keys = KeySet.from_file(path)
@@ -351,7 +347,7 @@ def test_jwks_endpoint_publishes_only_public_members(api: tuple[FastAPI, TestCli
 def test_an_unreachable_jwks_url_leaves_the_key_set_empty_until_a_fetch_succeeds(
     home_key: bytes,
 ) -> None:
-    issuer = DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
+    issuer = rs256_issuer(home_key)
     provider_up = [False]
     now = [0.0]
 
