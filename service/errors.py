@@ -4,8 +4,8 @@ Guarantees:
 - services raise ``ServiceError`` subclasses (no FastAPI import); one handler renders them;
 - validation errors name the field and row but never echo the submitted value, because the value
   may be a national id or a name;
-- unexpected exceptions become a bare 500 with the request id; the traceback goes to the server
-  log, never to the client.
+- unexpected exceptions become a bare 500 with the request id; their type and frames go to the
+  server log, never their message (it may quote an identity), and never anything to the client.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("casepackets")
@@ -125,6 +126,12 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     for err in exc.errors():
         loc = [part for part in err.get("loc", ()) if part != "body"]
         entry: dict[str, Any] = {"loc": loc, "msg": str(err.get("msg", "invalid"))}
+        if err.get("type") == "json_invalid":
+            # FastAPI puts the character offset where a field name belongs; the decoder's reason
+            # ("Expecting value") never quotes the body, unlike the rest of its error.
+            position = f" (at character {loc[0]})" if loc and isinstance(loc[0], int) else ""
+            reason = str(err.get("ctx", {}).get("error", "malformed"))
+            entry = {"loc": [], "msg": f"the body is not valid JSON{position}: {reason}"}
         if err.get("type"):
             entry["type"] = err["type"]
         if (
@@ -135,6 +142,68 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
             entry["row"] = loc[1]
         cleaned.append(entry)
     return cleaned
+
+
+def _validation_detail(exc: RequestValidationError, errors: Sequence[dict[str, Any]]) -> str:
+    """Say why the body could not be read, or else name the failing fields."""
+    if isinstance(exc.body, bytes):
+        # FastAPI parses a body as JSON only under a JSON Content-Type (not even when the header
+        # is missing) and otherwise validates the raw bytes, which no body model accepts.
+        return "the body must be sent as JSON, with Content-Type: application/json"
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            return str(error["msg"])
+    fields = sorted({".".join(str(p) for p in e["loc"]) or "body" for e in errors})
+    shown = ", ".join(fields[:10]) + (" …" if len(fields) > 10 else "")
+    return f"request is invalid: {shown}"
+
+
+class UnexpectedErrors:
+    """Answer an exception no handler took with a bare 500 problem, log it once, and stop it.
+
+    The log line holds the exception's type, the request id and the stack frames, never the
+    message or the chained causes: those may quote an identity, a key or a token. Nothing is
+    re-raised: Starlette's ``ServerErrorMiddleware`` would re-raise it to the server, and uvicorn
+    logs an escaped exception in full ("Exception in ASGI application"). If the response had
+    already started, it is left incomplete and the server closes the connection.
+
+    Install it inside ``RequestId`` so the 500 carries the request id.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        response_started = False
+
+        async def send_tracking_start(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking_start)
+        except Exception as exc:
+            request = Request(scope)
+            logger.error(
+                "unhandled %s on %s %s (request %s)\n%s",
+                type(exc).__name__,
+                request.method,
+                request.url.path,
+                getattr(request.state, "request_id", "-"),
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            if not response_started:
+                response = problem(
+                    500,
+                    "internal error; the request id identifies it in the server log",
+                    request=request,
+                )
+                await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -152,9 +221,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> ProblemResponse:
         errors = _validation_errors(exc)
-        fields = sorted({".".join(str(p) for p in e["loc"]) or "body" for e in errors})
-        shown = ", ".join(fields[:10]) + (" …" if len(fields) > 10 else "")
-        return problem(422, f"request is invalid: {shown}", request=request, errors=errors)
+        return problem(422, _validation_detail(exc, errors), request=request, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
@@ -184,19 +251,4 @@ def install_error_handlers(app: FastAPI) -> None:
             "the database is busy or unreachable; nothing was changed, try again",
             request=request,
             headers={"Retry-After": "1"},
-        )
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> ProblemResponse:
-        # The exception's message may quote input (an identity); log its type and frames only.
-        logger.error(
-            "unhandled %s on %s %s (request %s)\n%s",
-            type(exc).__name__,
-            request.method,
-            request.url.path,
-            getattr(request.state, "request_id", "-"),
-            "".join(traceback.format_tb(exc.__traceback__)),
-        )
-        return problem(
-            500, "internal error; the request id identifies it in the server log", request=request
         )

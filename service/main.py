@@ -30,7 +30,7 @@ from service.config import Settings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
 from service.crypto.keyring import Keyring
 from service.db import Database
-from service.errors import install_error_handlers, problem
+from service.errors import UnexpectedErrors, install_error_handlers, problem
 from service.flagging.policy import load_flagging_policy
 from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses
@@ -223,9 +223,11 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
 
     install_error_handlers(app)
 
-    app.add_middleware(RequestId)
-
+    # The last one added runs outermost: RequestId wraps UnexpectedErrors, so a 500 carries the
+    # request id.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(UnexpectedErrors)
+    app.add_middleware(RequestId)
 
     @app.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")
     def healthz() -> Health:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +19,9 @@ from service.schemas import StrictModel
 from tests.conftest import TokenFactory, bearer
 
 PROBLEM = "application/problem+json"
+# Held in constants so the frames a 500 logs (which quote source lines) cannot contain them.
+LEAKY_MESSAGE = "identity 123456782 must not leak"
+LEAKY_CAUSE = "token eyJ-fake must not leak"
 
 
 class Thing(StrictModel):
@@ -37,6 +41,13 @@ def probe_router() -> APIRouter:
     @router.get("/probe/boom")
     def boom() -> None:
         raise RuntimeError("secret-bsn-123456782 must not leak")
+
+    @router.get("/probe/leaky")
+    def leaky() -> None:
+        try:
+            raise KeyError(LEAKY_CAUSE)
+        except KeyError as cause:
+            raise ValueError(LEAKY_MESSAGE) from cause
 
     return router
 
@@ -113,14 +124,43 @@ def test_unknown_fields_are_rejected_without_echoing_input(
     assert "many" not in response.text
 
 
-def test_malformed_json_is_422_problem(probed: TestClient, token: TokenFactory) -> None:
+def test_malformed_json_is_422_naming_the_position_not_a_field(
+    probed: TestClient, token: TokenFactory
+) -> None:
     response = probed.post(
         "/probe/things",
-        content=b'{"name": "a", ',
+        content=b'{"name": "123456782", ',
         headers={**bearer(token("s-1", "source")), "content-type": "application/json"},
     )
     assert response.status_code == 422
     assert response.headers["content-type"].startswith(PROBLEM)
+    body = response.json()
+    assert body["detail"] == (
+        "the body is not valid JSON (at character 22): "
+        "Expecting property name enclosed in double quotes"
+    )
+    assert body["errors"] == [{"loc": [], "msg": body["detail"], "type": "json_invalid"}]
+    assert "123456782" not in response.text
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
+def test_json_body_under_another_content_type_is_422_asking_for_application_json(
+    probed: TestClient, token: TokenFactory, content_type: str | None
+) -> None:
+    headers = bearer(token("s-1", "source"))
+    if content_type is not None:
+        headers["content-type"] = content_type
+    response = probed.post(
+        "/probe/things", content=b'{"name": "123456782", "count": 1}', headers=headers
+    )
+    assert response.status_code == 422
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert response.json()["detail"] == (
+        "the body must be sent as JSON, with Content-Type: application/json"
+    )
+    assert "123456782" not in response.text
 
 
 def test_body_over_the_limit_is_413_before_parsing(probed: TestClient, app: FastAPI) -> None:
@@ -149,6 +189,32 @@ def test_unexpected_error_is_500_without_details(probed: TestClient) -> None:
     assert response.json()["request_id"] == "req-42"
     assert "secret-bsn" not in response.text
     assert "Traceback" not in response.text
+
+
+def test_unexpected_error_is_logged_without_its_message_and_goes_no_further(
+    app: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    app.include_router(probe_router())
+    caplog.set_level(logging.DEBUG)
+    # raise_server_exceptions=True: an exception escaping the ASGI app is re-raised here, as it
+    # would reach uvicorn, which logs it with its message and causes.
+    with TestClient(app) as strict_client:
+        response = strict_client.get("/probe/leaky", headers={"X-Request-ID": "req-43"})
+
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert response.headers["x-request-id"] == "req-43"
+    assert response.json()["request_id"] == "req-43"
+    assert LEAKY_MESSAGE not in response.text
+    [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged.name == "casepackets"
+    assert logged.getMessage().startswith(
+        "unhandled ValueError on GET /probe/leaky (request req-43)"
+    )
+    assert "in leaky" in logged.getMessage()
+    assert logged.exc_info is None
+    for secret in ("123456782", "eyJ-fake"):
+        assert secret not in caplog.text
 
 
 def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
