@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, field_validator
 
 # Largest integer both SQLite and PostgreSQL store (64-bit signed). Query parameters that reach
 # SQL (offsets, indexes, cursors) are bounded by it: an oversized number is a 422, not a 500.
 MAX_INT64 = 2**63 - 1
+
+# Path parameters that can reach the access log as object ids. Anything but the shape the service
+# itself hands out is refused (422) before a route runs: the log can never be erased, so no caller
+# may write free text (a name, a BSN pasted by mistake, kilobytes of junk) into it.
+PacketIdPath = Annotated[
+    str,
+    Path(
+        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description="the packet's id, a lowercase UUID as returned by partitioning",
+    ),
+]
+PseudonymPath = Annotated[
+    str,
+    Path(pattern=r"^[0-9a-f]{32}$", description="a pseudonym (32 lowercase hex characters)"),
+]
 
 
 def _holds_nul(value: Any) -> bool:

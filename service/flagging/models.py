@@ -20,6 +20,7 @@ from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, Strin
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
+from service.records.models import EARLIEST
 from service.schemas import StrictModel
 
 FlagKind = Literal["algorithm", "external"]
@@ -86,7 +87,9 @@ class Flag(SQLModel, table=True):
 class FlaggingRunCreate(StrictModel):
     as_of: dt.date | None = Field(
         default=None,
-        description="evaluate as on this date (default: today); events after it are ignored",
+        ge=EARLIEST,
+        description="evaluate as on this date, from 1900-01-01 (default: today); events after "
+        "it are ignored",
     )
 
 

@@ -39,14 +39,17 @@ def _policy(request: Request) -> FlaggingPolicy:
 )
 def create_run(
     request: Request,
-    body: FlaggingRunCreate,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.FLAGGING_RUN)],
+    body: FlaggingRunCreate | None = None,
 ) -> FlaggingRunPublic:
+    """The body is optional: without one (or without ``as_of``) the policy is evaluated as on
+    today."""
+    as_of = body.as_of if body is not None else None
     run = service.run_flagging(
         session=session,
         policy=_policy(request),
-        as_of=body.as_of or date.today(),
+        as_of=as_of or date.today(),
         caller=caller,
     )
     return FlaggingRunPublic.model_validate(run, from_attributes=True)

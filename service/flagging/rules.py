@@ -80,10 +80,13 @@ def event(type_: str, day: date, office: str = "") -> SubjectEvent:
 
 
 def months_before(day: date, months: int) -> date:
-    """``day`` moved back ``months`` calendar months, clamped to the end of a shorter month."""
+    """``day`` moved back ``months`` calendar months, clamped to the end of a shorter month (and
+    to ``date.min`` when that lies before year 1)."""
     index = day.year * 12 + (day.month - 1) - months
     year, month = divmod(index, 12)
     month += 1
+    if year < date.min.year:
+        return date.min
     for candidate in (day.day, 30, 29, 28):
         try:
             return date(year, month, min(day.day, candidate))

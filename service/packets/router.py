@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from service.auth.dependencies import Caller, CurrentCaller, require
 from service.auth.permissions import Permission
@@ -35,7 +35,7 @@ from service.packets.models import (
     ProfessionalUpdate,
 )
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
-from service.schemas import MAX_INT64
+from service.schemas import MAX_INT64, PacketIdPath, PseudonymPath
 
 router = APIRouter()
 
@@ -176,7 +176,7 @@ def list_packets(
     summary="One packet's metadata: status, members' pseudonyms, dates (never identities)",
 )
 def get_packet(
-    packet_id: str,
+    packet_id: PacketIdPath,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.PACKETS_READ)],
 ) -> PacketDetailPublic:
@@ -191,7 +191,7 @@ def get_packet(
     summary="Give an open packet to another professional; the former owner loses access",
 )
 def reassign_packet(
-    packet_id: str,
+    packet_id: PacketIdPath,
     body: PacketReassign,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.PACKETS_REASSIGN)],
@@ -215,7 +215,7 @@ OWNER_ERRORS = {**problem_responses(401, 404, 410, 503)}
     summary="Re-identify your own packet: identities, characteristics, why flagged, follow-ups",
 )
 def open_packet(
-    request: Request, packet_id: str, session: SessionDep, caller: CurrentCaller
+    request: Request, packet_id: PacketIdPath, session: SessionDep, caller: CurrentCaller
 ) -> Response:
     """Owner only; everyone else gets 404 and the attempt is logged as denied. The access is
     logged before any identity is decrypted: if the log cannot be written in time, 503 and no
@@ -240,8 +240,8 @@ def open_packet(
 )
 def create_followup(
     request: Request,
-    packet_id: str,
-    pseudonym: Annotated[str, Path(min_length=1, max_length=64)],
+    packet_id: PacketIdPath,
+    pseudonym: PseudonymPath,
     body: FollowupCreate,
     session: SessionDep,
     caller: CurrentCaller,
@@ -268,5 +268,7 @@ def create_followup(
     responses={**OWNER_ERRORS, **problem_responses(409)},
     summary="Close a packet (its owner, or a coordinator); it is crypto-shredded after the grace",
 )
-def close_packet(packet_id: str, session: SessionDep, caller: CurrentCaller) -> PacketPublic:
+def close_packet(
+    packet_id: PacketIdPath, session: SessionDep, caller: CurrentCaller
+) -> PacketPublic:
     return service.close_packet(session=session, packet_id=packet_id, caller=caller)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 
 from service.auth.dependencies import Caller, require
 from service.auth.permissions import Permission
@@ -16,6 +16,7 @@ from service.openapi import AUTH_ERRORS, problem_responses
 from service.records.models import RecordBatchCreate, RecordBatchPublic, SubjectErasurePublic
 from service.records.service import erase_subject, ingest_batch
 from service.records.vocabulary import load_event_types
+from service.schemas import PseudonymPath
 
 router = APIRouter()
 SOURCE_MAX = 64
@@ -72,9 +73,7 @@ def ingest_records(
     responses={**AUTH_ERRORS, **problem_responses(404, 503)},
 )
 def erase(
-    pseudonym: Annotated[
-        str, Path(pattern=r"^[0-9a-f]{32}$", description="the subject's pseudonym")
-    ],
+    pseudonym: PseudonymPath,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.SUBJECTS_ERASE)],
 ) -> SubjectErasurePublic:

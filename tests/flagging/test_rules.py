@@ -241,6 +241,11 @@ def test_months_before_clamps_to_the_end_of_a_shorter_month() -> None:
     assert months_before(date(2026, 1, 15), 13) == date(2024, 12, 15)
 
 
+def test_months_before_stops_at_the_first_day_there_is() -> None:
+    assert months_before(date(2, 1, 1), 24) == date.min
+    assert months_before(date(2, 1, 1), 12) == date(1, 1, 1)
+
+
 @given(st.dates(min_value=date(1950, 1, 1)), st.integers(min_value=0, max_value=600))
 def test_whole_months_between_inverts_months_before(day: date, months: int) -> None:
     assert whole_months_between(months_before(day, months), day) == months

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -106,6 +106,28 @@ def test_runs_evaluate_in_batches_and_skip_erased_subjects(app: FastAPI, session
     assert batches == [2, 4, 6]
     [logged] = log_entries(session, "flagging.run")
     assert logged["actor"] == "system:flag"
+
+
+def test_a_run_needs_no_body_and_then_evaluates_as_on_today(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    coordinator = bearer(token("coord-001", "coordinator"))
+    response = client.post("/v1/flagging/runs", headers=coordinator)
+    assert response.status_code == 201, response.text
+    assert response.json()["as_of"] == date.today().isoformat()
+    assert response.json()["evaluated"] == 3
+
+
+def test_an_as_of_before_1900_is_refused_naming_the_field(
+    client: TestClient, token: TokenFactory
+) -> None:
+    # Found by fuzzing: year 2 moved a 24-month window before year 1 and the run failed (500).
+    coordinator = bearer(token("coord-001", "coordinator"))
+    response = client.post("/v1/flagging/runs", json={"as_of": "0002-01-01"}, headers=coordinator)
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "as_of" in response.json()["detail"]
 
 
 def test_a_professional_may_not_run_or_read_flagging(

@@ -123,6 +123,43 @@ def test_non_owners_get_404_and_each_attempt_is_logged_as_denied(
     assert status == "assigned"
 
 
+def test_ids_of_another_shape_are_refused_before_anything_reaches_the_log(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    # The log can never be erased: a path parameter it would record as an object id must not
+    # carry free text, such as a name and BSN pasted into the URL by mistake.
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    member = packet["pseudonyms"][0]
+    pasted = "Jan Jansen 123456782"
+    owner = bearer(token(OWNER, "professional"))
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    admin = bearer(token("admin-001", "admin"))
+    followup = {"kind": "contact", "date": "2026-03-01"}
+    before = len(log_entries(session))
+    attempts = [
+        client.get(f"/v1/packets/{pasted}/clients", headers=owner),
+        client.get(f"/v1/packets/{packet['id'].upper()}", headers=coordinator),
+        client.get(f"/v1/packets/{'a' * 20_000}", headers=coordinator),
+        client.post(f"/v1/packets/{pasted}/close", headers=owner),
+        client.post(
+            f"/v1/packets/{pasted}/reassign", json={"professional_id": OTHER}, headers=coordinator
+        ),
+        client.post(
+            f"/v1/packets/{packet['id']}/clients/{pasted}/followups", json=followup, headers=owner
+        ),
+        client.post(
+            f"/v1/packets/{pasted}/clients/{member}/followups", json=followup, headers=owner
+        ),
+        client.post(f"/v1/subjects/{pasted}/erase", headers=admin),
+    ]
+    for response in attempts:
+        assert response.status_code == 422, (response.request.url, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "123456782" not in response.json()["detail"]
+    assert len(log_entries(session)) == before
+
+
 def test_followups_are_recorded_with_a_note_only_the_owner_reads(
     app: Any, client: TestClient, token: TokenFactory, session: Session
 ) -> None:
