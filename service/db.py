@@ -233,6 +233,9 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, turn: WriterTurn)
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Freed space is zeroed, so a wrap or ciphertext that shredding or erasure overwrote
+        # does not linger in the file's free space.
+        cursor.execute("PRAGMA secure_delete=ON")
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.close()
         dbapi_connection.busy_timeout_ms = int(busy_timeout_ms)
@@ -265,6 +268,10 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, turn: WriterTurn)
             raise
 
 
+# The tables whose rows lose a wrap or a ciphertext when a packet is shredded or a subject erased.
+WRAP_TABLES = ("subjects", "packets", "packet_members", "packet_followups")
+
+
 class Database:
     """One engine per process; sessions are short and owned by a request or a command."""
 
@@ -293,6 +300,33 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    def purge_replaced_rows(self) -> None:
+        """Remove what is left of rows that crypto-shredding or erasure overwrote; best effort,
+        a failure is logged by type.
+
+        PostgreSQL keeps an updated row's previous version, with the wrap or ciphertext it
+        held, until VACUUM, which here runs at once (``SKIP_LOCKED``: a table being vacuumed
+        already is left to that run) rather than whenever autovacuum gets round to it. SQLite
+        zeroes freed space itself (``secure_delete``) but keeps old page images in its ``-wal``
+        file; a TRUNCATE checkpoint empties it unless a reader still needs it. Copies outside the
+        database (WAL archives, backups) stay: retiring the key version that wrapped them is
+        what makes those undecryptable.
+        """
+        try:
+            if self.is_sqlite:
+                raw = self.engine.raw_connection()
+                try:
+                    raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[union-attr]
+                finally:
+                    raw.close()
+            else:
+                with self.engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT"
+                ) as connection:
+                    connection.exec_driver_sql(f"VACUUM (SKIP_LOCKED) {', '.join(WRAP_TABLES)}")
+        except (OperationalError, sqlite3.Error) as exc:
+            logger.warning("could not purge replaced rows (%s)", type(exc).__name__)
 
     def dispose(self) -> None:
         self.engine.dispose()

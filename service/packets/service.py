@@ -1260,7 +1260,9 @@ def shred_expired(
     """The shredding job: every due packet, ``batch_size`` per committed transaction.
 
     A job, not a request: it owns its transactions (one per batch), so an interruption loses at
-    most one batch and a rerun continues. Returns how many packets it shredded.
+    most one batch and a rerun continues. When it shredded anything it ends by purging the
+    overwritten row versions (``Database.purge_replaced_rows``). Returns how many packets it
+    shredded.
     """
     moment = now or utcnow()
     if on_start is not None:
@@ -1273,6 +1275,8 @@ def shred_expired(
                 session=session, retention=retention, now=moment, actor=actor, limit=batch_size
             )
         if not shredded:
+            if total:
+                database.purge_replaced_rows()
             return total
         total += len(shredded)
         if on_progress is not None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Header, Request, Response
 
 from service.auth.dependencies import Caller, require
 from service.auth.permissions import Permission
 from service.config import Settings
 from service.crypto.keyring import Keyring
-from service.db import SessionDep
+from service.db import Database, SessionDep
 from service.errors import Unprocessable
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.records.models import RecordBatchCreate, RecordBatchPublic, SubjectErasurePublic
@@ -73,15 +73,21 @@ def ingest_records(
     responses={**AUTH_ERRORS, **problem_responses(404, 503)},
 )
 def erase(
+    request: Request,
     pseudonym: PseudonymPath,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.SUBJECTS_ERASE)],
+    after_response: BackgroundTasks,
 ) -> SubjectErasurePublic:
     """After this no key can decrypt the subject's identity; erasing twice is harmless."""
-    return erase_subject(
+    erased = erase_subject(
         session=session,
         pseudonym=pseudonym,
         actor=caller.sub,
         role=caller.role,
         request_id=caller.request_id,
     )
+    # Once the erasure has committed (before the response), the overwritten row versions go too.
+    database: Database = request.app.state.database
+    after_response.add_task(database.purge_replaced_rows)
+    return erased

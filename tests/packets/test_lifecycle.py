@@ -20,7 +20,7 @@ from service.cli import app as cli
 from service.config import Settings, get_settings
 from service.crypto.envelope import DataKey, unwrap_key
 from service.crypto.keyring import KeyProvider
-from service.db import Database
+from service.db import WRAP_TABLES, Database
 from service.main import create_app
 from service.packets.models import utcnow
 from service.packets.service import packet_key_aad, shred_expired
@@ -158,9 +158,19 @@ def test_closed_packet_is_refused_then_shredded_after_the_grace_period(
         shred_expired(database=database, retention=retention, actor="system:test", now=within) == 0
     )
     assert recoverable_packet_key(session, app.state.keyring, packet["id"]) is not None
+    before = packet_state(session, packet["id"])
+    secrets = [
+        value.split(".", 2)[2].encode()
+        for value in (before["wrapped_key"], *before["member_wraps"], *before["notes"])
+    ]
+    assert len(secrets) == 1 + len(packet["pseudonyms"]) + 1
+    assert all(secret in raw_storage(session) for secret in secrets)
     assert (
         shred_expired(database=database, retention=retention, actor="system:test", now=after) == 1
     )
+    # the job ends by purging the overwritten row versions: the files no longer hold them
+    leftovers = raw_storage(session)
+    assert [s for s in secrets if s in leftovers] == []
 
     state = packet_state(session, packet["id"])
     assert_shredded(state, "shredded")
@@ -252,6 +262,40 @@ def test_a_coordinator_may_close_any_packet_another_professional_may_not(
     ]
 
 
+def raw_storage(session: Session) -> bytes:
+    """What the database keeps for the tables with wraps, as a reader of its files would find it.
+
+    SQLite: the file and its ``-wal``, byte for byte (freed space is zeroed). PostgreSQL: every
+    row version in the heap pages, live or dead (pageinspect). PostgreSQL does not zero the
+    space a removed version leaves, so a raw page may hold those bytes until the space is
+    reused; that remnant, like WAL archives and backups, is closed by retiring the key version
+    (README, "Keys, pseudonyms and crypto-shredding").
+    """
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
+        session.rollback()
+        path = Path(str(connection.engine.url.database))
+        wal = path.with_name(path.name + "-wal")
+        return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    connection.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS pageinspect")
+    versions = []
+    for table in WRAP_TABLES:
+        blocks = connection.exec_driver_sql(
+            "SELECT pg_relation_size(%(t)s) / current_setting('block_size')::int", {"t": table}
+        ).scalar_one()
+        versions += [
+            bytes(data)
+            for data in connection.exec_driver_sql(
+                "SELECT item.t_data FROM generate_series(0, %(last)s) AS n, "
+                "heap_page_items(get_raw_page(%(t)s, n::int)) AS item "
+                "WHERE item.t_data IS NOT NULL",
+                {"t": table, "last": blocks - 1},
+            ).scalars()
+        ]
+    session.commit()
+    return b"\x00".join(versions)
+
+
 def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
     app: Any, client: TestClient, token: TokenFactory, session: Session
 ) -> None:
@@ -272,10 +316,34 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
         headers=owner,
     )
 
+    stored = [
+        *session.execute(
+            select(SUBJECTS.c.wrapped_dek, SUBJECTS.c.identity_ciphertext).where(
+                SUBJECTS.c.pseudonym == erased
+            )
+        ).one(),
+        *session.execute(
+            select(MEMBERS.c.wrapped_dek).where(MEMBERS.c.pseudonym == erased)
+        ).scalars(),
+        *session.execute(
+            select(FOLLOWUPS.c.note_ciphertext).where(FOLLOWUPS.c.pseudonym == erased)
+        ).scalars(),
+    ]
+    session.rollback()
+    assert len(stored) == 5
+    assert all(stored)
+    # The base64 body of each ciphertext (after "v1.<version>."), as the files hold it.
+    secrets = [value.split(".", 2)[2].encode() for value in stored]
+    assert all(secret in raw_storage(session) for secret in secrets)
+
     response = client.post(
         f"/v1/subjects/{erased}/erase", headers=bearer(token("admin-001", "admin"))
     )
     assert response.status_code == 200, response.text
+    # Not even an old row version or page image keeps them (PostgreSQL: VACUUM after the
+    # erasure; SQLite: freed space zeroed and the -wal emptied).
+    leftovers = raw_storage(session)
+    assert [secret in leftovers for secret in secrets] == [False] * 5
     erasures = log_entries(session, "subject.erase")
     assert erasures[-1]["reason"] == "packet_wraps_removed=2"
 
