@@ -42,13 +42,19 @@ class Settings(BaseSettings):
     jwt_algorithm: Literal["RS256", "ES256"] = "RS256"
     jwks_file: Path | None = None
     jwks_url: str | None = None
+    jwks_refresh_seconds: float = Field(
+        default=300,
+        gt=0,
+        description="refetch the JWKS URL's keys once they are this old, refusing keys it no "
+        "longer lists; if the provider cannot be reached, the last keys are kept as long again, "
+        "then every token is refused",
+    )
     roles_claim: str = "roles"
     dev_issuer: bool = True
     token_leeway_seconds: int = Field(default=30, ge=0, le=300)
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_batch_rows: int = Field(default=10_000, ge=1)
-    max_page_size: int = Field(default=1_000, ge=1)
     log_lock_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     database_pool_size: int = Field(
         default=20,

@@ -166,7 +166,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
             "no token keys: set CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL, "
             "or enable the built-in issuer (CASEPACKETS_DEV_ISSUER=true) outside production"
         )
-    keys = KeySet(static_keys, url=settings.jwks_url)
+    keys = KeySet(static_keys, url=settings.jwks_url, max_age_seconds=settings.jwks_refresh_seconds)
     verifier = TokenVerifier(
         algorithm=settings.jwt_algorithm,
         issuer=settings.jwt_issuer,

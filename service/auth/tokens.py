@@ -7,6 +7,9 @@ trusted:
   ``jku``, ``x5u``, ``jwk``, ``x5c`` and ``crit`` headers are refused (no key is ever taken from
   the token itself);
 - the key is chosen by ``kid`` from the pinned key set only, and its type must fit the algorithm;
+- keys from a JWKS URL are refetched once ``max_age_seconds`` old; a key no longer listed is
+  refused from then on, and if the provider cannot be reached the last good keys are refused
+  after one more ``max_age_seconds`` (``KeySet`` says why);
 - ``jwt.decode`` always receives ``algorithms=[<the one algorithm>]``;
 - ``exp``, ``iat``, ``iss``, ``aud`` and ``sub`` are required; ``nbf`` and a future ``iat`` are
   honoured with a small leeway;
@@ -35,6 +38,8 @@ MAX_TOKEN_BYTES = 8 * 1024
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 KEY_TYPE_FOR_ALGORITHM = {"RS256": "RSA", "ES256": "EC"}
 REFETCH_INTERVAL_SECONDS = 60.0
+# Default for CASEPACKETS_JWKS_REFRESH_SECONDS (service/config.py).
+JWKS_MAX_AGE_SECONDS = 300.0
 # Verified tokens remembered per process (oldest forgotten first): a few MB at most.
 MAX_REMEMBERED_TOKENS = 10_000
 
@@ -52,6 +57,12 @@ class VerifiedToken:
 
 
 @dataclass(frozen=True)
+class _FetchedKeys:
+    keys: dict[str, dict[str, Any]]
+    fetched_at: float  # KeySet clock reading when the fetch began
+
+
+@dataclass(frozen=True)
 class _Remembered:
     token: VerifiedToken
     kid: str
@@ -59,7 +70,24 @@ class _Remembered:
 
 
 class KeySet:
-    """Pinned public keys by ``kid``: from a JWKS file, a JWKS URL, or given directly."""
+    """Pinned public keys by ``kid``: from a JWKS file, a JWKS URL, or given directly.
+
+    Keys given directly or read from a file are fixed for the life of the process. Keys from a
+    URL are fetched again once they are ``max_age_seconds`` old, so a key the provider withdraws
+    (say, because it leaked) is refused at most that long after; a token remembered under it is
+    then verified afresh and refused too.
+
+    When that refresh fails (provider unreachable, or a document that is not a JWKS), the last
+    good keys are kept for one more ``max_age_seconds``, so a short outage of the provider does
+    not lock everyone out. After that they are no longer trusted: every token they would verify
+    is refused and readiness reports no keys until the provider answers again. A service holding
+    personal data would rather stop than trust keys that may have been withdrawn.
+
+    The URL is fetched inline, by the caller that finds the keys stale or the ``kid`` unknown, and
+    at most once per ``REFETCH_INTERVAL_SECONDS`` (or per max age, if shorter) whether or not the
+    fetch succeeds, so neither an outage nor a flood of unknown ``kid`` values hammers the
+    provider. A caller that finds another one fetching does not wait: it uses the keys it has.
+    """
 
     def __init__(
         self,
@@ -68,16 +96,20 @@ class KeySet:
         url: str | None = None,
         fetch: Callable[[str], Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_age_seconds: float = JWKS_MAX_AGE_SECONDS,
     ) -> None:
-        self._keys: dict[str, dict[str, Any]] = {}
-        self._static = [dict(k) for k in keys]
+        if max_age_seconds <= 0:
+            raise ValueError("max_age_seconds must be positive")
+        self._pinned: dict[str, dict[str, Any]] = {k["kid"]: dict(k) for k in keys}
         self._url = url
         self._fetch = fetch or _fetch_jwks
         self._clock = clock
-        self._last_fetch: float | None = None
+        self._max_age = max_age_seconds
+        self._retry_interval = min(REFETCH_INTERVAL_SECONDS, max_age_seconds)
+        self._fetched: _FetchedKeys | None = None
+        self._last_attempt: float | None = None
         self._lock = threading.Lock()
         self.last_error: str | None = None
-        self._install(self._static)
         if url:
             # An identity provider that is down at start-up leaves the service not ready (no
             # keys, every token refused) instead of failing to start; keys come on next fetch.
@@ -91,24 +123,32 @@ class KeySet:
             raise ValueError(f"cannot read JWKS file {path}: {exc}") from exc
         return cls(_jwks_keys(document, source=str(path)))
 
-    def _install(self, keys: Sequence[Mapping[str, Any]]) -> None:
-        installed = {k["kid"]: dict(k) for k in self._static}
-        for key in keys:
-            if "kid" in key:
-                installed[str(key["kid"])] = dict(key)
-        self._keys = installed
-
     def refresh(self) -> None:
+        """Fetch the JWKS URL now; keys it no longer lists are refused from here on.
+
+        Raises ``httpx.HTTPError`` or ``ValueError`` when the fetch fails, keeping the keys we had.
+        """
         if not self._url:
             return
-        self._last_fetch = self._clock()
-        self._install(self._static + list(_jwks_keys(self._fetch(self._url), source=self._url)))
+        attempted_at = self._clock()
+        self._last_attempt = attempted_at
+        listed = _jwks_keys(self._fetch(self._url), source=self._url)
+        previous = self._fetched.keys if self._fetched else {}
+        keys: dict[str, dict[str, Any]] = {}
+        for key in map(dict, listed):
+            kid = str(key["kid"])
+            # An unchanged key keeps its identity, so tokens remembered under it stay remembered.
+            keys[kid] = previous[kid] if previous.get(kid) == key else key
+        self._fetched = _FetchedKeys(keys=keys, fetched_at=attempted_at)
 
     def _refresh_if_due(self) -> None:
-        """Refetch the JWKS URL, at most once a minute; a failed fetch keeps the keys we have."""
-        with self._lock:
-            if self._last_fetch is not None and (
-                self._clock() - self._last_fetch < REFETCH_INTERVAL_SECONDS
+        """Refetch the JWKS URL unless an attempt was made within the retry interval or another
+        caller is fetching right now; a failed fetch keeps the keys we have (see the class)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._last_attempt is not None and (
+                self._clock() - self._last_attempt < self._retry_interval
             ):
                 return
             try:
@@ -116,28 +156,43 @@ class KeySet:
                 self.last_error = None
             except (httpx.HTTPError, ValueError) as exc:
                 self.last_error = type(exc).__name__
+        finally:
+            self._lock.release()
+
+    def _is_stale(self) -> bool:
+        fetched = self._fetched
+        return fetched is None or self._clock() - fetched.fetched_at >= self._max_age
+
+    def _trusted_url_keys(self) -> Mapping[str, dict[str, Any]]:
+        """The URL's last good keys, or none once they are older than twice the max age."""
+        fetched = self._fetched
+        if fetched is None or self._clock() - fetched.fetched_at >= 2 * self._max_age:
+            return {}
+        return fetched.keys
+
+    def _lookup(self, kid: str) -> dict[str, Any] | None:
+        key = self._trusted_url_keys().get(kid)
+        return key if key is not None else self._pinned.get(kid)
 
     def get(self, kid: str) -> dict[str, Any] | None:
-        key = self._keys.get(kid)
-        if key is None and self._url:
-            # An unknown kid may mean the provider rotated its keys.
+        if self._url and (self._is_stale() or self._lookup(kid) is None):
+            # Stale keys may include withdrawn ones; an unknown kid may mean the provider rotated.
             self._refresh_if_due()
-            key = self._keys.get(kid)
-        return key
+        return self._lookup(kid)
 
     def readiness(self) -> str:
-        """ "ok" when at least one key is pinned (fetching the URL again when it is due)."""
-        if not self._keys and self._url:
+        """ "ok" while at least one key is trusted (fetching the URL again when it is due)."""
+        if self._url and self._is_stale():
             self._refresh_if_due()
-        if self._keys:
+        if len(self):
             return "ok"
         return f"no keys (JWKS fetch failed: {self.last_error})" if self.last_error else "no keys"
 
     def public_jwks(self) -> dict[str, Any]:
-        return {"keys": [_public_members(k) for k in self._static]}
+        return {"keys": [_public_members(k) for k in self._pinned.values()]}
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._pinned.keys() | self._trusted_url_keys().keys())
 
 
 def _fetch_jwks(url: str) -> Mapping[str, Any]:

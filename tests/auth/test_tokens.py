@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -364,3 +365,180 @@ def test_an_unreachable_jwks_url_leaves_the_key_set_empty_until_a_fetch_succeeds
     now[0] += 61
     assert keys.readiness() == "ok"
     assert keys.get(issuer.kid) is not None
+
+
+class FakeProvider:
+    """A JWKS URL whose keys, outages and clock the test controls; it records every fetch."""
+
+    url = "https://idp.example/jwks"
+
+    def __init__(self, *keys: Mapping[str, Any]) -> None:
+        self.keys = [dict(k) for k in keys]
+        self.outage: str | None = None
+        self.now = 1000.0
+        self.fetched_at: list[float] = []
+
+    def fetch(self, url: str) -> Mapping[str, Any]:
+        self.fetched_at.append(self.now)
+        if self.outage == "unreachable":
+            raise httpx.ConnectError("connection refused")
+        if self.outage == "bad document":
+            return {"keys": "rotating, back soon"}
+        return {"keys": list(self.keys)}
+
+    def key_set(self, *, max_age_seconds: float = 300) -> KeySet:
+        return KeySet(
+            url=self.url,
+            fetch=self.fetch,
+            clock=lambda: self.now,
+            max_age_seconds=max_age_seconds,
+        )
+
+
+def test_a_key_withdrawn_from_the_jwks_url_is_refused_once_the_keys_reach_their_max_age(
+    home_key: bytes,
+) -> None:
+    withdrawn, kept = rs256_issuer(home_key), rs256_issuer(generate_private_pem("RS256"))
+    provider = FakeProvider(withdrawn.public_jwk, kept.public_jwk)
+    verifier = rs256_verifier(provider.key_set(max_age_seconds=300))
+    remembered = withdrawn.mint(subject="s", roles=["auditor"])
+    assert verifier.verify(remembered).subject == "s"
+    provider.keys = [kept.public_jwk]  # e.g. the withdrawn key leaked
+    # Within the max age the keys are not fetched again, so the withdrawal is not yet seen.
+    provider.now += 299
+    assert verifier.verify(remembered).subject == "s"
+    assert provider.fetched_at == [1000.0]
+    provider.now += 1
+    for token in (remembered, withdrawn.mint(subject="s", roles=["auditor"])):
+        with pytest.raises(InvalidToken, match="unknown key"):
+            verifier.verify(token)
+    assert verifier.verify(kept.mint(subject="k", roles=[])).subject == "k"
+    assert len(provider.fetched_at) == 2
+
+
+def test_a_key_still_listed_keeps_working_across_refreshes(
+    home_key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    issuer = rs256_issuer(home_key)
+    provider = FakeProvider(issuer.public_jwk)
+    verifier = rs256_verifier(provider.key_set(max_age_seconds=300))
+    full_checks: list[str] = []
+    check = verifier._verify
+
+    def counted(token: str) -> Any:
+        full_checks.append(token)
+        return check(token)
+
+    monkeypatch.setattr(verifier, "_verify", counted)
+    remembered = issuer.mint(subject="s", roles=["auditor"])
+    for refresh in range(4):
+        assert verifier.verify(remembered).subject == "s"
+        assert verifier.verify(issuer.mint(subject=f"fresh{refresh}", roles=[])).subject
+        provider.now += 300
+    assert provider.fetched_at == [1000.0, 1300.0, 1600.0, 1900.0]
+    # The refreshed key is the same key, so the remembered token needs no second full check.
+    assert full_checks.count(remembered) == 1
+
+
+@pytest.mark.parametrize(
+    ("outage", "error"), [("unreachable", "ConnectError"), ("bad document", "ValueError")]
+)
+def test_a_failing_refresh_keeps_the_last_good_keys_for_one_more_max_age_then_refuses(
+    home_key: bytes, outage: str, error: str
+) -> None:
+    issuer = rs256_issuer(home_key)
+    provider = FakeProvider(issuer.public_jwk)
+    keys = provider.key_set(max_age_seconds=300)
+    verifier = rs256_verifier(keys)
+    remembered = issuer.mint(subject="s", roles=["auditor"])
+    assert verifier.verify(remembered).subject == "s"
+    provider.outage = outage
+    # Last good fetch at 1000: due at 1300, trusted (while retried) until just before 1600.
+    for provider.now in (1300.0, 1450.0, 1599.0):
+        assert verifier.verify(remembered).subject == "s"
+        assert verifier.verify(issuer.mint(subject="t", roles=[])).subject == "t"
+        assert keys.readiness() == "ok"
+    assert provider.fetched_at == [1000.0, 1300.0, 1450.0, 1599.0]
+    provider.now = 1600.0
+    for token in (remembered, issuer.mint(subject="t", roles=[])):
+        with pytest.raises(InvalidToken, match="unknown key"):
+            verifier.verify(token)
+    assert keys.readiness() == f"no keys (JWKS fetch failed: {error})"
+    # Once the provider answers again, tokens are accepted from the next attempt (a minute after
+    # the last one, at 1599).
+    provider.outage = None
+    provider.now = 1658.0
+    assert keys.readiness() != "ok"
+    provider.now = 1659.0
+    assert verifier.verify(remembered).subject == "s"
+    assert keys.readiness() == "ok"
+
+
+def test_a_burst_of_requests_after_the_max_age_makes_one_fetch_a_minute(home_key: bytes) -> None:
+    issuer = rs256_issuer(home_key)
+    provider = FakeProvider(issuer.public_jwk)
+    keys = provider.key_set(max_age_seconds=300)
+    verifier = rs256_verifier(keys)
+    tokens = [issuer.mint(subject=f"s{n}", roles=[]) for n in range(3)]
+
+    def burst() -> None:
+        for _ in range(10):
+            for token in tokens:
+                verifier.verify(token)
+            keys.readiness()
+
+    provider.now += 300
+    burst()
+    assert provider.fetched_at == [1000.0, 1300.0]
+    # While the provider is down every request finds the keys stale; still one fetch a minute.
+    provider.outage = "unreachable"
+    provider.now = 1600.0
+    burst()
+    provider.now = 1659.0
+    burst()
+    provider.now = 1660.0
+    burst()
+    assert provider.fetched_at == [1000.0, 1300.0, 1600.0, 1660.0]
+
+
+def test_requests_during_a_slow_refresh_use_the_pinned_keys_instead_of_waiting(
+    home_key: bytes,
+) -> None:
+    issuer = rs256_issuer(home_key)
+    provider = FakeProvider(issuer.public_jwk)
+    fetching, answer = threading.Event(), threading.Event()
+
+    def slow_fetch(url: str) -> Mapping[str, Any]:
+        if provider.fetched_at:  # the fetch at start-up answers at once
+            fetching.set()
+            assert answer.wait(timeout=10)
+        return provider.fetch(url)
+
+    verifier = rs256_verifier(
+        KeySet(url=provider.url, fetch=slow_fetch, clock=lambda: provider.now)
+    )
+    token = issuer.mint(subject="s", roles=[])
+    provider.now += 300
+    refresher = threading.Thread(target=verifier.verify, args=(token,))
+    refresher.start()
+    assert fetching.wait(timeout=10)
+    try:
+        for _ in range(5):
+            assert verifier.verify(token).subject == "s"
+    finally:
+        answer.set()
+        refresher.join(timeout=10)
+    assert provider.fetched_at == [1000.0, 1300.0]
+
+
+def test_jwks_refresh_seconds_is_read_from_the_environment_and_must_be_positive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings(env="test", home=tmp_path).jwks_refresh_seconds == 300
+    monkeypatch.setenv("CASEPACKETS_JWKS_REFRESH_SECONDS", "60")
+    assert Settings(env="test", home=tmp_path).jwks_refresh_seconds == 60
+    monkeypatch.setenv("CASEPACKETS_JWKS_REFRESH_SECONDS", "0")
+    with pytest.raises(ValueError, match="greater than 0"):
+        Settings(env="test", home=tmp_path)
+    with pytest.raises(ValueError, match="must be positive"):
+        KeySet(url=FakeProvider.url, fetch=FakeProvider().fetch, max_age_seconds=0)
