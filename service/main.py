@@ -202,6 +202,9 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
                 await shredder
         database.dispose()
 
+    # The interactive docs load their scripts from a CDN into a browser that holds a token, and
+    # are served without one: development only. The contract itself is openapi/openapi.json.
+    browsable = settings.env != "production"
     app = FastAPI(
         title="casepackets",
         version="1.0.0",
@@ -209,6 +212,9 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         "access log",
         lifespan=lifespan,
         responses=problem_responses(422),
+        openapi_url="/openapi.json" if browsable else None,
+        docs_url="/docs" if browsable else None,
+        redoc_url="/redoc" if browsable else None,
     )
     app.state.settings = settings
     app.state.database = database

@@ -244,4 +244,7 @@ def test_production_starts_not_ready_while_the_identity_provider_is_unreachable(
         assert ready.status_code == 503
         assert "token_keys" in ready.json()["detail"]
         assert client.get("/.well-known/jwks.json").status_code == 404
+        # no browsable docs or schema without a token in production
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert client.get(path).status_code == 404, path
         assert client.get("/v1/me", headers={"Authorization": "Bearer a.b.c"}).status_code == 401
