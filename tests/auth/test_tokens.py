@@ -68,6 +68,19 @@ def rs256_issuer(home_key: bytes) -> DevIssuer:
     return DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
 
 
+def count_full_checks(verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens ``verifier`` checks from scratch (not from memory), in order, from now on."""
+    full_checks: list[str] = []
+    check = verifier._verify
+
+    def counted(token: str) -> Any:
+        full_checks.append(token)
+        return check(token)
+
+    monkeypatch.setattr(verifier, "_verify", counted)
+    return full_checks
+
+
 def rs256_verifier(
     keys: KeySet,
     *,
@@ -260,14 +273,7 @@ def test_a_repeated_token_is_verified_once_and_refused_once_it_expires(
     issuer = rs256_issuer(home_key)
     now = [time.time()]
     verifier = rs256_verifier(KeySet([issuer.public_jwk]), leeway_seconds=30, clock=lambda: now[0])
-    full_checks: list[str] = []
-    check = verifier._verify
-
-    def counted(token: str) -> Any:
-        full_checks.append(token)
-        return check(token)
-
-    monkeypatch.setattr(verifier, "_verify", counted)
+    full_checks = count_full_checks(verifier, monkeypatch)
     token = issuer.mint(subject="prof-001", roles=["professional"], ttl_seconds=60)
     first = verifier.verify(token)
     assert verifier.verify(token) == first
@@ -422,14 +428,7 @@ def test_a_key_still_listed_keeps_working_across_refreshes(
     issuer = rs256_issuer(home_key)
     provider = FakeProvider(issuer.public_jwk)
     verifier = rs256_verifier(provider.key_set(max_age_seconds=300))
-    full_checks: list[str] = []
-    check = verifier._verify
-
-    def counted(token: str) -> Any:
-        full_checks.append(token)
-        return check(token)
-
-    monkeypatch.setattr(verifier, "_verify", counted)
+    full_checks = count_full_checks(verifier, monkeypatch)
     remembered = issuer.mint(subject="s", roles=["auditor"])
     for refresh in range(4):
         assert verifier.verify(remembered).subject == "s"
