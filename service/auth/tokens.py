@@ -175,10 +175,12 @@ class KeySet:
         return key if key is not None else self._pinned.get(kid)
 
     def get(self, kid: str) -> dict[str, Any] | None:
-        if self._url and (self._is_stale() or self._lookup(kid) is None):
+        key = self._lookup(kid)
+        if self._url and (key is None or self._is_stale()):
             # Stale keys may include withdrawn ones; an unknown kid may mean the provider rotated.
             self._refresh_if_due()
-        return self._lookup(kid)
+            key = self._lookup(kid)
+        return key
 
     def readiness(self) -> str:
         """ "ok" while at least one key is trusted (fetching the URL again when it is due)."""

@@ -88,6 +88,7 @@ def erase(
         request_id=caller.request_id,
     )
     # Once the erasure has committed (before the response), the overwritten row versions go too.
-    database: Database = request.app.state.database
-    after_response.add_task(database.purge_replaced_rows)
+    if not erased.already_erased:
+        database: Database = request.app.state.database
+        after_response.add_task(database.purge_replaced_rows)
     return erased
