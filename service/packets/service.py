@@ -85,6 +85,7 @@ from service.records.service import (
     dek_aad,
     identity_aad,
     identity_fields,
+    lock_subject_keys,
     register_erasure_hook,
     register_wrapped_key_column,
 )
@@ -384,8 +385,13 @@ def partition_run(
     retention: RetentionPolicy,
     caller: Caller,
 ) -> PartitionPublic:
-    """Split a run's flagged cases into packets, build their keys and assign them (one txn)."""
+    """Split a run's flagged cases into packets, build their keys and assign them (one txn).
+
+    An erasure waits until this commits (the shared ``lock_subject_keys``), so it always sees
+    and removes the packet wraps made here from DEKs read before it.
+    """
     get_run(session=session, run_id=run_id)
+    lock_subject_keys(session, exclusive=False)
     candidates = _candidates(session, run_id)
     in_open, previous = _member_history(session, run_id, {c.subject_id for c in candidates})
     erased = [c for c in candidates if c.wrapped_dek is None]
@@ -1070,10 +1076,12 @@ def create_followup(
     problem = policy.check(kind=given.kind, outcome_code=given.outcome_code)
     if problem is not None:
         raise Unprocessable(problem, errors=[{"loc": ["outcome_code"], "msg": problem}])
+    # FOR SHARE (PostgreSQL): an erasure removing this member's wrap waits until the note is
+    # committed, so it finds and removes the note too; one that came first leaves no wrap here.
     member = session.execute(
-        select(_members.c.subject_id, _members.c.wrapped_dek).where(
-            _members.c.packet_id == packet_id, _members.c.pseudonym == pseudonym
-        )
+        select(_members.c.subject_id, _members.c.wrapped_dek)
+        .where(_members.c.packet_id == packet_id, _members.c.pseudonym == pseudonym)
+        .with_for_update(read=True)
     ).first()
     if member is None:
         raise ClientNotInPacket(f"packet {packet_id} has no client with this pseudonym")

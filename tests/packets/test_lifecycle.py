@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from service.crypto.envelope import DataKey, unwrap_key
 from service.crypto.keyring import KeyProvider
 from service.db import WRAP_TABLES, Database
 from service.main import create_app
+from service.packets import service as packets_service
 from service.packets.models import utcnow
 from service.packets.service import packet_key_aad, shred_expired
 from tests.conftest import TokenFactory, bearer
@@ -432,3 +433,114 @@ def test_the_service_shreds_due_packets_periodically(
         database.dispose()
     assert_shredded(packet_state(session, packet["id"]), "expired")
     assert [e["actor"] for e in log_entries(session, "packet.shred")] == ["system:shredder"]
+
+
+class Interleaving:
+    """Runs one request in a thread, stops it at a chosen point in its transaction, lets an
+    erasure run meanwhile (in another thread: it may block), and then lets the first go on."""
+
+    # Long enough for an erasure that does not wait to commit; short of the SQLite bound (2 s),
+    # where every erasure waits for the paused transaction's write lock.
+    ERASURE_HEAD_START = 0.5
+
+    def __init__(self, client: TestClient, token: TokenFactory) -> None:
+        self.client = client
+        self.admin = bearer(token("admin-001", "admin"))
+        self.paused = threading.Event()
+        self.go_on = threading.Event()
+        self.statuses: dict[str, int] = {}
+
+    def pause(self) -> None:
+        """Call at the point to stop at (from a patched function of the first request)."""
+        self.paused.set()
+        assert self.go_on.wait(10), "the test never let the paused request go on"
+
+    def run(self, first: Callable[[], int], pseudonym: str) -> None:
+        def erase() -> None:
+            url = f"/v1/subjects/{pseudonym}/erase"
+            self.statuses["erase"] = self.client.post(url, headers=self.admin).status_code
+
+        requests = [threading.Thread(target=lambda: self.statuses.update(first=first()))]
+        requests[0].start()
+        assert self.paused.wait(10), "the first request never reached its pause"
+        requests.append(threading.Thread(target=erase))
+        requests[1].start()
+        requests[1].join(self.ERASURE_HEAD_START)
+        self.go_on.set()
+        for thread in requests:
+            thread.join(20)
+        assert self.statuses == {"first": self.statuses["first"], "erase": 200}
+
+
+def test_an_erasure_during_partitioning_removes_the_new_packet_wraps(
+    client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = world_of(client, token)
+    closed = world.packet(OWNER, "Charlois")
+    assert (
+        client.post(
+            f"/v1/packets/{closed['id']}/close", headers=bearer(token(OWNER, "professional"))
+        ).status_code
+        == 200
+    )
+    erased = closed["pseudonyms"][0]
+    interleaving = Interleaving(client, token)
+    read_candidates = packets_service._candidates
+
+    def candidates_then_pause(*args: Any, **kwargs: Any) -> Any:
+        found = read_candidates(*args, **kwargs)  # every candidate's vault wrap, read here
+        interleaving.pause()
+        return found
+
+    monkeypatch.setattr(packets_service, "_candidates", candidates_then_pause)
+
+    def partition() -> int:
+        coordinator = bearer(token(COORDINATOR, "coordinator"))
+        body = {"run_id": world.run_id}
+        return client.post("/v1/packets/partition", json=body, headers=coordinator).status_code
+
+    interleaving.run(partition, erased)
+
+    assert interleaving.statuses["first"] == 201
+    wraps = session.execute(
+        select(MEMBERS.c.packet_id, MEMBERS.c.wrapped_dek).where(MEMBERS.c.pseudonym == erased)
+    ).all()
+    session.rollback()
+    # the closed packet and the one just built both hold the subject, neither a wrap of its DEK
+    assert len(wraps) == 2
+    assert [wrap for _, wrap in wraps] == [None, None]
+
+
+def test_an_erasure_during_a_followup_removes_its_note(
+    client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    erased = packet["pseudonyms"][0]
+    interleaving = Interleaving(client, token)
+    log_packet = packets_service._log_packet
+
+    def pause_then_log(*args: Any, **kwargs: Any) -> None:
+        if kwargs["action"] == "followup.create":  # the note row is written, not yet committed
+            interleaving.pause()
+        log_packet(*args, **kwargs)
+
+    monkeypatch.setattr(packets_service, "_log_packet", pause_then_log)
+
+    def followup() -> int:
+        return client.post(
+            f"/v1/packets/{packet['id']}/clients/{erased}/followups",
+            json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+            headers=bearer(token(OWNER, "professional")),
+        ).status_code
+
+    interleaving.run(followup, erased)
+
+    assert interleaving.statuses["first"] == 201
+    notes = session.execute(
+        select(FOLLOWUPS.c.outcome_code, FOLLOWUPS.c.note_ciphertext).where(
+            FOLLOWUPS.c.pseudonym == erased
+        )
+    ).all()
+    session.rollback()
+    assert [tuple(note) for note in notes] == [("reached", None)]
