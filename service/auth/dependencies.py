@@ -46,7 +46,7 @@ async def authenticate(
     verifier: TokenVerifier = request.app.state.token_verifier
     policy: AccessPolicy = request.app.state.access_policy
     try:
-        token = verifier.verify(credentials.credentials)
+        token = await verifier.verify_async(credentials.credentials)
     except InvalidToken as exc:
         raise Unauthenticated(str(exc)) from None
     return Caller(

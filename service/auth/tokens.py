@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from jose import jwk, jwt
 from jose.exceptions import JOSEError
@@ -46,6 +47,11 @@ MAX_REMEMBERED_TOKENS = 10_000
 
 class InvalidToken(Exception):
     """The token is not acceptable; the message says why without echoing the token."""
+
+
+class _FetchDue(Exception):
+    """A key lookup that must not fetch found the URL's keys stale or the ``kid`` unknown, and a
+    fetch may be made now: the caller fetches (off its event loop) and looks again."""
 
 
 @dataclass(frozen=True)
@@ -83,10 +89,11 @@ class KeySet:
     is refused and readiness reports no keys until the provider answers again. A service holding
     personal data would rather stop than trust keys that may have been withdrawn.
 
-    The URL is fetched inline, by the caller that finds the keys stale or the ``kid`` unknown, and
-    at most once per ``REFETCH_INTERVAL_SECONDS`` (or per max age, if shorter) whether or not the
-    fetch succeeds, so neither an outage nor a flood of unknown ``kid`` values hammers the
-    provider. A caller that finds another one fetching does not wait: it uses the keys it has.
+    The URL is fetched by the caller that finds the keys stale or the ``kid`` unknown (in a worker
+    thread when that caller is the event loop: ``TokenVerifier.verify_async``), and at most once
+    per ``REFETCH_INTERVAL_SECONDS`` (or per max age, if shorter) whether or not the fetch
+    succeeds, so neither an outage nor a flood of unknown ``kid`` values hammers the provider. A
+    caller that finds another one fetching does not wait: it uses the keys it has.
     """
 
     def __init__(
@@ -113,7 +120,7 @@ class KeySet:
         if url:
             # An identity provider that is down at start-up leaves the service not ready (no
             # keys, every token refused) instead of failing to start; keys come on next fetch.
-            self._refresh_if_due()
+            self.refresh_if_due()
 
     @classmethod
     def from_file(cls, path: Path) -> KeySet:
@@ -141,7 +148,7 @@ class KeySet:
             keys[kid] = previous[kid] if previous.get(kid) == key else key
         self._fetched = _FetchedKeys(keys=keys, fetched_at=attempted_at)
 
-    def _refresh_if_due(self) -> None:
+    def refresh_if_due(self) -> None:
         """Refetch the JWKS URL unless an attempt was made within the retry interval or another
         caller is fetching right now; a failed fetch keeps the keys we have (see the class)."""
         if not self._lock.acquire(blocking=False):
@@ -159,6 +166,13 @@ class KeySet:
         finally:
             self._lock.release()
 
+    def _fetch_allowed(self) -> bool:
+        """Whether ``refresh_if_due`` would fetch now (no attempt too recent, none under way)."""
+        if self._lock.locked():
+            return False
+        last = self._last_attempt
+        return last is None or self._clock() - last >= self._retry_interval
+
     def _is_stale(self) -> bool:
         fetched = self._fetched
         return fetched is None or self._clock() - fetched.fetched_at >= self._max_age
@@ -174,18 +188,26 @@ class KeySet:
         key = self._trusted_url_keys().get(kid)
         return key if key is not None else self._pinned.get(kid)
 
-    def get(self, kid: str) -> dict[str, Any] | None:
+    def get(self, kid: str, *, fetch: bool = True) -> dict[str, Any] | None:
+        """The trusted key ``kid``, fetching the URL first when that is due.
+
+        With ``fetch=False`` a due fetch raises ``_FetchDue`` instead of being made here.
+        """
         key = self._lookup(kid)
         if self._url and (key is None or self._is_stale()):
             # Stale keys may include withdrawn ones; an unknown kid may mean the provider rotated.
-            self._refresh_if_due()
+            if not fetch:
+                if self._fetch_allowed():
+                    raise _FetchDue
+                return key
+            self.refresh_if_due()
             key = self._lookup(kid)
         return key
 
     def readiness(self) -> str:
         """ "ok" while at least one key is trusted (fetching the URL again when it is due)."""
         if self._url and self._is_stale():
-            self._refresh_if_due()
+            self.refresh_if_due()
         if len(self):
             return "ok"
         return f"no keys (JWKS fetch failed: {self.last_error})" if self.last_error else "no keys"
@@ -268,20 +290,33 @@ class TokenVerifier:
         self._verifiers[kid] = (dict(key), verifier)
         return verifier
 
-    def verify(self, token: str) -> VerifiedToken:
+    async def verify_async(self, token: str) -> VerifiedToken:
+        """``verify`` for the event loop: a JWKS fetch that is due runs in a worker thread, so
+        the loop (and every other request of this worker) does not wait on the provider."""
+        try:
+            return self.verify(token, fetch=False)
+        except _FetchDue:
+            await anyio.to_thread.run_sync(self.keys.refresh_if_due)
+        return self.verify(token, fetch=False)
+
+    def verify(self, token: str, *, fetch: bool = True) -> VerifiedToken:
+        """The token's subject and roles once every check passed, or ``InvalidToken``.
+
+        ``fetch=False`` is for ``verify_async``: a due JWKS fetch raises ``_FetchDue`` instead.
+        """
         encoded = token.encode("utf-8", "replace")
         if len(encoded) > MAX_TOKEN_BYTES:
             raise InvalidToken(f"token is larger than {MAX_TOKEN_BYTES} bytes")
         digest = hashlib.sha256(encoded).digest()
         remembered = self._remembered.get(digest)
         if remembered is not None:
-            if self.keys.get(remembered.kid) is remembered.key:
+            if self.keys.get(remembered.kid, fetch=fetch) is remembered.key:
                 if not self._expired(remembered.token.expires_at, now=self._clock()):
                     return remembered.token
                 self._forget(digest)
                 raise InvalidToken("token has expired")
             self._forget(digest)  # the key was rotated or withdrawn: check everything again
-        verified, kid, key = self._verify(token)
+        verified, kid, key = self._verify(token, fetch=fetch)
         with self._remembered_lock:
             if len(self._remembered) >= MAX_REMEMBERED_TOKENS:
                 self._remembered.pop(next(iter(self._remembered)))
@@ -295,7 +330,7 @@ class TokenVerifier:
         with self._remembered_lock:
             self._remembered.pop(digest, None)
 
-    def _verify(self, token: str) -> tuple[VerifiedToken, str, dict[str, Any]]:
+    def _verify(self, token: str, *, fetch: bool) -> tuple[VerifiedToken, str, dict[str, Any]]:
         """Every check on the token itself; returns it with the ``kid`` and pinned key used."""
         try:
             header = jwt.get_unverified_header(token)
@@ -311,7 +346,7 @@ class TokenVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("token header needs a 'kid'")
-        key = self.keys.get(kid)
+        key = self.keys.get(kid, fetch=fetch)
         if key is None:
             raise InvalidToken("token is signed by an unknown key")
         if key.get("kty") != KEY_TYPE_FOR_ALGORITHM[self.algorithm] or key.get("alg") not in (

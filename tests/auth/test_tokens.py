@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -73,9 +74,9 @@ def count_full_checks(verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch) 
     full_checks: list[str] = []
     check = verifier._verify
 
-    def counted(token: str) -> Any:
+    def counted(token: str, **options: Any) -> Any:
         full_checks.append(token)
-        return check(token)
+        return check(token, **options)
 
     monkeypatch.setattr(verifier, "_verify", counted)
     return full_checks
@@ -527,6 +528,48 @@ def test_requests_during_a_slow_refresh_use_the_pinned_keys_instead_of_waiting(
     finally:
         answer.set()
         refresher.join(timeout=10)
+    assert provider.fetched_at == [1000.0, 1300.0]
+
+
+def test_a_due_refresh_runs_off_the_event_loop_while_other_requests_go_on(
+    home_key: bytes,
+) -> None:
+    issuer, other = rs256_issuer(home_key), rs256_issuer(generate_private_pem("RS256"))
+    provider = FakeProvider(issuer.public_jwk)
+    fetching, answer = threading.Event(), threading.Event()
+    loop_waited: list[bool] = []
+
+    def slow_fetch(url: str) -> Mapping[str, Any]:
+        if provider.fetched_at:  # the fetch at start-up answers at once
+            fetching.set()
+            # Only another task on the event loop answers: if the fetch blocked the loop, it
+            # would wait here in vain until the timeout.
+            loop_waited.append(not answer.wait(timeout=5))
+        return provider.fetch(url)
+
+    verifier = rs256_verifier(
+        KeySet(url=provider.url, fetch=slow_fetch, clock=lambda: provider.now)
+    )
+    remembered = issuer.mint(subject="s", roles=[])
+    assert verifier.verify(remembered).subject == "s"
+    provider.keys.append(other.public_jwk)  # the provider adds a key and the keys are stale
+    provider.now += 300
+    verified: list[str] = []
+
+    async def requests() -> None:
+        async def verify(token: str) -> None:
+            verified.append((await verifier.verify_async(token)).subject)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(verify, other.mint(subject="new key", roles=[]))
+            assert await anyio.to_thread.run_sync(fetching.wait, 5)
+            # Meanwhile the loop serves others, on the keys it has, without a second fetch.
+            await verify(remembered)
+            answer.set()
+
+    anyio.run(requests)
+    assert loop_waited == [False]
+    assert verified == ["s", "new key"]
     assert provider.fetched_at == [1000.0, 1300.0]
 
 
