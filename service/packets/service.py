@@ -153,16 +153,41 @@ def note_aad(followup_id: str, packet_id: str) -> dict[str, AadValue]:
 
 def _erase_member_wraps(session: Session, subject_id: int) -> int:
     """Erasure hook: a subject's DEK under any packet key, and the notes about them, go with the
-    subject. Returns the number of DEK wraps removed."""
+    subject. Returns the number of DEK wraps removed.
+
+    First every packet holding the subject is locked, in id order (PostgreSQL): an open, a
+    follow-up, a close or a shred of one of them in progress commits first, with its log entry,
+    and none starts until the erasure has committed. So no open can reveal, or log as revealed,
+    an identity whose erasure was already confirmed.
+    """
     connection = session.connection()
+    packet_ids = list(
+        connection.execute(
+            select(_packets.c.id)
+            .where(
+                _packets.c.id.in_(
+                    select(_members.c.packet_id).where(_members.c.subject_id == subject_id)
+                )
+            )
+            .order_by(_packets.c.id)
+            .with_for_update()
+        ).scalars()
+    )
+    if not packet_ids:
+        return 0
     result = connection.execute(
         update(_members)
         .where(_members.c.subject_id == subject_id, _members.c.wrapped_dek.is_not(None))
         .values(wrapped_dek=None)
     )
+    # Notes about the subject live only in those packets (found through their packet index).
     connection.execute(
         update(_followups)
-        .where(_followups.c.subject_id == subject_id, _followups.c.note_ciphertext.is_not(None))
+        .where(
+            _followups.c.packet_id.in_(packet_ids),
+            _followups.c.subject_id == subject_id,
+            _followups.c.note_ciphertext.is_not(None),
+        )
         .values(note_ciphertext=None)
     )
     session.flush()
@@ -215,11 +240,15 @@ def _professional_public(professional: Professional, load: int) -> ProfessionalP
     )
 
 
-def get_professional(*, session: Session, professional_id: str) -> Professional:
-    professional = session.get(Professional, professional_id)
-    if professional is None:
+def get_professional(*, session: Session, professional_id: str, lock: bool = False) -> Professional:
+    """The professional, with ``lock`` locked until commit (PostgreSQL ``FOR UPDATE``)."""
+    query = select(Professional).where(Professional.id == professional_id)  # type: ignore[arg-type]
+    found: Professional | None = session.execute(
+        query.with_for_update() if lock else query
+    ).scalar_one_or_none()
+    if found is None:
         raise ProfessionalNotFound(f"no professional {professional_id!r}")
-    return professional
+    return found
 
 
 def create_professional(*, session: Session, given: ProfessionalCreate) -> ProfessionalPublic:
@@ -347,6 +376,12 @@ def _member_history(
 
 
 def _team(session: Session) -> list[partitioning.Professional]:
+    """Every professional, locked until commit (in id order), with their open load."""
+    team = (
+        session.execute(select(Professional).order_by(Professional.id).with_for_update())
+        .scalars()
+        .all()
+    )
     loads = open_loads(session=session)
     return [
         partitioning.Professional(
@@ -356,7 +391,7 @@ def _team(session: Session) -> list[partitioning.Professional]:
             open_load=loads.get(p.id, 0),
             active=p.active,
         )
-        for p in session.execute(select(Professional)).scalars()
+        for p in team
     ]
 
 
@@ -387,11 +422,13 @@ def partition_run(
 ) -> PartitionPublic:
     """Split a run's flagged cases into packets, build their keys and assign them (one txn).
 
-    An erasure waits until this commits (the shared ``lock_subject_keys``), so it always sees
-    and removes the packet wraps made here from DEKs read before it.
+    One partitioning at a time, and never beside an erasure (``lock_subject_keys``): a second
+    one sees the first one's packets, and an erasure sees and removes the packet wraps made here
+    from DEKs read before it. The team's rows are locked too, so a reassignment cannot fill a
+    professional meanwhile.
     """
     get_run(session=session, run_id=run_id)
-    lock_subject_keys(session, exclusive=False)
+    lock_subject_keys(session)
     candidates = _candidates(session, run_id)
     in_open, previous = _member_history(session, run_id, {c.subject_id for c in candidates})
     erased = [c for c in candidates if c.wrapped_dek is None]
@@ -602,7 +639,8 @@ def reassign_packet(
         raise PacketNotReassignable(
             f"packet {packet_id} is {packet.status}; only open packets move"
         )
-    target = get_professional(session=session, professional_id=professional_id)
+    # Locked: two reassignments to one professional cannot both fit into the same room.
+    target = get_professional(session=session, professional_id=professional_id, lock=True)
     if not target.active:
         raise PacketNotReassignable(f"professional {professional_id!r} is not active")
     if packet.district not in target.districts:

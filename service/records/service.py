@@ -736,24 +736,25 @@ def _is_integrity_error(exc: Exception) -> bool:
 ErasureHook = Callable[[Session, int], int]
 ERASURE_HOOKS: list[ErasureHook] = []
 
-# pg_advisory_xact_lock key over every copy of the subjects' DEKs: the ASCII of "cp-deks" as an
-# integer, fixed forever. Erasure takes it exclusively; whatever copies a DEK (partitioning wraps
-# it under packet keys) takes it shared, so a copy is never made from a wrap read before an
-# erasure that commits before the copy does.
+# pg_advisory_xact_lock key over who holds copies of the subjects' DEKs: the ASCII of "cp-deks"
+# as an integer, fixed forever. Erasure (which removes copies) and partitioning (which wraps
+# DEKs under new packet keys) take it, so they run one at a time: a copy is never made from a
+# wrap read before an erasure that commits first, and two partitionings never place the same
+# client twice.
 SUBJECT_KEYS_LOCK_KEY = 0x63702D64656B73
 
 
-def lock_subject_keys(session: Session, *, exclusive: bool) -> None:
-    """Hold the subject-keys lock until the transaction ends (PostgreSQL).
+def lock_subject_keys(session: Session) -> None:
+    """Hold the subject-keys lock until the transaction ends, waiting for its holder (PostgreSQL).
 
     SQLite needs nothing here: every transaction begins ``BEGIN IMMEDIATE`` and holds the
     database's single write lock from its first statement (see ``service.db``).
     """
     connection = session.connection()
-    if connection.dialect.name != "postgresql":
-        return
-    function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-    connection.exec_driver_sql(f"SELECT {function}(%(key)s)", {"key": SUBJECT_KEYS_LOCK_KEY})
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(
+            "SELECT pg_advisory_xact_lock(%(key)s)", {"key": SUBJECT_KEYS_LOCK_KEY}
+        )
 
 
 def register_erasure_hook(hook: ErasureHook) -> None:
@@ -787,9 +788,10 @@ def erase_subject(
     """Crypto-shred one subject: its wrapped DEKs (vault and packets) and identity ciphertext.
 
     Pseudonymized events remain. Erasing twice is harmless and logged again. Waits for a
-    partitioning in progress (``lock_subject_keys``), whose new packet wraps it then removes.
+    partitioning in progress (``lock_subject_keys``), whose new packet wraps it then removes, and
+    (in the packets' hook) for every request holding one of the subject's packets.
     """
-    lock_subject_keys(session, exclusive=True)
+    lock_subject_keys(session)
     subject = get_subject(session=session, pseudonym=pseudonym)
     already = subject.erased_at is not None
     erased_at = subject.erased_at or datetime.now(UTC)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from fastapi.testclient import TestClient
@@ -435,41 +436,77 @@ def test_the_service_shreds_due_packets_periodically(
     assert [e["actor"] for e in log_entries(session, "packet.shred")] == ["system:shredder"]
 
 
+class Answer(Protocol):
+    status_code: int
+
+
+Request = Callable[[], Answer]
+
+
 class Interleaving:
-    """Runs one request in a thread, stops it at a chosen point in its transaction, lets an
-    erasure run meanwhile (in another thread: it may block), and then lets the first go on."""
+    """Runs one request in a thread, stops it at a chosen point in its transaction, starts a
+    second request meanwhile (in another thread: it may block), then lets the first go on."""
 
-    # Long enough for an erasure that does not wait to commit; short of the SQLite bound (2 s),
-    # where every erasure waits for the paused transaction's write lock.
-    ERASURE_HEAD_START = 0.5
+    # Long enough for a second request that does not wait to commit; short of the SQLite bound
+    # (2 s), where every second request waits for the paused transaction's write lock.
+    HEAD_START = 0.5
 
-    def __init__(self, client: TestClient, token: TokenFactory) -> None:
-        self.client = client
-        self.admin = bearer(token("admin-001", "admin"))
+    def __init__(self) -> None:
         self.paused = threading.Event()
         self.go_on = threading.Event()
-        self.statuses: dict[str, int] = {}
 
     def pause(self) -> None:
-        """Call at the point to stop at (from a patched function of the first request)."""
+        """Call at the point to stop at, from a function patched for the first request; the
+        second request passes the same point without stopping."""
+        if self.paused.is_set():
+            return
         self.paused.set()
         assert self.go_on.wait(10), "the test never let the paused request go on"
 
-    def run(self, first: Callable[[], int], pseudonym: str) -> None:
-        def erase() -> None:
-            url = f"/v1/subjects/{pseudonym}/erase"
-            self.statuses["erase"] = self.client.post(url, headers=self.admin).status_code
-
-        requests = [threading.Thread(target=lambda: self.statuses.update(first=first()))]
+    def run(self, first: Request, second: Request) -> tuple[int, int]:
+        """The two requests' statuses."""
+        statuses: dict[str, int] = {}
+        requests = [
+            threading.Thread(target=lambda: statuses.update(first=first().status_code)),
+            threading.Thread(target=lambda: statuses.update(second=second().status_code)),
+        ]
         requests[0].start()
         assert self.paused.wait(10), "the first request never reached its pause"
-        requests.append(threading.Thread(target=erase))
         requests[1].start()
-        requests[1].join(self.ERASURE_HEAD_START)
+        requests[1].join(self.HEAD_START)
         self.go_on.set()
         for thread in requests:
             thread.join(20)
-        assert self.statuses == {"first": self.statuses["first"], "erase": 200}
+        return statuses["first"], statuses["second"]
+
+
+def erasure(client: TestClient, token: TokenFactory, pseudonym: str) -> Request:
+    admin = bearer(token("admin-001", "admin"))
+    return lambda: client.post(f"/v1/subjects/{pseudonym}/erase", headers=admin)
+
+
+def partitioning(client: TestClient, token: TokenFactory, run_id: str) -> Request:
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    return lambda: client.post(
+        "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
+    )
+
+
+def stop_after(monkeypatch: pytest.MonkeyPatch, name: str, interleaving: Interleaving) -> None:
+    """Patch ``service.packets.service.<name>`` to stop the first request right after it."""
+    original = getattr(packets_service, name)
+
+    def then_pause(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        interleaving.pause()
+        return result
+
+    monkeypatch.setattr(packets_service, name, then_pause)
+
+
+def close(client: TestClient, token: TokenFactory, packet: dict[str, Any]) -> None:
+    owner = bearer(token(packet["professional_id"], "professional"))
+    assert client.post(f"/v1/packets/{packet['id']}/close", headers=owner).status_code == 200
 
 
 def test_an_erasure_during_partitioning_removes_the_new_packet_wraps(
@@ -477,31 +514,17 @@ def test_an_erasure_during_partitioning_removes_the_new_packet_wraps(
 ) -> None:
     world = world_of(client, token)
     closed = world.packet(OWNER, "Charlois")
-    assert (
-        client.post(
-            f"/v1/packets/{closed['id']}/close", headers=bearer(token(OWNER, "professional"))
-        ).status_code
-        == 200
-    )
+    close(client, token, closed)
     erased = closed["pseudonyms"][0]
-    interleaving = Interleaving(client, token)
-    read_candidates = packets_service._candidates
+    interleaving = Interleaving()
+    # stopped once every candidate's vault wrap is read
+    stop_after(monkeypatch, "_candidates", interleaving)
 
-    def candidates_then_pause(*args: Any, **kwargs: Any) -> Any:
-        found = read_candidates(*args, **kwargs)  # every candidate's vault wrap, read here
-        interleaving.pause()
-        return found
+    statuses = interleaving.run(
+        partitioning(client, token, world.run_id), erasure(client, token, erased)
+    )
 
-    monkeypatch.setattr(packets_service, "_candidates", candidates_then_pause)
-
-    def partition() -> int:
-        coordinator = bearer(token(COORDINATOR, "coordinator"))
-        body = {"run_id": world.run_id}
-        return client.post("/v1/packets/partition", json=body, headers=coordinator).status_code
-
-    interleaving.run(partition, erased)
-
-    assert interleaving.statuses["first"] == 201
+    assert statuses == (201, 200)
     wraps = session.execute(
         select(MEMBERS.c.packet_id, MEMBERS.c.wrapped_dek).where(MEMBERS.c.pseudonym == erased)
     ).all()
@@ -517,7 +540,7 @@ def test_an_erasure_during_a_followup_removes_its_note(
     world = world_of(client, token)
     packet = world.packet(OWNER, "Charlois")
     erased = packet["pseudonyms"][0]
-    interleaving = Interleaving(client, token)
+    interleaving = Interleaving()
     log_packet = packets_service._log_packet
 
     def pause_then_log(*args: Any, **kwargs: Any) -> None:
@@ -527,16 +550,14 @@ def test_an_erasure_during_a_followup_removes_its_note(
 
     monkeypatch.setattr(packets_service, "_log_packet", pause_then_log)
 
-    def followup() -> int:
+    def followup() -> Answer:
         return client.post(
             f"/v1/packets/{packet['id']}/clients/{erased}/followups",
             json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
             headers=bearer(token(OWNER, "professional")),
-        ).status_code
+        )
 
-    interleaving.run(followup, erased)
-
-    assert interleaving.statuses["first"] == 201
+    assert interleaving.run(followup, erasure(client, token, erased)) == (201, 200)
     notes = session.execute(
         select(FOLLOWUPS.c.outcome_code, FOLLOWUPS.c.note_ciphertext).where(
             FOLLOWUPS.c.pseudonym == erased
@@ -544,3 +565,95 @@ def test_an_erasure_during_a_followup_removes_its_note(
     ).all()
     session.rollback()
     assert [tuple(note) for note in notes] == [("reached", None)]
+
+
+def test_an_erasure_during_an_open_waits_so_the_log_shows_the_open_first(
+    client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    erased = packet["pseudonyms"][0]
+    interleaving = Interleaving()
+    # stopped once the members' wraps and identity ciphertexts are read, before the log entry
+    stop_after(monkeypatch, "_followups_by_pseudonym", interleaving)
+
+    def open_() -> Answer:
+        owner = bearer(token(OWNER, "professional"))
+        return client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+
+    assert interleaving.run(open_, erasure(client, token, erased)) == (200, 200)
+    entries = [
+        (e["action"], e["pseudonyms"])
+        for e in log_entries(session)
+        if e["action"] in ("packet.open", "subject.erase")
+    ]
+    # The open came first and revealed the subject while it still existed; the erasure waited
+    # for it. Never an erasure confirmed first and the erased identity revealed after it.
+    assert entries == [("packet.open", sorted(packet["pseudonyms"])), ("subject.erase", [erased])]
+    assert (
+        client.get(
+            f"/v1/packets/{packet['id']}/clients", headers=bearer(token(OWNER, "professional"))
+        ).json()["clients"][0]["identity"]
+        is None
+    )
+
+
+def test_two_partitionings_at_once_place_each_client_once(
+    client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = world_of(client, token)
+    closed = world.packet(OWNER, "Charlois")
+    close(client, token, closed)
+    interleaving = Interleaving()
+    # stopped once the candidates, who is in an open packet and the team's loads are read
+    stop_after(monkeypatch, "_team", interleaving)
+
+    statuses = interleaving.run(
+        partitioning(client, token, world.run_id), partitioning(client, token, world.run_id)
+    )
+
+    assert statuses == (201, 201)
+    in_open_packets = Counter(
+        session.execute(
+            select(MEMBERS.c.pseudonym)
+            .select_from(MEMBERS.join(PACKETS, PACKETS.c.id == MEMBERS.c.packet_id))
+            .where(PACKETS.c.status.in_(["assigned", "opened"]))
+        ).scalars()
+    )
+    session.rollback()
+    assert set(in_open_packets) == set(world.people)
+    assert set(in_open_packets.values()) == {1}
+    assert len(log_entries(session, "packet.build")) == len(world.packets) + 1
+
+
+def test_two_reassignments_at_once_never_fill_a_professional_beyond_capacity(
+    client: TestClient, token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = world_of(client, token)  # packets of three clients
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    newcomer = {
+        "id": "prof-003",
+        "display_name": "Caseworker prof-003",
+        "team": "Zuid-1",
+        "districts": ["Charlois", "Feijenoord"],
+        "capacity": 5,  # room for one packet, not two
+    }
+    assert client.post("/v1/professionals", json=newcomer, headers=coordinator).status_code == 201
+    interleaving = Interleaving()
+    # stopped once the newcomer's load is read and found to leave room
+    stop_after(monkeypatch, "open_loads", interleaving)
+
+    def reassign(packet: dict[str, Any]) -> Request:
+        return lambda: client.post(
+            f"/v1/packets/{packet['id']}/reassign",
+            json={"professional_id": "prof-003"},
+            headers=coordinator,
+        )
+
+    statuses = interleaving.run(
+        reassign(world.packet(OWNER, "Charlois")), reassign(world.packet(OTHER, "Feijenoord"))
+    )
+
+    assert statuses == (200, 409)
+    listed = client.get("/v1/professionals", headers=coordinator).json()["items"]
+    assert {p["id"]: p["open_load"] for p in listed}["prof-003"] == 3
