@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from service.config import PROJECT_ROOT, Settings, normalize_database_url
+from service.crypto import keyring as keyring_module
 from service.db import Database, migrate
 from service.main import create_app
 
@@ -223,6 +224,19 @@ def token(app: FastAPI) -> TokenFactory:
         return minted
 
     return mint
+
+
+@pytest.fixture
+def rotations_settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older key version may be retired right after a rotation (in production the keyring
+    waits ``ROTATION_SETTLE_SECONDS`` for running workers to finish work under it)."""
+    monkeypatch.setattr(keyring_module, "ROTATION_SETTLE_SECONDS", 0)
+
+
+@pytest.fixture
+def keyring_followed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded keyring looks at its file on every use (in production: once a second)."""
+    monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 0.0)
 
 
 def bearer(token: str) -> dict[str, str]:

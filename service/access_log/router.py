@@ -32,7 +32,18 @@ NDJSON = "application/x-ndjson"
 
 
 def get_signer(request: Request) -> NoteSigner:
-    signer: NoteSigner | None = getattr(request.app.state, "log_signer", None)
+    """The checkpoint signer, under the keyring's current ``log_signing`` version (a rotation by
+    ``casepackets keys rotate`` is followed without a restart)."""
+    state = request.app.state
+    keyring: KeyProvider | None = getattr(state, "keyring", None)
+    if keyring is not None:
+        current = keyring.current("log_signing")
+        if getattr(state, "log_signer_version", None) != current.version:
+            state.log_signer = NoteSigner(
+                name=state.settings.checkpoint_origin, seed=current.material
+            )
+            state.log_signer_version = current.version
+    signer: NoteSigner | None = getattr(state, "log_signer", None)
     if signer is None:
         raise Unavailable("the log signing key is not loaded")
     return signer
@@ -155,6 +166,7 @@ def install(app: FastAPI) -> None:
     keyring: KeyProvider | None = getattr(app.state, "keyring", None)
     if getattr(app.state, "log_signer", None) is None and keyring is not None:
         app.state.log_signer = NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
+        app.state.log_signer_version = keyring.current("log_signing").version
     app.state.readiness_checks["access_log"] = _readiness(app)
     app.include_router(router)
 

@@ -6,8 +6,12 @@ Invariants:
   a half-written keyring;
 - every purpose has at least one version; ``current`` is the newest active version and is the only
   one that encrypts, wraps or pseudonymizes new data; older versions only decrypt until retired;
-- a retired version's key material is destroyed; retiring the current version is refused (the
-  caller, ``casepackets keys retire``, additionally refuses while any row still depends on it);
+- a retired version's key material is destroyed; retiring the current version is refused, and so
+  is retiring while the current version is younger than ``ROTATION_SETTLE_SECONDS`` (the caller,
+  ``casepackets keys retire``, additionally refuses while any row still depends on it);
+- a loaded keyring follows its file: at most ``RELOAD_CHECK_SECONDS`` after a rotation or
+  retirement by another process (``casepackets keys``), every running worker encrypts under the
+  new version and no longer holds the retired one;
 - key material never appears in a repr, a log line or an exception message.
 
 ``KeyProvider`` is the boundary the rest of the service depends on, so an HSM (PKCS#11) can replace
@@ -18,10 +22,13 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import stat
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -34,6 +41,14 @@ Purpose = Literal["pseudonym", "vault", "packet", "log_signing"]
 PURPOSES: tuple[Purpose, ...] = get_args(Purpose)
 KEY_BYTES = 32
 FILE_FORMAT = "casepackets-keyring/1"
+# How often a loaded keyring looks at its file (one stat) for a change made by another process.
+RELOAD_CHECK_SECONDS = 1.0
+# How long a new current version must have existed before an older one may be retired: workers
+# see a rotation within RELOAD_CHECK_SECONDS, but a transaction they began before it may still
+# write under the old version. Rows that did are found by the dependents check before retiring.
+ROTATION_SETTLE_SECONDS = 300
+
+log = logging.getLogger(__name__)
 
 
 class KeyringError(Exception):
@@ -133,13 +148,20 @@ def _read_private(path: Path) -> bytes:
 
 
 class Keyring:
-    """A ``KeyProvider`` backed by a JSON file (mode 0600) holding every version of every key."""
+    """A ``KeyProvider`` backed by a JSON file (mode 0600) holding every version of every key.
+
+    It follows the file: once ``RELOAD_CHECK_SECONDS`` have passed since it last looked, the next
+    use compares the file's identity (inode, size, modification time) and reads it again when it
+    changed. A file that cannot be read then is reported (never its content) and the keys held
+    stay in use until it can be.
+    """
 
     def __init__(self, path: Path, document: dict[str, Any]) -> None:
         self.path = path
-        self._document = document
-        self._keys: dict[tuple[Purpose, int], Key] = {}
-        self._parse()
+        self._document, self._keys = _parse(path, document)
+        self._file_id = _file_id(path)
+        self._checked_at = time.monotonic()
+        self._reload_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Keyring(path={str(self.path)!r}, keys=***)"
@@ -197,36 +219,44 @@ class Keyring:
                 pass  # another process created it first
         return cls.load(path)
 
-    def _parse(self) -> None:
-        purposes = self._document.get("purposes")
-        if not isinstance(purposes, dict):
-            raise KeyringError(f"{self.path}: 'purposes' is missing")
-        for purpose in PURPOSES:
-            entry = purposes.get(purpose)
-            if not isinstance(entry, dict) or not isinstance(entry.get("versions"), dict):
-                raise KeyringError(f"{self.path}: purpose {purpose!r} is missing")
-            for version_text, version in entry["versions"].items():
-                if version.get("retired_at"):
-                    continue
-                try:
-                    material = base64.b64decode(version["material"], validate=True)
-                except (KeyError, ValueError):
-                    raise KeyringError(
-                        f"{self.path}: {purpose} v{version_text} has no valid key material"
-                    ) from None
-                if len(material) != KEY_BYTES:
-                    raise KeyringError(f"{self.path}: {purpose} v{version_text} is not 32 bytes")
-                self._keys[(purpose, int(version_text))] = Key(purpose, int(version_text), material)
-            if (purpose, int(entry["current"])) not in self._keys:
-                raise KeyringError(f"{self.path}: current version of {purpose!r} is unusable")
+    def _follow_file(self) -> None:
+        """Read the file again if another process changed it (looked at once per interval)."""
+        now = time.monotonic()
+        if now - self._checked_at < RELOAD_CHECK_SECONDS or not self._reload_lock.acquire(
+            blocking=False
+        ):
+            return
+        try:
+            self._checked_at = now
+            file_id = _file_id(self.path)
+            if file_id == self._file_id:
+                return
+            try:
+                document = json.loads(_read_private(self.path))
+                parsed = _parse(self.path, document)
+            except (KeyringError, OSError, ValueError) as exc:
+                log.warning(
+                    "keyring %s changed but cannot be read (%s); keeping the keys held",
+                    self.path,
+                    type(exc).__name__,
+                )
+                return
+            self._document, self._keys = parsed
+            self._file_id = file_id
+            log.info("keyring %s changed; reloaded", self.path)
+        finally:
+            self._reload_lock.release()
 
     # -- KeyProvider ----------------------------------------------------------------------------
 
     def current(self, purpose: Purpose) -> Key:
         purpose = check_purpose(purpose)
-        return self._keys[(purpose, int(self._document["purposes"][purpose]["current"]))]
+        self._follow_file()
+        document, keys = self._document, self._keys
+        return keys[(purpose, int(document["purposes"][purpose]["current"]))]
 
     def get(self, purpose: Purpose, version: int) -> Key:
+        self._follow_file()
         try:
             return self._keys[(check_purpose(purpose), version)]
         except KeyError:
@@ -235,6 +265,7 @@ class Keyring:
     def active(self, purpose: Purpose) -> list[Key]:
         """Every version that can still decrypt, newest first."""
         purpose = check_purpose(purpose)
+        self._follow_file()
         return sorted(
             (key for (p, _v), key in self._keys.items() if p == purpose),
             key=lambda key: key.version,
@@ -243,6 +274,7 @@ class Keyring:
 
     def versions(self, purpose: Purpose) -> list[KeyVersionInfo]:
         purpose = check_purpose(purpose)
+        self._follow_file()
         entry = self._document["purposes"][purpose]
         return [
             KeyVersionInfo(
@@ -275,6 +307,13 @@ class Keyring:
         entry = self._document["purposes"][purpose]
         if int(entry["current"]) == version:
             raise KeyringError(f"{purpose} v{version} is current; rotate before retiring it")
+        age = _age_seconds(entry["versions"][str(entry["current"])].get("created_at"))
+        if age < ROTATION_SETTLE_SECONDS:
+            raise KeyringError(
+                f"{purpose} v{entry['current']} became current {int(age)} s ago; running workers "
+                f"may still be finishing work under older versions. Retire no sooner than "
+                f"{ROTATION_SETTLE_SECONDS} s after the rotation, after `casepackets keys rewrap`"
+            )
         found = entry["versions"].get(str(version))
         if found is None or found.get("retired_at"):
             raise UnknownKey(f"no active {purpose} key version {version}")
@@ -286,8 +325,55 @@ class Keyring:
 
     def _save(self) -> None:
         _write_atomically(self.path, _dump(self._document))
-        self._keys.clear()
-        self._parse()
+        self._document, self._keys = _parse(self.path, self._document)
+        self._file_id = _file_id(self.path)
+
+
+def _age_seconds(created_at: Any) -> float:
+    """Seconds since a version's ``created_at``; a version without one counts as old."""
+    try:
+        created = datetime.fromisoformat(str(created_at))
+    except ValueError:
+        return float("inf")
+    return (datetime.now(UTC) - created).total_seconds()
+
+
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    """What tells a rewritten keyring file from the one read (None: there is none now)."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
+def _parse(
+    path: Path, document: dict[str, Any]
+) -> tuple[dict[str, Any], dict[tuple[Purpose, int], Key]]:
+    """The document with its usable keys, checked; ``KeyringError`` names what is wrong."""
+    purposes = document.get("purposes")
+    if not isinstance(purposes, dict):
+        raise KeyringError(f"{path}: 'purposes' is missing")
+    keys: dict[tuple[Purpose, int], Key] = {}
+    for purpose in PURPOSES:
+        entry = purposes.get(purpose)
+        if not isinstance(entry, dict) or not isinstance(entry.get("versions"), dict):
+            raise KeyringError(f"{path}: purpose {purpose!r} is missing")
+        for version_text, version in entry["versions"].items():
+            if version.get("retired_at"):
+                continue
+            try:
+                material = base64.b64decode(version["material"], validate=True)
+            except (KeyError, ValueError):
+                raise KeyringError(
+                    f"{path}: {purpose} v{version_text} has no valid key material"
+                ) from None
+            if len(material) != KEY_BYTES:
+                raise KeyringError(f"{path}: {purpose} v{version_text} is not 32 bytes")
+            keys[(purpose, int(version_text))] = Key(purpose, int(version_text), material)
+        if (purpose, int(entry["current"])) not in keys:
+            raise KeyringError(f"{path}: current version of {purpose!r} is unusable")
+    return document, keys
 
 
 def _new_material() -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from service.crypto import keyring as keyring_module
 from service.crypto.keyring import (
     PURPOSES,
     Keyring,
@@ -58,7 +59,9 @@ def test_rotate_adds_a_current_version_and_keeps_the_old_one(tmp_path: Path) -> 
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
-def test_retire_destroys_material_but_not_the_current_version(tmp_path: Path) -> None:
+def test_retire_destroys_material_but_not_the_current_version(
+    tmp_path: Path, rotations_settled: None
+) -> None:
     path = tmp_path / "k.json"
     keyring = Keyring.init(path)
     old_material = keyring.current("packet").material.hex()
@@ -70,6 +73,56 @@ def test_retire_destroys_material_but_not_the_current_version(tmp_path: Path) ->
         Keyring.load(path).get("packet", 1)
     assert old_material not in path.read_text()
     assert json.loads(path.read_text())["purposes"]["packet"]["versions"]["1"]["retired_at"]
+
+
+def test_retiring_soon_after_a_rotation_is_refused_and_destroys_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    keyring = Keyring.init(path)
+    old_material = keyring.current("vault").material
+    keyring.rotate("vault")
+    with pytest.raises(KeyringError, match=r"vault v2 became current 0 s ago"):
+        keyring.retire("vault", 1)
+    assert Keyring.load(path).get("vault", 1).material == old_material
+    # a rotation long past (its file says so) no longer holds retirement back
+    document = json.loads(path.read_text())
+    document["purposes"]["vault"]["versions"]["2"]["created_at"] = "2026-01-01T00:00:00+00:00"
+    path.write_text(json.dumps(document))
+    Keyring.load(path).retire("vault", 1)
+    with pytest.raises(UnknownKey):
+        Keyring.load(path).get("vault", 1)
+
+
+def test_a_loaded_keyring_follows_changes_made_by_another_process(
+    tmp_path: Path, rotations_settled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "k.json"
+    worker = Keyring.init(path)  # what a running service holds
+    command = Keyring.load(path)  # what `casepackets keys ...` loads
+    command.rotate("vault")
+    # Within the check interval the worker does not even look at the file.
+    assert worker.current("vault").version == 1
+    monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 0.0)
+    assert worker.current("vault").version == 2
+    assert worker.current("vault").material == command.current("vault").material
+    command.retire("vault", 1)
+    with pytest.raises(UnknownKey):
+        worker.get("vault", 1)
+    assert [k.version for k in worker.active("vault")] == [2]
+
+
+def test_a_changed_keyring_that_cannot_be_read_keeps_the_keys_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "k.json"
+    worker = Keyring.init(path)
+    held = worker.current("packet").material
+    monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 0.0)
+    path.write_text('{"format": "casepackets-keyring/1", "purposes": "half-written"}')
+    with caplog.at_level("WARNING"):
+        assert worker.current("packet").material == held
+    assert "cannot be read (KeyringError); keeping the keys held" in caplog.text
+    assert "half-written" not in caplog.text
+    assert held.hex() not in caplog.text
 
 
 def test_unknown_purpose_is_refused(tmp_path: Path) -> None:

@@ -15,9 +15,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from service.access_log.checkpoint import parse_checkpoint
 from service.cli import app as cli
 from service.config import Settings, get_settings
+from service.crypto import keyring as keyring_module
 from service.crypto.keyring import Keyring, UnknownKey
+from service.crypto.signing import NoteError, VerifierKey, open_note
 from service.db import Database
 from service.records.service import WRAPPED_KEY_COLUMNS, pending_rewraps, rewrap_chunk
 from tests.conftest import TokenFactory, bearer
@@ -81,7 +84,10 @@ def test_packet_kek_rotation_rewrap_then_retire(
     database: Database,
     keyring_path: Path,
     keys_cli: CliRunner,
+    keyring_followed_at_once: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The running app follows the commands' changes to the keyring file, without a restart."""
     world = build_world(
         client,
         token,
@@ -98,7 +104,7 @@ def test_packet_kek_rotation_rewrap_then_retire(
 
     rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "packet"])
     assert rotated.exit_code == 0, rotated.output
-    app.state.keyring = Keyring.load(keyring_path)
+    assert app.state.keyring.current("packet").version == 2
 
     # Before the rewrap every packet still needs v1: retiring it is refused, nothing destroyed.
     refused = keys_cli.invoke(cli, ["keys", "retire", "--purpose", "packet", "--version", "1"])
@@ -113,9 +119,13 @@ def test_packet_kek_rotation_rewrap_then_retire(
     assert sorted(after) == sorted(packets.values())
     assert all(w.startswith("v1.2.") for w in after.values())
 
+    # Right after the rotation, work a worker began under v1 may still be committing.
+    early = keys_cli.invoke(cli, ["keys", "retire", "--purpose", "packet", "--version", "1"])
+    assert early.exit_code == 1, early.output
+    assert "became current 0 s ago" in said(early.output)
+    monkeypatch.setattr(keyring_module, "ROTATION_SETTLE_SECONDS", 0)  # as if 5 minutes later
     retired = keys_cli.invoke(cli, ["keys", "retire", "--purpose", "packet", "--version", "1"])
     assert retired.exit_code == 0, retired.output
-    app.state.keyring = Keyring.load(keyring_path)
     with pytest.raises(UnknownKey):
         app.state.keyring.get("packet", 1)
 
@@ -171,3 +181,18 @@ def test_rewrap_pages_by_uuid_and_resumes(
         assert family_names(client, token, packet_id, OWNER) == expected_names(
             world, OWNER, district
         )
+
+
+def test_checkpoints_are_signed_under_a_rotated_log_signing_key_without_a_restart(
+    client: TestClient, token: TokenFactory, keys_cli: CliRunner, keyring_followed_at_once: None
+) -> None:
+    auditor = bearer(token("auditor-001", "auditor"))
+    before = VerifierKey.parse(client.get("/v1/audit/public-key", headers=auditor).text)
+    rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    assert rotated.exit_code == 0, rotated.output
+    after = VerifierKey.parse(client.get("/v1/audit/public-key", headers=auditor).text)
+    assert after.key_id != before.key_id
+    checkpoint = client.get("/v1/audit/checkpoint", headers=auditor).text
+    assert parse_checkpoint(open_note(checkpoint, after)).size > 0
+    with pytest.raises(NoteError):
+        open_note(checkpoint, before)

@@ -75,7 +75,7 @@ def line(index: int, event: int, **changes: str) -> dict[str, str]:
     return row
 
 
-def test_keys_init_rotate_and_refused_retire(cli_env: Settings) -> None:
+def test_keys_init_rotate_and_refused_retire(cli_env: Settings, rotations_settled: None) -> None:
     assert run("keys", "init")[0] == 0
     assert run("keys", "init")[0] == 1
     assert run("migrate")[0] == 0

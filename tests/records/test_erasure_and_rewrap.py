@@ -119,6 +119,7 @@ def test_rewrap_moves_every_wrap_and_unblocks_retirement(
     source_headers: dict[str, str],
     admin_headers: dict[str, str],
     make: Make,
+    rotations_settled: None,
 ) -> None:
     pseudonyms = ingest(client, source_headers, [make(i) for i in range(7)])
     client.post(f"/v1/subjects/{pseudonyms[3]}/erase", headers=admin_headers)
