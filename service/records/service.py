@@ -642,6 +642,9 @@ def ingest_batch(
                 [(i, *r, stamp, stamp) for i, r in zip(ids, new_rows, strict=True)],
             )
         if changed_rows:
+            # In id order, so two batches updating the same subjects lock them in the same order
+            # (PostgreSQL) instead of deadlocking.
+            changed_rows.sort(key=lambda row: int(row["_id"]))
             connection.execute(
                 update(SUBJECTS)
                 .where(SUBJECTS.c.id == bindparam("_id"), SUBJECTS.c.erased_at.is_(None))
@@ -968,7 +971,8 @@ def rewrap_chunk(
 
     Keyset pagination on the table's primary key, whatever its type (an int id, a UUID string).
     Only the wrapped keys are unwrapped and re-wrapped; no identity is decrypted. Returns
-    ``(last key seen, rows rewrapped)``; the last key is ``after_id`` when nothing was left.
+    ``(last key seen, rows rewrapped)``, counting only the rows actually written; the last key
+    is ``after_id`` when nothing was left.
     Resumable: rows already under the current version are skipped, and a row whose wrap changed
     since it was read (shredded, erased, rewrapped by another run) is left alone.
     """
@@ -997,12 +1001,13 @@ def rewrap_chunk(
         for row in rows
         if token_version(row[wrapped.column]) != current
     ]
+    moved = 0
     if updates:
-        connection.execute(
+        moved = connection.execute(
             update(table)
             .where(key == bindparam("_key"), column == bindparam("_old"))
             .values({wrapped.column: bindparam("_wrapped")}),
             updates,
-        )
+        ).rowcount
     last: RowKey = rows[-1][key.name]
-    return last, len(updates)
+    return last, int(moved)

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from sqlmodel import Session
 
+from service.crypto import envelope
 from service.crypto.envelope import DecryptionFailed
 from service.crypto.keyring import Keyring, UnknownKey
 from service.db import Database
+from service.records import service as records_service
 from service.records.service import (
+    SUBJECTS,
     WRAPPED_KEY_COLUMNS,
     SubjectErased,
     count_key_dependents,
@@ -166,3 +171,36 @@ def test_a_wrapped_dek_moved_to_another_subject_does_not_open(
     with pytest.raises(DecryptionFailed):
         subject_dek(keyring=own_keyring, subject=victim)
     session.rollback()
+
+
+def test_rewrap_counts_only_the_wraps_it_wrote(
+    client: TestClient,
+    database: Database,
+    own_keyring: Keyring,
+    source_headers: dict[str, str],
+    make: Make,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wrap erased between rewrap's read and its write is left alone and not counted."""
+    pseudonyms = ingest(client, source_headers, [make(i) for i in range(3)])
+    own_keyring.rotate("vault")
+    vault = next(c for c in WRAPPED_KEY_COLUMNS if c.purpose == "vault")
+    rewrap = envelope.rewrap_key
+
+    with database.transaction() as tx:
+
+        def rewrap_while_one_is_erased(*args: Any, **kwargs: Any) -> str:
+            # As an erasure between the read and the write (here in the same transaction: on
+            # SQLite no other one could write meanwhile).
+            tx.connection().execute(
+                update(SUBJECTS)
+                .where(SUBJECTS.c.pseudonym == pseudonyms[1])
+                .values(wrapped_dek=None)
+            )
+            return rewrap(*args, **kwargs)
+
+        monkeypatch.setattr(records_service, "rewrap_key", rewrap_while_one_is_erased)
+        _, moved = rewrap_chunk(session=tx, keyring=own_keyring, wrapped=vault, limit=10)
+    assert moved == 2
+    with database.transaction() as tx:
+        assert pending_rewraps(session=tx, keyring=own_keyring, wrapped=vault) == 0
