@@ -504,17 +504,28 @@ def stop_after(monkeypatch: pytest.MonkeyPatch, name: str, interleaving: Interle
     monkeypatch.setattr(packets_service, name, then_pause)
 
 
-def close(client: TestClient, token: TokenFactory, packet: dict[str, Any]) -> None:
-    owner = bearer(token(packet["professional_id"], "professional"))
-    assert client.post(f"/v1/packets/{packet['id']}/close", headers=owner).status_code == 200
+def world_with_a_closed_packet(
+    client: TestClient, token: TokenFactory
+) -> tuple[World, dict[str, Any]]:
+    """A fresh world whose owner has closed the Charlois packet: its clients are candidates for
+    the next partitioning again."""
+    world = world_of(client, token)
+    closed = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    assert client.post(f"/v1/packets/{closed['id']}/close", headers=owner).status_code == 200
+    return world, closed
+
+
+def owners_first_client(client: TestClient, token: TokenFactory) -> tuple[dict[str, Any], str]:
+    """A fresh world's packet of the owner in Charlois, and the pseudonym of its first client."""
+    packet = world_of(client, token).packet(OWNER, "Charlois")
+    return packet, packet["pseudonyms"][0]
 
 
 def test_an_erasure_during_partitioning_removes_the_new_packet_wraps(
     client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    world = world_of(client, token)
-    closed = world.packet(OWNER, "Charlois")
-    close(client, token, closed)
+    world, closed = world_with_a_closed_packet(client, token)
     erased = closed["pseudonyms"][0]
     interleaving = Interleaving()
     # stopped once every candidate's vault wrap is read
@@ -537,9 +548,7 @@ def test_an_erasure_during_partitioning_removes_the_new_packet_wraps(
 def test_an_erasure_during_a_followup_removes_its_note(
     client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    world = world_of(client, token)
-    packet = world.packet(OWNER, "Charlois")
-    erased = packet["pseudonyms"][0]
+    packet, erased = owners_first_client(client, token)
     interleaving = Interleaving()
     log_packet = packets_service._log_packet
 
@@ -570,9 +579,7 @@ def test_an_erasure_during_a_followup_removes_its_note(
 def test_an_erasure_during_an_open_waits_so_the_log_shows_the_open_first(
     client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    world = world_of(client, token)
-    packet = world.packet(OWNER, "Charlois")
-    erased = packet["pseudonyms"][0]
+    packet, erased = owners_first_client(client, token)
     interleaving = Interleaving()
     # stopped once the members' wraps and identity ciphertexts are read, before the log entry
     stop_after(monkeypatch, "_followups_by_pseudonym", interleaving)
@@ -601,9 +608,7 @@ def test_an_erasure_during_an_open_waits_so_the_log_shows_the_open_first(
 def test_two_partitionings_at_once_place_each_client_once(
     client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    world = world_of(client, token)
-    closed = world.packet(OWNER, "Charlois")
-    close(client, token, closed)
+    world, _closed = world_with_a_closed_packet(client, token)
     interleaving = Interleaving()
     # stopped once the candidates, who is in an open packet and the team's loads are read
     stop_after(monkeypatch, "_team", interleaving)
