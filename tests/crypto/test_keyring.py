@@ -80,7 +80,7 @@ def test_retiring_soon_after_a_rotation_is_refused_and_destroys_nothing(tmp_path
     keyring = Keyring.init(path)
     old_material = keyring.current("vault").material
     keyring.rotate("vault")
-    with pytest.raises(KeyringError, match=r"vault v2 became current 0 s ago"):
+    with pytest.raises(KeyringError, match=r"vault v2 became current \d+ s ago"):
         keyring.retire("vault", 1)
     assert Keyring.load(path).get("vault", 1).material == old_material
     # a rotation long past (its file says so) no longer holds retirement back
@@ -96,6 +96,7 @@ def test_a_loaded_keyring_follows_changes_made_by_another_process(
     tmp_path: Path, rotations_settled: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "k.json"
+    monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 3600.0)
     worker = Keyring.init(path)  # what a running service holds
     command = Keyring.load(path)  # what `casepackets keys ...` loads
     command.rotate("vault")

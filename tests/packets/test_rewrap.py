@@ -6,6 +6,7 @@ its own keyring file, and the owner's ``GET /v1/packets/{id}/clients``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def test_packet_kek_rotation_rewrap_then_retire(
     # Right after the rotation, work a worker began under v1 may still be committing.
     early = keys_cli.invoke(cli, ["keys", "retire", "--purpose", "packet", "--version", "1"])
     assert early.exit_code == 1, early.output
-    assert "became current 0 s ago" in said(early.output)
+    assert re.search(r"packet v2 became current \d+ s ago", said(early.output))
     monkeypatch.setattr(keyring_module, "ROTATION_SETTLE_SECONDS", 0)  # as if 5 minutes later
     retired = keys_cli.invoke(cli, ["keys", "retire", "--purpose", "packet", "--version", "1"])
     assert retired.exit_code == 0, retired.output
