@@ -158,7 +158,8 @@ class Keyring:
 
     def __init__(self, path: Path, document: dict[str, Any]) -> None:
         self.path = path
-        self._document, self._keys = _parse(path, document)
+        # The document and its keys, replaced together (one assignment) when the file changes.
+        self._loaded = _parse(path, document)
         self._file_id = _file_id(path)
         self._checked_at = time.monotonic()
         self._reload_lock = threading.Lock()
@@ -219,6 +220,14 @@ class Keyring:
                 pass  # another process created it first
         return cls.load(path)
 
+    @property
+    def _document(self) -> dict[str, Any]:
+        return self._loaded[0]
+
+    @property
+    def _keys(self) -> dict[tuple[Purpose, int], Key]:
+        return self._loaded[1]
+
     def _follow_file(self) -> None:
         """Read the file again if another process changed it (looked at once per interval)."""
         now = time.monotonic()
@@ -241,7 +250,7 @@ class Keyring:
                     type(exc).__name__,
                 )
                 return
-            self._document, self._keys = parsed
+            self._loaded = parsed
             self._file_id = file_id
             log.info("keyring %s changed; reloaded", self.path)
         finally:
@@ -252,7 +261,7 @@ class Keyring:
     def current(self, purpose: Purpose) -> Key:
         purpose = check_purpose(purpose)
         self._follow_file()
-        document, keys = self._document, self._keys
+        document, keys = self._loaded
         return keys[(purpose, int(document["purposes"][purpose]["current"]))]
 
     def get(self, purpose: Purpose, version: int) -> Key:
@@ -325,7 +334,7 @@ class Keyring:
 
     def _save(self) -> None:
         _write_atomically(self.path, _dump(self._document))
-        self._document, self._keys = _parse(self.path, self._document)
+        self._loaded = _parse(self.path, self._document)
         self._file_id = _file_id(self.path)
 
 
