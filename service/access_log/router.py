@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.datastructures import State
 
 from service.access_log import service
 from service.access_log.models import ConsistencyProofPublic, InclusionProofPublic
@@ -31,10 +32,10 @@ ERRORS = problem_responses(400, 503)
 NDJSON = "application/x-ndjson"
 
 
-def get_signer(request: Request) -> NoteSigner:
-    """The checkpoint signer, under the keyring's current ``log_signing`` version (a rotation by
-    ``casepackets keys rotate`` is followed without a restart)."""
-    state = request.app.state
+def current_signer(state: State) -> NoteSigner | None:
+    """The checkpoint signer under the keyring's current ``log_signing`` version, built again
+    when that version changes (a rotation by ``casepackets keys rotate`` needs no restart).
+    Without a keyring, the signer the app was given, if any."""
     keyring: KeyProvider | None = getattr(state, "keyring", None)
     if keyring is not None:
         current = keyring.current("log_signing")
@@ -44,6 +45,11 @@ def get_signer(request: Request) -> NoteSigner:
             )
             state.log_signer_version = current.version
     signer: NoteSigner | None = getattr(state, "log_signer", None)
+    return signer
+
+
+def get_signer(request: Request) -> NoteSigner:
+    signer = current_signer(request.app.state)
     if signer is None:
         raise Unavailable("the log signing key is not loaded")
     return signer
@@ -162,11 +168,7 @@ def install(app: FastAPI) -> None:
 
     The lock bound needs no wiring: the app's engine carries settings.log_lock_timeout_seconds.
     """
-    settings: Settings = app.state.settings
-    keyring: KeyProvider | None = getattr(app.state, "keyring", None)
-    if getattr(app.state, "log_signer", None) is None and keyring is not None:
-        app.state.log_signer = NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
-        app.state.log_signer_version = keyring.current("log_signing").version
+    current_signer(app.state)
     app.state.readiness_checks["access_log"] = _readiness(app)
     app.include_router(router)
 
@@ -176,9 +178,7 @@ def _readiness(app: FastAPI) -> Callable[[], str]:
         database: Database = app.state.database
         try:
             with database.session() as session:
-                return service.check_readiness(
-                    session=session, signer=getattr(app.state, "log_signer", None)
-                )
+                return service.check_readiness(session=session, signer=current_signer(app.state))
         except Exception as exc:
             return f"access log unreachable ({type(exc).__name__})"
 
