@@ -154,9 +154,7 @@ class KeySet:
         if not self._lock.acquire(blocking=False):
             return
         try:
-            if self._last_attempt is not None and (
-                self._clock() - self._last_attempt < self._retry_interval
-            ):
+            if self._attempted_lately():
                 return
             try:
                 self.refresh()
@@ -166,12 +164,14 @@ class KeySet:
         finally:
             self._lock.release()
 
+    def _attempted_lately(self) -> bool:
+        """A fetch was attempted within the retry interval."""
+        last = self._last_attempt
+        return last is not None and self._clock() - last < self._retry_interval
+
     def _fetch_allowed(self) -> bool:
         """Whether ``refresh_if_due`` would fetch now (no attempt too recent, none under way)."""
-        if self._lock.locked():
-            return False
-        last = self._last_attempt
-        return last is None or self._clock() - last >= self._retry_interval
+        return not self._lock.locked() and not self._attempted_lately()
 
     def _is_stale(self) -> bool:
         fetched = self._fetched
