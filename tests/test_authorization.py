@@ -89,19 +89,20 @@ MATRIX: dict[tuple[str, str], dict[str, Expected]] = {
     ("GET", "/v1/packets"): only(
         {"professional": 200, "coordinator": 200, "source": 200}, others=403, anonymous=401
     ),
+    # Routes about one packet: whoever may not act on it gets the same 404, logged as denied,
+    # never a 403 that confirms the packet exists.
     ("GET", "/v1/packets/{packet_id}"): only(
         {
             "professional": (200, 404, 404),
             "coordinator": (200, 200, 404),
             "source": (200, 200, 404),
         },
-        others=DENY,
+        others=HIDDEN,
         anonymous=NO_TOKEN,
     ),
     ("POST", "/v1/packets/{packet_id}/reassign"): only(
-        {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+        {"coordinator": (200, 200, 404)}, others=HIDDEN, anonymous=NO_TOKEN
     ),
-    # owner-only routes: everyone else gets the same 404, never a 403 that confirms existence
     ("GET", "/v1/packets/{packet_id}/clients"): only(
         {"professional": (200, 404, 404)}, others=HIDDEN, anonymous=NO_TOKEN
     ),
@@ -122,6 +123,7 @@ MATRIX: dict[tuple[str, str], dict[str, Expected]] = {
 # Refusals that must leave a ``denied`` access-log entry (route → logged action).
 LOGGED_DENIALS = {
     ("GET", "/v1/packets/{packet_id}"): "packet.read",
+    ("POST", "/v1/packets/{packet_id}/reassign"): "packet.reassign",
     ("GET", "/v1/packets/{packet_id}/clients"): "packet.open",
     ("POST", "/v1/packets/{packet_id}/clients/{pseudonym}/followups"): "followup.create",
     ("POST", "/v1/packets/{packet_id}/close"): "packet.close",

@@ -1,9 +1,9 @@
 """Routes for professionals (coordinators), partitioning, packet metadata, re-identification,
 follow-ups and closing.
 
-The owner-only routes depend on authentication alone, not on ``require(...)``: whoever is not
-entitled gets the same 404 (never a 403 that would confirm the packet exists), and the service
-logs the attempt as denied.
+The routes about one packet depend on authentication alone, not on ``require(...)``: whoever
+is not entitled, whatever their role, gets the same 404 (never a 403 that would confirm the
+packet exists), and the service logs the attempt as denied.
 """
 
 from __future__ import annotations
@@ -172,14 +172,13 @@ def list_packets(
     "/v1/packets/{packet_id}",
     response_model=PacketDetailPublic,
     tags=["packets"],
-    responses={**AUTH_ERRORS, **problem_responses(404)},
+    responses=problem_responses(401, 404, 503),
     summary="One packet's metadata: status, members' pseudonyms, dates (never identities)",
 )
 def get_packet(
-    packet_id: PacketIdPath,
-    session: SessionDep,
-    caller: Annotated[Caller, require(Permission.PACKETS_READ)],
+    packet_id: PacketIdPath, session: SessionDep, caller: CurrentCaller
 ) -> PacketDetailPublic:
+    """The owner, coordinators and sources; anyone else gets 404 and the attempt is logged."""
     return service.get_packet(session=session, packet_id=packet_id, caller=caller)
 
 
@@ -187,15 +186,13 @@ def get_packet(
     "/v1/packets/{packet_id}/reassign",
     response_model=PacketPublic,
     tags=["packets"],
-    responses={**AUTH_ERRORS, **problem_responses(404, 409, 422, 503)},
+    responses=problem_responses(401, 404, 409, 422, 503),
     summary="Give an open packet to another professional; the former owner loses access",
 )
 def reassign_packet(
-    packet_id: PacketIdPath,
-    body: PacketReassign,
-    session: SessionDep,
-    caller: Annotated[Caller, require(Permission.PACKETS_REASSIGN)],
+    packet_id: PacketIdPath, body: PacketReassign, session: SessionDep, caller: CurrentCaller
 ) -> PacketPublic:
+    """Coordinators; anyone else gets 404 and the attempt is logged."""
     return service.reassign_packet(
         session=session, packet_id=packet_id, professional_id=body.professional_id, caller=caller
     )

@@ -580,18 +580,26 @@ def list_packets(
 
 
 def _visible_packet(session: Session, *, packet_id: str, caller: Caller, action: str) -> Packet:
+    """The packet if ``caller`` may read it (own, or all with ``packets.read_all``); otherwise a
+    logged denial and a 404, also for a role without ``packets.read``."""
     packet = session.get(Packet, packet_id)
-    if packet is None or (not _sees_all(caller) and packet.professional_id != caller.sub):
-        _deny(
-            session,
-            caller=caller,
-            action=action,
-            packet_id=packet_id,
-            reason="no such packet" if packet is None else "not the packet's owner",
-            pseudonyms=_member_pseudonyms(session, packet_id) if packet is not None else (),
-        )
-        raise PacketNotFound(f"no packet {packet_id} for this caller")
-    return packet
+    if packet is None:
+        reason = "no such packet"
+    elif not caller.can(Permission.PACKETS_READ):
+        reason = f"lacks {Permission.PACKETS_READ.value}"
+    elif not _sees_all(caller) and packet.professional_id != caller.sub:
+        reason = "not the packet's owner"
+    else:
+        return packet
+    _deny(
+        session,
+        caller=caller,
+        action=action,
+        packet_id=packet_id,
+        reason=reason,
+        pseudonyms=_member_pseudonyms(session, packet_id) if packet is not None else (),
+    )
+    raise PacketNotFound(f"no packet {packet_id} for this caller")
 
 
 def get_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketDetailPublic:
@@ -629,12 +637,19 @@ def get_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketDet
 def reassign_packet(
     *, session: Session, packet_id: str, professional_id: str, caller: Caller
 ) -> PacketPublic:
-    """Give an open packet to another active professional who serves its district and has room."""
-    packet = session.execute(
-        select(Packet).where(Packet.id == packet_id).with_for_update()  # type: ignore[arg-type]
-    ).scalar_one_or_none()
-    if packet is None:
-        raise NotFound(f"no packet {packet_id}")
+    """Give an open packet to another active professional who serves its district and has room.
+
+    Only with ``packets.reassign``: anyone else gets a logged denial and a 404, like every
+    refusal on a packet.
+    """
+    packet = _owned_packet(
+        session,
+        packet_id=packet_id,
+        caller=caller,
+        action="packet.reassign",
+        permission=Permission.PACKETS_REASSIGN,
+        any_permission=Permission.PACKETS_REASSIGN,
+    )
     if packet.status not in OPEN_STATUSES:
         raise PacketNotReassignable(
             f"packet {packet_id} is {packet.status}; only open packets move"
@@ -664,9 +679,12 @@ def reassign_packet(
                 f"professional {professional_id!r} has room for {max(target.capacity - load, 0)} "
                 f"more clients; this packet has {len(members)}"
             )
-        packet.professional_id = professional_id
-        session.add(packet)
-        session.flush()
+        session.execute(
+            update(_packets)
+            .where(_packets.c.id == packet_id)
+            .values(professional_id=professional_id)
+        )
+        packet = replace(packet, professional_id=professional_id)
     _log_packet(
         session,
         caller=caller,

@@ -288,11 +288,16 @@ def test_reassignment_moves_access_at_once(
         headers=coordinator,
     )
     assert too_small.status_code == 409
-    assert (
-        client.post(
-            f"/v1/packets/{packet['id']}/reassign",
-            json={"professional_id": "prof-001"},
-            headers=new,
-        ).status_code
-        == 403
+    # The owner may not give their packet away: the same 404 as anyone else, logged as denied.
+    refused = client.post(
+        f"/v1/packets/{packet['id']}/reassign",
+        json={"professional_id": "prof-001"},
+        headers=new,
+    )
+    assert refused.status_code == 404, refused.text
+    denied = [e for e in log_entries(session, "packet.reassign") if e["outcome"] == "denied"]
+    assert [(e["actor"], e["reason"]) for e in denied] == [("prof-002", "lacks packets.reassign")]
+    assert len(denied[0]["pseudonyms"]) == 3
+    assert client.get(f"/v1/packets/{packet['id']}", headers=new).json()["professional_id"] == (
+        "prof-002"
     )
