@@ -8,6 +8,7 @@ message naming the variable to change.
 from __future__ import annotations
 
 import socket
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,18 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Where a wheel install puts the folders the code reads at run time (pyproject's data-files).
+INSTALLED_DATA = Path(sys.prefix) / "share" / "casepackets"
+
+
+def shipped(folder: str, *, root: Path = PROJECT_ROOT, installed: Path = INSTALLED_DATA) -> Path:
+    """``policies`` or ``alembic`` as shipped: the checkout's own folder when running from the
+    source tree (it has pyproject.toml), else the copy the wheel installed under
+    ``<prefix>/share/casepackets``. Never a folder of the same name in site-packages (there,
+    ``alembic`` is the library)."""
+    return root / folder if (root / "pyproject.toml").is_file() else installed / folder
+
+
 PLACEHOLDERS = ("changeme", "change-me", "change_me", "changethis", "placeholder")
 
 
@@ -34,8 +47,8 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL; default is SQLite under the data folder",
     )
     keyring_path: Path | None = Field(default=None, description="default <home>/keyring.json")
-    policies_dir: Path = PROJECT_ROOT / "policies"
-    migrations_dir: Path = PROJECT_ROOT / "alembic"
+    policies_dir: Path = Field(default_factory=lambda: shipped("policies"))
+    migrations_dir: Path = Field(default_factory=lambda: shipped("alembic"))
 
     jwt_issuer: str = "casepackets-dev"
     jwt_audience: str = "casepackets"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from service.config import Settings, normalize_database_url
+from service.config import PROJECT_ROOT, Settings, normalize_database_url, shipped
 
 
 def test_production_refuses_the_dev_issuer(tmp_path: Path) -> None:
@@ -54,3 +55,36 @@ def test_default_database_is_sqlite_in_the_data_folder(
 def test_normalize_database_url() -> None:
     assert normalize_database_url("postgres://a/b") == "postgresql+psycopg://a/b"
     assert normalize_database_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_shipped_folders_come_from_the_checkout_or_the_installed_data(tmp_path: Path) -> None:
+    checkout, site_packages, data = tmp_path / "src", tmp_path / "site", tmp_path / "share"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("[project]\n")
+    (site_packages / "alembic").mkdir(parents=True)  # the library, not our migrations
+    assert shipped("policies", root=checkout, installed=data) == checkout / "policies"
+    assert shipped("alembic", root=site_packages, installed=data) == data / "alembic"
+    # from this checkout, the defaults are the repository's own folders
+    assert Settings(home=tmp_path).policies_dir == PROJECT_ROOT / "policies"
+    assert (Settings(home=tmp_path).migrations_dir / "env.py").is_file()
+
+
+def test_a_wheel_ships_every_policy_and_migration() -> None:
+    """pyproject's data-files (installed under <prefix>/share/casepackets, where ``shipped``
+    looks outside a checkout) name every file of policies/ and alembic/ that the code reads."""
+    data_files = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "data-files"
+    ]
+    listed = {
+        (Path(target) / Path(path).name).relative_to("share/casepackets")
+        for target, patterns in data_files.items()
+        for pattern in patterns
+        for path in PROJECT_ROOT.glob(pattern)
+    }
+    needed = {
+        path.relative_to(PROJECT_ROOT)
+        for folder in ("policies", "alembic")
+        for path in (PROJECT_ROOT / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert needed == listed
