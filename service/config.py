@@ -79,7 +79,11 @@ class Settings(BaseSettings):
     shred_interval_seconds: float = Field(
         default=300, ge=0, description="crypto-shred due packets this often; 0 turns it off"
     )
-    checkpoint_origin: str = Field(default_factory=lambda: f"casepackets/{socket.gethostname()}")
+    checkpoint_origin: str = Field(
+        default_factory=lambda: f"casepackets/{socket.gethostname()}",
+        description="the access log's name on every signed checkpoint; auditors pin it, so it "
+        "must never change (required in production)",
+    )
 
     @property
     def resolved_database_url(self) -> str:
@@ -115,6 +119,12 @@ class Settings(BaseSettings):
                 )
             if self.jwks_url and not self.jwks_url.startswith("https://"):
                 raise UnsafeSettings("CASEPACKETS_JWKS_URL must use https:// in production")
+            if "checkpoint_origin" not in self.model_fields_set:
+                raise UnsafeSettings(
+                    "CASEPACKETS_ENV=production needs CASEPACKETS_CHECKPOINT_ORIGIN, the access "
+                    "log's lasting name (e.g. casepackets.example.nl/access-log): auditors pin "
+                    "it, and the default from the host name changes with every container"
+                )
         if self.jwks_file and self.jwks_url:
             raise UnsafeSettings("set CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL, not both")
         return self

@@ -59,6 +59,7 @@ def test_serve_refuses_to_create_a_keyring_in_production(cli_home: Path) -> None
         home=cli_home,
         dev_issuer=False,
         jwks_url="https://idp.example/jwks",
+        checkpoint_origin="casepackets.example.nl/access-log",
         database_url=f"sqlite:///{cli_home}/p.db",
     )
     with pytest.raises(typer.Exit) as refused:

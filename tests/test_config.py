@@ -30,11 +30,35 @@ def test_placeholder_values_are_refused(tmp_path: Path) -> None:
         Settings(home=tmp_path, database_url="postgresql://app:changethis@db/casepackets")
 
 
-def test_production_with_pinned_keys_is_accepted(tmp_path: Path) -> None:
+def test_production_requires_a_lasting_checkpoint_origin(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CASEPACKETS_CHECKPOINT_ORIGIN"):
+        Settings(
+            env="production", home=tmp_path, dev_issuer=False, jwks_url="https://idp.example/jwks"
+        )
+
+
+def test_production_with_pinned_keys_and_an_origin_is_accepted(tmp_path: Path) -> None:
     settings = Settings(
-        env="production", home=tmp_path, dev_issuer=False, jwks_url="https://idp.example/jwks"
+        env="production",
+        home=tmp_path,
+        dev_issuer=False,
+        jwks_url="https://idp.example/jwks",
+        checkpoint_origin="casepackets.example.nl/access-log",
     )
     assert settings.jwks_url == "https://idp.example/jwks"
+    assert settings.checkpoint_origin == "casepackets.example.nl/access-log"
+
+
+def test_shipped_folders_come_from_the_checkout_or_the_installed_data(tmp_path: Path) -> None:
+    checkout, site_packages, data = tmp_path / "src", tmp_path / "site", tmp_path / "share"
+    checkout.mkdir()
+    (checkout / "pyproject.toml").write_text("[project]\n")
+    (site_packages / "alembic").mkdir(parents=True)  # the library, not our migrations
+    assert shipped("policies", root=checkout, installed=data) == checkout / "policies"
+    assert shipped("alembic", root=site_packages, installed=data) == data / "alembic"
+    # from this checkout, the defaults are the repository's own folders
+    assert Settings(home=tmp_path).policies_dir == PROJECT_ROOT / "policies"
+    assert (Settings(home=tmp_path).migrations_dir / "env.py").is_file()
 
 
 def test_database_url_from_plain_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -55,18 +79,6 @@ def test_default_database_is_sqlite_in_the_data_folder(
 def test_normalize_database_url() -> None:
     assert normalize_database_url("postgres://a/b") == "postgresql+psycopg://a/b"
     assert normalize_database_url("sqlite:///x.db") == "sqlite:///x.db"
-
-
-def test_shipped_folders_come_from_the_checkout_or_the_installed_data(tmp_path: Path) -> None:
-    checkout, site_packages, data = tmp_path / "src", tmp_path / "site", tmp_path / "share"
-    checkout.mkdir()
-    (checkout / "pyproject.toml").write_text("[project]\n")
-    (site_packages / "alembic").mkdir(parents=True)  # the library, not our migrations
-    assert shipped("policies", root=checkout, installed=data) == checkout / "policies"
-    assert shipped("alembic", root=site_packages, installed=data) == data / "alembic"
-    # from this checkout, the defaults are the repository's own folders
-    assert Settings(home=tmp_path).policies_dir == PROJECT_ROOT / "policies"
-    assert (Settings(home=tmp_path).migrations_dir / "env.py").is_file()
 
 
 def test_a_wheel_ships_every_policy_and_migration() -> None:

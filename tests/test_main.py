@@ -236,6 +236,7 @@ def test_production_starts_not_ready_while_the_identity_provider_is_unreachable(
         home=tmp_path,
         dev_issuer=False,
         jwks_url="https://127.0.0.1:1/jwks",
+        checkpoint_origin="casepackets.example.nl/access-log",
         database_url=f"sqlite:///{tmp_path}/p.db",
         shred_interval_seconds=0,
     )

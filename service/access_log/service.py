@@ -65,6 +65,13 @@ class LogCorrupted(ServiceError):
     title = "Access log integrity failure"
 
 
+class OriginChanged(ServiceError):
+    """The configured origin is not the one the log's checkpoints carry: refuse to sign."""
+
+    status = 503
+    title = "Access log origin changed"
+
+
 @dataclass(frozen=True)
 class LogEntry:
     actor: str
@@ -398,6 +405,19 @@ def _latest_checkpoint(session: Session) -> StoredCheckpoint | None:
     return StoredCheckpoint(tree_size=int(row[0]), root_hash=bytes(row[1]), note=str(row[2]))
 
 
+def _origin_of(latest: StoredCheckpoint) -> str:
+    return parse_checkpoint(latest.note.partition("\n\n")[0] + "\n").origin
+
+
+def _check_origin(latest: StoredCheckpoint | None, origin: str) -> None:
+    """A log keeps one origin for life: auditors hold checkpoints signed under it."""
+    if latest is not None and (signed_as := _origin_of(latest)) != origin:
+        raise OriginChanged(
+            f"the access log's checkpoints are signed as {signed_as!r}, but this service is "
+            f"configured as {origin!r}; set CASEPACKETS_CHECKPOINT_ORIGIN back to {signed_as!r}"
+        )
+
+
 def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSigner) -> None:
     """The stored checkpoint is one we signed and the tree still has its root at its size."""
     try:
@@ -421,6 +441,7 @@ def signed_checkpoint(*, session: Session, signer: NoteSigner, origin: str) -> s
     frontier = _lock_frontier(session)
     size = frontier.size
     latest = _latest_checkpoint(session)
+    _check_origin(latest, origin)
     if latest is not None and latest.tree_size == size:
         _check_against(latest, session=session, signer=signer)
         return latest.note
@@ -468,5 +489,8 @@ def check_readiness(*, session: Session, signer: NoteSigner | None) -> str:
     if signer is None:
         return "no log signing key"
     tree_size(session=session)
-    session.execute(select(func.count()).select_from(_checkpoints)).scalar()
+    try:
+        _check_origin(_latest_checkpoint(session), signer.name)
+    except OriginChanged as exc:
+        return exc.detail
     return "ok"

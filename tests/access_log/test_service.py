@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from sqlalchemy import Engine, event, select, text
@@ -221,6 +222,30 @@ def test_checkpoints_are_c2sp_signed_notes(database: Database, signer: NoteSigne
             second_root=newer.root,
             proof=log.consistency_proof(session=session, first=5, second=9),
         )
+
+
+def test_a_log_keeps_its_origin_for_life(database: Database, signer: NoteSigner) -> None:
+    """A checkpoint under another origin would not verify against the ones auditors hold: the
+    service refuses to sign one, says which origin to set, and reports it as not ready."""
+    append_each(database, 3)
+    with database.transaction() as session:
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    renamed = NoteSigner(name="casepackets/4f2a9c1d7e", seed=os.urandom(32))
+    for grown in (False, True):
+        if grown:
+            append_each(database, 2)
+        with database.transaction() as session, pytest.raises(log.OriginChanged) as refused:
+            log.signed_checkpoint(session=session, signer=renamed, origin=renamed.name)
+        assert refused.value.status == 503
+        assert f"set CASEPACKETS_CHECKPOINT_ORIGIN back to '{ORIGIN}'" in refused.value.detail
+    with database.session() as session:
+        assert "signed as 'casepackets/test'" in log.check_readiness(
+            session=session, signer=renamed
+        )
+        assert log.check_readiness(session=session, signer=signer) == "ok"
+    with database.transaction() as session:
+        note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    assert parse_checkpoint(open_note(note, signer.verifier)).size == 5
 
 
 def test_a_proof_that_needs_a_missing_subtree_is_refused(
