@@ -36,6 +36,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -340,16 +341,49 @@ def alembic_config(url: str, migrations_dir: Path) -> Config:
     return config
 
 
-def migrate(url: str, migrations_dir: Path, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (creating the SQLite file and folder when needed)."""
-    database = _sqlite_file(url) if is_sqlite(url) else None
-    if database is not None:
+# PostgreSQL advisory lock taken by whoever migrates (ASCII "cp-migr").
+MIGRATION_LOCK_KEY = 0x63702D6D696772
+
+
+@contextmanager
+def _one_migrator(url: str) -> Iterator[None]:
+    """One migration at a time per database: every replica runs ``migrate`` as it starts, and
+    two at once would both create the same tables. PostgreSQL: a session advisory lock on a
+    connection of its own; SQLite: ``flock`` on ``<database>-migrate``."""
+    if is_sqlite(url):
+        database = _sqlite_file(url)
+        if database is None:
+            yield
+            return
         database.parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url, migrations_dir), revision)
+        fd = os.open(database.with_name(f"{database.name}-migrate"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    engine = create_engine(url, poolclass=NullPool, hide_parameters=True)
+    try:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql(
+                "SELECT pg_advisory_lock(%(key)s)", {"key": MIGRATION_LOCK_KEY}
+            )
+            yield  # closing the connection releases the lock
+    finally:
+        engine.dispose()
+
+
+def migrate(url: str, migrations_dir: Path, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` (creating the SQLite file and folder when needed);
+    concurrent migrations of one database wait for each other."""
+    with _one_migrator(url):
+        command.upgrade(alembic_config(url, migrations_dir), revision)
 
 
 def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
-    command.downgrade(alembic_config(url, migrations_dir), revision)
+    with _one_migrator(url):
+        command.downgrade(alembic_config(url, migrations_dir), revision)
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +14,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import OperationalError
 
-from service.config import Settings
+from service.config import PROJECT_ROOT, Settings
 from service.db import Database, WriterTurn, downgrade, make_engine, migrate
 from service.schema import metadata
 from tests.conftest import MIGRATIONS, Databases
@@ -36,6 +38,26 @@ def test_upgrade_downgrade_upgrade(databases: Databases) -> None:
     assert table_names(url) <= {"alembic_version"}
     migrate(url, MIGRATIONS)
     assert table_names(url) == upgraded
+
+
+def test_replicas_migrating_at_once_all_succeed(databases: Databases) -> None:
+    """Every container runs ``casepackets migrate`` as it starts; several may start together.
+    (Processes, as replicas are: Alembic keeps its migration context in module state.)"""
+    url = databases.empty()
+    script = "import sys; from service.db import migrate; migrate(sys.argv[1], sys.argv[2])"
+    replicas = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, url, str(MIGRATIONS)],
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [replica.communicate(timeout=120)[0] for replica in replicas]
+    assert [replica.returncode for replica in replicas] == [0, 0, 0], "\n".join(outputs)
+    assert set(metadata.tables) <= table_names(url)
 
 
 def test_models_and_migrations_agree(db_url: str) -> None:
