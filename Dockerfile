@@ -10,14 +10,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Install dependencies first (cached layer), then the project itself.
-COPY pyproject.toml README.md ./
-COPY service ./service
-RUN pip install .
+# Dependencies first, from pyproject.toml alone, so a code change does not reinstall them; then
+# the project itself without dependencies.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 
-COPY alembic.ini ./
+COPY README.md ./
+COPY service ./service
 COPY alembic ./alembic
 COPY policies ./policies
+RUN pip install --no-deps .
 
 RUN groupadd --system casepackets \
     && useradd --system --gid casepackets --home-dir /data --no-create-home casepackets \
