@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 import service.packets.service  # noqa: F401  (registers packets.wrapped_key for `keys`)
@@ -33,7 +34,7 @@ from service.auth.tokens import DevIssuer
 from service.config import Settings, UnsafeSettings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
 from service.crypto.keyring import PURPOSES, Keyring, KeyringError, Purpose, check_purpose
-from service.db import Database
+from service.db import Database, schema_is_current
 from service.db import migrate as run_migrations
 from service.errors import ServiceError
 from service.records.bulk import CSV_COLUMNS, BulkResult, import_csv, ingest_records
@@ -329,10 +330,23 @@ app.add_typer(keys, name="keys")
 
 @contextmanager
 def database_for(settings: Settings) -> Iterator[Database]:
-    """The command's database, disposed when the command is done. A service refusal ends the
+    """The command's database, disposed when the command is done. A database whose schema is
+    not this version's is refused (exit 2, before anything is done); a service refusal ends the
     command with its detail and exit status 1, not a traceback."""
     database = Database(settings)
     try:
+        try:
+            current = schema_is_current(database.engine, settings.migrations_dir)
+        except OperationalError:
+            console.print("[red]failed:[/red] the database is busy; try again", highlight=False)
+            raise typer.Exit(1) from None
+        if not current:
+            console.print(
+                "[red]refused:[/red] the database's schema is not this version's; run "
+                "`casepackets migrate` first",
+                highlight=False,
+            )
+            raise typer.Exit(2)
         yield database
     except ServiceError as exc:
         console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
@@ -377,6 +391,15 @@ def keys_init() -> None:
     console.print(f"created {keyring.path} with keys: {', '.join(PURPOSES)} (version 1 each)")
 
 
+# What an older, not yet retired version of each key still does.
+OLD: dict[str, str] = {
+    "vault": "decrypts",
+    "packet": "decrypts",
+    "pseudonym": "matches",  # incoming records of subjects pseudonymized under it
+    "log_signing": "unused",
+}
+
+
 @keys.command("list")
 def keys_list() -> None:
     """Show every key version (never its material)."""
@@ -384,7 +407,7 @@ def keys_list() -> None:
     table = Table("purpose", "version", "created", "state")
     for purpose in PURPOSES:
         for info in keyring.versions(purpose):
-            state = "retired" if info.retired_at else ("current" if info.current else "decrypts")
+            state = "retired" if info.retired_at else ("current" if info.current else OLD[purpose])
             table.add_row(purpose, str(info.version), info.created_at, state)
     Console().print(table)
 
@@ -397,18 +420,26 @@ def keys_rotate(
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
     checked = check_purpose_or_exit(purpose)
+    version = max(info.version for info in keyring.versions(checked)) + 1
     with database_for(settings) as database, database.transaction() as session:
-        new = keyring.rotate(checked)
+        # Logged first: if the log cannot be written, the keyring is left as it was.
         log_system_action(
             session,
             command="keys",
             action="keys.rotate",
-            object_id=f"{checked}/v{new.version}",
+            object_id=f"{checked}/v{version}",
             reason="new current version",
         )
-    console.print(f"{checked} key is now at version {new.version}; older versions still decrypt")
+        new = keyring.rotate(checked)
+    console.print(f"{checked} key is now at version {new.version}")
     if checked in ("vault", "packet"):
-        console.print("run `casepackets keys rewrap` to move existing wraps to it")
+        console.print("older versions still decrypt; run `casepackets keys rewrap` to move")
+        console.print("existing wraps to the new version, then `keys retire` the old one")
+    elif checked == "pseudonym":
+        console.print("new subjects get pseudonyms under it; existing ones keep theirs, so the")
+        console.print("older version stays to match their incoming records")
+    else:
+        console.print("it signs checkpoints from now on; give auditors the new public key")
 
 
 def check_purpose_or_exit(purpose: str) -> Purpose:
@@ -481,17 +512,19 @@ def keys_retire(
             console.print(f"[red]refused:[/red] {exc.detail}", highlight=False)
             raise typer.Exit(1) from None
         if dependents:
+            remedy = (
+                "their pseudonyms are never recomputed (the access log names them), so this "
+                "version stays while they remain"
+                if checked == "pseudonym"
+                else "run `casepackets keys rewrap` first"
+            )
             console.print(
                 f"[red]refused:[/red] {dependents} rows still depend on {checked} "
-                f"v{version}; run `casepackets keys rewrap` first",
+                f"v{version}; {remedy}",
                 highlight=False,
             )
             raise typer.Exit(1)
-        try:
-            keyring.retire(checked, version)
-        except KeyringError as exc:
-            console.print(f"[red]refused:[/red] {exc}", highlight=False)
-            raise typer.Exit(1) from None
+        # Logged first: a refusal below rolls the entry back with the transaction.
         log_system_action(
             session,
             command="keys",
@@ -499,6 +532,11 @@ def keys_retire(
             object_id=f"{checked}/v{version}",
             reason="material destroyed",
         )
+        try:
+            keyring.retire(checked, version)
+        except KeyringError as exc:
+            console.print(f"[red]refused:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
     console.print(f"{checked} v{version} is retired; its material is destroyed")
 
 

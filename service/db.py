@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -379,6 +381,13 @@ def migrate(url: str, migrations_dir: Path, revision: str = "head") -> None:
     concurrent migrations of one database wait for each other."""
     with _one_migrator(url):
         command.upgrade(alembic_config(url, migrations_dir), revision)
+
+
+def schema_is_current(engine: Engine, migrations_dir: Path) -> bool:
+    """Whether the database's Alembic revision is the newest one in ``migrations_dir``."""
+    head = ScriptDirectory.from_config(alembic_config("", migrations_dir)).get_current_head()
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision() == head
 
 
 def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:

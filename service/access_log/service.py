@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -172,6 +173,15 @@ class _Frontier:
     peak_hashes: list[bytes]  # of merkle.peaks(size), largest first
 
 
+def _waited_too_long(exc: OperationalError) -> bool:
+    """A bounded wait that ran out ("try again"), not another failure such as a missing table.
+    On PostgreSQL every operational error (lock timeout, server gone) is one to retry."""
+    if isinstance(exc.orig, sqlite3.OperationalError):
+        message = str(exc.orig)
+        return "locked" in message or "busy" in message
+    return True
+
+
 def _lock_frontier(session: Session) -> _Frontier:
     """Take the log's write lock for the rest of the transaction, waiting at most the bound, and
     read the tree size and its peaks under it.
@@ -194,7 +204,9 @@ def _lock_frontier(session: Session) -> _Frontier:
             ).all()
         else:
             rows = connection.exec_driver_sql(_SQLITE_FRONTIER).all()
-    except OperationalError:
+    except OperationalError as exc:
+        if not _waited_too_long(exc):
+            raise
         raise LogUnavailable(
             "the access log is busy; the request was not carried out, try again"
         ) from None

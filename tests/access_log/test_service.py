@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, event, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlmodel import Session
 
 from service.access_log import merkle
 from service.access_log import service as log
@@ -16,7 +18,7 @@ from service.access_log.models import AccessLogEntry
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.crypto.signing import NoteSigner, VerifierKey, key_id, open_note
-from service.db import Database
+from service.db import Database, make_engine
 from service.errors import BadRequest
 from tests.access_log.conftest import ORIGIN, append_each, entry, run_sql, without_triggers_sql
 
@@ -246,6 +248,16 @@ def test_a_log_keeps_its_origin_for_life(database: Database, signer: NoteSigner)
     with database.transaction() as session:
         note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
     assert parse_checkpoint(open_note(note, signer.verifier)).size == 5
+
+
+def test_only_a_lock_wait_reads_as_a_busy_log(tmp_path: Path) -> None:
+    """A database without the log's tables is a failure to report, not "busy, try again"."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'unmigrated.db'}")
+    try:
+        with Session(engine) as session, pytest.raises(OperationalError, match="no such table"):
+            log.append(session=session, entry=entry(1))
+    finally:
+        engine.dispose()
 
 
 def test_a_proof_that_needs_a_missing_subtree_is_refused(

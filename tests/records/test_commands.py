@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from sqlmodel import Session
 from typer.testing import CliRunner
 
+from service.access_log.service import LOG_LOCK_KEY
 from service.cli import app as cli
 from service.cli import prepare
 from service.config import Settings, get_settings
@@ -17,6 +19,7 @@ from service.crypto.keyring import Keyring
 from service.db import Database
 from service.records.bulk import CSV_COLUMNS
 from service.records.demo import synthetic_bsn
+from tests.conftest import Databases
 from tests.records.conftest import count_rows
 
 
@@ -93,6 +96,72 @@ def test_keys_init_rotate_and_refused_retire(cli_env: Settings, rotations_settle
     code, output = run("keys", "list")
     assert code == 0
     assert keyring.current("vault").material.hex() not in output
+
+
+def test_old_signing_and_pseudonym_keys_get_the_right_retirement(
+    cli_env: Settings, rotations_settled: None
+) -> None:
+    """A signing key encrypts nothing, so its old version can go at once; a pseudonym key's old
+    version stays while subjects carry its pseudonyms (rewrap cannot move them)."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    assert run("demo", "--subjects", "100", "--seed", "3")[0] == 0
+    for purpose in ("log_signing", "pseudonym"):
+        code, output = run("keys", "rotate", "--purpose", purpose)
+        assert code == 0, output
+    code, output = run("keys", "list")
+    assert "unused" in output
+    assert "matches" in output
+    code, output = run("keys", "retire", "--purpose", "log_signing", "--version", "1")
+    assert code == 0, output
+    code, output = run("keys", "retire", "--purpose", "pseudonym", "--version", "1")
+    assert code == 1
+    said = " ".join(output.split())
+    assert "100 rows still depend on pseudonym v1" in said
+    assert "never recomputed" in said
+    assert "rewrap" not in said
+    keyring = Keyring.load(cli_env.resolved_keyring_path)
+    assert [v.version for v in keyring.versions("log_signing") if v.retired_at] == [1]
+    assert not [v for v in keyring.versions("pseudonym") if v.retired_at]
+
+
+def test_key_commands_refuse_a_database_without_this_versions_schema(
+    databases: Databases, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CASEPACKETS_HOME", str(tmp_path))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", databases.empty())
+    monkeypatch.setenv("CASEPACKETS_ENV", "test")
+    get_settings.cache_clear()
+    try:
+        Keyring.init(tmp_path / "keyring.json")
+        code, output = run("keys", "rotate", "--purpose", "vault")
+        assert code == 2
+        assert "run `casepackets migrate` first" in " ".join(output.split())
+        keyring = Keyring.load(tmp_path / "keyring.json")
+        assert [v.version for v in keyring.versions("vault")] == [1]
+    finally:
+        get_settings.cache_clear()
+
+
+def test_a_rotation_the_log_cannot_record_leaves_the_keyring_as_it_was(
+    cli_env: Settings, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    monkeypatch.setenv("CASEPACKETS_LOG_LOCK_TIMEOUT_SECONDS", "0.3")
+    get_settings.cache_clear()
+    holder = Database(get_settings())
+    try:
+        with holder.transaction() as session:
+            if backend == "postgres":
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOG_LOCK_KEY})
+            else:
+                session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE: the write lock is held
+            code, output = run("keys", "rotate", "--purpose", "vault")
+        assert code == 1
+        assert "busy" in output  # SQLite: the whole database; PostgreSQL: the access log
+        keyring = Keyring.load(cli_env.resolved_keyring_path)
+        assert [v.version for v in keyring.versions("vault")] == [1]
+    finally:
+        holder.dispose()
 
 
 def test_import_stores_valid_subjects_and_reports_rejected_lines(
