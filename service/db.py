@@ -69,6 +69,9 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
         lock_file = None
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only from the start (SQLite gives its -wal and -shm files the same mode):
+            # the file holds pseudonyms, ciphertexts and wrapped keys.
+            os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
             lock_file = database.with_name(f"{database.name}-writers")
         engine = create_engine(
             url,

@@ -60,6 +60,20 @@ def test_replicas_migrating_at_once_all_succeed(databases: Databases) -> None:
     assert set(metadata.tables) <= table_names(url)
 
 
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'private.db'}"
+    migrate(url, MIGRATIONS)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("SELECT count(*) FROM subjects"))
+        modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.glob("private.db*")}
+    finally:
+        engine.dispose()
+    assert {"private.db", "private.db-wal"} <= modes.keys()
+    assert set(modes.values()) == {0o600}, modes
+
+
 def test_models_and_migrations_agree(db_url: str) -> None:
     engine = make_engine(db_url)
     try:
