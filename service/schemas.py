@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every time this service stores is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 # Largest integer both SQLite and PostgreSQL store (64-bit signed). Query parameters that reach
 # SQL (offsets, indexes, cursors) are bounded by it: an oversized number is a 422, not a 500.

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import datetime as dt
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import BaseModel, Field
 from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
 from service.records.models import EARLIEST
-from service.schemas import StrictModel
+from service.schemas import StrictModel, UtcDatetime
 
 FlagKind = Literal["algorithm", "external"]
 MAX_PUSHED_FLAGS = 1000
@@ -29,14 +29,6 @@ MAX_PUSHED_FLAGS = 1000
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every time this service stores is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class FlaggingRun(SQLModel, table=True):

@@ -23,8 +23,8 @@ from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, Strin
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
-from service.flagging.models import FlagKind, RuleHitPublic, UtcDatetime
-from service.schemas import StrictModel
+from service.flagging.models import FlagKind, RuleHitPublic
+from service.schemas import StrictModel, UtcDatetime
 
 PacketStatus = Literal["assigned", "opened", "closed", "expired", "shredded"]
 FollowupKind = Literal["appointment", "contact", "intervention", "outcome"]

@@ -56,7 +56,7 @@ from service.crypto.envelope import (
 )
 from service.crypto.keyring import KeyProvider
 from service.errors import Conflict, Gone, NotFound, Unprocessable
-from service.flagging.models import Flag, as_utc
+from service.flagging.models import Flag
 from service.flagging.service import get_run
 from service.packets import partition as partitioning
 from service.packets.models import (
@@ -89,6 +89,7 @@ from service.records.service import (
     register_erasure_hook,
     register_wrapped_key_column,
 )
+from service.schemas import as_utc
 
 ERASED = "the subject was erased"
 MAX_PAGE = 1000

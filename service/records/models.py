@@ -24,6 +24,7 @@ from sqlmodel import SQLModel
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn
+from service.schemas import UtcDatetime
 
 POSTCODE = re.compile(r"^[1-9][0-9]{3} ?[A-Z]{2}$")
 PHONE = re.compile(r"^\+?[0-9][0-9 ()-]{5,19}$")
@@ -275,6 +276,6 @@ class RecordBatchPublic(BaseModel):
 
 class SubjectErasurePublic(BaseModel):
     pseudonym: str
-    erased_at: datetime
+    erased_at: UtcDatetime
     already_erased: bool
     events_kept: int

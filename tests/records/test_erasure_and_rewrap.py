@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,13 @@ def test_erasure_shreds_one_subject_and_keeps_events_and_everyone_else(
 
     again = client.post(f"/v1/subjects/{pseudonyms[1]}/erase", headers=admin_headers)
     assert again.json()["already_erased"] is True
+    # The same moment both times, with its time zone (SQLite reads it back without one).
+    first, repeated = (
+        datetime.fromisoformat(r.json()["erased_at"].replace("Z", "+00:00"))
+        for r in (response, again)
+    )
+    assert repeated == first
+    assert repeated.utcoffset() == timedelta(0)
     # A source sending the person again does not bring the identity back.
     rows = client.post(
         "/v1/records/batch", json={"subjects": [make(1, prefix="later")]}, headers=source_headers
