@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,7 +30,7 @@ from sqlmodel import Session
 
 import service.packets.service  # noqa: F401  (registers packets.wrapped_key for `keys`)
 from service.access_log.service import LogEntry, append
-from service.auth.permissions import Role
+from service.auth.permissions import Role, load_access_policy
 from service.auth.tokens import DevIssuer
 from service.config import Settings, UnsafeSettings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
@@ -62,7 +63,42 @@ def settings_or_exit() -> Settings:
     try:
         return get_settings()
     except (UnsafeSettings, ValueError) as exc:
-        console.print(f"[red]configuration refused:[/red] {exc}")
+        console.print(f"[red]configuration refused:[/red] {refusal(exc)}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def refusal(exc: ValueError) -> str:
+    """What is wrong with the settings, by environment variable rather than pydantic field."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    problems = []
+    for error in exc.errors(include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = "_".join(str(part) for part in error["loc"])
+        problems.append(f"CASEPACKETS_{field.upper()}: {message}" if field else message)
+    return "; ".join(problems)
+
+
+def policies_or_exit(settings: Settings) -> None:
+    """Read every policy file once, so a mistake in one is a line naming it, before any worker
+    starts (and fails) with a traceback."""
+    from service.flagging.policy import load_flagging_policy
+    from service.packets.policy import (
+        load_followup_policy,
+        load_partitioning_policy,
+        load_retention_policy,
+    )
+
+    folder = settings.policies_dir
+    try:
+        load_access_policy(folder / "access.yaml")
+        load_flagging_policy(folder / "flagging.yaml")
+        load_partitioning_policy(folder / "partitioning.yaml")
+        load_retention_policy(folder / "retention.yaml")
+        load_followup_policy(folder / "followups.yaml")
+        load_event_types(folder / "events.yaml")
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]policy refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -193,6 +229,7 @@ def serve(
     import uvicorn
 
     settings = settings_or_exit()
+    policies_or_exit(settings)
     prepare(settings)
     if settings.dev_issuer and print_tokens:
         issuer = dev_issuer(settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from service.cli import app as cli
-from service.config import Settings, get_settings
+from service.config import PROJECT_ROOT, Settings, get_settings
 from service.main import create_app
 from tests.conftest import bearer
 
@@ -66,3 +67,38 @@ def test_serve_refuses_to_create_a_keyring_in_production(cli_home: Path) -> None
         prepare(settings)
     assert refused.value.exit_code == 2
     assert not (cli_home / "keyring.json").exists()
+
+
+def test_a_bad_setting_is_refused_by_its_variable_name(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CASEPACKETS_ENV", "prod")
+    monkeypatch.setenv("CASEPACKETS_TOKEN_LEEWAY_SECONDS", "999")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["migrate"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "CASEPACKETS_ENV: Input should be 'development', 'test' or 'production'" in said
+    assert "CASEPACKETS_TOKEN_LEEWAY_SECONDS: Input should be less than or equal to 300" in said
+    assert "Traceback" not in said
+    assert "errors.pydantic.dev" not in said
+
+
+def test_serve_refuses_a_broken_policy_in_one_line_before_starting(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policies = cli_home / "policies"
+    shutil.copytree(PROJECT_ROOT / "policies", policies)
+    flagging = policies / "flagging.yaml"
+    flagging.write_text(flagging.read_text().replace("type: relapse", "type: relapsing", 1))
+    monkeypatch.setenv("CASEPACKETS_POLICIES_DIR", str(policies))
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["serve", "--no-print-tokens"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert said.startswith("policy refused:")
+    assert "policies/flagging.yaml:rule'relapse':unknownruletype'relapsing'" in "".join(
+        said.split()
+    )
+    assert "Traceback" not in said
+    assert not (cli_home / "keyring.json").exists()  # refused before anything was prepared

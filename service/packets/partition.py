@@ -3,7 +3,7 @@
 Guarantees (tested as Hypothesis properties):
 - every input case comes out exactly once, either in one packet or as unplaced with a reason —
   nothing is dropped silently and nothing is placed twice;
-- a packet holds at most ``packet_size`` cases (1–50), all from one district, for one
+- a packet holds at most ``packet_size`` cases (1–20), all from one district, for one
   professional who is active and serves that district;
 - no professional gets more than ``capacity - open_load`` new cases;
 - a returning client goes to the professional who had them before when that professional is
@@ -23,7 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-MAX_PACKET_SIZE: Final = 50
+# The service's promise: a professional re-identifies at most 20 clients a packet.
+MAX_PACKET_SIZE: Final = 20
 
 ALREADY_IN_OPEN_PACKET: Final = "already in an open packet"
 DUPLICATE_CASE: Final = "listed more than once in this partitioning"

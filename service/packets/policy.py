@@ -1,6 +1,6 @@
 """Loading the packet policies: partitioning, retention and follow-ups (``policies/*.yaml``).
 
-Invariants: a packet never holds more than 50 clients (a larger ``packet_size`` is refused at
+Invariants: a packet never holds more than 20 clients (a larger ``packet_size`` is refused at
 start-up, not clamped); unknown keys and non-positive durations are refused with the file named;
 an outcome code is usable only with the follow-up kinds it names.
 """
@@ -13,8 +13,9 @@ from typing import Any, Final
 
 import yaml
 
-MAX_PACKET_SIZE: Final = 50
-DEFAULT_PACKET_SIZE: Final = 20
+from service.packets.partition import MAX_PACKET_SIZE
+
+DEFAULT_PACKET_SIZE: Final = MAX_PACKET_SIZE
 
 
 class PacketsPolicyError(ValueError):

@@ -14,6 +14,7 @@ from service.config import PROJECT_ROOT
 from service.packets.partition import (
     ALREADY_IN_OPEN_PACKET,
     DUPLICATE_CASE,
+    MAX_PACKET_SIZE,
     Case,
     Partition,
     PlannedPacket,
@@ -107,7 +108,7 @@ def test_work_is_spread_to_whoever_has_most_room() -> None:
     assert loads == {"bram": 20, "anna": 20}
 
 
-@pytest.mark.parametrize("size", [0, 51])
+@pytest.mark.parametrize("size", [0, 21])
 def test_packet_size_out_of_range_is_refused(size: int) -> None:
     with pytest.raises(ValueError, match="packet_size"):
         partition([], [], packet_size=size)
@@ -121,10 +122,10 @@ def test_shipped_policies_load() -> None:
     assert retention.packet_ttl_days > 0
 
 
-def test_a_packet_size_above_fifty_fails_to_load(tmp_path: Path) -> None:
+def test_a_packet_size_above_twenty_fails_to_load(tmp_path: Path) -> None:
     path = tmp_path / "partitioning.yaml"
-    path.write_text("version: 1\npacket_size: 51\n")
-    with pytest.raises(PacketsPolicyError, match="above the limit of 50"):
+    path.write_text("version: 1\npacket_size: 21\n")
+    with pytest.raises(PacketsPolicyError, match="above the limit of 20"):
         load_partitioning_policy(path)
     path.write_text("version: 1\n")
     assert load_partitioning_policy(path).packet_size == 20
@@ -154,7 +155,11 @@ teams = st.lists(professional_strategy, max_size=4, unique_by=lambda p: p.id)
 
 
 @settings(max_examples=300)
-@given(st.lists(case_strategy, max_size=120), teams, st.integers(min_value=1, max_value=50))
+@given(
+    st.lists(case_strategy, max_size=120),
+    teams,
+    st.integers(min_value=1, max_value=MAX_PACKET_SIZE),
+)
 def test_no_case_is_lost_or_duplicated_and_limits_hold(
     given_cases: list[Case], team: list[Professional], packet_size: int
 ) -> None:
@@ -189,7 +194,7 @@ def test_no_case_is_lost_or_duplicated_and_limits_hold(
 @given(
     st.lists(case_strategy, max_size=80),
     teams,
-    st.integers(min_value=1, max_value=50),
+    st.integers(min_value=1, max_value=MAX_PACKET_SIZE),
     st.randoms(),
 )
 def test_same_input_in_any_order_gives_the_same_packets(
