@@ -318,6 +318,22 @@ def audit_export(
     console.print(f"exported {exported.size} entries and a signed checkpoint to {out}")
 
 
+def trusted_key_hint(*, trusted_checkpoint: Path, trusted_public_key: Path | None) -> str:
+    """What to do when the trusted checkpoint carries no signature by the key given for it."""
+    from service.access_log.export import PUBLIC_KEY_FILE
+
+    if trusted_public_key is not None:
+        return (
+            f"The trusted checkpoint is not signed by the key in {trusted_public_key}; give the "
+            "public key exported with that checkpoint."
+        )
+    return (
+        "The trusted checkpoint is signed by a key other than --public-key. If the log's signing "
+        "key was rotated since, give the public key exported with that checkpoint: "
+        f"--trusted-public-key {trusted_checkpoint.parent / PUBLIC_KEY_FILE}"
+    )
+
+
 @audit.command("verify")
 def audit_verify(
     entries: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="entries.ndjson")],
@@ -329,6 +345,14 @@ def audit_verify(
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="an earlier checkpoint you trust"),
     ] = None,
+    trusted_public_key: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="the key that signed the trusted checkpoint (default: --public-key)",
+        ),
+    ] = None,
     leaf_hashes: Annotated[
         Path | None,
         typer.Option(
@@ -337,18 +361,32 @@ def audit_verify(
     ] = None,
 ) -> None:
     """Verify an export offline: signature, root, consistency with a trusted checkpoint."""
-    from service.access_log.verify import VerificationFailed, verify_files
+    from service.access_log.verify import CheckpointRejected, VerificationFailed, verify_files
 
+    if trusted_public_key is not None and trusted_checkpoint is None:
+        console.print("[red]--trusted-public-key is the key of a --trusted-checkpoint[/red]")
+        raise typer.Exit(2)
     try:
         verified = verify_files(
             entries=entries,
             checkpoint=checkpoint,
             public_key=public_key,
             trusted_checkpoint=trusted_checkpoint,
+            trusted_public_key=trusted_public_key,
             leaf_hashes=leaf_hashes,
         )
     except VerificationFailed as exc:
         console.print(f"[red]FAILED:[/red] {exc}", highlight=False)
+        if (
+            isinstance(exc, CheckpointRejected)
+            and exc.which == "trusted"
+            and exc.by_another_key
+            and trusted_checkpoint is not None
+        ):
+            hint = trusted_key_hint(
+                trusted_checkpoint=trusted_checkpoint, trusted_public_key=trusted_public_key
+            )
+            console.print(hint, highlight=False)
         raise typer.Exit(1) from None
     message = f"OK: {verified.checkpoint.size} entries match the signed checkpoint"
     if verified.trusted is not None:

@@ -2,9 +2,11 @@
 
 Invariant: ``verify_export`` returns only when the checkpoint's signature verifies under the given
 key, the entries hash to exactly the signed root at exactly the signed size, and (when a trusted
-checkpoint is given) the first entries also hash to the trusted root — which proves the new tree
-extends the trusted one. Anything else raises ``VerificationFailed``; when the exported leaf hashes
-are themselves authenticated by the signed root, the error names the first bad entry index.
+checkpoint is given) the trusted checkpoint's signature verifies under the key given for it (by
+default the same key), both checkpoints have the same origin, and the first entries also hash to
+the trusted root — which proves the new tree extends the trusted one. Anything else raises
+``VerificationFailed``; when the exported leaf hashes are themselves authenticated by the signed
+root, the error names the first bad entry index.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from service.access_log.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
 from service.access_log.merkle import HASH_SIZE, CompactRange, fold
-from service.crypto.signing import NoteError, VerifierKey, open_note
+from service.crypto.signing import NoteError, NotSignedBy, VerifierKey, open_note
+
+Which = Literal["new", "trusted"]
 
 
 class VerificationFailed(Exception):
@@ -29,20 +33,32 @@ class VerificationFailed(Exception):
         self.first_bad_index = first_bad_index
 
 
+class CheckpointRejected(VerificationFailed):
+    """The new or the trusted checkpoint does not open under the key given for it.
+    ``by_another_key`` is set when the note is well-formed but carries no signature by that key."""
+
+    def __init__(self, which: Which, reason: str, *, by_another_key: bool = False) -> None:
+        super().__init__(f"{which} checkpoint rejected: {reason}")
+        self.which = which
+        self.by_another_key = by_another_key
+
+
 @dataclass(frozen=True)
 class Verified:
     checkpoint: Checkpoint
     trusted: Checkpoint | None
 
 
-def open_checkpoint(note: str, verifier: VerifierKey) -> Checkpoint:
+def open_checkpoint(note: str, verifier: VerifierKey, *, which: Which) -> Checkpoint:
     try:
         checkpoint = parse_checkpoint(open_note(note, verifier))
     except (NoteError, CheckpointError) as exc:
-        raise VerificationFailed(f"checkpoint rejected: {exc}") from None
+        raise CheckpointRejected(
+            which, str(exc), by_another_key=isinstance(exc, NotSignedBy)
+        ) from None
     if checkpoint.origin != verifier.name:
-        raise VerificationFailed(
-            f"checkpoint origin {checkpoint.origin!r} is not the key's name {verifier.name!r}"
+        raise CheckpointRejected(
+            which, f"its origin {checkpoint.origin!r} is not the key's name {verifier.name!r}"
         )
     return checkpoint
 
@@ -101,10 +117,19 @@ def verify_export(
     checkpoint_note: str,
     verifier: VerifierKey,
     trusted_note: str | None = None,
+    trusted_verifier: VerifierKey | None = None,  # signed trusted_note; default: verifier
     leaf_hashes: Iterable[bytes] | None = None,
 ) -> Verified:
-    checkpoint = open_checkpoint(checkpoint_note, verifier)
-    trusted = open_checkpoint(trusted_note, verifier) if trusted_note is not None else None
+    checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
+    trusted = None
+    if trusted_note is not None:
+        trusted = open_checkpoint(trusted_note, trusted_verifier or verifier, which="trusted")
+        if trusted.origin != checkpoint.origin:
+            raise CheckpointRejected(
+                "trusted",
+                f"its origin {trusted.origin!r} is not the new checkpoint's "
+                f"{checkpoint.origin!r}, and a log never changes origin",
+            )
     if trusted is not None and trusted.size > checkpoint.size:
         raise VerificationFailed(
             f"the checkpoint (size {checkpoint.size}) is older than the trusted one "
@@ -174,9 +199,13 @@ def verify_files(
     checkpoint: Path,
     public_key: Path,
     trusted_checkpoint: Path | None = None,
+    trusted_public_key: Path | None = None,  # default: public_key
     leaf_hashes: Path | None = None,
 ) -> Verified:
-    verifier = _read_key(public_key)
+    verifier = _read_key(public_key, which="public key")
+    trusted_verifier = (
+        _read_key(trusted_public_key, which="trusted public key") if trusted_public_key else None
+    )
     note = checkpoint.read_text(encoding="utf-8")
     trusted = trusted_checkpoint.read_text(encoding="utf-8") if trusted_checkpoint else None
     with entries.open("rb") as entries_file:
@@ -186,6 +215,7 @@ def verify_files(
                 checkpoint_note=note,
                 verifier=verifier,
                 trusted_note=trusted,
+                trusted_verifier=trusted_verifier,
             )
         with leaf_hashes.open("rb") as hashes_file:
             return verify_export(
@@ -193,12 +223,13 @@ def verify_files(
                 checkpoint_note=note,
                 verifier=verifier,
                 trusted_note=trusted,
+                trusted_verifier=trusted_verifier,
                 leaf_hashes=read_hashes(hashes_file),
             )
 
 
-def _read_key(path: Path) -> VerifierKey:
+def _read_key(path: Path, *, which: str) -> VerifierKey:
     try:
         return VerifierKey.parse(path.read_text(encoding="utf-8"))
     except NoteError as exc:
-        raise VerificationFailed(f"public key rejected: {exc}") from None
+        raise VerificationFailed(f"{which} rejected: {exc}") from None

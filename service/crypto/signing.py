@@ -29,6 +29,11 @@ class NoteError(ValueError):
     """A signed note or verifier key is malformed, or no trusted signature verifies."""
 
 
+class NotSignedBy(NoteError):
+    """A well-formed note carries no signature line by the given key (it may be signed by another
+    key, such as an earlier version of the same one)."""
+
+
 def key_id(name: str, public_key: bytes) -> bytes:
     return hashlib.sha256(name.encode("utf-8") + b"\n" + ED25519_ALGORITHM + public_key).digest()[
         :4
@@ -131,4 +136,6 @@ def open_note(note: str, verifier: VerifierKey) -> str:
         if verifier.verify(text.encode("utf-8"), blob[4:]):
             return text
         raise NoteError(f"the signature by {verifier.name} does not verify")
-    raise NoteError(f"the note carries no signature by {verifier.name}")
+    raise NotSignedBy(
+        f"the note carries no signature by {verifier.name} key {verifier.key_id.hex()}"
+    )

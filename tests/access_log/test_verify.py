@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def test_a_forged_or_foreign_checkpoint_is_refused(
     (folder / CHECKPOINT_FILE).write_text(impostor.sign(note.partition("\n\n")[0] + "\n"))
     code, output = verify(folder)
     assert code != 0
+    assert "new checkpoint rejected" in output
     assert "no signature by" in output
 
 
@@ -216,3 +218,126 @@ def test_export_command_writes_files_that_verify(cli_env: Path, database: Databa
     assert (out / PUBLIC_KEY_FILE).read_text().startswith(f"{ORIGIN}+")
     code, output = verify(out)
     assert code == 0, output
+
+
+def export_command(folder: Path) -> Path:
+    result = CliRunner().invoke(cli, ["audit", "export", "--out", str(folder)])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def rotate_log_signing() -> None:
+    result = CliRunner().invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def rotated(cli_env: Path, database: Database) -> tuple[Path, Path]:
+    """An export, a rotation of the log signing key, more entries, and a second export."""
+    append_each(database, 10)
+    before = export_command(cli_env / "before")
+    rotate_log_signing()
+    append_each(database, 4)
+    after = export_command(cli_env / "after")
+    assert (before / PUBLIC_KEY_FILE).read_text() != (after / PUBLIC_KEY_FILE).read_text()
+    return before, after
+
+
+def test_after_a_rotation_the_key_that_signed_the_trusted_checkpoint_verifies_it(
+    rotated: tuple[Path, Path],
+) -> None:
+    before, after = rotated
+    code, output = verify(
+        after,
+        "--trusted-checkpoint",
+        str(before / CHECKPOINT_FILE),
+        "--trusted-public-key",
+        str(before / PUBLIC_KEY_FILE),
+    )
+    assert code == 0, output
+    assert "OK: 15 entries" in output  # 10, the rotation itself, 4
+    assert "trusted checkpoint of size 10" in output
+
+
+def test_after_a_rotation_the_new_key_alone_rejects_the_trusted_checkpoint_with_a_hint(
+    rotated: tuple[Path, Path],
+) -> None:
+    before, after = rotated
+    code, output = verify(after, "--trusted-checkpoint", str(before / CHECKPOINT_FILE))
+    assert code == 1
+    assert "FAILED: trusted checkpoint rejected" in output
+    assert f"--trusted-public-key {before / PUBLIC_KEY_FILE}" in output
+
+
+def test_a_trusted_checkpoint_signed_by_an_unrelated_key_is_rejected(
+    rotated: tuple[Path, Path],
+) -> None:
+    before, after = rotated
+    body = (before / CHECKPOINT_FILE).read_text().partition("\n\n")[0] + "\n"
+    unrelated = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+    forged = before / "forged-checkpoint"
+    forged.write_text(unrelated.sign(body))
+    code, output = verify(
+        after,
+        "--trusted-checkpoint",
+        str(forged),
+        "--trusted-public-key",
+        str(before / PUBLIC_KEY_FILE),
+    )
+    assert code == 1
+    assert "FAILED: trusted checkpoint rejected: the note carries no signature by" in output
+    assert f"not signed by the key in {before / PUBLIC_KEY_FILE}" in output
+
+
+def test_a_trusted_checkpoint_of_another_origin_is_rejected(rotated: tuple[Path, Path]) -> None:
+    before, after = rotated
+    other_origin = NoteSigner(name="elsewhere/log", seed=os.urandom(32))
+    body = (before / CHECKPOINT_FILE).read_text().partition("\n\n")[0] + "\n"
+    other = before / "other"
+    other.mkdir()
+    (other / CHECKPOINT_FILE).write_text(
+        other_origin.sign(body.replace(ORIGIN, other_origin.name, 1))
+    )
+    (other / PUBLIC_KEY_FILE).write_text(f"{other_origin.verifier}\n")
+    code, output = verify(
+        after,
+        "--trusted-checkpoint",
+        str(other / CHECKPOINT_FILE),
+        "--trusted-public-key",
+        str(other / PUBLIC_KEY_FILE),
+    )
+    assert code == 1
+    assert "trusted checkpoint rejected" in output
+    assert "never changes origin" in output
+
+
+def test_after_a_rotation_tampering_still_fails_against_the_trusted_checkpoint(
+    cli_env: Path, database: Database, raw_engine: Engine, backend: str
+) -> None:
+    append_each(database, 10)
+    before = export_command(cli_env / "before")
+    rotate_log_signing()
+    append_each(database, 4)
+    rewrite_entries(raw_engine, backend, edited)
+    after = export_command(cli_env / "after")
+    trusted = [
+        "--trusted-checkpoint",
+        str(before / CHECKPOINT_FILE),
+        "--trusted-public-key",
+        str(before / PUBLIC_KEY_FILE),
+    ]
+    for leaf_hashes in (True, False):
+        code, output = verify(after, *trusted, leaf_hashes=leaf_hashes)
+        assert code == 1
+        assert "FAILED" in output
+    assert "first bad index 7" in verify(after, *trusted)[1]
+
+
+def test_a_trusted_public_key_without_a_trusted_checkpoint_is_refused(tmp_path: Path) -> None:
+    for name in (ENTRIES_FILE, CHECKPOINT_FILE, PUBLIC_KEY_FILE):
+        (tmp_path / name).write_text("")
+    code, output = verify(
+        tmp_path, "--trusted-public-key", str(tmp_path / PUBLIC_KEY_FILE), leaf_hashes=False
+    )
+    assert code == 2
+    assert "--trusted-public-key is the key of a --trusted-checkpoint" in output
