@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
 from pydantic_core import to_json
 from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
@@ -580,6 +580,22 @@ def list_packets(
     return items, (offset + limit if len(rows) > limit else None)
 
 
+def _hide(
+    session: Session, *, caller: Caller, action: str, packet_id: str, reason: str, known: object
+) -> NoReturn:
+    """Refuse as if there were no such packet: log the denial (with the members' pseudonyms
+    when the packet exists, ``known`` not None) and raise the 404."""
+    _deny(
+        session,
+        caller=caller,
+        action=action,
+        packet_id=packet_id,
+        reason=reason,
+        pseudonyms=_member_pseudonyms(session, packet_id) if known is not None else (),
+    )
+    raise PacketNotFound(f"no packet {packet_id} for this caller")
+
+
 def _visible_packet(session: Session, *, packet_id: str, caller: Caller, action: str) -> Packet:
     """The packet if ``caller`` may read it (own, or all with ``packets.read_all``); otherwise a
     logged denial and a 404, also for a role without ``packets.read``."""
@@ -592,15 +608,7 @@ def _visible_packet(session: Session, *, packet_id: str, caller: Caller, action:
         reason = "not the packet's owner"
     else:
         return packet
-    _deny(
-        session,
-        caller=caller,
-        action=action,
-        packet_id=packet_id,
-        reason=reason,
-        pseudonyms=_member_pseudonyms(session, packet_id) if packet is not None else (),
-    )
-    raise PacketNotFound(f"no packet {packet_id} for this caller")
+    _hide(session, caller=caller, action=action, packet_id=packet_id, reason=reason, known=packet)
 
 
 def get_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketDetailPublic:
@@ -870,15 +878,7 @@ def _owned_packet(
         reason = f"lacks {permission.value}"
     else:
         return packet
-    _deny(
-        session,
-        caller=caller,
-        action=action,
-        packet_id=packet_id,
-        reason=reason,
-        pseudonyms=_member_pseudonyms(session, packet_id) if packet is not None else (),
-    )
-    raise PacketNotFound(f"no packet {packet_id} for this caller")
+    _hide(session, caller=caller, action=action, packet_id=packet_id, reason=reason, known=packet)
 
 
 def _why_not_in_use(packet: _PacketRow, now: datetime) -> str | None:
