@@ -39,7 +39,7 @@ from service.db import Database, schema_is_current
 from service.db import migrate as run_migrations
 from service.errors import ServiceError
 from service.records.bulk import CSV_COLUMNS, BulkResult, import_csv, ingest_records
-from service.records.demo import demo_records
+from service.records.demo import REFERENCE_DATE, demo_records
 from service.records.service import (
     SUBJECTS,
     WRAPPED_KEY_COLUMNS,
@@ -181,9 +181,11 @@ def prepare(settings: Settings) -> None:
 
 
 def build_demo_packets_if_none(settings: Settings) -> None:
-    """First run only: a demo team, a flagging run and packets for them to open."""
-    from datetime import date
+    """First run only: a demo team, a flagging run and packets for them to open.
 
+    The run is as of the demo's reference date, the day its histories end, so it flags what the
+    demo population shows whatever today's date.
+    """
     from service.flagging.policy import load_flagging_policy
     from service.packets.demo import build_demo_packets, has_packets
     from service.packets.policy import load_partitioning_policy, load_retention_policy
@@ -200,10 +202,10 @@ def build_demo_packets_if_none(settings: Settings) -> None:
                 settings.policies_dir / "partitioning.yaml"
             ).packet_size,
             retention=load_retention_policy(settings.policies_dir / "retention.yaml"),
-            as_of=date.today(),
+            as_of=REFERENCE_DATE,
         )
     console.print(
-        f"demo: flagging run {built.run_id} flagged {built.flagged}; "
+        f"demo: flagging run {built.run_id} as of {REFERENCE_DATE} flagged {built.flagged}; "
         f"{built.packets} packets assigned to the demo team ({built.unplaced} unplaced)",
         highlight=False,
     )
@@ -667,13 +669,19 @@ def demo(
     """Generate and ingest a synthetic Rotterdam-South-like population (deterministic per seed).
 
     Everything goes through the same ingest path as POST /v1/records/batch; running it again
-    with the same seed changes nothing.
+    with the same seed changes nothing. The histories end on a fixed reference date: flag them as
+    of that date (the command prints it).
     """
     settings = settings_or_exit()
     settings.home.mkdir(parents=True, exist_ok=True)
     run_migrations(settings.resolved_database_url, settings.migrations_dir)
     with database_for(settings) as database:
         run_demo(settings, database, subjects=subjects, seed=seed, batch_size=batch_size)
+    console.print(
+        f"the demo's histories end on {REFERENCE_DATE}; flag them as of that date: "
+        f"casepackets flag --as-of {REFERENCE_DATE}",
+        highlight=False,
+    )
 
 
 IMPORT_HELP = (

@@ -4,6 +4,10 @@ Invariants: every person is invented (faker ``nl_NL`` names, synthetic BSNs that
 11-check, phone numbers and e-mail addresses on reserved patterns); the output depends only on
 ``seed`` and the subject count (fixed reference date, no clock), and BSNs are unique within one
 population. Memory does not grow with the population: records are yielded one at a time.
+
+Every history ends by ``REFERENCE_DATE``: flag a demo population as of that date. Then, in a
+population of a few hundred or more, each rule of ``policies/flagging.yaml`` surfaces a minority
+of it (relapse after short jobs, desk hopping across South, long welfare without contact).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ HELPDESKS = {
     "Charlois": ("Wijkteam Tarwewijk", "Vraagwijzer Charlois", "Wijkteam Pendrecht"),
     "IJsselmonde": ("Vraagwijzer IJsselmonde", "Wijkteam Lombardijen", "Jongerenloket Zuid"),
 }
+SOUTH_HELPDESKS = tuple(sorted({desk for desks in HELPDESKS.values() for desk in desks}))
 WELFARE_OFFICE = "Werk en Inkomen Rotterdam Zuid"
 JOBSEEKER_OFFICE = "UWV Werkplein Rotterdam Zuid"
 EMPLOYERS = ("Haven Logistiek BV", "Zorggroep Zuid", "Schoonmaak Rijnmond", "Bouwbedrijf Maas")
@@ -83,22 +88,29 @@ def _history(
     helpdesks = HELPDESKS[district]
     roll = rng.random()
     if young and roll < 0.7:
-        # Welfare → work → welfare again, often at another helpdesk: the relapse pattern.
+        # Welfare → work → welfare again, often at another helpdesk: the relapse pattern. One in
+        # four keeps relapsing after short jobs, up to the reference date.
+        keeps_relapsing = rng.random() < 0.25
+        if keeps_relapsing:
+            start = max(start, REFERENCE_DATE - timedelta(days=3 * 365))
+        cycles, job_days, welfare_days = (
+            ((3, 5), (30, 180), (30, 150)) if keeps_relapsing else ((1, 3), (60, 300), (120, 360))
+        )
         when = _day(rng, start, start + timedelta(days=400))
         desk = rng.choice(helpdesks)
         history.add("helpdesk_visit", when, desk)
         history.add("welfare_start", when + timedelta(days=rng.randint(5, 40)), WELFARE_OFFICE)
         when += timedelta(days=rng.randint(90, 400))
-        for _cycle in range(rng.randint(1, 3)):
+        for _cycle in range(rng.randint(*cycles)):
             employer = rng.choice(EMPLOYERS)
             history.add("welfare_end", when, WELFARE_OFFICE)
             history.add("employment_start", when, employer)
-            when += timedelta(days=rng.randint(60, 300))
+            when += timedelta(days=rng.randint(*job_days))
             history.add("employment_end", when, employer)
             desk = rng.choice([d for d in helpdesks if d != desk])
             history.add("helpdesk_visit", when + timedelta(days=rng.randint(1, 30)), desk)
             history.add("welfare_start", when + timedelta(days=rng.randint(20, 60)), WELFARE_OFFICE)
-            when += timedelta(days=rng.randint(120, 360))
+            when += timedelta(days=rng.randint(*welfare_days))
             if when >= REFERENCE_DATE:
                 break
     elif roll < 0.45:
@@ -118,10 +130,20 @@ def _history(
         history.add("jobseeker_deregistered", when, JOBSEEKER_OFFICE)
         history.add("employment_start", when, rng.choice(EMPLOYERS))
     else:
-        desk = rng.choice(helpdesks)
-        when = _day(rng, start, date(2024, 6, 1))
-        history.add("helpdesk_visit", when, desk)
-        history.add("debt_counselling_start", when + timedelta(days=rng.randint(7, 60)), desk)
+        # Debts: help sought at a helpdesk, then counselling there. Some first go from desk to desk
+        # across South, in the year or so before the reference date.
+        hops = rng.random() < 0.4
+        if hops:
+            desks = rng.sample(SOUTH_HELPDESKS, rng.randint(3, 5))
+            when = max(start, REFERENCE_DATE - timedelta(days=rng.randint(180, 480)))
+        else:
+            desks = [rng.choice(helpdesks)]
+            when = _day(rng, start, date(2024, 6, 1))
+        for desk in desks[:-1]:
+            history.add("helpdesk_visit", when, desk)
+            when += timedelta(days=rng.randint(14, 90))
+        history.add("helpdesk_visit", when, desks[-1])
+        history.add("debt_counselling_start", when + timedelta(days=rng.randint(7, 60)), desks[-1])
     history.events.sort(key=lambda event: event["date"])
     return history.events
 

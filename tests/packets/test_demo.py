@@ -8,8 +8,10 @@ from sqlalchemy import func, select
 from service.cli import prepare
 from service.config import Settings
 from service.db import Database
+from service.flagging.policy import load_flagging_policy
 from service.packets.demo import DEMO_TEAM, first_packet_of
 from service.packets.models import Packet
+from service.records.demo import REFERENCE_DATE
 from tests.conftest import TokenFactory, bearer
 
 
@@ -38,4 +40,30 @@ def test_prepare_builds_demo_packets_once_and_the_owner_can_open_one(
     clients = response.json()["clients"]
     assert 0 < len(clients) <= 20
     assert all(c["identity"]["bsn"] for c in clients)
-    assert all(c["flag"]["explanation"] for c in clients)
+    for flag in (c["flag"] for c in clients):
+        assert flag["hits"], "every client in the printed packet says which rule surfaced them"
+        assert flag["explanation"] == " ".join(hit["explanation"] for hit in flag["hits"])
+
+
+def test_the_demo_run_flags_every_rule_of_the_shipped_policy_as_of_the_demo_date(
+    settings: Settings, database: Database, client: TestClient, token: TokenFactory
+) -> None:
+    prepare(settings)
+    with database.session() as session:
+        packet_id = first_packet_of(session=session, professional_id=DEMO_TEAM[0].id)
+    assert packet_id is not None
+    coordinator = bearer(token("coord-001", "coordinator"))
+    packet = client.get(f"/v1/packets/{packet_id}", headers=coordinator).json()
+    run = client.get(f"/v1/flagging/runs/{packet['run_id']}", headers=coordinator).json()
+    assert run["as_of"] == REFERENCE_DATE.isoformat()
+
+    page = client.get(f"/v1/flagging/runs/{run['id']}/flags?limit=1000", headers=coordinator)
+    assert page.status_code == 200, page.text
+    flags = page.json()["items"]
+    assert len(flags) == run["flagged"]
+    shipped = load_flagging_policy(settings.policies_dir / "flagging.yaml")
+    flagged_by = {hit["rule_id"] for flag in flags for hit in flag["hits"]}
+    assert flagged_by == {rule.id for rule in shipped.rules}
+    for rule in shipped.rules:
+        matching = sum(any(h["rule_id"] == rule.id for h in f["hits"]) for f in flags)
+        assert matching < run["evaluated"] / 2, f"{rule.id} should flag a minority, not most"

@@ -18,7 +18,7 @@ from service.config import Settings, get_settings
 from service.crypto.keyring import Keyring
 from service.db import Database
 from service.records.bulk import CSV_COLUMNS
-from service.records.demo import synthetic_bsn
+from service.records.demo import REFERENCE_DATE, synthetic_bsn
 from tests.conftest import Databases
 from tests.records.conftest import count_rows
 
@@ -193,9 +193,13 @@ def test_import_refuses_an_unknown_header(cli_env: Settings, tmp_path: Path) -> 
     assert "unknown name" in output
 
 
-def test_demo_is_deterministic_per_seed(cli_env: Settings, cli_session: Session) -> None:
+def test_demo_is_deterministic_per_seed_and_names_the_date_to_flag_it_as_of(
+    cli_env: Settings, cli_session: Session
+) -> None:
     Keyring.init(cli_env.resolved_keyring_path)
-    assert run("demo", "--subjects", "150", "--seed", "9")[0] == 0
+    code, output = run("demo", "--subjects", "150", "--seed", "9")
+    assert code == 0, output
+    assert f"casepackets flag --as-of {REFERENCE_DATE}" in " ".join(output.split())
     events = count_rows(cli_session, "events")
     assert count_rows(cli_session, "subjects") == 150
     assert run("demo", "--subjects", "150", "--seed", "9")[0] == 0
