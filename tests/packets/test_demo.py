@@ -6,7 +6,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from service.cli import prepare
-from service.config import Settings
+from service.config import PROJECT_ROOT, Settings
 from service.db import Database
 from service.flagging.policy import load_flagging_policy
 from service.packets.demo import DEMO_TEAM, first_packet_of
@@ -67,3 +67,8 @@ def test_the_demo_run_flags_every_rule_of_the_shipped_policy_as_of_the_demo_date
     for rule in shipped.rules:
         matching = sum(any(h["rule_id"] == rule.id for h in f["hits"]) for f in flags)
         assert matching < run["evaluated"] / 2, f"{rule.id} should flag a minority, not most"
+
+
+def test_the_readme_names_the_day_the_demo_is_flagged_as_of() -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    assert readme.count(REFERENCE_DATE.isoformat()) >= 3  # quick start, first minute, demo row
