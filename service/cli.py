@@ -30,7 +30,7 @@ from sqlmodel import Session
 
 import service.packets.service  # noqa: F401  (registers packets.wrapped_key for `keys`)
 from service.access_log.service import LogEntry, append
-from service.auth.permissions import Role, load_access_policy
+from service.auth.permissions import Role
 from service.auth.tokens import DevIssuer
 from service.config import Settings, UnsafeSettings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
@@ -82,21 +82,10 @@ def refusal(exc: ValueError) -> str:
 def policies_or_exit(settings: Settings) -> None:
     """Read every policy file once, so a mistake in one is a line naming it, before any worker
     starts (and fails) with a traceback."""
-    from service.flagging.policy import load_flagging_policy
-    from service.packets.policy import (
-        load_followup_policy,
-        load_partitioning_policy,
-        load_retention_policy,
-    )
+    from service.policies import load_policies
 
-    folder = settings.policies_dir
     try:
-        load_access_policy(folder / "access.yaml")
-        load_flagging_policy(folder / "flagging.yaml")
-        load_partitioning_policy(folder / "partitioning.yaml")
-        load_retention_policy(folder / "retention.yaml")
-        load_followup_policy(folder / "followups.yaml")
-        load_event_types(folder / "events.yaml")
+        load_policies(settings.policies_dir)
     except (OSError, ValueError) as exc:
         console.print(f"[red]policy refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -23,7 +23,6 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access_log.router import install as install_access_log
-from service.auth.permissions import load_access_policy
 from service.auth.router import router as auth_router
 from service.auth.tokens import DevIssuer, KeySet, TokenVerifier
 from service.config import Settings, get_settings
@@ -31,16 +30,11 @@ from service.crypto.issuer_keys import load_or_create_private_pem
 from service.crypto.keyring import Keyring
 from service.db import Database
 from service.errors import UnexpectedErrors, install_error_handlers, problem
-from service.flagging.policy import load_flagging_policy
 from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses
-from service.packets.policy import (
-    load_followup_policy,
-    load_partitioning_policy,
-    load_retention_policy,
-)
 from service.packets.router import router as packets_router
 from service.packets.service import shred_periodically
+from service.policies import load_policies
 from service.records.router import router as records_router
 
 logger = logging.getLogger("casepackets")
@@ -141,11 +135,7 @@ class Health(BaseModel):
 
 def create_app(settings: Settings | None = None, *, database: Database | None = None) -> FastAPI:
     settings = settings or get_settings()
-    access_policy = load_access_policy(settings.policies_dir / "access.yaml")
-    flagging_policy = load_flagging_policy(settings.policies_dir / "flagging.yaml")
-    partitioning_policy = load_partitioning_policy(settings.policies_dir / "partitioning.yaml")
-    retention_policy = load_retention_policy(settings.policies_dir / "retention.yaml")
-    followup_policy = load_followup_policy(settings.policies_dir / "followups.yaml")
+    policies = load_policies(settings.policies_dir)
 
     dev_issuer: DevIssuer | None = None
     static_keys: list[dict[str, Any]] = []
@@ -191,7 +181,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
             shredder = asyncio.create_task(
                 shred_periodically(
                     database=database,
-                    retention=retention_policy,
+                    retention=policies.retention,
                     interval_seconds=settings.shred_interval_seconds,
                 )
             )
@@ -219,11 +209,11 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.settings = settings
     app.state.database = database
     app.state.keyring = keyring
-    app.state.access_policy = access_policy
-    app.state.flagging_policy = flagging_policy
-    app.state.partitioning_policy = partitioning_policy
-    app.state.retention_policy = retention_policy
-    app.state.followup_policy = followup_policy
+    app.state.access_policy = policies.access
+    app.state.flagging_policy = policies.flagging
+    app.state.partitioning_policy = policies.partitioning
+    app.state.retention_policy = policies.retention
+    app.state.followup_policy = policies.followups
     app.state.token_verifier = verifier
     app.state.dev_issuer = dev_issuer
 

@@ -1,0 +1,44 @@
+"""Every policy file in ``policies/``, read and validated together.
+
+Guarantee: ``load_policies`` returns only when every file loads; otherwise the loader's error
+(``ValueError``, naming the file) or the ``OSError`` of a missing file propagates. The service's
+start-up and ``casepackets serve``'s early check both go through it, so neither can forget a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from service.auth.permissions import AccessPolicy, load_access_policy
+from service.flagging.policy import load_flagging_policy
+from service.flagging.rules import FlaggingPolicy
+from service.packets.policy import (
+    FollowupPolicy,
+    PartitioningPolicy,
+    RetentionPolicy,
+    load_followup_policy,
+    load_partitioning_policy,
+    load_retention_policy,
+)
+from service.records.vocabulary import load_event_types
+
+
+class Policies(NamedTuple):
+    access: AccessPolicy
+    flagging: FlaggingPolicy
+    partitioning: PartitioningPolicy
+    retention: RetentionPolicy
+    followups: FollowupPolicy
+    event_types: frozenset[str]
+
+
+def load_policies(folder: Path) -> Policies:
+    return Policies(
+        access=load_access_policy(folder / "access.yaml"),
+        flagging=load_flagging_policy(folder / "flagging.yaml"),
+        partitioning=load_partitioning_policy(folder / "partitioning.yaml"),
+        retention=load_retention_policy(folder / "retention.yaml"),
+        followups=load_followup_policy(folder / "followups.yaml"),
+        event_types=load_event_types(folder / "events.yaml"),
+    )
