@@ -486,7 +486,7 @@ def keys_rotate(
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
     checked = check_purpose_or_exit(purpose)
-    version = max(info.version for info in keyring.versions(checked)) + 1
+    version = keyring.next_version(checked)
     with database_for(settings) as database, database.transaction() as session:
         # Logged first: if the log cannot be written, the keyring is left as it was.
         log_system_action(

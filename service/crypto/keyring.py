@@ -298,13 +298,19 @@ class Keyring:
             )
         ]
 
+    def next_version(self, purpose: Purpose) -> int:
+        """The version number ``rotate`` will give ``purpose`` next (retired ones count)."""
+        return (
+            max(int(v) for v in self._document["purposes"][check_purpose(purpose)]["versions"]) + 1
+        )
+
     # -- changes (each rewrites the file atomically) --------------------------------------------
 
     def rotate(self, purpose: Purpose) -> Key:
         """Add a new version of ``purpose`` that encrypts from now on; returns it."""
         purpose = check_purpose(purpose)
         entry = self._document["purposes"][purpose]
-        version = max(int(v) for v in entry["versions"]) + 1
+        version = self.next_version(purpose)
         entry["versions"][str(version)] = {"material": _new_material(), "created_at": _now()}
         entry["current"] = version
         self._save()
