@@ -87,7 +87,12 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem(413, f"request body is larger than {self.max_bytes} bytes")
+        # Inside RequestId: the body carries the request's id and path like every other problem.
+        response = problem(
+            413,
+            f"request body is larger than {self.max_bytes} bytes",
+            request=Request(scope),
+        )
         await response(scope, receive, send)
 
 

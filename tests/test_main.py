@@ -165,10 +165,15 @@ def test_json_body_under_another_content_type_is_422_asking_for_application_json
 
 def test_body_over_the_limit_is_413_before_parsing(probed: TestClient, app: FastAPI) -> None:
     limit = app.state.settings.max_body_bytes
-    response = probed.post("/probe/things", content=b"x" * (limit + 1))
+    response = probed.post(
+        "/probe/things", content=b"x" * (limit + 1), headers={"X-Request-ID": "req-413"}
+    )
     assert response.status_code == 413
     assert response.headers["content-type"].startswith(PROBLEM)
-    assert str(limit) in response.json()["detail"]
+    body = response.json()
+    assert str(limit) in body["detail"]
+    assert body["request_id"] == "req-413" == response.headers["X-Request-ID"]
+    assert body["instance"] == "/probe/things"
 
 
 def test_chunked_body_over_the_limit_is_413(probed: TestClient, app: FastAPI) -> None:
@@ -180,6 +185,7 @@ def test_chunked_body_over_the_limit_is_413(probed: TestClient, app: FastAPI) ->
 
     response = probed.post("/probe/things", content=chunks())
     assert response.status_code == 413
+    assert response.json()["request_id"] == response.headers["X-Request-ID"]
 
 
 def test_unexpected_error_is_500_without_details(probed: TestClient) -> None:

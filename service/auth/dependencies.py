@@ -26,7 +26,7 @@ class Caller:
     sub: str
     roles: frozenset[str]
     permissions: frozenset[Permission]
-    request_id: str
+    request_id: str | None  # None outside an HTTP request (a command-line or background job)
 
     @property
     def role(self) -> str:
@@ -53,7 +53,7 @@ async def authenticate(
         sub=token.subject,
         roles=token.roles,
         permissions=policy.permissions_for(token.roles),
-        request_id=getattr(request.state, "request_id", "-"),
+        request_id=getattr(request.state, "request_id", None),
     )
 
 

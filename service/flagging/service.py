@@ -40,13 +40,14 @@ class FlaggingRunNotFound(NotFound):
     pass
 
 
-def system_caller(command: str, *, request_id: str = "-") -> Caller:
-    """The actor of a command-line job, as it appears in the access log ("system:<command>")."""
+def system_caller(command: str) -> Caller:
+    """The actor of a job outside any request, as it appears in the access log
+    ("system:<command>", no request id)."""
     return Caller(
         sub=f"system:{command}",
         roles=frozenset({"system"}),
         permissions=frozenset(),
-        request_id=request_id,
+        request_id=None,
     )
 
 

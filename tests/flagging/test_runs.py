@@ -106,6 +106,7 @@ def test_runs_evaluate_in_batches_and_skip_erased_subjects(app: FastAPI, session
     assert batches == [2, 4, 6]
     [logged] = log_entries(session, "flagging.run")
     assert logged["actor"] == "system:flag"
+    assert logged["request_id"] is None, "a job outside any request has no request id"
 
 
 def test_a_run_needs_no_body_and_then_evaluates_as_on_today(
