@@ -34,7 +34,15 @@ from service.auth.permissions import Role
 from service.auth.tokens import DevIssuer
 from service.config import Settings, UnsafeSettings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
-from service.crypto.keyring import PURPOSES, Keyring, KeyringError, Purpose, check_purpose
+from service.crypto.keyring import (
+    PURPOSES,
+    Key,
+    Keyring,
+    KeyringError,
+    Purpose,
+    check_purpose,
+    new_key_material,
+)
 from service.db import Database, schema_is_current
 from service.db import migrate as run_migrations
 from service.errors import ServiceError
@@ -350,8 +358,22 @@ def audit_verify(
             exists=True, dir_okay=False, help="leaf-hashes.bin, to name the first bad index"
         ),
     ] = None,
+    handovers: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="handovers.ndjson, to follow the signing key from a key you trust to its "
+            "successors",
+        ),
+    ] = None,
 ) -> None:
-    """Verify an export offline: signature, root, consistency with a trusted checkpoint."""
+    """Verify an export offline: signature, root, consistency with a trusted checkpoint.
+
+    The checkpoint may be signed by a key you trust (--public-key, --trusted-public-key) or by
+    one such a key handed signing over to in a handover among the entries (--handovers).
+    """
+    from service.access_log.export import HANDOVERS_FILE
     from service.access_log.verify import CheckpointRejected, VerificationFailed, verify_files
 
     if trusted_public_key is not None and trusted_checkpoint is None:
@@ -365,9 +387,24 @@ def audit_verify(
             trusted_checkpoint=trusted_checkpoint,
             trusted_public_key=trusted_public_key,
             leaf_hashes=leaf_hashes,
+            handovers=handovers,
         )
     except VerificationFailed as exc:
         console.print(f"[red]FAILED:[/red] {exc}", highlight=False)
+        beside = checkpoint.parent / HANDOVERS_FILE
+        if (
+            isinstance(exc, CheckpointRejected)
+            and exc.which == "new"
+            and exc.by_another_key
+            and handovers is None
+            and beside.exists()
+        ):
+            console.print(
+                "If the log's signing key was rotated since the key you gave, follow its "
+                f"handover: --handovers {beside}",
+                highlight=False,
+                soft_wrap=True,  # a path to copy stays on one line
+            )
         if (
             isinstance(exc, CheckpointRejected)
             and exc.which == "trusted"
@@ -377,11 +414,16 @@ def audit_verify(
             hint = trusted_key_hint(
                 trusted_checkpoint=trusted_checkpoint, trusted_public_key=trusted_public_key
             )
-            console.print(hint, highlight=False)
+            console.print(hint, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     message = f"OK: {verified.checkpoint.size} entries match the signed checkpoint"
     if verified.trusted is not None:
         message += f" and extend the trusted checkpoint of size {verified.trusted.size}"
+    if verified.handovers and verified.signed_by is not None:
+        message += (
+            f"; the signing key was handed over at size "
+            f"{', '.join(map(str, verified.handovers))} to {verified.signed_by}"
+        )
     console.print(message, highlight=False)
 
 
@@ -489,14 +531,17 @@ def keys_rotate(
     version = keyring.next_version(checked)
     with database_for(settings) as database, database.transaction() as session:
         # Logged first: if the log cannot be written, the keyring is left as it was.
-        log_system_action(
-            session,
-            command="keys",
-            action="keys.rotate",
-            object_id=f"{checked}/v{version}",
-            reason="new current version",
-        )
-        new = keyring.rotate(checked)
+        if checked == "log_signing":
+            new = hand_over_signing(session, settings=settings, keyring=keyring, version=version)
+        else:
+            log_system_action(
+                session,
+                command="keys",
+                action="keys.rotate",
+                object_id=f"{checked}/v{version}",
+                reason="new current version",
+            )
+            new = keyring.rotate(checked)
     console.print(f"{checked} key is now at version {new.version}")
     if checked in ("vault", "packet"):
         console.print("older versions still decrypt; run `casepackets keys rewrap` to move")
@@ -505,7 +550,30 @@ def keys_rotate(
         console.print("new subjects get pseudonyms under it; existing ones keep theirs, so the")
         console.print("older version stays to match their incoming records")
     else:
-        console.print("it signs checkpoints from now on; give auditors the new public key")
+        console.print("it signs checkpoints from now on; the old key signed the handover to it,")
+        console.print("so auditors who trust the old key can follow (`audit verify --handovers`)")
+
+
+def hand_over_signing(
+    session: Session, *, settings: Settings, keyring: Keyring, version: int
+) -> Key:
+    """Rotate the log signing key through a handover: the rotation entry names the new key, and
+    a checkpoint ending with it is signed by the old key and cosigned by the new one, all
+    before the keyring changes."""
+    from service.access_log.handover import hand_over
+    from service.crypto.signing import NoteSigner
+
+    origin = settings.checkpoint_origin
+    material = new_key_material()
+    hand_over(
+        session=session,
+        old=NoteSigner.from_keyring(keyring, name=origin),
+        new=NoteSigner(name=origin, seed=material),
+        origin=origin,
+        version=version,
+        actor="system:keys",
+    )
+    return keyring.rotate("log_signing", material=material)
 
 
 def check_purpose_or_exit(purpose: str) -> Purpose:

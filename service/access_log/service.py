@@ -417,6 +417,18 @@ def _latest_checkpoint(session: Session) -> StoredCheckpoint | None:
     return StoredCheckpoint(tree_size=int(row[0]), root_hash=bytes(row[1]), note=str(row[2]))
 
 
+def checkpoint_notes(*, session: Session, sizes: Sequence[int]) -> dict[int, str]:
+    """The stored checkpoints' notes at ``sizes`` (those that exist), by tree size."""
+    if not sizes:
+        return {}
+    rows = session.execute(
+        select(_checkpoints.c.tree_size, _checkpoints.c.note).where(
+            _checkpoints.c.tree_size.in_(list(sizes))
+        )
+    )
+    return {int(size): str(note) for size, note in rows}
+
+
 def _origin_of(latest: StoredCheckpoint) -> str:
     return parse_checkpoint(latest.note.partition("\n\n")[0] + "\n").origin
 
@@ -445,16 +457,22 @@ def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSi
         )
 
 
-def signed_checkpoint(*, session: Session, signer: NoteSigner, origin: str) -> str:
+def signed_checkpoint(
+    *, session: Session, signer: NoteSigner, origin: str, cosigner: NoteSigner | None = None
+) -> str:
     """A signed note covering every entry in this transaction's view (stored when new).
 
-    Runs under the log lock so concurrent callers neither race nor sign a fork.
+    Runs under the log lock so concurrent callers neither race nor sign a fork. A ``cosigner``
+    adds its signature to a new checkpoint (a signing key's handover, see ``handover``); there
+    must then be entries no checkpoint covers yet.
     """
     frontier = _lock_frontier(session)
     size = frontier.size
     latest = _latest_checkpoint(session)
     _check_origin(latest, origin)
     if latest is not None and latest.tree_size == size:
+        if cosigner is not None:
+            raise ValueError("a cosigned checkpoint needs an entry no checkpoint covers yet")
         _check_against(latest, session=session, signer=signer)
         return latest.note
     new_root = merkle.fold(frontier.peak_hashes)
@@ -475,6 +493,8 @@ def signed_checkpoint(*, session: Session, signer: NoteSigner, origin: str) -> s
         except merkle.ProofError as exc:
             raise LogCorrupted(f"refusing to sign an inconsistent checkpoint: {exc}") from None
     note = signer.sign(checkpoint_text(Checkpoint(origin=origin, size=size, root=new_root)))
+    if cosigner is not None:
+        note = cosigner.cosign(note)
     session.execute(
         insert(_checkpoints),
         [

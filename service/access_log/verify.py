@@ -1,10 +1,15 @@
 """Offline verification of an exported access log (no database, no service).
 
-Invariant: ``verify_export`` returns only when the checkpoint's signature verifies under the given
-key, the entries hash to exactly the signed root at exactly the signed size, and (when a trusted
-checkpoint is given) the trusted checkpoint's signature verifies under the key given for it (by
-default the same key), both checkpoints have the same origin, and the first entries also hash to
-the trusted root — which proves the new tree extends the trusted one. Anything else raises
+Invariant: ``verify_export`` returns only when the checkpoint's signature verifies under a key
+the auditor trusts, the entries hash to exactly the signed root at exactly the signed size, and
+(when a trusted checkpoint is given) the trusted checkpoint's signature verifies under the key
+given for it (by default the same key), both checkpoints have the same origin, and the first
+entries also hash to the trusted root — which proves the new tree extends the trusted one.
+
+The keys trusted are the ones given, and every key a trusted key handed signing over to: a
+handover checkpoint (see ``handover``) opens under the trusted key, its root is the root of the
+exported entries up to it, its last entry names the new key, and the new key cosigned it. A
+handover not signed by the key trusted at that point is ignored. Anything else raises
 ``VerificationFailed``; when the exported leaf hashes are themselves authenticated by the signed
 root, the error names the first bad entry index.
 """
@@ -12,13 +17,15 @@ root, the error names the first bad entry index.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+import json
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from service.access_log.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from service.access_log.handover import handed_to
 from service.access_log.merkle import HASH_SIZE, CompactRange, fold
 from service.crypto.signing import NoteError, NotSignedBy, VerifierKey, open_note
 
@@ -47,6 +54,8 @@ class CheckpointRejected(VerificationFailed):
 class Verified:
     checkpoint: Checkpoint
     trusted: Checkpoint | None
+    signed_by: VerifierKey | None = None
+    handovers: tuple[int, ...] = ()  # the sizes of the handovers followed to ``signed_by``
 
 
 def open_checkpoint(note: str, verifier: VerifierKey, *, which: Which) -> Checkpoint:
@@ -78,19 +87,81 @@ def read_hashes(handle: BinaryIO) -> Iterator[bytes]:
 
 
 class _Roots:
-    """The compact range of a stream of leaves, with the root remembered at one earlier size."""
+    """The compact range of a stream of leaves, with the roots remembered at earlier sizes."""
 
-    __slots__ = ("at", "compact", "root_at")
+    __slots__ = ("at", "compact", "roots")
 
-    def __init__(self, at: int | None) -> None:
+    def __init__(self, at: Collection[int]) -> None:
         self.compact = CompactRange()
         self.at = at
-        self.root_at: bytes | None = None
+        self.roots: dict[int, bytes] = {0: fold([])}
 
     def append(self, leaf: bytes) -> None:
         self.compact.append(leaf)
-        if self.compact.size == self.at:
-            self.root_at = self.compact.root()
+        if self.compact.size in self.at:
+            self.roots[self.compact.size] = self.compact.root()
+
+
+@dataclass(frozen=True)
+class _Handover:
+    note: str
+    checkpoint: Checkpoint  # as the note says, before any signature is checked
+
+
+def _unverified(note: str) -> Checkpoint:
+    """What a note says, before any signature is checked (raises ``CheckpointError``)."""
+    return parse_checkpoint(note.rpartition("\n\n")[0] + "\n")
+
+
+def _handovers(notes: Sequence[str], *, origin: str, up_to: int) -> list[_Handover]:
+    steps = {}
+    for note in notes:
+        try:
+            checkpoint = _unverified(note)
+        except CheckpointError as exc:
+            raise VerificationFailed(f"a handover checkpoint is malformed: {exc}") from None
+        if checkpoint.origin == origin and 0 < checkpoint.size <= up_to:
+            steps[checkpoint.size] = _Handover(note, checkpoint)
+    return [steps[size] for size in sorted(steps)]
+
+
+def _follow(
+    steps: Sequence[_Handover],
+    key: VerifierKey,
+    *,
+    roots: dict[int, bytes],
+    last_entries: dict[int, bytes],
+) -> tuple[VerifierKey, tuple[int, ...]]:
+    """The key ``key`` hands over to through ``steps`` (in size order), and where."""
+    followed = []
+    for step in steps:
+        size = step.checkpoint.size
+        try:
+            open_note(step.note, key)
+        except NotSignedBy:
+            continue  # not signed by the key trusted at this point: nothing to follow
+        except NoteError as exc:
+            raise VerificationFailed(f"the handover checkpoint at size {size}: {exc}") from None
+        if roots.get(size) != step.checkpoint.root:
+            raise VerificationFailed(
+                f"the log was rewritten: its first {size} entries no longer have the root of "
+                f"the handover checkpoint at size {size}, signed by a trusted key"
+            )
+        new = handed_to(last_entries[size - 1])
+        if new is None or new.name != key.name:
+            raise VerificationFailed(
+                f"the checkpoint at size {size} is not a handover: its last entry does not "
+                "hand signing to a key of this log"
+            )
+        try:
+            open_note(step.note, new)
+        except NoteError:
+            raise VerificationFailed(
+                f"the handover at size {size} is not cosigned by the key it hands signing to"
+            ) from None
+        key = new
+        followed.append(size)
+    return key, tuple(followed)
 
 
 def root_of_lines(lines: Iterable[bytes]) -> tuple[int, bytes]:
@@ -119,55 +190,79 @@ def verify_export(
     trusted_note: str | None = None,
     trusted_verifier: VerifierKey | None = None,  # signed trusted_note; default: verifier
     leaf_hashes: Iterable[bytes] | None = None,
+    handovers: Sequence[str] = (),  # handover checkpoints' notes (handovers.ndjson)
 ) -> Verified:
-    checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
+    start = trusted_verifier or verifier
+    try:
+        claimed = _unverified(checkpoint_note)
+    except CheckpointError as exc:
+        raise CheckpointRejected("new", str(exc)) from None
     trusted = None
     if trusted_note is not None:
-        trusted = open_checkpoint(trusted_note, trusted_verifier or verifier, which="trusted")
-        if trusted.origin != checkpoint.origin:
+        trusted = open_checkpoint(trusted_note, start, which="trusted")
+        if trusted.origin != claimed.origin:
             raise CheckpointRejected(
                 "trusted",
                 f"its origin {trusted.origin!r} is not the new checkpoint's "
-                f"{checkpoint.origin!r}, and a log never changes origin",
+                f"{claimed.origin!r}, and a log never changes origin",
             )
-    if trusted is not None and trusted.size > checkpoint.size:
+    if trusted is not None and trusted.size > claimed.size:
         raise VerificationFailed(
-            f"the checkpoint (size {checkpoint.size}) is older than the trusted one "
+            f"the checkpoint (size {claimed.size}) is older than the trusted one "
             f"(size {trusted.size}): the log was rolled back"
         )
+    steps = _handovers(handovers, origin=claimed.origin, up_to=claimed.size)
 
-    if trusted is None and leaf_hashes is None:
+    if trusted is None and leaf_hashes is None and not steps:
         size, root = root_of_lines(entries)
-        trusted_root = None
+        roots: dict[int, bytes] = {}
+        last_entries: dict[int, bytes] = {}
         first_difference = None
         hashes_root = None
         hashes_size = 0
     else:
-        entry_roots = _Roots(trusted.size if trusted else None)
-        hash_roots = _Roots(None)
+        wanted = {step.checkpoint.size for step in steps}
+        if trusted is not None:
+            wanted.add(trusted.size)
+        entry_roots = _Roots(wanted)
+        hash_roots = _Roots(())
+        last_entries = {}
         first_difference = None
         for index, (data, given) in enumerate(zip_longest(entries, leaf_hashes or ())):
             leaf = None
             if data is not None:
-                leaf = hashlib.sha256(b"\x00" + _without_newline(data)).digest()
+                line = _without_newline(data)
+                leaf = hashlib.sha256(b"\x00" + line).digest()
                 entry_roots.append(leaf)
+                if index + 1 in wanted:
+                    last_entries[index] = line
             if given is not None:
                 hash_roots.append(given)
             if leaf_hashes is not None and first_difference is None and leaf != given:
                 first_difference = index
         size, root = entry_roots.compact.size, entry_roots.compact.root()
-        trusted_root = entry_roots.root_at
-        if trusted is not None and trusted.size == 0:
-            trusted_root = fold([])
+        roots = entry_roots.roots
         hashes_size, hashes_root = hash_roots.compact.size, hash_roots.compact.root()
 
+    signer, followed = _follow(steps, start, roots=roots, last_entries=last_entries)
+    if signer != verifier:
+        try:
+            checkpoint = open_checkpoint(checkpoint_note, signer, which="new")
+        except CheckpointRejected:
+            checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
+            signer, followed = verifier, ()
+    else:
+        checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
+
     if size == checkpoint.size and root == checkpoint.root:
-        if trusted is not None and trusted_root != trusted.root:
+        if trusted is not None and roots.get(trusted.size) != trusted.root:
             raise VerificationFailed(
                 f"the log was rewritten: its first {trusted.size} entries no longer have the "
                 "trusted checkpoint's root, yet the service signed the new tree"
             )
-        return Verified(checkpoint=checkpoint, trusted=trusted)
+        return Verified(
+            checkpoint=checkpoint, trusted=trusted, signed_by=signer, handovers=followed
+        )
 
     located = hashes_root == checkpoint.root and hashes_size == checkpoint.size
     if located and first_difference is not None:
@@ -201,6 +296,7 @@ def verify_files(
     trusted_checkpoint: Path | None = None,
     trusted_public_key: Path | None = None,  # default: public_key
     leaf_hashes: Path | None = None,
+    handovers: Path | None = None,
 ) -> Verified:
     verifier = _read_key(public_key, which="public key")
     trusted_verifier = (
@@ -208,6 +304,7 @@ def verify_files(
     )
     note = checkpoint.read_text(encoding="utf-8")
     trusted = trusted_checkpoint.read_text(encoding="utf-8") if trusted_checkpoint else None
+    handover_notes = read_handovers(handovers) if handovers else []
     with entries.open("rb") as entries_file:
         if leaf_hashes is None:
             return verify_export(
@@ -216,6 +313,7 @@ def verify_files(
                 verifier=verifier,
                 trusted_note=trusted,
                 trusted_verifier=trusted_verifier,
+                handovers=handover_notes,
             )
         with leaf_hashes.open("rb") as hashes_file:
             return verify_export(
@@ -225,7 +323,23 @@ def verify_files(
                 trusted_note=trusted,
                 trusted_verifier=trusted_verifier,
                 leaf_hashes=read_hashes(hashes_file),
+                handovers=handover_notes,
             )
+
+
+def read_handovers(path: Path) -> list[str]:
+    """The notes of a handovers.ndjson file: one ``{"size": n, "note": "..."}`` per line."""
+    notes = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                note = json.loads(line)["note"]
+            except (ValueError, TypeError, KeyError):
+                note = None
+            if not isinstance(note, str):
+                raise VerificationFailed(f"{path.name} line {number} is not a handover")
+            notes.append(note)
+    return notes
 
 
 def _read_key(path: Path, *, which: str) -> VerifierKey:

@@ -306,12 +306,18 @@ class Keyring:
 
     # -- changes (each rewrites the file atomically) --------------------------------------------
 
-    def rotate(self, purpose: Purpose) -> Key:
-        """Add a new version of ``purpose`` that encrypts from now on; returns it."""
+    def rotate(self, purpose: Purpose, *, material: bytes | None = None) -> Key:
+        """Add a new version of ``purpose`` that encrypts from now on; returns it.
+
+        ``material`` is fresh from ``new_key_material`` when the caller must know the new key
+        before it is stored (the log signing key, whose public half is logged first)."""
         purpose = check_purpose(purpose)
+        if material is not None and len(material) != KEY_BYTES:
+            raise KeyringError(f"a key is {KEY_BYTES} bytes")
         entry = self._document["purposes"][purpose]
         version = self.next_version(purpose)
-        entry["versions"][str(version)] = {"material": _new_material(), "created_at": _now()}
+        encoded = _new_material() if material is None else base64.b64encode(material).decode()
+        entry["versions"][str(version)] = {"material": encoded, "created_at": _now()}
         entry["current"] = version
         self._save()
         return self.current(purpose)
@@ -391,8 +397,13 @@ def _parse(
     return document, keys
 
 
+def new_key_material() -> bytes:
+    """Fresh key material from the operating system's CSPRNG."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
 def _new_material() -> str:
-    return base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii")
+    return base64.b64encode(new_key_material()).decode("ascii")
 
 
 def _dump(document: dict[str, Any]) -> bytes:

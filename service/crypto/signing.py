@@ -112,9 +112,19 @@ class NoteSigner:
         """The signed note: ``text`` (ending in a newline), a blank line, one signature line."""
         if not text.endswith("\n"):
             raise NoteError("a note's text must end with a newline")
+        return f"{text}\n{self._signature_line(text)}"
+
+    def cosign(self, note: str) -> str:
+        """``note`` (signed by another key) with this key's signature line added over its text."""
+        text, separator, _ = note.rpartition("\n\n")
+        if not separator:
+            raise NoteError("not a signed note (no blank line before the signatures)")
+        return note + self._signature_line(text + "\n")
+
+    def _signature_line(self, text: str) -> str:
         signature = self._private.sign(text.encode("utf-8"))
         blob = base64.b64encode(self.verifier.key_id + signature).decode("ascii")
-        return f"{text}\n{SIGNATURE_PREFIX}{self.name} {blob}\n"
+        return f"{SIGNATURE_PREFIX}{self.name} {blob}\n"
 
 
 def open_note(note: str, verifier: VerifierKey) -> str:

@@ -15,6 +15,7 @@ from service.access_log import merkle
 from service.access_log.export import (
     CHECKPOINT_FILE,
     ENTRIES_FILE,
+    HANDOVERS_FILE,
     LEAF_HASHES_FILE,
     PUBLIC_KEY_FILE,
     export_log,
@@ -22,14 +23,16 @@ from service.access_log.export import (
 from service.cli import app as cli
 from service.config import get_settings
 from service.crypto.keyring import Keyring
-from service.crypto.signing import NoteSigner
+from service.crypto.signing import NoteSigner, VerifierKey, open_note
 from service.db import Database
 from tests.access_log.conftest import ORIGIN, append_each, run_sql, without_triggers_sql
 
 Rows = list[tuple[bytes, bytes]]
 
 
-def verify(folder: Path, *extra: str, leaf_hashes: bool = True) -> tuple[int, str]:
+def verify(
+    folder: Path, *extra: str, leaf_hashes: bool = True, public_key: Path | None = None
+) -> tuple[int, str]:
     arguments = [
         "audit",
         "verify",
@@ -38,7 +41,7 @@ def verify(folder: Path, *extra: str, leaf_hashes: bool = True) -> tuple[int, st
         "--checkpoint",
         str(folder / CHECKPOINT_FILE),
         "--public-key",
-        str(folder / PUBLIC_KEY_FILE),
+        str(public_key or folder / PUBLIC_KEY_FILE),
     ]
     if leaf_hashes:
         arguments += ["--leaf-hashes", str(folder / LEAF_HASHES_FILE)]
@@ -341,3 +344,124 @@ def test_a_trusted_public_key_without_a_trusted_checkpoint_is_refused(tmp_path: 
     )
     assert code == 2
     assert "--trusted-public-key is the key of a --trusted-checkpoint" in output
+
+
+# -- handovers: an auditor who trusts only the old key follows a rotation ----------------------
+
+
+def handovers_of(folder: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (folder / HANDOVERS_FILE).read_text().splitlines()]
+
+
+def test_a_rotation_logs_the_new_key_and_a_handover_signed_by_both_keys(
+    rotated: tuple[Path, Path],
+) -> None:
+    before, after = rotated
+    old_key = VerifierKey.parse((before / PUBLIC_KEY_FILE).read_text())
+    new_key = VerifierKey.parse((after / PUBLIC_KEY_FILE).read_text())
+    entries = (after / ENTRIES_FILE).read_bytes().splitlines()
+    rotation = json.loads(entries[10])
+    assert (rotation["action"], rotation["object_id"]) == ("keys.rotate", "log_signing/v2")
+    assert rotation["reason"] == f"checkpoints are signed from now on by {new_key}"
+    [handover] = handovers_of(after)
+    assert handover["size"] == 11
+    note = str(handover["note"])
+    assert open_note(note, old_key) == open_note(note, new_key)
+    assert (before / HANDOVERS_FILE).read_text() == "", "no rotation before the first export"
+
+
+def test_the_old_key_alone_follows_the_handover_to_the_new_key(
+    rotated: tuple[Path, Path],
+) -> None:
+    before, after = rotated
+    new_key = (after / PUBLIC_KEY_FILE).read_text().strip()
+    old_key = before / PUBLIC_KEY_FILE
+    handovers = ["--handovers", str(after / HANDOVERS_FILE)]
+    for leaf_hashes in (True, False):
+        code, output = verify(after, *handovers, public_key=old_key, leaf_hashes=leaf_hashes)
+        assert code == 0, output
+        assert "OK: 15 entries" in output
+        assert f"handed over at size 11 to {new_key}" in output
+    code, output = verify(
+        after, *handovers, "--trusted-checkpoint", str(before / CHECKPOINT_FILE), public_key=old_key
+    )
+    assert code == 0, output
+    assert "extend the trusted checkpoint of size 10" in output
+
+
+def test_without_the_handovers_the_old_key_is_refused_with_a_hint(
+    rotated: tuple[Path, Path],
+) -> None:
+    before, after = rotated
+    code, output = verify(after, public_key=before / PUBLIC_KEY_FILE)
+    assert code == 1
+    assert "FAILED: new checkpoint rejected" in output
+    assert f"--handovers {after / HANDOVERS_FILE}" in output
+
+
+def rewrite_handover(folder: Path, change: Callable[[str], str]) -> None:
+    [handover] = handovers_of(folder)
+    handover["note"] = change(str(handover["note"]))
+    (folder / HANDOVERS_FILE).write_text(json.dumps(handover) + "\n")
+
+
+def without_new_signature(note: str) -> str:
+    """The handover as if only the old key had signed it."""
+    return note.rstrip("\n").rsplit("\n", 1)[0] + "\n"
+
+
+def resigned_by_a_stranger(note: str) -> str:
+    stranger = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+    return stranger.sign(note.partition("\n\n")[0] + "\n")
+
+
+@pytest.mark.parametrize(
+    ("change", "failure"),
+    [
+        (without_new_signature, "is not cosigned by the key it hands signing to"),
+        (resigned_by_a_stranger, "new checkpoint rejected"),
+    ],
+)
+def test_a_handover_the_old_key_did_not_make_with_the_new_key_is_not_followed(
+    rotated: tuple[Path, Path], change: Callable[[str], str], failure: str
+) -> None:
+    before, after = rotated
+    rewrite_handover(after, change)
+    code, output = verify(
+        after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
+    )
+    assert code == 1
+    assert failure in output
+
+
+def test_a_stranger_cannot_hand_signing_to_their_own_key(
+    rotated: tuple[Path, Path],
+) -> None:
+    """A forged log signed by a stranger's key, with a handover the stranger signed: the old
+    key signed no handover to it, so it is not trusted."""
+    before, after = rotated
+    stranger = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+    body = (after / CHECKPOINT_FILE).read_text().partition("\n\n")[0] + "\n"
+    (after / CHECKPOINT_FILE).write_text(stranger.sign(body))
+    rewrite_handover(after, lambda note: stranger.cosign(resigned_by_a_stranger(note)))
+    code, output = verify(
+        after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
+    )
+    assert code == 1
+    assert "FAILED: new checkpoint rejected: the note carries no signature by" in output
+
+
+def test_entries_rewritten_before_a_handover_fail_against_the_old_key(
+    cli_env: Path, database: Database, raw_engine: Engine, backend: str
+) -> None:
+    append_each(database, 10)
+    before = export_command(cli_env / "before")
+    rotate_log_signing()
+    append_each(database, 4)
+    rewrite_entries(raw_engine, backend, edited)
+    after = export_command(cli_env / "after")
+    code, output = verify(
+        after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
+    )
+    assert code == 1
+    assert "its first 11 entries no longer have the root of the handover checkpoint" in output

@@ -16,6 +16,7 @@ from service.crypto.keyring import (
     KeyringMissing,
     KeyringTooOpen,
     UnknownKey,
+    new_key_material,
 )
 
 
@@ -57,6 +58,17 @@ def test_rotate_adds_a_current_version_and_keeps_the_old_one(tmp_path: Path) -> 
     assert reloaded.current("vault").version == new.version == 2
     assert reloaded.get("vault", 1).material == old.material
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_rotate_stores_given_material_of_the_right_length_only(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    keyring = Keyring.init(path)
+    with pytest.raises(KeyringError, match="32 bytes"):
+        keyring.rotate("log_signing", material=b"short")
+    assert Keyring.load(path).current("log_signing").version == 1
+    material = new_key_material()
+    keyring.rotate("log_signing", material=material)
+    assert Keyring.load(path).current("log_signing").material == material
 
 
 def test_retire_destroys_material_but_not_the_current_version(

@@ -15,7 +15,7 @@ from service.access_log.service import LOG_LOCK_KEY
 from service.cli import app as cli
 from service.cli import prepare
 from service.config import Settings, get_settings
-from service.crypto.keyring import Keyring
+from service.crypto.keyring import Keyring, check_purpose
 from service.db import Database
 from service.records.bulk import CSV_COLUMNS
 from service.records.demo import REFERENCE_DATE, synthetic_bsn
@@ -142,8 +142,9 @@ def test_key_commands_refuse_a_database_without_this_versions_schema(
         get_settings.cache_clear()
 
 
+@pytest.mark.parametrize("purpose", ["vault", "log_signing"])
 def test_a_rotation_the_log_cannot_record_leaves_the_keyring_as_it_was(
-    cli_env: Settings, monkeypatch: pytest.MonkeyPatch, backend: str
+    cli_env: Settings, monkeypatch: pytest.MonkeyPatch, backend: str, purpose: str
 ) -> None:
     Keyring.init(cli_env.resolved_keyring_path)
     monkeypatch.setenv("CASEPACKETS_LOG_LOCK_TIMEOUT_SECONDS", "0.3")
@@ -155,11 +156,11 @@ def test_a_rotation_the_log_cannot_record_leaves_the_keyring_as_it_was(
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOG_LOCK_KEY})
             else:
                 session.execute(text("SELECT 1"))  # BEGIN IMMEDIATE: the write lock is held
-            code, output = run("keys", "rotate", "--purpose", "vault")
+            code, output = run("keys", "rotate", "--purpose", purpose)
         assert code == 1
         assert "busy" in output  # SQLite: the whole database; PostgreSQL: the access log
         keyring = Keyring.load(cli_env.resolved_keyring_path)
-        assert [v.version for v in keyring.versions("vault")] == [1]
+        assert [v.version for v in keyring.versions(check_purpose(purpose))] == [1]
     finally:
         holder.dispose()
 

@@ -1,0 +1,76 @@
+"""Handing checkpoint signing from one log signing key to the next, verifiably.
+
+A rotation of the log signing key is itself an access-log entry that names the new verifier key
+(action ``keys.rotate``, object ``log_signing/v<n>``, reason ``HANDOVER_REASON`` + the key). In
+the same transaction, before the keyring changes, a checkpoint ending with that entry is signed by
+the old key and cosigned by the new one: the handover. An auditor who trusts the old key opens the
+handover with it, reads the new key from the entry its root commits to, and trusts the new key
+from then on; no key has to travel out of band.
+
+Invariants:
+- a handover checkpoint ends with the rotation entry naming the key that cosigned it;
+- ``hand_over`` writes in the caller's transaction: the entry and the checkpoint commit together
+  or not at all, and the caller changes the keyring only after both are written.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlmodel import Session
+
+from service.access_log.service import LogEntry, append, signed_checkpoint
+from service.crypto.signing import NoteError, NoteSigner, VerifierKey
+
+HANDOVER_ACTION = "keys.rotate"
+HANDOVER_OBJECT_PREFIX = "log_signing/"
+HANDOVER_REASON = "checkpoints are signed from now on by "
+# Both appear, in this form, in the canonical JSON of every handover entry: a cheap first test.
+_MARKERS = (b'"action":"keys.rotate"', b'"object_id":"log_signing/')
+
+
+def hand_over(
+    *, session: Session, old: NoteSigner, new: NoteSigner, origin: str, version: int, actor: str
+) -> str:
+    """Log that ``new`` signs checkpoints from now on and store the handover checkpoint
+    (signed by ``old``, cosigned by ``new``); returns its note."""
+    append(
+        session=session,
+        entry=LogEntry(
+            actor=actor,
+            role="system",
+            action=HANDOVER_ACTION,
+            object_type="key",
+            object_id=f"{HANDOVER_OBJECT_PREFIX}v{version}",
+            reason=f"{HANDOVER_REASON}{new.verifier}",
+        ),
+    )
+    return signed_checkpoint(session=session, signer=old, origin=origin, cosigner=new)
+
+
+def may_hand_over(data: bytes) -> bool:
+    """False for nearly every entry without decoding it; True means ``handed_to`` may say more."""
+    return all(marker in data for marker in _MARKERS)
+
+
+def handed_to(data: bytes) -> VerifierKey | None:
+    """The key an entry (its canonical JSON) hands checkpoint signing to; None for any other
+    entry, including a rotation logged before handovers existed."""
+    if not may_hand_over(data):
+        return None
+    try:
+        entry = json.loads(data)
+    except ValueError:
+        return None
+    reason = entry.get("reason") if isinstance(entry, dict) else None
+    if (
+        entry.get("action") != HANDOVER_ACTION
+        or not str(entry.get("object_id", "")).startswith(HANDOVER_OBJECT_PREFIX)
+        or not isinstance(reason, str)
+        or not reason.startswith(HANDOVER_REASON)
+    ):
+        return None
+    try:
+        return VerifierKey.parse(reason.removeprefix(HANDOVER_REASON))
+    except NoteError:
+        return None
