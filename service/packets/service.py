@@ -715,11 +715,15 @@ class PacketGone(Gone):
 
 
 class PacketNotClosable(Conflict):
-    pass
+    commit_before_raising = True  # the refusal keeps its ``denied`` entry
 
 
 class ClientNotInPacket(NotFound):
-    pass
+    commit_before_raising = True
+
+
+class ClientErased(Gone):
+    commit_before_raising = True
 
 
 @dataclass(frozen=True)
@@ -1140,10 +1144,18 @@ def create_followup(
         .where(_members.c.packet_id == packet_id, _members.c.pseudonym == pseudonym)
         .with_for_update(read=True)
     ).first()
-    if member is None:
-        raise ClientNotInPacket(f"packet {packet_id} has no client with this pseudonym")
-    if member.wrapped_dek is None:
-        raise Gone("this client was erased; no follow-up can be recorded for them")
+    if member is None or member.wrapped_dek is None:
+        _deny(
+            session,
+            caller=caller,
+            action="followup.create",
+            packet_id=packet_id,
+            reason="not a client of the packet" if member is None else "client was erased",
+            pseudonyms=[pseudonym],
+        )
+        if member is None:
+            raise ClientNotInPacket(f"packet {packet_id} has no client with this pseudonym")
+        raise ClientErased("this client was erased; no follow-up can be recorded for them")
 
     followup_id = uuid.uuid4().hex
     note_ciphertext = None
@@ -1200,11 +1212,19 @@ def close_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketP
         any_permission=Permission.PACKETS_CLOSE_ANY,
     )
     why = _why_not_in_use(packet, utcnow())
-    if why == "closed":
-        raise PacketNotClosable(f"packet {packet_id} is already closed")
-    if why is not None:
-        raise Gone(f"packet {packet_id} is {why}")
     members = _member_pseudonyms(session, packet_id)
+    if why is not None:
+        _deny(
+            session,
+            caller=caller,
+            action="packet.close",
+            packet_id=packet_id,
+            reason=f"packet is {why}",
+            pseudonyms=members,
+        )
+        if why == "closed":
+            raise PacketNotClosable(f"packet {packet_id} is already closed")
+        raise PacketGone(f"packet {packet_id} is {why}")
     packet = _set_status(session, packet, status="closed", closed_at=utcnow())
     _log_packet(
         session,

@@ -191,7 +191,10 @@ def test_closed_packet_is_refused_then_shredded_after_the_grace_period(
 
     closes = log_entries(session, "packet.close")
     shreds = log_entries(session, "packet.shred")
-    assert [(e["actor"], e["object_id"]) for e in closes] == [(OWNER, packet["id"])]
+    assert [(e["actor"], e["object_id"], e["outcome"], e["reason"]) for e in closes] == [
+        (OWNER, packet["id"], "allowed", None),
+        (OWNER, packet["id"], "denied", "packet is closed"),  # the second close, 409
+    ]
     assert [(e["actor"], e["object_id"]) for e in shreds] == [("system:test", packet["id"])]
     assert sorted(shreds[0]["pseudonyms"]) == sorted(packet["pseudonyms"])
 

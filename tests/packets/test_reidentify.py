@@ -241,12 +241,14 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
         assert leaked(metadata.text, world.secrets) == []
 
     entries = log_entries(session, "followup.create")
-    assert [(e["actor"], e["outcome"]) for e in entries] == [
-        (OWNER, "allowed"),
-        (OWNER, "allowed"),
-        (OTHER, "denied"),
+    assert [(e["actor"], e["outcome"], e["reason"]) for e in entries] == [
+        (OWNER, "allowed", entries[0]["reason"]),
+        (OWNER, "allowed", entries[1]["reason"]),
+        (OWNER, "denied", "not a client of the packet"),
+        (OTHER, "denied", "not the packet's owner"),
     ]
     assert all(e["pseudonyms"] == [pseudonym] for e in entries[:2])
+    assert entries[2]["pseudonyms"] == ["0" * 32]
     assert leaked(str(log_entries(session)), world.secrets) == []
 
 
@@ -294,6 +296,13 @@ def test_an_erased_member_comes_back_as_erased_without_failing_the_packet(
         ).status_code
         == 410
     )
+    refusal = log_entries(session, "followup.create")[-1]
+    assert (refusal["actor"], refusal["outcome"], refusal["reason"]) == (
+        OWNER,
+        "denied",
+        "client was erased",
+    )
+    assert refusal["pseudonyms"] == [erased]
 
 
 # -- failing closed ---------------------------------------------------------------------------
