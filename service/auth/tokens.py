@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import anyio
 import httpx
@@ -372,12 +372,16 @@ class TokenVerifier:
             )
         except JOSEError as exc:
             raise InvalidToken(_reason(exc)) from exc
+        except (TypeError, ValueError, OverflowError):
+            # python-jose compares the time claims through int(): a null, a list, a text or an
+            # infinite value fails there rather than with a JOSEError.
+            raise InvalidToken(TIME_CLAIMS_REASON) from None
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject:
-            raise InvalidToken("token 'sub' must be a non-empty string")
+        if not _usable_subject(subject):
+            raise InvalidToken(SUBJECT_REASON)
         issued_at, expires_at = claims.get("iat"), claims.get("exp")
-        if not isinstance(issued_at, int) or not isinstance(expires_at, int):
-            raise InvalidToken("token 'iat' and 'exp' must be integers")
+        if not all(_seconds(claims[name]) for name in ("iat", "exp", "nbf") if name in claims):
+            raise InvalidToken(TIME_CLAIMS_REASON)
         now = self._clock()
         if issued_at > now + self.leeway_seconds:
             raise InvalidToken("token is issued in the future")
@@ -392,6 +396,28 @@ class TokenVerifier:
         return verified, kid, key
 
 
+TIME_CLAIMS_REASON = "token 'iat', 'exp' and 'nbf' must be whole numbers of seconds"
+# The subject becomes the access log's actor and is compared with professional ids (≤ 128).
+MAX_SUBJECT_CHARS = 255
+SUBJECT_REASON = f"token 'sub' must be printable text of 1 to {MAX_SUBJECT_CHARS} characters"
+
+
+def _seconds(value: object) -> bool:
+    """A whole number of seconds (JSON true is not one, though Python counts it as an int)."""
+    return type(value) is int
+
+
+def _usable_subject(value: object) -> TypeGuard[str]:
+    """Printable text that encodes as UTF-8 (no lone surrogate), of a bounded length."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_SUBJECT_CHARS:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return value.isprintable()
+
+
 def _reason(exc: JOSEError) -> str:
     text = str(exc).lower()
     for needle, reason in (
@@ -400,6 +426,7 @@ def _reason(exc: JOSEError) -> str:
         ("audience", "token audience is not accepted"),
         ("issuer", "token issuer is not accepted"),
         ("signature", "token signature does not verify"),
+        ("subject must", SUBJECT_REASON),
         ("missing", "token lacks a required claim (exp, iat, iss, aud, sub)"),
         ("require", "token lacks a required claim (exp, iat, iss, aud, sub)"),
     ):

@@ -192,6 +192,48 @@ def test_bad_claims_are_refused(
     assert_401(client, app.state.dev_issuer.sign(claims), reason)
 
 
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [
+        ("exp", None),
+        ("exp", [1]),
+        ("exp", "soon"),
+        ("exp", float("inf")),
+        ("exp", 1e400),
+        ("exp", True),
+        ("exp", 2.0e9),
+        ("iat", None),
+        ("iat", True),
+        ("iat", float("-inf")),
+        ("nbf", None),
+        ("nbf", [0]),
+        ("nbf", False),
+    ],
+)
+def test_time_claims_of_another_type_are_refused_not_a_500(
+    api: tuple[FastAPI, TestClient], claim: str, value: object
+) -> None:
+    app, client = api
+    token = app.state.dev_issuer.sign({**good_claims(), claim: value})
+    response = client.get("/v1/me", headers=bearer(token))
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+
+
+@pytest.mark.parametrize(
+    "subject", ["\ud800", "prof\x00001", "prof\n001", "x" * 256, "", 7, ["prof-001"]]
+)
+def test_a_subject_that_is_not_printable_text_is_refused_at_authentication(
+    api: tuple[FastAPI, TestClient], subject: object
+) -> None:
+    app, client = api
+    token = app.state.dev_issuer.sign({**good_claims(), "sub": subject})
+    for path in ("/v1/me", f"/v1/packets/{'0' * 32}/clients"):
+        response = client.get(path, headers=bearer(token))
+        assert response.status_code == 401, (path, response.text)
+        assert "token 'sub' must be printable text" in response.json()["detail"]
+
+
 @pytest.mark.parametrize("header", ["jku", "x5u", "jwk"])
 def test_key_location_headers_are_refused(api: tuple[FastAPI, TestClient], header: str) -> None:
     app, client = api
