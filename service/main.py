@@ -38,7 +38,9 @@ from service.policies import load_policies
 from service.records.router import router as records_router
 
 logger = logging.getLogger("casepackets")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A caller's X-Request-ID is kept only when it is a UUID (with or without dashes): it is written
+# into the append-only access log, so it may not carry free text such as a name or a BSN.
+REQUEST_ID = re.compile(r"[0-9a-f]{8}(-?)[0-9a-f]{4}\1[0-9a-f]{4}\1[0-9a-f]{4}\1[0-9a-f]{12}")
 
 
 class BodySizeLimit:
@@ -97,7 +99,7 @@ class BodySizeLimit:
 
 
 class RequestId:
-    """Give every request an id (a well-formed ``X-Request-ID`` or a fresh one) in
+    """Give every request an id (the caller's ``X-Request-ID`` if it is a UUID, else a fresh one) in
     ``request.state.request_id``, echo it as ``X-Request-ID`` and default ``Cache-Control`` to
     ``no-store``.
 
@@ -117,7 +119,8 @@ class RequestId:
             if name == b"x-request-id":
                 given = value.decode("latin-1")
                 break
-        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        given = given.lower()
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         # request.state reads scope["state"].
         scope.setdefault("state", {})["request_id"] = request_id
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,10 @@ PROBLEM = "application/problem+json"
 # Held in constants so the frames a 500 logs (which quote source lines) cannot contain them.
 LEAKY_MESSAGE = "identity 123456782 must not leak"
 LEAKY_CAUSE = "token eyJ-fake must not leak"
+
+REQUEST_A = "0f8fad5b-d9cb-469f-a165-70867728950e"
+REQUEST_B = "7c9e6679742540de944be07fc1f90ae7"
+REQUEST_C = "6fa459ea-ee8a-3ca4-894e-db77e160355e"
 
 
 class Thing(StrictModel):
@@ -166,13 +171,15 @@ def test_json_body_under_another_content_type_is_422_asking_for_application_json
 def test_body_over_the_limit_is_413_before_parsing(probed: TestClient, app: FastAPI) -> None:
     limit = app.state.settings.max_body_bytes
     response = probed.post(
-        "/probe/things", content=b"x" * (limit + 1), headers={"X-Request-ID": "req-413"}
+        "/probe/things",
+        content=b"x" * (limit + 1),
+        headers={"X-Request-ID": REQUEST_A},
     )
     assert response.status_code == 413
     assert response.headers["content-type"].startswith(PROBLEM)
     body = response.json()
     assert str(limit) in body["detail"]
-    assert body["request_id"] == "req-413" == response.headers["X-Request-ID"]
+    assert body["request_id"] == REQUEST_A == response.headers["X-Request-ID"]
     assert body["instance"] == "/probe/things"
 
 
@@ -189,10 +196,10 @@ def test_chunked_body_over_the_limit_is_413(probed: TestClient, app: FastAPI) ->
 
 
 def test_unexpected_error_is_500_without_details(probed: TestClient) -> None:
-    response = probed.get("/probe/boom", headers={"X-Request-ID": "req-42"})
+    response = probed.get("/probe/boom", headers={"X-Request-ID": REQUEST_B})
     assert response.status_code == 500
     assert response.headers["content-type"].startswith(PROBLEM)
-    assert response.json()["request_id"] == "req-42"
+    assert response.json()["request_id"] == REQUEST_B
     assert "secret-bsn" not in response.text
     assert "Traceback" not in response.text
 
@@ -205,17 +212,17 @@ def test_unexpected_error_is_logged_without_its_message_and_goes_no_further(
     # raise_server_exceptions=True: an exception escaping the ASGI app is re-raised here, as it
     # would reach uvicorn, which logs it with its message and causes.
     with TestClient(app) as strict_client:
-        response = strict_client.get("/probe/leaky", headers={"X-Request-ID": "req-43"})
+        response = strict_client.get("/probe/leaky", headers={"X-Request-ID": REQUEST_C})
 
     assert response.status_code == 500
     assert response.headers["content-type"].startswith(PROBLEM)
-    assert response.headers["x-request-id"] == "req-43"
-    assert response.json()["request_id"] == "req-43"
+    assert response.headers["x-request-id"] == REQUEST_C
+    assert response.json()["request_id"] == REQUEST_C
     assert LEAKY_MESSAGE not in response.text
     [logged] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert logged.name == "casepackets"
     assert logged.getMessage().startswith(
-        "unhandled ValueError on GET /probe/leaky (request req-43)"
+        f"unhandled ValueError on GET /probe/leaky (request {REQUEST_C})"
     )
     assert "in leaky" in logged.getMessage()
     assert logged.exc_info is None
@@ -223,12 +230,27 @@ def test_unexpected_error_is_logged_without_its_message_and_goes_no_further(
         assert secret not in caplog.text
 
 
-def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
-    assert client.get("/healthz", headers={"X-Request-ID": "abc-1"}).headers["x-request-id"] == (
-        "abc-1"
-    )
-    generated = client.get("/healthz", headers={"X-Request-ID": "bad id\n"}).headers["x-request-id"]
-    assert len(generated) == 32
+def test_request_id_is_echoed_when_a_uuid_or_generated(client: TestClient) -> None:
+    for given, kept in (
+        ("0f8fad5b-d9cb-469f-a165-70867728950e", "0f8fad5b-d9cb-469f-a165-70867728950e"),
+        ("7C9E6679742540DE944BE07FC1F90AE7", "7c9e6679742540de944be07fc1f90ae7"),
+    ):
+        assert client.get("/healthz", headers={"X-Request-ID": given}).headers["x-request-id"] == (
+            kept
+        )
+    # Free text never reaches the access log through the request id (nor a half-dashed UUID).
+    for refused in (
+        "abc-1",
+        "Jan.Jansen-bsn-123456782",
+        "bad id\n",
+        "0f8fad5b-d9cb469f-a165-70867728950e",
+        "0f8fad5b-d9cb-469f-a165-70867728950e\n",
+    ):
+        generated = client.get("/healthz", headers={"X-Request-ID": refused}).headers[
+            "x-request-id"
+        ]
+        assert generated != refused.lower()
+        assert re.fullmatch(r"[0-9a-f]{32}", generated)
 
 
 def test_production_starts_not_ready_while_the_identity_provider_is_unreachable(

@@ -21,6 +21,8 @@ from service.main import create_app
 from tests.access_log.conftest import append_each
 from tests.conftest import TokenFactory, bearer
 
+AUDIT_REQUEST = "5b0c6a3e4f1d4b2a9c8e7d6f5a4b3c2d"
+
 
 @pytest.fixture
 def auditor(token: TokenFactory) -> dict[str, str]:
@@ -130,7 +132,8 @@ def test_audit_reads_are_logged(
 ) -> None:
     append_each(database, 2)
     response = client.get(
-        "/v1/audit/public-key", headers={**auditor, "X-Request-ID": "audit-req-1"}
+        "/v1/audit/public-key",
+        headers={**auditor, "X-Request-ID": "5b0c6a3e4f1d4b2a9c8e7d6f5a4b3c2d"},
     )
     assert response.status_code == 200
     with database.session() as session:
@@ -139,7 +142,7 @@ def test_audit_reads_are_logged(
     assert last["actor"] == "auditor-001"
     assert last["role"] == "auditor"
     assert last["object_id"] == "public-key"
-    assert last["request_id"] == "audit-req-1"
+    assert last["request_id"] == AUDIT_REQUEST
 
 
 def test_readiness_reports_the_access_log(client: TestClient) -> None:

@@ -427,7 +427,7 @@ def open_repeatedly(db_url: str, home: str, packet_id: str, worker: int) -> list
         owner = bearer(app.state.dev_issuer.mint(subject=OWNER, roles=["professional"]))
         with TestClient(app, raise_server_exceptions=False) as client:
             for number in range(OPENS_PER_PROCESS):
-                request_id = f"w{worker}-open{number}"
+                request_id = f"{worker:08x}-0000-4000-8000-{number:012x}"
                 response = client.get(
                     f"/v1/packets/{packet_id}/clients",
                     headers={**owner, "X-Request-ID": request_id},
