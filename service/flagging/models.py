@@ -86,7 +86,11 @@ class FlaggingRunCreate(StrictModel):
 
 
 class PushedFlag(StrictModel):
-    pseudonym: str = Field(min_length=1, max_length=64, description="as returned by ingest")
+    # The shape ingest hands out, and nothing else: the value is named in errors and written to
+    # the access log, so a name or a BSN pasted here by mistake is refused unseen (422).
+    pseudonym: str = Field(
+        pattern=r"^[0-9a-f]{32}$", description="as returned by ingest (32 lowercase hex)"
+    )
     reason_code: str = Field(
         min_length=1,
         max_length=64,

@@ -14,11 +14,15 @@ from service.records.models import Subject
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF, QUIET, RELAPSING, add_subject, log_entries
 
+# Pushed flags name pseudonyms of the shape ingest hands out.
+QUIET_PSEUDONYM = "5e" * 16
+MISSING = "0" * 32
+
 
 def seed(app: FastAPI, session: Session) -> None:
     keyring = app.state.keyring
     add_subject(session, keyring, pseudonym="ps-relapse", events=RELAPSING)
-    add_subject(session, keyring, pseudonym="ps-quiet", events=QUIET)
+    add_subject(session, keyring, pseudonym=QUIET_PSEUDONYM, events=QUIET)
     add_subject(session, keyring, pseudonym="ps-none")
     session.commit()
 
@@ -153,7 +157,7 @@ def test_a_source_pushes_external_flags_and_it_is_logged(
         json={
             "flags": [
                 {
-                    "pseudonym": "ps-quiet",
+                    "pseudonym": QUIET_PSEUDONYM,
                     "reason_code": "debt-signal",
                     "explanation": "Rent arrears reported by the housing corporation.",
                 }
@@ -167,7 +171,7 @@ def test_a_source_pushes_external_flags_and_it_is_logged(
     assert flag["run_id"] is None
     assert flag["reason_code"] == "debt-signal"
     [logged] = log_entries(session, "flags.push")
-    assert logged["pseudonyms"] == ["ps-quiet"]
+    assert logged["pseudonyms"] == [QUIET_PSEUDONYM]
     assert logged["object_id"] == str(flag["id"])
 
 
@@ -175,13 +179,31 @@ def test_an_unknown_pseudonym_is_422_naming_it_and_nothing_is_stored(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:
     seed(app, session)
-    good = {"pseudonym": "ps-quiet", "reason_code": "x", "explanation": "Reported by a school."}
-    bad = {**good, "pseudonym": "ps-missing"}
+    good = {
+        "pseudonym": QUIET_PSEUDONYM,
+        "reason_code": "x",
+        "explanation": "Reported by a school.",
+    }
+    bad = {**good, "pseudonym": MISSING}
     response = client.post(
         "/v1/flags", json={"flags": [good, bad]}, headers=bearer(token("src", "source"))
     )
     assert response.status_code == 422
     problem = response.json()
-    assert "ps-missing" in problem["detail"]
+    assert MISSING in problem["detail"]
     assert [e["row"] for e in problem["errors"]] == [1]
+    assert log_entries(session, "flags.push") == []
+
+
+def test_a_pushed_pseudonym_of_another_shape_is_refused_without_echoing_it(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    pasted = {"pseudonym": "123456782 Jan", "reason_code": "x", "explanation": "Reported today."}
+    response = client.post(
+        "/v1/flags", json={"flags": [pasted]}, headers=bearer(token("src", "source"))
+    )
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["flags", 0, "pseudonym"]
+    assert "123456782" not in response.text
     assert log_entries(session, "flags.push") == []

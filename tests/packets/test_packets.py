@@ -188,20 +188,23 @@ def test_unplaceable_cases_come_back_with_a_reason(
     )
 
 
+EXTERNAL = "e7" * 16  # a pseudonym of the shape ingest hands out
+
+
 def test_external_flags_join_the_next_partitioning(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:
     coordinator = bearer(token("coord-001", "coordinator"))
     professional(client, coordinator, "prof-001")
     run_id, _ = flagged_run(app, client, session, coordinator, 1)
-    add_subject(session, app.state.keyring, pseudonym="ps-external")
+    add_subject(session, app.state.keyring, pseudonym=EXTERNAL)
     session.commit()
     pushed = client.post(
         "/v1/flags",
         json={
             "flags": [
                 {
-                    "pseudonym": "ps-external",
+                    "pseudonym": EXTERNAL,
                     "reason_code": "school-absence",
                     "explanation": "Long school absence of a child in the household.",
                 }
@@ -217,7 +220,7 @@ def test_external_flags_join_the_next_partitioning(
     detail = client.get(f"/v1/packets/{packet['id']}", headers=coordinator).json()
     assert {(m["pseudonym"], m["flag_kind"]) for m in detail["members"]} == {
         ("ps-000", "algorithm"),
-        ("ps-external", "external"),
+        (EXTERNAL, "external"),
     }
 
 
