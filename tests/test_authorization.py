@@ -127,6 +127,11 @@ LOGGED_DENIALS = {
     ("GET", "/v1/packets/{packet_id}/clients"): "packet.open",
     ("POST", "/v1/packets/{packet_id}/clients/{pseudonym}/followups"): "followup.create",
     ("POST", "/v1/packets/{packet_id}/close"): "packet.close",
+    ("GET", "/v1/audit/entries"): "audit.read",
+    ("GET", "/v1/audit/checkpoint"): "audit.read",
+    ("GET", "/v1/audit/proofs/inclusion"): "audit.read",
+    ("GET", "/v1/audit/proofs/consistency"): "audit.read",
+    ("GET", "/v1/audit/public-key"): "audit.read",
 }
 
 
@@ -297,7 +302,7 @@ def test_authorization_matrix(
                     owner_saw_identities |= bool(found)
                 elif found:
                     leaks.append(f"{method} {key[1]} as {role} ({variant})")
-                if key in LOGGED_DENIALS and status == 404 and role != "anonymous":
+                if key in LOGGED_DENIALS and status in (403, 404) and role != "anonymous":
                     expected_denials[(LOGGED_DENIALS[key], SUBS[role])] += 1
 
     assert not mismatches, "authorization matrix violated:\n" + "\n".join(mismatches)

@@ -1,33 +1,78 @@
 """The auditor API: entries as NDJSON, signed checkpoints, proofs and the verifier key.
 
 Every route needs ``audit.read`` and is itself logged (action ``audit.read``) in the request's
-transaction, so a read that cannot be logged is not served (503).
+transaction, so a read that cannot be logged is not served (503). A refusal is logged too, as
+``denied``, and kept: a caller without ``audit.read`` (403) and a range or size the log does
+not have (400).
 """
 
 from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Iterator
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from sqlmodel import Session
 from starlette.datastructures import State
 
 from service.access_log import service
 from service.access_log.models import ConsistencyProofPublic, InclusionProofPublic
-from service.auth.dependencies import Caller, require
+from service.auth.dependencies import Caller, CurrentCaller
 from service.auth.permissions import Permission
 from service.config import Settings
 from service.crypto.keyring import KeyProvider
 from service.crypto.signing import NoteSigner
 from service.db import Database, SessionDep
-from service.errors import Unavailable
+from service.errors import BadRequest, Forbidden, Unavailable
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.schemas import MAX_INT64
 
-router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=AUTH_ERRORS)
-Auditor = Annotated[Caller, require(Permission.AUDIT_READ)]
+_T = TypeVar("_T")
+PREFIX = "/v1/audit"
+router = APIRouter(prefix=PREFIX, tags=["audit"], responses=AUTH_ERRORS)
+
+
+class AuditReadRefused(Forbidden):
+    commit_before_raising = True  # the refusal keeps its ``denied`` entry
+
+
+class AuditRangeRefused(BadRequest):
+    commit_before_raising = True
+
+
+def audit_caller(request: Request, session: SessionDep, caller: CurrentCaller) -> Caller:
+    """The caller if they may read the log; otherwise a denied ``audit.read`` entry and 403."""
+    if caller.can(Permission.AUDIT_READ):
+        return caller
+    service.log_audit_read(
+        session=session,
+        caller=caller,
+        object_id=request.url.path.removeprefix(f"{PREFIX}/"),
+        outcome="denied",
+        reason=f"lacks {Permission.AUDIT_READ.value}",
+    )
+    raise AuditReadRefused(f"this action needs the permission {Permission.AUDIT_READ.value!r}")
+
+
+Auditor = Annotated[Caller, Depends(audit_caller)]
+
+
+def _read(session: Session, caller: Caller, object_id: str, read: Callable[[], _T]) -> _T:
+    """``read()``, logged as allowed; a range or size the log does not have is logged as denied
+    and refused (400)."""
+    try:
+        result = read()
+    except BadRequest as exc:
+        service.log_audit_read(
+            session=session, caller=caller, object_id=object_id, outcome="denied", reason=exc.detail
+        )
+        raise AuditRangeRefused(exc.detail) from None
+    service.log_audit_read(session=session, caller=caller, object_id=object_id)
+    return result
+
+
 ERRORS = problem_responses(400, 503)
 NDJSON = "application/x-ndjson"
 
@@ -81,8 +126,12 @@ def entries(
     start: Annotated[int, Query(ge=0, le=MAX_INT64, description="first leaf index (inclusive)")],
     end: Annotated[int, Query(ge=1, le=MAX_INT64, description="last leaf index (exclusive)")],
 ) -> StreamingResponse:
-    start, end = service.entry_range(session=session, start=start, end=end)
-    service.log_audit_read(session=session, caller=caller, object_id=f"entries:{start}-{end}")
+    start, end = _read(
+        session,
+        caller,
+        f"entries:{start}-{end}",
+        lambda: service.entry_range(session=session, start=start, end=end),
+    )
     database: Database = request.app.state.database
     # The request's session is closed once the route returns; the stream reads in chunks, each
     # in its own short session, so memory stays constant and no lock is held across the stream.
@@ -126,9 +175,11 @@ def inclusion(
     index: Annotated[int, Query(ge=0, le=MAX_INT64)],
     tree_size: Annotated[int, Query(ge=1, le=MAX_INT64)],
 ) -> InclusionProofPublic:
-    hashes = service.inclusion_proof(session=session, index=index, size=tree_size)
-    service.log_audit_read(
-        session=session, caller=caller, object_id=f"inclusion:{index}@{tree_size}"
+    hashes = _read(
+        session,
+        caller,
+        f"inclusion:{index}@{tree_size}",
+        lambda: service.inclusion_proof(session=session, index=index, size=tree_size),
     )
     return InclusionProofPublic(leaf_index=index, tree_size=tree_size, hashes=_b64(hashes))
 
@@ -145,9 +196,11 @@ def consistency(
     first: Annotated[int, Query(ge=0, le=MAX_INT64)],
     second: Annotated[int, Query(ge=0, le=MAX_INT64)],
 ) -> ConsistencyProofPublic:
-    hashes = service.consistency_proof(session=session, first=first, second=second)
-    service.log_audit_read(
-        session=session, caller=caller, object_id=f"consistency:{first}-{second}"
+    hashes = _read(
+        session,
+        caller,
+        f"consistency:{first}-{second}",
+        lambda: service.consistency_proof(session=session, first=first, second=second),
     )
     return ConsistencyProofPublic(first=first, second=second, hashes=_b64(hashes))
 

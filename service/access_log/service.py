@@ -509,11 +509,25 @@ def signed_checkpoint(
     return note
 
 
-def log_audit_read(*, session: Session, caller: Caller, object_id: str) -> int:
-    """Auditors' reads are themselves logged."""
+def log_audit_read(
+    *,
+    session: Session,
+    caller: Caller,
+    object_id: str,
+    outcome: Outcome = "allowed",
+    reason: str | None = None,
+) -> int:
+    """Reads of the log are themselves logged, and so are refused ones."""
     return append(
         session=session,
-        entry=LogEntry.by(caller, action="audit.read", object_type="audit", object_id=object_id),
+        entry=LogEntry.by(
+            caller,
+            action="audit.read",
+            object_type="audit",
+            object_id=object_id,
+            outcome=outcome,
+            reason=reason,
+        ),
     )
 
 

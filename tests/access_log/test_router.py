@@ -109,7 +109,7 @@ def test_proof_endpoints_return_verifiable_proofs(
         ("/v1/audit/proofs/inclusion?index=x&tree_size=4", 422),
     ],
 )
-def test_bad_parameters_are_problems_and_change_nothing(
+def test_bad_parameters_are_problems_and_only_the_refusal_is_logged(
     client: TestClient, database: Database, auditor: dict[str, str], path: str, status: int
 ) -> None:
     append_each(database, 4)
@@ -117,14 +117,32 @@ def test_bad_parameters_are_problems_and_change_nothing(
     assert response.status_code == status
     assert response.headers["content-type"] == "application/problem+json"
     with database.session() as session:
-        assert log.tree_size(session=session) == 4
+        entries = [json.loads(e) for e in log.iter_entries(session=session, start=4, end=10)]
+    if status == 422:  # refused by validation, before the route: nothing was read
+        assert entries == []
+    else:  # a range the log does not have: the attempt is logged as denied, with the reason
+        [refused] = entries
+        assert (refused["action"], refused["outcome"]) == ("audit.read", "denied")
+        assert refused["reason"] == response.json()["detail"]
 
 
-def test_only_auditors_read_the_log(client: TestClient, token: TokenFactory) -> None:
-    for path in ("/v1/audit/checkpoint", "/v1/audit/public-key", "/v1/audit/entries?start=0&end=1"):
+def test_only_auditors_read_the_log_and_every_refusal_is_logged(
+    client: TestClient, database: Database, token: TokenFactory
+) -> None:
+    paths = ("/v1/audit/checkpoint", "/v1/audit/public-key", "/v1/audit/entries?start=0&end=1")
+    for path in paths:
         assert client.get(path).status_code == 401
         response = client.get(path, headers=bearer(token("prof-001", "professional")))
         assert response.status_code == 403
+    with database.session() as session:
+        logged = [json.loads(e) for e in log.iter_entries(session=session, start=0, end=3)]
+        assert log.tree_size(session=session) == 3
+    assert [(e["actor"], e["action"], e["outcome"], e["object_id"]) for e in logged] == [
+        ("prof-001", "audit.read", "denied", "checkpoint"),
+        ("prof-001", "audit.read", "denied", "public-key"),
+        ("prof-001", "audit.read", "denied", "entries"),
+    ]
+    assert {e["reason"] for e in logged} == {"lacks audit.read"}
 
 
 def test_audit_reads_are_logged(
@@ -133,7 +151,7 @@ def test_audit_reads_are_logged(
     append_each(database, 2)
     response = client.get(
         "/v1/audit/public-key",
-        headers={**auditor, "X-Request-ID": "5b0c6a3e4f1d4b2a9c8e7d6f5a4b3c2d"},
+        headers={**auditor, "X-Request-ID": AUDIT_REQUEST},
     )
     assert response.status_code == 200
     with database.session() as session:
