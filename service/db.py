@@ -7,7 +7,7 @@ Guarantees:
   (taken on BEGIN, given back after COMMIT/ROLLBACK or close): the threads of a process on a
   lock, the processes on ``flock`` of ``<database>-writers``, waiting in the kernel rather than
   in SQLite's sleeping busy handler. The waits together stay within the engine's lock timeout;
-- PostgreSQL goes through psycopg 3;
+- PostgreSQL goes through psycopg 3, with every lock wait bounded by the engine's lock timeout;
 - SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
 - the schema is changed only by Alembic (``migrate``), never by ``create_all``;
 - the request owns the transaction: ``get_session`` commits after the route returns and before
@@ -93,6 +93,9 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=pool_size,
+        # Every lock wait is bounded like the log's, not only the log's: a row or table lock
+        # held elsewhere (a long job, a migration) ends a request with 503 instead of a hang.
+        connect_args={"options": f"-c lock_timeout={max(1, int(lock_timeout_seconds * 1000))}"},
         execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
     )
 

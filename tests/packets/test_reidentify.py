@@ -311,10 +311,17 @@ LOCK_BOUND_SECONDS = 0.5
 
 
 class HeldLogLock:
-    """Holds the access log's write lock from another connection, as a busy worker would."""
+    """Holds a lock an open needs from another connection, as a busy worker or job would.
 
-    def __init__(self, db_url: str) -> None:
+    SQLite has one write lock for everything; on PostgreSQL ``what`` picks the access log's
+    advisory lock, the packet's row (``FOR UPDATE``, as a reassign or shred holds it) or the
+    log's entry table (``LOCK TABLE``, as a migration might).
+    """
+
+    def __init__(self, db_url: str, what: str = "log", packet_id: str = "") -> None:
         self.db_url = db_url
+        self.what = what
+        self.packet_id = packet_id
         self.postgres: psycopg.Connection[Any] | None = None
         self.engine = (
             make_engine(db_url) if make_url(db_url).get_backend_name() == "sqlite" else None
@@ -325,10 +332,17 @@ class HeldLogLock:
             self.connection = self.engine.connect()
             self.transaction = self.connection.begin()  # BEGIN IMMEDIATE: the write lock
             self.connection.execute(text("SELECT 1"))
-        else:
-            libpq = make_url(self.db_url).set(drivername="postgresql").render_as_string(False)
-            self.postgres = psycopg.connect(libpq, autocommit=True)
+            return self
+        libpq = make_url(self.db_url).set(drivername="postgresql").render_as_string(False)
+        self.postgres = psycopg.connect(libpq, autocommit=self.what == "log")
+        if self.what == "log":
             self.postgres.execute("SELECT pg_advisory_lock(%s)", (LOG_LOCK_KEY,))
+        elif self.what == "packet-row":
+            self.postgres.execute(
+                "SELECT 1 FROM packets WHERE id = %s FOR UPDATE", (self.packet_id,)
+            )
+        else:
+            self.postgres.execute("LOCK TABLE access_log_entries IN EXCLUSIVE MODE")
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -337,7 +351,10 @@ class HeldLogLock:
             self.connection.close()
             self.engine.dispose()
         elif self.postgres is not None:
-            self.postgres.execute("SELECT pg_advisory_unlock(%s)", (LOG_LOCK_KEY,))
+            if self.what == "log":
+                self.postgres.execute("SELECT pg_advisory_unlock(%s)", (LOG_LOCK_KEY,))
+            else:
+                self.postgres.rollback()
             self.postgres.close()
 
 
@@ -374,8 +391,9 @@ def test_the_open_body_is_exactly_what_the_documented_schema_serializes(
     assert all(c.flag.hits for c in parsed.clients)
 
 
-def test_open_fails_closed_with_503_and_no_identity_while_the_log_is_locked(
-    client: TestClient, token: TokenFactory, db_url: str, home: Path, session: Session
+@pytest.mark.parametrize("held", ["log", "packet-row", "log-table"])
+def test_open_fails_closed_with_503_and_no_identity_while_a_lock_it_needs_is_held(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path, session: Session, held: str
 ) -> None:
     world = small_world(client, token)
     packet = world.packet(OWNER, "Charlois")
@@ -386,7 +404,7 @@ def test_open_fails_closed_with_503_and_no_identity_while_the_log_is_locked(
     try:
         with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
             owner = bearer(token(OWNER, "professional"))
-            with HeldLogLock(db_url):
+            with HeldLogLock(db_url, held, packet["id"]):
                 started = time.monotonic()
                 response = c.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
                 waited = time.monotonic() - started
