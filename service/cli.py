@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -897,10 +898,13 @@ def expire(
 
     Deletes each due packet's wrapped key, its members' wraps and its follow-up notes; metadata,
     outcome codes and the access log stay. Every shred is logged. Safe to run while the service
-    (which also does this periodically) is running, and safe to interrupt and run again.
+    (which also does this periodically) is running, and safe to interrupt and run again. Exit
+    status 1 when a due packet stayed in use (by a request or another shredder) past a few
+    tries, or overwritten rows could not be purged yet: run it again later.
     """
+    from service.packets.models import utcnow
     from service.packets.policy import PacketsPolicyError, load_retention_policy
-    from service.packets.service import shred_expired
+    from service.packets.service import count_due_for_shredding, shred_expired
 
     settings = settings_or_exit()
     try:
@@ -908,17 +912,48 @@ def expire(
     except PacketsPolicyError as exc:
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
+    moment = utcnow()
+    shredded = still_due = 0
     with database_for(settings) as database, progress_bar() as progress:
         task = progress.add_task("crypto-shredding due packets", total=None)
-        shredded = shred_expired(
-            database=database,
-            retention=retention,
-            actor="system:expire",
-            batch_size=batch_size,
-            on_start=lambda due: progress.update(task, total=due),
-            on_progress=lambda done: progress.advance(task, done),
-        )
+        for attempt in range(EXPIRE_ATTEMPTS):
+            if attempt:
+                time.sleep(EXPIRE_RETRY_SECONDS)  # a request holds a packet for milliseconds
+            shredded += shred_expired(
+                database=database,
+                retention=retention,
+                actor="system:expire",
+                batch_size=batch_size,
+                now=moment,
+                on_start=(lambda due: progress.update(task, total=due)) if not attempt else None,
+                on_progress=lambda done: progress.advance(task, done),
+            )
+            with database.transaction() as session:
+                still_due = count_due_for_shredding(
+                    session=session, retention=retention, now=moment
+                )
+            if not still_due:
+                break
+        purge_pending = database.purge_pending
     console.print(f"crypto-shredded {shredded} packets", highlight=False)
+    if still_due:
+        console.print(
+            f"[yellow]{still_due} due packets stayed in use by a request or another shredder and "
+            "were not shredded by this run; run `casepackets expire` again[/yellow]",
+            highlight=False,
+        )
+    if purge_pending:
+        console.print(
+            "[yellow]overwritten rows could not be purged from the database files yet (a reader "
+            "still needs them); run `casepackets expire` again later[/yellow]",
+            highlight=False,
+        )
+    if still_due or purge_pending:
+        raise typer.Exit(1)
+
+
+EXPIRE_ATTEMPTS = 5
+EXPIRE_RETRY_SECONDS = 1.0
 
 
 def main() -> None:

@@ -285,6 +285,8 @@ class Database:
     """One engine per process; sessions are short and owned by a request or a command."""
 
     def __init__(self, settings: Settings) -> None:
+        # Set while overwritten wraps or ciphertexts may linger (see purge_replaced_rows).
+        self.purge_pending = False
         self.url = settings.resolved_database_url
         self.engine = make_engine(
             self.url,
@@ -310,25 +312,35 @@ class Database:
                 session.rollback()
                 raise
 
-    def purge_replaced_rows(self) -> None:
-        """Remove what is left of rows that crypto-shredding or erasure overwrote; best effort,
-        a failure is logged by type.
+    def purge_replaced_rows(self) -> bool:
+        """Remove what is left of rows that crypto-shredding or erasure overwrote. True once
+        done; False when it could not finish (logged by type), and ``purge_pending`` then stays
+        set so the periodic job tries again.
 
         PostgreSQL keeps an updated row's previous version, with the wrap or ciphertext it
         held, until VACUUM, which here runs at once (``SKIP_LOCKED``: a table being vacuumed
         already is left to that run) rather than whenever autovacuum gets round to it. SQLite
         zeroes freed space itself (``secure_delete``) but keeps old page images in its ``-wal``
-        file; a TRUNCATE checkpoint empties it unless a reader still needs it. Copies outside the
-        database (WAL archives, backups) stay: retiring the key version that wrapped them is
-        what makes those undecryptable.
+        file; a TRUNCATE checkpoint empties it unless a reader still needs it, and reports when
+        one did. Copies outside the database (WAL archives, backups) stay: retiring the key
+        version that wrapped them is what makes those undecryptable.
         """
+        self.purge_pending = True
         try:
             if self.is_sqlite:
                 raw = self.engine.raw_connection()
                 try:
-                    raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # type: ignore[union-attr]
+                    busy, _, _ = raw.driver_connection.execute(  # type: ignore[union-attr]
+                        "PRAGMA wal_checkpoint(TRUNCATE)"
+                    ).fetchone()
                 finally:
                     raw.close()
+                if busy:
+                    logger.warning(
+                        "could not empty the SQLite -wal file of overwritten rows: a reader "
+                        "still needs it; trying again later"
+                    )
+                    return False
             else:
                 with self.engine.connect().execution_options(
                     isolation_level="AUTOCOMMIT"
@@ -336,6 +348,9 @@ class Database:
                     connection.exec_driver_sql(f"VACUUM (SKIP_LOCKED) {', '.join(WRAP_TABLES)}")
         except (OperationalError, sqlite3.Error) as exc:
             logger.warning("could not purge replaced rows (%s)", type(exc).__name__)
+            return False
+        self.purge_pending = False
+        return True
 
     def dispose(self) -> None:
         self.engine.dispose()

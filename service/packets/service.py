@@ -1345,27 +1345,30 @@ def shred_expired(
     """The shredding job: every due packet, ``batch_size`` per committed transaction.
 
     A job, not a request: it owns its transactions (one per batch), so an interruption loses at
-    most one batch and a rerun continues. When it shredded anything it ends by purging the
-    overwritten row versions (``Database.purge_replaced_rows``). Returns how many packets it
-    shredded.
+    most one batch and a rerun continues. When it shredded anything it ends, even when
+    interrupted, by purging the overwritten row versions (``Database.purge_replaced_rows``).
+    Returns how many packets it shredded. On PostgreSQL a due packet that a request or another
+    shredder holds is skipped, not waited for: ``count_due_for_shredding`` afterwards tells.
     """
     moment = now or utcnow()
     if on_start is not None:
         with database.transaction() as session:
             on_start(count_due_for_shredding(session=session, retention=retention, now=moment))
     total = 0
-    while True:
-        with database.transaction() as session:
-            shredded = shred_due(
-                session=session, retention=retention, now=moment, actor=actor, limit=batch_size
-            )
-        if not shredded:
-            if total:
-                database.purge_replaced_rows()
-            return total
-        total += len(shredded)
-        if on_progress is not None:
-            on_progress(len(shredded))
+    try:
+        while True:
+            with database.transaction() as session:
+                shredded = shred_due(
+                    session=session, retention=retention, now=moment, actor=actor, limit=batch_size
+                )
+            if not shredded:
+                return total
+            total += len(shredded)
+            if on_progress is not None:
+                on_progress(len(shredded))
+    finally:
+        if total:
+            database.purge_replaced_rows()
 
 
 async def shred_periodically(
@@ -1381,6 +1384,8 @@ async def shred_periodically(
             shredded = await asyncio.to_thread(
                 shred_expired, database=database, retention=retention, actor="system:shredder"
             )
+            if database.purge_pending:  # an earlier purge (after an erasure, say) could not end
+                await asyncio.to_thread(database.purge_replaced_rows)
         except Exception as exc:
             logger.warning(
                 "periodic crypto-shredding failed (%s); retrying later", type(exc).__name__

@@ -10,11 +10,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from service.access_log.models import AccessLogEntry
+from service.access_log.service import LOG_LOCK_KEY
+from service.db import make_engine
 from service.packets.models import Followup, Packet, PacketMember
 from service.records.demo import synthetic_bsn
 from service.records.models import Subject
@@ -179,3 +183,51 @@ def log_entries(session: Session, action: str | None = None) -> list[dict[str, A
 
 def leaked(text: str, secrets: set[str]) -> list[str]:
     return sorted(secret for secret in secrets if secret in text)
+
+
+class HeldLogLock:
+    """Holds a lock an open needs from another connection, as a busy worker or job would.
+
+    SQLite has one write lock for everything; on PostgreSQL ``what`` picks the access log's
+    advisory lock, the packet's row (``FOR UPDATE``, as a reassign or shred holds it) or the
+    log's entry table (``LOCK TABLE``, as a migration might).
+    """
+
+    def __init__(self, db_url: str, what: str = "log", packet_id: str = "") -> None:
+        self.db_url = db_url
+        self.what = what
+        self.packet_id = packet_id
+        self.postgres: psycopg.Connection[Any] | None = None
+        self.engine = (
+            make_engine(db_url) if make_url(db_url).get_backend_name() == "sqlite" else None
+        )
+
+    def __enter__(self) -> HeldLogLock:
+        if self.engine is not None:
+            self.connection = self.engine.connect()
+            self.transaction = self.connection.begin()  # BEGIN IMMEDIATE: the write lock
+            self.connection.execute(text("SELECT 1"))
+            return self
+        libpq = make_url(self.db_url).set(drivername="postgresql").render_as_string(False)
+        self.postgres = psycopg.connect(libpq, autocommit=self.what == "log")
+        if self.what == "log":
+            self.postgres.execute("SELECT pg_advisory_lock(%s)", (LOG_LOCK_KEY,))
+        elif self.what == "packet-row":
+            self.postgres.execute(
+                "SELECT 1 FROM packets WHERE id = %s FOR UPDATE", (self.packet_id,)
+            )
+        else:
+            self.postgres.execute("LOCK TABLE access_log_entries IN EXCLUSIVE MODE")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.engine is not None:
+            self.transaction.rollback()
+            self.connection.close()
+            self.engine.dispose()
+        elif self.postgres is not None:
+            if self.what == "log":
+                self.postgres.execute("SELECT pg_advisory_unlock(%s)", (LOG_LOCK_KEY,))
+            else:
+                self.postgres.rollback()
+            self.postgres.close()

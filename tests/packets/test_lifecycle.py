@@ -3,6 +3,8 @@ holding the keyring can recover an identity through a packet (SQLite and Postgre
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -17,6 +19,7 @@ from sqlalchemy import select, update
 from sqlmodel import Session
 from typer.testing import CliRunner
 
+from service.access_log.service import LogEntry, append
 from service.cli import app as cli
 from service.config import Settings, get_settings
 from service.crypto.envelope import DataKey, unwrap_key
@@ -25,6 +28,7 @@ from service.db import WRAP_TABLES, Database
 from service.main import create_app
 from service.packets import service as packets_service
 from service.packets.models import utcnow
+from service.packets.policy import RetentionPolicy
 from service.packets.service import packet_key_aad, shred_expired
 from tests.conftest import TokenFactory, bearer
 from tests.packets.scenario import (
@@ -34,6 +38,7 @@ from tests.packets.scenario import (
     NOTE,
     PACKETS,
     SUBJECTS,
+    HeldLogLock,
     World,
     build_world,
     leaked,
@@ -238,6 +243,98 @@ def test_expired_packets_are_refused_and_the_expire_command_shreds_them(
     shreds = log_entries(session, "packet.shred")
     assert [(e["actor"], e["object_id"]) for e in shreds] == [("system:expire", packet["id"])]
     assert shreds[0]["reason"].startswith("expired")
+
+
+def test_expire_reports_a_due_packet_it_could_not_take_and_exits_1(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    cli_env: None,
+    db_url: str,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL: a due packet a request holds is skipped, tried again a few times, then
+    reported (exit 1), and the next run shreds it. SQLite: the held write lock stops the whole
+    run, also with exit 1."""
+    world = world_of(client, token)
+    held = world.packet(OWNER, "Charlois")
+    free = world.packet(OTHER, "Feijenoord")
+    session.execute(update(PACKETS).values(expires_at=utcnow() - timedelta(minutes=1)))
+    session.commit()
+    monkeypatch.setenv("CASEPACKETS_LOG_LOCK_TIMEOUT_SECONDS", "0.3")
+    monkeypatch.setattr("service.cli.EXPIRE_RETRY_SECONDS", 0.05)
+    get_settings.cache_clear()
+    runner = CliRunner()
+    with HeldLogLock(db_url, "packet-row", held["id"]):
+        result = runner.invoke(cli, ["expire"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, output
+    if backend == "postgres":
+        assert "crypto-shredded 1 packets" in output
+        assert "1 due packets stayed in use by a request or another shredder" in output
+        assert packet_state(session, free["id"])["status"] == "expired"
+    else:
+        assert "busy" in output
+    assert packet_state(session, held["id"])["status"] == "assigned"
+
+    again = runner.invoke(cli, ["expire"])
+    assert again.exit_code == 0, again.output
+    assert_shredded(packet_state(session, held["id"]), "expired")
+    assert_shredded(packet_state(session, free["id"]), "expired")
+
+
+def test_a_purge_a_reader_holds_up_is_reported_and_finished_by_the_periodic_job(
+    db_url: str, home: Path, backend: str, session: Session
+) -> None:
+    """SQLite: a TRUNCATE checkpoint cannot empty the -wal file while a reader needs its frames;
+    the purge says so and stays pending, and the periodic job finishes it once the reader is
+    gone. PostgreSQL's VACUUM is not held up by a reader."""
+    settings = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.3)
+    database = Database(settings)
+    reader = database.engine.raw_connection() if backend == "sqlite" else None
+    try:
+        if reader is not None:
+            reader.driver_connection.execute("BEGIN")  # type: ignore[union-attr]
+            reader.driver_connection.execute("SELECT count(*) FROM packets").fetchone()  # type: ignore[union-attr]
+            # a write the reader's snapshot does not see: its frames must stay in the -wal
+            with database.transaction() as writer:
+                append(
+                    session=writer,
+                    entry=LogEntry(
+                        actor="system:test",
+                        role="system",
+                        action="test.write",
+                        object_type="test",
+                        object_id="1",
+                    ),
+                )
+            assert database.purge_replaced_rows() is False
+            assert database.purge_pending
+            reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
+        else:
+            assert database.purge_replaced_rows() is True
+            database.purge_pending = True  # as after a purge that failed for another reason
+
+        async def a_few_periodic_runs() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    packets_service.shred_periodically(
+                        database=database,
+                        retention=RetentionPolicy(
+                            version=1, packet_ttl_days=1, closed_grace_days=0
+                        ),
+                        interval_seconds=0.05,
+                    ),
+                    timeout=0.5,
+                )
+
+        asyncio.run(a_few_periodic_runs())
+        assert not database.purge_pending
+    finally:
+        if reader is not None:
+            reader.close()
+        database.dispose()
 
 
 def test_a_coordinator_may_close_any_packet_another_professional_may_not(

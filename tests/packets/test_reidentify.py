@@ -9,18 +9,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 from sqlmodel import Session
 
 from service.access_log import service as log
-from service.access_log.service import LOG_LOCK_KEY
 from service.access_log.verify import verify_export
 from service.config import Settings
-from service.db import Database, make_engine
+from service.db import Database
 from service.main import create_app
 from service.packets import service as packets_service
 from service.packets.models import PacketClientsPublic
@@ -31,6 +28,7 @@ from tests.packets.scenario import (
     MEMBERS,
     NOTE,
     PACKETS,
+    HeldLogLock,
     World,
     build_world,
     leaked,
@@ -308,54 +306,6 @@ def test_an_erased_member_comes_back_as_erased_without_failing_the_packet(
 # -- failing closed ---------------------------------------------------------------------------
 
 LOCK_BOUND_SECONDS = 0.5
-
-
-class HeldLogLock:
-    """Holds a lock an open needs from another connection, as a busy worker or job would.
-
-    SQLite has one write lock for everything; on PostgreSQL ``what`` picks the access log's
-    advisory lock, the packet's row (``FOR UPDATE``, as a reassign or shred holds it) or the
-    log's entry table (``LOCK TABLE``, as a migration might).
-    """
-
-    def __init__(self, db_url: str, what: str = "log", packet_id: str = "") -> None:
-        self.db_url = db_url
-        self.what = what
-        self.packet_id = packet_id
-        self.postgres: psycopg.Connection[Any] | None = None
-        self.engine = (
-            make_engine(db_url) if make_url(db_url).get_backend_name() == "sqlite" else None
-        )
-
-    def __enter__(self) -> HeldLogLock:
-        if self.engine is not None:
-            self.connection = self.engine.connect()
-            self.transaction = self.connection.begin()  # BEGIN IMMEDIATE: the write lock
-            self.connection.execute(text("SELECT 1"))
-            return self
-        libpq = make_url(self.db_url).set(drivername="postgresql").render_as_string(False)
-        self.postgres = psycopg.connect(libpq, autocommit=self.what == "log")
-        if self.what == "log":
-            self.postgres.execute("SELECT pg_advisory_lock(%s)", (LOG_LOCK_KEY,))
-        elif self.what == "packet-row":
-            self.postgres.execute(
-                "SELECT 1 FROM packets WHERE id = %s FOR UPDATE", (self.packet_id,)
-            )
-        else:
-            self.postgres.execute("LOCK TABLE access_log_entries IN EXCLUSIVE MODE")
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self.engine is not None:
-            self.transaction.rollback()
-            self.connection.close()
-            self.engine.dispose()
-        elif self.postgres is not None:
-            if self.what == "log":
-                self.postgres.execute("SELECT pg_advisory_unlock(%s)", (LOG_LOCK_KEY,))
-            else:
-                self.postgres.rollback()
-            self.postgres.close()
 
 
 def test_the_open_body_is_exactly_what_the_documented_schema_serializes(
