@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.datastructures import MutableHeaders
@@ -29,7 +31,7 @@ from service.config import Settings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
 from service.crypto.keyring import Keyring
 from service.db import Database
-from service.errors import UnexpectedErrors, install_error_handlers, problem
+from service.errors import UnexpectedErrors, Unprocessable, install_error_handlers, problem
 from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses
 from service.packets.router import router as packets_router
@@ -136,6 +138,31 @@ class RequestId:
         await self.app(scope, receive, send_with_headers)
 
 
+def _query_names(dependant: Dependant) -> set[str]:
+    """The query parameters a route takes, its dependencies' included."""
+    names = {field.alias for field in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def refuse_unknown_query_parameters(request: Request) -> None:
+    """422 for a query parameter the route does not take, as for an unknown body field: a typo
+    (``?stauts=closed``) must not quietly answer another question. The name is not echoed."""
+    route = request.scope.get("route")
+    if not request.query_params or not isinstance(route, APIRoute):
+        return
+    if not route.path.startswith("/v1/"):
+        return  # health probes: whatever a load balancer appends is harmless there
+    accepted = _query_names(route.dependant)  # a few fields; only requests with a query pay
+    if not accepted.issuperset(request.query_params.keys()):
+        takes = ", ".join(sorted(accepted)) if accepted else "none"
+        raise Unprocessable(
+            f"unknown query parameter; {request.url.path} takes: {takes}",
+            errors=[{"loc": ["query"], "msg": f"unknown parameter (accepted: {takes})"}],
+        )
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
@@ -209,6 +236,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         summary="Per-professional case packets over pseudonymized records, with a verifiable "
         "access log",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_unknown_query_parameters)],
         responses=problem_responses(422),
         openapi_url="/openapi.json" if browsable else None,
         docs_url="/docs" if browsable else None,

@@ -277,3 +277,21 @@ def test_production_starts_not_ready_while_the_identity_provider_is_unreachable(
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert client.get(path).status_code == 404, path
         assert client.get("/v1/me", headers={"Authorization": "Bearer a.b.c"}).status_code == 401
+
+
+def test_an_unknown_query_parameter_is_422_without_echoing_it(
+    client: TestClient, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    assert client.get("/v1/packets?status=closed", headers=coordinator).status_code == 200
+    typo = client.get("/v1/packets?stauts=closed", headers=coordinator)
+    assert typo.status_code == 422
+    assert typo.headers["content-type"].startswith(PROBLEM)
+    assert typo.json()["detail"].startswith("unknown query parameter; /v1/packets takes: ")
+    assert "status" in typo.json()["detail"]
+    assert "stauts" not in typo.text
+    me = client.get("/v1/me?123456782=1", headers=coordinator)
+    assert me.status_code == 422
+    assert "takes: none" in me.json()["detail"]
+    assert "123456782" not in me.text
+    assert client.get("/healthz?probe=1").status_code == 200
