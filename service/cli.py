@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -39,7 +39,9 @@ from service.crypto.keyring import (
     PURPOSES,
     Key,
     Keyring,
+    KeyringBusy,
     KeyringError,
+    LockedKeyring,
     Purpose,
     check_purpose,
     new_key_material,
@@ -472,6 +474,23 @@ def keyring_or_exit(settings: Settings) -> Keyring:
         raise typer.Exit(2) from None
 
 
+@contextmanager
+def keyring_edit_or_exit(settings: Settings) -> Iterator[LockedKeyring]:
+    """The keyring read afresh and locked against every other key command until the block ends
+    (``Keyring.edit``): what the command logs and what it writes are computed from the same
+    file. Another command holding it past the bound ends this one with exit status 1."""
+    with ExitStack() as stack:
+        try:
+            keyring = stack.enter_context(Keyring.edit(settings.resolved_keyring_path))
+        except KeyringBusy as exc:
+            console.print(f"[red]refused:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+        except KeyringError as exc:
+            console.print(f"[red]keyring refused:[/red] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        yield keyring
+
+
 def log_system_action(
     session: Session, *, command: str, action: str, object_id: str, reason: str
 ) -> None:
@@ -527,10 +546,13 @@ def keys_rotate(
 ) -> None:
     """Add a new version of a key; it encrypts (or pseudonymizes, or signs) from now on."""
     settings = settings_or_exit()
-    keyring = keyring_or_exit(settings)
     checked = check_purpose_or_exit(purpose)
-    version = keyring.next_version(checked)
-    with database_for(settings) as database, database.transaction() as session:
+    with (
+        database_for(settings) as database,
+        keyring_edit_or_exit(settings) as keyring,
+        database.transaction() as session,
+    ):
+        version = keyring.next_version(checked)
         # Logged first: if the log cannot be written, the keyring is left as it was.
         if checked == "log_signing":
             new = hand_over_signing(session, settings=settings, keyring=keyring, version=version)
@@ -556,7 +578,7 @@ def keys_rotate(
 
 
 def hand_over_signing(
-    session: Session, *, settings: Settings, keyring: Keyring, version: int
+    session: Session, *, settings: Settings, keyring: LockedKeyring, version: int
 ) -> Key:
     """Rotate the log signing key through a handover: the rotation entry names the new key, and
     a checkpoint ending with it is signed by the old key and cosigned by the new one, all
@@ -638,9 +660,12 @@ def keys_retire(
 ) -> None:
     """Destroy an old key version; refused while anything still depends on it."""
     settings = settings_or_exit()
-    keyring = keyring_or_exit(settings)
     checked = check_purpose_or_exit(purpose)
-    with database_for(settings) as database, database.transaction() as session:
+    with (
+        database_for(settings) as database,
+        keyring_edit_or_exit(settings) as keyring,
+        database.transaction() as session,
+    ):
         try:
             dependents = count_key_dependents(session=session, purpose=checked, version=version)
         except ServiceError as exc:

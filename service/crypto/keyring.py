@@ -2,8 +2,15 @@
 
 Invariants:
 - the keyring file is created with mode 0600 and is refused (never read) when group or others may
-  read it; it is rewritten atomically (temporary 0600 file, then rename), so a crash never leaves
-  a half-written keyring;
+  read it; it is written atomically (temporary 0600 file, then rename), so a crash never leaves a
+  half-written keyring and a reader never sees one;
+- the file changes only under an exclusive ``flock`` on ``<keyring>.lock`` (mode 0600), held from
+  reading the file to writing it back: ``init`` under it, ``rotate`` and ``retire`` only on the
+  ``LockedKeyring`` that ``Keyring.edit`` reads afresh under it (a plain ``Keyring`` cannot
+  change the file). Two key commands at once therefore never lose each other's change, a
+  version number given out under the lock (``next_version``) is the one written, and of two
+  inits at once exactly one succeeds. Waiting for the lock is bounded
+  (``EDIT_LOCK_TIMEOUT_SECONDS``, then ``KeyringBusy``); readers (running workers) never take it;
 - every purpose has at least one version; ``current`` is the newest active version and is the only
   one that encrypts, wraps or pseudonymizes new data; older versions only decrypt until retired;
 - a retired version's key material is destroyed; retiring the current version is refused, and so
@@ -21,6 +28,8 @@ the file later without touching callers.
 from __future__ import annotations
 
 import base64
+import copy
+import fcntl
 import json
 import logging
 import os
@@ -29,6 +38,8 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -47,6 +58,11 @@ RELOAD_CHECK_SECONDS = 1.0
 # see a rotation within RELOAD_CHECK_SECONDS, but a transaction they began before it may still
 # write under the old version. Rows that did are found by the dependents check before retiring.
 ROTATION_SETTLE_SECONDS = 300
+# How long a change to the keyring waits for another one in progress before giving up. A key
+# command holds the lock for one transaction (its checks and its log entry), so a longer wait
+# means a command that is stuck, and the operator had better hear of it than wait with it.
+EDIT_LOCK_TIMEOUT_SECONDS = 5.0
+_EDIT_LOCK_POLL_SECONDS = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +77,10 @@ class KeyringMissing(KeyringError):
 
 class KeyringTooOpen(KeyringError):
     """The keyring file is readable by group or others."""
+
+
+class KeyringBusy(KeyringError):
+    """Another process held the keyring's edit lock for longer than the wait allows."""
 
 
 class UnknownKey(KeyringError):
@@ -132,6 +152,18 @@ def _write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def _read_document(path: Path) -> dict[str, Any]:
+    """The keyring file's JSON document, refused when it is not readable as a keyring."""
+    raw = _read_private(path)
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise KeyringError(f"{path} is not a valid keyring (not JSON)") from None
+    if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
+        raise KeyringError(f"{path} is not a keyring of format {FILE_FORMAT}")
+    return document
+
+
 def _read_private(path: Path) -> bytes:
     try:
         mode = path.stat().st_mode
@@ -171,9 +203,8 @@ class Keyring:
 
     @classmethod
     def init(cls, path: Path) -> Keyring:
-        """Create a new keyring with version 1 of every purpose; refuses to overwrite one."""
-        if path.exists():
-            raise KeyringError(f"a keyring already exists at {path}; refusing to overwrite it")
+        """Create a new keyring with version 1 of every purpose; refuses to overwrite one (the
+        check and the write are made under the edit lock, so of two inits one is refused)."""
         created = _now()
         document: dict[str, Any] = {
             "format": FILE_FORMAT,
@@ -185,30 +216,25 @@ class Keyring:
                 for purpose in PURPOSES
             },
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise KeyringError(
-                f"a keyring already exists at {path}; refusing to overwrite it"
-            ) from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_dump(document))
-            handle.flush()
-            os.fsync(handle.fileno())
+        with _edit_lock(path, timeout=EDIT_LOCK_TIMEOUT_SECONDS):
+            if os.path.lexists(path):
+                raise KeyringError(f"a keyring already exists at {path}; refusing to overwrite it")
+            _write_atomically(path, _dump(document))
         return cls(path, document)
 
     @classmethod
     def load(cls, path: Path) -> Keyring:
         """Read the keyring at ``path``; refuses a missing, group/world-readable or bad file."""
-        raw = _read_private(path)
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            raise KeyringError(f"{path} is not a valid keyring (not JSON)") from None
-        if not isinstance(document, dict) or document.get("format") != FILE_FORMAT:
-            raise KeyringError(f"{path} is not a keyring of format {FILE_FORMAT}")
-        return cls(path, document)
+        return cls(path, _read_document(path))
+
+    @staticmethod
+    @contextmanager
+    def edit(path: Path) -> Iterator[LockedKeyring]:
+        """The keyring at ``path`` read afresh under its edit lock, which is held until the block
+        ends; the changes (``rotate``, ``retire``) are made on it. Waits at most
+        ``EDIT_LOCK_TIMEOUT_SECONDS`` for a change in progress, then raises ``KeyringBusy``."""
+        with _edit_lock(path, timeout=EDIT_LOCK_TIMEOUT_SECONDS) as lock:
+            yield LockedKeyring(path, _read_document(path), lock=lock)
 
     @classmethod
     def load_or_init(cls, path: Path) -> Keyring:
@@ -298,8 +324,19 @@ class Keyring:
             )
         ]
 
+
+class LockedKeyring(Keyring):
+    """A keyring read under its edit lock (made by ``Keyring.edit`` only). While the lock is
+    held it may change the file; afterwards it is an ordinary, read-only ``Keyring``."""
+
+    def __init__(self, path: Path, document: dict[str, Any], *, lock: _EditLock) -> None:
+        super().__init__(path, document)
+        self._lock = lock
+
     def next_version(self, purpose: Purpose) -> int:
-        """The version number ``rotate`` will give ``purpose`` next (retired ones count)."""
+        """The version number ``rotate`` gives ``purpose`` next (retired ones count): the one
+        it will write, as long as the lock is held."""
+        self._require_lock()
         return (
             max(int(v) for v in self._document["purposes"][check_purpose(purpose)]["versions"]) + 1
         )
@@ -314,18 +351,21 @@ class Keyring:
         purpose = check_purpose(purpose)
         if material is not None and len(material) != KEY_BYTES:
             raise KeyringError(f"a key is {KEY_BYTES} bytes")
-        entry = self._document["purposes"][purpose]
         version = self.next_version(purpose)
+        document = copy.deepcopy(self._document)
+        entry = document["purposes"][purpose]
         encoded = _new_material() if material is None else base64.b64encode(material).decode()
         entry["versions"][str(version)] = {"material": encoded, "created_at": _now()}
         entry["current"] = version
-        self._save()
+        self._save(document)
         return self.current(purpose)
 
     def retire(self, purpose: Purpose, version: int) -> None:
         """Destroy an old version's material. The caller checks that nothing depends on it."""
         purpose = check_purpose(purpose)
-        entry = self._document["purposes"][purpose]
+        self._require_lock()
+        document = copy.deepcopy(self._document)
+        entry = document["purposes"][purpose]
         if int(entry["current"]) == version:
             raise KeyringError(f"{purpose} v{version} is current; rotate before retiring it")
         age = _age_seconds(entry["versions"][str(entry["current"])].get("created_at"))
@@ -342,12 +382,55 @@ class Keyring:
             "created_at": found.get("created_at", ""),
             "retired_at": _now(),
         }
-        self._save()
+        self._save(document)
 
-    def _save(self) -> None:
-        _write_atomically(self.path, _dump(self._document))
-        self._loaded = _parse(self.path, self._document)
+    def _require_lock(self) -> None:
+        if not self._lock.held:
+            raise KeyringError("the keyring changes only inside `Keyring.edit`, under its lock")
+
+    def _save(self, document: dict[str, Any]) -> None:
+        self._require_lock()
+        parsed = _parse(self.path, document)  # a document that would not load is never written
+        _write_atomically(self.path, _dump(document))
+        self._loaded = parsed
         self._file_id = _file_id(self.path)
+
+
+@dataclass
+class _EditLock:
+    """This process's hold on a keyring's edit lock: ``held`` until the lock is released."""
+
+    held: bool
+
+
+@contextmanager
+def _edit_lock(path: Path, *, timeout: float) -> Iterator[_EditLock]:
+    """Hold the exclusive ``flock`` on ``<path>.lock`` (created 0600), taken within ``timeout``
+    seconds or not at all (``KeyringBusy``). Closing the descriptor releases it, also when the
+    process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(f"{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise KeyringBusy(
+                        f"another key command is running; try again (waited {timeout:g} s "
+                        f"for {lock_path})"
+                    ) from None
+                time.sleep(_EDIT_LOCK_POLL_SECONDS)
+        lock = _EditLock(held=True)
+        try:
+            yield lock
+        finally:
+            lock.held = False
+    finally:
+        os.close(fd)
 
 
 def _age_seconds(created_at: Any) -> float:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from service.crypto import keyring as keyring_module
 from service.crypto.keyring import (
     PURPOSES,
     Keyring,
+    KeyringBusy,
     KeyringError,
     KeyringMissing,
     KeyringTooOpen,
@@ -36,6 +40,72 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
         Keyring.init(tmp_path / "k.json")
 
 
+def init_in_a_process(path: str, start: Barrier, results: Queue[tuple[str, str]]) -> None:
+    """``Keyring.init`` in a process of its own, as soon as the other one is ready too."""
+    start.wait(60)
+    try:
+        created = Keyring.init(Path(path))
+    except KeyringError as exc:
+        results.put(("refused", str(exc)))
+    else:
+        results.put(("created", created.current("vault").material.hex()))
+
+
+def test_of_two_inits_at_once_exactly_one_succeeds(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)
+    results: Queue[tuple[str, str]] = context.Queue()
+    processes = [
+        context.Process(target=init_in_a_process, args=(str(path), start, results))
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = sorted(results.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(60)
+    [(created, material), (refused, message)] = outcomes
+    assert (created, refused) == ("created", "refused")
+    assert "already exists" in message
+    assert Keyring.load(path).current("vault").material.hex() == material
+
+
+def test_a_keyring_changes_only_while_its_edit_lock_is_held(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    keyring = Keyring.init(path)
+    assert not hasattr(keyring, "rotate")  # a loaded keyring, like a worker's, only reads
+    with Keyring.edit(path) as editing:
+        assert editing.next_version("vault") == 2
+        editing.rotate("vault")
+    for change in (
+        lambda: editing.next_version("vault"),
+        lambda: editing.rotate("vault"),
+        lambda: editing.retire("vault", 1),
+    ):
+        with pytest.raises(KeyringError, match=r"only inside `Keyring\.edit`"):
+            change()
+    assert [info.version for info in Keyring.load(path).versions("vault")] == [1, 2]
+    assert os.stat(tmp_path / "k.json.lock").st_mode & 0o777 == 0o600
+
+
+def test_an_edit_waits_for_another_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    monkeypatch.setattr(keyring_module, "EDIT_LOCK_TIMEOUT_SECONDS", 0.2)
+    with Keyring.edit(path) as first:
+        with (
+            pytest.raises(KeyringBusy, match="another key command is running; try again"),
+            Keyring.edit(path),
+        ):
+            pass
+        first.rotate("packet")
+    with Keyring.edit(path) as second:
+        assert second.next_version("packet") == 3
+
+
 def test_missing_keyring_names_the_command(tmp_path: Path) -> None:
     with pytest.raises(KeyringMissing, match="casepackets keys init"):
         Keyring.load(tmp_path / "absent.json")
@@ -51,9 +121,9 @@ def test_group_readable_keyring_is_refused(tmp_path: Path) -> None:
 
 def test_rotate_adds_a_current_version_and_keeps_the_old_one(tmp_path: Path) -> None:
     path = tmp_path / "k.json"
-    keyring = Keyring.init(path)
-    old = keyring.current("vault")
-    new = keyring.rotate("vault")
+    old = Keyring.init(path).current("vault")
+    with Keyring.edit(path) as keyring:
+        new = keyring.rotate("vault")
     reloaded = Keyring.load(path)
     assert reloaded.current("vault").version == new.version == 2
     assert reloaded.get("vault", 1).material == old.material
@@ -62,12 +132,13 @@ def test_rotate_adds_a_current_version_and_keeps_the_old_one(tmp_path: Path) -> 
 
 def test_rotate_stores_given_material_of_the_right_length_only(tmp_path: Path) -> None:
     path = tmp_path / "k.json"
-    keyring = Keyring.init(path)
-    with pytest.raises(KeyringError, match="32 bytes"):
-        keyring.rotate("log_signing", material=b"short")
-    assert Keyring.load(path).current("log_signing").version == 1
-    material = new_key_material()
-    keyring.rotate("log_signing", material=material)
+    Keyring.init(path)
+    with Keyring.edit(path) as keyring:
+        with pytest.raises(KeyringError, match="32 bytes"):
+            keyring.rotate("log_signing", material=b"short")
+        assert Keyring.load(path).current("log_signing").version == 1
+        material = new_key_material()
+        keyring.rotate("log_signing", material=material)
     assert Keyring.load(path).current("log_signing").material == material
 
 
@@ -75,12 +146,12 @@ def test_retire_destroys_material_but_not_the_current_version(
     tmp_path: Path, rotations_settled: None
 ) -> None:
     path = tmp_path / "k.json"
-    keyring = Keyring.init(path)
-    old_material = keyring.current("packet").material.hex()
-    with pytest.raises(KeyringError, match="current"):
+    old_material = Keyring.init(path).current("packet").material.hex()
+    with Keyring.edit(path) as keyring:
+        with pytest.raises(KeyringError, match="current"):
+            keyring.retire("packet", 1)
+        keyring.rotate("packet")
         keyring.retire("packet", 1)
-    keyring.rotate("packet")
-    keyring.retire("packet", 1)
     with pytest.raises(UnknownKey):
         Keyring.load(path).get("packet", 1)
     assert old_material not in path.read_text()
@@ -89,17 +160,18 @@ def test_retire_destroys_material_but_not_the_current_version(
 
 def test_retiring_soon_after_a_rotation_is_refused_and_destroys_nothing(tmp_path: Path) -> None:
     path = tmp_path / "k.json"
-    keyring = Keyring.init(path)
-    old_material = keyring.current("vault").material
-    keyring.rotate("vault")
-    with pytest.raises(KeyringError, match=r"vault v2 became current \d+ s ago"):
-        keyring.retire("vault", 1)
+    old_material = Keyring.init(path).current("vault").material
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("vault")
+        with pytest.raises(KeyringError, match=r"vault v2 became current \d+ s ago"):
+            keyring.retire("vault", 1)
     assert Keyring.load(path).get("vault", 1).material == old_material
     # a rotation long past (its file says so) no longer holds retirement back
     document = json.loads(path.read_text())
     document["purposes"]["vault"]["versions"]["2"]["created_at"] = "2026-01-01T00:00:00+00:00"
     path.write_text(json.dumps(document))
-    Keyring.load(path).retire("vault", 1)
+    with Keyring.edit(path) as keyring:
+        keyring.retire("vault", 1)
     with pytest.raises(UnknownKey):
         Keyring.load(path).get("vault", 1)
 
@@ -110,14 +182,15 @@ def test_a_loaded_keyring_follows_changes_made_by_another_process(
     path = tmp_path / "k.json"
     monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 3600.0)
     worker = Keyring.init(path)  # what a running service holds
-    command = Keyring.load(path)  # what `casepackets keys ...` loads
-    command.rotate("vault")
+    with Keyring.edit(path) as command:  # what `casepackets keys ...` changes
+        command.rotate("vault")
     # Within the check interval the worker does not even look at the file.
     assert worker.current("vault").version == 1
     monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 0.0)
     assert worker.current("vault").version == 2
     assert worker.current("vault").material == command.current("vault").material
-    command.retire("vault", 1)
+    with Keyring.edit(path) as command:
+        command.retire("vault", 1)
     with pytest.raises(UnknownKey):
         worker.get("vault", 1)
     assert [k.version for k in worker.active("vault")] == [2]

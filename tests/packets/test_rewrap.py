@@ -153,8 +153,8 @@ def test_rewrap_pages_by_uuid_and_resumes(
     world = build_world(
         client, token, professionals={OWNER: ["Charlois", "Feijenoord", "IJsselmonde"]}
     )
-    keyring = Keyring.load(keyring_path)
-    keyring.rotate("packet")
+    with Keyring.edit(keyring_path) as keyring:
+        keyring.rotate("packet")
     app.state.keyring = keyring
     column = next(c for c in WRAPPED_KEY_COLUMNS if c.table == "packets")
     assert column.purpose == "packet"

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+import json
+import multiprocessing
+import os
 from collections.abc import Iterator
+from contextlib import suppress
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
+from threading import BrokenBarrierError
 
 import pytest
 from sqlalchemy import text
 from sqlmodel import Session
 from typer.testing import CliRunner
 
+from service.access_log import service as access_log
+from service.access_log.handover import handed_to
 from service.access_log.service import LOG_LOCK_KEY
 from service.cli import app as cli
 from service.cli import prepare
 from service.config import Settings, get_settings
+from service.crypto import keyring as keyring_module
 from service.crypto.keyring import Keyring, check_purpose
+from service.crypto.signing import NoteSigner
 from service.db import Database
 from service.records.bulk import CSV_COLUMNS
 from service.records.demo import REFERENCE_DATE, synthetic_bsn
@@ -163,6 +175,160 @@ def test_a_rotation_the_log_cannot_record_leaves_the_keyring_as_it_was(
         assert [v.version for v in keyring.versions(check_purpose(purpose))] == [1]
     finally:
         holder.dispose()
+
+
+# -- key commands at once ----------------------------------------------------------------------
+
+# How long a command that has read the keyring waits for the other to read it too.
+READ_PAUSE_SECONDS = 1.5
+
+
+def key_command_in_a_process(
+    command: list[str], start: Barrier, read: Barrier, results: Queue[tuple[str, int, str]]
+) -> None:
+    """``casepackets keys …`` in a process of its own (configured by the environment it
+    inherits), started with another one. Having read the keyring file it waits, at most
+    ``READ_PAUSE_SECONDS``, for the other to have read it too, so that without a lock held from
+    reading to writing the two always change the same file."""
+    real_read = keyring_module._read_private
+    paused = False
+
+    def read_then_pause(path: Path) -> bytes:
+        nonlocal paused
+        raw = real_read(path)
+        if not paused:
+            paused = True
+            with suppress(BrokenBarrierError):  # the other one is waiting for the lock
+                read.wait(READ_PAUSE_SECONDS)
+        return raw
+
+    keyring_module._read_private = read_then_pause
+    start.wait(60)
+    code, output = run("keys", *command)
+    results.put((command[2], code, " ".join(output.split())))
+
+
+def at_once(*commands: list[str]) -> list[tuple[str, int, str]]:
+    """(purpose, exit status, output) of each ``keys`` command, one process each, in no set
+    order; every command is ``[verb, "--purpose", purpose, …]``."""
+    context = multiprocessing.get_context("spawn")
+    start, read = context.Barrier(len(commands)), context.Barrier(len(commands))
+    results: Queue[tuple[str, int, str]] = context.Queue()
+    processes = [
+        context.Process(target=key_command_in_a_process, args=(command, start, read, results))
+        for command in commands
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(60)
+    return outcomes
+
+
+def logged_rotations(settings: Settings) -> list[tuple[str, bytes]]:
+    """(object id, entry bytes) of every key rotation in the access log, in log order."""
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            size = access_log.tree_size(session=session)
+            entries = list(access_log.iter_entries(session=session, start=0, end=size))
+    finally:
+        database.dispose()
+    parsed = [(json.loads(entry), bytes(entry)) for entry in entries]
+    return [(e["object_id"], raw) for e, raw in parsed if e["action"] == "keys.rotate"]
+
+
+def rotate(purpose: str) -> list[str]:
+    return ["rotate", "--purpose", purpose]
+
+
+def test_rotations_of_two_keys_at_once_are_both_kept_as_logged(cli_env: Settings) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    outcomes = at_once(rotate("vault"), rotate("packet"))
+    keyring = Keyring.load(cli_env.resolved_keyring_path)
+    for purpose, code, output in outcomes:
+        assert code == 0, output
+        assert f"{purpose} key is now at version 2" in output
+        assert [info.version for info in keyring.versions(check_purpose(purpose))] == [1, 2]
+    assert sorted(object_id for object_id, _ in logged_rotations(cli_env)) == [
+        "packet/v2",
+        "vault/v2",
+    ]
+
+
+@pytest.mark.parametrize("purpose", ["vault", "log_signing"])
+def test_two_rotations_of_one_key_at_once_make_two_versions_each_logged_once(
+    cli_env: Settings, purpose: str
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    outcomes = at_once(rotate(purpose), rotate(purpose))
+    assert sorted(code for _, code, _ in outcomes) == [0, 0], outcomes
+    keyring = Keyring.load(cli_env.resolved_keyring_path)
+    checked = check_purpose(purpose)
+    assert [info.version for info in keyring.versions(checked)] == [1, 2, 3]
+    logged = logged_rotations(cli_env)
+    assert [object_id for object_id, _ in logged] == [f"{purpose}/v2", f"{purpose}/v3"]
+    said = " ".join(output for _, _, output in outcomes)
+    for version in (2, 3):
+        assert f"{purpose} key is now at version {version}" in said
+    if purpose == "log_signing":  # each handover names the key the file holds under its version
+        for version, (_, entry) in zip((2, 3), logged, strict=True):
+            stored = keyring.get(checked, version).material
+            signer = NoteSigner(name=cli_env.checkpoint_origin, seed=stored)
+            assert handed_to(entry) == signer.verifier
+
+
+def test_a_retirement_and_a_rotation_at_once_are_both_kept(cli_env: Settings) -> None:
+    path = cli_env.resolved_keyring_path
+    Keyring.init(path)
+    assert run("keys", *rotate("vault"))[0] == 0
+    document = json.loads(path.read_text())  # a rotation long past: vault v1 may be retired
+    document["purposes"]["vault"]["versions"]["2"]["created_at"] = "2000-01-01T00:00:00+00:00"
+    path.write_text(json.dumps(document))
+    outcomes = at_once(["retire", "--purpose", "vault", "--version", "1"], rotate("packet"))
+    assert sorted(code for _, code, _ in outcomes) == [0, 0], outcomes
+    keyring = Keyring.load(path)
+    assert [(info.version, bool(info.retired_at)) for info in keyring.versions("vault")] == [
+        (1, True),
+        (2, False),
+    ]
+    assert [info.version for info in keyring.versions("packet")] == [1, 2]
+    assert [object_id for object_id, _ in logged_rotations(cli_env)] == ["vault/v2", "packet/v2"]
+
+
+def hold_the_keyring_lock(keyring: str, held: Event, release: Event) -> None:
+    """Another key command, in a process of its own: holds ``<keyring>.lock`` until told."""
+    fd = os.open(f"{keyring}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.set()
+        release.wait(60)
+    finally:
+        os.close(fd)
+
+
+def test_a_rotation_while_another_key_command_runs_too_long_is_refused_and_changes_nothing(
+    cli_env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = cli_env.resolved_keyring_path
+    Keyring.init(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(keyring_module, "EDIT_LOCK_TIMEOUT_SECONDS", 0.5)
+    context = multiprocessing.get_context("spawn")
+    held, release = context.Event(), context.Event()
+    holder = context.Process(target=hold_the_keyring_lock, args=(str(path), held, release))
+    holder.start()
+    try:
+        assert held.wait(60)
+        code, output = run("keys", "rotate", "--purpose", "vault")
+    finally:
+        release.set()
+        holder.join(60)
+    assert code == 1
+    assert "another key command is running; try again" in " ".join(output.split())
+    assert path.read_bytes() == before
+    assert logged_rotations(cli_env) == []
 
 
 def test_import_stores_valid_subjects_and_reports_rejected_lines(

@@ -133,10 +133,12 @@ def test_rewrap_moves_every_wrap_and_unblocks_retirement(
     admin_headers: dict[str, str],
     make: Make,
     rotations_settled: None,
+    keyring_followed_at_once: None,
 ) -> None:
     pseudonyms = ingest(client, source_headers, [make(i) for i in range(7)])
     client.post(f"/v1/subjects/{pseudonyms[3]}/erase", headers=admin_headers)
-    own_keyring.rotate("vault")
+    with Keyring.edit(own_keyring.path) as command:
+        command.rotate("vault")
     vault = next(c for c in WRAPPED_KEY_COLUMNS if c.purpose == "vault")
     with database.transaction() as tx:
         assert count_key_dependents(session=tx, purpose="vault", version=1) == 6
@@ -155,7 +157,8 @@ def test_rewrap_moves_every_wrap_and_unblocks_retirement(
 
     with database.transaction() as tx:
         assert count_key_dependents(session=tx, purpose="vault", version=1) == 0
-    own_keyring.retire("vault", 1)
+    with Keyring.edit(own_keyring.path) as command:
+        command.retire("vault", 1)
     with pytest.raises(UnknownKey):
         own_keyring.get("vault", 1)
     for index, pseudonym in enumerate(pseudonyms):
@@ -188,10 +191,12 @@ def test_rewrap_counts_only_the_wraps_it_wrote(
     source_headers: dict[str, str],
     make: Make,
     monkeypatch: pytest.MonkeyPatch,
+    keyring_followed_at_once: None,
 ) -> None:
     """A wrap erased between rewrap's read and its write is left alone and not counted."""
     pseudonyms = ingest(client, source_headers, [make(i) for i in range(3)])
-    own_keyring.rotate("vault")
+    with Keyring.edit(own_keyring.path) as command:
+        command.rotate("vault")
     vault = next(c for c in WRAPPED_KEY_COLUMNS if c.purpose == "vault")
     rewrap = envelope.rewrap_key
 
