@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 import pytest
@@ -241,3 +243,47 @@ def keyring_followed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+class Answer(Protocol):
+    status_code: int
+
+
+Request = Callable[[], Answer]
+
+
+class Interleaving:
+    """Runs one request in a thread, stops it at a chosen point in its transaction, starts a
+    second request meanwhile (in another thread: it may block), then lets the first go on."""
+
+    # Long enough for a second request that does not wait to commit; short of the SQLite bound
+    # (2 s), where every second request waits for the paused transaction's write lock.
+    HEAD_START = 0.5
+
+    def __init__(self) -> None:
+        self.paused = threading.Event()
+        self.go_on = threading.Event()
+
+    def pause(self) -> None:
+        """Call at the point to stop at, from a function patched for the first request; the
+        second request passes the same point without stopping."""
+        if self.paused.is_set():
+            return
+        self.paused.set()
+        assert self.go_on.wait(10), "the test never let the paused request go on"
+
+    def run(self, first: Request, second: Request) -> tuple[int, int]:
+        """The two requests' statuses."""
+        statuses: dict[str, int] = {}
+        requests = [
+            threading.Thread(target=lambda: statuses.update(first=first().status_code)),
+            threading.Thread(target=lambda: statuses.update(second=second().status_code)),
+        ]
+        requests[0].start()
+        assert self.paused.wait(10), "the first request never reached its pause"
+        requests[1].start()
+        requests[1].join(self.HEAD_START)
+        self.go_on.set()
+        for thread in requests:
+            thread.join(20)
+        return statuses["first"], statuses["second"]

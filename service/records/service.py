@@ -36,6 +36,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session
 
 from service.access_log.service import LogEntry, append
@@ -257,16 +258,23 @@ def _bulk_insert(
     """Insert many rows the fastest way each engine offers (COPY on PostgreSQL).
 
     Values are already in the form the driver takes (dates and times bound by the dialect).
+    A failure raises what SQLAlchemy raises for any statement (``IntegrityError``, ``DataError``,
+    ...), although COPY runs on the driver's own connection, so callers handle both paths alike.
     """
     names = ", ".join(columns)
     if connection.dialect.name == "postgresql":
+        statement = f"COPY {table.name} ({names}) FROM STDIN"
         driver: Any = connection.connection.driver_connection
-        with (
-            driver.cursor() as cursor,
-            cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy,
-        ):
-            for row in rows:
-                copy.write_row(row)
+        driver_error = connection.dialect.loaded_dbapi.Error
+        try:
+            with driver.cursor() as cursor, cursor.copy(statement) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except driver_error as exc:
+            # The translation SQLAlchemy applies to the statements it runs itself.
+            raise DBAPIError.instance(
+                statement, None, exc, driver_error, dialect=connection.dialect
+            ) from exc
         return
     marks = ", ".join("?" for _ in columns)
     connection.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)  # noqa: S608
@@ -705,13 +713,11 @@ def ingest_batch(
                 created_at=now,
             )
         )
-    except Exception as exc:
-        if _is_integrity_error(exc):
-            raise ConcurrentIngest(
-                "another batch stored the same subjects, events or Idempotency-Key at the same "
-                "time; nothing was stored, send the batch again"
-            ) from None
-        raise
+    except IntegrityError:
+        raise ConcurrentIngest(
+            "another batch stored the same subjects, events or Idempotency-Key at the same "
+            "time; nothing was stored, send the batch again"
+        ) from None
 
     append(
         session=session,
@@ -726,12 +732,6 @@ def ingest_batch(
         ),
     )
     return result
-
-
-def _is_integrity_error(exc: Exception) -> bool:
-    from sqlalchemy.exc import IntegrityError
-
-    return isinstance(exc, IntegrityError)
 
 
 # -- erasure ----------------------------------------------------------------------------------

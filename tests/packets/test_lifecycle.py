@@ -8,10 +8,10 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -30,7 +30,7 @@ from service.packets import service as packets_service
 from service.packets.models import utcnow
 from service.packets.policy import RetentionPolicy
 from service.packets.service import packet_key_aad, shred_expired
-from tests.conftest import TokenFactory, bearer
+from tests.conftest import Answer, Interleaving, Request, TokenFactory, bearer
 from tests.packets.scenario import (
     COORDINATOR,
     FOLLOWUPS,
@@ -534,50 +534,6 @@ def test_the_service_shreds_due_packets_periodically(
         database.dispose()
     assert_shredded(packet_state(session, packet["id"]), "expired")
     assert [e["actor"] for e in log_entries(session, "packet.shred")] == ["system:shredder"]
-
-
-class Answer(Protocol):
-    status_code: int
-
-
-Request = Callable[[], Answer]
-
-
-class Interleaving:
-    """Runs one request in a thread, stops it at a chosen point in its transaction, starts a
-    second request meanwhile (in another thread: it may block), then lets the first go on."""
-
-    # Long enough for a second request that does not wait to commit; short of the SQLite bound
-    # (2 s), where every second request waits for the paused transaction's write lock.
-    HEAD_START = 0.5
-
-    def __init__(self) -> None:
-        self.paused = threading.Event()
-        self.go_on = threading.Event()
-
-    def pause(self) -> None:
-        """Call at the point to stop at, from a function patched for the first request; the
-        second request passes the same point without stopping."""
-        if self.paused.is_set():
-            return
-        self.paused.set()
-        assert self.go_on.wait(10), "the test never let the paused request go on"
-
-    def run(self, first: Request, second: Request) -> tuple[int, int]:
-        """The two requests' statuses."""
-        statuses: dict[str, int] = {}
-        requests = [
-            threading.Thread(target=lambda: statuses.update(first=first().status_code)),
-            threading.Thread(target=lambda: statuses.update(second=second().status_code)),
-        ]
-        requests[0].start()
-        assert self.paused.wait(10), "the first request never reached its pause"
-        requests[1].start()
-        requests[1].join(self.HEAD_START)
-        self.go_on.set()
-        for thread in requests:
-            thread.join(20)
-        return statuses["first"], statuses["second"]
 
 
 def erasure(client: TestClient, token: TokenFactory, pseudonym: str) -> Request:

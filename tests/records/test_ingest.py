@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from httpx2 import Response
 from sqlmodel import Session
 
 from service.crypto.keyring import Keyring
+from service.records import service as records_service
 from service.records.models import Subject
 from service.records.service import decrypt_identity, get_subject, subject_dek
-from tests.conftest import TokenFactory, bearer
+from tests.conftest import Interleaving, TokenFactory, bearer
 from tests.records.conftest import Record, count_rows
 
 URL = "/v1/records/batch"
@@ -260,3 +262,58 @@ def test_ingest_is_written_to_the_access_log_without_identities(
 def test_subject_model_has_no_clear_identity_columns() -> None:
     columns = set(Subject.model_fields)
     assert not columns & {"bsn", "given_name", "family_name", "street", "phone", "email"}
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["another-source", "the-same-source-retrying"])
+def test_a_batch_racing_another_for_the_same_new_subject_gets_409_and_stores_nothing(
+    client: TestClient,
+    session: Session,
+    backend: str,
+    source_headers: dict[str, str],
+    token: TokenFactory,
+    make: Make,
+    monkeypatch: pytest.MonkeyPatch,
+    retry: bool,
+) -> None:
+    """On PostgreSQL the second batch waits on the first one's uncommitted subject and then
+    collides with it: a retryable 409. On SQLite it waits for the write lock and then finds the
+    subject known, so both succeed."""
+    interleaving = Interleaving()
+    refresh = records_service._refresh_statistics
+
+    def refresh_then_pause(*args: Any, **kwargs: Any) -> None:
+        refresh(*args, **kwargs)
+        interleaving.pause()  # the first batch's rows are written, not yet committed
+
+    monkeypatch.setattr(records_service, "_refresh_statistics", refresh_then_pause)
+    first_body = {"subjects": [make(0)]}
+    second_body = first_body if retry else {"subjects": [make(0, prefix="uwv")]}
+    second_headers = source_headers if retry else bearer(token("source-uwv", "source"))
+    second_answers: list[Response] = []
+
+    def second() -> Response:
+        second_answers.append(client.post(URL, json=second_body, headers=second_headers))
+        return second_answers[0]
+
+    logged = count_rows(session, "access_log_entries")
+
+    statuses = interleaving.run(
+        lambda: client.post(URL, json=first_body, headers=source_headers), second
+    )
+
+    if backend == "postgres":
+        assert statuses == (200, 409)
+    assert set(statuses) <= {200, 409}
+    if statuses[1] == 409:
+        assert second_answers[0].headers["content-type"].startswith("application/problem+json")
+        assert second_answers[0].json()["title"] == "Concurrent ingest"
+        assert count_rows(session, "subjects") == 1
+        assert count_rows(session, "events") == 3
+        assert count_rows(session, "ingest_batches") == 1
+        assert count_rows(session, "access_log_entries") == logged + 1
+        again = client.post(URL, json=second_body, headers=second_headers)
+        assert again.status_code == 200, again.text
+        assert again.json()["rows"][0]["status"] == "unchanged"
+    assert count_rows(session, "subjects") == 1
+    assert count_rows(session, "events") == (3 if retry else 6)
+    assert count_rows(session, "ingest_batches") == 2

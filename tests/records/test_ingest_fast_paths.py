@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlmodel import Session
 
 from service.crypto.keyring import Keyring
@@ -28,7 +30,10 @@ from service.records.models import (
     _valid_bsn,
 )
 from service.records.service import (
+    BATCHES,
     IngestResult,
+    _bind,
+    _bulk_insert,
     batch_errors,
     decrypt_identity,
     get_subject,
@@ -227,3 +232,29 @@ def test_identity_without_optional_fields_round_trips(
     )
     assert identity.bsn == record["identity"]["bsn"]
     assert identity.email is None
+
+
+def test_the_bulk_insert_fails_as_sqlalchemy_fails(session: Session, backend: str) -> None:
+    """COPY runs on the driver's own connection, yet its failures are SQLAlchemy's, so the
+    handlers for a plain insert (409 on a duplicate, 422 on an unstorable value) apply."""
+    columns = (
+        "id",
+        "source",
+        "idempotency_key",
+        "request_digest",
+        "subject_count",
+        "response",
+        "created_at",
+    )
+
+    def batch(batch_id: str, response: str = "{}") -> tuple[Any, ...]:
+        created_at = _bind(session.connection(), BATCHES.c.created_at, datetime.now(UTC))
+        return (batch_id, "source-welfare", "key-1", "digest", 0, response, created_at)
+
+    with pytest.raises(IntegrityError):
+        _bulk_insert(session.connection(), BATCHES, columns, [batch("a" * 32), batch("b" * 32)])
+    session.rollback()
+    if backend == "postgres":  # SQLite stores a NUL
+        with pytest.raises(DataError):
+            _bulk_insert(session.connection(), BATCHES, columns, [batch("c" * 32, "{\u0000}")])
+        session.rollback()
