@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
@@ -36,6 +36,9 @@ PseudonymPath = Annotated[
 ]
 
 
+T = TypeVar("T")
+
+
 def _holds_nul(value: Any) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -46,15 +49,26 @@ def _holds_nul(value: Any) -> bool:
     return False
 
 
+def refuse_nul(value: T) -> T:
+    """``value`` itself, unless it (or any text inside it) holds a NUL character: PostgreSQL
+    cannot store one and SQLite would, so both refuse it. The message never quotes the value."""
+    if _holds_nul(value):
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+# The same refusal for request schemas that are not ``StrictModel`` classes (the ingest
+# TypedDicts): every text field carries it, before any check of its own.
+NO_NUL = AfterValidator(refuse_nul)
+
+
 class StrictModel(BaseModel):
     """Request bodies: unknown fields are rejected (a typo must not be silently ignored), and no
-    text may hold a NUL character (PostgreSQL cannot store one; SQLite would, so both refuse)."""
+    text may hold a NUL character (``refuse_nul``)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     @field_validator("*", mode="after")
     @classmethod
     def _refuse_nul(cls, value: Any) -> Any:
-        if _holds_nul(value):
-            raise ValueError("must not contain NUL characters")
-        return value
+        return refuse_nul(value)

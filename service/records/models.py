@@ -6,8 +6,9 @@ Invariants:
   ciphertext under the subject's own DEK, which is stored wrapped by the vault KEK;
 - erasure sets ``identity_ciphertext`` and ``wrapped_dek`` to NULL; events stay, pseudonymized;
 - an event is unique per (source, source event id), so re-sending it is harmless;
-- request schemas reject unknown fields and their error messages never contain the value;
-  they are TypedDicts (see below) so a 10,000-subject batch is validated without model objects.
+- request schemas reject unknown fields and any text holding a NUL character, and their error
+  messages never contain the value; they are TypedDicts (see below) so a 10,000-subject batch is
+  validated without model objects.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sqlmodel import SQLModel
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn
-from service.schemas import UtcDatetime
+from service.schemas import NO_NUL, UtcDatetime
 
 POSTCODE = re.compile(r"^[1-9][0-9]{3} ?[A-Z]{2}$")
 PHONE = re.compile(r"^\+?[0-9][0-9 ()-]{5,19}$")
@@ -108,9 +109,10 @@ class IngestBatch(SQLModel, table=True):
 # -- ingest request ---------------------------------------------------------------------------
 #
 # TypedDicts validated by pydantic (``__pydantic_config__``: strict about unknown fields, strings
-# stripped): the same checks, messages, error locations and OpenAPI schema as ``StrictModel``
-# classes, without building five model objects per subject (10,000 subjects per batch). Optional
-# fields get their default, so a validated value always carries every key.
+# stripped; every text field carries ``NO_NUL``): the same checks, messages, error locations and
+# OpenAPI schema as ``StrictModel`` classes, without building five model objects per subject
+# (10,000 subjects per batch). Optional fields get their default, so a validated value always
+# carries every key.
 
 _STRICT = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -171,23 +173,28 @@ class IdentityIn(TypedDict):
     bsn: Annotated[
         str,
         Field(min_length=8, max_length=11, description="BSN, 9 digits passing the 11-check"),
+        NO_NUL,
         AfterValidator(_valid_bsn),
     ]
-    given_name: Annotated[str, Field(min_length=1, max_length=100)]
-    family_name: Annotated[str, Field(min_length=1, max_length=100)]
+    given_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL]
+    family_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL]
     birth_date: Annotated[dt.date, AfterValidator(_plausible_birth_date)]
     street: NotRequired[
-        Annotated[str | None, Field(default=None, max_length=150, description="street and number")]
+        Annotated[
+            str | None,
+            Field(default=None, max_length=150, description="street and number"),
+            NO_NUL,
+        ]
     ]
     postcode: NotRequired[
-        Annotated[str | None, Field(default=None, max_length=7), AfterValidator(_postcode)]
+        Annotated[str | None, Field(default=None, max_length=7), NO_NUL, AfterValidator(_postcode)]
     ]
-    city: NotRequired[Annotated[str | None, Field(default=None, max_length=80)]]
+    city: NotRequired[Annotated[str | None, Field(default=None, max_length=80), NO_NUL]]
     phone: NotRequired[
-        Annotated[str | None, Field(default=None, max_length=20), AfterValidator(_phone)]
+        Annotated[str | None, Field(default=None, max_length=20), NO_NUL, AfterValidator(_phone)]
     ]
     email: NotRequired[
-        Annotated[str | None, Field(default=None, max_length=254), AfterValidator(_email)]
+        Annotated[str | None, Field(default=None, max_length=254), NO_NUL, AfterValidator(_email)]
     ]
 
 
@@ -195,29 +202,32 @@ class IdentityIn(TypedDict):
 class CharacteristicsIn(TypedDict):
     """Not identifying on their own; stored in clear beside the pseudonym for analysis."""
 
-    district: Annotated[str, Field(min_length=1, max_length=64)]
-    neighbourhood: Annotated[str, Field(min_length=1, max_length=64)]
+    district: Annotated[str, Field(min_length=1, max_length=64), NO_NUL]
+    neighbourhood: Annotated[str, Field(min_length=1, max_length=64), NO_NUL]
     birth_year: NotRequired[
         Annotated[
             int | None,
             Field(default=None, ge=1900, le=2100, description="default: from birth date"),
         ]
     ]
-    household_type: NotRequired[Annotated[str | None, Field(default=None, max_length=32)]]
+    household_type: NotRequired[Annotated[str | None, Field(default=None, max_length=32), NO_NUL]]
 
 
 @with_config(_STRICT)
 class EventIn(TypedDict):
     type: Annotated[
-        str, Field(min_length=1, max_length=64, description="from policies/events.yaml")
+        str, Field(min_length=1, max_length=64, description="from policies/events.yaml"), NO_NUL
     ]
     date: Annotated[dt.date, AfterValidator(_event_date)]
-    office: Annotated[str, Field(min_length=1, max_length=128, description="helpdesk or office")]
+    office: Annotated[
+        str, Field(min_length=1, max_length=128, description="helpdesk or office"), NO_NUL
+    ]
     source_event_id: Annotated[
         str,
         Field(
             min_length=1, max_length=128, description="unique per source; re-sending is harmless"
         ),
+        NO_NUL,
     ]
 
 

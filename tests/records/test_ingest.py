@@ -317,3 +317,56 @@ def test_a_batch_racing_another_for_the_same_new_subject_gets_409_and_stores_not
     assert count_rows(session, "subjects") == 1
     assert count_rows(session, "events") == (3 if retry else 6)
     assert count_rows(session, "ingest_batches") == 2
+
+
+def put(record: Record, path: tuple[str | int, ...], value: str) -> None:
+    place: Any = record
+    for step in path[:-1]:
+        place = place[step]
+    place[path[-1]] = value
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["new-subject", "known-subject"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("characteristics", "district"),
+        ("characteristics", "household_type"),
+        ("events", 1, "office"),
+        ("events", 1, "source_event_id"),
+        ("identity", "family_name"),
+        ("identity", "street"),
+    ],
+    ids=lambda path: ".".join(map(str, path)),
+)
+def test_nul_in_a_text_field_is_422_naming_the_field_and_stores_nothing(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    path: tuple[str | int, ...],
+    known: bool,
+) -> None:
+    if known:
+        stored = client.post(URL, json={"subjects": [make(0)]}, headers=source_headers)
+        assert stored.status_code == 200, stored.text
+    tables = ("subjects", "events", "ingest_batches", "access_log_entries")
+    before = {table: count_rows(session, table) for table in tables}
+    bad = make(0 if known else 2, prefix="resent")
+    put(bad, path, "Zwanen\u0000burg")
+
+    response = client.post(URL, json={"subjects": [make(1), bad]}, headers=source_headers)
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["errors"] == [
+        {
+            "loc": ["subjects", 1, *path],
+            "msg": "Value error, must not contain NUL characters",
+            "type": "value_error",
+            "row": 1,
+        }
+    ]
+    assert "Zwanen" not in response.text
+    assert "\\u0000" not in response.text
+    assert {table: count_rows(session, table) for table in tables} == before
