@@ -126,6 +126,10 @@ class KeyProvider(Protocol):
 
     def versions(self, purpose: Purpose) -> list[KeyVersionInfo]: ...
 
+    def refresh(self) -> None:
+        """Look at the key source now rather than when it is next due (see ``Keyring``)."""
+        ...
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -254,15 +258,21 @@ class Keyring:
     def _keys(self) -> dict[tuple[Purpose, int], Key]:
         return self._loaded[1]
 
-    def _follow_file(self) -> None:
-        """Read the file again if another process changed it (looked at once per interval)."""
-        now = time.monotonic()
-        if now - self._checked_at < RELOAD_CHECK_SECONDS or not self._reload_lock.acquire(
-            blocking=False
-        ):
+    def refresh(self) -> None:
+        """Read the file again now if another process changed it, without waiting for the
+        interval: for a check that must see a rotation committed a moment ago."""
+        self._follow_file(now=True)
+
+    def _follow_file(self, *, now: bool = False) -> None:
+        """Read the file again if another process changed it (looked at once per interval, or
+        at once when ``now``)."""
+        moment = time.monotonic()
+        if not now and moment - self._checked_at < RELOAD_CHECK_SECONDS:
+            return
+        if not self._reload_lock.acquire(blocking=now):
             return
         try:
-            self._checked_at = now
+            self._checked_at = moment
             file_id = _file_id(self.path)
             if file_id == self._file_id:
                 return

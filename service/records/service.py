@@ -731,7 +731,26 @@ def ingest_batch(
             request_id=request_id,
         ),
     )
+    _check_pseudonym_key_unchanged(keyring, used=current_version)
     return result
+
+
+def _check_pseudonym_key_unchanged(keyring: KeyProvider, *, used: int) -> None:
+    """Refuse the batch (409, nothing stored) when the pseudonym key was rotated after this
+    worker last read its keyring.
+
+    Called under the log's lock (after the batch's entry is appended): a rotation logs itself
+    under the same lock and writes the keyring before it commits, so any rotation committed
+    before this batch is in the file now. Without the check a worker a moment behind would give
+    a person first stored under the new version a second subject under the old one (new subjects
+    take the current version's pseudonym; existing ones are matched under every version).
+    """
+    keyring.refresh()
+    if keyring.current("pseudonym").version != used:
+        raise ConcurrentIngest(
+            "the pseudonym key was rotated while this batch was processed; nothing was stored, "
+            "send the batch again"
+        )
 
 
 # -- erasure ----------------------------------------------------------------------------------

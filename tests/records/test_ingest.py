@@ -239,6 +239,43 @@ def test_pseudonym_key_rotation_keeps_linking(
     assert count_rows(session, "subjects") == 2
 
 
+def test_a_worker_behind_a_pseudonym_rotation_refuses_its_batch_instead_of_splitting_a_person(
+    client: TestClient,
+    app: FastAPI,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers on one keyring file; this one has not looked at the file since the rotation
+    (its interval has not passed). The other stores a new person under the new version first."""
+    monkeypatch.setattr("service.crypto.keyring.RELOAD_CHECK_SECONDS", 3600.0)
+    path = tmp_path / "shared-keyring.json"
+    app.state.keyring = Keyring.init(path)
+    assert client.post(URL, json={"subjects": [make(1)]}, headers=source_headers).status_code == 200
+    with Keyring.edit(path) as rotating:
+        rotating.rotate("pseudonym")
+    up_to_date = Keyring.load(path)
+    behind = app.state.keyring
+    assert behind.current("pseudonym").version == 1, "the worker has not seen the rotation yet"
+
+    app.state.keyring = up_to_date  # the other worker stores the person under v2
+    first = client.post(URL, json={"subjects": [make(0)]}, headers=source_headers).json()
+    pseudonym = first["rows"][0]["pseudonym"]
+    app.state.keyring = behind  # the same person, from the worker a moment behind
+    refused = client.post(URL, json={"subjects": [make(0, prefix="uwv")]}, headers=source_headers)
+    assert refused.status_code == 409, refused.text
+    assert "pseudonym key was rotated" in refused.json()["detail"]
+    session.rollback()
+    assert count_rows(session, "subjects") == 2
+    again = client.post(URL, json={"subjects": [make(0, prefix="uwv")]}, headers=source_headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["rows"][0]["pseudonym"] == pseudonym
+    session.rollback()
+    assert count_rows(session, "subjects") == 2, "one person, one subject"
+
+
 def test_ingest_is_written_to_the_access_log_without_identities(
     client: TestClient, session: Session, source_headers: dict[str, str], make: Make
 ) -> None:
