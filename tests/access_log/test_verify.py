@@ -314,15 +314,24 @@ def test_a_trusted_checkpoint_of_another_origin_is_rejected(rotated: tuple[Path,
     assert "never changes origin" in output
 
 
-def test_after_a_rotation_tampering_still_fails_against_the_trusted_checkpoint(
+@pytest.fixture
+def tampered_after_rotation(
     cli_env: Path, database: Database, raw_engine: Engine, backend: str
-) -> None:
+) -> tuple[Path, Path]:
+    """Like ``rotated``, with entry 7 (before the rotation at 10) rewritten before the second
+    export."""
     append_each(database, 10)
     before = export_command(cli_env / "before")
     rotate_log_signing()
     append_each(database, 4)
     rewrite_entries(raw_engine, backend, edited)
-    after = export_command(cli_env / "after")
+    return before, export_command(cli_env / "after")
+
+
+def test_after_a_rotation_tampering_still_fails_against_the_trusted_checkpoint(
+    tampered_after_rotation: tuple[Path, Path],
+) -> None:
+    before, after = tampered_after_rotation
     trusted = [
         "--trusted-checkpoint",
         str(before / CHECKPOINT_FILE),
@@ -452,14 +461,9 @@ def test_a_stranger_cannot_hand_signing_to_their_own_key(
 
 
 def test_entries_rewritten_before_a_handover_fail_against_the_old_key(
-    cli_env: Path, database: Database, raw_engine: Engine, backend: str
+    tampered_after_rotation: tuple[Path, Path],
 ) -> None:
-    append_each(database, 10)
-    before = export_command(cli_env / "before")
-    rotate_log_signing()
-    append_each(database, 4)
-    rewrite_entries(raw_engine, backend, edited)
-    after = export_command(cli_env / "after")
+    before, after = tampered_after_rotation
     code, output = verify(
         after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
     )
