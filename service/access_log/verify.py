@@ -114,15 +114,17 @@ def _unverified(note: str) -> Checkpoint:
 
 
 def _handovers(notes: Sequence[str], *, origin: str, up_to: int) -> list[_Handover]:
-    steps = {}
+    """The handovers of this log within the checkpoint, in tree-size order. All are kept, even
+    two at one size: which one a trusted key signed is decided only when they are followed."""
+    steps = []
     for note in notes:
         try:
             checkpoint = _unverified(note)
         except CheckpointError as exc:
             raise VerificationFailed(f"a handover checkpoint is malformed: {exc}") from None
         if checkpoint.origin == origin and 0 < checkpoint.size <= up_to:
-            steps[checkpoint.size] = _Handover(note, checkpoint)
-    return [steps[size] for size in sorted(steps)]
+            steps.append(_Handover(note, checkpoint))
+    return sorted(steps, key=lambda step: step.checkpoint.size)
 
 
 def _follow(

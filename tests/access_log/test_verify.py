@@ -443,6 +443,21 @@ def test_a_handover_the_old_key_did_not_make_with_the_new_key_is_not_followed(
     assert failure in output
 
 
+def test_a_stranger_s_handover_beside_the_real_one_does_not_hide_it(
+    rotated: tuple[Path, Path],
+) -> None:
+    before, after = rotated
+    [real] = handovers_of(after)
+    forged = {**real, "note": resigned_by_a_stranger(str(real["note"]))}
+    lines = [json.dumps(real), json.dumps(forged)]  # the later line once overrode the earlier
+    (after / HANDOVERS_FILE).write_text("\n".join(lines) + "\n")
+    code, output = verify(
+        after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
+    )
+    assert code == 0, output
+    assert "handed over at size 11" in output
+
+
 def test_a_stranger_cannot_hand_signing_to_their_own_key(
     rotated: tuple[Path, Path],
 ) -> None:
