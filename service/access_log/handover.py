@@ -48,7 +48,7 @@ def hand_over(
     return signed_checkpoint(session=session, signer=old, origin=origin, cosigner=new)
 
 
-def may_hand_over(data: bytes) -> bool:
+def _may_hand_over(data: bytes) -> bool:
     """False for nearly every entry without decoding it; True means ``handed_to`` may say more."""
     return all(marker in data for marker in _MARKERS)
 
@@ -56,13 +56,15 @@ def may_hand_over(data: bytes) -> bool:
 def handed_to(data: bytes) -> VerifierKey | None:
     """The key an entry (its canonical JSON) hands checkpoint signing to; None for any other
     entry, including a rotation logged before handovers existed."""
-    if not may_hand_over(data):
+    if not _may_hand_over(data):
         return None
     try:
         entry = json.loads(data)
     except ValueError:
         return None
-    reason = entry.get("reason") if isinstance(entry, dict) else None
+    if not isinstance(entry, dict):
+        return None  # a line of an export that is not an entry at all
+    reason = entry.get("reason")
     if (
         entry.get("action") != HANDOVER_ACTION
         or not str(entry.get("object_id", "")).startswith(HANDOVER_OBJECT_PREFIX)

@@ -20,6 +20,7 @@ from service.access_log.export import (
     PUBLIC_KEY_FILE,
     export_log,
 )
+from service.access_log.handover import handed_to
 from service.cli import app as cli
 from service.config import get_settings
 from service.crypto.keyring import Keyring
@@ -456,6 +457,23 @@ def test_a_stranger_s_handover_beside_the_real_one_does_not_hide_it(
     )
     assert code == 0, output
     assert "handed over at size 11" in output
+
+
+def test_only_a_rotation_entry_naming_a_key_hands_signing_over() -> None:
+    key = NoteSigner(name=ORIGIN, seed=os.urandom(32)).verifier
+    entry = {
+        "action": "keys.rotate",
+        "object_id": "log_signing/v2",
+        "reason": f"checkpoints are signed from now on by {key}",
+    }
+    assert handed_to(json.dumps(entry, separators=(",", ":")).encode()) == key
+    for other in (
+        [entry],  # the markers inside a line that is not an entry at all
+        {**entry, "reason": "new current version"},  # a rotation from before handovers
+        {**entry, "object_id": "vault/v2"},
+        {**entry, "reason": "checkpoints are signed from now on by nobody"},
+    ):
+        assert handed_to(json.dumps(other, separators=(",", ":")).encode()) is None, other
 
 
 def test_a_stranger_cannot_hand_signing_to_their_own_key(
