@@ -52,3 +52,9 @@ def parse_checkpoint(text: str) -> Checkpoint:
     if any(not line for line in lines[3:]):
         raise CheckpointError("empty extension line")
     return Checkpoint(origin=origin, size=int(size_line), root=root)
+
+
+def unverified_checkpoint(note: str) -> Checkpoint:
+    """What a signed note's checkpoint says, no signature checked: for a note this service
+    stored itself, or to learn which checks a note needs. Raises ``CheckpointError``."""
+    return parse_checkpoint(note.rpartition("\n\n")[0] + "\n")

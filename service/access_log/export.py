@@ -56,12 +56,11 @@ def export_log(
         for chunk_start in range(0, size, chunk):
             chunk_end = min(size, chunk_start + chunk)
             with database.session() as session:
-                index = chunk_start
-                for data in service.iter_entries(session=session, start=chunk_start, end=chunk_end):
+                rows = service.iter_entries(session=session, start=chunk_start, end=chunk_end)
+                for index, data in enumerate(rows, start=chunk_start):
                     entries.write(data + b"\n")
                     if handed_to(data) is not None:
                         handover_sizes.append(index + 1)
-                    index += 1
                 for leaf in service.iter_leaf_hashes(
                     session=session, start=chunk_start, end=chunk_end
                 ):

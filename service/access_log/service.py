@@ -30,7 +30,12 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from service.access_log import merkle
-from service.access_log.checkpoint import Checkpoint, checkpoint_text, parse_checkpoint
+from service.access_log.checkpoint import (
+    Checkpoint,
+    checkpoint_text,
+    parse_checkpoint,
+    unverified_checkpoint,
+)
 from service.access_log.models import AccessLogCheckpoint, AccessLogEntry, AccessLogSubtree
 from service.auth.dependencies import Caller
 from service.crypto.signing import NoteError, NoteSigner, open_note
@@ -430,7 +435,7 @@ def checkpoint_notes(*, session: Session, sizes: Sequence[int]) -> dict[int, str
 
 
 def _origin_of(latest: StoredCheckpoint) -> str:
-    return parse_checkpoint(latest.note.partition("\n\n")[0] + "\n").origin
+    return unverified_checkpoint(latest.note).origin
 
 
 def _check_origin(latest: StoredCheckpoint | None, origin: str) -> None:
@@ -448,7 +453,7 @@ def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSi
         body = parse_checkpoint(open_note(latest.note, signer.verifier))
     except NoteError:
         # Signed under an earlier key version: the root column is still bound by the trigger.
-        body = parse_checkpoint(latest.note.partition("\n\n")[0] + "\n")
+        body = unverified_checkpoint(latest.note)
     if body.size != latest.tree_size or body.root != latest.root_hash:
         raise LogCorrupted("a stored checkpoint does not match its own note")
     if root(session=session, size=latest.tree_size) != latest.root_hash:

@@ -24,7 +24,12 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from service.access_log.checkpoint import Checkpoint, CheckpointError, parse_checkpoint
+from service.access_log.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    parse_checkpoint,
+    unverified_checkpoint,
+)
 from service.access_log.handover import handed_to
 from service.access_log.merkle import HASH_SIZE, CompactRange, fold
 from service.crypto.signing import NoteError, NotSignedBy, VerifierKey, open_note
@@ -108,18 +113,13 @@ class _Handover:
     checkpoint: Checkpoint  # as the note says, before any signature is checked
 
 
-def _unverified(note: str) -> Checkpoint:
-    """What a note says, before any signature is checked (raises ``CheckpointError``)."""
-    return parse_checkpoint(note.rpartition("\n\n")[0] + "\n")
-
-
 def _handovers(notes: Sequence[str], *, origin: str, up_to: int) -> list[_Handover]:
     """The handovers of this log within the checkpoint, in tree-size order. All are kept, even
     two at one size: which one a trusted key signed is decided only when they are followed."""
     steps = []
     for note in notes:
         try:
-            checkpoint = _unverified(note)
+            checkpoint = unverified_checkpoint(note)
         except CheckpointError as exc:
             raise VerificationFailed(f"a handover checkpoint is malformed: {exc}") from None
         if checkpoint.origin == origin and 0 < checkpoint.size <= up_to:
@@ -196,7 +196,7 @@ def verify_export(
 ) -> Verified:
     start = trusted_verifier or verifier
     try:
-        claimed = _unverified(checkpoint_note)
+        claimed = unverified_checkpoint(checkpoint_note)
     except CheckpointError as exc:
         raise CheckpointRejected("new", str(exc)) from None
     trusted = None
