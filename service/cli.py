@@ -129,10 +129,22 @@ def migrate() -> None:
 def token(
     sub: Annotated[str, typer.Option(help="subject: the professional's or system's id")],
     role: Annotated[list[Role], typer.Option(help="role to grant; repeat for several")],
-    ttl: Annotated[int, typer.Option(min=60, max=7 * 24 * 3600, help="lifetime in seconds")] = 3600,
+    ttl: Annotated[
+        int,
+        typer.Option(
+            min=60, help="lifetime in seconds, at most CASEPACKETS_TOKEN_MAX_LIFETIME_SECONDS"
+        ),
+    ] = 3600,
 ) -> None:
     """Print a token from the built-in development issuer."""
     settings = settings_or_exit()
+    if ttl > settings.token_max_lifetime_seconds:
+        console.print(
+            f"[red]--ttl {ttl} is longer than CASEPACKETS_TOKEN_MAX_LIFETIME_SECONDS "
+            f"({settings.token_max_lifetime_seconds})[/red]: the service would refuse the token",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     issuer = dev_issuer(settings)
     print(
         issuer.mint(
@@ -144,6 +156,8 @@ def token(
     )
 
 
+# Lifetime of the tokens `serve` prints (shorter if CASEPACKETS_TOKEN_MAX_LIFETIME_SECONDS is).
+DEMO_TOKEN_SECONDS = 12 * 3600
 DEMO_SUBJECTS = {
     Role.PROFESSIONAL: "prof-001",
     Role.COORDINATOR: "coord-001",
@@ -235,14 +249,15 @@ def serve(
     prepare(settings)
     if settings.dev_issuer and print_tokens:
         issuer = dev_issuer(settings)
+        ttl = min(DEMO_TOKEN_SECONDS, settings.token_max_lifetime_seconds)
         out = Console()
-        out.print("\n[bold]casepackets[/bold] demo tokens (valid 12 hours):")
+        out.print(f"\n[bold]casepackets[/bold] demo tokens (valid {ttl // 60} minutes):")
         for role, subject in DEMO_SUBJECTS.items():
             minted = issuer.mint(
                 subject=subject,
                 roles=[role.value],
                 roles_claim=settings.roles_claim,
-                ttl_seconds=12 * 3600,
+                ttl_seconds=ttl,
             )
             out.print(f"\n[cyan]{role.value}[/cyan] ({subject}):", highlight=False)
             print(minted)
@@ -261,7 +276,7 @@ def serve(
                 subject=professional,
                 roles=[Role.PROFESSIONAL.value],
                 roles_claim=settings.roles_claim,
-                ttl_seconds=12 * 3600,
+                ttl_seconds=ttl,
             )
             out.print(
                 f"\n[bold]Open {professional}'s first packet[/bold] (re-identifies its clients; "

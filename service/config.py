@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     roles_claim: str = "roles"
     dev_issuer: bool = True
     token_leeway_seconds: int = Field(default=30, ge=0, le=300)
+    token_max_lifetime_seconds: int = Field(
+        default=24 * 3600,
+        ge=60,
+        le=30 * 24 * 3600,
+        description="refuse tokens whose exp - iat is longer: a leaked long-lived token stays "
+        "usable until it expires",
+    )
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_batch_rows: int = Field(default=10_000, ge=1)

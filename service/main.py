@@ -199,6 +199,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         roles_claim=settings.roles_claim,
         keys=keys,
         leeway_seconds=settings.token_leeway_seconds,
+        max_lifetime_seconds=settings.token_max_lifetime_seconds,
     )
     database = database or Database(settings)
     # Production refuses to start without the keyring (`casepackets keys init`); development and

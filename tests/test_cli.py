@@ -46,6 +46,21 @@ def test_token_command_refuses_an_unknown_role(cli_home: Path) -> None:
     assert result.exit_code != 0
 
 
+def test_token_command_keeps_to_the_maximum_token_lifetime(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CASEPACKETS_TOKEN_MAX_LIFETIME_SECONDS", "600")
+    get_settings.cache_clear()
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["token", "--sub", "x", "--role", "analyst", "--ttl", "601"])
+    assert refused.exit_code == 2
+    assert "longer than CASEPACKETS_TOKEN_MAX_LIFETIME_SECONDS (600)" in refused.output
+    assert "eyJ" not in refused.output
+    minted = runner.invoke(cli, ["token", "--sub", "x", "--role", "analyst", "--ttl", "600"])
+    assert minted.exit_code == 0, minted.output
+    assert minted.stdout.strip().startswith("eyJ")
+
+
 def test_migrate_command_builds_the_schema(cli_home: Path) -> None:
     result = CliRunner().invoke(cli, ["migrate"])
     assert result.exit_code == 0, result.output

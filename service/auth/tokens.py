@@ -12,7 +12,10 @@ trusted:
   after one more ``max_age_seconds`` (``KeySet`` says why);
 - ``jwt.decode`` always receives ``algorithms=[<the one algorithm>]``;
 - ``exp``, ``iat``, ``iss``, ``aud`` and ``sub`` are required; ``nbf`` and a future ``iat`` are
-  honoured with a small leeway;
+  honoured with a small leeway; ``exp - iat`` may not exceed the configured maximum lifetime;
+- it must be an access token: a ``typ`` header other than ``JWT`` or ``at+jwt`` is refused, and
+  so is a ``typ`` claim other than ``Bearer`` (Keycloak marks its ID tokens ``ID``; an ID token
+  for the same audience must not open the API);
 - a token that passed all of this is remembered by its SHA-256 (never the token itself) so a
   client repeating it is not verified again; a remembered token is still refused once it
   expires, and is verified afresh when its key is no longer the pinned one.
@@ -43,6 +46,11 @@ REFETCH_INTERVAL_SECONDS = 60.0
 JWKS_MAX_AGE_SECONDS = 300.0
 # Verified tokens remembered per process (oldest forgotten first): a few MB at most.
 MAX_REMEMBERED_TOKENS = 10_000
+# Default for CASEPACKETS_TOKEN_MAX_LIFETIME_SECONDS (service/config.py).
+MAX_LIFETIME_SECONDS = 24 * 3600
+# The ``typ`` header values of a JWT access token (RFC 7519 section 5.1, RFC 9068 section 2.1),
+# compared without case and without an ``application/`` prefix.
+ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt"})
 
 
 class InvalidToken(Exception):
@@ -265,6 +273,7 @@ class TokenVerifier:
         roles_claim: str,
         keys: KeySet,
         leeway_seconds: int = 30,
+        max_lifetime_seconds: int = MAX_LIFETIME_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if algorithm not in KEY_TYPE_FOR_ALGORITHM:
@@ -275,6 +284,7 @@ class TokenVerifier:
         self.roles_claim = roles_claim
         self.keys = keys
         self.leeway_seconds = leeway_seconds
+        self.max_lifetime_seconds = max_lifetime_seconds
         # kid -> (the pinned JWK, its constructed verifier): building an RSA key from its JWK
         # costs more than verifying a signature, so it is done once per key, not per request.
         self._verifiers: dict[str, tuple[dict[str, Any], Any]] = {}
@@ -343,6 +353,8 @@ class TokenVerifier:
         forbidden = sorted(FORBIDDEN_HEADERS & header.keys())
         if forbidden:
             raise InvalidToken(f"token header may not carry {', '.join(forbidden)}")
+        if "typ" in header and not _access_token_type(header["typ"]):
+            raise InvalidToken(TYPE_REASON)
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("token header needs a 'kid'")
@@ -376,6 +388,8 @@ class TokenVerifier:
             # python-jose compares the time claims through int(): a null, a list, a text or an
             # infinite value fails there rather than with a JOSEError.
             raise InvalidToken(TIME_CLAIMS_REASON) from None
+        if claims.get("typ", "Bearer") != "Bearer":
+            raise InvalidToken(TYPE_REASON)
         subject = claims.get("sub")
         if not _usable_subject(subject):
             raise InvalidToken(SUBJECT_REASON)
@@ -387,6 +401,10 @@ class TokenVerifier:
             raise InvalidToken("token is issued in the future")
         if self._expired(expires_at, now=now):
             raise InvalidToken("token has expired")
+        if expires_at - issued_at > self.max_lifetime_seconds:
+            raise InvalidToken(
+                f"token lifetime (exp - iat) is longer than {self.max_lifetime_seconds} seconds"
+            )
         verified = VerifiedToken(
             subject=subject,
             roles=_roles_at(claims, self.roles_claim),
@@ -397,6 +415,7 @@ class TokenVerifier:
 
 
 TIME_CLAIMS_REASON = "token 'iat', 'exp' and 'nbf' must be whole numbers of seconds"
+TYPE_REASON = "token is not an access token (header 'typ' JWT or at+jwt, claim 'typ' Bearer)"
 # The subject becomes the access log's actor and is compared with professional ids (≤ 128).
 MAX_SUBJECT_CHARS = 255
 SUBJECT_REASON = f"token 'sub' must be printable text of 1 to {MAX_SUBJECT_CHARS} characters"
@@ -405,6 +424,12 @@ SUBJECT_REASON = f"token 'sub' must be printable text of 1 to {MAX_SUBJECT_CHARS
 def _seconds(value: object) -> bool:
     """A whole number of seconds (JSON true is not one, though Python counts it as an int)."""
     return type(value) is int
+
+
+def _access_token_type(value: object) -> bool:
+    return isinstance(value, str) and value.lower().removeprefix("application/") in (
+        ACCESS_TOKEN_TYPES
+    )
 
 
 def _usable_subject(value: object) -> TypeGuard[str]:

@@ -234,6 +234,58 @@ def test_a_subject_that_is_not_printable_text_is_refused_at_authentication(
         assert "token 'sub' must be printable text" in response.json()["detail"]
 
 
+def test_a_token_living_longer_than_the_maximum_is_refused(
+    api: tuple[FastAPI, TestClient],
+) -> None:
+    app, client = api
+    now = int(time.time())
+    day = 24 * 3600
+    assert_401(client, app.state.dev_issuer.sign(good_claims(iat=now, exp=now + day + 1)), "longer")
+    accepted = app.state.dev_issuer.sign(good_claims(iat=now, exp=now + day))
+    assert client.get("/v1/me", headers=bearer(accepted)).status_code == 200
+
+
+def test_the_maximum_lifetime_is_configurable(home_key: bytes) -> None:
+    issuer = rs256_issuer(home_key)
+    verifier = TokenVerifier(
+        algorithm="RS256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim="roles",
+        keys=KeySet([issuer.public_jwk]),
+        max_lifetime_seconds=300,
+    )
+    verifier.verify(issuer.mint(subject="prof-001", roles=["professional"], ttl_seconds=300))
+    with pytest.raises(InvalidToken, match="longer than 300 seconds"):
+        verifier.verify(issuer.mint(subject="prof-001", roles=["professional"], ttl_seconds=301))
+
+
+@pytest.mark.parametrize(
+    ("typ_header", "typ_claim", "accepted"),
+    [
+        ("JWT", None, True),
+        ("at+jwt", None, True),
+        ("application/at+JWT", None, True),
+        ("JWT", "Bearer", True),
+        ("JWT", "ID", False),
+        ("JWT", "Refresh", False),
+        ("JWT", "bearer ", False),
+        ("dpop+jwt", None, False),
+        ("JOSE", None, False),
+        (["JWT"], None, False),
+    ],
+)
+def test_only_access_tokens_are_accepted(
+    api: tuple[FastAPI, TestClient], typ_header: object, typ_claim: str | None, accepted: bool
+) -> None:
+    app, client = api
+    token = app.state.dev_issuer.sign(good_claims(typ=typ_claim), extra_headers={"typ": typ_header})
+    if accepted:
+        assert client.get("/v1/me", headers=bearer(token)).status_code == 200
+    else:
+        assert_401(client, token, "not an access token")
+
+
 @pytest.mark.parametrize("header", ["jku", "x5u", "jwk"])
 def test_key_location_headers_are_refused(api: tuple[FastAPI, TestClient], header: str) -> None:
     app, client = api
