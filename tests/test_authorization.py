@@ -119,6 +119,7 @@ MATRIX: dict[tuple[str, str], dict[str, Expected]] = {
     ("GET", "/v1/audit/proofs/inclusion"): only({"auditor": 200}, others=403, anonymous=401),
     ("GET", "/v1/audit/proofs/consistency"): only({"auditor": 200}, others=403, anonymous=401),
     ("GET", "/v1/audit/public-key"): only({"auditor": 200}, others=403, anonymous=401),
+    ("GET", "/v1/audit/handovers"): only({"auditor": 200}, others=403, anonymous=401),
 }
 # Refusals that must leave a ``denied`` access-log entry (route → logged action).
 LOGGED_DENIALS = {
@@ -132,6 +133,7 @@ LOGGED_DENIALS = {
     ("GET", "/v1/audit/proofs/inclusion"): "audit.read",
     ("GET", "/v1/audit/proofs/consistency"): "audit.read",
     ("GET", "/v1/audit/public-key"): "audit.read",
+    ("GET", "/v1/audit/handovers"): "audit.read",
 }
 
 

@@ -9,14 +9,13 @@ each in tree-size order, so an auditor holding an older key can follow it to the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.access_log import service
 from service.access_log.checkpoint import parse_checkpoint
-from service.access_log.handover import handed_to
+from service.access_log.handover import handover_line, handover_notes
 from service.crypto.signing import NoteSigner, open_note
 from service.db import Database
 
@@ -48,7 +47,6 @@ def export_log(
     size = parse_checkpoint(open_note(note, signer.verifier)).size
     folder.mkdir(parents=True, exist_ok=True)
     on_start(size)
-    handover_sizes = []
     with (
         (folder / ENTRIES_FILE).open("wb") as entries,
         (folder / LEAF_HASHES_FILE).open("wb") as hashes,
@@ -56,22 +54,18 @@ def export_log(
         for chunk_start in range(0, size, chunk):
             chunk_end = min(size, chunk_start + chunk)
             with database.session() as session:
-                rows = service.iter_entries(session=session, start=chunk_start, end=chunk_end)
-                for index, data in enumerate(rows, start=chunk_start):
+                for data in service.iter_entries(session=session, start=chunk_start, end=chunk_end):
                     entries.write(data + b"\n")
-                    if handed_to(data) is not None:
-                        handover_sizes.append(index + 1)
                 for leaf in service.iter_leaf_hashes(
                     session=session, start=chunk_start, end=chunk_end
                 ):
                     hashes.write(leaf)
             on_progress(chunk_end - chunk_start)
     with database.session() as session:
-        handovers = service.checkpoint_notes(session=session, sizes=handover_sizes)
+        handovers = handover_notes(session=session, up_to=size)
     with (folder / HANDOVERS_FILE).open("w", encoding="utf-8") as handover_file:
         for handover_size in sorted(handovers):
-            line = {"size": handover_size, "note": handovers[handover_size]}
-            handover_file.write(json.dumps(line, ensure_ascii=False) + "\n")
+            handover_file.write(handover_line(handover_size, handovers[handover_size]))
     (folder / CHECKPOINT_FILE).write_text(note, encoding="utf-8")
     (folder / PUBLIC_KEY_FILE).write_text(f"{signer.verifier}\n", encoding="utf-8")
     return Exported(size=size, folder=folder)

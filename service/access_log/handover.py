@@ -7,6 +7,9 @@ the old key and cosigned by the new one: the handover. An auditor who trusts the
 handover with it, reads the new key from the entry its root commits to, and trusts the new key
 from then on; no key has to travel out of band.
 
+Auditors get the handovers with ``audit export`` (``handovers.ndjson``) or from
+``GET /v1/audit/handovers``; both write them with ``handover_line``, one JSON object per line.
+
 Invariants:
 - a handover checkpoint ends with the rotation entry naming the key that cosigned it;
 - ``hand_over`` writes in the caller's transaction: the entry and the checkpoint commit together
@@ -19,6 +22,7 @@ import json
 
 from sqlmodel import Session
 
+from service.access_log import service
 from service.access_log.service import LogEntry, append, signed_checkpoint
 from service.crypto.signing import NoteError, NoteSigner, VerifierKey
 
@@ -46,6 +50,25 @@ def hand_over(
         ),
     )
     return signed_checkpoint(session=session, signer=old, origin=origin, cosigner=new)
+
+
+def handover_notes(*, session: Session, up_to: int) -> dict[int, str]:
+    """The handover checkpoints of the first ``up_to`` entries, by tree size: the stored
+    checkpoints with a second signature whose last entry hands signing over."""
+    candidates = service.cosigned_checkpoint_notes(session=session, up_to=up_to)
+    return {
+        size: note
+        for size, note in candidates.items()
+        if any(
+            handed_to(data) is not None
+            for data in service.iter_entries(session=session, start=size - 1, end=size)
+        )
+    }
+
+
+def handover_line(size: int, note: str) -> str:
+    """One line of ``handovers.ndjson`` (what ``audit verify --handovers`` reads)."""
+    return json.dumps({"size": size, "note": note}, ensure_ascii=False) + "\n"
 
 
 def _may_hand_over(data: bytes) -> bool:

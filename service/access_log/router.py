@@ -1,4 +1,5 @@
-"""The auditor API: entries as NDJSON, signed checkpoints, proofs and the verifier key.
+"""The auditor API: entries as NDJSON, signed checkpoints, proofs, the verifier key and its
+handovers.
 
 Every route needs ``audit.read`` and is itself logged (action ``audit.read``) in the request's
 transaction, so a read that cannot be logged is not served (503). A refusal is logged too, as
@@ -13,11 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from sqlmodel import Session
 from starlette.datastructures import State
 
 from service.access_log import service
+from service.access_log.handover import handover_line, handover_notes
 from service.access_log.models import ConsistencyProofPublic, InclusionProofPublic
 from service.auth.dependencies import Caller, CurrentCaller
 from service.auth.permissions import Permission
@@ -214,6 +216,26 @@ def consistency(
 def public_key(session: SessionDep, caller: Auditor, signer: SignerDep) -> PlainTextResponse:
     service.log_audit_read(session=session, caller=caller, object_id="public-key")
     return PlainTextResponse(f"{signer.verifier}\n")
+
+
+@router.get(
+    "/handovers",
+    response_class=Response,
+    responses={
+        **ERRORS,
+        200: {
+            "description": 'One line per handover, in tree-size order: {"size": n, "note": '
+            '"<checkpoint signed by the old key and cosigned by the new one>"}',
+            "content": {NDJSON: {"schema": {"type": "string"}}},
+        },
+    },
+    summary="The log signing key's handovers (what audit verify --handovers reads)",
+)
+def handovers(session: SessionDep, caller: Auditor) -> Response:
+    service.log_audit_read(session=session, caller=caller, object_id="handovers")
+    notes = handover_notes(session=session, up_to=service.tree_size(session=session))
+    lines = (handover_line(size, note) for size, note in sorted(notes.items()))
+    return Response("".join(lines), media_type=NDJSON)
 
 
 def install(app: FastAPI) -> None:

@@ -38,7 +38,7 @@ from service.access_log.checkpoint import (
 )
 from service.access_log.models import AccessLogCheckpoint, AccessLogEntry, AccessLogSubtree
 from service.auth.dependencies import Caller
-from service.crypto.signing import NoteError, NoteSigner, open_note
+from service.crypto.signing import SIGNATURE_PREFIX, NoteError, NoteSigner, open_note
 from service.db import LOG_LOCK_TIMEOUT_OPTION
 from service.errors import BadRequest, ServiceError
 
@@ -422,14 +422,14 @@ def _latest_checkpoint(session: Session) -> StoredCheckpoint | None:
     return StoredCheckpoint(tree_size=int(row[0]), root_hash=bytes(row[1]), note=str(row[2]))
 
 
-def checkpoint_notes(*, session: Session, sizes: Sequence[int]) -> dict[int, str]:
-    """The stored checkpoints' notes at ``sizes`` (those that exist), by tree size."""
-    if not sizes:
-        return {}
+def cosigned_checkpoint_notes(*, session: Session, up_to: int) -> dict[int, str]:
+    """The stored checkpoints over at most ``up_to`` entries that carry more than one signature
+    line (a handover's, see ``handover``), by tree size."""
+    two_signatures = f"%\n{SIGNATURE_PREFIX}%\n{SIGNATURE_PREFIX}%"
     rows = session.execute(
-        select(_checkpoints.c.tree_size, _checkpoints.c.note).where(
-            _checkpoints.c.tree_size.in_(list(sizes))
-        )
+        select(_checkpoints.c.tree_size, _checkpoints.c.note)
+        .where(_checkpoints.c.tree_size <= up_to)
+        .where(_checkpoints.c.note.like(two_signatures))
     )
     return {int(size): str(note) for size, note in rows}
 

@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from typer.testing import CliRunner
 
 from service.access_log import merkle
+from service.access_log import service as log
 from service.access_log.export import (
     CHECKPOINT_FILE,
     ENTRIES_FILE,
@@ -26,7 +28,9 @@ from service.config import get_settings
 from service.crypto.keyring import Keyring
 from service.crypto.signing import NoteSigner, VerifierKey, open_note
 from service.db import Database
+from service.main import create_app
 from tests.access_log.conftest import ORIGIN, append_each, run_sql, without_triggers_sql
+from tests.conftest import bearer
 
 Rows = list[tuple[bytes, bytes]]
 
@@ -397,6 +401,32 @@ def test_the_old_key_alone_follows_the_handover_to_the_new_key(
     )
     assert code == 0, output
     assert "extend the trusted checkpoint of size 10" in output
+
+
+def test_the_auditor_api_serves_the_handovers_the_export_writes(
+    rotated: tuple[Path, Path], cli_env: Path, database: Database
+) -> None:
+    before, after = rotated
+    app = create_app(get_settings())
+    with TestClient(app) as client:
+        auditor = bearer(app.state.dev_issuer.mint(subject="auditor-001", roles=["auditor"]))
+        response = client.get("/v1/audit/handovers", headers=auditor)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    assert response.text == (after / HANDOVERS_FILE).read_text()
+    assert [json.loads(line)["size"] for line in response.text.splitlines()] == [11]
+    with database.session() as session:
+        size = log.tree_size(session=session)
+        [read] = log.iter_entries(session=session, start=size - 1, end=size)
+    assert (json.loads(read)["action"], json.loads(read)["object_id"]) == (
+        "audit.read",
+        "handovers",
+    )
+    served = cli_env / "served-handovers.ndjson"
+    served.write_text(response.text)
+    code, output = verify(after, "--handovers", str(served), public_key=before / PUBLIC_KEY_FILE)
+    assert code == 0, output
+    assert "handed over at size 11" in output
 
 
 def test_without_the_handovers_the_old_key_is_refused_with_a_hint(
