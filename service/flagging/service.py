@@ -191,7 +191,8 @@ def list_run_flags(
 def push_flags(
     *, session: Session, flags: Sequence[PushedFlag], caller: Caller
 ) -> list[FlagPublic]:
-    """Store flags a source pushed by pseudonym (all or nothing); unknown pseudonyms → 422."""
+    """Store flags a source pushed by pseudonym (all or nothing); a pseudonym that is unknown,
+    erased or given twice → 422."""
     wanted = sorted({flag.pseudonym for flag in flags})
     known: dict[str, tuple[int, bool]] = {}
     for start in range(0, len(wanted), 500):
@@ -202,9 +203,19 @@ def push_flags(
         ):
             known[pseudonym] = (subject_id, erased_at is not None)
     errors: list[dict[str, Any]] = []
+    first_row: dict[str, int] = {}
     for row, flag in enumerate(flags):
         found = known.get(flag.pseudonym)
-        if found is None:
+        earlier = first_row.setdefault(flag.pseudonym, row)
+        if earlier != row:
+            errors.append(
+                {
+                    "row": row,
+                    "loc": ["flags", row, "pseudonym"],
+                    "msg": f"flagged already in row {earlier}; give one flag per pseudonym",
+                }
+            )
+        elif found is None:
             errors.append(
                 {"row": row, "loc": ["flags", row, "pseudonym"], "msg": "unknown pseudonym"}
             )

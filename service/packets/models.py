@@ -105,6 +105,23 @@ class PacketMember(SQLModel, table=True):
     wrapped_dek: str | None = SQLField(default=None, sa_type=Text)
 
 
+class PacketMemberFlag(SQLModel, table=True):
+    """A further flag placed with a packet member, beside the member's own ``flag_id``: say a
+    source's pushed concern about a client the run flagged too. A flag is placed once, as a
+    member's own flag or here (unique ``flag_id``), and the professional sees every reason."""
+
+    __tablename__ = "packet_member_flags"
+    __table_args__ = (Index("ix_packet_member_flags_flag_id", "flag_id", unique=True),)
+
+    packet_id: str = SQLField(
+        sa_column=Column(String(36), ForeignKey("packets.id"), primary_key=True)
+    )
+    subject_id: int = SQLField(
+        sa_column=Column(Integer, ForeignKey("subjects.id"), primary_key=True)
+    )
+    flag_id: int = SQLField(sa_column=Column(Integer, ForeignKey("flags.id"), primary_key=True))
+
+
 class Followup(SQLModel, table=True):
     """An appointment, contact, intervention or outcome the owner recorded for one client."""
 
@@ -284,6 +301,11 @@ class ClientPublic(BaseModel):
     )
     characteristics: CharacteristicsPublic
     flag: FlagReasonPublic
+    further_flags: list[FlagReasonPublic] = Field(
+        default_factory=list,
+        description="other flags placed with this client in this packet (say a source's concern "
+        "beside the run's flag), oldest first",
+    )
     followups: list[FollowupPublic]
 
 

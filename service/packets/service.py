@@ -68,6 +68,7 @@ from service.packets.models import (
     Packet,
     PacketDetailPublic,
     PacketMember,
+    PacketMemberFlag,
     PacketMemberPublic,
     PacketPublic,
     PartitionPublic,
@@ -101,6 +102,7 @@ _packets = Packet.__table__  # type: ignore[attr-defined]
 _members = PacketMember.__table__  # type: ignore[attr-defined]
 _professionals = Professional.__table__  # type: ignore[attr-defined]
 _followups = Followup.__table__  # type: ignore[attr-defined]
+_member_flags = PacketMemberFlag.__table__  # type: ignore[attr-defined]
 logger = logging.getLogger("casepackets")
 
 if TYPE_CHECKING:
@@ -312,11 +314,19 @@ class _Candidate:
     pseudonym: str
     district: str
     wrapped_dek: str | None
+    further_flag_ids: tuple[int, ...] = ()
 
 
 def _candidates(session: Session, run_id: str) -> list[_Candidate]:
-    """One flag per subject: the run's flags, then external flags not yet in any packet."""
-    in_a_packet = exists().where(_members.c.flag_id == _flags.c.id)
+    """One case per subject from the flags not yet placed: the run's own, and the external flags
+    of subjects not erased. The subject's flag is the run's if it has one, else its oldest; any
+    other flag goes with it as a further flag, so each flag is placed once."""
+    placed = or_(
+        exists().where(
+            _members.c.subject_id == _flags.c.subject_id, _members.c.flag_id == _flags.c.id
+        ),
+        exists().where(_member_flags.c.flag_id == _flags.c.id),
+    )
     rows = session.execute(
         select(
             _flags.c.id,
@@ -330,20 +340,24 @@ def _candidates(session: Session, run_id: str) -> list[_Candidate]:
         .where(
             or_(
                 _flags.c.run_id == run_id,
-                and_(_flags.c.kind == "external", ~in_a_packet),
+                and_(_flags.c.kind == "external", _subjects.c.wrapped_dek.is_not(None)),
             )
         )
+        .where(~placed)
         .order_by(_flags.c.id)
     ).all()
-    chosen: dict[int, _Candidate] = {}
-    from_run: set[int] = set()
-    for flag_id, subject_id, flag_run, pseudonym, district, wrapped_dek in rows:
-        if subject_id in chosen and (subject_id in from_run or flag_run != run_id):
-            continue
-        chosen[subject_id] = _Candidate(flag_id, subject_id, pseudonym, district, wrapped_dek)
-        if flag_run == run_id:
-            from_run.add(subject_id)
-    return list(chosen.values())
+    flags_of: dict[int, list[Any]] = {}
+    for row in rows:
+        flags_of.setdefault(row[1], []).append(row)
+    candidates = []
+    for subject_flags in flags_of.values():
+        first, *further = sorted(subject_flags, key=lambda r: (r[2] != run_id, r[0]))
+        flag_id, subject_id, _run, pseudonym, district, wrapped_dek = first
+        further_ids = tuple(r[0] for r in further)
+        candidates.append(
+            _Candidate(flag_id, subject_id, pseudonym, district, wrapped_dek, further_ids)
+        )
+    return candidates
 
 
 def _member_history(
@@ -500,11 +514,18 @@ def partition_run(
                 closed_at=None,
             )
         )
+    further_rows = [
+        {"packet_id": row["packet_id"], "subject_id": row["subject_id"], "flag_id": flag_id}
+        for row in member_rows
+        for flag_id in placeable[row["pseudonym"]][0].further_flag_ids
+    ]
     connection = session.connection()
     if packet_rows:
         connection.execute(insert(_packets), packet_rows)
     for start in range(0, len(member_rows), 5000):
         connection.execute(insert(_members), member_rows[start : start + 5000])
+    if further_rows:
+        connection.execute(insert(_member_flags), further_rows)
 
     # Every packet's build and assign entries, in order, appended in a few large batches (one
     # log lock and one batched write each) within this transaction.
@@ -980,6 +1001,7 @@ class SealedPacket:
     wrapped_key: str
     members: Sequence[_SealedMember]
     followups: dict[str, list[_Followup]]
+    further_flags: dict[int, list[dict[str, Any]]]  # by subject id, oldest first
 
     def __repr__(self) -> str:
         return f"SealedPacket({self.packet.id}, {len(self.members)} members)"
@@ -1012,6 +1034,49 @@ _SEALED_MEMBERS = (
 )
 
 
+_FURTHER_FLAGS = (
+    select(
+        _member_flags.c.subject_id,
+        _flags.c.kind,
+        _flags.c.run_id,
+        _flags.c.policy_version,
+        _flags.c.reason_code,
+        _flags.c.hits,
+        _flags.c.explanation,
+    )
+    .select_from(_member_flags.join(_flags, _flags.c.id == _member_flags.c.flag_id))
+    .where(_member_flags.c.packet_id == bindparam("packet_id"))
+    .order_by(_flags.c.id)
+)
+
+
+def _flag_reason(
+    kind: str,
+    run_id: str | None,
+    policy_version: str | None,
+    reason_code: str | None,
+    hits: list[dict[str, Any]],
+    explanation: str,
+) -> dict[str, Any]:
+    """A flag as ``FlagReasonPublic`` shapes it."""
+    return {
+        "kind": kind,
+        "run_id": run_id,
+        "policy_version": policy_version,
+        "reason_code": reason_code,
+        "hits": hits,
+        "explanation": explanation,
+    }
+
+
+def _further_flags(session: Session, packet_id: str) -> dict[int, list[dict[str, Any]]]:
+    """The further flags placed with the packet's members, by subject id, oldest first."""
+    grouped: dict[int, list[dict[str, Any]]] = {}
+    for subject_id, *fields in session.execute(_FURTHER_FLAGS, {"packet_id": packet_id}):
+        grouped.setdefault(subject_id, []).append(_flag_reason(*fields))
+    return grouped
+
+
 def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPacket:
     """Log a re-identification of the caller's own packet; ``reveal`` then decrypts it.
 
@@ -1034,6 +1099,7 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
         _SealedMember(*row) for row in session.execute(_SEALED_MEMBERS, {"packet_id": packet_id})
     ]
     followups = _followups_by_pseudonym(session, packet_id)
+    further_flags = _further_flags(session, packet_id)
     revealable = [
         m.pseudonym
         for m in members
@@ -1055,7 +1121,11 @@ def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPa
     )
 
     return SealedPacket(
-        packet=public, wrapped_key=wrapped_key, members=members, followups=followups
+        packet=public,
+        wrapped_key=wrapped_key,
+        members=members,
+        followups=followups,
+        further_flags=further_flags,
     )
 
 
@@ -1095,14 +1165,15 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
                     "birth_year": member.birth_year,
                     "household_type": member.household_type,
                 },
-                "flag": {
-                    "kind": member.kind,
-                    "run_id": member.run_id,
-                    "policy_version": member.policy_version,
-                    "reason_code": member.reason_code,
-                    "hits": member.hits,
-                    "explanation": member.explanation,
-                },
+                "flag": _flag_reason(
+                    member.kind,
+                    member.run_id,
+                    member.policy_version,
+                    member.reason_code,
+                    member.hits,
+                    member.explanation,
+                ),
+                "further_flags": sealed.further_flags.get(member.subject_id, []),
                 "followups": [
                     _followup_public(f, packet_id=packet_id, packet_key=packet_key)
                     for f in followups.get(member.pseudonym, [])

@@ -6,9 +6,10 @@ from datetime import UTC, date, datetime
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlmodel import Session
 
+from service.flagging.models import Flag
 from service.flagging.service import run_flagging, system_caller
 from service.records.models import Subject
 from tests.conftest import TokenFactory, bearer
@@ -193,6 +194,27 @@ def test_an_unknown_pseudonym_is_422_naming_it_and_nothing_is_stored(
     assert MISSING in problem["detail"]
     assert [e["row"] for e in problem["errors"]] == [1]
     assert log_entries(session, "flags.push") == []
+
+
+def test_a_pseudonym_pushed_twice_in_one_request_is_refused(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    flag = {
+        "pseudonym": QUIET_PSEUDONYM,
+        "reason_code": "x",
+        "explanation": "Reported by a school.",
+    }
+    response = client.post(
+        "/v1/flags", json={"flags": [flag, flag]}, headers=bearer(token("src", "source"))
+    )
+    assert response.status_code == 422
+    problem = response.json()
+    assert [(e["row"], e["msg"]) for e in problem["errors"]] == [
+        (1, "flagged already in row 0; give one flag per pseudonym")
+    ]
+    assert log_entries(session, "flags.push") == []
+    assert session.execute(select(func.count()).select_from(Flag)).scalar_one() == 0
 
 
 def test_a_pushed_pseudonym_of_another_shape_is_refused_without_echoing_it(

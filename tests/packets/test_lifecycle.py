@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from service.packets.models import utcnow
 from service.packets.policy import RetentionPolicy
 from service.packets.service import packet_key_aad, shred_expired
 from tests.conftest import Answer, Interleaving, Request, TokenFactory, bearer
+from tests.flagging.seed import AS_OF
 from tests.packets.scenario import (
     COORDINATOR,
     FOLLOWUPS,
@@ -406,8 +408,11 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
     owner = bearer(token(OWNER, "professional"))
     coordinator = bearer(token(COORDINATOR, "coordinator"))
     assert client.post(f"/v1/packets/{first_packet['id']}/close", headers=owner).status_code == 200
-    # the closed packet's clients go into a new packet for the same professional
-    again = client.post("/v1/packets/partition", json={"run_id": world.run_id}, headers=coordinator)
+    # a later run flags the closed packet's clients again: a new packet for the same professional
+    later = client.post("/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator)
+    again = client.post(
+        "/v1/packets/partition", json={"run_id": later.json()["id"]}, headers=coordinator
+    )
     assert again.status_code == 201
     [second_packet] = again.json()["packets"]
     assert second_packet["professional_id"] == OWNER
@@ -563,13 +568,16 @@ def stop_after(monkeypatch: pytest.MonkeyPatch, name: str, interleaving: Interle
 def world_with_a_closed_packet(
     client: TestClient, token: TokenFactory
 ) -> tuple[World, dict[str, Any]]:
-    """A fresh world whose owner has closed the Charlois packet: its clients are candidates for
-    the next partitioning again."""
+    """A fresh world whose owner has closed the Charlois packet, and a later run that flags
+    everyone again (``world.run_id``): partitioning it places that packet's clients anew."""
     world = world_of(client, token)
     closed = world.packet(OWNER, "Charlois")
     owner = bearer(token(OWNER, "professional"))
     assert client.post(f"/v1/packets/{closed['id']}/close", headers=owner).status_code == 200
-    return world, closed
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    later = client.post("/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator)
+    assert later.status_code == 201, later.text
+    return replace(world, run_id=later.json()["id"]), closed
 
 
 def owners_first_client(client: TestClient, token: TokenFactory) -> tuple[dict[str, Any], str]:

@@ -140,8 +140,17 @@ def test_partitioning_builds_packets_whose_keys_unwrap_to_the_vault_dek(
     assert sorted(p for e in built for p in e["pseudonyms"]) == sorted(deks)
 
     again = client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
-    assert again.json()["packets"] == []
-    assert {u["reason"] for u in again.json()["unplaced"]} == {"already in an open packet"}
+    assert (again.json()["packets"], again.json()["unplaced"]) == ([], [])  # each flag placed once
+    # A later run flags the same clients while their packets are open: not placed beside them.
+    later = client.post(
+        "/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator
+    ).json()
+    beside = client.post(
+        "/v1/packets/partition", json={"run_id": later["id"]}, headers=coordinator
+    ).json()
+    assert beside["packets"] == []
+    assert {u["reason"] for u in beside["unplaced"]} == {"already in an open packet"}
+    assert len(beside["unplaced"]) == len(deks)
 
 
 def test_a_member_wrap_moved_to_another_packet_does_not_open(
@@ -222,6 +231,110 @@ def test_external_flags_join_the_next_partitioning(
         ("ps-000", "algorithm"),
         (EXTERNAL, "external"),
     }
+
+
+def push(client: TestClient, token: TokenFactory, *flags: tuple[str, str, str]) -> Any:
+    body = {
+        "flags": [
+            {"pseudonym": pseudonym, "reason_code": code, "explanation": explanation}
+            for pseudonym, code, explanation in flags
+        ]
+    }
+    return client.post("/v1/flags", json=body, headers=bearer(token("source-1", "source")))
+
+
+def partition(client: TestClient, coordinator: dict[str, str], run_id: str) -> dict[str, Any]:
+    response = client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def placements_per_flag(session: Session) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for (flag_id,) in session.execute(select(PacketMember.__table__.c.flag_id)):  # type: ignore[attr-defined]
+        counts[flag_id] = counts.get(flag_id, 0) + 1
+    return counts
+
+
+def test_partitioning_a_run_again_places_only_its_flags_not_yet_placed(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=3)
+    run_id, _ = flagged_run(app, client, session, coordinator, 5)
+    first = partition(client, coordinator, run_id)
+    [packet] = first["packets"]
+    assert [u["pseudonym"] for u in first["unplaced"]] == ["ps-003", "ps-004"]
+    closed = client.post(f"/v1/packets/{packet['id']}/close", headers=coordinator)
+    assert closed.status_code == 200, closed.text
+
+    second = partition(client, coordinator, run_id)
+    [rest] = second["packets"]
+    detail = client.get(f"/v1/packets/{rest['id']}", headers=coordinator).json()
+    assert [m["pseudonym"] for m in detail["members"]] == ["ps-003", "ps-004"]
+    assert second["unplaced"] == []
+    assert partition(client, coordinator, run_id) == {**second, "packets": [], "unplaced": []}
+    session.expire_all()
+    assert sorted(placements_per_flag(session).values()) == [1] * 5
+
+
+def test_a_pushed_flag_beside_the_run_flag_goes_with_it_and_the_professional_sees_both(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001")
+    add_subject(session, app.state.keyring, pseudonym=EXTERNAL, events=RELAPSING)
+    session.commit()
+    run_id = client.post(
+        "/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator
+    ).json()["id"]
+    rent = (EXTERNAL, "rent-arrears", "Three months of rent arrears reported by the landlord.")
+    school = (EXTERNAL, "school-absence", "Long school absence of a child in the household.")
+    assert push(client, token, rent).status_code == 201
+    assert push(client, token, school).status_code == 201
+
+    [packet] = partition(client, coordinator, run_id)["packets"]
+    assert packet["member_count"] == 1
+    opened = client.get(
+        f"/v1/packets/{packet['id']}/clients", headers=bearer(token("prof-001", "professional"))
+    )
+    assert opened.status_code == 200, opened.text
+    [member] = opened.json()["clients"]
+    assert member["flag"]["kind"] == "algorithm"
+    assert [(f["kind"], f["reason_code"], f["explanation"]) for f in member["further_flags"]] == [
+        ("external", rent[1], rent[2]),
+        ("external", school[1], school[2]),
+    ]
+    closed = client.post(f"/v1/packets/{packet['id']}/close", headers=coordinator)
+    assert closed.status_code == 200, closed.text
+    # Every flag was placed once: nothing comes back, neither with this run nor with a later one.
+    again = partition(client, coordinator, run_id)
+    assert (again["packets"], again["unplaced"]) == ([], [])
+    empty_run = client.post(
+        "/v1/flagging/runs", json={"as_of": "1990-01-01"}, headers=coordinator
+    ).json()
+    later = partition(client, coordinator, empty_run["id"])
+    assert (later["packets"], later["unplaced"]) == ([], [])
+
+
+def test_a_pending_pushed_flag_of_an_erased_subject_is_dropped_not_reported_forever(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001")
+    run_id, _ = flagged_run(app, client, session, coordinator, 1)
+    add_subject(session, app.state.keyring, pseudonym=EXTERNAL)
+    session.commit()
+    concern = (EXTERNAL, "school-absence", "Long school absence of a child in the household.")
+    assert push(client, token, concern).status_code == 201
+    erased = client.post(
+        f"/v1/subjects/{EXTERNAL}/erase", headers=bearer(token("admin-001", "admin"))
+    )
+    assert erased.status_code == 200, erased.text
+    result = partition(client, coordinator, run_id)
+    assert [m for p in result["packets"] for m in [p["member_count"]]] == [1]
+    assert EXTERNAL not in {u["pseudonym"] for u in result["unplaced"]}
 
 
 def test_a_professional_sees_only_their_own_packets(
