@@ -385,14 +385,29 @@ def audit_verify(
             "successors",
         ),
     ] = None,
+    key_without_handover: Annotated[
+        bool,
+        typer.Option(
+            "--key-without-handover",
+            help="accept a new checkpoint signed by --public-key though no handover leads to it "
+            "from --trusted-public-key (a rotation made before handovers existed); only for a "
+            "key you got over a channel you trust, never the one in the export being checked",
+        ),
+    ] = False,
 ) -> None:
     """Verify an export offline: signature, root, consistency with a trusted checkpoint.
 
-    The checkpoint may be signed by a key you trust (--public-key, --trusted-public-key) or by
-    one such a key handed signing over to in a handover among the entries (--handovers).
+    The checkpoint must be signed by a key you trust (--public-key; with a trusted checkpoint,
+    --trusted-public-key) or by one such a key handed signing over to (--handovers). Pin the
+    public key you trust; the one inside an export vouches only for that export.
     """
     from service.access_log.export import HANDOVERS_FILE
-    from service.access_log.verify import CheckpointRejected, VerificationFailed, verify_files
+    from service.access_log.verify import (
+        CheckpointRejected,
+        KeyNotHandedOver,
+        VerificationFailed,
+        verify_files,
+    )
 
     if trusted_public_key is not None and trusted_checkpoint is None:
         console.print("[red]--trusted-public-key is the key of a --trusted-checkpoint[/red]")
@@ -406,22 +421,28 @@ def audit_verify(
             trusted_public_key=trusted_public_key,
             leaf_hashes=leaf_hashes,
             handovers=handovers,
+            key_without_handover=key_without_handover,
         )
     except VerificationFailed as exc:
         console.print(f"[red]FAILED:[/red] {exc}", highlight=False)
         beside = checkpoint.parent / HANDOVERS_FILE
-        if (
-            isinstance(exc, CheckpointRejected)
-            and exc.which == "new"
-            and exc.by_another_key
-            and handovers is None
-            and beside.exists()
-        ):
+        rejected_new = isinstance(exc, KeyNotHandedOver) or (
+            isinstance(exc, CheckpointRejected) and exc.which == "new" and exc.by_another_key
+        )
+        if rejected_new and handovers is None and beside.exists():
             console.print(
                 "If the log's signing key was rotated since the key you gave, follow its "
                 f"handover: --handovers {beside}",
                 highlight=False,
                 soft_wrap=True,  # a path to copy stays on one line
+            )
+        elif isinstance(exc, KeyNotHandedOver):
+            console.print(
+                "If the log's signing key was rotated before handovers existed, and you got "
+                f"the key in {public_key} over a channel you trust (not from this export), "
+                "pass --key-without-handover.",
+                highlight=False,
+                soft_wrap=True,
             )
         if (
             isinstance(exc, CheckpointRejected)

@@ -6,12 +6,15 @@ the auditor trusts, the entries hash to exactly the signed root at exactly the s
 given for it (by default the same key), both checkpoints have the same origin, and the first
 entries also hash to the trusted root — which proves the new tree extends the trusted one.
 
-The keys trusted are the ones given, and every key a trusted key handed signing over to: a
-handover checkpoint (see ``handover``) opens under the trusted key, its root is the root of the
-exported entries up to it, its last entry names the new key, and the new key cosigned it. A
-handover not signed by the key trusted at that point is ignored. Anything else raises
-``VerificationFailed``; when the exported leaf hashes are themselves authenticated by the signed
-root, the error names the first bad entry index.
+The keys trusted are the one given, and every key it handed signing over to: a handover
+checkpoint (see ``handover``) opens under the trusted key, its root is the root of the exported
+entries up to it, its last entry names the new key, and the new key cosigned it. A handover not
+signed by the key trusted at that point is ignored; a key that handed signing over signs no later
+checkpoint. With a trusted checkpoint, the key given for it is where trust starts: the new
+checkpoint's key must be reached from it by handovers, unless the auditor vouches for the other
+key given (``key_without_handover``, for rotations made before handovers existed). Anything
+else raises ``VerificationFailed``; when the exported leaf hashes are themselves authenticated by
+the signed root, the error names the first bad entry index.
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ class CheckpointRejected(VerificationFailed):
         super().__init__(f"{which} checkpoint rejected: {reason}")
         self.which = which
         self.by_another_key = by_another_key
+
+
+class KeyNotHandedOver(VerificationFailed):
+    """The new checkpoint is signed by neither the trusted checkpoint's key nor a key it handed
+    signing over to, only by the other key given: accepted only when the auditor says so."""
+
+    def __init__(self, trusted: VerifierKey, given: VerifierKey) -> None:
+        super().__init__(
+            f"new checkpoint rejected: no handover leads from the trusted checkpoint's key "
+            f"{trusted} to {given}, the key that signed it"
+        )
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,7 @@ def verify_export(
     trusted_verifier: VerifierKey | None = None,  # signed trusted_note; default: verifier
     leaf_hashes: Iterable[bytes] | None = None,
     handovers: Sequence[str] = (),  # handover checkpoints' notes (handovers.ndjson)
+    key_without_handover: bool = False,  # accept ``verifier`` though no handover leads to it
 ) -> Verified:
     start = trusted_verifier or verifier
     try:
@@ -247,14 +262,17 @@ def verify_export(
         hashes_size, hashes_root = hash_roots.compact.size, hash_roots.compact.root()
 
     signer, followed = _follow(steps, start, roots=roots, last_entries=last_entries)
-    if signer != verifier:
+    if followed or signer == verifier:
+        # A key that handed signing over signs no later checkpoint: only its successor does.
+        checkpoint = open_checkpoint(checkpoint_note, signer, which="new")
+    else:
         try:
             checkpoint = open_checkpoint(checkpoint_note, signer, which="new")
         except CheckpointRejected:
+            if not key_without_handover:
+                raise KeyNotHandedOver(start, verifier) from None
             checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
-            signer, followed = verifier, ()
-    else:
-        checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
+            signer = verifier
 
     if size == checkpoint.size and root == checkpoint.root:
         if trusted is not None and roots.get(trusted.size) != trusted.root:
@@ -299,6 +317,7 @@ def verify_files(
     trusted_public_key: Path | None = None,  # default: public_key
     leaf_hashes: Path | None = None,
     handovers: Path | None = None,
+    key_without_handover: bool = False,
 ) -> Verified:
     verifier = _read_key(public_key, which="public key")
     trusted_verifier = (
@@ -316,6 +335,7 @@ def verify_files(
                 trusted_note=trusted,
                 trusted_verifier=trusted_verifier,
                 handovers=handover_notes,
+                key_without_handover=key_without_handover,
             )
         with leaf_hashes.open("rb") as hashes_file:
             return verify_export(
@@ -326,6 +346,7 @@ def verify_files(
                 trusted_verifier=trusted_verifier,
                 leaf_hashes=read_hashes(hashes_file),
                 handovers=handover_notes,
+                key_without_handover=key_without_handover,
             )
 
 

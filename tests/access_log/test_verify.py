@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from service.access_log import merkle
 from service.access_log import service as log
+from service.access_log.checkpoint import Checkpoint, checkpoint_text
 from service.access_log.export import (
     CHECKPOINT_FILE,
     ENTRIES_FILE,
@@ -23,6 +24,7 @@ from service.access_log.export import (
     export_log,
 )
 from service.access_log.handover import handed_to
+from service.access_log.verify import root_of_lines as merkle_root_of_lines
 from service.cli import app as cli
 from service.config import get_settings
 from service.crypto.keyring import Keyring
@@ -251,17 +253,25 @@ def rotated(cli_env: Path, database: Database) -> tuple[Path, Path]:
     return before, after
 
 
-def test_after_a_rotation_the_key_that_signed_the_trusted_checkpoint_verifies_it(
+def test_after_a_rotation_the_trusted_checkpoint_s_key_reaches_the_new_key_by_its_handover(
     rotated: tuple[Path, Path],
 ) -> None:
     before, after = rotated
-    code, output = verify(
-        after,
+    trusted = [
         "--trusted-checkpoint",
         str(before / CHECKPOINT_FILE),
         "--trusted-public-key",
         str(before / PUBLIC_KEY_FILE),
-    )
+    ]
+    code, output = verify(after, *trusted)
+    assert code == 1
+    assert "no handover leads from the trusted checkpoint's key" in output
+    assert f"--handovers {after / HANDOVERS_FILE}" in output
+    code, output = verify(after, *trusted, "--handovers", str(after / HANDOVERS_FILE))
+    assert code == 0, output
+    assert "handed over at size 11" in output
+    # a rotation made before handovers existed: the auditor vouches for the new key themselves
+    code, output = verify(after, *trusted, "--key-without-handover")
     assert code == 0, output
     assert "OK: 15 entries" in output  # 10, the rotation itself, 4
     assert "trusted checkpoint of size 10" in output
@@ -342,6 +352,7 @@ def test_after_a_rotation_tampering_still_fails_against_the_trusted_checkpoint(
         str(before / CHECKPOINT_FILE),
         "--trusted-public-key",
         str(before / PUBLIC_KEY_FILE),
+        "--key-without-handover",
     ]
     for leaf_hashes in (True, False):
         code, output = verify(after, *trusted, leaf_hashes=leaf_hashes)
@@ -427,6 +438,63 @@ def test_the_auditor_api_serves_the_handovers_the_export_writes(
     code, output = verify(after, "--handovers", str(served), public_key=before / PUBLIC_KEY_FILE)
     assert code == 0, output
     assert "handed over at size 11" in output
+
+
+def forge_tail(after: Path, forged: Path, *, signer: NoteSigner, keep: int) -> None:
+    """``after`` with every entry from index ``keep`` rewritten, a checkpoint ``signer`` signed
+    over them, ``signer``'s key as the public key, and no handovers."""
+    forged.mkdir()
+    lines = (after / ENTRIES_FILE).read_bytes().splitlines(keepends=True)
+    rewritten = lines[:keep] + [line.replace(b"prof-001", b"prof-009") for line in lines[keep:]]
+    (forged / ENTRIES_FILE).write_bytes(b"".join(rewritten))
+    size, root = merkle_root_of_lines(rewritten)
+    (forged / CHECKPOINT_FILE).write_text(
+        signer.sign(checkpoint_text(Checkpoint(origin=ORIGIN, size=size, root=root)))
+    )
+    (forged / PUBLIC_KEY_FILE).write_text(f"{signer.verifier}\n")
+
+
+def test_a_forged_tail_signed_by_a_key_of_the_forger_s_choosing_is_refused(
+    rotated: tuple[Path, Path], cli_env: Path, signer: NoteSigner
+) -> None:
+    before, after = rotated
+    forged = cli_env / "forged"
+    forge_tail(after, forged, signer=signer, keep=10)  # the trusted checkpoint covers 10
+    trusted = [
+        "--trusted-checkpoint",
+        str(before / CHECKPOINT_FILE),
+        "--trusted-public-key",
+        str(before / PUBLIC_KEY_FILE),
+    ]
+    for key in (forged / PUBLIC_KEY_FILE, after / PUBLIC_KEY_FILE):
+        code, output = verify(forged, *trusted, public_key=key, leaf_hashes=False)
+        assert code == 1, output
+        assert "FAILED" in output
+    handovers = ["--handovers", str(after / HANDOVERS_FILE)]
+    code, output = verify(forged, *trusted, *handovers, leaf_hashes=False)
+    assert code == 1, output
+
+
+def test_a_key_that_handed_signing_over_signs_no_later_checkpoint(
+    rotated: tuple[Path, Path], cli_env: Path, database: Database
+) -> None:
+    before, after = rotated
+    old_key = VerifierKey.parse((before / PUBLIC_KEY_FILE).read_text())
+    old_material = Keyring.load(cli_env / "keyring.json").get("log_signing", 1).material
+    old_signer = NoteSigner(name=ORIGIN, seed=old_material)
+    assert old_signer.verifier == old_key
+    # the old key, say leaked, signs a tree past its handover with the tail rewritten
+    forged = cli_env / "forged"
+    forge_tail(after, forged, signer=old_signer, keep=12)
+    code, output = verify(
+        forged,
+        "--handovers",
+        str(after / HANDOVERS_FILE),
+        public_key=before / PUBLIC_KEY_FILE,
+        leaf_hashes=False,
+    )
+    assert code == 1, output
+    assert "FAILED: new checkpoint rejected" in output
 
 
 def test_without_the_handovers_the_old_key_is_refused_with_a_hint(
