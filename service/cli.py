@@ -37,7 +37,6 @@ from service.config import Settings, UnsafeSettings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
 from service.crypto.keyring import (
     PURPOSES,
-    Key,
     Keyring,
     KeyringBusy,
     KeyringError,
@@ -583,24 +582,23 @@ def keys_rotate(
     """Add a new version of a key; it encrypts (or pseudonymizes, or signs) from now on."""
     settings = settings_or_exit()
     checked = check_purpose_or_exit(purpose)
-    with (
-        database_for(settings) as database,
-        keyring_edit_or_exit(settings) as keyring,
-        database.transaction() as session,
-    ):
+    with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
         version = keyring.next_version(checked)
-        # Logged first: if the log cannot be written, the keyring is left as it was.
-        if checked == "log_signing":
-            new = hand_over_signing(session, settings=settings, keyring=keyring, version=version)
-        else:
-            log_system_action(
-                session,
-                command="keys",
-                action="keys.rotate",
-                object_id=f"{checked}/v{version}",
-                reason="new current version",
-            )
-            new = keyring.rotate(checked)
+        material = new_key_material()
+        # Logged and committed first, the keyring held meanwhile: if the log cannot be written,
+        # the keyring is left as it was, and no key is ever in use that the log does not name.
+        with database.transaction() as session:
+            if checked == "log_signing":
+                hand_over_signing(session, settings=settings, keyring=keyring, material=material)
+            else:
+                log_system_action(
+                    session,
+                    command="keys",
+                    action="keys.rotate",
+                    object_id=f"{checked}/v{version}",
+                    reason="new current version",
+                )
+        new = keyring.rotate(checked, material=material)
     console.print(f"{checked} key is now at version {new.version}")
     if checked in ("vault", "packet"):
         console.print("older versions still decrypt; run `casepackets keys rewrap` to move")
@@ -614,25 +612,23 @@ def keys_rotate(
 
 
 def hand_over_signing(
-    session: Session, *, settings: Settings, keyring: LockedKeyring, version: int
-) -> Key:
-    """Rotate the log signing key through a handover: the rotation entry names the new key, and
-    a checkpoint ending with it is signed by the old key and cosigned by the new one, all
-    before the keyring changes."""
+    session: Session, *, settings: Settings, keyring: LockedKeyring, material: bytes
+) -> None:
+    """Log the log signing key's handover to ``material``'s key: the rotation entry names the
+    new key, and a checkpoint ending with it is signed by the old key and cosigned by the new
+    one. The caller commits, then puts ``material`` in the keyring."""
     from service.access_log.handover import hand_over
     from service.crypto.signing import NoteSigner
 
     origin = settings.checkpoint_origin
-    material = new_key_material()
     hand_over(
         session=session,
         old=NoteSigner.from_keyring(keyring, name=origin),
         new=NoteSigner(name=origin, seed=material),
         origin=origin,
-        version=version,
+        version=keyring.next_version("log_signing"),
         actor="system:keys",
     )
-    return keyring.rotate("log_signing", material=material)
 
 
 def check_purpose_or_exit(purpose: str) -> Purpose:
@@ -697,43 +693,49 @@ def keys_retire(
     """Destroy an old key version; refused while anything still depends on it."""
     settings = settings_or_exit()
     checked = check_purpose_or_exit(purpose)
-    with (
-        database_for(settings) as database,
-        keyring_edit_or_exit(settings) as keyring,
-        database.transaction() as session,
-    ):
-        try:
-            dependents = count_key_dependents(session=session, purpose=checked, version=version)
-        except ServiceError as exc:
-            console.print(f"[red]refused:[/red] {exc.detail}", highlight=False)
-            raise typer.Exit(1) from None
-        if dependents:
-            remedy = (
-                "their pseudonyms are never recomputed (the access log names them), so this "
-                "version stays while they remain"
-                if checked == "pseudonym"
-                else "run `casepackets keys rewrap` first"
-            )
-            console.print(
-                f"[red]refused:[/red] {dependents} rows still depend on {checked} "
-                f"v{version}; {remedy}",
-                highlight=False,
-            )
-            raise typer.Exit(1)
-        # Logged first: a refusal below rolls the entry back with the transaction.
-        log_system_action(
-            session,
-            command="keys",
-            action="keys.retire",
-            object_id=f"{checked}/v{version}",
-            reason="material destroyed",
-        )
-        try:
-            keyring.retire(checked, version)
-        except KeyringError as exc:
-            console.print(f"[red]refused:[/red] {exc}", highlight=False)
-            raise typer.Exit(1) from None
+    with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
+        with database.transaction() as session:
+            retire_logged(session, keyring=keyring, purpose=checked, version=version)
+        # Committed first: the material is destroyed only once the log says so.
+        keyring.retire(checked, version)
     console.print(f"{checked} v{version} is retired; its material is destroyed")
+
+
+def retire_logged(
+    session: Session, *, keyring: LockedKeyring, purpose: Purpose, version: int
+) -> None:
+    """Log the retirement of ``purpose`` v``version`` in ``session``, or refuse it (exit 1) while
+    rows depend on it or the keyring would refuse it."""
+    try:
+        dependents = count_key_dependents(session=session, purpose=purpose, version=version)
+    except ServiceError as exc:
+        console.print(f"[red]refused:[/red] {exc.detail}", highlight=False)
+        raise typer.Exit(1) from None
+    if dependents:
+        remedy = (
+            "their pseudonyms are never recomputed (the access log names them), so this "
+            "version stays while they remain"
+            if purpose == "pseudonym"
+            else "run `casepackets keys rewrap` first"
+        )
+        console.print(
+            f"[red]refused:[/red] {dependents} rows still depend on {purpose} "
+            f"v{version}; {remedy}",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    try:
+        keyring.check_retirable(purpose, version)
+    except KeyringError as exc:
+        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    log_system_action(
+        session,
+        command="keys",
+        action="keys.retire",
+        object_id=f"{purpose}/v{version}",
+        reason="material destroyed",
+    )
 
 
 def progress_bar() -> Progress:

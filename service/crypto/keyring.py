@@ -370,12 +370,12 @@ class LockedKeyring(Keyring):
         self._save(document)
         return self.current(purpose)
 
-    def retire(self, purpose: Purpose, version: int) -> None:
-        """Destroy an old version's material. The caller checks that nothing depends on it."""
+    def check_retirable(self, purpose: Purpose, version: int) -> None:
+        """Raise what ``retire`` would refuse with (a caller logs the retirement only when it
+        will happen). The caller checks that nothing depends on the version."""
         purpose = check_purpose(purpose)
         self._require_lock()
-        document = copy.deepcopy(self._document)
-        entry = document["purposes"][purpose]
+        entry = self._document["purposes"][purpose]
         if int(entry["current"]) == version:
             raise KeyringError(f"{purpose} v{version} is current; rotate before retiring it")
         age = _age_seconds(entry["versions"][str(entry["current"])].get("created_at"))
@@ -388,6 +388,14 @@ class LockedKeyring(Keyring):
         found = entry["versions"].get(str(version))
         if found is None or found.get("retired_at"):
             raise UnknownKey(f"no active {purpose} key version {version}")
+
+    def retire(self, purpose: Purpose, version: int) -> None:
+        """Destroy an old version's material (``check_retirable`` says when it is refused)."""
+        self.check_retirable(purpose, version)
+        purpose = check_purpose(purpose)
+        document = copy.deepcopy(self._document)
+        entry = document["purposes"][purpose]
+        found = entry["versions"][str(version)]
         entry["versions"][str(version)] = {
             "created_at": found.get("created_at", ""),
             "retired_at": _now(),

@@ -177,6 +177,37 @@ def test_a_rotation_the_log_cannot_record_leaves_the_keyring_as_it_was(
         holder.dispose()
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("rotate", "--purpose", "vault"),
+        ("rotate", "--purpose", "log_signing"),
+        ("retire", "--purpose", "log_signing", "--version", "1"),
+    ],
+    ids=["rotate-vault", "rotate-log-signing", "retire"],
+)
+def test_a_key_change_whose_log_entry_does_not_commit_leaves_the_keyring_as_it_was(
+    cli_env: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    rotations_settled: None,
+    change: tuple[str, ...],
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    assert run("keys", "rotate", "--purpose", "log_signing")[0] == 0
+    before = cli_env.resolved_keyring_path.read_bytes()
+
+    def failing_commit(self: Session) -> None:
+        raise RuntimeError("the commit failed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Session, "commit", failing_commit)
+        code, _output = run("keys", *change)
+    assert code != 0
+    assert cli_env.resolved_keyring_path.read_bytes() == before
+    assert run("keys", *change)[0] == 0, "the change goes through once the log can commit"
+    assert cli_env.resolved_keyring_path.read_bytes() != before
+
+
 # -- key commands at once ----------------------------------------------------------------------
 
 # How long a command that has read the keyring waits for the other to read it too.
