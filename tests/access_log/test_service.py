@@ -226,6 +226,23 @@ def test_checkpoints_are_c2sp_signed_notes(database: Database, signer: NoteSigne
         )
 
 
+def test_a_tree_signed_under_an_earlier_key_is_signed_again_by_the_current_one(
+    database: Database, signer: NoteSigner
+) -> None:
+    append_each(database, 3)
+    with database.transaction() as session:
+        old_note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    successor = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+    with database.transaction() as session:
+        note = log.signed_checkpoint(session=session, signer=successor, origin=ORIGIN)
+    assert parse_checkpoint(open_note(note, successor.verifier)) == parse_checkpoint(
+        open_note(old_note, signer.verifier)
+    )
+    with database.session() as session:
+        [stored] = session.execute(text("SELECT note FROM access_log_checkpoints")).scalars()
+    assert stored == old_note
+
+
 def test_a_log_keeps_its_origin_for_life(database: Database, signer: NoteSigner) -> None:
     """A checkpoint under another origin would not verify against the ones auditors hold: the
     service refuses to sign one, says which origin to set, and reports it as not ready."""
