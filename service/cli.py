@@ -719,8 +719,7 @@ def retire_logged(
             else "run `casepackets keys rewrap` first"
         )
         console.print(
-            f"[red]refused:[/red] {dependents} rows still depend on {purpose} "
-            f"v{version}; {remedy}",
+            f"[red]refused:[/red] {dependents} rows still depend on {purpose} v{version}; {remedy}",
             highlight=False,
         )
         raise typer.Exit(1)

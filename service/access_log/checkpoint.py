@@ -8,7 +8,6 @@ half-understood checkpoint.
 from __future__ import annotations
 
 import base64
-import binascii
 from dataclasses import dataclass
 
 from service.access_log.merkle import HASH_SIZE
@@ -30,6 +29,10 @@ def checkpoint_text(checkpoint: Checkpoint) -> str:
     return f"{checkpoint.origin}\n{checkpoint.size}\n{root}\n"
 
 
+# A tree size is a 64-bit count: at most 19 decimal digits.
+MAX_SIZE_DIGITS = 19
+
+
 def parse_checkpoint(text: str) -> Checkpoint:
     if not text.endswith("\n"):
         raise CheckpointError("a checkpoint ends with a newline")
@@ -41,11 +44,12 @@ def parse_checkpoint(text: str) -> Checkpoint:
         not size_line.isascii()
         or not size_line.isdigit()
         or (len(size_line) > 1 and size_line[0] == "0")
+        or len(size_line) > MAX_SIZE_DIGITS
     ):
-        raise CheckpointError("the tree size is not a decimal number")
+        raise CheckpointError("the tree size is not a decimal number of at most 19 digits")
     try:
         root = base64.b64decode(root_line, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a character outside ASCII
         raise CheckpointError("the root hash is not base64") from None
     if len(root) != HASH_SIZE:
         raise CheckpointError("the root hash is not 32 bytes")

@@ -83,7 +83,7 @@ def handed_to(data: bytes) -> VerifierKey | None:
         return None
     try:
         entry = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a crafted line nested too deep
         return None
     if not isinstance(entry, dict):
         return None  # a line of an export that is not an entry at all

@@ -323,13 +323,14 @@ def verify_files(
     trusted_verifier = (
         _read_key(trusted_public_key, which="trusted public key") if trusted_public_key else None
     )
-    note = checkpoint.read_text(encoding="utf-8")
-    trusted = trusted_checkpoint.read_text(encoding="utf-8") if trusted_checkpoint else None
+    note = read_text(checkpoint)
+    trusted = read_text(trusted_checkpoint) if trusted_checkpoint else None
     handover_notes = read_handovers(handovers) if handovers else []
     with entries.open("rb") as entries_file:
+        lines = bounded_lines(entries_file)
         if leaf_hashes is None:
             return verify_export(
-                entries=entries_file,
+                entries=lines,
                 checkpoint_note=note,
                 verifier=verifier,
                 trusted_note=trusted,
@@ -339,7 +340,7 @@ def verify_files(
             )
         with leaf_hashes.open("rb") as hashes_file:
             return verify_export(
-                entries=entries_file,
+                entries=lines,
                 checkpoint_note=note,
                 verifier=verifier,
                 trusted_note=trusted,
@@ -350,14 +351,35 @@ def verify_files(
             )
 
 
+# Far above any entry the service writes (an ingest batch's pseudonyms are ~35 bytes a row): a
+# longer line is refused before it is held in memory.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def bounded_lines(handle: BinaryIO, *, limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of ``handle``, refusing one longer than ``limit`` bytes."""
+    while line := handle.readline(limit + 1):
+        if len(line) > limit:
+            raise VerificationFailed(f"a line is longer than {limit} bytes")
+        yield line
+
+
+def read_text(path: Path) -> str:
+    """A file's exact text: UTF-8, line endings as they are (a CR is not a newline here)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise VerificationFailed(f"{path.name} is not UTF-8 text (byte {exc.start})") from None
+
+
 def read_handovers(path: Path) -> list[str]:
     """The notes of a handovers.ndjson file: one ``{"size": n, "note": "..."}`` per line."""
     notes = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as handle:
+        for number, line in enumerate(bounded_lines(handle), start=1):
             try:
                 note = json.loads(line)["note"]
-            except (ValueError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, RecursionError):
                 note = None
             if not isinstance(note, str):
                 raise VerificationFailed(f"{path.name} line {number} is not a handover")
@@ -367,6 +389,6 @@ def read_handovers(path: Path) -> list[str]:
 
 def _read_key(path: Path, *, which: str) -> VerifierKey:
     try:
-        return VerifierKey.parse(path.read_text(encoding="utf-8"))
+        return VerifierKey.parse(read_text(path))
     except NoteError as exc:
         raise VerificationFailed(f"{which} rejected: {exc}") from None

@@ -106,9 +106,16 @@ def canonical_aad(aad: Mapping[str, AadValue], *, key_version: int) -> bytes:
 
 
 def _split(token: str) -> tuple[int, str]:
-    """``(key version, base64 body)`` of a ``v1.<version>.<base64>`` string."""
+    """``(key version, base64 body)`` of a ``v1.<version>.<base64>`` string. The version is
+    written one way only (no leading zero), as ``keys retire`` counts dependents by that text."""
     parts = token.split(".")
-    if len(parts) != 3 or parts[0] != FORMAT or not (parts[1].isascii() and parts[1].isdigit()):
+    version = parts[1] if len(parts) == 3 else ""
+    if (
+        len(parts) != 3
+        or parts[0] != FORMAT
+        or not (version.isascii() and version.isdigit())
+        or str(int(version)) != version
+    ):
         raise DecryptionFailed("not a v1 envelope")
     return int(parts[1]), parts[2]
 

@@ -128,24 +128,38 @@ class NoteSigner:
 
 
 def open_note(note: str, verifier: VerifierKey) -> str:
-    """The text of ``note`` if ``verifier`` signed it; raises ``NoteError`` otherwise."""
+    """The text of ``note`` if ``verifier`` signed it; raises ``NoteError`` otherwise.
+
+    As the C2SP signed-note format asks: no control character but the newline anywhere (so no
+    CR either), every signature line well-formed, and every signature by ``verifier``'s name and
+    key id valid. Signatures by other keys are ignored."""
+    if any(ord(char) < 0x20 and char != "\n" for char in note):
+        raise NoteError("a note holds no control character but the newline")
     text, separator, signatures = note.rpartition("\n\n")
     if not separator or not signatures.endswith("\n"):
         raise NoteError("not a signed note (no blank line before the signatures)")
     text += "\n"
+    ours = []
     for line in signatures[:-1].split("\n"):
-        if not line.startswith(SIGNATURE_PREFIX):
-            raise NoteError("malformed signature line")
-        name, _, encoded = line[len(SIGNATURE_PREFIX) :].partition(" ")
-        try:
-            blob = base64.b64decode(encoded, validate=True)
-        except ValueError:
-            raise NoteError("malformed signature line") from None
-        if name != verifier.name or blob[:4] != verifier.key_id:
-            continue
-        if verifier.verify(text.encode("utf-8"), blob[4:]):
-            return text
+        name, blob = _signature(line)
+        if name == verifier.name and blob[:4] == verifier.key_id:
+            ours.append(blob[4:])
+    if not ours:
+        raise NotSignedBy(
+            f"the note carries no signature by {verifier.name} key {verifier.key_id.hex()}"
+        )
+    if not all(verifier.verify(text.encode("utf-8"), signature) for signature in ours):
         raise NoteError(f"the signature by {verifier.name} does not verify")
-    raise NotSignedBy(
-        f"the note carries no signature by {verifier.name} key {verifier.key_id.hex()}"
-    )
+    return text
+
+
+def _signature(line: str) -> tuple[str, bytes]:
+    """A signature line's key name and its decoded key id and signature."""
+    name, _, encoded = line.removeprefix(SIGNATURE_PREFIX).partition(" ")
+    try:
+        blob = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        blob = b""
+    if not line.startswith(SIGNATURE_PREFIX) or not name or len(blob) <= 4:
+        raise NoteError("malformed signature line")
+    return name, blob

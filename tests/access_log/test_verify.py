@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from service.access_log.export import (
     export_log,
 )
 from service.access_log.handover import handed_to
+from service.access_log.verify import VerificationFailed, bounded_lines
 from service.access_log.verify import root_of_lines as merkle_root_of_lines
 from service.cli import app as cli
 from service.config import get_settings
@@ -75,6 +77,49 @@ def test_an_untouched_export_verifies(
     assert "OK: 41 entries" in output
     assert "trusted checkpoint of size 30" in output
     assert verify(folder, leaf_hashes=False)[0] == 0
+
+
+def crafted_checkpoint(note: str) -> dict[str, bytes]:
+    """Ways to damage an exported checkpoint, as the bytes of the file."""
+    text, _, signatures = note.partition("\n\n")
+    origin, size, root = text.split("\n")
+    return {
+        "not UTF-8": note.encode().replace(b"\n\n", b"\n\xff\n", 1),
+        "CRLF": note.replace("\n", "\r\n").encode(),
+        "a 5,000-digit size": f"{origin}\n{'9' * 5000}\n{root}\n\n{signatures}".encode(),
+        "a root outside ASCII": f"{origin}\n{size}\n{root[:-2]}é=\n\n{signatures}".encode(),
+        "trailing words": (note + "and more\n").encode(),
+    }
+
+
+def test_a_crafted_export_fails_with_a_message_never_a_traceback(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_each(database, 6)
+    folder = export(database, signer, tmp_path / "export")
+    note = (folder / CHECKPOINT_FILE).read_text()
+    for damage, data in crafted_checkpoint(note).items():
+        (folder / CHECKPOINT_FILE).write_bytes(data)
+        code, output = verify(folder)
+        assert code == 1, (damage, output)
+        assert output.startswith("FAILED:"), (damage, output)
+    (folder / CHECKPOINT_FILE).write_text(note)
+    nested = {"size": 6, "note": "[" * 100_000 + "]" * 100_000}
+    for handovers in (b"\xff\n", json.dumps(nested).encode() + b"\n", b"[" * 100_000 + b"\n"):
+        (folder / HANDOVERS_FILE).write_bytes(handovers)
+        code, output = verify(folder, "--handovers", str(folder / HANDOVERS_FILE))
+        assert code == 1, output
+        assert output.startswith("FAILED:"), output
+    (folder / PUBLIC_KEY_FILE).write_bytes(b"\xff\xfe")
+    code, output = verify(folder)
+    assert (code, output[:7]) == (1, "FAILED:")
+
+
+def test_a_line_longer_than_the_bound_is_refused_before_it_is_held() -> None:
+    lines = bounded_lines(io.BytesIO(b"short\n" + b"x" * 100 + b"\n"), limit=50)
+    assert next(lines) == b"short\n"
+    with pytest.raises(VerificationFailed, match="longer than 50 bytes"):
+        next(lines)
 
 
 def rewrite_entries(engine: Engine, backend: str, change: Callable[[Rows], Rows]) -> None:

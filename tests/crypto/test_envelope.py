@@ -112,6 +112,14 @@ def test_wrap_under_a_packet_key() -> None:
         unwrap_under(packet_key, wrapped, aad={**place, "row": "p1/8"})
 
 
+def test_a_key_version_is_written_one_way_only(keyring: Keyring) -> None:
+    wrapped = wrap_key(keyring, "vault", DataKey.generate(), aad=PLACE)
+    assert wrapped.startswith("v1.1.")
+    for padded in ("v1.01.", "v1.001."):
+        with pytest.raises(DecryptionFailed, match="not a v1 envelope"):
+            unwrap_key(keyring, "vault", wrapped.replace("v1.1.", padded, 1), aad=PLACE)
+
+
 @pytest.mark.parametrize("token", ["", "v2.0.AAAA", "v1.x.AAAA", "v1.0.!!!!", "v1.0.AAAA"])
 def test_malformed_envelopes_are_rejected(token: str) -> None:
     with pytest.raises(DecryptionFailed):
