@@ -870,13 +870,15 @@ def flag(
     """Run the flagging policy over every subject and store the flags (logged)."""
     from datetime import date
 
+    from service.clock import today
+    from service.flagging.models import not_in_the_future
     from service.flagging.policy import FlaggingPolicyError, load_flagging_policy
     from service.flagging.service import RunProgress, run_flagging, system_caller
 
     settings = settings_or_exit()
     try:
         policy = load_flagging_policy(settings.policies_dir / "flagging.yaml")
-        day = date.fromisoformat(as_of) if as_of else date.today()
+        day = not_in_the_future(date.fromisoformat(as_of)) if as_of else today()
     except (FlaggingPolicyError, ValueError) as exc:
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -13,8 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.clock import DEFAULT_TIMEZONE, zone_named
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Where a wheel install puts the folders the code reads at run time (pyproject's data-files).
@@ -73,6 +75,11 @@ class Settings(BaseSettings):
         "usable until it expires",
     )
 
+    timezone: str = Field(
+        default=DEFAULT_TIMEZONE,
+        description="where the municipality is: 'today' for event dates and flagging runs",
+    )
+
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_batch_rows: int = Field(default=10_000, ge=1)
     log_lock_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
@@ -105,6 +112,12 @@ class Settings(BaseSettings):
     @property
     def dev_issuer_key_path(self) -> Path:
         return self.home / f"dev-issuer-{self.jwt_algorithm.lower()}.pem"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        zone_named(name)  # service.clock reads the same variable when it is imported
+        return name
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
+from service.clock import today
 from service.records.models import EARLIEST
 from service.schemas import StrictModel, UtcDatetime
 
@@ -76,12 +77,20 @@ class Flag(SQLModel, table=True):
 # -- requests ---------------------------------------------------------------------------------
 
 
+def not_in_the_future(as_of: dt.date) -> dt.date:
+    """A run as of a later day would count months that have not passed (its explanations would
+    be untrue), so ``as_of`` is at most today where the municipality is."""
+    if as_of > today():
+        raise ValueError(f"as_of may not be after today ({today().isoformat()})")
+    return as_of
+
+
 class FlaggingRunCreate(StrictModel):
-    as_of: dt.date | None = Field(
+    as_of: Annotated[dt.date, AfterValidator(not_in_the_future)] | None = Field(
         default=None,
         ge=EARLIEST,
-        description="evaluate as on this date, from 1900-01-01 (default: today); events after "
-        "it are ignored",
+        description="evaluate as on this date, from 1900-01-01 up to today (the default); events "
+        "after it are ignored",
     )
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
 from service.auth.dependencies import Caller, require
 from service.auth.permissions import Permission
+from service.clock import today
 from service.db import SessionDep
 from service.flagging import service
 from service.flagging.models import (
@@ -49,7 +49,7 @@ def create_run(
     run = service.run_flagging(
         session=session,
         policy=_policy(request),
-        as_of=as_of or date.today(),
+        as_of=as_of or today(),
         caller=caller,
     )
     return FlaggingRunPublic.model_validate(run, from_attributes=True)

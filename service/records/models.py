@@ -24,6 +24,7 @@ from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
+from service.clock import today
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn
 from service.schemas import NO_NUL, UtcDatetime
 
@@ -37,12 +38,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-_SURELY_PAST = dt.date.today() - dt.timedelta(days=1)
+# Two days before today in UTC is before today in every time zone.
+_SURELY_PAST = datetime.now(UTC).date() - dt.timedelta(days=2)
 
 
 def not_after_today(value: dt.date) -> bool:
-    """``value <= today`` (asking the clock only for recent dates: it is slow per call)."""
-    return value <= _SURELY_PAST or value <= dt.date.today()
+    """``value <= today`` where the municipality is (``service.clock``), asking the clock only
+    for recent dates: it is slow per call."""
+    return value <= _SURELY_PAST or value <= today()
 
 
 # -- tables -----------------------------------------------------------------------------------

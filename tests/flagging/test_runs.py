@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime, timedelta
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from sqlmodel import Session
 
+from service.clock import today
 from service.flagging.models import Flag
 from service.flagging.service import run_flagging, system_caller
 from service.records.models import Subject
@@ -121,8 +122,22 @@ def test_a_run_needs_no_body_and_then_evaluates_as_on_today(
     coordinator = bearer(token("coord-001", "coordinator"))
     response = client.post("/v1/flagging/runs", headers=coordinator)
     assert response.status_code == 201, response.text
-    assert response.json()["as_of"] == date.today().isoformat()
+    assert response.json()["as_of"] == today().isoformat()
     assert response.json()["evaluated"] == 3
+
+
+def test_an_as_of_after_today_is_refused_naming_the_field(
+    client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    # A run as of 2030 would say "on welfare for 60 months" of someone on welfare since 2025.
+    coordinator = bearer(token("coord-001", "coordinator"))
+    tomorrow = (today() + timedelta(days=1)).isoformat()
+    response = client.post("/v1/flagging/runs", json={"as_of": tomorrow}, headers=coordinator)
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "as_of" in response.json()["detail"]
+    assert response.json()["errors"][0]["msg"].endswith(f"after today ({today().isoformat()})")
+    assert log_entries(session, "flagging.run") == []
 
 
 def test_an_as_of_before_1900_is_refused_naming_the_field(

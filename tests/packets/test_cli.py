@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from service.cli import app as cli
+from service.clock import today
 from service.config import get_settings
 
 
@@ -39,3 +41,7 @@ def test_flag_then_partition_from_the_command_line(cli_home: Path) -> None:
     assert "no flagging run nope" in " ".join(missing.output.split())
     bad_date = runner.invoke(cli, ["flag", "--as-of", "yesterday"])
     assert bad_date.exit_code == 2
+    tomorrow = (today() + timedelta(days=1)).isoformat()
+    future = runner.invoke(cli, ["flag", "--as-of", tomorrow])
+    assert future.exit_code == 2
+    assert "as_of may not be after today" in " ".join(future.output.split())
