@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from service.policy_yaml import PolicyYAMLError, compose_policy_yaml
+
 
 class Role(StrEnum):
     PROFESSIONAL = "professional"
@@ -66,11 +68,11 @@ def _where(path: Path, node: yaml.Node) -> str:
 
 def load_access_policy(path: Path) -> AccessPolicy:
     try:
-        root = yaml.compose(path.read_text(encoding="utf-8"))
+        root = compose_policy_yaml(path.read_bytes(), source=str(path))
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read access policy: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+    except PolicyYAMLError as exc:
+        raise PolicyError(str(exc)) from exc
     if not isinstance(root, yaml.MappingNode):
         raise PolicyError(f"{path}: the access policy must be a mapping with 'version' and 'roles'")
     top = {key.value: value for key, value in root.value}

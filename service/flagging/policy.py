@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from service.flagging.rules import (
     EVENT_TYPES,
     READS,
@@ -32,6 +30,7 @@ from service.flagging.rules import (
     RelapseRule,
     Rule,
 )
+from service.policy_yaml import PolicyYAMLError, load_policy_yaml
 
 PROTECTED_ATTRIBUTES: Final = frozenset(
     {"gender", "nationality", "ethnicity", "language", "religion"}
@@ -72,9 +71,9 @@ def policy_version(declared: str, content: bytes) -> str:
 def parse_flagging_policy(content: bytes, *, source: str = "flagging.yaml") -> FlaggingPolicy:
     """Validate the bytes of a policy file (see the module invariants)."""
     try:
-        document = yaml.safe_load(content)
-    except yaml.YAMLError as exc:
-        raise FlaggingPolicyError(f"{source}: not valid YAML: {exc}") from exc
+        document = load_policy_yaml(content, source=source)
+    except PolicyYAMLError as exc:
+        raise FlaggingPolicyError(str(exc)) from exc
     if not isinstance(document, dict):
         raise FlaggingPolicyError(
             f"{source}: a flagging policy is a mapping with name, version, characteristics, rules"

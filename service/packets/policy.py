@@ -1,8 +1,9 @@
 """Loading the packet policies: partitioning, retention and follow-ups (``policies/*.yaml``).
 
 Invariants: a packet never holds more than 20 clients (a larger ``packet_size`` is refused at
-start-up, not clamped); unknown keys and non-positive durations are refused with the file named;
-an outcome code is usable only with the follow-up kinds it names.
+start-up, not clamped); unknown keys and non-positive durations are refused with the file named
+(YAML quirks, with the line: see ``service.policy_yaml``); an outcome code is usable only with the
+follow-up kinds it names.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from service.packets.partition import MAX_PACKET_SIZE
+from service.policy_yaml import PolicyYAMLError, load_policy_yaml
 
 DEFAULT_PACKET_SIZE: Final = MAX_PACKET_SIZE
 
@@ -37,11 +37,11 @@ class RetentionPolicy:
 
 def _read(path: Path, keys: set[str]) -> dict[str, Any]:
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = load_policy_yaml(path.read_bytes(), source=str(path))
     except OSError as exc:
         raise PacketsPolicyError(f"{path}: cannot read: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise PacketsPolicyError(f"{path}: not valid YAML: {exc}") from exc
+    except PolicyYAMLError as exc:
+        raise PacketsPolicyError(str(exc)) from exc
     if not isinstance(document, dict):
         raise PacketsPolicyError(f"{path}: must be a mapping with {', '.join(sorted(keys))}")
     unknown = set(map(str, document)) - keys

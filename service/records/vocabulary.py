@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
+from service.policy_yaml import PolicyYAMLError, load_policy_yaml
 
 
 class VocabularyError(ValueError):
@@ -19,11 +19,11 @@ class VocabularyError(ValueError):
 @lru_cache(maxsize=8)
 def load_event_types(path: Path) -> frozenset[str]:
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = load_policy_yaml(path.read_bytes(), source=str(path))
     except OSError as exc:
         raise VocabularyError(f"{path}: cannot read the event vocabulary: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise VocabularyError(f"{path}: not valid YAML: {exc}") from exc
+    except PolicyYAMLError as exc:
+        raise VocabularyError(str(exc)) from exc
     if not isinstance(document, dict) or set(document) != {"version", "types"}:
         raise VocabularyError(f"{path}: expected exactly the keys 'version' and 'types'")
     types = document["types"]

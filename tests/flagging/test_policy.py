@@ -136,6 +136,16 @@ def test_protected_attribute_among_characteristics_fails() -> None:
         ("    description: Visited four different helpdesks in a year.\n", "", "description"),
         ("  - id: hopping", "  - id: relapse", "used twice"),
         ('version: "2026.1"', "", "'version' must be given"),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: 3, within_months: 024}",
+            "flagging.yaml:10: within_months: 024 is not a plain decimal whole number",
+        ),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: 3, within_months: 24, min_returns: 1}",
+            "flagging.yaml:10: key 'min_returns' is given twice in one mapping (first on line 10)",
+        ),
     ],
 )
 def test_bad_policy_files_fail_with_a_clear_message(old: str, new: str, message: str) -> None:
@@ -145,6 +155,22 @@ def test_bad_policy_files_fail_with_a_clear_message(old: str, new: str, message:
         parse_flagging_policy(bad.encode(), source="flagging.yaml")
     assert message in str(caught.value)
     assert str(caught.value).startswith("flagging.yaml")
+
+
+def test_a_second_rules_key_is_refused_instead_of_replacing_the_rules() -> None:
+    second = GOOD + (
+        "rules:\n"
+        "  - id: only-rule\n"
+        "    type: desk_hopping\n"
+        "    description: Visited two helpdesks in a month.\n"
+        "    uses: [helpdesk_visit, office]\n"
+        "    params: {min_helpdesks: 2, within_months: 1}\n"
+    )
+    with pytest.raises(FlaggingPolicyError) as caught:
+        parse_flagging_policy(second.encode(), source="flagging.yaml")
+    assert str(caught.value).startswith(
+        "flagging.yaml:16: key 'rules' is given twice in one mapping (first on line 5)"
+    )
 
 
 def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
