@@ -42,7 +42,8 @@ EVENT_TYPES: Final = (
     "helpdesk_visit",
 )
 # Order of events on the same day: a job (or a welfare spell) that ends on the day welfare starts
-# again ended before it, so that start counts as a return after work.
+# again ended before it, so that start counts as a return after work; a welfare spell that ends on
+# the day another starts (the person moved desks) is read as one unbroken spell.
 SAME_DAY_ORDER: Final[Mapping[str, int]] = {
     "welfare_end": 0,
     "employment_end": 1,
@@ -155,7 +156,9 @@ class LongWelfareWithoutContactRule:
 
     "On welfare" means the latest welfare spell started and has not ended by ``as_of``; the spell
     is measured from its first ``welfare_start`` (a repeated start by another source does not reset
-    it). A visit on the first day of the no-contact window counts as contact.
+    it, and neither does a ``welfare_end`` followed by a ``welfare_start`` on the same day: the
+    person moved desks without a day off welfare). A visit on the first day of the no-contact
+    window counts as contact.
     """
 
     id: str
@@ -241,6 +244,8 @@ class Evaluator:
         visits: list[tuple[int, str]] = []
         job_ended = -1
         on_welfare_since = -1
+        # The latest spell that ended, so a start on its last day continues it.
+        spell_began = spell_ended = -1
         for kind, day, office in events:
             if day > as_of:
                 break
@@ -251,10 +256,11 @@ class Evaluator:
                     returns.append((job_ended, day))
                     job_ended = -1
                 if on_welfare_since < 0:
-                    on_welfare_since = day
+                    on_welfare_since = spell_began if spell_ended == day else day
             elif kind == "employment_end":
                 job_ended = day
-            elif kind == "welfare_end":
+            elif kind == "welfare_end" and on_welfare_since >= 0:
+                spell_began, spell_ended = on_welfare_since, day
                 on_welfare_since = -1
 
         hits: list[RuleHit] = []

@@ -213,6 +213,19 @@ def test_long_welfare_needs_the_spell_to_be_ongoing() -> None:
     assert evaluate(policy(LONG), restarted, as_of=AS_OF) == []
 
 
+def test_welfare_ending_and_starting_on_one_day_is_one_unbroken_spell() -> None:
+    moved_desks = [
+        event("welfare_start", date(2020, 1, 1), "Werkplein Zuid"),
+        event("welfare_end", date(2025, 1, 1), "Werkplein Zuid"),
+        event("welfare_start", date(2025, 1, 1), "Werkplein Noord"),
+    ]
+    [hit] = evaluate(policy(LONG), list(reversed(moved_desks)), as_of=AS_OF)
+    assert hit.evidence["on_welfare_since"] == "2020-01-01"
+    assert hit.evidence["months_on_welfare"] == 74
+    a_day_off = [*moved_desks[:2], event("welfare_start", date(2025, 1, 2), "Werkplein Noord")]
+    assert evaluate(policy(LONG), a_day_off, as_of=AS_OF) == []
+
+
 def test_long_welfare_without_any_visit_says_so() -> None:
     [hit] = evaluate(policy(LONG), [event("welfare_start", date(2020, 1, 1))], as_of=AS_OF)
     assert hit.evidence["last_helpdesk_visit"] is None
