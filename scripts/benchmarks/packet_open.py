@@ -35,6 +35,8 @@ MIGRATIONS = PROJECT_ROOT / "alembic"
 AS_OF = date(2026, 3, 15)
 # A history the shipped policy's relapse rule flags (3 returns within 24 months of AS_OF).
 RELAPSING = (
+    ("welfare_start", "2023-01-02"),
+    ("welfare_end", "2024-03-01"),
     ("employment_end", "2024-06-30"),
     ("welfare_start", "2024-07-01"),
     ("welfare_end", "2024-09-01"),

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 EventType = Literal[
     "welfare_start",
@@ -124,17 +124,29 @@ def _join(items: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class RelapseRule:
-    """Returned to welfare at least ``min_returns`` times within ``within_months``.
+    """Came back to welfare after leaving it for work, at least ``min_returns`` times in the window.
 
-    A return is a ``welfare_start`` that follows an ``employment_end`` with no other welfare start
-    in between; the welfare start must fall in the window, the job may have ended before it.
+    A return is a ``welfare_start`` on a day when, by the events up to it (same-day events in
+    ``SAME_DAY_ORDER``), all of these hold:
+
+    - the person is off welfare: a spell ended (``welfare_end``) and none has started since. So a
+      first-ever ``welfare_start`` is no return, a start while on welfare is the same spell
+      reported again, and a start on the day the spell ended continues it (moved desks);
+    - a job ended (``employment_end``) on or after the day that spell ended;
+    - no job started (``employment_start``) after that job ended: someone who is in work when
+      welfare starts did not come back after work. Employment events name no job, so the latest
+      one decides whether the person is in work.
+
+    A ``welfare_end`` with no start on record still means the person left welfare (the spell
+    began before the records did); another ``welfare_end`` while off welfare changes nothing. The
+    return must fall in the window; the spell and the job may have ended before it.
     """
 
     id: str
     description: str
     min_returns: int
     within_months: int
-    uses: tuple[str, ...] = ("welfare_start", "employment_end")
+    uses: tuple[str, ...] = ("welfare_start", "welfare_end", "employment_start", "employment_end")
     type: Literal["relapse"] = "relapse"
 
 
@@ -173,7 +185,7 @@ Rule = RelapseRule | DeskHoppingRule | LongWelfareWithoutContactRule
 
 # What each rule type actually reads; a policy must declare at least these under ``uses``.
 READS: Final[Mapping[str, frozenset[str]]] = {
-    "relapse": frozenset({"welfare_start", "employment_end"}),
+    "relapse": frozenset({"welfare_start", "welfare_end", "employment_start", "employment_end"}),
     "desk_hopping": frozenset({"helpdesk_visit", "office"}),
     "long_welfare_without_contact": frozenset({"welfare_start", "welfare_end", "helpdesk_visit"}),
 }
@@ -188,6 +200,14 @@ class FlaggingPolicy:
     version: str
     characteristics: tuple[str, ...]
     rules: tuple[Rule, ...]
+
+
+class WelfareReturn(NamedTuple):
+    """One return to welfare (see ``RelapseRule``), as day numbers."""
+
+    welfare_ended: int
+    job_ended: int
+    welfare_started: int
 
 
 @dataclass(frozen=True)
@@ -240,34 +260,40 @@ class Evaluator:
     def evaluate_sorted(self, events: Sequence[SubjectEvent]) -> list[RuleHit]:
         """As ``evaluate`` for events already sorted by day and ``SAME_DAY_ORDER``."""
         as_of = self._as_of
-        returns: list[tuple[int, int]] = []  # (job ended, welfare started again)
+        returns: list[WelfareReturn] = []
         visits: list[tuple[int, str]] = []
-        job_ended = -1
-        on_welfare_since = -1
-        # The latest spell that ended, so a start on its last day continues it.
-        spell_began = spell_ended = -1
+        on_welfare_since = -1  # first day of the ongoing spell; -1 while off welfare
+        left_welfare = -1  # last day of the latest spell that ended; -1 if none has
+        spell_began = -1  # first day of that spell, which a start on its last day continues
+        job_ended = -1  # the latest employment_end, or -1 if a job started after it
         for kind, day, office in events:
             if day > as_of:
                 break
             if kind == "helpdesk_visit":
                 visits.append((day, office))
-            elif kind == "welfare_start":
-                if job_ended >= 0:
-                    returns.append((job_ended, day))
-                    job_ended = -1
-                if on_welfare_since < 0:
-                    on_welfare_since = spell_began if spell_ended == day else day
+            elif kind == "welfare_start" and on_welfare_since < 0:
+                if day == left_welfare:
+                    on_welfare_since = spell_began
+                else:
+                    if 0 <= left_welfare <= job_ended:
+                        returns.append(WelfareReturn(left_welfare, job_ended, day))
+                    on_welfare_since = day
+            elif kind == "welfare_end":
+                if on_welfare_since >= 0:
+                    spell_began, left_welfare = on_welfare_since, day
+                    on_welfare_since = -1
+                elif left_welfare < 0:  # the spell began before the records did
+                    spell_began = left_welfare = day
             elif kind == "employment_end":
                 job_ended = day
-            elif kind == "welfare_end" and on_welfare_since >= 0:
-                spell_began, spell_ended = on_welfare_since, day
-                on_welfare_since = -1
+            elif kind == "employment_start":
+                job_ended = -1
 
         hits: list[RuleHit] = []
         for rule, first, second in self._checks:
             if isinstance(rule, RelapseRule):
                 if len(returns) >= rule.min_returns:
-                    in_window = [r for r in returns if r[1] >= first]
+                    in_window = [r for r in returns if r.welfare_started >= first]
                     if len(in_window) >= rule.min_returns:
                         hits.append(_relapse_hit(rule, first, in_window))
             elif isinstance(rule, DeskHoppingRule):
@@ -300,25 +326,32 @@ def evaluate(
     return Evaluator(policy, as_of).evaluate(events)
 
 
-def _relapse_hit(rule: RelapseRule, since: int, returns: list[tuple[int, int]]) -> RuleHit:
+def _relapse_hit(rule: RelapseRule, since: int, returns: list[WelfareReturn]) -> RuleHit:
     count = len(returns)
-    jobs = [_month(job) for job, _ in returns]
-    times = "once" if count == 1 else f"{count} times"
-    after = "a job ending" if count == 1 else "jobs ending"
+    jobs = _join([_month(r.job_ended) for r in returns])
+    spoken_since = _spoken_month(date.fromordinal(since))
+    if count == 1:
+        sentence = (
+            f"Came back to welfare once since {spoken_since}, after leaving it for work that "
+            f"then ended (a job ending {jobs})."
+        )
+    else:
+        sentence = (
+            f"Came back to welfare {count} times since {spoken_since}, each time after leaving "
+            f"it for work that then ended (jobs ending {jobs})."
+        )
     return RuleHit(
         rule_id=rule.id,
         rule_type=rule.type,
         evidence={
             "returns": count,
             "since": _iso(since),
-            "welfare_started": [_iso(day) for _, day in returns],
-            "jobs_ended": [_iso(job) for job, _ in returns],
+            "welfare_ended": [_iso(r.welfare_ended) for r in returns],
+            "jobs_ended": [_iso(r.job_ended) for r in returns],
+            "welfare_started": [_iso(r.welfare_started) for r in returns],
             "threshold": rule.min_returns,
         },
-        explanation=(
-            f"Returned to welfare {times} since {_spoken_month(date.fromordinal(since))}, "
-            f"after {after} {_join(jobs)}."
-        ),
+        explanation=sentence,
     )
 
 

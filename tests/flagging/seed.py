@@ -25,8 +25,11 @@ EVENTS = Event.__table__  # type: ignore[attr-defined]
 LOG = AccessLogEntry.__table__  # type: ignore[attr-defined]
 AS_OF = date(2026, 3, 15)
 
-# A history the shipped policy's relapse rule flags (3 returns within 24 months of AS_OF).
+# A history the shipped policy's relapse rule flags (3 returns within 24 months of AS_OF): on
+# welfare, left it for a job, and back on welfare after each of three jobs ended.
 RELAPSING: list[tuple[str, date, str]] = [
+    ("welfare_start", date(2023, 1, 2), "Werkplein Zuid"),
+    ("welfare_end", date(2024, 3, 1), "Werkplein Zuid"),
     ("employment_end", date(2024, 6, 30), "Werkplein Zuid"),
     ("welfare_start", date(2024, 7, 1), "Werkplein Zuid"),
     ("welfare_end", date(2024, 9, 1), "Werkplein Zuid"),

@@ -18,12 +18,13 @@ from service.flagging.rules import DeskHoppingRule, RelapseRule
 GOOD = """
 name: test-policy
 version: "2026.1"
-characteristics: [welfare_start, welfare_end, employment_end, helpdesk_visit, office]
+characteristics:
+  [welfare_start, welfare_end, employment_start, employment_end, helpdesk_visit, office]
 rules:
   - id: relapse
     type: relapse
     description: Came back on welfare three times after a job ended.
-    uses: [welfare_start, employment_end]
+    uses: [welfare_start, welfare_end, employment_start, employment_end]
     params: {min_returns: 3, within_months: 24}
   - id: hopping
     type: desk_hopping
@@ -54,7 +55,7 @@ def test_a_valid_policy_gives_typed_rules() -> None:
             description="Came back on welfare three times after a job ended.",
             min_returns=3,
             within_months=24,
-            uses=("welfare_start", "employment_end"),
+            uses=("welfare_start", "welfare_end", "employment_start", "employment_end"),
         ),
         DeskHoppingRule(
             id="hopping",
@@ -77,7 +78,11 @@ def test_any_edit_changes_the_stored_version() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("uses: [welfare_start, employment_end]", "uses: [welfare_start, gender]", "'relapse'"),
+        (
+            "uses: [welfare_start, welfare_end, employment_start, employment_end]",
+            "uses: [welfare_start, welfare_end, employment_start, employment_end, gender]",
+            "'relapse'",
+        ),
         (
             "params: {min_helpdesks: 4, within_months: 12}",
             "params: {min_helpdesks: 4, within_months: 12, nationality: NL}",
@@ -129,9 +134,14 @@ def test_protected_attribute_among_characteristics_fails() -> None:
             "a desk_hopping rule reads ['office']",
         ),
         (
-            "uses: [welfare_start, employment_end]",
-            "uses: [welfare_start, employment_end, employment_start]",
+            "uses: [helpdesk_visit, office]",
+            "uses: [helpdesk_visit, office, jobseeker_registered]",
             "which the policy's 'characteristics' do not list",
+        ),
+        (
+            "uses: [welfare_start, welfare_end, employment_start, employment_end]",
+            "uses: [welfare_start, employment_end]",
+            "a relapse rule reads ['employment_start', 'welfare_end']",
         ),
         ("    description: Visited four different helpdesks in a year.\n", "", "description"),
         ("  - id: hopping", "  - id: relapse", "used twice"),
@@ -139,12 +149,12 @@ def test_protected_attribute_among_characteristics_fails() -> None:
         (
             "params: {min_returns: 3, within_months: 24}",
             "params: {min_returns: 3, within_months: 024}",
-            "flagging.yaml:10: within_months: 024 is not a plain decimal whole number",
+            "flagging.yaml:11: within_months: 024 is not a plain decimal whole number",
         ),
         (
             "params: {min_returns: 3, within_months: 24}",
             "params: {min_returns: 3, within_months: 24, min_returns: 1}",
-            "flagging.yaml:10: key 'min_returns' is given twice in one mapping (first on line 10)",
+            "flagging.yaml:11: key 'min_returns' is given twice in one mapping (first on line 11)",
         ),
     ],
 )
@@ -169,7 +179,7 @@ def test_a_second_rules_key_is_refused_instead_of_replacing_the_rules() -> None:
     with pytest.raises(FlaggingPolicyError) as caught:
         parse_flagging_policy(second.encode(), source="flagging.yaml")
     assert str(caught.value).startswith(
-        "flagging.yaml:16: key 'rules' is given twice in one mapping (first on line 5)"
+        "flagging.yaml:17: key 'rules' is given twice in one mapping (first on line 6)"
     )
 
 

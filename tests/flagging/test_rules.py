@@ -36,6 +36,7 @@ def policy(*rules: Rule) -> FlaggingPolicy:
 
 
 RELAPSE = RelapseRule(id="relapse", description="relapse test", min_returns=3, within_months=24)
+EVERY_RETURN = RelapseRule(id="any", description="any return", min_returns=1, within_months=600)
 HOPPING = DeskHoppingRule(id="hop", description="hop test", min_helpdesks=3, within_months=12)
 LONG = LongWelfareWithoutContactRule(
     id="long", description="long test", min_welfare_months=24, no_contact_months=12
@@ -43,7 +44,7 @@ LONG = LongWelfareWithoutContactRule(
 
 
 def relapses(*pairs: tuple[date, date]) -> list[SubjectEvent]:
-    """A job ending and welfare starting again, per pair, with a job in between each."""
+    """Per pair: welfare ends for a job three months before the job ends, then welfare starts."""
     events: list[SubjectEvent] = []
     for job_end, welfare_start in pairs:
         events.append(event("employment_start", months_before(job_end, 3)))
@@ -66,12 +67,96 @@ def test_relapse_fires_at_exactly_n_returns_with_a_sentence_to_read_aloud() -> N
     assert hit.rule_id == "relapse"
     assert hit.evidence["returns"] == 3
     assert hit.evidence["since"] == "2024-03-15"
+    assert hit.evidence["welfare_ended"] == ["2024-03-30", "2024-10-31", "2025-06-30"]
     assert hit.evidence["jobs_ended"] == ["2024-06-30", "2025-01-31", "2025-09-30"]
     assert hit.evidence["welfare_started"] == ["2024-07-01", "2025-02-03", "2025-10-01"]
     assert hit.explanation == (
-        "Returned to welfare 3 times since March 2024, "
-        "after jobs ending 2024-06, 2025-01 and 2025-09."
+        "Came back to welfare 3 times since March 2024, each time after leaving it for work "
+        "that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
     )
+
+
+def returns(history: list[SubjectEvent]) -> list[str]:
+    """The days welfare started again that count as returns (any number, any time)."""
+    hits = evaluate(policy(EVERY_RETURN), history, as_of=AS_OF)
+    return hits[0].evidence["welfare_started"] if hits else []
+
+
+def test_one_return_is_told_in_the_singular() -> None:
+    once = RelapseRule(id="once", description="once test", min_returns=1, within_months=24)
+    [hit] = evaluate(policy(once), relapses((date(2025, 9, 30), date(2025, 10, 1))), as_of=AS_OF)
+    assert hit.explanation == (
+        "Came back to welfare once since March 2024, after leaving it for work that then ended "
+        "(a job ending 2025-09)."
+    )
+
+
+def test_welfare_reported_again_by_other_desks_while_on_it_is_no_return() -> None:
+    never_left = [
+        event("welfare_start", date(2023, 1, 2), "Werkplein Zuid"),
+        event("employment_end", date(2024, 6, 30)),
+        event("welfare_start", date(2024, 7, 1), "Wijkteam Charlois"),
+        event("employment_end", date(2025, 1, 31)),
+        event("welfare_start", date(2025, 2, 3), "Wijkteam Feijenoord"),
+        event("employment_end", date(2025, 9, 30)),
+        event("welfare_start", date(2025, 10, 1), "Wijkteam Bloemhof"),
+    ]
+    assert returns(never_left) == []
+
+
+def test_a_first_welfare_spell_after_a_job_is_no_return() -> None:
+    history = [
+        event("employment_end", date(2010, 1, 1)),
+        event("welfare_start", date(2024, 7, 1)),
+        event("welfare_end", date(2024, 8, 1)),
+        event("employment_end", date(2025, 1, 1)),
+        event("welfare_start", date(2025, 2, 1)),
+    ]
+    assert returns(history) == ["2025-02-01"]
+
+
+def test_welfare_starting_while_in_a_newer_job_is_no_return() -> None:
+    history = [
+        event("welfare_start", date(2023, 1, 2)),
+        event("welfare_end", date(2024, 1, 31)),
+        event("employment_start", date(2024, 2, 1)),
+        event("employment_end", date(2024, 5, 31)),
+        event("employment_start", date(2024, 5, 31)),
+        event("welfare_start", date(2024, 9, 1)),
+    ]
+    assert returns(history) == []
+    newer_job_ended = [*history[:5], event("employment_end", date(2024, 8, 31)), history[5]]
+    assert returns(newer_job_ended) == ["2024-09-01"]
+
+
+def test_a_job_that_ended_before_welfare_did_is_no_reason_to_return() -> None:
+    history = [
+        event("welfare_start", date(2023, 1, 2)),
+        event("employment_start", date(2023, 3, 1)),
+        event("employment_end", date(2023, 6, 30)),
+        event("welfare_end", date(2024, 1, 31)),
+        event("welfare_start", date(2024, 9, 1)),
+    ]
+    assert returns(history) == []
+
+
+def test_leaving_welfare_with_no_start_on_record_still_counts_as_leaving() -> None:
+    history = [
+        event("welfare_end", date(2024, 1, 31)),
+        event("employment_end", date(2024, 6, 30)),
+        event("welfare_start", date(2024, 7, 1)),
+    ]
+    assert returns(history) == ["2024-07-01"]
+
+
+def test_moving_desks_on_the_day_a_job_ended_is_no_return() -> None:
+    history = [
+        event("welfare_start", date(2023, 1, 2), "Werkplein Zuid"),
+        event("employment_end", date(2024, 6, 30)),
+        event("welfare_end", date(2024, 6, 30), "Werkplein Zuid"),
+        event("welfare_start", date(2024, 6, 30), "Werkplein Noord"),
+    ]
+    assert returns(history) == []
 
 
 def test_relapse_does_not_fire_at_one_return_less() -> None:
@@ -284,6 +369,14 @@ def test_evaluation_is_independent_of_input_order_and_evidence_meets_thresholds(
     for hit in hits:
         if hit.rule_type == "relapse":
             assert hit.evidence["returns"] >= RELAPSE.min_returns
+            for left, job, back in zip(
+                hit.evidence["welfare_ended"],
+                hit.evidence["jobs_ended"],
+                hit.evidence["welfare_started"],
+                strict=True,
+            ):
+                assert left <= job <= back
+                assert left < back
         elif hit.rule_type == "desk_hopping":
             assert hit.evidence["helpdesks"] >= HOPPING.min_helpdesks
         else:

@@ -56,8 +56,8 @@ def test_a_run_flags_matching_subjects_and_explains_why(
     assert [hit["rule_id"] for hit in flag["hits"]] == ["relapse"]
     assert flag["hits"][0]["evidence"]["returns"] == 3
     assert flag["explanation"] == (
-        "Returned to welfare 3 times since March 2024, "
-        "after jobs ending 2024-06, 2025-01 and 2025-09."
+        "Came back to welfare 3 times since March 2024, each time after leaving it for work "
+        "that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
     )
     assert "Person" not in str(page)
     assert "111222333" not in str(page)
