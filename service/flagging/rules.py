@@ -112,8 +112,10 @@ def _iso(day: int) -> str:
     return date.fromordinal(day).isoformat()
 
 
-def _spoken_month(day: date) -> str:
-    return f"{MONTHS[day.month - 1]} {day.year}"
+def _spoken_date(day: int) -> str:
+    """The exact day, as said aloud: "15 March 2024" (the window's first day, never rounded)."""
+    spoken = date.fromordinal(day)
+    return f"{spoken.day} {MONTHS[spoken.month - 1]} {spoken.year}"
 
 
 def _join(items: Sequence[str]) -> str:
@@ -329,7 +331,7 @@ def evaluate(
 def _relapse_hit(rule: RelapseRule, since: int, returns: list[WelfareReturn]) -> RuleHit:
     count = len(returns)
     jobs = _join([_month(r.job_ended) for r in returns])
-    spoken_since = _spoken_month(date.fromordinal(since))
+    spoken_since = _spoken_date(since)
     if count == 1:
         sentence = (
             f"Came back to welfare once since {spoken_since}, after leaving it for work that "
@@ -374,8 +376,8 @@ def _desk_hopping_hit(rule: DeskHoppingRule, since: int, visits: list[tuple[int,
             "threshold": rule.min_helpdesks,
         },
         explanation=(
-            f"Visited {len(offices)} different helpdesks since "
-            f"{_spoken_month(date.fromordinal(since))} ({_join(offices)})."
+            f"Visited {len(offices)} different helpdesks since {_spoken_date(since)} "
+            f"({_join(offices)})."
         ),
     )
 

@@ -71,7 +71,7 @@ def test_relapse_fires_at_exactly_n_returns_with_a_sentence_to_read_aloud() -> N
     assert hit.evidence["jobs_ended"] == ["2024-06-30", "2025-01-31", "2025-09-30"]
     assert hit.evidence["welfare_started"] == ["2024-07-01", "2025-02-03", "2025-10-01"]
     assert hit.explanation == (
-        "Came back to welfare 3 times since March 2024, each time after leaving it for work "
+        "Came back to welfare 3 times since 15 March 2024, each time after leaving it for work "
         "that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
     )
 
@@ -86,7 +86,7 @@ def test_one_return_is_told_in_the_singular() -> None:
     once = RelapseRule(id="once", description="once test", min_returns=1, within_months=24)
     [hit] = evaluate(policy(once), relapses((date(2025, 9, 30), date(2025, 10, 1))), as_of=AS_OF)
     assert hit.explanation == (
-        "Came back to welfare once since March 2024, after leaving it for work that then ended "
+        "Came back to welfare once since 15 March 2024, after leaving it for work that then ended "
         "(a job ending 2025-09)."
     )
 
@@ -229,7 +229,24 @@ def test_desk_hopping_fires_at_exactly_n_different_helpdesks() -> None:
     assert hit.evidence["visits"] == 4
     assert hit.evidence["offices"] == ["Afrikaanderwijk", "Bloemhof", "Carnisse"]
     assert hit.explanation == (
-        "Visited 3 different helpdesks since March 2025 (Afrikaanderwijk, Bloemhof and Carnisse)."
+        "Visited 3 different helpdesks since 15 March 2025 "
+        "(Afrikaanderwijk, Bloemhof and Carnisse)."
+    )
+
+
+def test_the_sentence_names_the_first_day_of_the_window_not_its_month() -> None:
+    history = visits(
+        (date(2026, 2, 27), "Bloemhof"),
+        (date(2026, 3, 1), "Afrikaanderwijk"),
+        (date(2026, 3, 2), "Carnisse"),
+        (date(2026, 3, 31), "Bloemhof"),
+    )
+    one_month = DeskHoppingRule(id="m", description="month", min_helpdesks=3, within_months=1)
+    [hit] = evaluate(policy(one_month), history, as_of=date(2026, 3, 31))
+    assert hit.evidence["since"] == "2026-02-28"
+    assert hit.explanation == (
+        "Visited 3 different helpdesks since 28 February 2026 "
+        "(Afrikaanderwijk, Bloemhof and Carnisse)."
     )
 
 

@@ -56,7 +56,7 @@ def test_a_run_flags_matching_subjects_and_explains_why(
     assert [hit["rule_id"] for hit in flag["hits"]] == ["relapse"]
     assert flag["hits"][0]["evidence"]["returns"] == 3
     assert flag["explanation"] == (
-        "Came back to welfare 3 times since March 2024, each time after leaving it for work "
+        "Came back to welfare 3 times since 15 March 2024, each time after leaving it for work "
         "that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
     )
     assert "Person" not in str(page)
