@@ -104,6 +104,11 @@ def whole_months_between(start: date, end: date) -> int:
     return max(months, 0)
 
 
+def office_key(office: str) -> str:
+    """What tells one office from another: its name, casefolded, with whitespace collapsed."""
+    return " ".join(office.split()).casefold()
+
+
 def _month(day: int) -> str:
     return date.fromordinal(day).strftime("%Y-%m")
 
@@ -154,7 +159,13 @@ class RelapseRule:
 
 @dataclass(frozen=True)
 class DeskHoppingRule:
-    """Helpdesk visits at ``min_helpdesks`` or more different offices within ``within_months``."""
+    """Helpdesk visits at ``min_helpdesks`` or more different offices within ``within_months``.
+
+    Offices are told apart by ``office_key``: case and runs of whitespace do not matter, so
+    "Wijkteam Charlois" and "wijkteam  charlois" are one office. The evidence and the sentence name
+    each office once, as spelled at its first visit in the window (whitespace collapsed; of several
+    spellings on that day, the one that sorts first).
+    """
 
     id: str
     description: str
@@ -300,7 +311,7 @@ class Evaluator:
                         hits.append(_relapse_hit(rule, first, in_window))
             elif isinstance(rule, DeskHoppingRule):
                 if len(visits) >= rule.min_helpdesks:
-                    offices = {office for day, office in visits if day >= first}
+                    offices = {office_key(office) for day, office in visits if day >= first}
                     if len(offices) >= rule.min_helpdesks:
                         hits.append(_desk_hopping_hit(rule, first, visits))
             elif 0 <= on_welfare_since <= first:
@@ -358,11 +369,14 @@ def _relapse_hit(rule: RelapseRule, since: int, returns: list[WelfareReturn]) ->
 
 
 def _desk_hopping_hit(rule: DeskHoppingRule, since: int, visits: list[tuple[int, str]]) -> RuleHit:
-    first_visit: dict[str, int] = {}
+    first_visit: dict[str, tuple[int, str]] = {}  # office key -> (day, spelling) of its first visit
     for day, office in visits:
-        if day >= since and office not in first_visit:
-            first_visit[office] = day
-    offices = sorted(first_visit)
+        if day >= since:
+            key, seen = office_key(office), (day, " ".join(office.split()))
+            if key not in first_visit or seen < first_visit[key]:
+                first_visit[key] = seen
+    keys = sorted(first_visit)
+    offices = [first_visit[key][1] for key in keys]
     visit_count = sum(1 for day, _ in visits if day >= since)
     return RuleHit(
         rule_id=rule.id,
@@ -372,7 +386,7 @@ def _desk_hopping_hit(rule: DeskHoppingRule, since: int, visits: list[tuple[int,
             "visits": visit_count,
             "since": _iso(since),
             "offices": offices,
-            "first_visits": [_iso(first_visit[office]) for office in offices],
+            "first_visits": [_iso(first_visit[key][0]) for key in keys],
             "threshold": rule.min_helpdesks,
         },
         explanation=(

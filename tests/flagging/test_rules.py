@@ -268,6 +268,28 @@ def test_desk_hopping_window_edges() -> None:
     assert evaluate(policy(HOPPING), one_day_early, as_of=AS_OF) == []
 
 
+def test_spellings_of_one_office_are_one_helpdesk_named_once() -> None:
+    history = visits(
+        (date(2025, 6, 1), "wijkteam  charlois"),
+        (date(2025, 6, 1), "Wijkteam Charlois"),
+        (date(2025, 7, 1), "WIJKTEAM CHARLOIS"),
+        (date(2025, 8, 1), " Wijkteam\tCharlois "),
+        (date(2025, 9, 1), "Vraagwijzer Feijenoord"),
+    )
+    assert evaluate(policy(HOPPING), history, as_of=AS_OF) == []
+    [hit] = evaluate(
+        policy(HOPPING), [*history, *visits((date(2025, 10, 1), "Bloemhof"))], as_of=AS_OF
+    )
+    assert hit.evidence["helpdesks"] == 3
+    assert hit.evidence["visits"] == 6
+    assert hit.evidence["offices"] == ["Bloemhof", "Vraagwijzer Feijenoord", "Wijkteam Charlois"]
+    assert hit.evidence["first_visits"] == ["2025-10-01", "2025-09-01", "2025-06-01"]
+    assert hit.explanation == (
+        "Visited 3 different helpdesks since 15 March 2025 "
+        "(Bloemhof, Vraagwijzer Feijenoord and Wijkteam Charlois)."
+    )
+
+
 def test_desk_hopping_counts_only_helpdesk_visits() -> None:
     history = [
         event("welfare_start", date(2025, 6, 1), "A"),
@@ -369,7 +391,7 @@ def test_whole_months_between_inverts_months_before(day: date, months: int) -> N
 event_strategy = st.tuples(
     st.sampled_from(EVENT_TYPES),
     st.dates(min_value=date(2015, 1, 1), max_value=date(2027, 1, 1)),
-    st.sampled_from(["A", "B", "C", "D", "E"]),
+    st.sampled_from(["A", "B", "C", "D", "E", "a", " b  "]),
 )
 
 
