@@ -2,8 +2,9 @@
 
 Invariants:
 - a flag names its subject by id and is shown by pseudonym only; it never holds an identity;
-- an algorithm flag records the run and the exact policy version (declared version + file hash)
-  that produced it, with the rule hits (evidence) and the sentence a professional reads aloud;
+- an algorithm flag records the run and the exact policy version (declared version, file hash and
+  evaluator version) that produced it, with the rule hits (evidence) and the sentence a
+  professional reads aloud;
 - an external flag (``kind="external"``) has no run; it records who pushed it, a reason code and
   an explanation. It waits until a partitioning places it in a packet (see
   ``service.packets.service.partition_run``).
@@ -123,7 +124,10 @@ class FlagsPush(StrictModel):
 class FlaggingRunPublic(BaseModel):
     id: str
     policy_name: str
-    policy_version: str = Field(description="declared version + '+' + hash of the policy file")
+    policy_version: str = Field(
+        description="<declared version>+<hash of the policy file>/e<evaluator version>, "
+        "e.g. 2026.2+3f9a0c1b2d4e/e2"
+    )
     as_of: dt.date
     started_by: str
     evaluated: int

@@ -9,8 +9,10 @@ Invariants, each checked before a policy can be used:
 - a protected attribute (gender, nationality, ethnicity, language, religion) anywhere in the
   characteristics, a rule's ``uses`` or its parameters makes the policy fail to load, naming the
   rule — there is no override;
-- the stored version is the declared version + "+" + the first 12 hex digits of the SHA-256 of
-  the file's bytes, so any edit to the file, however small, shows up in every flag it produces.
+- the stored version is ``<declared>+<hash>/e<evaluator>``, e.g. ``2026.2+3f9a0c1b2d4e/e2``: the
+  declared version (at most 40 characters, no "+"), the first 12 hex digits of the SHA-256 of the
+  file's bytes, and ``rules.EVALUATOR_VERSION``. So any edit to the file, however small, and any
+  change to how rules are evaluated shows up in every flag it produces.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from service.flagging.rules import (
+    EVALUATOR_VERSION,
     EVENT_TYPES,
     READS,
     DeskHoppingRule,
@@ -43,6 +46,8 @@ PARAMETERS: Final[Mapping[str, tuple[str, ...]]] = {
 }
 MAX_MONTHS: Final = 600
 HASH_DIGITS: Final = 12
+# The stored version (declared + 16 characters) must fit the 64-character policy_version columns.
+MAX_DECLARED_VERSION: Final = 40
 
 
 class FlaggingPolicyError(ValueError):
@@ -65,7 +70,9 @@ def _protected_in(value: Any) -> set[str]:
 
 
 def policy_version(declared: str, content: bytes) -> str:
-    return f"{declared}+{hashlib.sha256(content).hexdigest()[:HASH_DIGITS]}"
+    """``<declared>+<hash of the file>/e<evaluator version>``: the version runs and flags store."""
+    digest = hashlib.sha256(content).hexdigest()[:HASH_DIGITS]
+    return f"{declared}+{digest}/e{EVALUATOR_VERSION}"
 
 
 def parse_flagging_policy(content: bytes, *, source: str = "flagging.yaml") -> FlaggingPolicy:
@@ -90,6 +97,10 @@ def parse_flagging_policy(content: bytes, *, source: str = "flagging.yaml") -> F
     declared = str(declared)
     if "+" in declared:
         raise FlaggingPolicyError(f"{source}: 'version' may not contain '+' (the hash goes there)")
+    if len(declared) > MAX_DECLARED_VERSION:
+        raise FlaggingPolicyError(
+            f"{source}: 'version' may have at most {MAX_DECLARED_VERSION} characters"
+        )
 
     characteristics = document.get("characteristics")
     if not isinstance(characteristics, list) or not all(

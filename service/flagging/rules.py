@@ -54,6 +54,14 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
     "welfare_start": 6,
 }
 
+# The version of this module's evaluation, stored in every flag after the policy file's hash
+# (see ``service.flagging.policy.policy_version``). Bump it with any change to what a policy and a
+# history produce here (which events count, the evidence, the sentences), so flags made by
+# different code never share a version. 1 was the evaluator before its version was recorded; 2
+# reads relapse as a return after leaving welfare for work, keeps a same-day welfare move one
+# spell, names the window's first day and counts office spellings as one.
+EVALUATOR_VERSION: Final = 2
+
 SubjectEvent = tuple[str, int, str]
 """``(event type, date.toordinal(), office)``: one event in the evaluation hot path."""
 
@@ -206,7 +214,8 @@ READS: Final[Mapping[str, frozenset[str]]] = {
 
 @dataclass(frozen=True)
 class FlaggingPolicy:
-    """A validated policy. ``version`` = declared version + "+" + short hash of the file."""
+    """A validated policy. ``version`` is what runs and flags store:
+    ``<declared version>+<short hash of the file>/e<EVALUATOR_VERSION>``."""
 
     name: str
     declared_version: str

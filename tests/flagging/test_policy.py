@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from service.config import PROJECT_ROOT
+from service.flagging import policy as policy_module
 from service.flagging.policy import (
     FlaggingPolicyError,
     load_flagging_policy,
     parse_flagging_policy,
 )
-from service.flagging.rules import DeskHoppingRule, RelapseRule
+from service.flagging.rules import EVALUATOR_VERSION, DeskHoppingRule, RelapseRule
 
 GOOD = """
 name: test-policy
@@ -34,11 +35,12 @@ rules:
 """
 
 
-def test_the_shipped_policy_loads_with_a_hashed_version() -> None:
+def test_the_shipped_policy_loads_with_its_hash_and_the_evaluator_in_the_version() -> None:
     path = PROJECT_ROOT / "policies" / "flagging.yaml"
     policy = load_flagging_policy(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-    assert policy.version == f"{policy.declared_version}+{digest}"
+    assert policy.declared_version == "2026.2"
+    assert policy.version == f"2026.2+{digest}/e{EVALUATOR_VERSION}"
     assert {rule.type for rule in policy.rules} == {
         "relapse",
         "desk_hopping",
@@ -73,6 +75,18 @@ def test_any_edit_changes_the_stored_version() -> None:
     assert first.declared_version == second.declared_version == "2026.1"
     assert first.version != second.version
     assert first.version.startswith("2026.1+")
+
+
+def test_another_evaluator_gives_the_same_file_another_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    current = parse_flagging_policy(GOOD.encode())
+    assert current.version.endswith(f"/e{EVALUATOR_VERSION}")
+    monkeypatch.setattr(policy_module, "EVALUATOR_VERSION", EVALUATOR_VERSION + 1)
+    later = parse_flagging_policy(GOOD.encode())
+    assert later.version == current.version.replace(
+        f"/e{EVALUATOR_VERSION}", f"/e{EVALUATOR_VERSION + 1}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -146,6 +160,7 @@ def test_protected_attribute_among_characteristics_fails() -> None:
         ("    description: Visited four different helpdesks in a year.\n", "", "description"),
         ("  - id: hopping", "  - id: relapse", "used twice"),
         ('version: "2026.1"', "", "'version' must be given"),
+        ('version: "2026.1"', f'version: "{"9" * 41}"', "'version' may have at most 40 characters"),
         (
             "params: {min_returns: 3, within_months: 24}",
             "params: {min_returns: 3, within_months: 024}",

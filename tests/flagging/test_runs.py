@@ -11,6 +11,7 @@ from sqlmodel import Session
 
 from service.clock import today
 from service.flagging.models import Flag
+from service.flagging.rules import EVALUATOR_VERSION
 from service.flagging.service import run_flagging, system_caller
 from service.records.models import Subject
 from tests.conftest import TokenFactory, bearer
@@ -42,7 +43,8 @@ def test_a_run_flags_matching_subjects_and_explains_why(
     assert run["evaluated"] == 3
     assert run["flagged"] == 1
     assert run["policy_version"] == app.state.flagging_policy.version
-    assert "+" in run["policy_version"]
+    assert run["policy_version"].startswith("2026.2+")
+    assert run["policy_version"].endswith(f"/e{EVALUATOR_VERSION}")
 
     fetched = client.get(f"/v1/flagging/runs/{run['id']}", headers=coordinator)
     assert fetched.json() == run
