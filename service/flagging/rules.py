@@ -41,9 +41,10 @@ EVENT_TYPES: Final = (
     "jobseeker_deregistered",
     "helpdesk_visit",
 )
-# Order of events on the same day: a job (or a welfare spell) that ends on the day welfare starts
-# again ended before it, so that start counts as a return after work; a welfare spell that ends on
-# the day another starts (the person moved desks) is read as one unbroken spell.
+# Order of events on the same day: endings first. A job that ends on the day welfare starts ended
+# before it, so that start can be a return after work; a job that starts on the day another ended
+# leaves the person in work; a welfare spell that ends on the day another starts (the person moved
+# desks) is read as one unbroken spell.
 SAME_DAY_ORDER: Final[Mapping[str, int]] = {
     "welfare_end": 0,
     "employment_end": 1,
