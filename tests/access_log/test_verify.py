@@ -499,6 +499,28 @@ def forge_tail(after: Path, forged: Path, *, signer: NoteSigner, keep: int) -> N
     (forged / PUBLIC_KEY_FILE).write_text(f"{signer.verifier}\n")
 
 
+def test_history_rewritten_before_the_trusted_checkpoint_fails_though_the_log_s_key_signed_it(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """Whoever holds the signing key (or the service, if it were subverted) signs a tree whose
+    entry 3 was rewritten: its root matches its own entries, but not the trusted checkpoint."""
+    append_each(database, 10)
+    trusted = export(database, signer, tmp_path / "trusted")
+    append_each(database, 5)
+    after = export(database, signer, tmp_path / "after")
+    forge_tail(after, tmp_path / "forged", signer=signer, keep=3)
+    untouched = verify(tmp_path / "forged", leaf_hashes=False)
+    assert untouched[0] == 0, "alone, the rewritten export is consistent with its checkpoint"
+    code, output = verify(
+        tmp_path / "forged",
+        "--trusted-checkpoint",
+        str(trusted / CHECKPOINT_FILE),
+        leaf_hashes=False,
+    )
+    assert code == 1
+    assert "its first 10 entries no longer have the trusted checkpoint's root" in output
+
+
 def test_a_forged_tail_signed_by_a_key_of_the_forger_s_choosing_is_refused(
     rotated: tuple[Path, Path], cli_env: Path, signer: NoteSigner
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any
 
 import psycopg
@@ -45,14 +46,9 @@ class Person:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Strings that identify this person and must never reach a non-owner."""
-        return (
-            self.identity["bsn"],
-            self.identity["given_name"],
-            self.identity["family_name"],
-            self.identity["street"],
-            self.identity["email"],
-        )
+        """Strings that identify this person and must never reach a non-owner: every identity
+        field (each one distinct per person, see ``record``)."""
+        return tuple(str(value) for value in self.identity.values())
 
 
 @dataclass
@@ -80,11 +76,11 @@ def record(index: int, district: str) -> dict[str, Any]:
             "bsn": synthetic_bsn(index, seed=77),
             "given_name": f"Ymkje{index:03d}x",
             "family_name": f"Quaedvlieg{index:03d}z",
-            "birth_date": "1984-05-17",
+            "birth_date": (date(1941, 1, 1) + timedelta(days=97 * (index % 200))).isoformat(),
             "street": f"Wolphaertsbocht {100 + index}q",
-            "postcode": "3083 AB",
-            "city": "Rotterdam",
-            "phone": "+31 10 123 4567",
+            "postcode": f"{3100 + index} QX",
+            "city": f"Heinenoord{index:03d}w",
+            "phone": f"+31 77 {index:03d} 9{index:03d}",
             "email": f"ymkje{index:03d}@example.org",
         },
         "characteristics": {

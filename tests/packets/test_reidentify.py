@@ -66,7 +66,11 @@ def test_owner_gets_back_exactly_the_identities_that_were_ingested(
         client_view = clients[person.pseudonym]
         assert client_view["identity"] == person.identity
         assert client_view["note"] is None
-        assert client_view["characteristics"] == {**person.characteristics, "birth_year": 1984}
+        birth_year = int(person.identity["birth_date"][:4])
+        assert client_view["characteristics"] == {
+            **person.characteristics,
+            "birth_year": birth_year,
+        }
         assert client_view["flag"]["kind"] == "algorithm"
         assert client_view["flag"]["run_id"] == world.run_id
         assert [hit["rule_id"] for hit in client_view["flag"]["hits"]] == ["relapse"]

@@ -280,7 +280,8 @@ def test_ingest_is_written_to_the_access_log_without_identities(
     client: TestClient, session: Session, source_headers: dict[str, str], make: Make
 ) -> None:
     before = count_rows(session, "access_log_entries")
-    client.post(URL, json={"subjects": [make(0)]}, headers=source_headers)
+    sent = make(0)
+    client.post(URL, json={"subjects": [sent]}, headers=source_headers)
     assert count_rows(session, "access_log_entries") == before + 1
     session.rollback()
     from sqlalchemy import text
@@ -293,7 +294,8 @@ def test_ingest_is_written_to_the_access_log_without_identities(
     logged = json.loads(bytes(entry))
     assert logged["action"] == "records.ingest"
     assert logged["object_type"] == "batch"
-    assert "Zwanenburg" not in bytes(entry).decode()
+    text_logged = bytes(entry).decode()
+    assert [v for v in sent["identity"].values() if str(v) in text_logged] == []
 
 
 def test_subject_model_has_no_clear_identity_columns() -> None:
