@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -183,6 +183,37 @@ def _field_names(error: dict[str, Any]) -> str:
     return loc[-1] if loc else "row"
 
 
+def _header_refusal(names: Sequence[str]) -> str | None:
+    """What is wrong with the header line, or None.
+
+    Says only our own column names and the positions of the others: in a file without a header
+    line the first line is a person's data, and the header's values are never printed.
+    """
+    if not names:
+        return "the file is empty; it must start with a header line"
+    known = [name for name in names if name in CSV_COLUMNS]
+    if not known:
+        return (
+            "line 1 is not a header line (it has none of the columns); the file must start "
+            f"with one, using the columns {', '.join(CSV_COLUMNS)}"
+        )
+    problems = []
+    missing = REQUIRED_COLUMNS.difference(names)
+    if missing:
+        problems.append(f"missing {', '.join(sorted(missing))}")
+    unknown = [position for position, name in enumerate(names, 1) if name not in CSV_COLUMNS]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10])) + (" …" if len(unknown) > 10 else "")
+        plural = "s" if len(unknown) > 1 else ""
+        problems.append(f"{len(unknown)} unrecognised column{plural} (column{plural} {shown})")
+    twice = sorted({name for name in known if known.count(name) > 1})
+    if twice:
+        problems.append(f"{', '.join(twice)} more than once")
+    if not problems:
+        return None
+    return f"the header line must use the columns {', '.join(CSV_COLUMNS)}; " + "; ".join(problems)
+
+
 def import_csv(
     *,
     database: Database,
@@ -251,15 +282,9 @@ def import_csv(
 
     with path.open("rb") as handle:
         reader = csv.DictReader(_lines(handle, count))
-        header = set(reader.fieldnames or ())
-        missing = REQUIRED_COLUMNS - header
-        unknown = header - set(CSV_COLUMNS)
-        if missing or unknown:
-            raise ValueError(
-                f"{path}: header must use the columns {', '.join(CSV_COLUMNS)}"
-                + (f"; missing {', '.join(sorted(missing))}" if missing else "")
-                + (f"; unknown {', '.join(sorted(unknown))}" if unknown else "")
-            )
+        refusal = _header_refusal(reader.fieldnames or ())
+        if refusal is not None:
+            raise ValueError(f"{path}: {refusal}")
         for row in reader:
             line = reader.line_num
             if None in row:

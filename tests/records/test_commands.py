@@ -7,6 +7,7 @@ import fcntl
 import json
 import multiprocessing
 import os
+import re
 from collections.abc import Iterator
 from contextlib import suppress
 from multiprocessing.queues import Queue
@@ -382,13 +383,35 @@ def test_import_stores_valid_subjects_and_reports_rejected_lines(
     assert count_rows(cli_session, "events") == 4
 
 
-def test_import_refuses_an_unknown_header(cli_env: Settings, tmp_path: Path) -> None:
+def test_import_refuses_an_unknown_header_by_position_not_by_name(
+    cli_env: Settings, tmp_path: Path
+) -> None:
     Keyring.init(cli_env.resolved_keyring_path)
     path = tmp_path / "bad.csv"
-    path.write_text("bsn,name\n111222333,Jan\n", encoding="utf-8")
+    path.write_text("bsn,name,given_name\n111222333,Jan,Jan\n", encoding="utf-8")
     code, output = run("import", str(path), "--source", "x")
     assert code == 2
-    assert "unknown name" in output
+    said = " ".join(output.split())
+    assert "missing birth_date, district, family_name, neighbourhood" in said
+    assert "1 unrecognised column (column 2)" in said
+    assert re.search(r"\bname\b", said) is None  # a header value, as printed by column names
+
+
+def test_import_of_a_file_without_header_prints_none_of_its_first_line(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    first = line(0, 0, email="fatima@example.nl")
+    path = tmp_path / "headless.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.DictWriter(handle, fieldnames=CSV_COLUMNS).writerows([first, line(1, 0)])
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 2, output
+    said = " ".join(output.split())
+    assert "line 1 is not a header" in said
+    for value in filter(None, first.values()):
+        assert value not in output, value
+    assert count_rows(cli_session, "subjects") == 0
 
 
 def test_demo_is_deterministic_per_seed_and_names_the_date_to_flag_it_as_of(
