@@ -50,6 +50,7 @@ from service.db import migrate as run_migrations
 from service.errors import ServiceError
 from service.records.bulk import CSV_COLUMNS, BulkResult, import_csv, ingest_records
 from service.records.demo import REFERENCE_DATE, demo_records
+from service.records.models import SOURCE_MAX, usable_source
 from service.records.service import (
     SUBJECTS,
     WRAPPED_KEY_COLUMNS,
@@ -821,9 +822,21 @@ IMPORT_HELP = (
 @app.command("import", help=IMPORT_HELP)
 def import_(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    source: Annotated[str, typer.Option(min=1, max=64, help="the sending source's name")],
+    source: Annotated[
+        str,
+        typer.Option(help=f"the sending source's name: printable, 1 to {SOURCE_MAX} characters"),
+    ],
     batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="subjects per batch")] = 5000,
 ) -> None:
+    if not usable_source(source):
+        # The rule of the API's source (its token subject, stored in events.source); the value
+        # itself is not repeated.
+        console.print(
+            f"[red]import refused:[/red] --source must be printable text of 1 to {SOURCE_MAX} "
+            "characters",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
     run_migrations(settings.resolved_database_url, settings.migrations_dir)

@@ -73,6 +73,23 @@ class Subject(SubjectBase, table=True):
     updated_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
+# A source's name: the events' and ingest batches' ``source`` column. Through the API it is the
+# caller's token subject, which the token check already holds to printable UTF-8 text.
+SOURCE_MAX = 64
+
+
+def usable_source(name: str) -> bool:
+    """Printable text of 1 to ``SOURCE_MAX`` characters that encodes as UTF-8 (a command-line
+    argument with bytes that are not UTF-8 arrives holding lone surrogates)."""
+    if not 0 < len(name) <= SOURCE_MAX or not name.isprintable():
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Event(SQLModel, table=True):
     """Something that happened to a subject, as one source reported it."""
 
@@ -84,7 +101,7 @@ class Event(SQLModel, table=True):
 
     id: int | None = SQLField(default=None, primary_key=True)
     subject_id: int = SQLField(sa_column=Column(Integer, ForeignKey("subjects.id"), nullable=False))
-    source: str = SQLField(max_length=64)
+    source: str = SQLField(max_length=SOURCE_MAX)
     source_event_id: str = SQLField(max_length=128)
     type: str = SQLField(max_length=64)
     date: dt.date
@@ -100,7 +117,7 @@ class IngestBatch(SQLModel, table=True):
     )
 
     id: str = SQLField(primary_key=True, max_length=32)
-    source: str = SQLField(max_length=64)
+    source: str = SQLField(max_length=SOURCE_MAX)
     idempotency_key: str | None = SQLField(default=None, max_length=128)
     # keyed digest of the batch (HMAC under the pseudonym key): same key + other body = 409
     request_digest: str = SQLField(max_length=96)

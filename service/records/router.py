@@ -13,13 +13,17 @@ from service.crypto.keyring import Keyring
 from service.db import Database, SessionDep
 from service.errors import Unprocessable
 from service.openapi import AUTH_ERRORS, problem_responses
-from service.records.models import RecordBatchCreate, RecordBatchPublic, SubjectErasurePublic
+from service.records.models import (
+    SOURCE_MAX,
+    RecordBatchCreate,
+    RecordBatchPublic,
+    SubjectErasurePublic,
+)
 from service.records.service import erase_subject, ingest_batch
 from service.records.vocabulary import load_event_types
 from service.schemas import PseudonymPath
 
 router = APIRouter()
-SOURCE_MAX = 64
 
 
 @router.post(

@@ -383,6 +383,30 @@ def test_import_stores_valid_subjects_and_reports_rejected_lines(
     assert count_rows(cli_session, "events") == 4
 
 
+@pytest.mark.parametrize("source", ["", "s" * 65, "tab\there", "bad\udcffbyte"])
+def test_import_refuses_a_source_the_api_would_refuse_in_one_line(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, source: str
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_csv(tmp_path / "records.csv", [line(0, 0)])
+    code, output = run("import", str(path), "--source", source)
+    assert code == 2, output
+    assert output.strip() == (
+        "import refused: --source must be printable text of 1 to 64 characters"
+    )
+    assert count_rows(cli_session, "events") == 0
+
+
+def test_import_takes_a_source_of_64_characters(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_csv(tmp_path / "records.csv", [line(0, 0)])
+    code, output = run("import", str(path), "--source", "s" * 64)
+    assert code == 0, output
+    assert count_rows(cli_session, "events") == 1
+
+
 def test_import_refuses_an_unknown_header_by_position_not_by_name(
     cli_env: Settings, tmp_path: Path
 ) -> None:
