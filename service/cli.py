@@ -806,15 +806,18 @@ def demo(
 
 
 IMPORT_HELP = (
-    "Import a CSV file of subjects and events, streamed in batches (constant memory).\n\n"
+    "Import a CSV file of subjects and events, streamed in batches.\n\n"
     "One line per event, UTF-8, with a header line. Columns: "
     + ", ".join(CSV_COLUMNS)
     + ". Required per line: bsn, given_name, family_name, birth_date (YYYY-MM-DD), district, "
-    "neighbourhood. Lines with the same bsn are one subject (identity and characteristics must "
-    "be equal on each); leave the four event columns empty for a subject without events. "
-    "event_type comes from policies/events.yaml; source_event_id must be unique per source.\n\n"
-    "Each batch commits whole or not at all. A subject with any invalid line is left out and "
-    "its lines are reported by line number; all other subjects are stored. Re-running an import "
+    "neighbourhood. Lines with the same bsn are one subject: a line whose identity or "
+    "characteristics differ from the first line of its bsn is rejected. Leave the four event "
+    "columns empty for a subject without events. event_type comes from policies/events.yaml; "
+    "source_event_id must be unique per source: a line repeating an earlier line's is "
+    "rejected.\n\n"
+    "Each batch commits whole or not at all. A subject with any other invalid line in a batch "
+    "is left out of it and its lines are reported by line number; all other subjects are "
+    "stored. Keep a subject's lines together: then they fall in one batch. Re-running an import "
     "is harmless. Exit status 1 when any line was rejected."
 )
 

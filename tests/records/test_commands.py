@@ -17,7 +17,7 @@ from threading import BrokenBarrierError
 
 import pytest
 from sqlalchemy import text
-from sqlmodel import Session
+from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from service.access_log import service as access_log
@@ -32,6 +32,8 @@ from service.crypto.signing import NoteSigner
 from service.db import Database
 from service.records.bulk import CSV_COLUMNS
 from service.records.demo import REFERENCE_DATE, synthetic_bsn
+from service.records.models import Subject
+from service.records.service import decrypt_identity, subject_dek
 from tests.conftest import Databases
 from tests.records.conftest import count_rows
 
@@ -380,6 +382,67 @@ def test_import_stores_valid_subjects_and_reports_rejected_lines(
     assert count_rows(cli_session, "subjects") == 3  # 0, 1 and 4 (4's odd line left out)
     assert count_rows(cli_session, "events") == 4
     code, _ = run("import", str(path), "--source", "welfare")
+    assert count_rows(cli_session, "events") == 4
+
+
+def stored_given_names(settings: Settings, session: Session) -> list[str]:
+    keyring = Keyring.load(settings.resolved_keyring_path)
+    session.rollback()
+    try:
+        return sorted(
+            decrypt_identity(
+                keyring=keyring, subject=subject, dek=subject_dek(keyring=keyring, subject=subject)
+            ).given_name
+            for subject in session.exec(select(Subject))
+        )
+    finally:
+        session.rollback()
+
+
+@pytest.mark.parametrize("batch_size", ["1", "2", "10"])
+def test_a_later_line_with_another_identity_is_rejected_whatever_the_batch_size(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, batch_size: str
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    rows = [line(0, 0, given_name="Jan"), line(1, 0), line(0, 1, given_name="Piet")]
+    path = write_csv(tmp_path / "records.csv", rows)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", batch_size)
+    assert code == 1, output
+    assert "line 4: identity: differs from an earlier line of the same BSN" in output
+    assert "Piet" not in output
+    assert stored_given_names(cli_env, cli_session) == ["Fatima", "Jan"]
+    assert count_rows(cli_session, "events") == 2
+
+
+@pytest.mark.parametrize("batch_size", ["1", "2", "10"])
+def test_a_repeated_source_event_id_is_rejected_whatever_the_batch_size(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, batch_size: str
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    rows = [line(0, 0), line(1, 0, source_event_id="csv-0-0"), line(2, 0), line(2, 0)]
+    path = write_csv(tmp_path / "records.csv", rows)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", batch_size)
+    assert code == 1, output
+    said = " ".join(output.split())
+    assert "line 3: source_event_id: repeats the source_event_id of an earlier line" in said
+    assert "line 5: source_event_id: repeats the source_event_id of an earlier line" in said
+    assert "2 lines rejected" in said
+    assert count_rows(cli_session, "subjects") == 2  # 0 and 2; 1's only line was rejected
+    assert count_rows(cli_session, "events") == 2
+
+
+@pytest.mark.parametrize("batch_size", ["1", "10"])
+def test_a_subject_over_several_batches_or_bsn_spellings_is_one_subject_counted_once(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, batch_size: str
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    bsn = synthetic_bsn(0, 5)
+    rows = [line(0, 0), line(1, 0), line(0, 1, bsn=f"{bsn[:4]} {bsn[4:]}"), line(0, 2)]
+    path = write_csv(tmp_path / "records.csv", rows)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", batch_size)
+    assert code == 0, output
+    assert "imported 2 subjects, 4 new events" in " ".join(output.split())
+    assert count_rows(cli_session, "subjects") == 2
     assert count_rows(cli_session, "events") == 4
 
 
