@@ -48,7 +48,13 @@ from service.crypto.keyring import (
 from service.db import Database, schema_is_current
 from service.db import migrate as run_migrations
 from service.errors import ServiceError
-from service.records.bulk import CSV_COLUMNS, BulkResult, import_csv, ingest_records
+from service.records.bulk import (
+    CSV_COLUMNS,
+    BulkResult,
+    ImportRefused,
+    import_csv,
+    ingest_records,
+)
 from service.records.demo import REFERENCE_DATE, demo_records
 from service.records.models import SOURCE_MAX, usable_source
 from service.records.service import (
@@ -807,7 +813,7 @@ def demo(
 
 IMPORT_HELP = (
     "Import a CSV file of subjects and events, streamed in batches.\n\n"
-    "One line per event, UTF-8, with a header line. Columns: "
+    "One line per event (a line that is not UTF-8 is rejected), with a header line. Columns: "
     + ", ".join(CSV_COLUMNS)
     + ". Required per line: bsn, given_name, family_name, birth_date (YYYY-MM-DD), district, "
     "neighbourhood. Lines with the same bsn are one subject: a line whose identity or "
@@ -818,7 +824,11 @@ IMPORT_HELP = (
     "Each batch commits whole or not at all. A subject with any other invalid line in a batch "
     "is left out of it and its lines are reported by line number; all other subjects are "
     "stored. Keep a subject's lines together: then they fall in one batch. Re-running an import "
-    "is harmless. Exit status 1 when any line was rejected."
+    "is harmless: what is stored already is recognised and not stored twice.\n\n"
+    "Exit status: 0 every line stored; 1 some lines rejected (listed by line number), all "
+    "others stored; 2 refused (--source, the header line), nothing stored; 3 stopped at a line "
+    "that cannot be read as CSV, or at a batch the database refused: the lines before it are "
+    "stored or rejected, nothing from it on; correct the file and run the import again."
 )
 
 
@@ -842,6 +852,11 @@ def import_(
         raise typer.Exit(2)
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
+    try:
+        event_types = load_event_types(settings.policies_dir / "events.yaml")
+    except ValueError as exc:
+        console.print(f"[red]import refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     run_migrations(settings.resolved_database_url, settings.migrations_dir)
     try:
         with database_for(settings) as database, progress_bar() as progress:
@@ -849,15 +864,15 @@ def import_(
             result = import_csv(
                 database=database,
                 keyring=keyring,
-                event_types=load_event_types(settings.policies_dir / "events.yaml"),
+                event_types=event_types,
                 path=file,
                 source=source,
                 actor=f"system:import:{source}",
                 batch_size=batch_size,
                 on_progress=lambda _done, read: progress.update(task, completed=read),
             )
-    except ValueError as exc:
-        console.print(f"[red]import refused:[/red] {exc}", highlight=False)
+    except ImportRefused as exc:
+        console.print(f"[red]import refused:[/red] {exc}; nothing was stored", highlight=False)
         raise typer.Exit(2) from None
     console.print(
         f"imported {result.subjects} subjects, {result.events_stored} new events "
@@ -873,6 +888,18 @@ def import_(
         if more > 0:
             console.print(f"  … and {more} more rejected lines")
         console.print(f"[yellow]{result.rejected_total} lines rejected[/yellow]")
+    if result.stopped is not None:
+        stop = result.stopped
+        console.print(
+            f"[red]import stopped at line {stop.line}:[/red] {stop.reason}. The lines before it "
+            f"are stored ({result.subjects} subjects and {result.events_stored} new events) or "
+            f"rejected as listed; nothing from line {stop.line} on was stored. Correct the file "
+            "and run the same import again: what is stored already is recognised and not "
+            "stored twice.",
+            highlight=False,
+        )
+        raise typer.Exit(3)
+    if result.rejected_total:
         raise typer.Exit(1)
 
 

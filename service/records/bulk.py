@@ -7,7 +7,10 @@ Invariants:
 - the file is streamed line by line; memory holds one batch, plus a keyed digest per subject
   and per event of the file so that a line's fate does not depend on the batch size (see
   ``_SeenInFile``);
-- a rejected CSV line is reported by its line number and field, never by its content.
+- a rejected CSV line is reported by its line number and field, never by its content;
+- the import is refused (``ImportRefused``) only before anything is stored; a problem after
+  that stops it, and the result says at which line (``BulkResult.stopped``): every line before
+  it was stored or rejected, nothing from it on was stored.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +28,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from service.crypto.keyring import KeyProvider
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn
 from service.db import Database
+from service.errors import ServiceError
 from service.records.models import RECORD_BATCH, SUBJECT_RECORD, SubjectRecordIn
 from service.records.service import ingest_batch
 
@@ -58,6 +64,14 @@ class Rejection:
 
 
 @dataclass
+class Stop:
+    """Where and why an import stopped after it may have stored batches."""
+
+    line: int
+    reason: str
+
+
+@dataclass
 class BulkResult:
     subjects: int = 0
     events_stored: int = 0
@@ -65,6 +79,11 @@ class BulkResult:
     batches: int = 0
     rejected: list[Rejection] = field(default_factory=list)
     rejected_total: int = 0
+    stopped: Stop | None = None
+
+
+class ImportRefused(ValueError):
+    """The file cannot be imported at all (its header line); nothing was stored."""
 
 
 Progress = Callable[[int, int], None]  # (subjects in the batch just committed, bytes read)
@@ -143,10 +162,34 @@ def ingest_records(
 # -- CSV --------------------------------------------------------------------------------------
 
 
-def _lines(handle: BinaryIO, on_bytes: Callable[[int], None]) -> Iterator[str]:
-    for raw in handle:
-        on_bytes(len(raw))
-        yield raw.decode("utf-8-sig")
+_UNDECODED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte not UTF-8
+
+
+class _Lines:
+    """The file's lines as text for ``csv``: LF, CRLF and CR each end a line. A byte that is not
+    UTF-8 does not end the import: it is decoded as a lone surrogate and its line is noted, so
+    that the CSV line holding it is rejected on its own."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._text = io.TextIOWrapper(
+            handle, encoding="utf-8-sig", errors="surrogateescape", newline=""
+        )
+        self.last_undecoded = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for number, text in enumerate(self._text, 1):
+            if not text.isascii() and _UNDECODED.search(text):
+                self.last_undecoded = number
+            yield text
+
+
+def _csv_problem(error: csv.Error) -> str:
+    """The parser's complaint in our words (its own messages are fixed texts, but a line's
+    content must never reach the terminal, so none is passed on)."""
+    message = str(error)
+    if message.startswith("field larger than field limit"):
+        return f"a field is longer than {csv.field_size_limit()} characters"
+    return "not valid CSV"
 
 
 def _blank(value: str | None) -> str | None:
@@ -298,11 +341,6 @@ def import_csv(
     result = BulkResult()
     seen = _SeenInFile()
     pending: dict[bytes, _Pending] = {}
-    read_bytes = 0
-
-    def count(size: int) -> None:
-        nonlocal read_bytes
-        read_bytes += size
 
     def reject(lines: Iterable[int], fields: Iterable[str], reason: str) -> None:
         for line in lines:
@@ -310,7 +348,7 @@ def import_csv(
             if len(result.rejected) < keep_rejections:
                 result.rejected.append(Rejection(line, tuple(fields), reason))
 
-    def flush() -> None:
+    def flush(read_bytes: int) -> None:
         valid: list[SubjectRecordIn] = []
         valid_subjects: list[bytes] = []
         for subject, item in pending.items():
@@ -326,29 +364,62 @@ def import_csv(
                 continue
             valid.append(record)
             valid_subjects.append(subject)
+        first_line = min((item.lines[0] for item in pending.values()), default=0)
+        pending.clear()
         if valid:
-            _commit_batch(
-                database=database,
-                keyring=keyring,
-                event_types=event_types,
-                source=source,
-                actor=actor,
-                subjects=valid,
-                max_rows=batch_size,
-                result=result,
-            )
+            try:
+                _commit_batch(
+                    database=database,
+                    keyring=keyring,
+                    event_types=event_types,
+                    source=source,
+                    actor=actor,
+                    subjects=valid,
+                    max_rows=batch_size,
+                    result=result,
+                )
+            except ServiceError as exc:
+                refused = f"the batch from this line on was refused ({exc.detail})"
+                result.stopped = Stop(first_line, refused)
+                return
+            except DBAPIError as exc:
+                # The driver's message may quote a value of the batch; its class name says enough.
+                name = type(exc.orig if exc.orig is not None else exc).__name__
+                refused = f"the database refused the batch from this line on ({name})"
+                result.stopped = Stop(first_line, refused)
+                return
             result.subjects += sum(map(seen.stored_first_time, valid_subjects))
         if on_progress is not None:
             on_progress(len(valid), read_bytes)
-        pending.clear()
 
     with path.open("rb") as handle:
-        reader = csv.DictReader(_lines(handle, count))
-        refusal = _header_refusal(reader.fieldnames or ())
+        lines = _Lines(handle)
+        reader = csv.DictReader(lines)
+        try:
+            names = reader.fieldnames or ()
+        except csv.Error as exc:
+            raise ImportRefused(f"{path}: line 1: {_csv_problem(exc)}") from None
+        if lines.last_undecoded:
+            raise ImportRefused(f"{path}: line 1 is not UTF-8; the file must be UTF-8")
+        refusal = _header_refusal(names)
         if refusal is not None:
-            raise ValueError(f"{path}: {refusal}")
-        for row in reader:
+            raise ImportRefused(f"{path}: {refusal}")
+        unreadable: Stop | None = None
+        while True:
+            before = reader.line_num
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                # Where the next record starts is unknown now; lines before this one are whole.
+                # (DictReader.line_num is updated only by a row read whole.)
+                unreadable = Stop(reader.reader.line_num, _csv_problem(exc))
+                break
             line = reader.line_num
+            if lines.last_undecoded > before:
+                reject([line], ("row",), "not UTF-8")
+                continue
             if None in row:
                 reject([line], ("row",), "more values than header columns")
                 continue
@@ -367,14 +438,18 @@ def import_csv(
             item = pending.get(subject)
             if item is None:
                 if len(pending) >= batch_size:
-                    flush()
+                    flush(handle.tell())
+                    if result.stopped is not None:
+                        break
                 item = _Pending(lines=[], record={**record, "events": []})
                 pending[subject] = item
             item.lines.append(line)
             if event is not None:
                 item.record["events"].append(event)
-    if pending:
-        flush()
+        if pending and result.stopped is None:
+            flush(handle.tell())
+    if result.stopped is None:
+        result.stopped = unreadable
     return result
 
 

@@ -14,9 +14,11 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 from threading import BrokenBarrierError
+from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DataError
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
@@ -30,10 +32,17 @@ from service.crypto import keyring as keyring_module
 from service.crypto.keyring import Keyring, check_purpose
 from service.crypto.signing import NoteSigner
 from service.db import Database
+from service.records import bulk
 from service.records.bulk import CSV_COLUMNS
 from service.records.demo import REFERENCE_DATE, synthetic_bsn
 from service.records.models import Subject
-from service.records.service import decrypt_identity, subject_dek
+from service.records.service import (
+    ConcurrentIngest,
+    IngestResult,
+    decrypt_identity,
+    ingest_batch,
+    subject_dek,
+)
 from tests.conftest import Databases
 from tests.records.conftest import count_rows
 
@@ -499,6 +508,129 @@ def test_import_of_a_file_without_header_prints_none_of_its_first_line(
     for value in filter(None, first.values()):
         assert value not in output, value
     assert count_rows(cli_session, "subjects") == 0
+
+
+def write_lines(path: Path, rows: list[dict[str, str]], *, terminator: str = "\r\n") -> Path:
+    """``rows`` under a header, as UTF-8 lines ending in ``terminator``."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, lineterminator=terminator)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_a_line_that_is_not_utf8_is_rejected_alone_wherever_it_falls(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    rows = [line(i, 0) for i in range(4)] + [line(4, 0, city="Zoëstad"), line(5, 0)]
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(write_lines(path, rows).read_text("utf-8").encode("latin-1"))
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "2")
+    assert code == 1, output
+    said = " ".join(output.split())
+    assert "line 6: row: not UTF-8" in said
+    assert "1 lines rejected" in said
+    assert "Zo" not in output
+    assert count_rows(cli_session, "subjects") == 5
+
+
+def test_an_import_refuses_a_header_that_is_not_utf8_before_storing_anything(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_lines(tmp_path / "records.csv", [line(0, 0)])
+    path.write_bytes(b"\xe9" + path.read_bytes())
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 2, output
+    assert "line 1 is not UTF-8" in " ".join(output.split())
+    assert count_rows(cli_session, "subjects") == 0
+
+
+@pytest.mark.parametrize("terminator", ["\r", "\n", "\r\n"])
+def test_an_import_reads_lines_ending_in_cr_lf_or_both(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, terminator: str
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    rows = [line(0, 0), line(0, 1, office="Wijkteam\r\nZuid"), line(1, 0, bsn="bad")]
+    path = write_lines(tmp_path / "records.csv", rows, terminator=terminator)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 1, output
+    assert "line 5: bsn: invalid value" in " ".join(output.split())  # line 3 spans two lines
+    assert count_rows(cli_session, "events") == 2
+
+
+def test_an_import_that_stops_after_committed_batches_says_what_was_stored(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    rows = [line(0, 0), line(1, 0), line(2, 0, office="x" * 140_000), line(3, 0), line(4, 0)]
+    path = write_lines(tmp_path / "records.csv", rows)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 3, output
+    said = " ".join(output.split())
+    assert "import stopped at line 4: a field is longer than 131072 characters" in said
+    assert "2 subjects and 2 new events" in said
+    assert "nothing from line 4 on" in said
+    assert "run the same import again" in said
+    assert count_rows(cli_session, "subjects") == 2
+
+    rows[2] = line(2, 0)
+    write_lines(path, rows)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 0, output
+    assert "imported 5 subjects, 3 new events (2 already known)" in " ".join(output.split())
+    assert count_rows(cli_session, "subjects") == 5
+    assert count_rows(cli_session, "events") == 5
+
+
+def test_a_batch_the_service_refuses_stops_the_import_with_what_was_stored(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_lines(tmp_path / "records.csv", [line(0, 0), line(0, 1), line(1, 0), line(2, 0)])
+    batches = 0
+
+    def second_batch_races(**kwargs: Any) -> IngestResult:
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            raise ConcurrentIngest("another batch stored the same subjects at the same time")
+        return ingest_batch(**kwargs)
+
+    monkeypatch.setattr(bulk, "ingest_batch", second_batch_races)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 3, output
+    said = " ".join(output.split())
+    assert (
+        "import stopped at line 4: the batch from this line on was refused (another batch "
+        "stored the same subjects at the same time)" in said
+    )
+    assert "1 subjects and 2 new events" in said
+    assert count_rows(cli_session, "subjects") == 1
+
+
+def test_a_database_error_stops_the_import_without_quoting_the_batch(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_lines(tmp_path / "records.csv", [line(0, 0), line(1, 0)])
+    batches = 0
+
+    def second_batch_fails(**kwargs: Any) -> IngestResult:
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            raise DataError("COPY events", None, ValueError("value 'Oukili1' too long"))
+        return ingest_batch(**kwargs)
+
+    monkeypatch.setattr(bulk, "ingest_batch", second_batch_fails)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 3, output
+    said = " ".join(output.split())
+    assert "import stopped at line 3: the database refused the batch from this line on" in said
+    assert "Oukili1" not in output
+    assert count_rows(cli_session, "subjects") == 1
 
 
 def test_demo_is_deterministic_per_seed_and_names_the_date_to_flag_it_as_of(
