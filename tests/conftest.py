@@ -286,4 +286,7 @@ class Interleaving:
         self.go_on.set()
         for thread in requests:
             thread.join(20)
+        # A request still running would hold its connection past the test (and be collected,
+        # with a ResourceWarning, during some later test): it fails this one instead.
+        assert not any(thread.is_alive() for thread in requests), "a request never finished"
         return statuses["first"], statuses["second"]
