@@ -1007,6 +1007,16 @@ class SealedPacket:
         return f"SealedPacket({self.packet.id}, {len(self.members)} members)"
 
 
+# A flag as the owner reads it (``_flag_reason``'s arguments, in order).
+_FLAG_REASON = (
+    _flags.c.kind,
+    _flags.c.run_id,
+    _flags.c.policy_version,
+    _flags.c.reason_code,
+    _flags.c.hits,
+    _flags.c.explanation,
+)
+
 _SEALED_MEMBERS = (
     select(
         _members.c.pseudonym,
@@ -1017,12 +1027,7 @@ _SEALED_MEMBERS = (
         _subjects.c.neighbourhood,
         _subjects.c.birth_year,
         _subjects.c.household_type,
-        _flags.c.kind,
-        _flags.c.run_id,
-        _flags.c.policy_version,
-        _flags.c.reason_code,
-        _flags.c.hits,
-        _flags.c.explanation,
+        *_FLAG_REASON,
     )
     .select_from(
         _members.join(_subjects, _subjects.c.id == _members.c.subject_id).join(
@@ -1035,15 +1040,7 @@ _SEALED_MEMBERS = (
 
 
 _FURTHER_FLAGS = (
-    select(
-        _member_flags.c.subject_id,
-        _flags.c.kind,
-        _flags.c.run_id,
-        _flags.c.policy_version,
-        _flags.c.reason_code,
-        _flags.c.hits,
-        _flags.c.explanation,
-    )
+    select(_member_flags.c.subject_id, *_FLAG_REASON)
     .select_from(_member_flags.join(_flags, _flags.c.id == _member_flags.c.flag_id))
     .where(_member_flags.c.packet_id == bindparam("packet_id"))
     .order_by(_flags.c.id)

@@ -208,19 +208,8 @@ def test_external_flags_join_the_next_partitioning(
     run_id, _ = flagged_run(app, client, session, coordinator, 1)
     add_subject(session, app.state.keyring, pseudonym=EXTERNAL)
     session.commit()
-    pushed = client.post(
-        "/v1/flags",
-        json={
-            "flags": [
-                {
-                    "pseudonym": EXTERNAL,
-                    "reason_code": "school-absence",
-                    "explanation": "Long school absence of a child in the household.",
-                }
-            ]
-        },
-        headers=bearer(token("source-1", "source")),
-    )
+    concern = (EXTERNAL, "school-absence", "Long school absence of a child in the household.")
+    pushed = push(client, token, concern)
     assert pushed.status_code == 201
     result = client.post(
         "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
