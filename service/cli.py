@@ -110,7 +110,12 @@ def policies_or_exit(settings: Settings) -> None:
 
 def dev_issuer(settings: Settings) -> DevIssuer:
     if not settings.dev_issuer:
-        console.print("[red]the built-in issuer is off[/red] (CASEPACKETS_DEV_ISSUER=false)")
+        why = (
+            "tokens come from the identity provider (CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL)"
+            if settings.jwks_file or settings.jwks_url
+            else "CASEPACKETS_DEV_ISSUER=false"
+        )
+        console.print(f"[red]the built-in issuer is off[/red]: {why}", highlight=False)
         raise typer.Exit(2)
     return DevIssuer(
         private_pem=load_or_create_private_pem(

@@ -1,8 +1,10 @@
 """Settings, read once from the environment (prefix ``CASEPACKETS_``) and validated.
 
 Guarantee: a ``Settings`` object exists only for a safe combination. Production with the built-in
-dev issuer, production without a pinned JWKS, or a placeholder value anywhere is refused with a
-message naming the variable to change.
+dev issuer, production without a pinned JWKS, the built-in issuer beside a real identity provider's
+keys, or a placeholder value anywhere is refused with a message naming the variable to change.
+The built-in issuer is on by default only where there is no identity provider: outside production
+and without CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ class Settings(BaseSettings):
         "then every token is refused",
     )
     roles_claim: str = "roles"
-    dev_issuer: bool = True
+    dev_issuer: bool = Field(
+        default=True,
+        description="the built-in issuer; unless set, on only outside production and without a "
+        "JWKS file or URL",
+    )
     token_leeway_seconds: int = Field(default=30, ge=0, le=300)
     token_max_lifetime_seconds: int = Field(
         default=24 * 3600,
@@ -126,13 +132,18 @@ class Settings(BaseSettings):
                 raise UnsafeSettings(
                     f"CASEPACKETS_{name.upper()} holds a placeholder value; set a real one"
                 )
+        identity_provider = bool(self.jwks_file or self.jwks_url)
+        if "dev_issuer" not in self.model_fields_set:
+            # On only where nothing else signs tokens: beside an identity provider it would mint
+            # tokens for any role under the provider's issuer name, and they would be accepted.
+            self.dev_issuer = not identity_provider and self.env != "production"
         if self.env == "production":
             if self.dev_issuer:
                 raise UnsafeSettings(
                     "CASEPACKETS_DEV_ISSUER must be false when CASEPACKETS_ENV=production: "
                     "the built-in issuer mints tokens for any role"
                 )
-            if not (self.jwks_file or self.jwks_url):
+            if not identity_provider:
                 raise UnsafeSettings(
                     "CASEPACKETS_ENV=production needs CASEPACKETS_JWKS_FILE or "
                     "CASEPACKETS_JWKS_URL (the identity provider's pinned public keys)"
@@ -147,6 +158,13 @@ class Settings(BaseSettings):
                 )
         if self.jwks_file and self.jwks_url:
             raise UnsafeSettings("set CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL, not both")
+        if self.dev_issuer and identity_provider:
+            raise UnsafeSettings(
+                "CASEPACKETS_DEV_ISSUER=true cannot be combined with CASEPACKETS_JWKS_FILE or "
+                "CASEPACKETS_JWKS_URL: the built-in issuer mints tokens for any role under "
+                "CASEPACKETS_JWT_ISSUER, and the service would accept them beside the identity "
+                "provider's; leave CASEPACKETS_DEV_ISSUER unset (or false)"
+            )
         return self
 
 

@@ -41,6 +41,31 @@ def test_token_command_prints_a_token_the_service_accepts(cli_home: Path) -> Non
     }
 
 
+def test_token_command_mints_nothing_beside_an_identity_provider(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a real provider's keys configured, a token the built-in issuer minted would carry the
+    provider's issuer name and be accepted: the issuer is off unless asked for, and asking for
+    it beside the provider's keys is refused."""
+    jwks = cli_home / "jwks.json"
+    jwks.write_text('{"keys": []}')
+    monkeypatch.setenv("CASEPACKETS_JWKS_FILE", str(jwks))
+    monkeypatch.setenv("CASEPACKETS_JWT_ISSUER", "https://idp.example/realms/city")
+    get_settings.cache_clear()
+    runner = CliRunner()
+    off = runner.invoke(cli, ["token", "--sub", "intruder", "--role", "admin"])
+    assert off.exit_code == 2
+    assert "the built-in issuer is off" in off.output
+    assert "eyJ" not in off.output
+    assert not list(cli_home.glob("dev-issuer-*"))
+    monkeypatch.setenv("CASEPACKETS_DEV_ISSUER", "true")
+    get_settings.cache_clear()
+    refused = runner.invoke(cli, ["token", "--sub", "intruder", "--role", "admin"])
+    assert refused.exit_code == 2
+    assert "cannot be combined" in " ".join(refused.output.split())
+    assert "eyJ" not in refused.output
+
+
 def test_token_command_refuses_an_unknown_role(cli_home: Path) -> None:
     result = CliRunner().invoke(cli, ["token", "--sub", "x", "--role", "wizard"])
     assert result.exit_code != 0

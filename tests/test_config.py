@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,36 @@ from service.config import PROJECT_ROOT, Settings, normalize_database_url, shipp
 def test_production_refuses_the_dev_issuer(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CASEPACKETS_DEV_ISSUER must be false"):
         Settings(env="production", home=tmp_path, dev_issuer=True, jwks_url="https://idp/jwks")
+
+
+@pytest.mark.parametrize(
+    "identity_provider",
+    [{"jwks_file": Path("jwks.json")}, {"jwks_url": "https://idp.example/jwks"}],
+    ids=["jwks_file", "jwks_url"],
+)
+def test_an_identity_provider_turns_the_dev_issuer_off_by_default(
+    tmp_path: Path, identity_provider: dict[str, Any]
+) -> None:
+    assert Settings(home=tmp_path).dev_issuer
+    assert not Settings(home=tmp_path, **identity_provider).dev_issuer
+    assert not Settings(home=tmp_path, dev_issuer=False, **identity_provider).dev_issuer
+    with pytest.raises(ValueError, match="CASEPACKETS_DEV_ISSUER=true cannot be combined"):
+        Settings(home=tmp_path, dev_issuer=True, **identity_provider)
+
+
+def test_an_identity_provider_from_the_environment_turns_the_dev_issuer_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CASEPACKETS_JWKS_URL", "https://idp.example/jwks")
+    assert not Settings(home=tmp_path).dev_issuer
+    monkeypatch.setenv("CASEPACKETS_DEV_ISSUER", "true")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        Settings(home=tmp_path)
+
+
+def test_production_without_an_identity_provider_is_told_to_configure_one(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL"):
+        Settings(env="production", home=tmp_path)
 
 
 def test_production_requires_pinned_keys(tmp_path: Path) -> None:
