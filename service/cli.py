@@ -72,6 +72,10 @@ app = typer.Typer(
     help="Per-professional case packets over pseudonymized records.",
     no_args_is_help=True,
     add_completion=False,
+    # A traceback's local variables may hold a BSN, a name or a key, and older Typer versions
+    # (pyproject allows them) showed them by default; a plain traceback never shows them.
+    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
 

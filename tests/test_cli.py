@@ -86,6 +86,12 @@ def test_token_command_keeps_to_the_maximum_token_lifetime(
     assert minted.stdout.strip().startswith("eyJ")
 
 
+def test_a_traceback_never_shows_local_variables() -> None:
+    """Locals may hold a BSN, a name or a key; older Typer versions showed them by default."""
+    assert cli.pretty_exceptions_show_locals is False
+    assert cli.pretty_exceptions_enable is False
+
+
 def test_migrate_command_builds_the_schema(cli_home: Path) -> None:
     result = CliRunner().invoke(cli, ["migrate"])
     assert result.exit_code == 0, result.output
