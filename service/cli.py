@@ -183,11 +183,17 @@ DEMO_SUBJECTS = {
 }
 
 
+def serves_demo_data(settings: Settings) -> bool:
+    """Whether ``serve`` fills the database with demo data: only the embedded default (SQLite in
+    the data folder) outside production. A database named by a URL may be a real one."""
+    return settings.env != "production" and not settings.database_url
+
+
 def prepare(settings: Settings) -> None:
     """Everything the service needs before it serves: data folder, keys, schema, demo data.
 
-    Idempotent: the keyring is created only when absent, and the demo population (outside
-    production) is loaded only into an empty record store.
+    Idempotent: the keyring is created only when absent, and the demo population (into the
+    embedded database only, see ``serves_demo_data``) is loaded only into an empty record store.
     """
     settings.home.mkdir(parents=True, exist_ok=True)
     if settings.dev_issuer:
@@ -204,9 +210,20 @@ def prepare(settings: Settings) -> None:
         Keyring.init(settings.resolved_keyring_path)
         console.print(f"created the keyring at {settings.resolved_keyring_path}")
     run_migrations(settings.resolved_database_url, settings.migrations_dir)
-    if settings.env != "production":
-        load_demo_if_empty(settings, subjects=PREPARE_DEMO_SUBJECTS, seed=1)
-        build_demo_packets_if_none(settings)
+    if serves_demo_data(settings):
+        prepare_demo(settings)
+    elif settings.env != "production":
+        console.print(
+            "no demo data: a database URL is set, and `serve` loads demo data only into the "
+            "embedded SQLite database (`casepackets demo` loads a synthetic population on purpose)",
+            highlight=False,
+        )
+
+
+def prepare_demo(settings: Settings) -> None:
+    """The demo population, and a run and packets over it, each made only when absent."""
+    load_demo_if_empty(settings, subjects=PREPARE_DEMO_SUBJECTS, seed=1)
+    build_demo_packets_if_none(settings)
 
 
 def build_demo_packets_if_none(settings: Settings) -> None:
@@ -284,7 +301,7 @@ def serve(
         )
         professional = DEMO_SUBJECTS[Role.PROFESSIONAL]
         packet_id = (
-            demo_first_packet(settings, professional) if settings.env != "production" else None
+            demo_first_packet(settings, professional) if serves_demo_data(settings) else None
         )
         if packet_id:
             opener = issuer.mint(

@@ -1,11 +1,12 @@
-"""The embedded default's first minute: demo data, a run and packets, built once."""
+"""The embedded default's first minute: demo data, a run and packets, built once (by `serve` on
+the embedded database only; here on both engines)."""
 
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from service.cli import prepare
+from service.cli import prepare_demo
 from service.config import PROJECT_ROOT, Settings
 from service.db import Database
 from service.flagging.policy import load_flagging_policy
@@ -20,13 +21,13 @@ def packet_count(database: Database) -> int:
         return session.connection().execute(select(func.count()).select_from(Packet)).scalar_one()
 
 
-def test_prepare_builds_demo_packets_once_and_the_owner_can_open_one(
+def test_the_demo_builds_packets_once_and_the_owner_can_open_one(
     settings: Settings, database: Database, client: TestClient, token: TokenFactory
 ) -> None:
-    prepare(settings)
+    prepare_demo(settings)
     built = packet_count(database)
     assert built > 0
-    prepare(settings)
+    prepare_demo(settings)
     assert packet_count(database) == built, "a second serve must not build packets again"
 
     professional = DEMO_TEAM[0].id
@@ -48,7 +49,7 @@ def test_prepare_builds_demo_packets_once_and_the_owner_can_open_one(
 def test_the_demo_run_flags_every_rule_of_the_shipped_policy_as_of_the_demo_date(
     settings: Settings, database: Database, client: TestClient, token: TokenFactory
 ) -> None:
-    prepare(settings)
+    prepare_demo(settings)
     with database.session() as session:
         packet_id = first_packet_of(session=session, professional_id=DEMO_TEAM[0].id)
     assert packet_id is not None

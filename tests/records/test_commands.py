@@ -647,11 +647,37 @@ def test_demo_is_deterministic_per_seed_and_names_the_date_to_flag_it_as_of(
     assert count_rows(cli_session, "events") == events
 
 
-def test_prepare_creates_keys_and_demo_once(cli_env: Settings, cli_session: Session) -> None:
+def test_prepare_creates_keys_and_demo_once_in_the_embedded_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("DATABASE_URL", "CASEPACKETS_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(env="test", home=tmp_path)
+    prepare(settings)
+    assert settings.resolved_keyring_path.exists()
+    first_key = Keyring.load(settings.resolved_keyring_path).current("vault").material
+    database = Database(settings)
+    try:
+        with database.session() as session:
+            assert count_rows(session, "subjects") == 500
+            packets = count_rows(session, "packets")
+            assert packets > 0
+        prepare(settings)
+        assert Keyring.load(settings.resolved_keyring_path).current("vault").material == first_key
+        with database.session() as session:
+            assert count_rows(session, "subjects") == 500
+            assert count_rows(session, "packets") == packets
+    finally:
+        database.dispose()
+
+
+def test_prepare_loads_no_demo_into_a_configured_database(
+    cli_env: Settings, cli_session: Session
+) -> None:
+    """A database named by DATABASE_URL may be a real one: serve migrates it and creates the
+    keyring (outside production), but fills it with no synthetic subjects or packets."""
     prepare(cli_env)
     assert cli_env.resolved_keyring_path.exists()
-    first_key = Keyring.load(cli_env.resolved_keyring_path).current("vault").material
-    assert count_rows(cli_session, "subjects") == 500
-    prepare(cli_env)
-    assert Keyring.load(cli_env.resolved_keyring_path).current("vault").material == first_key
-    assert count_rows(cli_session, "subjects") == 500
+    assert count_rows(cli_session, "subjects") == 0
+    assert count_rows(cli_session, "packets") == 0
+    assert count_rows(cli_session, "professionals") == 0
