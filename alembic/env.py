@@ -8,7 +8,7 @@ from sqlalchemy import Connection
 
 from alembic import context
 from service.config import get_settings
-from service.db import make_engine
+from service.db import MIGRATION_LOCK_TIMEOUT_SECONDS, make_engine
 from service.schema import metadata
 
 config = context.config
@@ -33,7 +33,7 @@ def run() -> None:
         run_on(given)
         return
     url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
-    engine = make_engine(url)
+    engine = make_engine(url, lock_timeout_seconds=MIGRATION_LOCK_TIMEOUT_SECONDS)
     try:
         with engine.connect() as connection:
             run_on(connection)

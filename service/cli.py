@@ -26,7 +26,6 @@ from rich.progress import (
 )
 from rich.table import Table
 from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 import service.packets.service  # noqa: F401  (registers packets.wrapped_key for `keys`)
@@ -45,7 +44,13 @@ from service.crypto.keyring import (
     check_purpose,
     new_key_material,
 )
-from service.db import Database, schema_is_current
+from service.db import (
+    Database,
+    DatabaseBusy,
+    DatabaseProblem,
+    database_problems,
+    schema_is_current,
+)
 from service.db import migrate as run_migrations
 from service.errors import ServiceError
 from service.records.bulk import (
@@ -84,7 +89,9 @@ def settings_or_exit() -> Settings:
     try:
         return get_settings()
     except (UnsafeSettings, ValueError) as exc:
-        console.print(f"[red]configuration refused:[/red] {refusal(exc)}", highlight=False)
+        console.print(
+            f"[red]configuration refused:[/red] {refusal(exc)}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(2) from None
 
 
@@ -112,6 +119,17 @@ def policies_or_exit(settings: Settings) -> None:
         raise typer.Exit(2) from None
 
 
+@contextmanager
+def database_problems_exit() -> Iterator[None]:
+    """A database that cannot be used ends the command with one line: exit status 1 when it was
+    busy (try again), 2 when the operator must fix something (reach it, or run other code)."""
+    try:
+        yield
+    except DatabaseProblem as exc:
+        console.print(f"[red]failed:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1 if isinstance(exc, DatabaseBusy) else 2) from None
+
+
 def dev_issuer(settings: Settings) -> DevIssuer:
     if not settings.dev_issuer:
         why = (
@@ -136,7 +154,8 @@ def migrate() -> None:
     """Bring the database schema to the newest revision (Alembic)."""
     settings = settings_or_exit()
     settings.home.mkdir(parents=True, exist_ok=True)
-    run_migrations(settings.resolved_database_url, settings.migrations_dir)
+    with database_problems_exit():
+        run_migrations(settings.resolved_database_url, settings.migrations_dir)
     console.print("schema is up to date")
 
 
@@ -209,7 +228,8 @@ def prepare(settings: Settings) -> None:
             raise typer.Exit(2)
         Keyring.init(settings.resolved_keyring_path)
         console.print(f"created the keyring at {settings.resolved_keyring_path}")
-    run_migrations(settings.resolved_database_url, settings.migrations_dir)
+    with database_problems_exit():
+        run_migrations(settings.resolved_database_url, settings.migrations_dir)
     if serves_demo_data(settings):
         prepare_demo(settings)
     elif settings.env != "production":
@@ -509,29 +529,27 @@ app.add_typer(keys, name="keys")
 
 @contextmanager
 def database_for(settings: Settings) -> Iterator[Database]:
-    """The command's database, disposed when the command is done. A database whose schema is
-    not this version's is refused (exit 2, before anything is done); a service refusal ends the
-    command with its detail and exit status 1, not a traceback."""
-    database = Database(settings)
-    try:
+    """The command's database, disposed when the command is done. A database that cannot be
+    reached, or whose schema is not this version's, is refused (exit 2, before anything is done);
+    a lock held too long (exit 1: try again) or a service refusal (its detail, exit 1) ends the
+    command in one line, not a traceback."""
+    with database_problems_exit():
+        database = Database(settings)
         try:
-            current = schema_is_current(database.engine, settings.migrations_dir)
-        except OperationalError:
-            console.print("[red]failed:[/red] the database is busy; try again", highlight=False)
+            if not schema_is_current(database.engine, settings.migrations_dir):
+                console.print(
+                    "[red]refused:[/red] the database's schema is not this version's; run "
+                    "`casepackets migrate` first",
+                    highlight=False,
+                )
+                raise typer.Exit(2)
+            with database_problems(database.engine.url):
+                yield database
+        except ServiceError as exc:
+            console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
             raise typer.Exit(1) from None
-        if not current:
-            console.print(
-                "[red]refused:[/red] the database's schema is not this version's; run "
-                "`casepackets migrate` first",
-                highlight=False,
-            )
-            raise typer.Exit(2)
-        yield database
-    except ServiceError as exc:
-        console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
-        raise typer.Exit(1) from None
-    finally:
-        database.dispose()
+        finally:
+            database.dispose()
 
 
 def keyring_or_exit(settings: Settings) -> Keyring:

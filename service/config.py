@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from service.clock import DEFAULT_TIMEZONE, zone_named
 
@@ -34,6 +36,8 @@ def shipped(folder: str, *, root: Path = PROJECT_ROOT, installed: Path = INSTALL
 
 
 PLACEHOLDERS = ("changeme", "change-me", "change_me", "changethis", "placeholder")
+# The databases casepackets runs on, as SQLAlchemy names them after normalize_database_url.
+DATABASE_DRIVERS = ("postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 
 
 class UnsafeSettings(ValueError):
@@ -41,7 +45,10 @@ class UnsafeSettings(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CASEPACKETS_", extra="ignore")
+    # A refused value is never echoed: a database URL may hold a password.
+    model_config = SettingsConfigDict(
+        env_prefix="CASEPACKETS_", extra="ignore", hide_input_in_errors=True
+    )
 
     env: Literal["development", "test", "production"] = "development"
     home: Path = Field(default=Path("var"), description="data folder (SQLite file, keyring)")
@@ -132,6 +139,8 @@ class Settings(BaseSettings):
                 raise UnsafeSettings(
                     f"CASEPACKETS_{name.upper()} holds a placeholder value; set a real one"
                 )
+        if self.database_url:  # empty counts as unset, as in resolved_database_url
+            refuse_unusable_database_url(self.database_url)
         identity_provider = bool(self.jwks_file or self.jwks_url)
         if "dev_issuer" not in self.model_fields_set:
             # On only where nothing else signs tokens: beside an identity provider it would mint
@@ -166,6 +175,21 @@ class Settings(BaseSettings):
                 "provider's; leave CASEPACKETS_DEV_ISSUER unset (or false)"
             )
         return self
+
+
+def refuse_unusable_database_url(url: str) -> None:
+    """A URL that names no database casepackets runs on is refused by its scheme alone, never
+    echoed (it may hold a password)."""
+    try:
+        driver = make_url(normalize_database_url(url)).drivername
+    except ArgumentError:
+        driver = None
+    if driver not in DATABASE_DRIVERS:
+        scheme = f" ({driver}://…)" if driver else ""
+        raise ValueError(
+            f"DATABASE_URL (or CASEPACKETS_DATABASE_URL) is not a database URL casepackets can "
+            f"use{scheme}: give postgresql://user@host:5432/name or sqlite:////absolute/path.db"
+        )
 
 
 def normalize_database_url(url: str) -> str:

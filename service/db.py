@@ -9,7 +9,11 @@ Guarantees:
   in SQLite's sleeping busy handler. The waits together stay within the engine's lock timeout;
 - PostgreSQL goes through psycopg 3, with every lock wait bounded by the engine's lock timeout;
 - SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
-- the schema is changed only by Alembic (``migrate``), never by ``create_all``;
+- the schema is changed only by Alembic (``migrate``), never by ``create_all``; a migration waits
+  up to ``MIGRATION_LOCK_TIMEOUT_SECONDS`` for locks, and a database at a revision this code does
+  not know is refused (``SchemaTooNew``), never migrated;
+- a database that cannot be reached or stays locked is a ``DatabaseProblem`` whose message is one
+  line without credentials (commands print it instead of a traceback);
 - the request owns the transaction: ``get_session`` commits after the route returns and before
   the response is sent; services only flush. A failed request rolls back, except a refusal whose
   error asks to keep what it flushed (``commit_before_raising``: a denied access and its log
@@ -25,19 +29,20 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import psycopg
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from fastapi import Depends, Request
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
@@ -51,6 +56,94 @@ from service.errors import ServiceError
 LOG_LOCK_TIMEOUT_OPTION = "casepackets_log_lock_timeout_seconds"
 
 logger = logging.getLogger(__name__)
+
+# How long a migration waits for a lock held by running work (a request, a job) before it gives
+# up; requests that touch the tables being changed wait behind it meanwhile.
+MIGRATION_LOCK_TIMEOUT_SECONDS = 60.0
+
+
+class DatabaseProblem(Exception):
+    """The database cannot be used as it is; the message is one line without credentials."""
+
+
+class DatabaseUnreachable(DatabaseProblem):
+    """No connection: server down, no such database or role, a SQLite file that cannot be made."""
+
+
+class DatabaseBusy(DatabaseProblem):
+    """A lock was held past the wait allowed; trying again later may succeed."""
+
+
+class SchemaTooNew(DatabaseProblem):
+    """The database is at a revision this code does not know: a newer version migrated it."""
+
+
+# SQLite's names (``sqlite_errorname``) for a file it cannot open, read or write.
+_SQLITE_UNREACHABLE = (
+    "SQLITE_CANTOPEN",
+    "SQLITE_NOTADB",
+    "SQLITE_IOERR",
+    "SQLITE_PERM",
+    "SQLITE_READONLY",
+)
+
+
+def _waited_too_long(error: BaseException | None) -> bool:
+    if isinstance(error, psycopg.errors.LockNotAvailable):  # lock_timeout
+        return True
+    return isinstance(error, sqlite3.OperationalError) and (
+        getattr(error, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
+        or "database is locked" in str(error)  # also the writers' turn past its bound
+    )
+
+
+def _not_reached(error: BaseException | None) -> bool:
+    if isinstance(error, psycopg.OperationalError):
+        # No SQLSTATE: the connection itself failed; 08 connection, 28 role, 3D no such database.
+        return error.sqlstate is None or error.sqlstate[:2] in ("08", "28", "3D")
+    return isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorname", "").startswith(
+        _SQLITE_UNREACHABLE
+    )
+
+
+def database_problem(exc: DBAPIError, *, url: URL | str) -> DatabaseProblem | None:
+    """What ``exc`` says about reaching the database or waiting for it, with ``url``'s password
+    blotted out; None for any other error (a fault to see in full)."""
+    if _waited_too_long(exc.orig):
+        return DatabaseBusy(
+            "the database is busy: a lock was held longer than this command waits; try again"
+        )
+    if not _not_reached(exc.orig):
+        return None
+    reason = " ".join(str(exc.orig).split())
+    password = (make_url(url) if isinstance(url, str) else url).password
+    if password:
+        reason = reason.replace(str(password), "***")
+    return DatabaseUnreachable(f"cannot reach the database: {reason}")
+
+
+@contextmanager
+def database_problems(url: URL | str) -> Iterator[None]:
+    """Turn an error about reaching the database or waiting for it into a ``DatabaseProblem``."""
+    try:
+        yield
+    except DBAPIError as exc:
+        problem = database_problem(exc, url=url)
+        if problem is None:
+            raise
+        raise problem from exc
+
+
+@contextmanager
+def _sqlite_files(database: Path) -> Iterator[None]:
+    """Creating the SQLite file, its folder or a file beside it; a failure is unreachable."""
+    try:
+        yield
+    except OSError as exc:
+        raise DatabaseUnreachable(
+            f"cannot reach the database: cannot create {exc.filename or database} "
+            f"({exc.strerror or type(exc).__name__})"
+        ) from exc
 
 
 def is_sqlite(url: str) -> bool:
@@ -68,10 +161,11 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
         database = _sqlite_file(url)
         lock_file = None
         if database is not None:
-            database.parent.mkdir(parents=True, exist_ok=True)
-            # Owner-only from the start (SQLite gives its -wal and -shm files the same mode):
-            # the file holds pseudonyms, ciphertexts and wrapped keys.
-            os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
+            with _sqlite_files(database):
+                database.parent.mkdir(parents=True, exist_ok=True)
+                # Owner-only from the start (SQLite gives its -wal and -shm files the same mode):
+                # the file holds pseudonyms, ciphertexts and wrapped keys.
+                os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
             lock_file = database.with_name(f"{database.name}-writers")
         engine = create_engine(
             url,
@@ -378,8 +472,11 @@ def _one_migrator(url: str) -> Iterator[None]:
         if database is None:
             yield
             return
-        database.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(database.with_name(f"{database.name}-migrate"), os.O_RDWR | os.O_CREAT, 0o600)
+        with _sqlite_files(database):
+            database.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(
+                database.with_name(f"{database.name}-migrate"), os.O_RDWR | os.O_CREAT, 0o600
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -399,21 +496,52 @@ def _one_migrator(url: str) -> Iterator[None]:
 
 def migrate(url: str, migrations_dir: Path, revision: str = "head") -> None:
     """Bring the schema to ``revision`` (creating the SQLite file and folder when needed);
-    concurrent migrations of one database wait for each other."""
-    with _one_migrator(url):
-        command.upgrade(alembic_config(url, migrations_dir), revision)
-
-
-def schema_is_current(engine: Engine, migrations_dir: Path) -> bool:
-    """Whether the database's Alembic revision is the newest one in ``migrations_dir``."""
-    head = ScriptDirectory.from_config(alembic_config("", migrations_dir)).get_current_head()
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision() == head
+    concurrent migrations of one database wait for each other. A database at a revision this
+    code does not know is refused (``SchemaTooNew``); a lock held by running work past
+    ``MIGRATION_LOCK_TIMEOUT_SECONDS`` ends it (``DatabaseBusy``), as does a migration that
+    cannot reach the database (``DatabaseUnreachable``)."""
+    _run_migrations(url, migrations_dir, lambda config: command.upgrade(config, revision))
 
 
 def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
-    with _one_migrator(url):
-        command.downgrade(alembic_config(url, migrations_dir), revision)
+    """For tests of the migrations only: ``casepackets`` has no downgrade (restore a backup)."""
+    _run_migrations(url, migrations_dir, lambda config: command.downgrade(config, revision))
+
+
+def _run_migrations(url: str, migrations_dir: Path, run: Callable[[Config], None]) -> None:
+    with database_problems(url), _one_migrator(url):
+        engine = make_engine(url, lock_timeout_seconds=MIGRATION_LOCK_TIMEOUT_SECONDS)
+        try:
+            with engine.connect() as connection:
+                config = alembic_config(url, migrations_dir)
+                _known_revision(connection, ScriptDirectory.from_config(config))
+                connection.commit()
+                config.attributes["connection"] = connection  # alembic/env.py runs on it
+                run(config)
+        finally:
+            engine.dispose()
+
+
+def _known_revision(connection: Connection, script: ScriptDirectory) -> str | None:
+    """The database's revision (None before the first migration); ``SchemaTooNew`` when this
+    code does not know it."""
+    current = MigrationContext.configure(connection).get_current_revision()
+    if current is not None and current not in {known.revision for known in script.walk_revisions()}:
+        raise SchemaTooNew(
+            f"the database is at revision {current}, newer than this code's "
+            f"{script.get_current_head()}: use the casepackets version that migrated it, or "
+            "restore the backup taken before that migration"
+        )
+    return current
+
+
+def schema_is_current(engine: Engine, migrations_dir: Path) -> bool:
+    """Whether the database's Alembic revision is the newest one in ``migrations_dir`` (False:
+    an older one, which ``migrate`` brings up to date). A revision this code does not know is
+    ``SchemaTooNew``; a database that cannot be reached or read in time, a ``DatabaseProblem``."""
+    script = ScriptDirectory.from_config(alembic_config("", migrations_dir))
+    with database_problems(engine.url), engine.connect() as connection:
+        return _known_revision(connection, script) == script.get_current_head()
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:

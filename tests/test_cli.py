@@ -8,13 +8,18 @@ from pathlib import Path
 
 import pytest
 import typer
+from alembic.script import ScriptDirectory
 from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from service.cli import app as cli
 from service.config import PROJECT_ROOT, Settings, get_settings
+from service.crypto.keyring import Keyring
+from service.db import alembic_config, make_engine
 from service.main import create_app
-from tests.conftest import bearer
+from tests.conftest import MIGRATIONS, Databases, PostgresServer, bearer
 
 
 @pytest.fixture
@@ -148,3 +153,92 @@ def test_serve_refuses_a_broken_policy_in_one_line_before_starting(
     )
     assert "Traceback" not in said
     assert not (cli_home / "keyring.json").exists()  # refused before anything was prepared
+
+
+# -- a database the command cannot use is one line, never a traceback --------------------------
+
+
+def use_database(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", url)
+    get_settings.cache_clear()
+
+
+def one_line(output: str) -> str:
+    assert "Traceback" not in output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "url", ["foo://x", "not a url", "mysql://casepackets:s3cret-pw@db/casepackets"]
+)
+def test_a_url_that_names_no_usable_database_is_refused_without_echoing_it(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    use_database(url, monkeypatch)
+    for command in (["migrate"], ["flag"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        said = one_line(result.output)
+        assert "is not a database URL casepackets can use" in said
+        assert "s3cret-pw" not in said
+
+
+def test_a_sqlite_file_that_cannot_be_created_is_one_line(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (cli_home / "a-file").write_text("")
+    use_database(f"sqlite:///{cli_home}/a-file/casepackets.db", monkeypatch)
+    for command in (["migrate"], ["flag"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        assert one_line(result.output).startswith("failed: cannot reach the database: ")
+
+
+def test_an_unreachable_server_is_not_called_busy_and_its_password_is_not_shown(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_database("postgresql://casepackets:s3cret-pw@127.0.0.1:1/casepackets", monkeypatch)
+    for command in (["migrate"], ["flag"], ["keys", "rotate", "--purpose", "vault"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        said = one_line(result.output)
+        assert said.startswith("failed: cannot reach the database: "), said
+        assert "busy" not in said
+        assert "s3cret-pw" not in said
+
+
+@pytest.mark.postgres
+def test_a_database_that_does_not_exist_is_named_without_the_password(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch, postgres: PostgresServer
+) -> None:
+    missing = make_url(postgres.admin_url).set(database="cp_no_such_database", password="s3cret")
+    use_database(missing.render_as_string(hide_password=False), monkeypatch)
+    for command in (["migrate"], ["flag"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        said = one_line(result.output)
+        assert said.startswith("failed: cannot reach the database: "), said
+        assert '"cp_no_such_database" does not exist' in said
+        assert "s3cret" not in said
+
+
+def test_a_database_newer_than_the_code_is_refused_by_every_command(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch, databases: Databases
+) -> None:
+    url = databases.fresh()
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    finally:
+        engine.dispose()
+    use_database(url, monkeypatch)
+    Keyring.init(cli_home / "keyring.json")
+    head = ScriptDirectory.from_config(alembic_config("", MIGRATIONS)).get_current_head()
+    for command in (["migrate"], ["serve", "--no-print-tokens"], ["flag"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2, (command, result.output)
+        said = one_line(result.output)
+        assert f"the database is at revision 0099, newer than this code's {head}" in said

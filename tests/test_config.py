@@ -131,3 +131,26 @@ def test_a_wheel_ships_every_policy_and_migration() -> None:
         if path.is_file() and "__pycache__" not in path.parts
     }
     assert needed == listed
+
+
+@pytest.mark.parametrize(
+    "url", ["foo://x", "not a url", "mysql://app:s3cret@db/x", "postgresql+psycopg2://app@db/x"]
+)
+def test_a_url_naming_no_database_casepackets_runs_on_is_refused(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ValueError, match="is not a database URL casepackets can use") as refused:
+        Settings(home=tmp_path, database_url=url)
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_refusal_never_echoes_the_settings_it_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database URL may hold a password; a refusal printed in full (by uvicorn, say) must
+    not show it."""
+    monkeypatch.setenv("CASEPACKETS_ENV", "production")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app:s3cret@db/x")
+    with pytest.raises(
+        ValueError, match="CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL"
+    ) as refused:
+        Settings()
+    assert "s3cret" not in str(refused.value)

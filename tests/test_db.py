@@ -6,6 +6,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import OperationalError
 
+from service import db
 from service.config import PROJECT_ROOT, Settings
-from service.db import Database, WriterTurn, downgrade, make_engine, migrate
+from service.db import Database, DatabaseBusy, WriterTurn, downgrade, make_engine, migrate
 from service.schema import metadata
 from tests.conftest import MIGRATIONS, Databases
 
@@ -176,3 +179,57 @@ def test_sqlite_engines_share_a_writers_file_next_to_the_database(tmp_path: Path
     finally:
         first.dispose()
         second.dispose()
+
+
+# -- migrations wait for running work, within their own bound ----------------------------------
+
+
+@contextmanager
+def a_lock_on_the_schema(url: str, backend: str) -> Iterator[None]:
+    """Running work, as a migration sees it: a transaction holding what it needs to change."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            if backend == "postgres":
+                connection.exec_driver_sql("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+            else:
+                connection.exec_driver_sql("SELECT 1")  # BEGIN IMMEDIATE: the write lock
+            yield
+            connection.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_a_migration_waits_past_the_request_lock_timeout_for_running_work(
+    databases: Databases,
+) -> None:
+    """Requests give up on a lock after 2 s (make_engine's default); a migration waits longer
+    (MIGRATION_LOCK_TIMEOUT_SECONDS) rather than fail half-way through a deployment."""
+    url = databases.fresh()
+    failures: list[BaseException] = []
+
+    def migrate_meanwhile() -> None:
+        try:
+            migrate(url, MIGRATIONS)
+        except BaseException as exc:
+            failures.append(exc)
+
+    migrator = threading.Thread(target=migrate_meanwhile)
+    with a_lock_on_the_schema(url, databases.backend):
+        migrator.start()
+        time.sleep(3.0)
+        assert migrator.is_alive()
+    migrator.join(60)
+    assert failures == []
+
+
+def test_a_migration_that_waits_past_its_bound_is_busy(
+    databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = databases.fresh()
+    monkeypatch.setattr(db, "MIGRATION_LOCK_TIMEOUT_SECONDS", 0.3)
+    with (
+        a_lock_on_the_schema(url, databases.backend),
+        pytest.raises(DatabaseBusy, match="the database is busy"),
+    ):
+        migrate(url, MIGRATIONS)
