@@ -844,8 +844,6 @@ def demo(
     of that date (the command prints it).
     """
     settings = settings_or_exit()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    run_migrations(settings.resolved_database_url, settings.migrations_dir)
     with database_for(settings) as database:
         run_demo(settings, database, subjects=subjects, seed=seed, batch_size=batch_size)
     console.print(
@@ -901,7 +899,6 @@ def import_(
     except ValueError as exc:
         console.print(f"[red]import refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
-    run_migrations(settings.resolved_database_url, settings.migrations_dir)
     try:
         with database_for(settings) as database, progress_bar() as progress:
             task = progress.add_task(f"import {file.name}", total=file.stat().st_size)

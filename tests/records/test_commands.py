@@ -17,7 +17,7 @@ from threading import BrokenBarrierError
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import DataError
 from sqlmodel import Session, select
 from typer.testing import CliRunner
@@ -31,7 +31,7 @@ from service.config import Settings, get_settings
 from service.crypto import keyring as keyring_module
 from service.crypto.keyring import Keyring, check_purpose
 from service.crypto.signing import NoteSigner
-from service.db import Database
+from service.db import Database, make_engine
 from service.records import bulk
 from service.records.bulk import CSV_COLUMNS
 from service.records.demo import REFERENCE_DATE, synthetic_bsn
@@ -681,3 +681,52 @@ def test_prepare_loads_no_demo_into_a_configured_database(
     assert count_rows(cli_session, "subjects") == 0
     assert count_rows(cli_session, "packets") == 0
     assert count_rows(cli_session, "professionals") == 0
+
+
+@pytest.mark.parametrize("revision", [None, "0099"], ids=["no schema", "newer schema"])
+def test_import_and_demo_refuse_a_database_not_at_this_versions_schema(
+    databases: Databases,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    revision: str | None,
+) -> None:
+    """Only `migrate` (and `serve`) change the schema: an import must not migrate a production
+    database as a side effect, nor fail half-way on one a newer version migrated."""
+    url = databases.empty() if revision is None else databases.fresh()
+    if revision is not None:
+        engine = make_engine(url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(
+                    text("UPDATE alembic_version SET version_num = :v"), {"v": revision}
+                )
+        finally:
+            engine.dispose()
+    monkeypatch.setenv("CASEPACKETS_HOME", str(tmp_path))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", url)
+    monkeypatch.setenv("CASEPACKETS_ENV", "test")
+    get_settings.cache_clear()
+    try:
+        Keyring.init(tmp_path / "keyring.json")
+        path = write_csv(tmp_path / "records.csv", [line(0, 0)])
+        for command in (
+            ["import", str(path), "--source", "welfare"],
+            ["demo", "--subjects", "100"],
+        ):
+            code, output = run(*command)
+            said = " ".join(output.split())
+            assert code == 2, (command, output)
+            assert "Traceback" not in output
+            if revision is None:
+                assert "run `casepackets migrate` first" in said
+            else:
+                assert f"the database is at revision {revision}, newer than" in said
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                tables = set(inspect(connection).get_table_names())
+        finally:
+            engine.dispose()
+        assert "subjects" not in tables if revision is None else "subjects" in tables
+    finally:
+        get_settings.cache_clear()
