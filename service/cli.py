@@ -39,6 +39,7 @@ from service.crypto.keyring import (
     Keyring,
     KeyringBusy,
     KeyringError,
+    KeyringInaccessible,
     LockedKeyring,
     Purpose,
     check_purpose,
@@ -70,7 +71,7 @@ from service.records.service import (
     pending_rewraps,
     rewrap_chunk,
 )
-from service.records.vocabulary import load_event_types
+from service.records.vocabulary import VocabularyError, load_event_types
 
 app = typer.Typer(
     name="casepackets",
@@ -130,6 +131,20 @@ def database_problems_exit() -> Iterator[None]:
         raise typer.Exit(1 if isinstance(exc, DatabaseBusy) else 2) from None
 
 
+def data_folder_or_exit(settings: Settings) -> None:
+    """Create the data folder (CASEPACKETS_HOME) if needed; one that cannot be, refuses."""
+    try:
+        settings.home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        console.print(
+            f"[red]refused:[/red] CASEPACKETS_HOME {settings.home} cannot be the data folder: "
+            f"{exc.strerror or type(exc).__name__}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
+
+
 def dev_issuer(settings: Settings) -> DevIssuer:
     if not settings.dev_issuer:
         why = (
@@ -139,10 +154,18 @@ def dev_issuer(settings: Settings) -> DevIssuer:
         )
         console.print(f"[red]the built-in issuer is off[/red]: {why}", highlight=False)
         raise typer.Exit(2)
-    return DevIssuer(
-        private_pem=load_or_create_private_pem(
+    try:
+        private_pem = load_or_create_private_pem(
             settings.dev_issuer_key_path, settings.jwt_algorithm
-        ),
+        )
+    except OSError as exc:  # KeyFileTooOpen among them: its message says what to run
+        reason = f"cannot use {exc.filename}: {exc.strerror}" if exc.strerror else str(exc)
+        console.print(
+            f"[red]built-in issuer's key refused:[/red] {reason}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(2) from None
+    return DevIssuer(
+        private_pem=private_pem,
         algorithm=settings.jwt_algorithm,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
@@ -153,7 +176,7 @@ def dev_issuer(settings: Settings) -> DevIssuer:
 def migrate() -> None:
     """Bring the database schema to the newest revision (Alembic)."""
     settings = settings_or_exit()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    data_folder_or_exit(settings)
     with database_problems_exit():
         run_migrations(settings.resolved_database_url, settings.migrations_dir)
     console.print("schema is up to date")
@@ -214,7 +237,7 @@ def prepare(settings: Settings) -> None:
     Idempotent: the keyring is created only when absent, and the demo population (into the
     embedded database only, see ``serves_demo_data``) is loaded only into an empty record store.
     """
-    settings.home.mkdir(parents=True, exist_ok=True)
+    data_folder_or_exit(settings)
     if settings.dev_issuer:
         dev_issuer(settings)
     if not settings.resolved_keyring_path.exists():
@@ -226,7 +249,11 @@ def prepare(settings: Settings) -> None:
                 highlight=False,
             )
             raise typer.Exit(2)
-        Keyring.init(settings.resolved_keyring_path)
+        try:
+            Keyring.init(settings.resolved_keyring_path)
+        except KeyringError as exc:
+            console.print(f"[red]keyring refused:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         console.print(f"created the keyring at {settings.resolved_keyring_path}")
     with database_problems_exit():
         run_migrations(settings.resolved_database_url, settings.migrations_dir)
@@ -374,16 +401,33 @@ def audit_export(
         console.print(f"[red]cannot sign a checkpoint:[/red] {exc}")
         raise typer.Exit(2) from None
     signer = NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
-    with database_for(settings) as database, Progress(console=console) as progress:
-        task = progress.add_task("exporting entries", total=None)
-        exported = export_log(
-            database=database,
-            signer=signer,
-            origin=settings.checkpoint_origin,
-            folder=out,
-            on_start=lambda total: progress.update(task, total=total),
-            on_progress=lambda done: progress.advance(task, done),
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # before a checkpoint is signed for it
+    except OSError as exc:
+        console.print(
+            f"[red]refused:[/red] cannot write the export to {out}: {exc.strerror}",
+            highlight=False,
+            soft_wrap=True,
         )
+        raise typer.Exit(2) from None
+    try:
+        with database_for(settings) as database, Progress(console=console) as progress:
+            task = progress.add_task("exporting entries", total=None)
+            exported = export_log(
+                database=database,
+                signer=signer,
+                origin=settings.checkpoint_origin,
+                folder=out,
+                on_start=lambda total: progress.update(task, total=total),
+                on_progress=lambda done: progress.advance(task, done),
+            )
+    except OSError as exc:
+        console.print(
+            f"[red]failed:[/red] cannot write the export to {out}: {exc.strerror} ({exc.filename})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
     console.print(f"exported {exported.size} entries and a signed checkpoint to {out}")
 
 
@@ -556,7 +600,7 @@ def keyring_or_exit(settings: Settings) -> Keyring:
     try:
         return Keyring.load(settings.resolved_keyring_path)
     except KeyringError as exc:
-        console.print(f"[red]keyring refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]keyring refused:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -599,7 +643,10 @@ def keys_init() -> None:
     settings = settings_or_exit()
     try:
         keyring = Keyring.init(settings.resolved_keyring_path)
-    except KeyringError as exc:
+    except KeyringInaccessible as exc:
+        console.print(f"[red]keyring refused:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyringError as exc:  # one exists already, or another key command is running
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"created {keyring.path} with keys: {', '.join(PURPOSES)} (version 1 each)")
@@ -808,16 +855,25 @@ def load_demo_if_empty(settings: Settings, *, subjects: int, seed: int) -> None:
         run_demo(settings, database, subjects=subjects, seed=seed, batch_size=500)
 
 
+def event_types_or_exit(settings: Settings) -> frozenset[str]:
+    try:
+        return load_event_types(settings.policies_dir / "events.yaml")
+    except VocabularyError as exc:
+        console.print(f"[red]policy refused:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def run_demo(
     settings: Settings, database: Database, *, subjects: int, seed: int, batch_size: int
 ) -> BulkResult:
     keyring = keyring_or_exit(settings)
+    event_types = event_types_or_exit(settings)
     with progress_bar() as progress:
         task = progress.add_task(f"demo population (seed {seed})", total=subjects)
         result = ingest_records(
             database=database,
             keyring=keyring,
-            event_types=load_event_types(settings.policies_dir / "events.yaml"),
+            event_types=event_types,
             source=f"demo-seed-{seed}",
             actor="system:demo",
             records=demo_records(subjects=subjects, seed=seed),

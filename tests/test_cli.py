@@ -242,3 +242,75 @@ def test_a_database_newer_than_the_code_is_refused_by_every_command(
         assert result.exit_code == 2, (command, result.output)
         said = one_line(result.output)
         assert f"the database is at revision 0099, newer than this code's {head}" in said
+
+
+# -- files the command cannot use are one line, never a traceback ------------------------------
+
+
+def test_a_dev_issuer_key_readable_by_others_is_refused_in_one_line(cli_home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["token", "--sub", "x", "--role", "analyst"]).exit_code == 0
+    (key,) = cli_home.glob("dev-issuer-*.pem")
+    key.chmod(0o644)
+    result = runner.invoke(cli, ["token", "--sub", "x", "--role", "analyst"])
+    assert result.exit_code == 2
+    said = one_line(result.output)
+    assert "readable by group or others" in said
+    assert f"chmod 600 {key}" in said
+
+
+def test_a_data_folder_or_keyring_path_through_a_file_is_refused_in_one_line(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a_file = cli_home / "a-file"
+    a_file.write_text("")
+    monkeypatch.setenv("CASEPACKETS_HOME", str(a_file))
+    monkeypatch.delenv("CASEPACKETS_DATABASE_URL")
+    get_settings.cache_clear()
+    runner = CliRunner()
+    for command in (
+        ["migrate"],
+        ["serve", "--no-print-tokens"],
+        ["keys", "init"],
+        ["keys", "list"],
+        ["token", "--sub", "x", "--role", "analyst"],
+    ):
+        result = runner.invoke(cli, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert str(a_file) in one_line(result.output)
+    monkeypatch.setenv("CASEPACKETS_HOME", str(cli_home))
+    monkeypatch.setenv("CASEPACKETS_KEYRING_PATH", str(a_file / "keyring.json"))
+    get_settings.cache_clear()
+    result = runner.invoke(cli, ["keys", "init"])
+    assert result.exit_code == 2, result.output
+    assert one_line(result.output).startswith("keyring refused: cannot use the keyring at ")
+
+
+def test_demo_without_its_policies_is_refused_in_one_line(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    monkeypatch.setenv("CASEPACKETS_POLICIES_DIR", str(cli_home / "no-policies"))
+    get_settings.cache_clear()
+    result = runner.invoke(cli, ["demo", "--subjects", "100"])
+    assert result.exit_code == 2
+    said = one_line(result.output)
+    assert said.startswith("policy refused: ")
+    assert "no-policies/events.yaml" in said
+
+
+def test_audit_export_to_a_file_is_refused_in_one_line_before_signing(cli_home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    existing = cli_home / "export"
+    existing.write_text("not a folder")
+    result = runner.invoke(cli, ["audit", "export", "--out", str(existing)])
+    assert result.exit_code == 2
+    assert one_line(result.output).startswith(f"refused: cannot write the export to {existing}")
+    assert existing.read_text() == "not a folder"
+    exported = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "fine")])
+    assert exported.exit_code == 0, exported.output
+    assert "exported 0 entries" in exported.output  # the refused export signed nothing

@@ -79,6 +79,11 @@ class KeyringTooOpen(KeyringError):
     """The keyring file is readable by group or others."""
 
 
+class KeyringInaccessible(KeyringError):
+    """The keyring file, its lock or its folder cannot be read or written (permissions, a path
+    through a file)."""
+
+
 class KeyringBusy(KeyringError):
     """Another process held the keyring's edit lock for longer than the wait allows."""
 
@@ -141,9 +146,20 @@ def check_purpose(purpose: str) -> Purpose:
     return purpose
 
 
+def _inaccessible(path: Path, exc: OSError) -> KeyringInaccessible:
+    """``exc`` (never a key's material: it comes from the file system) said about ``path``."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return KeyringInaccessible(
+        f"cannot use the keyring at {path}: {exc.strerror or type(exc).__name__}{where}"
+    )
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
+    except OSError as exc:
+        raise _inaccessible(path, exc) from exc
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as handle:
@@ -151,8 +167,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _inaccessible(path, exc) from exc
         raise
 
 
@@ -175,12 +193,17 @@ def _read_private(path: Path) -> bytes:
         raise KeyringMissing(
             f"no keyring at {path}; run `casepackets keys init` (or set CASEPACKETS_KEYRING_PATH)"
         ) from None
+    except OSError as exc:
+        raise _inaccessible(path, exc) from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyringTooOpen(
             f"{path} is readable by group or others (mode {oct(mode & 0o777)}); "
             f"run chmod 600 {path}"
         )
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _inaccessible(path, exc) from exc
 
 
 class Keyring:
@@ -426,9 +449,12 @@ def _edit_lock(path: Path, *, timeout: float) -> Iterator[_EditLock]:
     """Hold the exclusive ``flock`` on ``<path>.lock`` (created 0600), taken within ``timeout``
     seconds or not at all (``KeyringBusy``). Closing the descriptor releases it, also when the
     process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f"{path.name}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise _inaccessible(path, exc) from exc
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -482,18 +508,26 @@ def _parse(
         if not isinstance(entry, dict) or not isinstance(entry.get("versions"), dict):
             raise KeyringError(f"{path}: purpose {purpose!r} is missing")
         for version_text, version in entry["versions"].items():
+            # The name is not echoed: in a hand-edited file it could be anything, material too.
+            if not version_text.isdigit():
+                raise KeyringError(f"{path}: {purpose} has a version whose name is not a number")
+            if not isinstance(version, dict):
+                raise KeyringError(f"{path}: {purpose} v{version_text} is not an object")
             if version.get("retired_at"):
                 continue
             try:
                 material = base64.b64decode(version["material"], validate=True)
-            except (KeyError, ValueError):
+            except (KeyError, TypeError, ValueError):
                 raise KeyringError(
                     f"{path}: {purpose} v{version_text} has no valid key material"
                 ) from None
             if len(material) != KEY_BYTES:
                 raise KeyringError(f"{path}: {purpose} v{version_text} is not 32 bytes")
             keys[(purpose, int(version_text))] = Key(purpose, int(version_text), material)
-        if (purpose, int(entry["current"])) not in keys:
+        current = entry.get("current")
+        if not isinstance(current, int) or isinstance(current, bool):
+            raise KeyringError(f"{path}: {purpose} has no current version")
+        if (purpose, current) not in keys:
             raise KeyringError(f"{path}: current version of {purpose!r} is unusable")
     return document, keys
 

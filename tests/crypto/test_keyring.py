@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+from collections.abc import Callable
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,6 +119,57 @@ def test_group_readable_keyring_is_refused(tmp_path: Path) -> None:
     path.chmod(0o640)
     with pytest.raises(KeyringTooOpen, match="chmod 600"):
         Keyring.load(path)
+
+
+def damage_current(entry: dict[str, Any]) -> None:
+    del entry["current"]
+
+
+def damage_version_key(entry: dict[str, Any]) -> None:
+    entry["versions"]["x"] = entry["versions"]["1"]
+
+
+def damage_version_entry(entry: dict[str, Any]) -> None:
+    entry["versions"]["1"] = "AAAA"
+
+
+def damage_current_number(entry: dict[str, Any]) -> None:
+    entry["current"] = "one"
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (damage_current, "vault has no current version"),
+        (damage_version_key, "vault has a version whose name is not a number"),
+        (damage_version_entry, "vault v1 is not an object"),
+        (damage_current_number, "vault has no current version"),
+    ],
+)
+def test_a_hand_damaged_keyring_is_refused_by_what_is_wrong(
+    tmp_path: Path, damage: Callable[[dict[str, Any]], None], said: str
+) -> None:
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    document = json.loads(path.read_text())
+    damage(document["purposes"]["vault"])
+    path.write_text(json.dumps(document))
+    with pytest.raises(KeyringError, match=said) as refused:
+        Keyring.load(path)
+    assert "AAAA" not in str(refused.value)
+
+
+def test_a_keyring_path_that_cannot_be_used_is_a_keyring_error(tmp_path: Path) -> None:
+    """A keyring path through a file, or in a folder that cannot be made: refused by
+    KeyringError naming the path, never an OSError."""
+    (tmp_path / "a-file").write_text("")
+    through_a_file = tmp_path / "a-file" / "keyring.json"
+    with pytest.raises(KeyringError, match="a-file"):
+        Keyring.load(through_a_file)
+    with pytest.raises(KeyringError, match="a-file"):
+        Keyring.init(through_a_file)
+    with pytest.raises(KeyringError, match="a-file"), Keyring.edit(through_a_file):
+        pass
 
 
 def test_rotate_adds_a_current_version_and_keeps_the_old_one(tmp_path: Path) -> None:
