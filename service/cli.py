@@ -174,7 +174,11 @@ def dev_issuer(settings: Settings) -> DevIssuer:
 
 @app.command()
 def migrate() -> None:
-    """Bring the database schema to the newest revision (Alembic)."""
+    """Bring the database schema to the newest revision (Alembic).
+
+    There are no downgrades: back the database up before migrating, and to go back to an older
+    casepackets, restore that backup. Waits up to 60 s for locks held by running work.
+    """
     settings = settings_or_exit()
     data_folder_or_exit(settings)
     with database_problems_exit():

@@ -314,3 +314,11 @@ def test_audit_export_to_a_file_is_refused_in_one_line_before_signing(cli_home: 
     exported = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "fine")])
     assert exported.exit_code == 0, exported.output
     assert "exported 0 entries" in exported.output  # the refused export signed nothing
+
+
+def test_migrate_help_says_there_is_no_way_back_but_a_backup() -> None:
+    result = CliRunner().invoke(cli, ["migrate", "--help"])
+    assert result.exit_code == 0
+    said = " ".join(result.output.split())
+    assert "There are no downgrades" in said
+    assert "back the database up before migrating" in said
