@@ -381,6 +381,41 @@ def test_open_fails_closed_with_503_and_no_identity_while_a_lock_it_needs_is_hel
         database.dispose()
 
 
+def test_open_fails_closed_with_503_and_no_identity_when_its_log_entry_cannot_be_appended(
+    client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure is the ``packet.open`` append itself, not an earlier lock wait: on SQLite a
+    held write lock already stops the request at ``BEGIN IMMEDIATE``, before the open reaches
+    the log, so only this variant shows that a failed append is never passed over."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    appends: list[str] = []
+
+    def log_unavailable(session: Session) -> Any:
+        appends.append("attempted")
+        raise log.LogUnavailable("the access log is busy; the request was not carried out")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(log, "_lock_frontier", log_unavailable)
+        response = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert appends == ["attempted"]
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "1"
+    assert "clients" not in response.json()
+    assert "identity" not in response.text
+    assert leaked(response.text, world.secrets) == []
+    assert log_entries(session, "packet.open") == []
+    status = session.execute(select(PACKETS.c.status).where(PACKETS.c.id == packet["id"])).scalar()
+    session.rollback()
+    assert status == "assigned"
+    # with the log writable again the same request succeeds, and is logged once
+    again = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert again.status_code == 200, again.text
+    assert [e["outcome"] for e in log_entries(session, "packet.open")] == ["allowed"]
+
+
 # -- many workers -----------------------------------------------------------------------------
 
 PROCESSES = 3
