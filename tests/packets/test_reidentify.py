@@ -366,8 +366,10 @@ def test_open_fails_closed_with_503_and_no_identity_while_a_lock_it_needs_is_hel
             assert response.headers["content-type"] == "application/problem+json"
             assert response.headers["retry-after"] == "1"
             assert leaked(response.text, world.secrets) == []
-            # a liveness bound, not a benchmark: the request gave up instead of hanging
-            assert waited < LOCK_BOUND_SECONDS + 10
+            # The request gave up at its bound, not at some multiple of it: the slack covers the
+            # request's own work on a loaded 2-core machine (measured: under 0.3 s), while a
+            # wait several times the bound does not fit.
+            assert waited < LOCK_BOUND_SECONDS + 2.5, waited
             assert log_entries(session, "packet.open") == []
             status = session.execute(
                 select(PACKETS.c.status).where(PACKETS.c.id == packet["id"])
