@@ -101,13 +101,35 @@ def recoverable_packet_key(
     return unwrap_key(keyring, "packet", wrapped, aad=packet_key_aad(packet_id))
 
 
-def assert_shredded(state: dict[str, Any], status: str) -> None:
+def assert_shredded(state: dict[str, Any], status: str, *, notes: int) -> None:
+    """Shredded: no packet key wrap, no member wrap, and each of its ``notes`` follow-up notes
+    removed (a count, so that "every note is gone" is never checked over no notes at all)."""
     assert state["status"] == status
     assert state["shredded_at"] is not None
     assert state["wrapped_key"] is None
     assert state["member_wraps"]
     assert all(w is None for w in state["member_wraps"])
-    assert all(n is None for n in state["notes"])
+    assert state["notes"] == [None] * notes
+
+
+def sealed_bodies(state: dict[str, Any]) -> list[bytes]:
+    """The base64 body (after "v1.<version>.") of the packet key wrap, each member's wrap and
+    each sealed note, as the database files hold them."""
+    return [
+        value.split(".", 2)[2].encode()
+        for value in (state["wrapped_key"], *state["member_wraps"], *state["notes"])
+    ]
+
+
+def note_every_client(client: TestClient, token: TokenFactory, packet: dict[str, Any]) -> None:
+    """A follow-up with a sealed note for each of the packet's clients."""
+    for pseudonym in packet["pseudonyms"]:
+        response = client.post(
+            f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups",
+            json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+            headers=bearer(token(OWNER, "professional")),
+        )
+        assert response.status_code == 201, response.text
 
 
 def assert_gone_everywhere(
@@ -168,10 +190,7 @@ def test_closed_packet_is_refused_then_shredded_after_the_grace_period(
     )
     assert recoverable_packet_key(session, app.state.keyring, packet["id"]) is not None
     before = packet_state(session, packet["id"])
-    secrets = [
-        value.split(".", 2)[2].encode()
-        for value in (before["wrapped_key"], *before["member_wraps"], *before["notes"])
-    ]
+    secrets = sealed_bodies(before)
     assert len(secrets) == 1 + len(packet["pseudonyms"]) + 1
     assert all(secret in raw_storage(session) for secret in secrets)
     assert (
@@ -182,7 +201,7 @@ def test_closed_packet_is_refused_then_shredded_after_the_grace_period(
     assert [s for s in secrets if s in leftovers] == []
 
     state = packet_state(session, packet["id"])
-    assert_shredded(state, "shredded")
+    assert_shredded(state, "shredded", notes=1)
     assert state["outcome_codes"] == ["support_accepted"]
     assert recoverable_packet_key(session, app.state.keyring, packet["id"]) is None
     assert_gone_everywhere(client, token, world, packet)
@@ -221,6 +240,10 @@ def test_expired_packets_are_refused_and_the_expire_command_shreds_them(
 ) -> None:
     world = world_of(client, token)
     packet = world.packet(OWNER, "Charlois")
+    note_every_client(client, token, packet)
+    secrets = sealed_bodies(packet_state(session, packet["id"]))
+    assert len(secrets) == 1 + 2 * len(packet["pseudonyms"])
+    assert all(secret in raw_storage(session) for secret in secrets)
     session.execute(
         update(PACKETS)
         .where(PACKETS.c.id == packet["id"])
@@ -239,7 +262,12 @@ def test_expired_packets_are_refused_and_the_expire_command_shreds_them(
     again = runner.invoke(cli, ["expire"])
     assert "crypto-shredded 0 packets" in " ".join(again.output.split())
 
-    assert_shredded(packet_state(session, packet["id"]), "expired")
+    state = packet_state(session, packet["id"])
+    assert_shredded(state, "expired", notes=len(packet["pseudonyms"]))
+    assert state["outcome_codes"] == ["reached"] * len(packet["pseudonyms"])
+    # the command ends by purging the overwritten row versions: the files no longer hold them
+    leftovers = raw_storage(session)
+    assert [s for s in secrets if s in leftovers] == []
     assert recoverable_packet_key(session, app.state.keyring, packet["id"]) is None
     assert_gone_everywhere(client, token, world, packet)
     shreds = log_entries(session, "packet.shred")
@@ -282,8 +310,8 @@ def test_expire_reports_a_due_packet_it_could_not_take_and_exits_1(
 
     again = runner.invoke(cli, ["expire"])
     assert again.exit_code == 0, again.output
-    assert_shredded(packet_state(session, held["id"]), "expired")
-    assert_shredded(packet_state(session, free["id"]), "expired")
+    assert_shredded(packet_state(session, held["id"]), "expired", notes=0)
+    assert_shredded(packet_state(session, free["id"]), "expired", notes=0)
 
 
 def test_a_purge_a_reader_holds_up_is_reported_and_finished_by_the_periodic_job(
@@ -517,10 +545,19 @@ def test_concurrent_shredders_shred_each_packet_exactly_once(
 
 
 def test_the_service_shreds_due_packets_periodically(
-    client: TestClient, token: TokenFactory, session: Session, db_url: str, home: Path
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    db_url: str,
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     world = world_of(client, token)
     packet = world.packet(OWNER, "Charlois")
+    note_every_client(client, token, packet)
+    secrets = sealed_bodies(packet_state(session, packet["id"]))
+    assert len(secrets) == 1 + 2 * len(packet["pseudonyms"])
+    assert all(secret in raw_storage(session) for secret in secrets)
     session.execute(
         update(PACKETS)
         .where(PACKETS.c.id == packet["id"])
@@ -529,15 +566,32 @@ def test_the_service_shreds_due_packets_periodically(
     session.commit()
     periodic = Settings(env="test", home=home, database_url=db_url, shred_interval_seconds=0.05)
     database = Database(periodic)
+    purges: list[bool] = []
+    real_purge = database.purge_replaced_rows
+
+    def observed_purge() -> bool:
+        purged = real_purge()
+        purges.append(purged)
+        return purged
+
+    monkeypatch.setattr(database, "purge_replaced_rows", observed_purge)
     try:
         with TestClient(create_app(periodic, database=database)):
+            # Wait for the job's purge, which follows its shred, without reading the database
+            # meanwhile: a reader could keep the overwritten rows from being purged.
             deadline = time.monotonic() + 30
-            while packet_state(session, packet["id"])["status"] != "expired":
-                assert time.monotonic() < deadline, "the periodic shredder never ran"
+            while True not in purges:
+                assert time.monotonic() < deadline, (
+                    "the periodic shredder never shredded and purged"
+                )
                 time.sleep(0.05)
     finally:
         database.dispose()
-    assert_shredded(packet_state(session, packet["id"]), "expired")
+    state = packet_state(session, packet["id"])
+    assert_shredded(state, "expired", notes=len(packet["pseudonyms"]))
+    assert state["outcome_codes"] == ["reached"] * len(packet["pseudonyms"])
+    leftovers = raw_storage(session)
+    assert [s for s in secrets if s in leftovers] == []
     assert [e["actor"] for e in log_entries(session, "packet.shred")] == ["system:shredder"]
 
 
