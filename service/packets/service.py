@@ -321,7 +321,14 @@ def _candidates(session: Session, run_id: str) -> list[_Candidate]:
     """One case per subject from the flags not yet placed: the run's own, and the external flags
     of subjects not erased. The subject's flag is the run's if it has one, else its oldest; any
     other flag goes with it as a further flag, so each flag is placed once."""
-    placed = or_(
+    # A run's flag leads its subject, so once placed it is in one of the run's packets; an
+    # external flag may be placed in any packet, as a member's own flag or a further one.
+    placed_from_run = (
+        select(_members.c.flag_id)
+        .select_from(_members.join(_packets, _packets.c.id == _members.c.packet_id))
+        .where(_packets.c.run_id == run_id)
+    )
+    external_placed = or_(
         exists().where(
             _members.c.subject_id == _flags.c.subject_id, _members.c.flag_id == _flags.c.id
         ),
@@ -339,25 +346,40 @@ def _candidates(session: Session, run_id: str) -> list[_Candidate]:
         .select_from(_flags.join(_subjects, _subjects.c.id == _flags.c.subject_id))
         .where(
             or_(
-                _flags.c.run_id == run_id,
-                and_(_flags.c.kind == "external", _subjects.c.wrapped_dek.is_not(None)),
+                and_(_flags.c.run_id == run_id, _flags.c.id.not_in(placed_from_run)),
+                and_(
+                    _flags.c.kind == "external",
+                    _subjects.c.wrapped_dek.is_not(None),
+                    ~external_placed,
+                ),
             )
         )
-        .where(~placed)
         .order_by(_flags.c.id)
     ).all()
-    flags_of: dict[int, list[Any]] = {}
+    # One pass in flag id order (a partitioning may hold 100,000 flags): each subject's lead
+    # flag, and the ids of its others (rare: a subject flagged by the run and by a source).
+    lead: dict[int, Any] = {}
+    further: dict[int, list[int]] = {}
     for row in rows:
-        flags_of.setdefault(row[1], []).append(row)
-    candidates = []
-    for subject_flags in flags_of.values():
-        first, *further = sorted(subject_flags, key=lambda r: (r[2] != run_id, r[0]))
-        flag_id, subject_id, _run, pseudonym, district, wrapped_dek = first
-        further_ids = tuple(r[0] for r in further)
-        candidates.append(
-            _Candidate(flag_id, subject_id, pseudonym, district, wrapped_dek, further_ids)
+        subject_id = row[1]
+        known = lead.get(subject_id)
+        if known is None:
+            lead[subject_id] = row
+            continue
+        if row[2] == run_id and known[2] != run_id:  # the run's own flag leads
+            lead[subject_id], row = row, known
+        further.setdefault(subject_id, []).append(row[0])
+    return [
+        _Candidate(
+            row[0],
+            row[1],
+            row[3],
+            row[4],
+            row[5],
+            tuple(sorted(further[row[1]])) if row[1] in further else (),
         )
-    return candidates
+        for row in lead.values()
+    ]
 
 
 def _member_history(
