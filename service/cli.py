@@ -334,7 +334,8 @@ def serve(
         issuer = dev_issuer(settings)
         ttl = min(DEMO_TOKEN_SECONDS, settings.token_max_lifetime_seconds)
         out = Console()
-        out.print(f"\n[bold]casepackets[/bold] demo tokens (valid {ttl // 60} minutes):")
+        lifetime = f"{ttl // 3600} hours" if ttl % 3600 == 0 else f"{ttl // 60} minutes"
+        out.print(f"\n[bold]casepackets[/bold] demo tokens (valid {lifetime}):")
         for role, subject in DEMO_SUBJECTS.items():
             minted = issuer.mint(
                 subject=subject,
