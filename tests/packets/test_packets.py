@@ -200,17 +200,27 @@ def test_unplaceable_cases_come_back_with_a_reason(
 EXTERNAL = "e7" * 16  # a pseudonym of the shape ingest hands out
 
 
-def test_external_flags_join_the_next_partitioning(
+CONCERN = (EXTERNAL, "school-absence", "Long school absence of a child in the household.")
+
+
+def run_beside_a_pushed_concern(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
-) -> None:
+) -> tuple[dict[str, str], str]:
+    """prof-001, a run that flags one client (ps-000), and a source's pending concern about
+    another (EXTERNAL); the coordinator's headers and the run's id."""
     coordinator = bearer(token("coord-001", "coordinator"))
     professional(client, coordinator, "prof-001")
     run_id, _ = flagged_run(app, client, session, coordinator, 1)
     add_subject(session, app.state.keyring, pseudonym=EXTERNAL)
     session.commit()
-    concern = (EXTERNAL, "school-absence", "Long school absence of a child in the household.")
-    pushed = push(client, token, concern)
-    assert pushed.status_code == 201
+    assert push(client, token, CONCERN).status_code == 201
+    return coordinator, run_id
+
+
+def test_external_flags_join_the_next_partitioning(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator, run_id = run_beside_a_pushed_concern(app, client, session, token)
     result = client.post(
         "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
     ).json()
@@ -310,13 +320,7 @@ def test_a_pushed_flag_beside_the_run_flag_goes_with_it_and_the_professional_see
 def test_a_pending_pushed_flag_of_an_erased_subject_is_dropped_not_reported_forever(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:
-    coordinator = bearer(token("coord-001", "coordinator"))
-    professional(client, coordinator, "prof-001")
-    run_id, _ = flagged_run(app, client, session, coordinator, 1)
-    add_subject(session, app.state.keyring, pseudonym=EXTERNAL)
-    session.commit()
-    concern = (EXTERNAL, "school-absence", "Long school absence of a child in the household.")
-    assert push(client, token, concern).status_code == 201
+    coordinator, run_id = run_beside_a_pushed_concern(app, client, session, token)
     erased = client.post(
         f"/v1/subjects/{EXTERNAL}/erase", headers=bearer(token("admin-001", "admin"))
     )
