@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, name: str) -> str:
-        zone_named(name)  # service.clock reads the same variable when it is imported
+        zone_named(name)  # service.clock reads the same variable on first use
         return name
 
     @model_validator(mode="after")

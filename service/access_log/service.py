@@ -447,19 +447,23 @@ def _check_origin(latest: StoredCheckpoint | None, origin: str) -> None:
         )
 
 
-def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSigner) -> None:
-    """The stored checkpoint is one we signed and the tree still has its root at its size."""
+def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSigner) -> bool:
+    """The stored checkpoint is one we signed and the tree still has its root at its size;
+    True when ``signer`` (the current key) signed it, False when an earlier key version did."""
     try:
         body = parse_checkpoint(open_note(latest.note, signer.verifier))
+        by_signer = True
     except NoteError:
         # Signed under an earlier key version: the root column is still bound by the trigger.
         body = unverified_checkpoint(latest.note)
+        by_signer = False
     if body.size != latest.tree_size or body.root != latest.root_hash:
         raise LogCorrupted("a stored checkpoint does not match its own note")
     if root(session=session, size=latest.tree_size) != latest.root_hash:
         raise LogCorrupted(
             f"the tree no longer has the root signed at size {latest.tree_size}; refusing to sign"
         )
+    return by_signer
 
 
 def signed_checkpoint(
@@ -478,16 +482,13 @@ def signed_checkpoint(
     if latest is not None and latest.tree_size == size:
         if cosigner is not None:
             raise ValueError("a cosigned checkpoint needs an entry no checkpoint covers yet")
-        _check_against(latest, session=session, signer=signer)
-        try:
-            open_note(latest.note, signer.verifier)
-        except NoteError:
-            # Stored under an earlier key (no entry since a rotation): the same tree, signed
-            # now by the current key; the stored one stays as it was.
-            return signer.sign(
-                checkpoint_text(Checkpoint(origin=origin, size=size, root=latest.root_hash))
-            )
-        return latest.note
+        if _check_against(latest, session=session, signer=signer):
+            return latest.note
+        # Stored under an earlier key (no entry since a rotation): the same tree, signed now by
+        # the current key; the stored one stays as it was.
+        return signer.sign(
+            checkpoint_text(Checkpoint(origin=origin, size=size, root=latest.root_hash))
+        )
     new_root = merkle.fold(frontier.peak_hashes)
     if latest is not None:
         if latest.tree_size > size:

@@ -19,6 +19,7 @@ the signed root, the error names the first bad entry index.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -262,17 +263,16 @@ def verify_export(
         hashes_size, hashes_root = hash_roots.compact.size, hash_roots.compact.root()
 
     signer, followed = _follow(steps, start, roots=roots, last_entries=last_entries)
-    if followed or signer == verifier:
-        # A key that handed signing over signs no later checkpoint: only its successor does.
+    try:
         checkpoint = open_checkpoint(checkpoint_note, signer, which="new")
-    else:
-        try:
-            checkpoint = open_checkpoint(checkpoint_note, signer, which="new")
-        except CheckpointRejected:
-            if not key_without_handover:
-                raise KeyNotHandedOver(start, verifier) from None
-            checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
-            signer = verifier
+    except CheckpointRejected:
+        # A key that handed signing over signs no later checkpoint: only its successor does.
+        if followed or signer == verifier:
+            raise
+        if not key_without_handover:
+            raise KeyNotHandedOver(start, verifier) from None
+        checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
+        signer = verifier
 
     if size == checkpoint.size and root == checkpoint.root:
         if trusted is not None and roots.get(trusted.size) != trusted.root:
@@ -326,29 +326,20 @@ def verify_files(
     note = read_text(checkpoint)
     trusted = read_text(trusted_checkpoint) if trusted_checkpoint else None
     handover_notes = read_handovers(handovers) if handovers else []
-    with entries.open("rb") as entries_file:
-        lines = bounded_lines(entries_file)
-        if leaf_hashes is None:
-            return verify_export(
-                entries=lines,
-                checkpoint_note=note,
-                verifier=verifier,
-                trusted_note=trusted,
-                trusted_verifier=trusted_verifier,
-                handovers=handover_notes,
-                key_without_handover=key_without_handover,
-            )
-        with leaf_hashes.open("rb") as hashes_file:
-            return verify_export(
-                entries=lines,
-                checkpoint_note=note,
-                verifier=verifier,
-                trusted_note=trusted,
-                trusted_verifier=trusted_verifier,
-                leaf_hashes=read_hashes(hashes_file),
-                handovers=handover_notes,
-                key_without_handover=key_without_handover,
-            )
+    with (
+        entries.open("rb") as entries_file,
+        leaf_hashes.open("rb") if leaf_hashes else contextlib.nullcontext() as hashes_file,
+    ):
+        return verify_export(
+            entries=bounded_lines(entries_file),
+            checkpoint_note=note,
+            verifier=verifier,
+            trusted_note=trusted,
+            trusted_verifier=trusted_verifier,
+            leaf_hashes=read_hashes(hashes_file) if hashes_file is not None else None,
+            handovers=handover_notes,
+            key_without_handover=key_without_handover,
+        )
 
 
 # Far above any entry the service writes (an ingest batch's pseudonyms are ~35 bytes a row): a

@@ -81,8 +81,9 @@ class Flag(SQLModel, table=True):
 def not_in_the_future(as_of: dt.date) -> dt.date:
     """A run as of a later day would count months that have not passed (its explanations would
     be untrue), so ``as_of`` is at most today where the municipality is."""
-    if as_of > today():
-        raise ValueError(f"as_of may not be after today ({today().isoformat()})")
+    now = today()
+    if as_of > now:
+        raise ValueError(f"as_of may not be after today ({now.isoformat()})")
     return as_of
 
 

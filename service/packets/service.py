@@ -488,6 +488,7 @@ def partition_run(
     expires_at = now + timedelta(days=retention.packet_ttl_days)
     packet_rows: list[dict[str, Any]] = []
     member_rows: list[dict[str, Any]] = []
+    further_rows: list[dict[str, Any]] = []  # flags placed beside a member's own
     created: list[PacketPublic] = []
     for planned in plan.packets:
         packet_id = str(uuid.uuid4())
@@ -523,6 +524,10 @@ def partition_run(
                     ),
                 }
             )
+            further_rows.extend(
+                {"packet_id": packet_id, "subject_id": member.subject_id, "flag_id": flag_id}
+                for flag_id in member.further_flag_ids
+            )
         created.append(
             PacketPublic(
                 id=packet_id,
@@ -536,11 +541,6 @@ def partition_run(
                 closed_at=None,
             )
         )
-    further_rows = [
-        {"packet_id": row["packet_id"], "subject_id": row["subject_id"], "flag_id": flag_id}
-        for row in member_rows
-        for flag_id in placeable[row["pseudonym"]][0].further_flag_ids
-    ]
     connection = session.connection()
     if packet_rows:
         connection.execute(insert(_packets), packet_rows)
