@@ -7,8 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from service.crypto.envelope import (
+    AadTemplate,
     AadValue,
     DataKey,
     DecryptionFailed,
@@ -16,6 +19,7 @@ from service.crypto.envelope import (
     canonical_aad,
     open_,
     seal,
+    token_version,
     unwrap_key,
     unwrap_under,
     wrap_key,
@@ -193,3 +197,82 @@ def test_a_version_that_is_not_ascii_digits_is_rejected() -> None:
     token = seal(key, b"x", aad=PLACE)
     with pytest.raises(DecryptionFailed):
         open_(key, token.replace("v1.0.", "v1.\u00b2.", 1), aad=PLACE)
+
+
+def test_versions_past_the_lookup_table_still_parse_and_stay_one_spelling() -> None:
+    key = DataKey.generate()
+    body = seal(key, b"x", aad=PLACE).split(".", 2)[2]
+    for version in (0, 7, 1023, 1024, 123456):
+        assert token_version(f"v1.{version}.{body}") == version
+    for spelling in ("01", "00", "+1", " 1", "1 ", "1_000", "-1", ""):
+        with pytest.raises(DecryptionFailed, match="not a v1 envelope"):
+            token_version(f"v1.{spelling}.{body}")
+    for token in (f"v1.0.{body}.x", f"v2.0.{body}", f"v1.0{body}"):
+        with pytest.raises(DecryptionFailed, match="not a v1 envelope"):
+            token_version(token)
+
+
+aad_values = st.one_of(st.none(), st.integers(), st.text())
+
+
+@given(
+    placement=st.dictionaries(
+        st.sampled_from(["table", "column", "row", "subject", "packet", "z", "\u00e9"]),
+        aad_values,
+        max_size=5,
+    ),
+    field=st.sampled_from(["row", "subject", "packet", "a", "\u2603"]),
+    value=aad_values,
+    wrapped_key=st.booleans(),
+)
+def test_a_template_fills_in_exactly_the_canonical_associated_data(
+    placement: dict[str, AadValue], field: str, value: AadValue, wrapped_key: bool
+) -> None:
+    """Byte for byte what the placement with that value encodes to, whatever the value (quotes,
+    backslashes, control characters, non-ASCII, large numbers) and wherever the field sorts."""
+    filled = AadTemplate(placement, field=field, wrapped_key=wrapped_key).fill(value)
+    document = {**placement, field: value, "key_version": 0}
+    if wrapped_key:
+        document["purpose"] = "wrap_under"
+    assert filled.data == json.dumps(
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
+
+
+def test_template_filled_associated_data_opens_what_a_placement_sealed() -> None:
+    packet_key, member_key = DataKey.generate(), DataKey.generate()
+    place: dict[str, AadValue] = {
+        "table": "packet_members",
+        "column": "wrapped_dek",
+        "row": "p-1",
+        "subject": 41,
+    }
+    wrapped = wrap_under(packet_key, member_key, aad=place)
+    sealed = seal(member_key, b"identity", aad=PLACE)
+    members = AadTemplate({**place, "subject": 0}, field="subject", wrapped_key=True)
+    identities = AadTemplate({**PLACE, "row": ""}, field="row")
+    unwrapped = unwrap_under(packet_key, wrapped, aad=members.fill(41))
+    assert open_(unwrapped, sealed, aad=identities.fill("abc")) == b"identity"
+    # another row's value does not open it: the template binds as the placement does
+    with pytest.raises(DecryptionFailed):
+        unwrap_under(packet_key, wrapped, aad=members.fill(42))
+    with pytest.raises(DecryptionFailed):
+        open_(unwrapped, sealed, aad=identities.fill("abd"))
+
+
+def test_template_associated_data_is_refused_for_another_purpose() -> None:
+    key = DataKey.generate()
+    sealed = seal(key, b"x", aad=PLACE)
+    for_wraps = AadTemplate(PLACE, field="row", wrapped_key=True)
+    with pytest.raises(ValueError, match="another purpose"):
+        open_(key, sealed, aad=for_wraps.fill("abc"))
+    with pytest.raises(ValueError, match="another purpose"):
+        unwrap_under(
+            key, wrap_under(key, key, aad=PLACE), aad=AadTemplate(PLACE, field="row").fill("abc")
+        )
+
+
+@pytest.mark.parametrize("field", ["key_version", "purpose"])
+def test_a_template_cannot_vary_what_the_envelope_sets_itself(field: str) -> None:
+    with pytest.raises(ValueError, match=r"key_version|placement field"):
+        AadTemplate(PLACE, field=field, wrapped_key=True)
