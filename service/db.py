@@ -40,6 +40,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from fastapi import Depends, Request
+from pydantic_core import from_json
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -95,6 +96,11 @@ def _waited_too_long(error: BaseException | None) -> bool:
         getattr(error, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
         or "database is locked" in str(error)  # also the writers' turn past its bound
     )
+
+
+def lock_was_busy(exc: DBAPIError) -> bool:
+    """Whether ``exc`` says a lock was held past the wait allowed (trying later may succeed)."""
+    return _waited_too_long(exc.orig)
 
 
 def _not_reached(error: BaseException | None) -> bool:
@@ -156,7 +162,15 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
-def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int = 20) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    lock_timeout_seconds: float = 2.0,
+    pool_size: int = 20,
+    sqlite_pool_size: int | None = None,
+) -> Engine:
+    """An engine configured as the module docstring says. ``pool_size`` is PostgreSQL's;
+    ``sqlite_pool_size`` sizes a SQLite file's pool (SQLAlchemy's default when None)."""
     if is_sqlite(url):
         database = _sqlite_file(url)
         lock_file = None
@@ -167,14 +181,19 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
                 # the file holds pseudonyms, ciphertexts and wrapped keys.
                 os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
             lock_file = database.with_name(f"{database.name}-writers")
+        pool: dict[str, int] = {}
+        if sqlite_pool_size is not None and database is not None:
+            pool = {"pool_size": sqlite_pool_size, "max_overflow": sqlite_pool_size}
         engine = create_engine(
             url,
+            **pool,
             connect_args={
                 "check_same_thread": False,
                 "timeout": lock_timeout_seconds,
                 "factory": _SerializedConnection,
             },
             hide_parameters=True,
+            json_deserializer=from_json,
             execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
         )
         _configure_sqlite(
@@ -184,6 +203,7 @@ def make_engine(url: str, *, lock_timeout_seconds: float = 2.0, pool_size: int =
     return create_engine(
         url,
         hide_parameters=True,
+        json_deserializer=from_json,
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=pool_size,
@@ -222,9 +242,15 @@ class WriterTurn:
         self._wait: _Wait | None = None
 
     def acquire(self, timeout: float) -> bool:
-        """Take the turn within ``timeout`` seconds; False (nothing held) past it."""
+        """Take the turn within ``timeout`` seconds; False (nothing held) past it. A timeout of
+        0 takes the turn only if it is free now, without waiting (an event loop's attempt)."""
         deadline = time.monotonic() + timeout
-        if not self._threads.acquire(timeout=timeout):
+        taken = (
+            self._threads.acquire(timeout=timeout)
+            if timeout > 0
+            else self._threads.acquire(blocking=False)
+        )
+        if not taken:
             return False
         try:
             if self._lock_file is None or self._take_file_lock(self._lock_file, deadline):
@@ -259,6 +285,8 @@ class WriterTurn:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     return True
                 except BlockingIOError:
+                    if deadline <= time.monotonic():
+                        return False  # no time left to wait: no helper to start
                     wait = self._wait = _Wait()
                     threading.Thread(
                         target=self._wait_in_kernel, args=(fd, wait), daemon=True
@@ -349,8 +377,13 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, turn: WriterTurn)
         if not isinstance(dbapi_connection, _SerializedConnection):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
             return
+        # A transaction may bound its own wait (a batch of opens whose first one already waited).
+        bound = min(
+            bound_seconds,
+            connection.get_execution_options().get(LOG_LOCK_TIMEOUT_OPTION, bound_seconds),
+        )
         started = time.monotonic()
-        if not turn.acquire(timeout=bound_seconds):
+        if not turn.acquire(timeout=bound):
             raise OperationalError(
                 "BEGIN IMMEDIATE",
                 None,
@@ -361,8 +394,8 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, turn: WriterTurn)
         dbapi_connection.write_lock = turn
         try:
             # What is left of the bound is the busy timeout against other processes.
-            left_ms = max(1, busy_timeout_ms - int((time.monotonic() - started) * 1000))
-            if left_ms < busy_timeout_ms or dbapi_connection.busy_timeout_ms != busy_timeout_ms:
+            left_ms = max(1, int(bound * 1000) - int((time.monotonic() - started) * 1000))
+            if dbapi_connection.busy_timeout_ms != left_ms:
                 dbapi_connection.execute(f"PRAGMA busy_timeout={left_ms}")
                 dbapi_connection.busy_timeout_ms = left_ms
             connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -119,6 +119,23 @@ def test_a_writer_waits_for_another_processs_turn_within_its_bound(tmp_path: Pat
     holder.release()
 
 
+def test_a_turn_asked_for_without_waiting_is_taken_only_when_free(tmp_path: Path) -> None:
+    """An event loop's attempt: it never blocks and starts no helper thread to wait."""
+    holder, attempt = WriterTurn(tmp_path / "db-writers"), WriterTurn(tmp_path / "db-writers")
+    threads_before = threading.active_count()
+    assert holder.acquire(timeout=1.0)
+    started = time.monotonic()
+    assert not attempt.acquire(timeout=0)
+    assert time.monotonic() - started < 0.05
+    assert threading.active_count() == threads_before
+    holder.release()
+    assert attempt.acquire(timeout=0)
+    assert not attempt.acquire(timeout=0)  # taken by another thread of its own process, too
+    attempt.release()
+    assert holder.acquire(timeout=0)
+    holder.release()
+
+
 def test_a_waiting_writer_is_woken_when_the_holder_lets_go(tmp_path: Path) -> None:
     holder, waiter = WriterTurn(tmp_path / "db-writers"), WriterTurn(tmp_path / "db-writers")
     assert holder.acquire(timeout=1.0)
