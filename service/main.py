@@ -34,6 +34,7 @@ from service.db import Database
 from service.errors import UnexpectedErrors, Unprocessable, install_error_handlers, problem
 from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses
+from service.packets.opens import PacketOpens
 from service.packets.router import router as packets_router
 from service.packets.service import shred_periodically
 from service.policies import load_policies
@@ -210,6 +211,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         else Keyring.load_or_init(settings.resolved_keyring_path)
     )
 
+    packet_opens = PacketOpens(database=database, bound_seconds=settings.log_lock_timeout_seconds)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         shredder = None
@@ -226,6 +229,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
             shredder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await shredder
+        packet_opens.dispose()
         database.dispose()
 
     # The interactive docs load their scripts from a CDN into a browser that holds a token, and
@@ -246,6 +250,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.settings = settings
     app.state.database = database
     app.state.keyring = keyring
+    app.state.packet_opens = packet_opens
     app.state.access_policy = policies.access
     app.state.flagging_policy = policies.flagging
     app.state.partitioning_policy = policies.partitioning

@@ -34,6 +34,7 @@ from service.packets.models import (
     ProfessionalPublic,
     ProfessionalUpdate,
 )
+from service.packets.opens import PacketOpens
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
 from service.schemas import MAX_INT64, PacketIdPath, PseudonymPath
 
@@ -211,19 +212,16 @@ OWNER_ERRORS = {**problem_responses(401, 404, 410, 503)}
     responses=OWNER_ERRORS,
     summary="Re-identify your own packet: identities, characteristics, why flagged, follow-ups",
 )
-def open_packet(
-    request: Request, packet_id: PacketIdPath, session: SessionDep, caller: CurrentCaller
-) -> Response:
+async def open_packet(request: Request, packet_id: PacketIdPath, caller: CurrentCaller) -> Response:
     """Owner only; everyone else gets 404 and the attempt is logged as denied. The access is
     logged before any identity is decrypted: if the log cannot be written in time, 503 and no
     identity. A closed, expired or shredded packet gets 410."""
+    opens: PacketOpens = request.app.state.packet_opens
     keyring: KeyProvider = request.app.state.keyring
-    sealed = service.open_packet(session=session, packet_id=packet_id, caller=caller)
-    # The request's transaction ends here, in this thread: the ``packet.open`` entry is durable
-    # before anything is decrypted, and the write lock is not held while this thread waits for
-    # the event loop (get_session's own commit then has nothing left to do). A failed commit
-    # raises, so nothing is revealed.
-    session.commit()
+    sealed = await opens.log(service.OpenRequest(packet_id=packet_id, caller=caller))
+    # Committed: the ``packet.open`` entry is durable before anything is decrypted. Decrypting
+    # here, on the event loop, is like serializing a response: bounded (at most 20 clients) and
+    # CPU only, and the next batch of opens is being logged meanwhile.
     return Response(service.reveal(keyring=keyring, sealed=sealed), media_type="application/json")
 
 

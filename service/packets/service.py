@@ -13,11 +13,11 @@ Guarantees:
 - a professional sees only packets assigned to them; anyone else without ``packets.read_all``
   gets 404 for a packet (its existence is not revealed) and the attempt is logged as denied;
 - reassignment changes the owner in place, so the former owner loses access with the commit;
-- re-identification is for the owner only and fails closed: ``open_packet`` appends the
-  ``packet.open`` entry in the request's transaction and returns ciphertexts only; ``reveal``
-  decrypts, and the router calls it only after that transaction committed. So no identity exists
-  in the service before its log entry is durable. Every refusal leaves a ``denied`` entry and a
-  404 (410 for a packet no longer in use);
+- re-identification is for the owner only and fails closed: ``open_packets`` appends the
+  ``packet.open`` entries of a batch of opens in one transaction and returns ciphertexts only;
+  ``reveal`` decrypts, and is called only after that transaction committed. So no identity
+  exists in the service before its log entry is durable. Every refusal leaves a ``denied`` entry
+  and a 404 (410 for a packet no longer in use);
 - a follow-up note is sealed under the packet key, bound to (follow-up id, packet id); it is never
   logged and never shown on a metadata route;
 - crypto-shredding (close + grace, expiry) NULLs the packet key wrap, the members' DEK wraps and
@@ -33,18 +33,31 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
-from pydantic_core import to_json
-from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
+from pydantic_core import from_json, to_json
+from sqlalchemy import (
+    Connection,
+    Text,
+    and_,
+    bindparam,
+    cast,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlmodel import Session
 
-from service.access_log.service import LogEntry, append, append_many
+from service.access_log.service import LogEntry, Outcome, append, append_many
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.crypto.envelope import (
+    AadTemplate,
     AadValue,
     DataKey,
     open_,
@@ -55,7 +68,7 @@ from service.crypto.envelope import (
     wrap_under,
 )
 from service.crypto.keyring import KeyProvider
-from service.errors import Conflict, Gone, NotFound, Unprocessable
+from service.errors import Conflict, Gone, NotFound, ServiceError, Unprocessable
 from service.flagging.models import Flag
 from service.flagging.service import get_run
 from service.packets import partition as partitioning
@@ -968,23 +981,16 @@ def _packet_key(keyring: KeyProvider, packet: _PacketRow) -> DataKey:
     return unwrap_key(keyring, "packet", _packet_key_wrap(packet), aad=packet_key_aad(packet.id))
 
 
-def _followup_public(
-    followup: _Followup, *, packet_id: str, packet_key: DataKey | None
-) -> FollowupPublic:
-    note = None
-    if followup.note_ciphertext is not None and packet_key is not None:
-        note = open_(
-            packet_key, followup.note_ciphertext, aad=note_aad(followup.id, packet_id)
-        ).decode("utf-8")
-    return FollowupPublic(
-        id=followup.id,
-        kind=followup.kind,
-        date=followup.date,
-        outcome_code=followup.outcome_code,
-        created_at=followup.created_at,
-        note=note,
-        created_by=followup.created_by,
-    )
+class _FlagRow(NamedTuple):
+    """A flag as the owner reads it, its rule hits still the JSON text the flagging run stored
+    (``FlagReasonPublic``'s fields, in order)."""
+
+    kind: str
+    run_id: str | None
+    policy_version: str | None
+    reason_code: str | None
+    hits_json: str
+    explanation: str
 
 
 class _SealedMember(NamedTuple):
@@ -995,6 +1001,7 @@ class _SealedMember(NamedTuple):
     fails a generic lookup and builds an ``AttributeError``, which cost a tenth of an open.
     """
 
+    packet_id: str
     pseudonym: str
     subject_id: int
     wrapped_dek: str | None
@@ -1003,12 +1010,15 @@ class _SealedMember(NamedTuple):
     neighbourhood: str
     birth_year: int | None
     household_type: str | None
-    kind: str
-    run_id: str | None
-    policy_version: str | None
-    reason_code: str | None
-    hits: list[dict[str, Any]]
-    explanation: str
+    flag: _FlagRow
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> _SealedMember:
+        """From a row of ``_SEALED_MEMBER``'s columns."""
+        return cls._make((*row[:_MEMBER_FIELDS], _FlagRow._make(row[_MEMBER_FIELDS:])))
+
+
+_MEMBER_FIELDS = len(_SealedMember._fields) - 1  # those before the flag's
 
 
 @dataclass(frozen=True, repr=False)
@@ -1023,129 +1033,74 @@ class SealedPacket:
     wrapped_key: str
     members: Sequence[_SealedMember]
     followups: dict[str, list[_Followup]]
-    further_flags: dict[int, list[dict[str, Any]]]  # by subject id, oldest first
+    further_flags: dict[int, list[_FlagRow]]  # by subject id, oldest first
 
     def __repr__(self) -> str:
         return f"SealedPacket({self.packet.id}, {len(self.members)} members)"
 
 
-# A flag as the owner reads it (``_flag_reason``'s arguments, in order).
-_FLAG_REASON = (
+# A flag as the owner reads it (``_FlagRow``'s fields, in order). The hits are read as the text
+# they are stored as and parsed only once the open is committed, outside the log's lock.
+_FLAG_ROW = (
     _flags.c.kind,
     _flags.c.run_id,
     _flags.c.policy_version,
     _flags.c.reason_code,
-    _flags.c.hits,
+    cast(_flags.c.hits, Text),
     _flags.c.explanation,
 )
 
-_SEALED_MEMBERS = (
-    select(
-        _members.c.pseudonym,
-        _members.c.subject_id,
-        _members.c.wrapped_dek,
-        _subjects.c.identity_ciphertext,
-        _subjects.c.district,
-        _subjects.c.neighbourhood,
-        _subjects.c.birth_year,
-        _subjects.c.household_type,
-        *_FLAG_REASON,
-    )
-    .select_from(
-        _members.join(_subjects, _subjects.c.id == _members.c.subject_id).join(
-            _flags, _flags.c.id == _members.c.flag_id
-        )
-    )
-    .where(_members.c.packet_id == bindparam("packet_id"))
-    .order_by(_members.c.pseudonym)
+# A member as an open reads it (``_SealedMember``'s fields, in order, its flag's last).
+_SEALED_MEMBER = (
+    _members.c.packet_id,
+    _members.c.pseudonym,
+    _members.c.subject_id,
+    _members.c.wrapped_dek,
+    _subjects.c.identity_ciphertext,
+    _subjects.c.district,
+    _subjects.c.neighbourhood,
+    _subjects.c.birth_year,
+    _subjects.c.household_type,
+    *_FLAG_ROW,
 )
 
 
-_FURTHER_FLAGS = (
-    select(_member_flags.c.subject_id, *_FLAG_REASON)
-    .select_from(_member_flags.join(_flags, _flags.c.id == _member_flags.c.flag_id))
-    .where(_member_flags.c.packet_id == bindparam("packet_id"))
-    .order_by(_flags.c.id)
-)
-
-
-def _flag_reason(
-    kind: str,
-    run_id: str | None,
-    policy_version: str | None,
-    reason_code: str | None,
-    hits: list[dict[str, Any]],
-    explanation: str,
-) -> dict[str, Any]:
-    """A flag as ``FlagReasonPublic`` shapes it."""
+def _flag_public(flag: _FlagRow) -> dict[str, Any]:
+    """A flag as ``FlagReasonPublic`` shapes it (its stored hits parsed here, after the commit)."""
     return {
-        "kind": kind,
-        "run_id": run_id,
-        "policy_version": policy_version,
-        "reason_code": reason_code,
-        "hits": hits,
-        "explanation": explanation,
+        "kind": flag.kind,
+        "run_id": flag.run_id,
+        "policy_version": flag.policy_version,
+        "reason_code": flag.reason_code,
+        "hits": from_json(flag.hits_json),
+        "explanation": flag.explanation,
     }
 
 
-def _further_flags(session: Session, packet_id: str) -> dict[int, list[dict[str, Any]]]:
-    """The further flags placed with the packet's members, by subject id, oldest first."""
-    grouped: dict[int, list[dict[str, Any]]] = {}
-    for subject_id, *fields in session.execute(_FURTHER_FLAGS, {"packet_id": packet_id}):
-        grouped.setdefault(subject_id, []).append(_flag_reason(*fields))
-    return grouped
-
-
-def open_packet(*, session: Session, packet_id: str, caller: Caller) -> SealedPacket:
-    """Log a re-identification of the caller's own packet; ``reveal`` then decrypts it.
-
-    In this order, in the caller's transaction: ownership and state are checked (a refusal is
-    logged as denied, 404 or 410); the ``packet.open`` entry is appended — if the log cannot be
-    written within its bound, ``LogUnavailable`` (503) is raised. Nothing is decrypted here: the
-    caller commits, and only then calls ``reveal`` (so the log lock is not held while decrypting,
-    and no identity exists before its log entry is durable). The first open moves the packet to
-    ``opened``.
-    """
-    packet = _owned_packet(
-        session,
-        packet_id=packet_id,
-        caller=caller,
-        action="packet.open",
-        permission=Permission.PACKETS_OPEN,
-    )
-    _in_use(session, packet=packet, caller=caller, action="packet.open")
-    members = [
-        _SealedMember(*row) for row in session.execute(_SEALED_MEMBERS, {"packet_id": packet_id})
+def _followups_public(
+    followups: Sequence[_Followup], *, packet_id: str, packet_key: DataKey
+) -> list[dict[str, Any]]:
+    """Follow-ups as ``FollowupPublic`` shapes them, their notes decrypted."""
+    return [
+        {
+            "id": f.id,
+            "kind": f.kind,
+            "date": f.date,
+            "outcome_code": f.outcome_code,
+            "created_at": as_utc(f.created_at),
+            "note": None
+            if f.note_ciphertext is None
+            else open_(packet_key, f.note_ciphertext, aad=note_aad(f.id, packet_id)).decode(
+                "utf-8"
+            ),
+            "created_by": f.created_by,
+        }
+        for f in followups
     ]
-    followups = _followups_by_pseudonym(session, packet_id)
-    further_flags = _further_flags(session, packet_id)
-    revealable = [
-        m.pseudonym
-        for m in members
-        if m.wrapped_dek is not None and m.identity_ciphertext is not None
-    ]
-    erased = len(members) - len(revealable)
-    if packet.status == "assigned":
-        packet = _set_status(session, packet, status="opened", opened_at=utcnow())
-    public = _packet_public(packet, len(members))
-    wrapped_key = _packet_key_wrap(packet)
-    # Last statement before the commit: the log's lock is held only for the append itself.
-    _log_packet(
-        session,
-        caller=caller,
-        action="packet.open",
-        packet_id=packet_id,
-        pseudonyms=revealable,
-        reason=f"{erased} erased members not revealed" if erased else None,
-    )
 
-    return SealedPacket(
-        packet=public,
-        wrapped_key=wrapped_key,
-        members=members,
-        followups=followups,
-        further_flags=further_flags,
-    )
+
+# Every identity ciphertext's placement differs from the next in its row alone.
+_IDENTITY_AAD = AadTemplate(identity_aad(""), field="row")
 
 
 def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
@@ -1156,22 +1111,19 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
 
     This is the service's hottest path, so the body is built from plain values (checked on
     their way in: identities at ingest, rule hits by the flagging run) and serialized once,
-    rather than through a pydantic model per client, rule hit and identity.
+    rather than through a pydantic model per client, rule hit and identity; each kind of
+    placement is encoded once per packet (``AadTemplate``).
     """
     packet_id = sealed.packet.id
     packet_key = unwrap_key(keyring, "packet", sealed.wrapped_key, aad=packet_key_aad(packet_id))
-    followups = sealed.followups
+    dek_aad = AadTemplate(member_dek_aad(packet_id, 0), field="subject", wrapped_key=True)
     clients = []
     for member in sealed.members:
         identity: dict[str, Any] | None = None
         if member.wrapped_dek is not None and member.identity_ciphertext is not None:
-            dek = unwrap_under(
-                packet_key,
-                member.wrapped_dek,
-                aad=member_dek_aad(packet_id, member.subject_id),
-            )
+            dek = unwrap_under(packet_key, member.wrapped_dek, aad=dek_aad.fill(member.subject_id))
             identity = identity_fields(
-                open_(dek, member.identity_ciphertext, aad=identity_aad(member.pseudonym))
+                open_(dek, member.identity_ciphertext, aad=_IDENTITY_AAD.fill(member.pseudonym))
             )
         clients.append(
             {
@@ -1184,22 +1136,204 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
                     "birth_year": member.birth_year,
                     "household_type": member.household_type,
                 },
-                "flag": _flag_reason(
-                    member.kind,
-                    member.run_id,
-                    member.policy_version,
-                    member.reason_code,
-                    member.hits,
-                    member.explanation,
-                ),
-                "further_flags": sealed.further_flags.get(member.subject_id, []),
-                "followups": [
-                    _followup_public(f, packet_id=packet_id, packet_key=packet_key)
-                    for f in followups.get(member.pseudonym, [])
+                "flag": _flag_public(member.flag),
+                "further_flags": [
+                    _flag_public(f) for f in sealed.further_flags.get(member.subject_id, ())
                 ],
+                "followups": _followups_public(
+                    sealed.followups.get(member.pseudonym, ()),
+                    packet_id=packet_id,
+                    packet_key=packet_key,
+                ),
             }
         )
     return to_json({"packet": sealed.packet, "clients": clients})
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    """One caller asking to re-identify one packet."""
+
+    packet_id: str
+    caller: Caller
+
+
+# The open path's statements for a whole batch of packets, built once.
+_LOCKED_PACKETS = (
+    select(*(_packets.c[name] for name in _PacketRow.__dataclass_fields__))
+    .where(_packets.c.id.in_(bindparam("packet_ids", expanding=True)))
+    .order_by(_packets.c.id)
+    .with_for_update()
+)
+_BATCH_MEMBERS = (
+    select(*_SEALED_MEMBER)
+    .select_from(
+        _members.join(_subjects, _subjects.c.id == _members.c.subject_id).join(
+            _flags, _flags.c.id == _members.c.flag_id
+        )
+    )
+    .where(_members.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
+    .order_by(_members.c.packet_id, _members.c.pseudonym)
+)
+_BATCH_MEMBER_PSEUDONYMS = (
+    select(_members.c.packet_id, _members.c.pseudonym)
+    .where(_members.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
+    .order_by(_members.c.packet_id, _members.c.pseudonym)
+)
+_BATCH_FOLLOWUPS = (
+    select(_followups.c.packet_id, *_PACKET_FOLLOWUPS.selected_columns)
+    .where(_followups.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
+    .order_by(
+        _followups.c.packet_id,
+        _followups.c.pseudonym,
+        _followups.c.date,
+        _followups.c.created_at,
+    )
+)
+_BATCH_FURTHER_FLAGS = (
+    select(_member_flags.c.packet_id, _member_flags.c.subject_id, *_FLAG_ROW)
+    .select_from(_member_flags.join(_flags, _flags.c.id == _member_flags.c.flag_id))
+    .where(_member_flags.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
+    .order_by(_flags.c.id)
+)
+_MARK_OPENED = (
+    update(_packets)
+    .where(
+        _packets.c.id.in_(bindparam("packet_ids", expanding=True)),
+        _packets.c.status == "assigned",
+    )
+    .values(status="opened", opened_at=bindparam("opened_at"))
+)
+
+
+def _refusal(
+    request: OpenRequest, packet: _PacketRow | None, now: datetime
+) -> tuple[str, ServiceError] | None:
+    """Why ``request`` may not open ``packet`` (the denied entry's reason) and the error it gets:
+    the same 404 whoever asks for a packet not theirs, or one that does not exist; 410 for the
+    owner of a packet no longer in use. None when it may."""
+    if packet is None:
+        reason = "no such packet"
+    elif packet.professional_id != request.caller.sub:
+        reason = "not the packet's owner"
+    elif not request.caller.can(Permission.PACKETS_OPEN):
+        reason = f"lacks {Permission.PACKETS_OPEN.value}"
+    elif (why := _why_not_in_use(packet, now)) is not None:
+        return f"packet is {why}", PacketGone(
+            f"packet {packet.id} is {why}; its clients can no longer be re-identified through it"
+        )
+    else:
+        return None
+    return reason, PacketNotFound(f"no packet {request.packet_id} for this caller")
+
+
+@dataclass
+class _Contents:
+    """What an open reveals of one packet, still sealed."""
+
+    members: list[_SealedMember] = field(default_factory=list)
+    followups: dict[str, list[_Followup]] = field(default_factory=dict)
+    further_flags: dict[int, list[_FlagRow]] = field(default_factory=dict)
+
+
+def _sealed_contents(connection: Connection, packet_ids: list[str]) -> dict[str, _Contents]:
+    """The members (wraps, ciphertexts, characteristics, flags), follow-ups and further flags
+    of these packets: three statements for any number of packets."""
+    contents = {packet_id: _Contents() for packet_id in packet_ids}
+    wanted = {"packet_ids": packet_ids}
+    for row in connection.execute(_BATCH_MEMBERS, wanted).all():
+        member = _SealedMember.from_row(row)
+        contents[member.packet_id].members.append(member)
+    for packet_id, pseudonym, *fields in connection.execute(_BATCH_FOLLOWUPS, wanted).all():
+        contents[packet_id].followups.setdefault(pseudonym, []).append(_Followup(*fields))
+    for packet_id, subject_id, *fields in connection.execute(_BATCH_FURTHER_FLAGS, wanted).all():
+        contents[packet_id].further_flags.setdefault(subject_id, []).append(_FlagRow(*fields))
+    return contents
+
+
+def open_packets(
+    *, session: Session, requests: Sequence[OpenRequest]
+) -> list[SealedPacket | ServiceError]:
+    """Log the re-identifications asked for; ``reveal`` then decrypts each allowed one.
+
+    One outcome per request, in order, all in the caller's transaction: a packet that is not
+    the caller's own (or that does not exist) is a logged denial and a ``PacketNotFound`` (404,
+    the same for all); one closed, expired or shredded a logged denial and a ``PacketGone``
+    (410); the rest are ``packet.open`` entries with the pseudonyms revealed, and
+    ``SealedPacket``s (ciphertexts and wraps only). Every entry goes into the log with one
+    append, the last statement: if it cannot be written within its bound, ``LogUnavailable``
+    (503) is raised for all. Nothing is decrypted here: the caller commits, and only then calls
+    ``reveal``, so no identity exists before its log entry is durable and the log's lock is not
+    held while decrypting. A first open moves the packet to ``opened``. The packets are locked
+    in id order (``FOR UPDATE`` on PostgreSQL), so a close, reassign, shred or erasure in
+    progress commits first and none starts before this commits.
+    """
+    connection = session.connection()
+    packets = {
+        row[0]: _PacketRow(*row)
+        for row in connection.execute(
+            _LOCKED_PACKETS, {"packet_ids": sorted({r.packet_id for r in requests})}
+        ).all()
+    }
+    now = utcnow()
+    refusals = [_refusal(r, packets.get(r.packet_id), now) for r in requests]
+    allowed = sorted({r.packet_id for r, no in zip(requests, refusals, strict=True) if not no})
+    contents = _sealed_contents(connection, allowed) if allowed else {}
+    # A refusal names the pseudonyms it would have revealed, when the packet exists.
+    refused = sorted({r.packet_id for r, no in zip(requests, refusals, strict=True) if no})
+    refused_members: dict[str, list[str]] = {}
+    if refused_known := [packet_id for packet_id in refused if packet_id in packets]:
+        for packet_id, pseudonym in connection.execute(
+            _BATCH_MEMBER_PSEUDONYMS, {"packet_ids": refused_known}
+        ).all():
+            refused_members.setdefault(packet_id, []).append(pseudonym)
+    if assigned := [packet_id for packet_id in allowed if packets[packet_id].status == "assigned"]:
+        connection.execute(_MARK_OPENED, {"packet_ids": assigned, "opened_at": now})
+        for packet_id in assigned:
+            packets[packet_id] = replace(packets[packet_id], status="opened", opened_at=now)
+
+    outcomes: list[SealedPacket | ServiceError] = []
+    entries = []
+    for request, refusal in zip(requests, refusals, strict=True):
+        packet_id = request.packet_id
+        outcome: Outcome
+        reason: str | None
+        if refusal is not None:
+            reason, error = refusal
+            outcome, pseudonyms = "denied", refused_members.get(packet_id, [])
+            outcomes.append(error)
+        else:
+            packet, sealed = packets[packet_id], contents[packet_id]
+            pseudonyms = [
+                m.pseudonym
+                for m in sealed.members
+                if m.wrapped_dek is not None and m.identity_ciphertext is not None
+            ]
+            erased = len(sealed.members) - len(pseudonyms)
+            outcome, reason = "allowed", f"{erased} erased members not revealed" if erased else None
+            outcomes.append(
+                SealedPacket(
+                    packet=_packet_public(packet, len(sealed.members)),
+                    wrapped_key=_packet_key_wrap(packet),
+                    members=sealed.members,
+                    followups=sealed.followups,
+                    further_flags=sealed.further_flags,
+                )
+            )
+        entries.append(
+            LogEntry.by(
+                request.caller,
+                action="packet.open",
+                object_type="packet",
+                object_id=packet_id,
+                outcome=outcome,
+                pseudonyms=pseudonyms,
+                reason=reason,
+            )
+        )
+    # Last statement before the commit: the log's lock is held only for the append itself.
+    append_many(session=session, entries=entries)
+    return outcomes
 
 
 def create_followup(

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar, overload
 
+from pydantic_core import from_json
 from sqlalchemy import (
     Connection,
     bindparam,
@@ -137,7 +138,7 @@ _IDENTITY_FIELDS = tuple(f.name for f in fields(Identity))
 def identity_fields(raw: bytes) -> dict[str, Any]:
     """A decrypted identity as plain JSON values (the birth date stays ISO text), for a response
     that is serialized at once. Only the identity's own fields pass; a missing one raises."""
-    decoded = json.loads(raw)
+    decoded = from_json(raw)
     return {name: decoded[name] for name in _IDENTITY_FIELDS}
 
 

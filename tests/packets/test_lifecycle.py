@@ -700,7 +700,7 @@ def test_an_erasure_during_an_open_waits_so_the_log_shows_the_open_first(
     packet, erased = owners_first_client(client, token)
     interleaving = Interleaving()
     # stopped once the members' wraps and identity ciphertexts are read, before the log entry
-    stop_after(monkeypatch, "_followups_by_pseudonym", interleaving)
+    stop_after(monkeypatch, "_sealed_contents", interleaving)
 
     def open_() -> Answer:
         owner = bearer(token(OWNER, "professional"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import threading
 import time
 import uuid
 from multiprocessing.queues import Queue
@@ -18,6 +19,7 @@ from sqlmodel import Session
 
 from service.access_log import service as log
 from service.access_log.verify import verify_export
+from service.auth.dependencies import Caller
 from service.config import Settings
 from service.db import Database
 from service.main import create_app
@@ -543,3 +545,182 @@ def test_identities_are_decrypted_only_after_the_open_is_committed_to_the_log(
     )
     assert response.status_code == 200
     assert committed_before_reveal == [1]
+
+
+# -- opens logged together (group commit) -----------------------------------------------------
+
+
+def caller(token: TokenFactory, app: Any, sub: str, role: str) -> Caller:
+    """The ``Caller`` a request with this role would be, without the HTTP layer."""
+    permissions = app.state.access_policy.permissions_for(frozenset({role}))
+    return Caller(sub=sub, roles=frozenset({role}), permissions=permissions, request_id=None)
+
+
+def test_opens_logged_together_each_get_their_own_outcome_and_entry(
+    app: Any, client: TestClient, token: TokenFactory, database: Database, session: Session
+) -> None:
+    """One batch: two owners, a non-owner, a missing packet, a closed packet and an owner twice.
+    Each gets what it would alone, and the log holds one entry per open, in the batch's order."""
+    world = build_world(
+        client, token, professionals={OWNER: ["Charlois", "IJsselmonde"], OTHER: ["Feijenoord"]}
+    )
+    own, other, closed = (
+        world.packet(OWNER, "Charlois"),
+        world.packet(OTHER, "Feijenoord"),
+        world.packet(OWNER, "IJsselmonde"),
+    )
+    owner = bearer(token(OWNER, "professional"))
+    assert client.post(f"/v1/packets/{closed['id']}/close", headers=owner).status_code == 200
+    missing = str(uuid.uuid4())
+    asked = [
+        (own["id"], OWNER),
+        (own["id"], OTHER),
+        (other["id"], OTHER),
+        (missing, OWNER),
+        (closed["id"], OWNER),
+        (own["id"], OWNER),
+    ]
+    requests = [
+        packets_service.OpenRequest(packet_id, caller(token, app, sub, "professional"))
+        for packet_id, sub in asked
+    ]
+    with database.transaction() as batch:
+        outcomes = packets_service.open_packets(session=batch, requests=requests)
+
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == [
+        "SealedPacket",
+        "PacketNotFound",
+        "SealedPacket",
+        "PacketNotFound",
+        "PacketGone",
+        "SealedPacket",
+    ]
+    keyring = app.state.keyring
+    for outcome, (packet_id, _) in zip(outcomes, asked, strict=True):
+        if isinstance(outcome, packets_service.SealedPacket):
+            body = json.loads(packets_service.reveal(keyring=keyring, sealed=outcome))
+            assert body["packet"]["id"] == packet_id
+            assert body["packet"]["status"] == "opened"
+            packet = own if packet_id == own["id"] else other
+            assert {c["pseudonym"]: c["identity"] for c in body["clients"]} == {
+                p.pseudonym: p.identity for p in world.members(packet)
+            }
+    entries = log_entries(session, "packet.open")
+    assert [(e["object_id"], e["actor"], e["outcome"], e["reason"]) for e in entries] == [
+        (own["id"], OWNER, "allowed", None),
+        (own["id"], OTHER, "denied", "not the packet's owner"),
+        (other["id"], OTHER, "allowed", None),
+        (missing, OWNER, "denied", "no such packet"),
+        (closed["id"], OWNER, "denied", "packet is closed"),
+        (own["id"], OWNER, "allowed", None),
+    ]
+    # a denial names the pseudonyms it would have revealed, when the packet exists
+    assert [sorted(e["pseudonyms"]) for e in entries] == [
+        sorted(own["pseudonyms"]),
+        sorted(own["pseudonyms"]),
+        sorted(other["pseudonyms"]),
+        [],
+        sorted(closed["pseudonyms"]),
+        sorted(own["pseudonyms"]),
+    ]
+    assert leaked(str(entries), world.secrets) == []
+
+
+def test_concurrent_opens_in_one_worker_share_a_transaction(
+    client: TestClient, token: TokenFactory, db_url: str, session: Session, monkeypatch: Any
+) -> None:
+    """While the log is busy, the opens that arrive wait together and then go as one batch;
+    every one is answered and logged once."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    batch_sizes: list[int] = []
+    real_open_packets = packets_service.open_packets
+
+    def recorded(**kwargs: Any) -> Any:
+        batch_sizes.append(len(kwargs["requests"]))
+        return real_open_packets(**kwargs)
+
+    monkeypatch.setattr(packets_service, "open_packets", recorded)
+    statuses: list[int] = []
+
+    def open_once() -> None:
+        response = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+        statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=open_once) for _ in range(5)]
+    with HeldLogLock(db_url, "log", packet["id"]):
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # all five arrive while the first waits for the lock (bound: 2 s)
+    for thread in threads:
+        thread.join(20)
+    assert statuses == [200] * 5
+    # the first batch, and the rest together: whatever arrived while it waited for the lock
+    assert sum(batch_sizes) == 5
+    assert len(batch_sizes) <= 2, batch_sizes
+    assert [e["outcome"] for e in log_entries(session, "packet.open")] == ["allowed"] * 5
+
+
+def test_an_open_queued_behind_a_batch_still_gives_up_at_its_own_bound(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path, session: Session
+) -> None:
+    """The bound counts from each open's arrival: one that first waited for the batch ahead of
+    it (itself waiting for a held lock) does not get a second full bound."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    bound = 1.0
+    bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=bound)
+    database = Database(bounded)
+    waited: dict[str, float] = {}
+    try:
+        with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
+            owner = bearer(token(OWNER, "professional"))
+
+            def open_timed(name: str) -> None:
+                started = time.monotonic()
+                response = c.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+                assert response.status_code == 503, response.text
+                waited[name] = time.monotonic() - started
+
+            with HeldLogLock(db_url, "log", packet["id"]):
+                first = threading.Thread(target=open_timed, args=("first",))
+                first.start()
+                time.sleep(0.1 * bound)  # the second arrives while the first's batch waits
+                second = threading.Thread(target=open_timed, args=("second",))
+                second.start()
+                first.join(10)
+                second.join(10)
+    finally:
+        database.dispose()
+    # Its own bound is 1.0 s; a full bound of its own batch, after the first gave up, would be
+    # 1.9 s. The slack covers a loaded machine.
+    assert waited["second"] < bound + 0.6, waited
+    assert log_entries(session, "packet.open") == []
+
+
+def test_a_held_write_lock_does_not_stall_the_worker_for_other_requests(
+    client: TestClient, token: TokenFactory, db_url: str
+) -> None:
+    """On SQLite a batch of opens runs on the event loop once the lock is free: while the lock is
+    held elsewhere it waits off the loop, and the worker answers other requests meanwhile."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    outcome: list[int] = []
+    with HeldLogLock(db_url, "log", packet["id"]):
+        waiting = threading.Thread(
+            target=lambda: outcome.append(
+                client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).status_code
+            )
+        )
+        waiting.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert client.get("/healthz").status_code == 200
+        answered_in = time.monotonic() - started
+        assert waiting.is_alive()  # the open still waits for the lock
+    waiting.join(10)
+    assert outcome == [200]
+    assert answered_in < 0.5, answered_in
