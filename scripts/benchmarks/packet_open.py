@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -60,6 +61,8 @@ class Phase:
     p50_ms: float | None = None
     p99_ms: float | None = None
     mean_ms: float | None = None
+    # CPU spent during the phase by the service's processes and by PostgreSQL's (Linux only).
+    cpu: CpuUse | None = None
 
     @property
     def per_second(self) -> float:
@@ -79,6 +82,51 @@ class Phase:
         if self.mean_ms is not None:
             return self.mean_ms
         return statistics.fmean(self.latencies_ms) if self.latencies_ms else float("nan")
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    service_seconds: float
+    database_seconds: float
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+#
+# Each phase also reports the CPU time (user + system, from /proc) that the service's worker
+# processes and PostgreSQL's processes spent in it, per request: where the CPU goes, measured
+# under the same load, rather than guessed from throughput. Linux only; elsewhere it is left out.
+
+
+def _stat(pid: int) -> tuple[str, int, float] | None:
+    """(command name, parent pid, CPU seconds) of a process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text[text.rindex(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+
+
+def cpu_now(server_pid: int) -> tuple[float, float] | None:
+    """CPU seconds so far of the server's process tree and of every PostgreSQL process."""
+    if not os.path.isdir("/proc"):
+        return None
+    processes = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+            processes[int(entry)] = stat
+    tree = {server_pid}
+    grew = True
+    while grew:
+        found = {pid for pid, (_, parent, _) in processes.items() if parent in tree}
+        grew = not found <= tree
+        tree |= found
+    service = sum(processes[pid][2] for pid in tree if pid in processes)
+    database = sum(cpu for name, _, cpu in processes.values() if name.startswith("postgres"))
+    return service, database
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -492,8 +540,9 @@ def bench_backend(
         server = serve(env, port, args.workers)
 
         def load(phase: str, targets: list[Target], seconds: float, total: int) -> Phase:
+            before = cpu_now(server.pid)
             if wrk is not None:
-                return run_wrk(
+                result = run_wrk(
                     wrk,
                     phase,
                     base,
@@ -502,9 +551,15 @@ def bench_backend(
                     threads=args.wrk_threads,
                     seconds=seconds,
                 )
-            return run_python(
-                phase, base, targets, concurrency=args.concurrency, total=total, limit_s=seconds
-            )
+            else:
+                result = run_python(
+                    phase, base, targets, concurrency=args.concurrency, total=total, limit_s=seconds
+                )
+            after = cpu_now(server.pid)
+            if before is None or after is None:
+                return result
+            used = CpuUse(after[0] - before[0], after[1] - before[1])
+            return dataclasses.replace(result, cpu=used)
 
         rounds = []
         try:
@@ -539,6 +594,13 @@ def report(label: str, rounds: list[tuple[Phase, Phase]], at_rates: list[Phase])
                 f"  {phase.label:32} {phase.requests:7d} {phase.errors:5d} {phase.unavailable:5d} "
                 f"{phase.per_second:8.0f} {phase.percentile(50):8.1f} {phase.percentile(99):8.1f}"
             )
+        for phase in (ceiling, opened):
+            if phase.cpu is not None and phase.requests:
+                print(
+                    f"  {phase.label:32} CPU per request: service "
+                    f"{phase.cpu.service_seconds / phase.requests * 1000:.2f} ms, PostgreSQL "
+                    f"{phase.cpu.database_seconds / phase.requests * 1000:.2f} ms"
+                )
         ratio = opened.per_second / ceiling.per_second if ceiling.per_second else 0.0
         print(
             f"  round {number}: opens/s ÷ healthz/s = {ratio:.2f}× (target ≥ 0.5×); "
