@@ -141,11 +141,10 @@ class AadTemplate:
     ) -> None:
         self.purpose = WRAP_UNDER if wrapped_key else None
         encoded = _aad_bytes({**aad, field: self._MARKER}, DATA_KEY_VERSION, self.purpose)
-        head, found, tail = encoded.partition(_encoded_value(self._MARKER))
-        if not found or self._MARKER.encode() in tail:
-            raise ValueError("the template's field must be a placement field")
-        self._head = head
-        self._tail = tail
+        marker = _encoded_value(self._MARKER)
+        if encoded.count(marker) != 1:
+            raise ValueError("the template's field must be a placement field, and only it varies")
+        self._head, _, self._tail = encoded.partition(marker)
 
     def fill(self, value: AadValue) -> EncodedAad:
         return EncodedAad(

@@ -272,6 +272,12 @@ def test_template_associated_data_is_refused_for_another_purpose() -> None:
         )
 
 
+def test_a_template_whose_marker_stands_in_another_field_too_is_refused() -> None:
+    """Were the marker found twice, the value would be filled in at the wrong place."""
+    with pytest.raises(ValueError, match="only it varies"):
+        AadTemplate({**PLACE, "column": AadTemplate._MARKER}, field="row")
+
+
 @pytest.mark.parametrize("field", ["key_version", "purpose"])
 def test_a_template_cannot_vary_what_the_envelope_sets_itself(field: str) -> None:
     with pytest.raises(ValueError, match=r"key_version|placement field"):
