@@ -7,7 +7,9 @@ Guarantees:
   (taken on BEGIN, given back after COMMIT/ROLLBACK or close): the threads of a process on a
   lock, the processes on ``flock`` of ``<database>-writers``, waiting in the kernel rather than
   in SQLite's sleeping busy handler. The waits together stay within the engine's lock timeout;
-- PostgreSQL goes through psycopg 3, with every lock wait bounded by the engine's lock timeout;
+- PostgreSQL goes through psycopg 3, with every lock wait bounded by the engine's lock timeout,
+  or by a shorter one a transaction asks for (``LOG_LOCK_TIMEOUT_OPTION`` on its connection, as
+  SQLite's turn takes it too);
 - SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
 - the schema is changed only by Alembic (``migrate``), never by ``create_all``; a migration waits
   up to ``MIGRATION_LOCK_TIMEOUT_SECONDS`` for locks, and a database at a revision this code does
@@ -90,8 +92,8 @@ _SQLITE_UNREACHABLE = (
 
 
 def _waited_too_long(error: BaseException | None) -> bool:
-    if isinstance(error, psycopg.errors.LockNotAvailable):  # lock_timeout
-        return True
+    if isinstance(error, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+        return True  # lock_timeout, or statement_timeout ending a wait
     return isinstance(error, sqlite3.OperationalError) and (
         getattr(error, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED"))
         or "database is locked" in str(error)  # also the writers' turn past its bound
@@ -200,7 +202,7 @@ def make_engine(
             engine, busy_timeout_ms=int(lock_timeout_seconds * 1000), turn=WriterTurn(lock_file)
         )
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         hide_parameters=True,
         json_deserializer=from_json,
@@ -209,9 +211,30 @@ def make_engine(
         max_overflow=pool_size,
         # Every lock wait is bounded like the log's, not only the log's: a row or table lock
         # held elsewhere (a long job, a migration) ends a request with 503 instead of a hang.
-        connect_args={"options": f"-c lock_timeout={max(1, int(lock_timeout_seconds * 1000))}"},
+        connect_args={"options": f"-c lock_timeout={_milliseconds(lock_timeout_seconds)}"},
         execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
     )
+
+    @event.listens_for(engine, "begin")
+    def _bound_lock_waits(connection: Any) -> None:
+        # A transaction may bound its own waits below the engine's (a batch of opens whose first
+        # one already waited), for the rest of the transaction only. lock_timeout starts again
+        # for each lock a statement waits for (behind another waiter, then behind the holder),
+        # so statement_timeout bounds the statement's whole wait.
+        wait = connection.get_execution_options().get(LOG_LOCK_TIMEOUT_OPTION, lock_timeout_seconds)
+        if wait < lock_timeout_seconds:
+            connection.exec_driver_sql(
+                "SELECT set_config('lock_timeout', %(wait)s, true), "
+                "set_config('statement_timeout', %(wait)s, true)",
+                {"wait": f"{_milliseconds(wait)}ms"},
+            )
+
+    return engine
+
+
+def _milliseconds(seconds: float) -> int:
+    """A lock timeout in whole milliseconds, at least 1 (0 would mean no timeout at all)."""
+    return max(1, int(seconds * 1000))
 
 
 @dataclass

@@ -4,11 +4,14 @@ are logged together, as the next batch (group commit).
 Guarantees, on top of ``service.open_packets``'s:
 - a batch is one transaction of its own, committed before ``log`` returns: the caller decrypts
   (``service.reveal``) only after its open's ``packet.open`` entry is durable. A batch whose
-  transaction fails reveals nothing, and every open in it gets that failure (503 when the log
-  could not be written within its bound, with nothing written);
-- an open waits for the log at most the bound (``log_lock_timeout_seconds``) counted from its
-  arrival, also when it first waited for the batch ahead of it;
-- one open's refusal is that open's alone;
+  transaction fails reveals nothing and writes nothing, and its opens get that failure (but see
+  the next point for a lock wait that ran out);
+- an open waits for the locks it needs at most the bound (``log_lock_timeout_seconds``) counted
+  from its arrival, also when it first waited for the batch ahead of it: when a batch's wait
+  runs out, only the opens past their own bound get 503, and the others try again;
+- one open's refusal is that open's alone, and so is a packet being changed: on PostgreSQL a
+  batch skips a packet whose row another transaction holds (a close, reassign, shred or erasure
+  in progress), and that open waits for it on its own, off the batches;
 - the opens of one worker process run one batch at a time; the log's lock orders the batches
   of every process, so their entries form one gap-free sequence, as single appends do;
 - on SQLite a batch runs on the event loop when the write lock is free: it never waits for the
@@ -29,6 +32,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
+from service.access_log.service import LogUnavailable
 from service.db import LOG_LOCK_TIMEOUT_OPTION, Database, lock_was_busy, make_engine
 from service.errors import ServiceError
 from service.group_commit import GroupCommit
@@ -85,13 +89,22 @@ class PacketOpens:
     async def log(self, request: OpenRequest) -> SealedPacket:
         """The open, logged and committed (ciphertexts and wraps only); its refusal
         (``PacketNotFound``, ``PacketGone``) or the log's failure is raised."""
-        deadline = time.monotonic() + self.bound_seconds
-        return await self._batches.submit(_Pending(request, deadline))
+        pending = _Pending(request, time.monotonic() + self.bound_seconds)
+        try:
+            return await self._batches.submit(pending)
+        except service.PacketLocked:
+            # Its packet is being closed, reassigned, shredded or erased (PostgreSQL): it waits
+            # for that on its own, in a thread, while the batches go on without it.
+            (outcome,) = await asyncio.get_running_loop().run_in_executor(
+                None, self._until_deadlines, [pending], False
+            )
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     async def _log_in_thread(self, batch: Sequence[_Pending]) -> Outcomes:
-        lock_wait = max(MIN_LOCK_WAIT_SECONDS, min(p.deadline for p in batch) - time.monotonic())
         return await asyncio.get_running_loop().run_in_executor(
-            None, self._transaction, batch, lock_wait
+            None, self._until_deadlines, batch, True
         )
 
     async def _log_on_loop(self, batch: Sequence[_Pending]) -> Outcomes:
@@ -103,7 +116,7 @@ class PacketOpens:
         pause = FIRST_RETRY_SECONDS
         while True:
             try:
-                return self._transaction(batch, 0.0)
+                return self._transaction(batch, 0.0, skip_locked=True)
             except _LockTaken:
                 pass
             if time.monotonic() + pause > on_loop_until:
@@ -111,9 +124,41 @@ class PacketOpens:
             await asyncio.sleep(pause)
             pause *= 2
 
-    def _transaction(self, batch: Sequence[_Pending], lock_wait: float) -> Outcomes:
-        """The batch's opens in one committed transaction that waits at most ``lock_wait`` for
-        its lock; with 0, ``_LockTaken`` (nothing done) unless the lock is free now."""
+    def _until_deadlines(self, batch: Sequence[_Pending], skip_locked: bool) -> Outcomes:
+        """The batch's opens, each waiting for the locks it needs until its own deadline: the
+        transaction waits as long as its earliest open may, and when that runs out, the opens
+        past their deadline get 503 and the others try again."""
+        outcomes: dict[int, SealedPacket | ServiceError] = {}
+        left = list(range(len(batch)))
+        while left:
+            earliest = min(batch[number].deadline for number in left)
+            lock_wait = max(MIN_LOCK_WAIT_SECONDS, earliest - time.monotonic())
+            try:
+                done = self._transaction(
+                    [batch[number] for number in left], lock_wait, skip_locked=skip_locked
+                )
+            except (LogUnavailable, OperationalError) as exc:
+                if isinstance(exc, OperationalError) and not lock_was_busy(exc):
+                    raise
+                now = time.monotonic()
+                expired = [n for n in left if batch[n].deadline <= now + MIN_LOCK_WAIT_SECONDS]
+                if not expired:
+                    raise  # refused sooner than any open's bound: not a wait that ran out
+                for number in expired:
+                    outcomes[number] = LogUnavailable(
+                        "the access log is busy; the request was not carried out, try again"
+                    )
+                left = [number for number in left if number not in expired]
+                continue
+            outcomes.update(zip(left, done, strict=True))
+            break
+        return [outcomes[number] for number in range(len(batch))]
+
+    def _transaction(
+        self, batch: Sequence[_Pending], lock_wait: float, *, skip_locked: bool
+    ) -> Outcomes:
+        """The batch's opens in one committed transaction whose every lock wait lasts at most
+        ``lock_wait``; with 0, ``_LockTaken`` (nothing done) unless the lock is free now."""
         with self._sessions() as session:
             try:
                 try:
@@ -123,7 +168,7 @@ class PacketOpens:
                         raise _LockTaken from None
                     raise
                 outcomes = service.open_packets(
-                    session=session, requests=[p.request for p in batch]
+                    session=session, requests=[p.request for p in batch], skip_locked=skip_locked
                 )
                 session.commit()
             except BaseException:

@@ -68,7 +68,7 @@ from service.crypto.envelope import (
     wrap_under,
 )
 from service.crypto.keyring import KeyProvider
-from service.errors import Conflict, Gone, NotFound, ServiceError, Unprocessable
+from service.errors import Conflict, Gone, NotFound, ServiceError, Unavailable, Unprocessable
 from service.flagging.models import Flag
 from service.flagging.service import get_run
 from service.packets import partition as partitioning
@@ -173,8 +173,9 @@ def _erase_member_wraps(session: Session, subject_id: int) -> int:
 
     First every packet holding the subject is locked, in id order (PostgreSQL): an open, a
     follow-up, a close or a shred of one of them in progress commits first, with its log entry,
-    and none starts until the erasure has committed. So no open can reveal, or log as revealed,
-    an identity whose erasure was already confirmed.
+    and none starts until the erasure has committed. So no open that starts after an erasure
+    was confirmed can reveal that identity or log it as revealed. An open that committed just
+    before the erasure may still be answered a moment after it: the log shows the open first.
     """
     connection = session.connection()
     packet_ids = list(
@@ -770,6 +771,17 @@ class PacketGone(Gone):
     commit_before_raising = True
 
 
+class PacketLocked(Unavailable):
+    """An open skipped its packet, which another transaction holds (a close, reassign, shred or
+    erasure in progress): nothing was logged for it, and it may be tried again on its own."""
+
+    def __init__(self, packet_id: str) -> None:
+        super().__init__(
+            f"packet {packet_id} is being changed by another request; try again",
+            headers={"Retry-After": "1"},
+        )
+
+
 class PacketNotClosable(Conflict):
     commit_before_raising = True  # the refusal keeps its ``denied`` entry
 
@@ -1159,11 +1171,16 @@ class OpenRequest:
 
 
 # The open path's statements for a whole batch of packets, built once.
-_LOCKED_PACKETS = (
+_PACKETS = (
     select(*(_packets.c[name] for name in _PacketRow.__dataclass_fields__))
     .where(_packets.c.id.in_(bindparam("packet_ids", expanding=True)))
     .order_by(_packets.c.id)
-    .with_for_update()
+)
+_LOCKED_PACKETS = _PACKETS.with_for_update()
+# PostgreSQL: a packet whose row another transaction holds is left out rather than waited for.
+_FREE_PACKETS = _PACKETS.with_for_update(skip_locked=True)
+_EXISTING_PACKETS = select(_packets.c.id).where(
+    _packets.c.id.in_(bindparam("packet_ids", expanding=True))
 )
 _BATCH_MEMBERS = (
     select(*_SEALED_MEMBER)
@@ -1252,7 +1269,7 @@ def _sealed_contents(connection: Connection, packet_ids: list[str]) -> dict[str,
 
 
 def open_packets(
-    *, session: Session, requests: Sequence[OpenRequest]
+    *, session: Session, requests: Sequence[OpenRequest], skip_locked: bool = False
 ) -> list[SealedPacket | ServiceError]:
     """Log the re-identifications asked for; ``reveal`` then decrypts each allowed one.
 
@@ -1266,18 +1283,29 @@ def open_packets(
     ``reveal``, so no identity exists before its log entry is durable and the log's lock is not
     held while decrypting. A first open moves the packet to ``opened``. The packets are locked
     in id order (``FOR UPDATE`` on PostgreSQL), so a close, reassign, shred or erasure in
-    progress commits first and none starts before this commits.
+    progress commits first and none starts before this commits. With ``skip_locked`` a packet
+    that another transaction holds is not waited for: its opens get ``PacketLocked`` and no
+    entry (so one packet being changed holds up no other open of a batch).
     """
     connection = session.connection()
+    asked = sorted({r.packet_id for r in requests})
     packets = {
         row[0]: _PacketRow(*row)
         for row in connection.execute(
-            _LOCKED_PACKETS, {"packet_ids": sorted({r.packet_id for r in requests})}
+            _FREE_PACKETS if skip_locked else _LOCKED_PACKETS, {"packet_ids": asked}
         ).all()
     }
+    skipped: set[str] = set()
+    if skip_locked and (unseen := [packet_id for packet_id in asked if packet_id not in packets]):
+        skipped = set(connection.execute(_EXISTING_PACKETS, {"packet_ids": unseen}).scalars().all())
     now = utcnow()
-    refusals = [_refusal(r, packets.get(r.packet_id), now) for r in requests]
-    allowed = sorted({r.packet_id for r, no in zip(requests, refusals, strict=True) if not no})
+    refusals = [
+        None if r.packet_id in skipped else _refusal(r, packets.get(r.packet_id), now)
+        for r in requests
+    ]
+    allowed = sorted(
+        {r.packet_id for r, no in zip(requests, refusals, strict=True) if not no} - skipped
+    )
     contents = _sealed_contents(connection, allowed) if allowed else {}
     # A refusal names the pseudonyms it would have revealed, when the packet exists.
     refused = sorted({r.packet_id for r, no in zip(requests, refusals, strict=True) if no})
@@ -1298,6 +1326,9 @@ def open_packets(
         packet_id = request.packet_id
         outcome: Outcome
         reason: str | None
+        if packet_id in skipped:
+            outcomes.append(PacketLocked(packet_id))
+            continue
         if refusal is not None:
             reason, error = refusal
             outcome, pseudonyms = "denied", refused_members.get(packet_id, [])

@@ -703,8 +703,9 @@ def test_an_open_queued_behind_a_batch_still_gives_up_at_its_own_bound(
 def test_a_held_write_lock_does_not_stall_the_worker_for_other_requests(
     client: TestClient, token: TokenFactory, db_url: str
 ) -> None:
-    """On SQLite a batch of opens runs on the event loop once the lock is free: while the lock is
-    held elsewhere it waits off the loop, and the worker answers other requests meanwhile."""
+    """While the log's lock is held elsewhere, an open waiting for it does not stall its worker:
+    on SQLite a batch of opens runs on the event loop only once the write lock is free (and
+    otherwise waits for it off the loop); on PostgreSQL a batch runs in a thread."""
     world = small_world(client, token)
     packet = world.packet(OWNER, "Charlois")
     owner = bearer(token(OWNER, "professional"))
@@ -724,3 +725,56 @@ def test_a_held_write_lock_does_not_stall_the_worker_for_other_requests(
     waiting.join(10)
     assert outcome == [200]
     assert answered_in < 0.5, answered_in
+
+
+def test_a_packet_being_changed_holds_up_no_other_open_and_each_gives_up_at_its_own_bound(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path, backend: str, session: Session
+) -> None:
+    """Another transaction holds the owner's packet (a close, reassign, shred or erasure in
+    progress) past the bound. On PostgreSQL that packet's opens leave their batch and wait for it
+    on their own, so another professional's open in the same worker goes through at once; each
+    of the waiting opens gives up at its own bound. On SQLite one write lock covers everything:
+    every open waits, and each gives up at its own bound."""
+    world = small_world(client, token)
+    held, other = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    bound = 1.0
+    bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=bound)
+    database = Database(bounded)
+    answers: dict[str, tuple[int, float]] = {}
+    try:
+        with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
+
+            def open_timed(name: str, packet_id: str, sub: str) -> None:
+                started = time.monotonic()
+                response = c.get(
+                    f"/v1/packets/{packet_id}/clients", headers=bearer(token(sub, "professional"))
+                )
+                answers[name] = (response.status_code, time.monotonic() - started)
+
+            opens = [
+                threading.Thread(target=open_timed, args=("first", held["id"], OWNER)),
+                threading.Thread(target=open_timed, args=("again", held["id"], OWNER)),
+                threading.Thread(target=open_timed, args=("unrelated", other["id"], OTHER)),
+            ]
+            with HeldLogLock(db_url, "packet-row", held["id"]):
+                opens[0].start()
+                time.sleep(0.3 * bound)  # the others arrive while the first waits
+                opens[1].start()
+                opens[2].start()
+                for thread in opens:
+                    thread.join(10)
+    finally:
+        database.dispose()
+    assert answers["first"][0] == answers["again"][0] == 503, answers
+    # each at its own bound, counted from its own arrival (the slack covers a loaded machine)
+    assert answers["first"][1] < bound + 0.6, answers
+    assert answers["again"][1] < bound + 0.6, answers
+    opened = log_entries(session, "packet.open")
+    if backend == "postgres":
+        assert answers["unrelated"][0] == 200, answers
+        assert answers["unrelated"][1] < 0.5 * bound, answers
+        assert [(e["object_id"], e["outcome"]) for e in opened] == [(other["id"], "allowed")]
+    else:
+        assert answers["unrelated"][0] == 503, answers
+        assert answers["unrelated"][1] < bound + 0.6, answers
+        assert opened == []
