@@ -607,6 +607,14 @@ def report(label: str, rounds: list[tuple[Phase, Phase]], at_rates: list[Phase])
             f"open p99 {opened.percentile(99):.1f} ms (target ≤ 25 ms); "
             f"open mean {opened.mean:.1f} ms"
         )
+        if ceiling.cpu is not None and opened.cpu is not None and opened.requests:
+            # The same question by CPU: less noisy than throughput when the two phases' 16
+            # connections happen to be spread differently over the workers.
+            per_open = opened.cpu.service_seconds + opened.cpu.database_seconds
+            per_health = ceiling.cpu.service_seconds + ceiling.cpu.database_seconds
+            if per_open > 0 and ceiling.requests:
+                by_cpu = (per_health / ceiling.requests) / (per_open / opened.requests)
+                print(f"  round {number}: healthz CPU ÷ open CPU, per request = {by_cpu:.2f}×")
         if opened.errors:
             print(
                 f"  WARNING: {opened.errors} opens did not return 200 ({opened.unavailable} × 503)"
