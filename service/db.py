@@ -211,7 +211,7 @@ def make_engine(
         max_overflow=pool_size,
         # Every lock wait is bounded like the log's, not only the log's: a row or table lock
         # held elsewhere (a long job, a migration) ends a request with 503 instead of a hang.
-        connect_args={"options": f"-c lock_timeout={_milliseconds(lock_timeout_seconds)}"},
+        connect_args={"options": f"-c lock_timeout={lock_timeout_ms(lock_timeout_seconds)}"},
         execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
     )
 
@@ -226,13 +226,13 @@ def make_engine(
             connection.exec_driver_sql(
                 "SELECT set_config('lock_timeout', %(wait)s, true), "
                 "set_config('statement_timeout', %(wait)s, true)",
-                {"wait": f"{_milliseconds(wait)}ms"},
+                {"wait": f"{lock_timeout_ms(wait)}ms"},
             )
 
     return engine
 
 
-def _milliseconds(seconds: float) -> int:
+def lock_timeout_ms(seconds: float) -> int:
     """A lock timeout in whole milliseconds, at least 1 (0 would mean no timeout at all)."""
     return max(1, int(seconds * 1000))
 

@@ -39,7 +39,7 @@ from service.access_log.checkpoint import (
 from service.access_log.models import AccessLogCheckpoint, AccessLogEntry, AccessLogSubtree
 from service.auth.dependencies import Caller
 from service.crypto.signing import SIGNATURE_PREFIX, NoteError, NoteSigner, open_note
-from service.db import LOG_LOCK_TIMEOUT_OPTION
+from service.db import LOG_LOCK_TIMEOUT_OPTION, lock_timeout_ms
 from service.errors import BadRequest, ServiceError
 
 Outcome = Literal["allowed", "denied", "error"]
@@ -205,7 +205,7 @@ def _lock_frontier(session: Session) -> _Frontier:
             )
             rows = connection.exec_driver_sql(
                 _PG_LOCK_FRONTIER,
-                {"key": LOG_LOCK_KEY, "timeout": f"{max(1, int(seconds * 1000))}ms"},
+                {"key": LOG_LOCK_KEY, "timeout": f"{lock_timeout_ms(seconds)}ms"},
             ).all()
         else:
             rows = connection.exec_driver_sql(_SQLITE_FRONTIER).all()

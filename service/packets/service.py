@@ -940,17 +940,33 @@ def _owned_packet(
     The owner needs ``permission``; anyone holding ``any_permission`` may act on every packet.
     """
     packet = _locked_packet(session, packet_id)
+    reason: str | None
     if packet is None:
         reason = "no such packet"
-    elif any_permission is not None and caller.can(any_permission):
-        return packet
-    elif packet.professional_id != caller.sub:
-        reason = "not the packet's owner"
-    elif not caller.can(permission):
-        reason = f"lacks {permission.value}"
-    else:
+    elif (
+        reason := _why_hidden(packet, caller, permission=permission, any_permission=any_permission)
+    ) is None:
         return packet
     _hide(session, caller=caller, action=action, packet_id=packet_id, reason=reason, known=packet)
+
+
+def _why_hidden(
+    packet: _PacketRow,
+    caller: Caller,
+    *,
+    permission: Permission,
+    any_permission: Permission | None = None,
+) -> str | None:
+    """Why ``caller`` may not act on ``packet`` (the denied entry's reason, answered with the
+    same 404 as a packet that does not exist), or None when they may: its owner with
+    ``permission``, or anyone with ``any_permission``."""
+    if any_permission is not None and caller.can(any_permission):
+        return None
+    if packet.professional_id != caller.sub:
+        return "not the packet's owner"
+    if not caller.can(permission):
+        return f"lacks {permission.value}"
+    return None
 
 
 def _why_not_in_use(packet: _PacketRow, now: datetime) -> str | None:
@@ -977,8 +993,12 @@ def _in_use(session: Session, *, packet: _PacketRow, caller: Caller, action: str
         reason=f"packet is {why}",
         pseudonyms=_member_pseudonyms(session, packet.id),
     )
-    raise PacketGone(
-        f"packet {packet.id} is {why}; its clients can no longer be re-identified through it"
+    raise _gone(packet.id, why)
+
+
+def _gone(packet_id: str, why: str) -> PacketGone:
+    return PacketGone(
+        f"packet {packet_id} is {why}; its clients can no longer be re-identified through it"
     )
 
 
@@ -1229,18 +1249,14 @@ def _refusal(
     """Why ``request`` may not open ``packet`` (the denied entry's reason) and the error it gets:
     the same 404 whoever asks for a packet not theirs, or one that does not exist; 410 for the
     owner of a packet no longer in use. None when it may."""
+    reason: str | None
     if packet is None:
         reason = "no such packet"
-    elif packet.professional_id != request.caller.sub:
-        reason = "not the packet's owner"
-    elif not request.caller.can(Permission.PACKETS_OPEN):
-        reason = f"lacks {Permission.PACKETS_OPEN.value}"
-    elif (why := _why_not_in_use(packet, now)) is not None:
-        return f"packet is {why}", PacketGone(
-            f"packet {packet.id} is {why}; its clients can no longer be re-identified through it"
-        )
-    else:
-        return None
+    elif (
+        reason := _why_hidden(packet, request.caller, permission=Permission.PACKETS_OPEN)
+    ) is None:
+        why = _why_not_in_use(packet, now)
+        return None if why is None else (f"packet is {why}", _gone(packet.id, why))
     return reason, PacketNotFound(f"no packet {request.packet_id} for this caller")
 
 
