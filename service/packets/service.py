@@ -648,7 +648,7 @@ def _hide(
         action=action,
         packet_id=packet_id,
         reason=reason,
-        pseudonyms=_member_pseudonyms(session, packet_id) if known is not None else (),
+        pseudonyms=_pseudonyms_of(session, [packet_id])[packet_id] if known is not None else (),
     )
     raise PacketNotFound(f"no packet {packet_id} for this caller")
 
@@ -677,7 +677,7 @@ def get_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketDet
         .order_by(_members.c.pseudonym)
     ).all()
     summary = _packet_public(packet, len(rows))
-    followups = _followups_by_pseudonym(session, packet_id)
+    followups = _followups_of(session, [packet_id])[packet_id]
     return PacketDetailPublic(
         **summary.model_dump(),
         members=[
@@ -808,8 +808,9 @@ class _Followup:
 # The statements of the re-identification path are built once (bound by ``packet_id``), so a
 # request neither rebuilds them nor recomputes their cache keys: that was a quarter of an
 # open's CPU.
-_PACKET_FOLLOWUPS = (
+_FOLLOWUPS = (
     select(
+        _followups.c.packet_id,
         _followups.c.pseudonym,
         _followups.c.id,
         _followups.c.kind,
@@ -819,27 +820,41 @@ _PACKET_FOLLOWUPS = (
         _followups.c.created_by,
         _followups.c.created_at,
     )
-    .where(_followups.c.packet_id == bindparam("packet_id"))
-    .order_by(_followups.c.pseudonym, _followups.c.date, _followups.c.created_at)
+    .where(_followups.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
+    .order_by(
+        _followups.c.packet_id,
+        _followups.c.pseudonym,
+        _followups.c.date,
+        _followups.c.created_at,
+    )
 )
 _MEMBER_PSEUDONYMS = (
-    select(_members.c.pseudonym)
-    .where(_members.c.packet_id == bindparam("packet_id"))
-    .order_by(_members.c.pseudonym)
+    select(_members.c.packet_id, _members.c.pseudonym)
+    .where(_members.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
+    .order_by(_members.c.packet_id, _members.c.pseudonym)
 )
 
 
-def _followups_by_pseudonym(session: Session, packet_id: str) -> dict[str, list[_Followup]]:
-    """Every follow-up of the packet in one query, grouped by client, oldest first."""
-    rows = session.execute(_PACKET_FOLLOWUPS, {"packet_id": packet_id}).all()
-    grouped: dict[str, list[_Followup]] = {}
-    for pseudonym, *fields in rows:
-        grouped.setdefault(pseudonym, []).append(_Followup(*fields))
+def _followups_of(
+    connection: Connection | Session, packet_ids: list[str]
+) -> dict[str, dict[str, list[_Followup]]]:
+    """Every follow-up of these packets in one query, by packet and client, oldest first."""
+    grouped: dict[str, dict[str, list[_Followup]]] = {packet_id: {} for packet_id in packet_ids}
+    for packet_id, pseudonym, *fields in connection.execute(
+        _FOLLOWUPS, {"packet_ids": packet_ids}
+    ).all():
+        grouped[packet_id].setdefault(pseudonym, []).append(_Followup(*fields))
     return grouped
 
 
-def _member_pseudonyms(session: Session, packet_id: str) -> list[str]:
-    return list(session.execute(_MEMBER_PSEUDONYMS, {"packet_id": packet_id}).scalars())
+def _pseudonyms_of(connection: Connection | Session, packet_ids: list[str]) -> dict[str, list[str]]:
+    """The members' pseudonyms of these packets in one query, by packet, in order."""
+    grouped: dict[str, list[str]] = {packet_id: [] for packet_id in packet_ids}
+    for packet_id, pseudonym in connection.execute(
+        _MEMBER_PSEUDONYMS, {"packet_ids": packet_ids}
+    ).all():
+        grouped[packet_id].append(pseudonym)
+    return grouped
 
 
 def _log_packet(
@@ -991,7 +1006,7 @@ def _in_use(session: Session, *, packet: _PacketRow, caller: Caller, action: str
         action=action,
         packet_id=packet.id,
         reason=f"packet is {why}",
-        pseudonyms=_member_pseudonyms(session, packet.id),
+        pseudonyms=_pseudonyms_of(session, [packet.id])[packet.id],
     )
     raise _gone(packet.id, why)
 
@@ -1212,21 +1227,6 @@ _BATCH_MEMBERS = (
     .where(_members.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
     .order_by(_members.c.packet_id, _members.c.pseudonym)
 )
-_BATCH_MEMBER_PSEUDONYMS = (
-    select(_members.c.packet_id, _members.c.pseudonym)
-    .where(_members.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
-    .order_by(_members.c.packet_id, _members.c.pseudonym)
-)
-_BATCH_FOLLOWUPS = (
-    select(_followups.c.packet_id, *_PACKET_FOLLOWUPS.selected_columns)
-    .where(_followups.c.packet_id.in_(bindparam("packet_ids", expanding=True)))
-    .order_by(
-        _followups.c.packet_id,
-        _followups.c.pseudonym,
-        _followups.c.date,
-        _followups.c.created_at,
-    )
-)
 _BATCH_FURTHER_FLAGS = (
     select(_member_flags.c.packet_id, _member_flags.c.subject_id, *_FLAG_ROW)
     .select_from(_member_flags.join(_flags, _flags.c.id == _member_flags.c.flag_id))
@@ -1272,13 +1272,12 @@ class _Contents:
 def _sealed_contents(connection: Connection, packet_ids: list[str]) -> dict[str, _Contents]:
     """The members (wraps, ciphertexts, characteristics, flags), follow-ups and further flags
     of these packets: three statements for any number of packets."""
-    contents = {packet_id: _Contents() for packet_id in packet_ids}
+    followups = _followups_of(connection, packet_ids)
+    contents = {packet_id: _Contents(followups=followups[packet_id]) for packet_id in packet_ids}
     wanted = {"packet_ids": packet_ids}
     for row in connection.execute(_BATCH_MEMBERS, wanted).all():
         member = _SealedMember.from_row(row)
         contents[member.packet_id].members.append(member)
-    for packet_id, pseudonym, *fields in connection.execute(_BATCH_FOLLOWUPS, wanted).all():
-        contents[packet_id].followups.setdefault(pseudonym, []).append(_Followup(*fields))
     for packet_id, subject_id, *fields in connection.execute(_BATCH_FURTHER_FLAGS, wanted).all():
         contents[packet_id].further_flags.setdefault(subject_id, []).append(_FlagRow(*fields))
     return contents
@@ -1327,10 +1326,7 @@ def open_packets(
     refused = sorted({r.packet_id for r, no in zip(requests, refusals, strict=True) if no})
     refused_members: dict[str, list[str]] = {}
     if refused_known := [packet_id for packet_id in refused if packet_id in packets]:
-        for packet_id, pseudonym in connection.execute(
-            _BATCH_MEMBER_PSEUDONYMS, {"packet_ids": refused_known}
-        ).all():
-            refused_members.setdefault(packet_id, []).append(pseudonym)
+        refused_members = _pseudonyms_of(connection, refused_known)
     if assigned := [packet_id for packet_id in allowed if packets[packet_id].status == "assigned"]:
         connection.execute(_MARK_OPENED, {"packet_ids": assigned, "opened_at": now})
         for packet_id in assigned:
@@ -1483,7 +1479,7 @@ def close_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketP
         any_permission=Permission.PACKETS_CLOSE_ANY,
     )
     why = _why_not_in_use(packet, utcnow())
-    members = _member_pseudonyms(session, packet_id)
+    members = _pseudonyms_of(session, [packet_id])[packet_id]
     if why is not None:
         _deny(
             session,
