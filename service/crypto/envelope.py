@@ -203,6 +203,11 @@ def _open(
 ) -> bytes:
     if version != key.version:
         raise DecryptionFailed("envelope was sealed under another key version")
+    return _decrypt(key.aead, body, _aad_for(aad, key.version, purpose))
+
+
+def _decrypt(aead: AESGCM, body: str, aad: bytes) -> bytes:
+    """The plaintext of a base64 ``nonce ‖ ciphertext ‖ tag`` body under ``aead`` and ``aad``."""
     try:
         raw = binascii.a2b_base64(body, strict_mode=True)
     except (binascii.Error, ValueError):
@@ -210,9 +215,7 @@ def _open(
     if len(raw) < NONCE_BYTES + 16:
         raise DecryptionFailed("envelope is truncated")
     try:
-        return key.aead.decrypt(
-            raw[:NONCE_BYTES], raw[NONCE_BYTES:], _aad_for(aad, key.version, purpose)
-        )
+        return aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], aad)
     except InvalidTag:
         raise DecryptionFailed("envelope does not authenticate for this place and key") from None
 
@@ -260,3 +263,47 @@ def unwrap_under(
 ) -> DataKey:
     version, body = _split(wrapped)
     return DataKey(_open(data_key_kek, version, body, aad, WRAP_UNDER))
+
+
+class UnderWrappedKey(NamedTuple):
+    """A ciphertext under its own data key, and that key wrapped under another data key
+    (``wrap_under``), each with its associated data already encoded (``AadTemplate``)."""
+
+    wrapped_key: str
+    wrapped_key_aad: EncodedAad
+    ciphertext: str
+    ciphertext_aad: EncodedAad
+
+
+def open_under_wrapped_keys(
+    data_key_kek: DataKey, sealed: Iterable[UnderWrappedKey]
+) -> list[bytes]:
+    """Each ciphertext's plaintext, in order: its data key unwrapped under ``data_key_kek``
+    (as ``unwrap_under``), the ciphertext opened under that key (as ``open_``), with the same
+    checks and the same ``DecryptionFailed``. For many at once (a packet's identities): the
+    data keys stay bytes inside this function instead of becoming ``DataKey`` objects."""
+    opened = []
+    for wrapped_key, wrapped_key_aad, ciphertext, ciphertext_aad in sealed:
+        key = _decrypt(
+            data_key_kek.aead,
+            _data_key_body(wrapped_key),
+            _aad_for(wrapped_key_aad, DATA_KEY_VERSION, WRAP_UNDER),
+        )
+        if len(key) != DATA_KEY_BYTES:
+            raise DecryptionFailed("a wrapped data key is not 32 bytes")
+        opened.append(
+            _decrypt(
+                AESGCM(key),
+                _data_key_body(ciphertext),
+                _aad_for(ciphertext_aad, DATA_KEY_VERSION, None),
+            )
+        )
+    return opened
+
+
+def _data_key_body(token: str) -> str:
+    """The base64 body of a ``v1.0.<base64>`` string: one sealed under a data key."""
+    version, body = _split(token)
+    if version != DATA_KEY_VERSION:
+        raise DecryptionFailed("envelope was sealed under another key version")
+    return body

@@ -10,14 +10,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from service.crypto import envelope
 from service.crypto.envelope import (
+    WRAP_UNDER,
     AadTemplate,
     AadValue,
     DataKey,
     DecryptionFailed,
     Plaintext,
+    UnderWrappedKey,
     canonical_aad,
     open_,
+    open_under_wrapped_keys,
     seal,
     token_version,
     unwrap_key,
@@ -282,3 +286,86 @@ def test_a_template_whose_marker_stands_in_another_field_too_is_refused() -> Non
 def test_a_template_cannot_vary_what_the_envelope_sets_itself(field: str) -> None:
     with pytest.raises(ValueError, match=r"key_version|placement field"):
         AadTemplate(PLACE, field=field, wrapped_key=True)
+
+
+MEMBER_PLACE: dict[str, AadValue] = {
+    "table": "packet_members",
+    "column": "wrapped_dek",
+    "row": "p-1",
+    "subject": 0,
+}
+
+
+def sealed_members(packet_key: DataKey, count: int) -> list[UnderWrappedKey]:
+    """``count`` identities, each under its own key wrapped under ``packet_key``."""
+    members = AadTemplate(MEMBER_PLACE, field="subject", wrapped_key=True)
+    identities = AadTemplate({**PLACE, "row": ""}, field="row")
+    sealed = []
+    for number in range(count):
+        member_key = DataKey.generate()
+        sealed.append(
+            UnderWrappedKey(
+                wrap_under(packet_key, member_key, aad={**MEMBER_PLACE, "subject": number}),
+                members.fill(number),
+                seal(member_key, b"identity %d" % number, aad={**PLACE, "row": f"ps-{number}"}),
+                identities.fill(f"ps-{number}"),
+            )
+        )
+    return sealed
+
+
+def test_many_under_wrapped_keys_open_as_one_at_a_time_does() -> None:
+    packet_key = DataKey.generate()
+    sealed = sealed_members(packet_key, 5)
+    opened = open_under_wrapped_keys(packet_key, sealed)
+    assert opened == [b"identity %d" % number for number in range(5)]
+    one_by_one = [
+        open_(
+            unwrap_under(packet_key, s.wrapped_key, aad=s.wrapped_key_aad),
+            s.ciphertext,
+            aad=s.ciphertext_aad,
+        )
+        for s in sealed
+    ]
+    assert opened == one_by_one
+    assert open_under_wrapped_keys(packet_key, []) == []
+
+
+def test_many_under_wrapped_keys_refuse_what_one_at_a_time_refuses() -> None:
+    packet_key = DataKey.generate()
+    first, second = sealed_members(packet_key, 2)
+    refused = [
+        # under another packet key
+        (DataKey.generate(), first),
+        # a wrap or a ciphertext moved to another member's place
+        (packet_key, first._replace(wrapped_key_aad=second.wrapped_key_aad)),
+        (packet_key, first._replace(ciphertext_aad=second.ciphertext_aad)),
+        # another member's ciphertext under this member's key
+        (packet_key, first._replace(ciphertext=second.ciphertext)),
+        # a flipped bit, in the wrap or in the ciphertext
+        (packet_key, first._replace(wrapped_key=flip_bit(first.wrapped_key, 20))),
+        (packet_key, first._replace(ciphertext=flip_bit(first.ciphertext, 20))),
+        # a key version that a data key never has, and a malformed envelope
+        (packet_key, first._replace(wrapped_key=first.wrapped_key.replace("v1.0.", "v1.1.", 1))),
+        (packet_key, first._replace(ciphertext="v1.0.!!!!")),
+    ]
+    for key, member in refused:
+        with pytest.raises(DecryptionFailed):
+            open_under_wrapped_keys(key, [second, member])
+    # a wrap that authenticates but holds no 32-byte key (sealed as ``wrap_under`` seals)
+    short = envelope._seal(packet_key, b"short", {**MEMBER_PLACE, "subject": 0}, WRAP_UNDER)
+    with pytest.raises(DecryptionFailed, match="not 32 bytes"):
+        open_under_wrapped_keys(packet_key, [first._replace(wrapped_key=short)])
+
+
+def test_many_under_wrapped_keys_refuse_associated_data_encoded_for_another_purpose() -> None:
+    packet_key = DataKey.generate()
+    (member,) = sealed_members(packet_key, 1)
+    with pytest.raises(ValueError, match="another purpose"):
+        open_under_wrapped_keys(
+            packet_key, [member._replace(wrapped_key_aad=member.ciphertext_aad)]
+        )
+    with pytest.raises(ValueError, match="another purpose"):
+        open_under_wrapped_keys(
+            packet_key, [member._replace(ciphertext_aad=member.wrapped_key_aad)]
+        )
