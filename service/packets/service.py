@@ -35,9 +35,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
-from pydantic_core import from_json, to_json
+from pydantic_core import to_json
 from sqlalchemy import (
     Connection,
     Text,
@@ -60,10 +61,11 @@ from service.crypto.envelope import (
     AadTemplate,
     AadValue,
     DataKey,
+    UnderWrappedKey,
     open_,
+    open_under_wrapped_keys,
     seal,
     unwrap_key,
-    unwrap_under,
     wrap_key,
     wrap_under,
 )
@@ -98,7 +100,6 @@ from service.records.service import (
     WrappedKeyColumn,
     dek_aad,
     identity_aad,
-    identity_fields,
     lock_subject_keys,
     register_erasure_hook,
     register_wrapped_key_column,
@@ -1112,38 +1113,74 @@ _SEALED_MEMBER = (
 )
 
 
-def _flag_public(flag: _FlagRow) -> dict[str, Any]:
-    """A flag as ``FlagReasonPublic`` shapes it (its stored hits parsed here, after the commit)."""
-    return {
-        "kind": flag.kind,
-        "run_id": flag.run_id,
-        "policy_version": flag.policy_version,
-        "reason_code": flag.reason_code,
-        "hits": from_json(flag.hits_json),
-        "explanation": flag.explanation,
-    }
+def _json_text(value: str | None) -> bytes:
+    """A string, or null, written as JSON."""
+    return b"null" if value is None else encode_basestring(value).encode("utf-8")
 
 
-def _followups_public(
+def _flag_json(flag: _FlagRow) -> bytes:
+    """A flag as ``FlagReasonPublic`` shapes it, written as JSON. Its hits are the JSON text
+    that the flagging run stored (a JSON column), passed through as they are."""
+    return b"".join(
+        (
+            b'{"kind":',
+            _json_text(flag.kind),
+            b',"run_id":',
+            _json_text(flag.run_id),
+            b',"policy_version":',
+            _json_text(flag.policy_version),
+            b',"reason_code":',
+            _json_text(flag.reason_code),
+            b',"hits":',
+            flag.hits_json.encode("utf-8"),
+            b',"explanation":',
+            _json_text(flag.explanation),
+            b"}",
+        )
+    )
+
+
+def _characteristics_json(member: _SealedMember) -> bytes:
+    """A member's characteristics as ``CharacteristicsPublic`` shapes them, written as JSON."""
+    return b"".join(
+        (
+            b'{"district":',
+            _json_text(member.district),
+            b',"neighbourhood":',
+            _json_text(member.neighbourhood),
+            b',"birth_year":',
+            b"null" if member.birth_year is None else b"%d" % member.birth_year,
+            b',"household_type":',
+            _json_text(member.household_type),
+            b"}",
+        )
+    )
+
+
+def _followups_json(
     followups: Sequence[_Followup], *, packet_id: str, packet_key: DataKey
-) -> list[dict[str, Any]]:
-    """Follow-ups as ``FollowupPublic`` shapes them, their notes decrypted."""
-    return [
-        {
-            "id": f.id,
-            "kind": f.kind,
-            "date": f.date,
-            "outcome_code": f.outcome_code,
-            "created_at": as_utc(f.created_at),
-            "note": None
-            if f.note_ciphertext is None
-            else open_(packet_key, f.note_ciphertext, aad=note_aad(f.id, packet_id)).decode(
-                "utf-8"
-            ),
-            "created_by": f.created_by,
-        }
-        for f in followups
-    ]
+) -> bytes:
+    """Follow-ups as ``FollowupPublic`` shapes them, their notes decrypted, written as JSON."""
+    if not followups:
+        return b"[]"
+    return to_json(
+        [
+            {
+                "id": f.id,
+                "kind": f.kind,
+                "date": f.date,
+                "outcome_code": f.outcome_code,
+                "created_at": as_utc(f.created_at),
+                "note": None
+                if f.note_ciphertext is None
+                else open_(packet_key, f.note_ciphertext, aad=note_aad(f.id, packet_id)).decode(
+                    "utf-8"
+                ),
+                "created_by": f.created_by,
+            }
+            for f in followups
+        ]
+    )
 
 
 # Every identity ciphertext's placement differs from the next in its row alone.
@@ -1156,45 +1193,54 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
     follow-up notes. An erased member comes back with ``identity=None`` and ``note="erased"``;
     the packet as a whole never fails for it. No database access.
 
-    This is the service's hottest path, so the body is built from plain values (checked on
-    their way in: identities at ingest, rule hits by the flagging run) and serialized once,
-    rather than through a pydantic model per client, rule hit and identity; each kind of
+    This is the service's hottest path, so the body is written as JSON piece by piece: each
+    identity is its decrypted plaintext, which is the identity's JSON as ingest wrote it
+    (``Identity.to_bytes``, authenticated with its placement), and each flag's hits are the JSON
+    text stored by the flagging run; neither is parsed and written again. Each kind of
     placement is encoded once per packet (``AadTemplate``).
     """
     packet_id = sealed.packet.id
     packet_key = unwrap_key(keyring, "packet", sealed.wrapped_key, aad=packet_key_aad(packet_id))
     dek_aad = AadTemplate(member_dek_aad(packet_id, 0), field="subject", wrapped_key=True)
-    clients = []
-    for member in sealed.members:
-        identity: dict[str, Any] | None = None
-        if member.wrapped_dek is not None and member.identity_ciphertext is not None:
-            dek = unwrap_under(packet_key, member.wrapped_dek, aad=dek_aad.fill(member.subject_id))
-            identity = identity_fields(
-                open_(dek, member.identity_ciphertext, aad=_IDENTITY_AAD.fill(member.pseudonym))
-            )
-        clients.append(
-            {
-                "pseudonym": member.pseudonym,
-                "identity": identity,
-                "note": None if identity is not None else "erased",
-                "characteristics": {
-                    "district": member.district,
-                    "neighbourhood": member.neighbourhood,
-                    "birth_year": member.birth_year,
-                    "household_type": member.household_type,
-                },
-                "flag": _flag_public(member.flag),
-                "further_flags": [
-                    _flag_public(f) for f in sealed.further_flags.get(member.subject_id, ())
-                ],
-                "followups": _followups_public(
-                    sealed.followups.get(member.pseudonym, ()),
-                    packet_id=packet_id,
-                    packet_key=packet_key,
-                ),
-            }
+    wrapped = {
+        m.subject_id: UnderWrappedKey(
+            m.wrapped_dek,
+            dek_aad.fill(m.subject_id),
+            m.identity_ciphertext,
+            _IDENTITY_AAD.fill(m.pseudonym),
         )
-    return to_json({"packet": sealed.packet, "clients": clients})
+        for m in sealed.members
+        if m.wrapped_dek is not None and m.identity_ciphertext is not None
+    }
+    identities = dict(
+        zip(wrapped, open_under_wrapped_keys(packet_key, wrapped.values()), strict=True)
+    )
+    body = [b'{"packet":', to_json(sealed.packet), b',"clients":[']
+    for number, member in enumerate(sealed.members):
+        identity = identities.get(member.subject_id)
+        body += (
+            b',{"pseudonym":' if number else b'{"pseudonym":',
+            _json_text(member.pseudonym),
+            b',"identity":',
+            b"null" if identity is None else identity,
+            b',"note":',
+            b'"erased"' if identity is None else b"null",
+            b',"characteristics":',
+            _characteristics_json(member),
+            b',"flag":',
+            _flag_json(member.flag),
+            b',"further_flags":[',
+            b",".join(_flag_json(f) for f in sealed.further_flags.get(member.subject_id, ())),
+            b'],"followups":',
+            _followups_json(
+                sealed.followups.get(member.pseudonym, ()),
+                packet_id=packet_id,
+                packet_key=packet_key,
+            ),
+            b"}",
+        )
+    body.append(b"]}")
+    return b"".join(body)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,10 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar, overload
 
-from pydantic_core import from_json
 from sqlalchemy import (
     Connection,
     bindparam,
@@ -130,16 +129,6 @@ class Identity:
     @classmethod
     def from_input(cls, given: IdentityIn) -> Identity:
         return cls(**given)
-
-
-_IDENTITY_FIELDS = tuple(f.name for f in fields(Identity))
-
-
-def identity_fields(raw: bytes) -> dict[str, Any]:
-    """A decrypted identity as plain JSON values (the birth date stays ISO text), for a response
-    that is serialized at once. Only the identity's own fields pass; a missing one raises."""
-    decoded = from_json(raw)
-    return {name: decoded[name] for name in _IDENTITY_FIELDS}
 
 
 def identity_aad(pseudonym: str) -> dict[str, AadValue]:
