@@ -116,6 +116,9 @@ class Identity:
         return "Identity(***)"
 
     def to_bytes(self) -> bytes:
+        """The plaintext that is sealed: the identity as JSON. An owner's open passes it through
+        as the client's ``identity`` (``packets.service.reveal``), so it holds exactly
+        ``IdentityPublic``'s fields."""
         fields = asdict(self)
         fields["birth_date"] = self.birth_date.isoformat()
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
