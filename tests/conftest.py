@@ -8,6 +8,7 @@ never see each other's rows. With ``CI=true`` an unreachable PostgreSQL fails in
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import threading
@@ -290,3 +291,17 @@ class Interleaving:
         # with a ResourceWarning, during some later test): it fails this one instead.
         assert not any(thread.is_alive() for thread in requests), "a request never finished"
         return statuses["first"], statuses["second"]
+
+
+@pytest.fixture
+def no_collector_pauses() -> Iterator[None]:
+    """For a test that times waits to a few tenths of a second. Halfway through the suite the
+    heap holds about half a million objects, and one full garbage collection takes 0.25–0.5 s:
+    inside the timed window that reads as waiting (it failed a CI run once). So: collect first,
+    then keep the collector off until the test ends."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -119,6 +119,7 @@ def test_a_writer_waits_for_another_processs_turn_within_its_bound(tmp_path: Pat
     holder.release()
 
 
+@pytest.mark.usefixtures("no_collector_pauses")
 def test_a_turn_asked_for_without_waiting_is_taken_only_when_free(tmp_path: Path) -> None:
     """An event loop's attempt: it never blocks and starts no helper thread to wait."""
     holder, attempt = WriterTurn(tmp_path / "db-writers"), WriterTurn(tmp_path / "db-writers")

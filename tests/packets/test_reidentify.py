@@ -350,6 +350,7 @@ def test_the_open_body_is_exactly_what_the_documented_schema_serializes(
 
 
 @pytest.mark.parametrize("held", ["log", "packet-row", "log-table"])
+@pytest.mark.usefixtures("no_collector_pauses")
 def test_open_fails_closed_with_503_and_no_identity_while_a_lock_it_needs_is_held(
     client: TestClient, token: TokenFactory, db_url: str, home: Path, session: Session, held: str
 ) -> None:
@@ -663,6 +664,7 @@ def test_concurrent_opens_in_one_worker_share_a_transaction(
     assert [e["outcome"] for e in log_entries(session, "packet.open")] == ["allowed"] * 5
 
 
+@pytest.mark.usefixtures("no_collector_pauses")
 def test_an_open_queued_behind_a_batch_still_gives_up_at_its_own_bound(
     client: TestClient, token: TokenFactory, db_url: str, home: Path, session: Session
 ) -> None:
@@ -700,6 +702,7 @@ def test_an_open_queued_behind_a_batch_still_gives_up_at_its_own_bound(
     assert log_entries(session, "packet.open") == []
 
 
+@pytest.mark.usefixtures("no_collector_pauses")
 def test_a_held_write_lock_does_not_stall_the_worker_for_other_requests(
     client: TestClient, token: TokenFactory, db_url: str
 ) -> None:
@@ -727,6 +730,7 @@ def test_a_held_write_lock_does_not_stall_the_worker_for_other_requests(
     assert answered_in < 0.5, answered_in
 
 
+@pytest.mark.usefixtures("no_collector_pauses")
 def test_a_packet_being_changed_holds_up_no_other_open_and_each_gives_up_at_its_own_bound(
     client: TestClient, token: TokenFactory, db_url: str, home: Path, backend: str, session: Session
 ) -> None:
