@@ -195,19 +195,17 @@ def _seal(
 
 
 def _open(
-    key: Key | DataKey,
+    aead: AESGCM,
+    key_version: int,
     version: int,
     body: str,
     aad: Mapping[str, AadValue] | EncodedAad,
     purpose: str | None,
 ) -> bytes:
-    if version != key.version:
+    """The plaintext of a ``v1.<version>.<body>`` string under the key whose cipher is ``aead``
+    and whose version is ``key_version``."""
+    if version != key_version:
         raise DecryptionFailed("envelope was sealed under another key version")
-    return _decrypt(key.aead, body, _aad_for(aad, key.version, purpose))
-
-
-def _decrypt(aead: AESGCM, body: str, aad: bytes) -> bytes:
-    """The plaintext of a base64 ``nonce ‖ ciphertext ‖ tag`` body under ``aead`` and ``aad``."""
     try:
         raw = binascii.a2b_base64(body, strict_mode=True)
     except (binascii.Error, ValueError):
@@ -215,7 +213,9 @@ def _decrypt(aead: AESGCM, body: str, aad: bytes) -> bytes:
     if len(raw) < NONCE_BYTES + 16:
         raise DecryptionFailed("envelope is truncated")
     try:
-        return aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], aad)
+        return aead.decrypt(
+            raw[:NONCE_BYTES], raw[NONCE_BYTES:], _aad_for(aad, key_version, purpose)
+        )
     except InvalidTag:
         raise DecryptionFailed("envelope does not authenticate for this place and key") from None
 
@@ -228,7 +228,7 @@ def seal(key: Key | DataKey, plaintext: bytes, *, aad: Mapping[str, AadValue]) -
 def open_(key: Key | DataKey, token: str, *, aad: Mapping[str, AadValue] | EncodedAad) -> bytes:
     """Decrypt a ``seal`` result; raises ``DecryptionFailed`` on any mismatch or tampering."""
     version, body = _split(token)
-    return _open(key, version, body, aad, None)
+    return _open(key.aead, key.version, version, body, aad, None)
 
 
 def wrap_key(
@@ -243,7 +243,8 @@ def unwrap_key(
 ) -> DataKey:
     """Unwrap a ``wrap_key`` result with the KEK version it names."""
     version, body = _split(wrapped)
-    return DataKey(_open(keyring.get(purpose, version), version, body, aad, purpose))
+    kek = keyring.get(purpose, version)
+    return DataKey(_open(kek.aead, kek.version, version, body, aad, purpose))
 
 
 def rewrap_key(
@@ -262,7 +263,7 @@ def unwrap_under(
     data_key_kek: DataKey, wrapped: str, *, aad: Mapping[str, AadValue] | EncodedAad
 ) -> DataKey:
     version, body = _split(wrapped)
-    return DataKey(_open(data_key_kek, version, body, aad, WRAP_UNDER))
+    return DataKey(_open(data_key_kek.aead, data_key_kek.version, version, body, aad, WRAP_UNDER))
 
 
 class UnderWrappedKey(NamedTuple):
@@ -284,26 +285,16 @@ def open_under_wrapped_keys(
     data keys stay bytes inside this function instead of becoming ``DataKey`` objects."""
     opened = []
     for wrapped_key, wrapped_key_aad, ciphertext, ciphertext_aad in sealed:
-        key = _decrypt(
+        key = _open(
             data_key_kek.aead,
-            _data_key_body(wrapped_key),
-            _aad_for(wrapped_key_aad, DATA_KEY_VERSION, WRAP_UNDER),
+            data_key_kek.version,
+            *_split(wrapped_key),
+            wrapped_key_aad,
+            WRAP_UNDER,
         )
         if len(key) != DATA_KEY_BYTES:
             raise DecryptionFailed("a wrapped data key is not 32 bytes")
         opened.append(
-            _decrypt(
-                AESGCM(key),
-                _data_key_body(ciphertext),
-                _aad_for(ciphertext_aad, DATA_KEY_VERSION, None),
-            )
+            _open(AESGCM(key), DATA_KEY_VERSION, *_split(ciphertext), ciphertext_aad, None)
         )
     return opened
-
-
-def _data_key_body(token: str) -> str:
-    """The base64 body of a ``v1.0.<base64>`` string: one sealed under a data key."""
-    version, body = _split(token)
-    if version != DATA_KEY_VERSION:
-        raise DecryptionFailed("envelope was sealed under another key version")
-    return body

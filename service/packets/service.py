@@ -1087,8 +1087,8 @@ class SealedPacket:
         return f"SealedPacket({self.packet.id}, {len(self.members)} members)"
 
 
-# A flag as the owner reads it (``_FlagRow``'s fields, in order). The hits are read as the text
-# they are stored as and parsed only once the open is committed, outside the log's lock.
+# A flag as the owner reads it (``_FlagRow``'s fields, in order). The hits are read as the JSON
+# text they are stored as, and ``reveal`` passes that text through into the body unparsed.
 _FLAG_ROW = (
     _flags.c.kind,
     _flags.c.run_id,
