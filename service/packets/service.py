@@ -773,8 +773,9 @@ class PacketGone(Gone):
 
 
 class PacketLocked(Unavailable):
-    """An open skipped its packet, which another transaction holds (a close, reassign, shred or
-    erasure in progress): nothing was logged for it, and it may be tried again on its own."""
+    """An owner's open skipped its packet, which another transaction holds (a close, reassign,
+    shred or erasure in progress): nothing was logged for it, and it may be tried again on its
+    own."""
 
     def __init__(self, packet_id: str) -> None:
         super().__init__(
@@ -920,16 +921,16 @@ class _PacketRow:
     wrapped_key: str | None
 
 
-_LOCKED_PACKET = (
-    select(*(_packets.c[name] for name in _PacketRow.__dataclass_fields__))
-    .where(_packets.c.id == bindparam("packet_id"))
-    .with_for_update()
+_PACKET = select(*(_packets.c[name] for name in _PacketRow.__dataclass_fields__)).where(
+    _packets.c.id == bindparam("packet_id")
 )
+_LOCKED_PACKET = _PACKET.with_for_update()
+_FREE_PACKET = _PACKET.with_for_update(skip_locked=True)
 
 
-def _locked_packet(session: Session, packet_id: str) -> _PacketRow | None:
-    """The packet row, locked until commit on PostgreSQL (a shredder skips it meanwhile)."""
-    row = session.execute(_LOCKED_PACKET, {"packet_id": packet_id}).first()
+def _row(session: Session, query: Any, packet_id: str) -> _PacketRow | None:
+    """The packet row read by one of the statements above, if there is one."""
+    row = session.execute(query, {"packet_id": packet_id}).first()
     return None if row is None else _PacketRow(*row)
 
 
@@ -954,8 +955,15 @@ def _owned_packet(
     """The packet, locked, if ``caller`` may act on it; otherwise a logged denial and a 404.
 
     The owner needs ``permission``; anyone holding ``any_permission`` may act on every packet.
+    A packet that another transaction holds (PostgreSQL: a close, reassign, shred or erasure in
+    progress) is judged by its committed row first, so whoever may not act on it gets the same
+    logged 404 at once as for a packet that does not exist; only those who may wait for it.
     """
-    packet = _locked_packet(session, packet_id)
+    packet = _row(session, _FREE_PACKET, packet_id)
+    if packet is None and (held := _row(session, _PACKET, packet_id)) is not None:
+        entitled = _why_hidden(held, caller, permission=permission, any_permission=any_permission)
+        # Locked until commit (a shredder skips it meanwhile); judged again below, as it is now.
+        packet = _row(session, _LOCKED_PACKET, packet_id) if entitled is None else held
     reason: str | None
     if packet is None:
         reason = "no such packet"
@@ -1260,9 +1268,6 @@ _PACKETS = (
 _LOCKED_PACKETS = _PACKETS.with_for_update()
 # PostgreSQL: a packet whose row another transaction holds is left out rather than waited for.
 _FREE_PACKETS = _PACKETS.with_for_update(skip_locked=True)
-_EXISTING_PACKETS = select(_packets.c.id).where(
-    _packets.c.id.in_(bindparam("packet_ids", expanding=True))
-)
 _BATCH_MEMBERS = (
     select(*_SEALED_MEMBER)
     .select_from(
@@ -1345,8 +1350,9 @@ def open_packets(
     held while decrypting. A first open moves the packet to ``opened``. The packets are locked
     in id order (``FOR UPDATE`` on PostgreSQL), so a close, reassign, shred or erasure in
     progress commits first and none starts before this commits. With ``skip_locked`` a packet
-    that another transaction holds is not waited for: its opens get ``PacketLocked`` and no
-    entry (so one packet being changed holds up no other open of a batch).
+    that another transaction holds is not waited for: its owner's opens get ``PacketLocked`` and
+    no entry (so one packet being changed holds up no other open of a batch), and anyone else's
+    are refused as for any packet not theirs (the same 404 as for a packet that does not exist).
     """
     connection = session.connection()
     asked = sorted({r.packet_id for r in requests})
@@ -1356,22 +1362,38 @@ def open_packets(
             _FREE_PACKETS if skip_locked else _LOCKED_PACKETS, {"packet_ids": asked}
         ).all()
     }
-    skipped: set[str] = set()
+    # Skipped (held elsewhere) or missing: a held packet is judged by its committed row, so
+    # whoever may not open it is refused now, as for any packet not theirs; its owner waits.
+    held: dict[str, _PacketRow] = {}
     if skip_locked and (unseen := [packet_id for packet_id in asked if packet_id not in packets]):
-        skipped = set(connection.execute(_EXISTING_PACKETS, {"packet_ids": unseen}).scalars().all())
+        held = {
+            row[0]: _PacketRow(*row)
+            for row in connection.execute(_PACKETS, {"packet_ids": unseen}).all()
+        }
     now = utcnow()
     refusals = [
-        None if r.packet_id in skipped else _refusal(r, packets.get(r.packet_id), now)
-        for r in requests
+        _refusal(r, packets.get(r.packet_id) or held.get(r.packet_id), now) for r in requests
+    ]
+    waits = [
+        r.packet_id in held and (no is None or not isinstance(no[1], PacketNotFound))
+        for r, no in zip(requests, refusals, strict=True)
     ]
     allowed = sorted(
-        {r.packet_id for r, no in zip(requests, refusals, strict=True) if not no} - skipped
+        {
+            r.packet_id
+            for r, no, wait in zip(requests, refusals, waits, strict=True)
+            if not (no or wait)
+        }
     )
     contents = _sealed_contents(connection, allowed) if allowed else {}
     # A refusal names the pseudonyms it would have revealed, when the packet exists.
-    refused = sorted({r.packet_id for r, no in zip(requests, refusals, strict=True) if no})
+    refused = {
+        r.packet_id
+        for r, no, wait in zip(requests, refusals, waits, strict=True)
+        if no and not wait
+    }
     refused_members: dict[str, list[str]] = {}
-    if refused_known := [packet_id for packet_id in refused if packet_id in packets]:
+    if refused_known := sorted(p for p in refused if p in packets or p in held):
         refused_members = _pseudonyms_of(connection, refused_known)
     if assigned := [packet_id for packet_id in allowed if packets[packet_id].status == "assigned"]:
         connection.execute(_MARK_OPENED, {"packet_ids": assigned, "opened_at": now})
@@ -1380,11 +1402,11 @@ def open_packets(
 
     outcomes: list[SealedPacket | ServiceError] = []
     entries = []
-    for request, refusal in zip(requests, refusals, strict=True):
+    for request, refusal, wait in zip(requests, refusals, waits, strict=True):
         packet_id = request.packet_id
         outcome: Outcome
         reason: str | None
-        if packet_id in skipped:
+        if wait:
             outcomes.append(PacketLocked(packet_id))
             continue
         if refusal is not None:

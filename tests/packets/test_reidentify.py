@@ -388,6 +388,63 @@ def test_open_fails_closed_with_503_and_no_identity_while_a_lock_it_needs_is_hel
         database.dispose()
 
 
+@pytest.mark.usefixtures("no_collector_pauses")
+def test_a_packet_held_elsewhere_is_as_hidden_from_others_as_a_missing_one(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path, session: Session, backend: str
+) -> None:
+    """While a close, reassign, shred or erasure holds a packet, someone else's open, close or
+    follow-up gets what they get for a packet that does not exist: on PostgreSQL the same 404
+    at once with its denied entry (judged by the committed row, without waiting for the
+    holder); on SQLite, where one write lock covers everything, the same 503 for both."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    missing = str(uuid.uuid4())
+    bounded = Settings(
+        env="test", home=home, database_url=db_url, log_lock_timeout_seconds=LOCK_BOUND_SECONDS
+    )
+    attempts = [
+        ("GET", "/v1/packets/{}/clients", None),
+        ("POST", "/v1/packets/{}/close", None),
+        (
+            "POST",
+            "/v1/packets/{}/clients/" + packet["pseudonyms"][0] + "/followups",
+            {"kind": "contact", "date": "2026-03-01"},
+        ),
+    ]
+    answers: dict[str, list[tuple[int, str, float]]] = {packet["id"]: [], missing: []}
+    database = Database(bounded)
+    try:
+        with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
+            other = bearer(token(OTHER, "professional"))
+            with HeldLogLock(db_url, "packet-row", packet["id"]):
+                for method, path, body in attempts:
+                    for packet_id in answers:
+                        started = time.monotonic()
+                        response = c.request(
+                            method, path.format(packet_id), headers=other, json=body
+                        )
+                        detail = response.json()["detail"].replace(packet_id, "<id>")
+                        waited = time.monotonic() - started
+                        answers[packet_id].append((response.status_code, detail, waited))
+                        assert leaked(response.text, world.secrets) == []
+    finally:
+        database.dispose()
+    held, absent = answers[packet["id"]], answers[missing]
+    assert [a[:2] for a in held] == [a[:2] for a in absent], answers
+    denied = [
+        (e["object_id"], e["action"]) for e in log_entries(session) if e["outcome"] == "denied"
+    ]
+    if backend == "postgres":
+        assert {status for status, _, _ in held} == {404}, answers
+        assert all(waited < 0.5 * LOCK_BOUND_SECONDS for _, _, waited in held), answers
+        actions = ["packet.open", "packet.close", "followup.create"]
+        assert [a for p, a in denied if p == packet["id"]] == actions, denied
+        assert [a for p, a in denied if p == missing] == actions, denied
+    else:
+        assert {status for status, _, _ in held} == {503}, answers
+        assert denied == []
+
+
 def test_open_fails_closed_with_503_and_no_identity_when_its_log_entry_cannot_be_appended(
     client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
