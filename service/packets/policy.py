@@ -99,7 +99,12 @@ class FollowupPolicy:
             return None
         kinds = self.outcome_codes.get(outcome_code)
         if kinds is None:
-            return f"unknown outcome_code {outcome_code!r} (see policies/followups.yaml)"
+            # Not echoed: what was sent in its place may be free text, such as a name.
+            fitting = sorted(code for code, kinds in self.outcome_codes.items() if kind in kinds)
+            return (
+                f"outcome_code is not in the vocabulary (policies/followups.yaml); "
+                f"for kind {kind!r} use one of: {', '.join(fitting) or 'none'}"
+            )
         if kind not in kinds:
             return f"outcome_code {outcome_code!r} is for {', '.join(sorted(kinds))}, not {kind!r}"
         return None

@@ -137,7 +137,11 @@ class PacketNotFound(NotFound):
 
 
 class PacketNotReassignable(Conflict):
-    pass
+    commit_before_raising = True  # the refusal keeps its ``denied`` entry
+
+
+class ReassignTargetNotFound(ProfessionalNotFound):
+    commit_before_raising = True  # the refusal keeps its ``denied`` entry
 
 
 # -- keys -------------------------------------------------------------------------------------
@@ -707,7 +711,8 @@ def reassign_packet(
     """Give an open packet to another active professional who serves its district and has room.
 
     Only with ``packets.reassign``: anyone else gets a logged denial and a 404, like every
-    refusal on a packet.
+    refusal on a packet. A refused reassignment (no such professional, or one who cannot take
+    it, or a packet no longer open) is logged as denied too.
     """
     packet = _owned_packet(
         session,
@@ -717,34 +722,49 @@ def reassign_packet(
         permission=Permission.PACKETS_REASSIGN,
         any_permission=Permission.PACKETS_REASSIGN,
     )
+    members = _pseudonyms_of(session, [packet_id])[packet_id]
+
+    def refuse(error: ServiceError, reason: str | None = None) -> NoReturn:
+        _deny(
+            session,
+            caller=caller,
+            action="packet.reassign",
+            packet_id=packet_id,
+            reason=reason or error.detail,
+            pseudonyms=members,
+        )
+        raise error
+
     if packet.status not in OPEN_STATUSES:
-        raise PacketNotReassignable(
-            f"packet {packet_id} is {packet.status}; only open packets move"
+        refuse(
+            PacketNotReassignable(f"packet {packet_id} is {packet.status}; only open packets move")
         )
     # Locked: two reassignments to one professional cannot both fit into the same room.
-    target = get_professional(session=session, professional_id=professional_id, lock=True)
+    try:
+        target = get_professional(session=session, professional_id=professional_id, lock=True)
+    except ProfessionalNotFound as missing:
+        # The entry leaves out the id asked for: it is no registered id, and may be any text.
+        refuse(ReassignTargetNotFound(missing.detail), "no such professional")
     if not target.active:
-        raise PacketNotReassignable(f"professional {professional_id!r} is not active")
+        refuse(PacketNotReassignable(f"professional {professional_id!r} is not active"))
     if packet.district not in target.districts:
-        raise PacketNotReassignable(
-            f"professional {professional_id!r} does not serve district {packet.district}"
+        refuse(
+            PacketNotReassignable(
+                f"professional {professional_id!r} does not serve district {packet.district}"
+            )
         )
-    members = list(
-        session.execute(
-            select(_members.c.pseudonym)
-            .where(_members.c.packet_id == packet_id)
-            .order_by(_members.c.pseudonym)
-        ).scalars()
-    )
     former = packet.professional_id
     if former != professional_id:
         load = open_loads(session=session, professional_ids=[professional_id]).get(
             professional_id, 0
         )
         if load + len(members) > target.capacity:
-            raise PacketNotReassignable(
-                f"professional {professional_id!r} has room for {max(target.capacity - load, 0)} "
-                f"more clients; this packet has {len(members)}"
+            refuse(
+                PacketNotReassignable(
+                    f"professional {professional_id!r} has room for "
+                    f"{max(target.capacity - load, 0)} more clients; this packet has "
+                    f"{len(members)}"
+                )
             )
         session.execute(
             update(_packets)
@@ -785,6 +805,10 @@ class PacketLocked(Unavailable):
 
 
 class PacketNotClosable(Conflict):
+    commit_before_raising = True  # the refusal keeps its ``denied`` entry
+
+
+class FollowupRefused(Unprocessable):
     commit_before_raising = True  # the refusal keeps its ``denied`` entry
 
 
@@ -1471,7 +1495,15 @@ def create_followup(
     _in_use(session, packet=packet, caller=caller, action="followup.create")
     problem = policy.check(kind=given.kind, outcome_code=given.outcome_code)
     if problem is not None:
-        raise Unprocessable(problem, errors=[{"loc": ["outcome_code"], "msg": problem}])
+        _deny(
+            session,
+            caller=caller,
+            action="followup.create",
+            packet_id=packet_id,
+            reason=problem,
+            pseudonyms=[pseudonym],
+        )
+        raise FollowupRefused(problem, errors=[{"loc": ["outcome_code"], "msg": problem}])
     # FOR SHARE (PostgreSQL): an erasure removing this member's wrap waits until the note is
     # committed, so it finds and removes the note too; one that came first leaves no wrap here.
     member = session.execute(

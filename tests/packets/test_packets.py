@@ -397,6 +397,13 @@ def test_reassignment_moves_access_at_once(
         headers=coordinator,
     )
     assert too_small.status_code == 409
+    pasted = "Jan Jansen 123456782"
+    nobody = client.post(
+        f"/v1/packets/{packet['id']}/reassign",
+        json={"professional_id": pasted},
+        headers=coordinator,
+    )
+    assert nobody.status_code == 404, nobody.text
     # The owner may not give their packet away: the same 404 as anyone else, logged as denied.
     refused = client.post(
         f"/v1/packets/{packet['id']}/reassign",
@@ -404,9 +411,16 @@ def test_reassignment_moves_access_at_once(
         headers=new,
     )
     assert refused.status_code == 404, refused.text
+    # Every refusal is logged as denied, with the packet's members; an id that is no registered
+    # professional's stays out of the log (it may be any text).
     denied = [e for e in log_entries(session, "packet.reassign") if e["outcome"] == "denied"]
-    assert [(e["actor"], e["reason"]) for e in denied] == [("prof-002", "lacks packets.reassign")]
-    assert len(denied[0]["pseudonyms"]) == 3
+    assert [(e["actor"], e["reason"]) for e in denied] == [
+        ("coord-001", "professional 'prof-003' has room for 1 more clients; this packet has 3"),
+        ("coord-001", "no such professional"),
+        ("prof-002", "lacks packets.reassign"),
+    ]
+    assert all(len(e["pseudonyms"]) == 3 for e in denied)
+    assert "123456782" not in str(log_entries(session))
     assert client.get(f"/v1/packets/{packet['id']}", headers=new).json()["professional_id"] == (
         "prof-002"
     )

@@ -189,9 +189,10 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
     )
     assert outcome.status_code == 201, outcome.text
 
+    pasted = "Jan Jansen 123456782"
     for wrong, field in (
         ({"kind": "outcome", "date": "2026-05-01"}, "outcome_code"),
-        ({"kind": "contact", "date": "2026-05-01", "outcome_code": "no_such"}, "outcome_code"),
+        ({"kind": "contact", "date": "2026-05-01", "outcome_code": pasted}, "outcome_code"),
         ({"kind": "contact", "date": "2026-05-01", "outcome_code": "attended"}, "outcome_code"),
         ({"kind": "visit", "date": "2026-05-01"}, "kind"),
         ({"kind": "contact", "date": "2026-05-01", "extra": 1}, "extra"),
@@ -199,6 +200,7 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
         refused = client.post(url, json=wrong, headers=owner)
         assert refused.status_code == 422, (wrong, refused.text)
         assert field in refused.text
+        assert "123456782" not in refused.text
     not_a_member = client.post(
         f"/v1/packets/{packet['id']}/clients/{'0' * 32}/followups",
         json={"kind": "contact", "date": "2026-05-01"},
@@ -247,14 +249,25 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
         assert leaked(metadata.text, world.secrets) == []
 
     entries = log_entries(session, "followup.create")
+    # The outcome codes the policy refuses are refusals on the packet, logged as denied with the
+    # vocabulary's words only (a malformed body never reaches the packet, nor the log).
     assert [(e["actor"], e["outcome"], e["reason"]) for e in entries] == [
         (OWNER, "allowed", entries[0]["reason"]),
         (OWNER, "allowed", entries[1]["reason"]),
+        (OWNER, "denied", "a follow-up of kind 'outcome' needs an outcome_code"),
+        (
+            OWNER,
+            "denied",
+            "outcome_code is not in the vocabulary (policies/followups.yaml); for kind "
+            "'contact' use one of: moved_away, not_reached, reached",
+        ),
+        (OWNER, "denied", "outcome_code 'attended' is for appointment, not 'contact'"),
         (OWNER, "denied", "not a client of the packet"),
         (OTHER, "denied", "not the packet's owner"),
     ]
-    assert all(e["pseudonyms"] == [pseudonym] for e in entries[:2])
-    assert entries[2]["pseudonyms"] == ["0" * 32]
+    assert all(e["pseudonyms"] == [pseudonym] for e in entries[:5])
+    assert entries[5]["pseudonyms"] == ["0" * 32]
+    assert "123456782" not in str(entries)
     assert leaked(str(log_entries(session)), world.secrets) == []
 
 
