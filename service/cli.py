@@ -1154,7 +1154,8 @@ def expire(
     if purge_pending:
         console.print(
             "[yellow]overwritten rows could not be purged from the database files yet (a reader "
-            "still needs them); run `casepackets expire` again later[/yellow]",
+            "that started earlier still needs them, or another VACUUM holds a table); run "
+            "`casepackets expire` again later[/yellow]",
             highlight=False,
         )
     if still_due or purge_pending:

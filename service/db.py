@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -430,6 +431,45 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, turn: WriterTurn)
 # The tables whose rows lose a wrap or a ciphertext when a packet is shredded or a subject erased.
 WRAP_TABLES = ("subjects", "packets", "packet_members", "packet_followups")
 
+# VACUUM VERBOSE's report on one table or its TOAST table (PostgreSQL 15 and later): the
+# removable cutoff (row versions that transactions older than it replaced are gone; a snapshot
+# still open from before, such as pg_dump's or a report's, holds it back) and the versions it
+# missed for a page it could not lock.
+_VACUUMED = re.compile(r'finished vacuuming "(?:[^"]*\.)?([^".]+)"')
+_REMOVABLE_CUTOFF = re.compile(r"removable cutoff: (\d+)")
+_MISSED = re.compile(r"tuples missed: (\d+)")
+XID_SPACE = 2**32  # VACUUM reports 32-bit transaction ids, which wrap around
+
+
+def _vacuum_wrap_tables(connection: Connection, *, horizon: int) -> list[str]:
+    """VACUUM the tables with wraps; returns those (or their TOAST tables) where it could not
+    remove every row version replaced before transaction ``horizon`` (a 64-bit id), and those it
+    skipped (``SKIP_LOCKED``: an autovacuum, ANALYZE or index build holds them), as VACUUM
+    itself reports them. Empty: what was overwritten before ``horizon`` is gone from the tables.
+    """
+    reports: list[str] = []
+
+    def collect(diagnostic: psycopg.errors.Diagnostic) -> None:
+        reports.append(diagnostic.message_primary or "")
+
+    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+    driver.add_notice_handler(collect)
+    try:
+        connection.exec_driver_sql(f"VACUUM (VERBOSE, SKIP_LOCKED) {', '.join(WRAP_TABLES)}")
+    finally:
+        driver.remove_notice_handler(collect)
+    finished: set[str] = set()
+    held_back: set[str] = set()
+    for report in reports:
+        if (table := _VACUUMED.search(report)) is None:
+            continue
+        finished.add(table.group(1))
+        cutoff, missed = _REMOVABLE_CUTOFF.search(report), _MISSED.search(report)
+        behind = cutoff is None or (int(cutoff.group(1)) - horizon) % XID_SPACE >= XID_SPACE // 2
+        if behind or (missed is not None and int(missed.group(1))):
+            held_back.add(table.group(1))
+    return sorted(held_back | (set(WRAP_TABLES) - finished))
+
 
 class Database:
     """One engine per process; sessions are short and owned by a request or a command."""
@@ -437,6 +477,10 @@ class Database:
     def __init__(self, settings: Settings) -> None:
         # Set while overwritten wraps or ciphertexts may linger (see purge_replaced_rows).
         self.purge_pending = False
+        # PostgreSQL: the first transaction id not yet assigned when the latest overwrite asked
+        # for a purge; every version replaced before it must be gone for the purge to be done.
+        self._purge_horizon: int | None = None
+        self._purging = threading.Lock()  # one purge at a time per process
         self.url = settings.resolved_database_url
         self.engine = make_engine(
             self.url,
@@ -463,19 +507,31 @@ class Database:
                 raise
 
     def purge_replaced_rows(self) -> bool:
-        """Remove what is left of rows that crypto-shredding or erasure overwrote. True once
-        done; False when it could not finish (logged by type), and ``purge_pending`` then stays
-        set so the periodic job tries again.
+        """Remove what is left of rows that crypto-shredding or erasure overwrote (call it once
+        they have committed). True once done; False when it could not finish (logged), and
+        ``purge_pending`` then stays set so that ``retry_purge`` tries again later.
 
         PostgreSQL keeps an updated row's previous version, with the wrap or ciphertext it
-        held, until VACUUM, which here runs at once (``SKIP_LOCKED``: a table being vacuumed
-        already is left to that run) rather than whenever autovacuum gets round to it. SQLite
+        held, until VACUUM, which here runs at once rather than whenever autovacuum gets round
+        to it. VACUUM cannot remove a version that a snapshot older than its replacement may
+        still see, and skips a table that another VACUUM holds: the purge is done only once
+        VACUUM reports a removable cutoff past every overwrite so far, on every table. SQLite
         zeroes freed space itself (``secure_delete``) but keeps old page images in its ``-wal``
         file; a TRUNCATE checkpoint empties it unless a reader still needs it, and reports when
         one did. Copies outside the database (WAL archives, backups) stay: retiring the key
         version that wrapped them is what makes those undecryptable.
         """
-        self.purge_pending = True
+        with self._purging:
+            self.purge_pending = True
+            self._purge_horizon = None  # taken afresh, past the overwrite that just committed
+            return self._purge()
+
+    def retry_purge(self) -> bool:
+        """Try a pending purge again (the periodic job); True when none is pending any more."""
+        with self._purging:
+            return self._purge() if self.purge_pending else True
+
+    def _purge(self) -> bool:
         try:
             if self.is_sqlite:
                 raw = self.engine.raw_connection()
@@ -495,7 +551,21 @@ class Database:
                 with self.engine.connect().execution_options(
                     isolation_level="AUTOCOMMIT"
                 ) as connection:
-                    connection.exec_driver_sql(f"VACUUM (SKIP_LOCKED) {', '.join(WRAP_TABLES)}")
+                    if self._purge_horizon is None:
+                        self._purge_horizon = int(
+                            connection.exec_driver_sql(
+                                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text"
+                            ).scalar_one()
+                        )
+                    held_back = _vacuum_wrap_tables(connection, horizon=self._purge_horizon)
+                if held_back:
+                    logger.warning(
+                        "could not yet remove every overwritten row version from %s: a snapshot "
+                        "older than the overwrite may still see them, or another VACUUM holds "
+                        "the table; trying again later",
+                        ", ".join(held_back),
+                    )
+                    return False
         except (OperationalError, sqlite3.Error) as exc:
             logger.warning("could not purge replaced rows (%s)", type(exc).__name__)
             return False

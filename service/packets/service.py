@@ -1752,7 +1752,7 @@ async def shred_periodically(
                 shred_expired, database=database, retention=retention, actor="system:shredder"
             )
             if database.purge_pending:  # an earlier purge (after an erasure, say) could not end
-                await asyncio.to_thread(database.purge_replaced_rows)
+                await asyncio.to_thread(database.retry_purge)
         except Exception as exc:
             logger.warning(
                 "periodic crypto-shredding failed (%s); retrying later", type(exc).__name__

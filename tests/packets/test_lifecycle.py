@@ -20,7 +20,6 @@ from sqlalchemy import select, update
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from service.access_log.service import LogEntry, append
 from service.cli import app as cli
 from service.config import Settings, get_settings
 from service.crypto.envelope import DataKey, unwrap_key
@@ -29,7 +28,6 @@ from service.db import WRAP_TABLES, Database
 from service.main import create_app
 from service.packets import service as packets_service
 from service.packets.models import utcnow
-from service.packets.policy import RetentionPolicy
 from service.packets.service import packet_key_aad, shred_expired
 from tests.conftest import Answer, Interleaving, Request, TokenFactory, bearer
 from tests.flagging.seed import AS_OF
@@ -314,56 +312,86 @@ def test_expire_reports_a_due_packet_it_could_not_take_and_exits_1(
     assert_shredded(packet_state(session, free["id"]), "expired", notes=0)
 
 
-def test_a_purge_a_reader_holds_up_is_reported_and_finished_by_the_periodic_job(
-    db_url: str, home: Path, backend: str, session: Session
+def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes_it(
+    app: Any,
+    client: TestClient,
+    token: TokenFactory,
+    db_url: str,
+    home: Path,
+    backend: str,
+    session: Session,
 ) -> None:
-    """SQLite: a TRUNCATE checkpoint cannot empty the -wal file while a reader needs its frames;
-    the purge says so and stays pending, and the periodic job finishes it once the reader is
-    gone. PostgreSQL's VACUUM is not held up by a reader."""
+    """A reader that started before a shred keeps what the shred overwrote: SQLite's TRUNCATE
+    checkpoint cannot empty the -wal file of frames the reader needs, and PostgreSQL's VACUUM
+    cannot remove row versions an older snapshot (pg_dump, a report) may still see. The purge
+    says so and stays pending, rather than counting as done, and the periodic job finishes it
+    once the reader is gone: then nothing that was sealed is left in the database's storage."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    note_every_client(client, token, packet)
+    secrets = sealed_bodies(packet_state(session, packet["id"]))
     settings = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.3)
     database = Database(settings)
-    reader = database.engine.raw_connection() if backend == "sqlite" else None
+    reader = database.engine.raw_connection()
+    retention = app.state.retention_policy
     try:
-        if reader is not None:
+        if backend == "sqlite":
             reader.driver_connection.execute("BEGIN")  # type: ignore[union-attr]
-            reader.driver_connection.execute("SELECT count(*) FROM packets").fetchone()  # type: ignore[union-attr]
-            # a write the reader's snapshot does not see: its frames must stay in the -wal
-            with database.transaction() as writer:
-                append(
-                    session=writer,
-                    entry=LogEntry(
-                        actor="system:test",
-                        role="system",
-                        action="test.write",
-                        object_type="test",
-                        object_id="1",
-                    ),
-                )
-            assert database.purge_replaced_rows() is False
-            assert database.purge_pending
-            reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
         else:
-            assert database.purge_replaced_rows() is True
-            database.purge_pending = True  # as after a purge that failed for another reason
+            reader.driver_connection.execute(  # type: ignore[union-attr]
+                "BEGIN ISOLATION LEVEL REPEATABLE READ"
+            )
+        reader.driver_connection.execute("SELECT count(*) FROM packets").fetchone()  # type: ignore[union-attr]
+        later = utcnow() + timedelta(days=retention.packet_ttl_days + 1)
+        shredded = shred_expired(
+            database=database, retention=retention, actor="system:test", now=later
+        )
+        assert shredded == 2
+        assert database.purge_pending
+        assert database.purge_replaced_rows() is False
+        assert database.purge_pending
+        reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
 
         async def a_few_periodic_runs() -> None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     packets_service.shred_periodically(
-                        database=database,
-                        retention=RetentionPolicy(
-                            version=1, packet_ttl_days=1, closed_grace_days=0
-                        ),
-                        interval_seconds=0.05,
+                        database=database, retention=retention, interval_seconds=0.05
                     ),
                     timeout=0.5,
                 )
 
         asyncio.run(a_few_periodic_runs())
         assert not database.purge_pending
+        assert_shredded(packet_state(session, packet["id"]), "expired", notes=len(secrets) // 2)
+        left = raw_storage(session)
+        assert [secret for secret in secrets if secret in left] == []
     finally:
-        if reader is not None:
-            reader.close()
+        reader.close()
+        database.dispose()
+
+
+def test_a_purge_another_job_holds_up_stays_pending(db_url: str, home: Path, backend: str) -> None:
+    """A purge that cannot get at the storage does not count as done: PostgreSQL's VACUUM
+    (``SKIP_LOCKED``) skips a table that an autovacuum, ANALYZE or index build holds, and
+    SQLite's checkpoint cannot empty the -wal file while a writer holds the database."""
+    settings = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.3)
+    database = Database(settings)
+    holder = database.engine.raw_connection()
+    try:
+        if backend == "sqlite":
+            holder.driver_connection.execute("BEGIN IMMEDIATE")  # type: ignore[union-attr]
+        else:
+            holder.driver_connection.execute(  # type: ignore[union-attr]
+                "LOCK TABLE subjects IN SHARE UPDATE EXCLUSIVE MODE"
+            )
+        assert database.purge_replaced_rows() is False
+        assert database.purge_pending
+        holder.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
+        assert database.purge_replaced_rows() is True
+        assert not database.purge_pending
+    finally:
+        holder.close()
         database.dispose()
 
 
