@@ -1677,8 +1677,11 @@ def shred_due(
     connection.execute(
         update(_followups).where(_followups.c.packet_id.in_(ids)).values(note_ciphertext=None)
     )
+    grace_cutoff = now - timedelta(days=retention.closed_grace_days)
     for row in due:
-        if row.status == "closed":
+        # A closed packet may come due by its expiry before its grace period ends: the entry
+        # names what made it due.
+        if row.status == "closed" and as_utc(row.closed_at) <= as_utc(grace_cutoff):
             closed = as_utc(row.closed_at).isoformat()
             reason = f"closed {closed}; grace {retention.closed_grace_days} days"
         else:

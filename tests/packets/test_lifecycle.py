@@ -223,6 +223,43 @@ def test_closed_packet_is_refused_then_shredded_after_the_grace_period(
     assert sorted(shreds[0]["pseudonyms"]) == sorted(packet["pseudonyms"])
 
 
+def test_a_closed_packet_that_expires_before_its_grace_ends_is_logged_as_expired(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, database: Database
+) -> None:
+    world = world_of(client, token)
+    packet, other = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    expires = utcnow() + timedelta(days=1)
+    session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(expires_at=expires))
+    session.commit()
+    for owner, closing in ((OWNER, packet), (OTHER, other)):
+        closed = client.post(
+            f"/v1/packets/{closing['id']}/close", headers=bearer(token(owner, "professional"))
+        )
+        assert closed.status_code == 200, closed.text
+    retention = app.state.retention_policy
+    assert retention.closed_grace_days > 2
+    # Two days on: the first is past its expiry, though within its grace; the second neither.
+    shredded = shred_expired(
+        database=database,
+        retention=retention,
+        actor="system:test",
+        now=utcnow() + timedelta(days=2),
+    )
+    assert shredded == 1
+    [entry] = log_entries(session, "packet.shred")
+    assert (entry["object_id"], entry["reason"]) == (
+        packet["id"],
+        f"expired {expires.isoformat()}",
+    )
+    # Past the grace period, the second is shredded for its grace.
+    later = utcnow() + timedelta(days=retention.closed_grace_days, minutes=1)
+    assert shred_expired(database=database, retention=retention, actor="system:test", now=later)
+    [_, entry] = log_entries(session, "packet.shred")
+    assert entry["object_id"] == other["id"]
+    assert entry["reason"].startswith("closed ")
+    assert entry["reason"].endswith(f"; grace {retention.closed_grace_days} days")
+
+
 @pytest.fixture
 def cli_env(db_url: str, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("CASEPACKETS_HOME", str(home))
