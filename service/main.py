@@ -147,14 +147,31 @@ def _query_names(dependant: Dependant) -> set[str]:
     return names
 
 
-async def refuse_unknown_query_parameters(request: Request) -> None:
+def _takes_body(dependant: Dependant) -> bool:
+    return bool(dependant.body_params) or any(_takes_body(sub) for sub in dependant.dependencies)
+
+
+# Methods whose body the routes would act on: a body sent with GET or HEAD means nothing.
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+async def refuse_unknown_input(request: Request) -> None:
     """422 for a query parameter the route does not take, as for an unknown body field: a typo
-    (``?stauts=closed``) must not quietly answer another question. The name is not echoed."""
+    (``?stauts=closed``) must not quietly answer another question; the name is not echoed. And
+    422 for a body sent to a route that takes none (``POST /close`` with ``{"force": true}``
+    would otherwise succeed as if the field had been understood)."""
     route = request.scope.get("route")
-    if not request.query_params or not isinstance(route, APIRoute):
-        return
-    if not route.path.startswith("/v1/"):
+    if not isinstance(route, APIRoute) or not route.path.startswith("/v1/"):
         return  # health probes: whatever a load balancer appends is harmless there
+    if request.method in _WRITES and not _takes_body(route.dependant):
+        headers = request.headers
+        if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+            raise Unprocessable(
+                f"{request.url.path} takes no request body; send none",
+                errors=[{"loc": ["body"], "msg": "this route takes no body"}],
+            )
+    if not request.query_params:
+        return
     accepted = _query_names(route.dependant)  # a few fields; only requests with a query pay
     if not accepted.issuperset(request.query_params.keys()):
         takes = ", ".join(sorted(accepted)) if accepted else "none"
@@ -241,7 +258,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         summary="Per-professional case packets over pseudonymized records, with a verifiable "
         "access log",
         lifespan=lifespan,
-        dependencies=[Depends(refuse_unknown_query_parameters)],
+        dependencies=[Depends(refuse_unknown_input)],
         responses=problem_responses(422),
         openapi_url="/openapi.json" if browsable else None,
         docs_url="/docs" if browsable else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -277,6 +278,47 @@ def test_production_starts_not_ready_while_the_identity_provider_is_unreachable(
         for path in ("/docs", "/redoc", "/openapi.json"):
             assert client.get(path).status_code == 404, path
         assert client.get("/v1/me", headers={"Authorization": "Bearer a.b.c"}).status_code == 401
+
+
+def test_a_body_sent_to_a_route_that_takes_none_is_422_and_nothing_happens(
+    app: FastAPI, client: TestClient, token: TokenFactory
+) -> None:
+    """Every write route without a request body in the OpenAPI document refuses one: a
+    ``{"force": true}`` must not succeed as if it had been understood."""
+    admin = bearer(token("admin-001", "admin", "coordinator"))
+    assert client.post(
+        "/v1/professionals",
+        json={
+            "id": "prof-001",
+            "display_name": "Caseworker",
+            "team": "Zuid",
+            "districts": ["Charlois"],
+            "capacity": 20,
+        },
+        headers=admin,
+    ).is_success
+    bodiless = [
+        (method, path)
+        for path, operations in app.openapi()["paths"].items()
+        for method, operation in operations.items()
+        if method in ("post", "put", "patch", "delete") and "requestBody" not in operation
+    ]
+    assert ("post", "/v1/professionals/{professional_id}/deactivate") in bodiless
+    filled = {"professional_id": "prof-001", "packet_id": str(uuid.uuid4()), "pseudonym": "0" * 32}
+    for method, path in bodiless:
+        url = path.format(**filled)
+        for body in ({"force": True}, "123456782"):
+            refused = client.request(method, url, headers=admin, json=body)
+            assert refused.status_code == 422, (url, refused.text)
+            assert refused.headers["content-type"].startswith(PROBLEM)
+            assert refused.json()["detail"] == f"{url} takes no request body; send none"
+            assert "123456782" not in refused.text
+    # nothing happened: the professional is still active, and without a body it goes through
+    [listed] = client.get("/v1/professionals", headers=admin).json()["items"]
+    assert listed["active"] is True
+    deactivated = client.post("/v1/professionals/prof-001/deactivate", headers=admin)
+    assert deactivated.status_code == 200, deactivated.text
+    assert deactivated.json()["active"] is False
 
 
 def test_an_unknown_query_parameter_is_422_without_echoing_it(
