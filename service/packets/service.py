@@ -674,6 +674,8 @@ def _visible_packet(session: Session, *, packet_id: str, caller: Caller, action:
 
 
 def get_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketDetailPublic:
+    """One packet's metadata, for whoever may read it; the read is logged (``packet.read``, with
+    the members' pseudonyms) in the caller's transaction, allowed or denied."""
     packet = _visible_packet(session, packet_id=packet_id, caller=caller, action="packet.read")
     rows = session.execute(
         select(_members.c.pseudonym, _flags.c.kind)
@@ -681,6 +683,13 @@ def get_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketDet
         .where(_members.c.packet_id == packet_id)
         .order_by(_members.c.pseudonym)
     ).all()
+    _log_packet(
+        session,
+        caller=caller,
+        action="packet.read",
+        packet_id=packet_id,
+        pseudonyms=[pseudonym for pseudonym, _ in rows],
+    )
     summary = _packet_public(packet, len(rows))
     followups = _followups_of(session, [packet_id])[packet_id]
     return PacketDetailPublic(

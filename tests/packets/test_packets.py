@@ -360,6 +360,18 @@ def test_a_professional_sees_only_their_own_packets(
     )
     assert own.status_code == 200
     assert len(own.json()["members"]) == 2
+    # Allowed reads are logged too, with the members' pseudonyms the metadata named.
+    sourced = client.get(f"/v1/packets/{their_packet}", headers=bearer(token("src", "source")))
+    assert sourced.status_code == 200
+    reads = log_entries(session, "packet.read")
+    assert [(e["actor"], e["outcome"]) for e in reads] == [
+        ("prof-001", "denied"),
+        ("prof-002", "allowed"),
+        ("src", "allowed"),
+    ]
+    named = sorted(m["pseudonym"] for m in own.json()["members"])
+    assert reads[1]["pseudonyms"] == reads[2]["pseudonyms"] == named
+    assert reads[0]["pseudonyms"] == named
 
 
 def test_reassignment_moves_access_at_once(
