@@ -83,7 +83,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+# soft_wrap: a message written to a log file or pipe is not broken into 80-column lines.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def settings_or_exit() -> Settings:
@@ -333,7 +334,7 @@ def serve(
     if settings.dev_issuer and print_tokens:
         issuer = dev_issuer(settings)
         ttl = min(DEMO_TOKEN_SECONDS, settings.token_max_lifetime_seconds)
-        out = Console()
+        out = Console(soft_wrap=True)
         lifetime = f"{ttl // 3600} hours" if ttl % 3600 == 0 else f"{ttl // 60} minutes"
         out.print(f"\n[bold]casepackets[/bold] demo tokens (valid {lifetime}):")
         for role, subject in DEMO_SUBJECTS.items():
