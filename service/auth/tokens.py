@@ -2,7 +2,9 @@
 
 This is the ONLY module that imports python-jose. Invariants, each checked before a claim is
 trusted:
-- tokens over ``MAX_TOKEN_BYTES`` are refused before any parsing;
+- tokens over ``MAX_TOKEN_BYTES`` are refused before any parsing, and so is anything but a JWS in
+  compact form whose signature segment is the one base64url encoding of its bytes (a token
+  cannot be rewritten into many strings that all verify, each taking a place in the cache);
 - the header must name exactly the configured asymmetric algorithm (RS256 or ES256) and a ``kid``;
   ``jku``, ``x5u``, ``jwk``, ``x5c`` and ``crit`` headers are refused (no key is ever taken from
   the token itself);
@@ -26,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +42,9 @@ from jose import jwk, jwt
 from jose.exceptions import JOSEError
 
 MAX_TOKEN_BYTES = 8 * 1024
+# A JWS in compact form: three base64url segments, without padding (RFC 7515, section 7.1); the
+# signature may be empty here, so that an unsigned token is refused for its algorithm.
+COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 FORBIDDEN_HEADERS = frozenset({"jku", "x5u", "jwk", "x5c", "crit"})
 KEY_TYPE_FOR_ALGORITHM = {"RS256": "RSA", "ES256": "EC"}
 REFETCH_INTERVAL_SECONDS = 60.0
@@ -314,10 +320,7 @@ class TokenVerifier:
 
         ``fetch=False`` is for ``verify_async``: a due JWKS fetch raises ``_FetchDue`` instead.
         """
-        encoded = token.encode("utf-8", "replace")
-        if len(encoded) > MAX_TOKEN_BYTES:
-            raise InvalidToken(f"token is larger than {MAX_TOKEN_BYTES} bytes")
-        digest = hashlib.sha256(encoded).digest()
+        digest = hashlib.sha256(_compact_bytes(token)).digest()
         remembered = self._remembered.get(digest)
         if remembered is not None:
             if self.keys.get(remembered.kid, fetch=fetch) is remembered.key:
@@ -419,6 +422,25 @@ TYPE_REASON = "token is not an access token (header 'typ' JWT or at+jwt, claim '
 # The subject becomes the access log's actor and is compared with professional ids (≤ 128).
 MAX_SUBJECT_CHARS = 255
 SUBJECT_REASON = f"token 'sub' must be printable text of 1 to {MAX_SUBJECT_CHARS} characters"
+
+
+def _compact_bytes(token: str) -> bytes:
+    """The token's bytes if it is a JWS in compact form whose signature segment is the one
+    encoding of its bytes (a decoder that ignores padding, stray characters or the unused bits
+    of the last character would take many spellings of one signature); else ``InvalidToken``.
+    The header and payload need no such check: the signature covers their exact text."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise InvalidToken(f"token is larger than {MAX_TOKEN_BYTES} bytes")
+    if COMPACT_JWS.fullmatch(token) is None:
+        raise InvalidToken("token is not a well-formed JWS")
+    signature = token[token.rindex(".") + 1 :]
+    try:
+        decoded = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    except ValueError:  # a length no encoding has
+        raise InvalidToken("token is not a well-formed JWS") from None
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode("ascii") != signature:
+        raise InvalidToken("token is not a well-formed JWS")
+    return token.encode("ascii")
 
 
 def _seconds(value: object) -> bool:

@@ -308,6 +308,50 @@ def test_garbage_is_refused(api: tuple[FastAPI, TestClient]) -> None:
     assert_401(api[1], "not.a.jwt", "well-formed")
 
 
+def test_a_signature_spelled_another_way_is_refused_and_never_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decoder that ignores padding, stray characters or the unused bits of the last
+    character would accept many strings for one token, each a separate place in the cache (and
+    each pushing a real caller's token out of it)."""
+    issuer = DevIssuer(
+        private_pem=generate_private_pem("ES256"),
+        algorithm="ES256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+    )
+    verifier = TokenVerifier(
+        algorithm="ES256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim="roles",
+        keys=KeySet([issuer.public_jwk]),
+    )
+    token = issuer.mint(subject="prof-001", roles=["professional"])
+    signed, signature = token.rsplit(".", 1)
+    # 64 signature bytes take 86 characters, whose last carries 4 unused bits.
+    assert len(signature) == 86
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    unused_bit_set = alphabet[alphabet.index(signature[-1]) ^ 1]
+    spellings = [
+        token + "=",
+        token + "==",
+        token + "!",
+        f"{signed}.{signature[:40]}!{signature[40:]}",
+        f"{signed}.{signature[:40]} {signature[40:]}",
+        f"{signed}.{signature[:-1]}{unused_bit_set}",
+        token + "\udc80",  # a lone surrogate: no bytes stand for it
+        f"{signed}.{signature[:-1]}",  # a length no base64 encoding has
+    ]
+    assert verifier.verify(token).subject == "prof-001"
+    full_checks = count_full_checks(verifier, monkeypatch)
+    for spelled in spellings:
+        with pytest.raises(InvalidToken, match="well-formed"):
+            verifier.verify(spelled)
+    assert full_checks == []
+    assert set(verifier._remembered) == {hashlib.sha256(token.encode()).digest()}
+
+
 def test_roles_from_a_nested_claim_path(home_key: bytes) -> None:
     issuer = rs256_issuer(home_key)
     verifier = rs256_verifier(KeySet([issuer.public_jwk]), roles_claim="realm_access.roles")
