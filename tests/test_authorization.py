@@ -8,10 +8,12 @@ whole matrix against it; no response to anyone but the packet's owner may contai
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, WebSocket
@@ -19,11 +21,24 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 from starlette.routing import BaseRoute, Route
 
+from service.config import Settings
+from service.db import Database
+from service.main import create_app
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF
 from tests.packets.scenario import NOTE, World, build_world, leaked, log_entries, record
 
-ROLES = ("professional", "coordinator", "source", "auditor", "analyst", "admin", "anonymous")
+# "norole": a valid token that carries no role; "anonymous": no token at all.
+ROLES = (
+    "professional",
+    "coordinator",
+    "source",
+    "auditor",
+    "analyst",
+    "admin",
+    "norole",
+    "anonymous",
+)
 SUBS = {
     "professional": "prof-001",
     "coordinator": "coord-001",
@@ -31,6 +46,7 @@ SUBS = {
     "auditor": "auditor-001",
     "analyst": "analyst-001",
     "admin": "admin-001",
+    "norole": "nobody-001",
 }
 VARIANTS = ("own", "other", "missing")
 OWNER, OTHER = "prof-001", "prof-002"
@@ -140,7 +156,7 @@ LOGGED_DENIALS = {
 }
 
 
-HTTP_METHODS = {"get", "post", "put", "patch", "delete"}
+HTTP_METHODS = {"get", "head", "post", "put", "patch", "delete", "options", "trace"}
 
 
 def app_routes(app: FastAPI) -> set[tuple[str, str]]:
@@ -157,7 +173,9 @@ def app_routes(app: FastAPI) -> set[tuple[str, str]]:
     }
     for route in served(app.routes):
         if isinstance(route, Route):
-            routes |= {(m, route.path) for m in route.methods or () if m != "HEAD"}
+            methods = route.methods or set()
+            # Starlette answers HEAD wherever it answers GET; a HEAD route of its own needs a row.
+            routes |= {(m, route.path) for m in methods if not (m == "HEAD" and "GET" in methods)}
         else:
             routes.add((type(route).__name__, str(getattr(route, "path", ""))))
     return routes
@@ -183,7 +201,55 @@ def test_a_mounted_app_or_a_websocket_counts_as_a_route_needing_a_row() -> None:
     async def live(websocket: WebSocket) -> None:  # pragma: no cover - never connected
         await websocket.close()
 
-    assert {("Mount", "/v1/internal"), ("APIWebSocketRoute", "/v1/live")} <= app_routes(app)
+    @app.head("/v1/packets/{packet_id}/clients")
+    def peek(packet_id: str) -> None:  # pragma: no cover - never called
+        return None
+
+    assert {
+        ("Mount", "/v1/internal"),
+        ("APIWebSocketRoute", "/v1/live"),
+        ("HEAD", "/v1/packets/{packet_id}/clients"),
+    } <= app_routes(app)
+
+
+def settings_variants(home: Path, db_url: str) -> Iterator[tuple[str, Settings]]:
+    """The test settings, production's, and each yes/no setting flipped: a route that only some
+    configuration serves still needs a row."""
+    base = Settings(env="test", home=home, database_url=db_url)
+    yield "test", base
+    jwks = home / "jwks.json"
+    jwks.write_text(json.dumps({"keys": [create_app(base).state.dev_issuer.public_jwk]}))
+    yield (
+        "production",
+        Settings(
+            env="production",
+            home=home,
+            database_url=db_url,
+            dev_issuer=False,
+            jwks_file=jwks,
+            checkpoint_origin="casepackets.example.nl/access-log",
+            shred_interval_seconds=0,
+        ),
+    )
+    for name, field in Settings.model_fields.items():
+        if field.annotation is bool:
+            flipped = base.model_copy(update={name: not getattr(base, name)})
+            if name == "dev_issuer":
+                flipped = flipped.model_copy(update={"jwks_file": jwks})
+            yield f"{name}={getattr(flipped, name)}", flipped
+
+
+def test_no_configuration_serves_a_route_without_a_row(home: Path, db_url: str) -> None:
+    built = 0
+    for name, settings in settings_variants(home, db_url):
+        database = Database(settings)
+        try:
+            unknown = sorted(app_routes(create_app(settings, database=database)) - MATRIX.keys())
+        finally:
+            database.dispose()
+        assert not unknown, f"with {name}: routes without a row in the matrix: {unknown}"
+        built += 1
+    assert built >= 3  # test, production, and at least one flipped setting
 
 
 @dataclass
@@ -300,7 +366,8 @@ def test_authorization_matrix(
         closed_by_coordinator=world.packet(OWNER, "A3"),
         others_closed_by_coordinator=world.packet(OTHER, "B2"),
     )
-    headers = {role: bearer(token(sub, role)) for role, sub in SUBS.items()}
+    headers = {role: bearer(token(sub, role)) for role, sub in SUBS.items() if role != "norole"}
+    headers["norole"] = bearer(token(SUBS["norole"]))
     headers["anonymous"] = {}
 
     mismatches: list[str] = []
@@ -331,7 +398,9 @@ def test_authorization_matrix(
                 )
                 describes_the_api = key[1] in API_DESCRIPTIONS
                 found = leaked(
-                    response.text,
+                    response.text
+                    + "\n"
+                    + "\n".join(f"{k}: {v}" for k, v in response.headers.items()),
                     world.secrets | (set() if describes_the_api else {IDENTITY_FIELD}),
                 )
                 if owners_view:
