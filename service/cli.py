@@ -749,7 +749,9 @@ def keys_rewrap(
 ) -> None:
     """Move every wrapped key to the newest KEK version, without decrypting any identity.
 
-    Works in primary-key order and commits per chunk, so it can be interrupted and run again.
+    Works in primary-key order and commits per chunk, each with its own ``keys.rewrap`` entry
+    in the access log (so an interrupted run leaves an entry for every wrap it moved), and can
+    be run again to finish.
     """
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
@@ -758,9 +760,8 @@ def keys_rewrap(
         for wrapped in WRAPPED_KEY_COLUMNS:
             with database.transaction() as session:
                 pending = pending_rewraps(session=session, keyring=keyring, wrapped=wrapped)
-            label = f"{wrapped.table}.{wrapped.column} → {wrapped.purpose} " + (
-                f"v{keyring.current(wrapped.purpose).version}"
-            )
+            target = f"{wrapped.purpose} v{keyring.current(wrapped.purpose).version}"
+            label = f"{wrapped.table}.{wrapped.column} → {target}"
             with progress_bar() as progress:
                 task = progress.add_task(label, total=pending)
                 after: RowKey | None = None
@@ -773,19 +774,19 @@ def keys_rewrap(
                             after_id=after,
                             limit=chunk,
                         )
+                        if moved:
+                            log_system_action(
+                                session,
+                                command="keys",
+                                action="keys.rewrap",
+                                object_id=f"{wrapped.table}.{wrapped.column}",
+                                reason=f"rewrapped={moved} to {target}",
+                            )
                     if last == after:
                         break
                     after = last
                     total_moved += moved
                     progress.advance(task, moved)
-        with database.transaction() as session:
-            log_system_action(
-                session,
-                command="keys",
-                action="keys.rewrap",
-                object_id="all",
-                reason=f"rewrapped={total_moved}",
-            )
     console.print(f"rewrapped {total_moved} keys; nothing depends on older KEK versions now")
 
 

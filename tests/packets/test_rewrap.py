@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -23,9 +24,10 @@ from service.crypto import keyring as keyring_module
 from service.crypto.keyring import Keyring, UnknownKey
 from service.crypto.signing import NoteError, VerifierKey, open_note
 from service.db import Database
+from service.records import service as records_service
 from service.records.service import WRAPPED_KEY_COLUMNS, pending_rewraps, rewrap_chunk
 from tests.conftest import TokenFactory, bearer
-from tests.packets.scenario import PACKETS, World, build_world
+from tests.packets.scenario import PACKETS, World, build_world, log_entries
 
 OWNER = "prof-001"
 OTHER = "prof-002"
@@ -113,12 +115,33 @@ def test_packet_kek_rotation_rewrap_then_retire(
     assert "3 rows still depend on packet v1" in said(refused.output)
     assert Keyring.load(keyring_path).get("packet", 1).version == 1
 
+    # A rewrap interrupted after its first chunk: what it moved is committed, and so is the
+    # access-log entry for it; running it again finishes the job, with an entry per chunk.
+    real_chunk, calls = records_service.rewrap_chunk, []
+
+    def failing_second_chunk(**arguments: Any) -> Any:
+        calls.append(arguments["wrapped"].purpose)
+        if calls.count("packet") == 2:
+            raise RuntimeError("interrupted")
+        return real_chunk(**arguments)
+
+    with pytest.MonkeyPatch.context() as interrupting:
+        interrupting.setattr("service.cli.rewrap_chunk", failing_second_chunk)
+        interrupted = keys_cli.invoke(cli, ["keys", "rewrap", "--chunk", "2"])
+    assert interrupted.exit_code != 0
+    assert sum(w.startswith("v1.2.") for w in packet_wraps(database).values()) == 2
     rewrapped = keys_cli.invoke(cli, ["keys", "rewrap", "--chunk", "2"])
     assert rewrapped.exit_code == 0, rewrapped.output
-    assert "rewrapped 3 keys" in said(rewrapped.output)
+    assert "rewrapped 1 keys" in said(rewrapped.output)
     after = packet_wraps(database)
     assert sorted(after) == sorted(packets.values())
     assert all(w.startswith("v1.2.") for w in after.values())
+    with database.transaction() as session:
+        entries = log_entries(session, "keys.rewrap")
+    assert [(e["object_id"], e["reason"]) for e in entries] == [
+        ("packets.wrapped_key", "rewrapped=2 to packet v2"),
+        ("packets.wrapped_key", "rewrapped=1 to packet v2"),
+    ]
 
     # Right after the rotation, work a worker began under v1 may still be committing.
     early = keys_cli.invoke(cli, ["keys", "retire", "--purpose", "packet", "--version", "1"])
