@@ -689,12 +689,13 @@ def keys_rotate(
     with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
         version = keyring.next_version(checked)
         material = new_key_material()
-        # Logged and committed first, the keyring held meanwhile: if the log cannot be written,
-        # the keyring is left as it was, and no key is ever in use that the log does not name.
-        with database.transaction() as session:
-            if checked == "log_signing":
-                hand_over_signing(session, settings=settings, keyring=keyring, material=material)
-            else:
+        if checked == "pseudonym":
+            # Written while the rotation holds the log's lock, before it commits (and written
+            # back as it was if the commit fails): an ingest checks the pseudonym key under that
+            # lock (records.service._check_pseudonym_key_unchanged), so none can pass its check
+            # on the old version once the rotation is committed. Nothing is stored under the new
+            # version before then: a batch that pseudonymized under it is refused by that check.
+            with database.transaction() as session:
                 log_system_action(
                     session,
                     command="keys",
@@ -702,7 +703,26 @@ def keys_rotate(
                     object_id=f"{checked}/v{version}",
                     reason="new current version",
                 )
-        new = keyring.rotate(checked, material=material)
+                with keyring.rotation(checked, material=material) as new:
+                    session.commit()
+        else:
+            # Logged and committed first, the keyring held meanwhile: if the log cannot be
+            # written, the keyring is left as it was, and no key is ever in use that the log
+            # does not name (a wrap made under it by a worker could not be undone).
+            with database.transaction() as session:
+                if checked == "log_signing":
+                    hand_over_signing(
+                        session, settings=settings, keyring=keyring, material=material
+                    )
+                else:
+                    log_system_action(
+                        session,
+                        command="keys",
+                        action="keys.rotate",
+                        object_id=f"{checked}/v{version}",
+                        reason="new current version",
+                    )
+            new = keyring.rotate(checked, material=material)
     console.print(f"{checked} key is now at version {new.version}")
     if checked in ("vault", "packet"):
         console.print("older versions still decrypt; run `casepackets keys rewrap` to move")

@@ -393,6 +393,18 @@ class LockedKeyring(Keyring):
         self._save(document)
         return self.current(purpose)
 
+    @contextmanager
+    def rotation(self, purpose: Purpose, *, material: bytes | None = None) -> Iterator[Key]:
+        """``rotate``, undone (the file as it was, written back) when the block raises: for a
+        caller that must store the new version before it commits what names it."""
+        before = copy.deepcopy(self._document)
+        key = self.rotate(purpose, material=material)
+        try:
+            yield key
+        except BaseException:
+            self._save(before)
+            raise
+
     def check_retirable(self, purpose: Purpose, version: int) -> None:
         """Raise what ``retire`` would refuse with (a caller logs the retirement only when it
         will happen). The caller checks that nothing depends on the version."""

@@ -15,13 +15,15 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
 from typer.testing import CliRunner
 
 from service.access_log.checkpoint import parse_checkpoint
 from service.cli import app as cli
 from service.config import Settings, get_settings
 from service.crypto import keyring as keyring_module
-from service.crypto.keyring import Keyring, UnknownKey
+from service.crypto.keyring import Keyring, LockedKeyring, UnknownKey
 from service.crypto.signing import NoteError, VerifierKey, open_note
 from service.db import Database
 from service.records import service as records_service
@@ -220,3 +222,53 @@ def test_checkpoints_are_signed_under_a_rotated_log_signing_key_without_a_restar
     assert parse_checkpoint(open_note(checkpoint, after)).size > 0
     with pytest.raises(NoteError):
         open_note(checkpoint, before)
+
+
+def committed_entries(database: Database) -> int:
+    """The access-log entries other connections see (a read outside any transaction)."""
+    raw = database.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("SELECT count(*) FROM access_log_entries")
+        (count,) = cursor.fetchone()
+        return int(count)
+    finally:
+        raw.close()
+
+
+def test_a_pseudonym_rotation_writes_the_keyring_before_it_commits_and_undoes_it_on_failure(
+    app: FastAPI,  # makes the keyring
+    database: Database,
+    keyring_path: Path,
+    keys_cli: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ingest checks the pseudonym key under the log's lock: the rotation must have written
+    the new version by the time its entry is committed, or an ingest a moment later could still
+    pass its check on the old one and give a person a second subject."""
+    before = committed_entries(database)
+    seen_while_writing: list[int] = []
+    real_rotate = LockedKeyring.rotate
+
+    def rotate(self: LockedKeyring, purpose: Any, **options: Any) -> Any:
+        key = real_rotate(self, purpose, **options)
+        seen_while_writing.append(committed_entries(database))
+        return key
+
+    monkeypatch.setattr(LockedKeyring, "rotate", rotate)
+    rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "pseudonym"])
+    assert rotated.exit_code == 0, rotated.output
+    assert seen_while_writing == [before]  # written while the rotation's entry was uncommitted
+    assert committed_entries(database) == before + 1
+    assert Keyring.load(keyring_path).current("pseudonym").version == 2
+
+    # A commit that fails after the file was written puts the file back as it was.
+    def failing_commit(self: Session) -> None:
+        raise OperationalError("COMMIT", {}, Exception("the database went away"))
+
+    with pytest.MonkeyPatch.context() as failing:
+        failing.setattr(Session, "commit", failing_commit)
+        refused = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "pseudonym"])
+    assert refused.exit_code != 0
+    assert Keyring.load(keyring_path).current("pseudonym").version == 2
+    assert committed_entries(database) == before + 1
