@@ -230,8 +230,9 @@ def committed_entries(database: Database) -> int:
     try:
         cursor = raw.cursor()
         cursor.execute("SELECT count(*) FROM access_log_entries")
-        (count,) = cursor.fetchone()
-        return int(count)
+        row = cursor.fetchone()
+        assert row is not None
+        return int(row[0])
     finally:
         raw.close()
 
