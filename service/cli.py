@@ -689,13 +689,20 @@ def keys_rotate(
     with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
         version = keyring.next_version(checked)
         material = new_key_material()
-        if checked == "pseudonym":
-            # Written while the rotation holds the log's lock, before it commits (and written
-            # back as it was if the commit fails): an ingest checks the pseudonym key under that
-            # lock (records.service._check_pseudonym_key_unchanged), so none can pass its check
-            # on the old version once the rotation is committed. Nothing is stored under the new
-            # version before then: a batch that pseudonymized under it is refused by that check.
-            with database.transaction() as session:
+        # The pseudonym and log signing keys are written while the rotation holds the log's
+        # lock, before it commits (and written back as they were if the commit fails): whoever
+        # uses them under that lock (an ingest checks the pseudonym key there, a checkpoint is
+        # signed there) rereads the keyring then, so none can still use the old version once
+        # the rotation is committed. Nothing made under them before the commit can outlive a
+        # failed one: an ingest under the new pseudonym key is refused by that check, and no
+        # checkpoint is signed without the lock. The vault and packet keys are written only
+        # after the commit: a worker could wrap a DEK under a new version the moment the file
+        # has it, and no such wrap must exist under a key that the log does not name.
+        written_under_the_lock = checked in ("pseudonym", "log_signing")
+        with database.transaction() as session:
+            if checked == "log_signing":
+                hand_over_signing(session, settings=settings, keyring=keyring, material=material)
+            else:
                 log_system_action(
                     session,
                     command="keys",
@@ -703,25 +710,10 @@ def keys_rotate(
                     object_id=f"{checked}/v{version}",
                     reason="new current version",
                 )
+            if written_under_the_lock:
                 with keyring.rotation(checked, material=material) as new:
                     session.commit()
-        else:
-            # Logged and committed first, the keyring held meanwhile: if the log cannot be
-            # written, the keyring is left as it was, and no key is ever in use that the log
-            # does not name (a wrap made under it by a worker could not be undone).
-            with database.transaction() as session:
-                if checked == "log_signing":
-                    hand_over_signing(
-                        session, settings=settings, keyring=keyring, material=material
-                    )
-                else:
-                    log_system_action(
-                        session,
-                        command="keys",
-                        action="keys.rotate",
-                        object_id=f"{checked}/v{version}",
-                        reason="new current version",
-                    )
+        if not written_under_the_lock:
             new = keyring.rotate(checked, material=material)
     console.print(f"{checked} key is now at version {new.version}")
     if checked in ("vault", "packet"):
@@ -740,7 +732,7 @@ def hand_over_signing(
 ) -> None:
     """Log the log signing key's handover to ``material``'s key: the rotation entry names the
     new key, and a checkpoint ending with it is signed by the old key and cosigned by the new
-    one. The caller commits, then puts ``material`` in the keyring."""
+    one. The caller puts ``material`` in the keyring, then commits."""
     from service.access_log.handover import hand_over
     from service.crypto.signing import NoteSigner
 

@@ -13,7 +13,8 @@ Auditors get the handovers with ``audit export`` (``handovers.ndjson``) or from
 Invariants:
 - a handover checkpoint ends with the rotation entry naming the key that cosigned it;
 - ``hand_over`` writes in the caller's transaction: the entry and the checkpoint commit together
-  or not at all, and the caller changes the keyring only after both are written.
+  or not at all, and the caller changes the keyring only after both are written (before the
+  commit, under the log's lock, so a checkpoint signed after the commit is signed by the new key).
 """
 
 from __future__ import annotations

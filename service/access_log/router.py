@@ -154,13 +154,17 @@ def _ndjson(chunks: Iterator[list[bytes]]) -> Iterator[bytes]:
     responses={**ERRORS, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     summary="A signed checkpoint (C2SP signed note) covering every committed entry",
 )
-def checkpoint(
-    request: Request, session: SessionDep, caller: Auditor, signer: SignerDep
-) -> PlainTextResponse:
+def checkpoint(request: Request, session: SessionDep, caller: Auditor) -> PlainTextResponse:
     service.log_audit_read(session=session, caller=caller, object_id="checkpoint")
+    # The entry took the log's lock: a rotation of the signing key has either committed, with
+    # the keyring already written, or waits for this request. Read the keyring again now, so a
+    # checkpoint after a handover is never signed by the key that handed over.
+    keyring: KeyProvider | None = getattr(request.app.state, "keyring", None)
+    if keyring is not None:
+        keyring.refresh()
     settings: Settings = request.app.state.settings
     note = service.signed_checkpoint(
-        session=session, signer=signer, origin=settings.checkpoint_origin
+        session=session, signer=get_signer(request), origin=settings.checkpoint_origin
     )
     return PlainTextResponse(note)
 

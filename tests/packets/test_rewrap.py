@@ -24,7 +24,7 @@ from service.cli import app as cli
 from service.config import Settings, get_settings
 from service.crypto import keyring as keyring_module
 from service.crypto.keyring import Keyring, LockedKeyring, UnknownKey
-from service.crypto.signing import NoteError, VerifierKey, open_note
+from service.crypto.signing import NoteError, NoteSigner, VerifierKey, open_note
 from service.db import Database
 from service.records import service as records_service
 from service.records.service import WRAPPED_KEY_COLUMNS, pending_rewraps, rewrap_chunk
@@ -222,6 +222,30 @@ def test_checkpoints_are_signed_under_a_rotated_log_signing_key_without_a_restar
     assert parse_checkpoint(open_note(checkpoint, after)).size > 0
     with pytest.raises(NoteError):
         open_note(checkpoint, before)
+
+
+def test_the_first_checkpoint_after_a_handover_is_signed_by_the_new_key_at_once(
+    client: TestClient,
+    app: FastAPI,
+    token: TokenFactory,
+    keyring_path: Path,
+    keys_cli: CliRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker looks at the keyring file only now and then (here: not for an hour), but a
+    checkpoint is signed under the log's lock, after the handover has committed with the new key
+    in the file: it rereads the file then, and the key that handed over signs nothing more."""
+    monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 3600.0)
+    auditor = bearer(token("auditor-001", "auditor"))
+    old = VerifierKey.parse(client.get("/v1/audit/public-key", headers=auditor).text)
+    rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    assert rotated.exit_code == 0, rotated.output
+    new = NoteSigner.from_keyring(Keyring.load(keyring_path), name=old.name).verifier
+    assert new.key_id != old.key_id
+    checkpoint = client.get("/v1/audit/checkpoint", headers=auditor).text
+    assert parse_checkpoint(open_note(checkpoint, new)).size > 0
+    with pytest.raises(NoteError):
+        open_note(checkpoint, old)
 
 
 def committed_entries(database: Database) -> int:
