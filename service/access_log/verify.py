@@ -291,16 +291,28 @@ def verify_export(
             f"(first bad index {first_difference})",
             first_bad_index=first_difference,
         )
+    # A count that differs says entries were removed or added, not where: only authenticated
+    # leaf hashes that match every entry given can tell it is the tail.
+    unlocated = "" if located else " (which ones, only authenticated --leaf-hashes can tell)"
     if size < checkpoint.size:
         raise VerificationFailed(
             f"only {size} entries for a checkpoint of size {checkpoint.size}: "
-            f"entries from index {size} are missing (first bad index {size})",
-            first_bad_index=size,
+            + (
+                f"entries from index {size} are missing (first bad index {size})"
+                if located
+                else "entries are missing" + unlocated
+            ),
+            first_bad_index=size if located else None,
         )
     if size > checkpoint.size:
         raise VerificationFailed(
-            f"{size} entries for a checkpoint of size {checkpoint.size}",
-            first_bad_index=checkpoint.size,
+            f"{size} entries for a checkpoint of size {checkpoint.size}"
+            + (
+                f" (first bad index {checkpoint.size})"
+                if located
+                else ": entries were added" + unlocated
+            ),
+            first_bad_index=checkpoint.size if located else None,
         )
     raise VerificationFailed(
         "the entries do not hash to the signed root"

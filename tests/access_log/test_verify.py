@@ -206,6 +206,40 @@ def test_tampering_is_flagged_with_the_first_bad_index(
     assert "FAILED" in output
 
 
+@pytest.mark.parametrize(
+    ("change", "first_bad"),
+    [
+        (lambda lines: lines[1:], 0),  # the first entry removed
+        (lambda lines: [*lines[:3], lines[2], *lines[3:]], 3),  # an entry given twice
+        (lambda lines: lines[:-2], 8),  # the last two removed
+    ],
+)
+def test_an_index_is_named_only_where_the_leaf_hashes_locate_it(
+    database: Database,
+    signer: NoteSigner,
+    tmp_path: Path,
+    change: Callable[[list[bytes]], list[bytes]],
+    first_bad: int,
+) -> None:
+    """A count of entries that differs from the checkpoint's says entries were removed or
+    added, not which: without authenticated leaf hashes no index is named (one would send the
+    auditor to the wrong entry)."""
+    append_each(database, 10)
+    folder = export(database, signer, tmp_path / "export")
+    lines = (folder / ENTRIES_FILE).read_bytes().splitlines(keepends=True)
+    (folder / ENTRIES_FILE).write_bytes(b"".join(change(lines)))
+
+    code, output = verify(folder, leaf_hashes=False)
+    assert code != 0
+    assert "FAILED" in output
+    assert "first bad index" not in output
+    assert "--leaf-hashes can tell" in " ".join(output.split())
+
+    code, output = verify(folder)
+    assert code != 0
+    assert f"first bad index {first_bad}" in output
+
+
 def test_a_forged_or_foreign_checkpoint_is_refused(
     database: Database, signer: NoteSigner, tmp_path: Path
 ) -> None:
