@@ -348,12 +348,15 @@ def batch_digest(*, keyring: KeyProvider, subjects: Sequence[SubjectRecordIn]) -
 
 def digest_matches(
     *, keyring: KeyProvider, subjects: Sequence[SubjectRecordIn], stored: str
-) -> bool:
+) -> bool | None:
+    """Whether ``subjects`` is the batch ``stored`` was made of; None when that cannot be told
+    any more, because the pseudonym key version it was made under has been retired."""
     version_text, _, expected = stored.partition(":")
     try:
         key = keyring.get("pseudonym", int(version_text))
     except (ValueError, KeyringError):
-        return False
+        retired = {v.version for v in keyring.versions("pseudonym") if v.retired_at}
+        return None if version_text.isdigit() and int(version_text) in retired else False
     return hmac.compare_digest(_digest(key.material, subjects), expected)
 
 
@@ -548,9 +551,16 @@ def ingest_batch(
             .first()
         )
         if stored is not None:
-            if not digest_matches(
+            matches = digest_matches(
                 keyring=keyring, subjects=subjects, stored=stored["request_digest"]
-            ):
+            )
+            if matches is None:
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key's batch was stored under a pseudonym key version that "
+                    "has since been retired, so a batch sent again can no longer be matched to "
+                    "it; use a new key"
+                )
+            if not matches:
                 raise IdempotencyKeyReused(
                     "this Idempotency-Key was used for a different batch; use a new key"
                 )

@@ -409,3 +409,37 @@ def test_nul_in_a_text_field_is_422_naming_the_field_and_stores_nothing(
     assert "Zwanen" not in response.text
     assert "\\u0000" not in response.text
     assert {table: count_rows(session, table) for table in tables} == before
+
+
+def test_a_replay_whose_digest_key_was_retired_is_told_so_not_that_the_batch_differs(
+    client: TestClient,
+    app: FastAPI,
+    source_headers: dict[str, str],
+    make: Make,
+    tmp_path: Path,
+    rotations_settled: None,
+    keyring_followed_at_once: None,
+) -> None:
+    """An Idempotency-Key's digest is keyed by the pseudonym key version current when its batch
+    arrived. Once that version is retired (no subject's pseudonym needs it), a resend can no
+    longer be matched: it is refused as such, not as a different batch."""
+    path = tmp_path / "own-keyring.json"
+    app.state.keyring = Keyring.init(path)
+    batch = {"subjects": [make(0)]}
+    assert client.post(URL, json=batch, headers=source_headers).status_code == 200
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("pseudonym")  # v2: the next batch's digest is made under it
+    keyed = {**source_headers, "Idempotency-Key": "batch-42"}
+    first = client.post(URL, json=batch, headers=keyed)
+    assert first.status_code == 200, first.text
+    assert client.post(URL, json=batch, headers=keyed).json()["replayed"] is True
+    different = client.post(URL, json={"subjects": [make(1)]}, headers=keyed)
+    assert different.status_code == 409
+    assert "used for a different batch" in different.json()["detail"]
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("pseudonym")
+        keyring.retire("pseudonym", 2)  # no subject carries a v2 pseudonym
+    replay = client.post(URL, json=batch, headers=keyed)
+    assert replay.status_code == 409, replay.text
+    assert "retired" in replay.json()["detail"]
+    assert "different batch" not in replay.json()["detail"]
