@@ -178,7 +178,9 @@ def log_entries(session: Session, action: str | None = None) -> list[dict[str, A
 
 
 def leaked(text: str, secrets: set[str]) -> list[str]:
-    return sorted(secret for secret in secrets if secret in text)
+    """The secrets found in ``text``, in any letter case (a name upper-cased is still a name)."""
+    folded = text.casefold()
+    return sorted(secret for secret in secrets if secret.casefold() in folded)
 
 
 class HeldLogLock:
