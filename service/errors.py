@@ -3,7 +3,7 @@
 Guarantees:
 - services raise ``ServiceError`` subclasses (no FastAPI import); one handler renders them;
 - validation errors name the field and row but never echo the submitted value, because the value
-  may be a national id or a name;
+  may be a national id or a name, nor the name of an unknown field, for the same reason;
 - unexpected exceptions become a bare 500 with the request id; their type and frames go to the
   server log, never their message (it may quote an identity), and never anything to the client.
 """
@@ -120,12 +120,19 @@ def problem(
     return ProblemResponse(body, status_code=status, headers=dict(headers) if headers else None)
 
 
+UNKNOWN_FIELD = "(unknown field)"
+
+
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     """Field paths and messages only: the offending input is deliberately left out."""
     cleaned = []
     for err in exc.errors():
         loc = [part for part in err.get("loc", ()) if part != "body"]
         entry: dict[str, Any] = {"loc": loc, "msg": str(err.get("msg", "invalid"))}
+        if err.get("type") == "extra_forbidden" and loc:
+            # The name of a field no model has is text the caller typed (a name or a national
+            # id pasted as a key): where it was is said, the name itself is not.
+            entry = {"loc": [*loc[:-1], UNKNOWN_FIELD], "msg": "unknown field; not accepted here"}
         if err.get("type") == "json_invalid":
             # FastAPI puts the character offset where a field name belongs; the decoder's reason
             # ("Expecting value") never quotes the body, unlike the rest of its error.

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
@@ -321,6 +327,43 @@ def test_a_body_sent_to_a_route_that_takes_none_is_422_and_nothing_happens(
     assert deactivated.json()["active"] is False
 
 
+def test_an_unknown_body_field_is_422_naming_where_it_was_not_what_it_was_called(
+    client: TestClient, token: TokenFactory
+) -> None:
+    """A national id or a name pasted as a field name must not come back, no more than as a
+    value: the error says where the unknown field was."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    body = {
+        "id": "prof-001",
+        "display_name": "Caseworker",
+        "team": "Zuid",
+        "districts": ["Charlois"],
+        "capacity": 5,
+        "Jan de Vries 123456782": "x",
+    }
+    refused = client.post("/v1/professionals", json=body, headers=coordinator)
+    assert refused.status_code == 422
+    assert refused.headers["content-type"].startswith(PROBLEM)
+    assert "123456782" not in refused.text
+    assert "Jan de Vries" not in refused.text
+    assert refused.json()["detail"] == "request is invalid: (unknown field)"
+    assert refused.json()["errors"] == [
+        {
+            "loc": ["(unknown field)"],
+            "msg": "unknown field; not accepted here",
+            "type": "extra_forbidden",
+        }
+    ]
+    nested = client.post(
+        "/v1/records/batch",
+        json={"subjects": [{"identity": {"123456782": "123456782"}}]},
+        headers=bearer(token("source-welfare", "source")),
+    )
+    assert nested.status_code == 422
+    assert "123456782" not in nested.text
+    assert "subjects.0.identity.(unknown field)" in nested.json()["detail"]
+
+
 def test_an_unknown_query_parameter_is_422_without_echoing_it(
     client: TestClient, token: TokenFactory
 ) -> None:
@@ -337,3 +380,51 @@ def test_an_unknown_query_parameter_is_422_without_echoing_it(
     assert "takes: none" in me.json()["detail"]
     assert "123456782" not in me.text
     assert client.get("/healthz?probe=1").status_code == 200
+
+
+def test_the_server_access_log_keeps_no_identity_typed_into_a_url(tmp_path: Path) -> None:
+    """uvicorn logs every request line; a national id or a name typed into a path or a query
+    string must not reach that log, while the routes' own words and the ids the service hands
+    out stay readable there."""
+    from service.crypto.keyring import Keyring
+
+    Keyring.init(tmp_path / "keyring.json")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "CASEPACKETS_ENV": "development",
+        "CASEPACKETS_HOME": str(tmp_path),
+        "CASEPACKETS_DATABASE_URL": f"sqlite:///{tmp_path}/served.db",
+        "CASEPACKETS_SHRED_INTERVAL_SECONDS": "0",
+    }
+    uvicorn = [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory"]
+    server = subprocess.Popen(
+        [*uvicorn, "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    packet = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        httpx.post(f"{base}/v1/subjects/123456782/erase", timeout=5)
+        httpx.get(f"{base}/v1/packets?bsn=123456782&name=Jansen", timeout=5)
+        httpx.get(f"{base}/v1/packets/{packet}/clients", timeout=5)
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0].decode()
+    assert "/v1/subjects/…/erase" in output
+    assert "/v1/packets?…" in output
+    assert f"/v1/packets/{packet}/clients" in output
+    assert "123456782" not in output
+    assert "Jansen" not in output

@@ -195,7 +195,7 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
         ({"kind": "contact", "date": "2026-05-01", "outcome_code": pasted}, "outcome_code"),
         ({"kind": "contact", "date": "2026-05-01", "outcome_code": "attended"}, "outcome_code"),
         ({"kind": "visit", "date": "2026-05-01"}, "kind"),
-        ({"kind": "contact", "date": "2026-05-01", "extra": 1}, "extra"),
+        ({"kind": "contact", "date": "2026-05-01", "extra": 1}, "unknown field"),
     ):
         refused = client.post(url, json=wrong, headers=owner)
         assert refused.status_code == 422, (wrong, refused.text)
