@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +22,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.datastructures import MutableHeaders
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access_log.router import install as install_access_log
@@ -137,6 +138,62 @@ class RequestId:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+# What a path segment may show in the server's access log besides the routes' own words: the ids
+# the service hands out (a lowercase UUID, 32 lowercase hex characters).
+_LOGGABLE_ID = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}"
+)
+
+
+class SafeAccessLog(logging.Filter):
+    """uvicorn's access-log line with its path cut down to what is safe to keep in a log: the
+    routes' own words and the ids the service hands out; any other segment (a national id or
+    name typed into a URL) becomes ``…``, and a query string ``?…``. What the caller sent still
+    reaches the routes unchanged."""
+
+    def __init__(self, words: frozenset[str]) -> None:
+        super().__init__()
+        self.words = words
+
+    def shown(self, path: str) -> str:
+        path, query, _ = path.partition("?")
+        kept = [
+            part if part in self.words or _LOGGABLE_ID.fullmatch(part) else "…"
+            for part in path.split("/")
+        ]
+        return "/".join(kept) + ("?…" if query else "")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self.shown(arg) if isinstance(arg, str) and arg.startswith("/") else arg
+                for arg in record.args
+            )
+        return True
+
+
+def _paths(routes: Iterable[BaseRoute]) -> Iterator[str]:
+    """Every route's path, those of included routers too (recent FastAPI versions keep an
+    included router as one entry holding its ``original_router``)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _paths(inner.routes)
+        else:
+            yield str(getattr(route, "path", ""))
+
+
+def install_safe_access_log(app: FastAPI) -> None:
+    """Filter uvicorn's access log (one filter per process, for the app created last)."""
+    words = frozenset(
+        part for path in _paths(app.routes) for part in path.split("/") if "{" not in part
+    )
+    access = logging.getLogger("uvicorn.access")
+    for old in [f for f in access.filters if isinstance(f, SafeAccessLog)]:
+        access.removeFilter(old)
+    access.addFilter(SafeAccessLog(words))
 
 
 def _query_names(dependant: Dependant) -> set[str]:
@@ -317,4 +374,5 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.include_router(flagging_router)
     app.include_router(packets_router)
     install_access_log(app)
+    install_safe_access_log(app)
     return app
