@@ -131,7 +131,7 @@ def test_unknown_fields_are_rejected_without_echoing_input(
     assert response.status_code == 422
     body = response.json()
     assert response.headers["content-type"].startswith(PROBLEM)
-    assert {tuple(e["loc"]) for e in body["errors"]} == {("count",), ("bsn",)}
+    assert {tuple(e["loc"]) for e in body["errors"]} == {("count",), ("(unknown field)",)}
     assert "123456782" not in response.text
     assert "many" not in response.text
 
