@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -1181,7 +1182,19 @@ EXPIRE_RETRY_SECONDS = 1.0
 
 
 def main() -> None:
-    app()
+    """The console script. An exception no command handles is reported by its type and stack
+    frames only, as the server logs one: its message and chained causes may quote a national id,
+    a name or a key (a CSV line, a row the database refused)."""
+    try:
+        app()
+    except Exception as exc:
+        console.print(
+            f"[red]failed:[/red] unexpected {type(exc).__name__} (its message is withheld: it "
+            "may quote personal data)",
+            highlight=False,
+        )
+        print("".join(traceback.format_tb(exc.__traceback__)), file=sys.stderr, end="")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from service.cli import app as cli
+from service.cli import main as cli_main
 from service.config import PROJECT_ROOT, Settings, get_settings
 from service.crypto.keyring import Keyring
 from service.db import alembic_config, make_engine
@@ -322,3 +323,30 @@ def test_migrate_help_says_there_is_no_way_back_but_a_backup() -> None:
     said = " ".join(result.output.split())
     assert "There are no downgrades" in said
     assert "back the database up before migrating" in said
+
+
+def test_an_unexpected_error_is_reported_by_its_type_without_its_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exception no command handles may quote a CSV line or a refused row: the console
+    script shows its type and where it happened, never its message or its causes."""
+
+    row = {"bsn": "1234" + "56782", "family_name": "Quaed" + "vlieg"}  # as read from a file
+
+    def crash() -> Settings:
+        try:
+            raise KeyError(row["family_name"])
+        except KeyError as cause:
+            raise ValueError(f"cannot store {row}") from cause
+
+    monkeypatch.setattr("service.cli.settings_or_exit", crash)
+    monkeypatch.setattr("sys.argv", ["casepackets", "expire"])
+    with pytest.raises(SystemExit) as stopped:
+        cli_main()
+    assert stopped.value.code == 1
+    printed = capsys.readouterr()
+    output = printed.out + printed.err
+    assert "unexpected ValueError" in output
+    assert "in crash" in output  # the frames are shown
+    assert "123456782" not in output
+    assert "Quaedvlieg" not in output
