@@ -44,7 +44,8 @@ EVENT_TYPES: Final = (
 # Order of events on the same day: endings first. A job that ends on the day welfare starts ended
 # before it, so that start can be a return after work; a job that starts on the day another ended
 # leaves the person in work; a welfare spell that ends on the day another starts (the person moved
-# desks) is read as one unbroken spell.
+# desks) is read as one unbroken spell. Off welfare, a start and an end on one day are a one-day
+# spell: its end, sorted first, is paired with the start after it.
 SAME_DAY_ORDER: Final[Mapping[str, int]] = {
     "welfare_end": 0,
     "employment_end": 1,
@@ -60,8 +61,9 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # history produce here (which events count, the evidence, the sentences), so flags made by
 # different code never share a version. 1 was the evaluator before its version was recorded; 2
 # reads relapse as a return after leaving welfare for work, keeps a same-day welfare move one
-# spell, names the window's first day and counts office spellings as one.
-EVALUATOR_VERSION: Final = 2
+# spell, names the window's first day and counts office spellings as one. 3 reads a start and an
+# end on one day while off welfare as a one-day spell (2 read it as a spell still going on).
+EVALUATOR_VERSION: Final = 3
 
 SubjectEvent = tuple[str, int, str]
 """``(event type, date.toordinal(), office)``: one event in the evaluation hot path."""
@@ -289,13 +291,20 @@ class Evaluator:
         left_welfare = -1  # last day of the latest spell that ended; -1 if none has
         spell_began = -1  # first day of that spell, which a start on its last day continues
         job_ended = -1  # the latest employment_end, or -1 if a job started after it
+        # An end read while off welfare, and the latest spell's end before it: a start on that
+        # same day makes the two a one-day spell (its end sorts first), not a spell going on.
+        ended_off_welfare, left_before = -1, -1
         for kind, day, office in events:
             if day > as_of:
                 break
             if kind == "helpdesk_visit":
                 visits.append((day, office))
             elif kind == "welfare_start" and on_welfare_since < 0:
-                if day == left_welfare:
+                if day == ended_off_welfare:
+                    if 0 <= left_before <= job_ended:
+                        returns.append(WelfareReturn(left_before, job_ended, day))
+                    spell_began = left_welfare = day
+                elif day == left_welfare:
                     on_welfare_since = spell_began
                 else:
                     if 0 <= left_welfare <= job_ended:
@@ -305,8 +314,10 @@ class Evaluator:
                 if on_welfare_since >= 0:
                     spell_began, left_welfare = on_welfare_since, day
                     on_welfare_since = -1
-                elif left_welfare < 0:  # the spell began before the records did
-                    spell_began = left_welfare = day
+                else:
+                    ended_off_welfare, left_before = day, left_welfare
+                    if left_welfare < 0:  # the spell began before the records did
+                        spell_began = left_welfare = day
             elif kind == "employment_end":
                 job_ended = day
             elif kind == "employment_start":

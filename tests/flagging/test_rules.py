@@ -350,6 +350,30 @@ def test_welfare_ending_and_starting_on_one_day_is_one_unbroken_spell() -> None:
     assert evaluate(policy(LONG), a_day_off, as_of=AS_OF) == []
 
 
+def test_a_start_and_an_end_on_one_day_off_welfare_are_a_one_day_spell() -> None:
+    """Endings sort first on a day, so the end of a one-day spell is read before its start: it
+    must still close that spell, never leave one going on that the explanation would claim."""
+    one_day = [event("welfare_start", date(2021, 6, 1)), event("welfare_end", date(2021, 6, 1))]
+    assert evaluate(policy(LONG), one_day, as_of=AS_OF) == []
+    after_a_spell = [
+        event("welfare_start", date(2019, 1, 1)),
+        event("welfare_end", date(2020, 1, 1)),
+        *one_day,
+    ]
+    assert evaluate(policy(LONG), after_a_spell, as_of=AS_OF) == []
+    # After a job it is still a return to welfare, and what follows is read as before.
+    after_a_job = [
+        event("welfare_start", date(2019, 1, 1)),
+        event("welfare_end", date(2020, 1, 1)),
+        event("employment_end", date(2021, 3, 31)),
+        *one_day,
+    ]
+    assert returns(after_a_job) == ["2021-06-01"]
+    again = [*after_a_job, event("welfare_start", date(2022, 1, 3))]
+    [hit] = evaluate(policy(LONG), again, as_of=AS_OF)
+    assert hit.evidence["on_welfare_since"] == "2022-01-03"
+
+
 def test_long_welfare_without_any_visit_says_so() -> None:
     [hit] = evaluate(policy(LONG), [event("welfare_start", date(2020, 1, 1))], as_of=AS_OF)
     assert hit.evidence["last_helpdesk_visit"] is None
