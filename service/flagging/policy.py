@@ -48,6 +48,8 @@ MAX_MONTHS: Final = 600
 HASH_DIGITS: Final = 12
 # The stored version (declared + 16 characters) must fit the 64-character policy_version columns.
 MAX_DECLARED_VERSION: Final = 40
+# The name is stored with every run (the 128-character policy_name column).
+MAX_NAME: Final = 128
 
 
 class FlaggingPolicyError(ValueError):
@@ -91,9 +93,16 @@ def parse_flagging_policy(content: bytes, *, source: str = "flagging.yaml") -> F
     name = document.get("name")
     if not isinstance(name, str) or not name.strip():
         raise FlaggingPolicyError(f"{source}: 'name' must be a non-empty text")
+    if len(name.strip()) > MAX_NAME:
+        raise FlaggingPolicyError(f"{source}: 'name' may have at most {MAX_NAME} characters")
     declared = document.get("version")
-    if not isinstance(declared, str | int) or isinstance(declared, bool) or not str(declared):
+    if declared is None or (isinstance(declared, str) and not declared.strip()):
         raise FlaggingPolicyError(f"{source}: 'version' must be given, e.g. version: \"2026.1\"")
+    if not isinstance(declared, str | int) or isinstance(declared, bool):
+        raise FlaggingPolicyError(
+            f"{source}: 'version' must be text in quotes, e.g. version: \"2026.1\" (unquoted, "
+            f"YAML reads 2026.1 as a number)"
+        )
     declared = str(declared)
     if "+" in declared:
         raise FlaggingPolicyError(f"{source}: 'version' may not contain '+' (the hash goes there)")

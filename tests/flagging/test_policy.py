@@ -160,6 +160,9 @@ def test_protected_attribute_among_characteristics_fails() -> None:
         ("    description: Visited four different helpdesks in a year.\n", "", "description"),
         ("  - id: hopping", "  - id: relapse", "used twice"),
         ('version: "2026.1"', "", "'version' must be given"),
+        ('version: "2026.1"', 'version: "   "', "'version' must be given"),
+        ('version: "2026.1"', "version: 2026.1", "'version' must be text in quotes"),
+        ("name: test-policy", f"name: {'n' * 129}", "'name' may have at most 128 characters"),
         ('version: "2026.1"', f'version: "{"9" * 41}"', "'version' may have at most 40 characters"),
         (
             "params: {min_returns: 3, within_months: 24}",
