@@ -7,7 +7,10 @@ Invariants:
 - the file is streamed line by line; memory holds one batch, plus a keyed digest per subject
   and per event of the file so that a line's fate does not depend on the batch size (see
   ``_SeenInFile``);
-- a rejected CSV line is reported by its line number and field, never by its content;
+- a rejected CSV line is reported by its line number and field, never by its content, and
+  every physical line of the file is stored, rejected or blank: a record over several lines (a
+  quoted value holding a line break, such as a stray opening quote makes) is rejected with
+  every line it covers, and a line with more or fewer values than the header is rejected;
 - the import is refused (``ImportRefused``) only before anything is stored; a problem after
   that stops it, and the result says at which line (``BulkResult.stopped``): every line before
   it was stored or rejected, nothing from it on was stored.
@@ -22,7 +25,7 @@ import io
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -253,7 +256,7 @@ class _SeenInFile:
         return True
 
 
-def _subject_of(row: dict[str, str | None]) -> tuple[str, list[str | None], dict[str, Any]]:
+def _subject_of(row: Mapping[str, str]) -> tuple[str, list[str | None], dict[str, Any]]:
     """The line's BSN (normalized, so "1234 56 782" and "123456782" are one subject; as written
     when invalid, which validation rejects), its identity and characteristics values, and its
     record."""
@@ -268,7 +271,7 @@ def _subject_of(row: dict[str, str | None]) -> tuple[str, list[str | None], dict
     return bsn, values, {"identity": identity, "characteristics": characteristics}
 
 
-def _event_of(row: dict[str, str | None]) -> dict[str, Any] | None:
+def _event_of(row: Mapping[str, str]) -> dict[str, Any] | None:
     values = {name: _blank(row.get(name)) for name in EVENT_COLUMNS}
     if not any(values.values()):
         return None
@@ -285,6 +288,21 @@ def _field_names(error: dict[str, Any]) -> str:
     if len(loc) >= 3 and loc[0] == "events":
         return {"type": "event_type", "date": "event_date"}.get(loc[-1], loc[-1])
     return loc[-1] if loc else "row"
+
+
+def _holds_line_break(values: Sequence[str]) -> bool:
+    return any("\n" in value or "\r" in value for value in values)
+
+
+def _line_break_problem(first: int, last: int) -> str:
+    """Why a record whose values hold a line break is rejected. Only a quoted value can hold one;
+    such a value is rarely meant, and a stray opening quote makes one of every line up to the
+    next quote (or the end of the file)."""
+    if last > first:
+        where = f"runs over lines {first}–{last}"
+    else:
+        where = "is not closed by the end of the file"
+    return f"a quoted value {where}: an unclosed quote? values may not contain line breaks"
 
 
 def _header_refusal(names: Sequence[str]) -> str | None:
@@ -394,9 +412,11 @@ def import_csv(
 
     with path.open("rb") as handle:
         lines = _Lines(handle)
-        reader = csv.DictReader(lines)
+        # csv.reader rather than DictReader: DictReader skips blank lines unseen, so where a
+        # record starts, and hence whether it spans several lines, would be unknown.
+        reader = csv.reader(lines)
         try:
-            names = reader.fieldnames or ()
+            names = next(reader, [])
         except csv.Error as exc:
             raise ImportRefused(f"{path}: line 1: {_csv_problem(exc)}") from None
         if lines.last_undecoded:
@@ -406,26 +426,35 @@ def import_csv(
             raise ImportRefused(f"{path}: {refusal}")
         unreadable: Stop | None = None
         while True:
-            before = reader.line_num
+            first = reader.line_num + 1
             try:
-                row = next(reader)
+                values = next(reader)
             except StopIteration:
                 break
             except csv.Error as exc:
-                # Where the next record starts is unknown now; lines before this one are whole.
-                # (DictReader.line_num is updated only by a row read whole.)
-                unreadable = Stop(reader.reader.line_num, _csv_problem(exc))
+                # Where the next record starts is unknown now; the lines before this record's
+                # first are whole, so the import stops there and no line goes unreported.
+                unreadable = Stop(first, _csv_problem(exc))
                 break
             line = reader.line_num
-            if lines.last_undecoded > before:
+            if not values:
+                continue  # a blank line
+            if _holds_line_break(values):
+                reject(range(first, line + 1), ("row",), _line_break_problem(first, line))
+                continue
+            if lines.last_undecoded >= first:
                 reject([line], ("row",), "not UTF-8")
                 continue
-            if None in row:
+            if len(values) > len(names):
                 reject([line], ("row",), "more values than header columns")
                 continue
-            bsn, values, record = _subject_of(row)
+            if len(values) < len(names):
+                reject([line], ("row",), "fewer values than header columns")
+                continue
+            row = dict(zip(names, values, strict=True))
+            bsn, identity_values, record = _subject_of(row)
             subject = seen.subject(bsn)
-            if not seen.same_identity(subject, values):
+            if not seen.same_identity(subject, identity_values):
                 reject([line], ("identity",), "differs from an earlier line of the same BSN")
                 continue
             event = _event_of(row)

@@ -556,7 +556,67 @@ def test_an_import_reads_lines_ending_in_cr_lf_or_both(
     path = write_lines(tmp_path / "records.csv", rows, terminator=terminator)
     code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
     assert code == 1, output
-    assert "line 5: bsn: invalid value" in " ".join(output.split())  # line 3 spans two lines
+    said = " ".join(output.split())
+    for number in (3, 4):  # a value may not hold a line break, however the lines end
+        assert f"line {number}: row: a quoted value runs over lines 3–4" in said
+    assert "line 5: bsn: invalid value" in said
+    assert "3 lines rejected" in said
+    assert "Wijkteam" not in output
+    assert count_rows(cli_session, "events") == 1
+
+
+def rewrite_line(path: Path, number: int, old: str, new: str) -> None:
+    """Replace ``old`` by ``new`` in physical line ``number`` of ``path`` (the header is line 1),
+    to write what a CSV writer would not: a stray quote, a line cut short."""
+    lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+    assert old in lines[number - 1]
+    lines[number - 1] = lines[number - 1].replace(old, new)
+    path.write_bytes("".join(lines).encode("utf-8"))
+
+
+OFFICE = "Werk en Inkomen Rotterdam Zuid"  # what line() puts in the office column
+
+
+@pytest.mark.parametrize("closed_on", [None, 5], ids=["never-closed", "closed-on-line-5"])
+def test_a_stray_opening_quote_rejects_every_line_it_swallows_and_no_other(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, closed_on: int | None
+) -> None:
+    """Line 3 opens a quote it does not close: the lines up to the next quote (line 5's, which
+    would be a valid line on its own), or the end of the file, are one record."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_lines(tmp_path / "records.csv", [line(i, 0) for i in range(6)])
+    rewrite_line(path, 3, f",{OFFICE},", f',"{OFFICE},')
+    if closed_on is not None:
+        rewrite_line(path, closed_on, f",{OFFICE},", f',"{OFFICE}",')
+    last = 7 if closed_on is None else closed_on
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "2")
+    assert code == 1, output
+    said = " ".join(output.split())
+    for number in range(3, last + 1):
+        assert (
+            f"line {number}: row: a quoted value runs over lines 3–{last}: an unclosed quote? "
+            "values may not contain line breaks" in said
+        )
+    assert f"{last - 2} lines rejected" in said
+    assert "Oukili" not in output
+    assert OFFICE not in output
+    assert count_rows(cli_session, "subjects") == 8 - last  # line 2 and the lines after `last`
+    assert count_rows(cli_session, "events") == 8 - last
+
+
+def test_a_line_with_fewer_values_than_the_header_is_rejected_whole(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_lines(tmp_path / "records.csv", [line(0, 0), line(1, 0), line(2, 0)])
+    rewrite_line(path, 3, f",welfare_start,2024-01-01,{OFFICE},csv-1-0", "")
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 1, output
+    said = " ".join(output.split())
+    assert "line 3: row: fewer values than header columns" in said
+    assert "1 lines rejected" in said
+    assert "Oukili" not in output
+    assert count_rows(cli_session, "subjects") == 2  # 0 and 2; nothing of line 3
     assert count_rows(cli_session, "events") == 2
 
 
