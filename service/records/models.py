@@ -18,7 +18,15 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal, NotRequired
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, with_config
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    with_config,
+)
 from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
@@ -186,6 +194,27 @@ def _event_date(value: dt.date) -> dt.date:
     return value
 
 
+def _readable(value: str) -> str:
+    if not any(character.isalnum() for character in value):
+        raise ValueError(
+            "must hold a letter or digit, not only spaces, marks or invisible characters"
+        )
+    return value
+
+
+# A name, a district or an office someone can read: "\u200b" is no name.
+READABLE = AfterValidator(_readable)
+
+
+def _date_as_text(value: object) -> object:
+    if isinstance(value, int | float):  # a number would be read as seconds since 1970
+        raise ValueError("a date is written as text, YYYY-MM-DD")
+    return value
+
+
+DATE_AS_TEXT = BeforeValidator(_date_as_text)
+
+
 @with_config(_STRICT)
 class IdentityIn(TypedDict):
     """Who the subject is. Encrypted before it reaches the database; never echoed in errors."""
@@ -196,9 +225,9 @@ class IdentityIn(TypedDict):
         NO_NUL,
         AfterValidator(_valid_bsn),
     ]
-    given_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL]
-    family_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL]
-    birth_date: Annotated[dt.date, AfterValidator(_plausible_birth_date)]
+    given_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL, READABLE]
+    family_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL, READABLE]
+    birth_date: Annotated[dt.date, DATE_AS_TEXT, AfterValidator(_plausible_birth_date)]
     street: NotRequired[
         Annotated[
             str | None,
@@ -222,8 +251,8 @@ class IdentityIn(TypedDict):
 class CharacteristicsIn(TypedDict):
     """Not identifying on their own; stored in clear beside the pseudonym for analysis."""
 
-    district: Annotated[str, Field(min_length=1, max_length=64), NO_NUL]
-    neighbourhood: Annotated[str, Field(min_length=1, max_length=64), NO_NUL]
+    district: Annotated[str, Field(min_length=1, max_length=64), NO_NUL, READABLE]
+    neighbourhood: Annotated[str, Field(min_length=1, max_length=64), NO_NUL, READABLE]
     birth_year: NotRequired[
         Annotated[
             int | None,
@@ -238,9 +267,12 @@ class EventIn(TypedDict):
     type: Annotated[
         str, Field(min_length=1, max_length=64, description="from policies/events.yaml"), NO_NUL
     ]
-    date: Annotated[dt.date, AfterValidator(_event_date)]
+    date: Annotated[dt.date, DATE_AS_TEXT, AfterValidator(_event_date)]
     office: Annotated[
-        str, Field(min_length=1, max_length=128, description="helpdesk or office"), NO_NUL
+        str,
+        Field(min_length=1, max_length=128, description="helpdesk or office"),
+        NO_NUL,
+        READABLE,
     ]
     source_event_id: Annotated[
         str,

@@ -258,3 +258,27 @@ def test_the_bulk_insert_fails_as_sqlalchemy_fails(session: Session, backend: st
         with pytest.raises(DataError):
             _bulk_insert(session.connection(), BATCHES, columns, [batch("c" * 32, "{\u0000}")])
         session.rollback()
+
+
+@pytest.mark.parametrize(
+    ("place", "field", "value"),
+    [
+        (lambda r: r["identity"], "given_name", "\u200b"),
+        (lambda r: r["identity"], "family_name", "\u202e\u200d"),
+        (lambda r: r["characteristics"], "district", "\u0301"),
+        (lambda r: r["events"][0], "office", "\u2063"),
+        (lambda r: r["identity"], "birth_date", 0),
+        (lambda r: r["events"][0], "date", 1_700_000_000.0),
+    ],
+)
+def test_invisible_names_and_dates_as_numbers_are_refused(
+    make: Make, place: Callable[[Record], dict[str, Any]], field: str, value: Any
+) -> None:
+    """A name of zero-width characters reads as nothing, and a number where a date belongs would
+    be taken as seconds since 1970: both are refused, by field, without the value."""
+    record = make(0)
+    place(record)[field] = value
+    with pytest.raises(ValidationError) as caught:
+        RECORD_BATCH.validate_python({"subjects": [record]})
+    [error] = caught.value.errors(include_input=False)
+    assert error["loc"][-1] == field
