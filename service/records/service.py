@@ -6,7 +6,8 @@ Invariants:
   (the pseudonym) through associated data, never to the person's data;
 - a batch is all-or-nothing: every failing row is reported in one 422 and nothing is flushed;
 - the same ``Idempotency-Key`` (per source) returns the stored first answer; the same
-  (source, source event id) never stores a second event;
+  (source, source event id) never stores a second event: sent again with the same subject, type,
+  date and office it is already known, with anything else the batch is refused (422);
 - a subject's pseudonym is looked up under every active pseudonym key version, so rotating that
   key never splits a person in two; new subjects get the current version;
 - an erased subject stays erased: a later batch may add pseudonymized events but never stores
@@ -57,6 +58,7 @@ from service.records.models import (
     IDENTITY,
     RECORD_BATCH,
     Event,
+    EventIn,
     IdentityIn,
     IngestBatch,
     RecordBatchPublic,
@@ -448,30 +450,94 @@ def _characteristics(record: SubjectRecordIn) -> tuple[Any, ...]:
     return (c["district"], c["neighbourhood"], birth_year, c.get("household_type"))
 
 
-def _known_event_ids(connection: Connection, *, source: str, ids: Sequence[str]) -> set[str]:
-    """Which of ``ids`` this source has sent before, in one query.
+EVENT_CONTENT = ("subject", "type", "date", "office")
+
+
+@dataclass(frozen=True)
+class _StoredEvent:
+    """What defines a stored event besides its (source, source event id)."""
+
+    subject_id: int
+    type: str
+    date: date
+    office: str
+
+    def differences(self, *, subject_id: int, event: EventIn) -> list[str]:
+        """The fields in which ``event``, sent for ``subject_id`` (0: a subject not stored yet),
+        differs from this one."""
+        sent = (subject_id, event["type"], event["date"], event["office"])
+        stored = (self.subject_id, self.type, self.date, self.office)
+        return [
+            name
+            for name, sent_value, stored_value in zip(EVENT_CONTENT, sent, stored, strict=True)
+            if sent_value != stored_value
+        ]
+
+
+def _known_events(
+    connection: Connection, *, source: str, ids: Sequence[str]
+) -> dict[str, _StoredEvent]:
+    """The events among ``ids`` this source has sent before, by source event id, in one query.
 
     The ids travel as one parameter (a text[] on PostgreSQL, a JSON array on SQLite) joined
     against the unique index: an ``IN`` list of separately bound values costs a bind parameter
     each to compile and, on PostgreSQL, is compared row by row.
     """
     if not ids:
-        return set()
+        return {}
     if connection.dialect.name == "postgresql":
         rows = connection.execute(
             text(
-                "SELECT e.source_event_id FROM unnest(CAST(:ids AS text[])) AS sent(id) "
+                "SELECT e.source_event_id, e.subject_id, e.type, e.date, e.office "
+                "FROM unnest(CAST(:ids AS text[])) AS sent(id) "
                 "JOIN events e ON e.source = :source AND e.source_event_id = sent.id"
             ),
             {"ids": list(ids), "source": source},
         )
     else:
         rows = connection.exec_driver_sql(
-            "SELECT source_event_id FROM events WHERE source = ? "
-            "AND source_event_id IN (SELECT value FROM json_each(?))",
+            "SELECT source_event_id, subject_id, type, date, office FROM events "
+            "WHERE source = ? AND source_event_id IN (SELECT value FROM json_each(?))",
             (source, json.dumps(list(ids))),
         )
-    return {row[0] for row in rows}
+    # SQLite hands back the date as the ISO text SQLAlchemy stored; PostgreSQL as a date.
+    return {
+        event_id: _StoredEvent(
+            subject_id=subject_id,
+            type=type_,
+            date=stored_date if isinstance(stored_date, date) else date.fromisoformat(stored_date),
+            office=office,
+        )
+        for event_id, subject_id, type_, stored_date, office in rows
+    }
+
+
+def _changed_event_errors(
+    *,
+    subjects: Sequence[SubjectRecordIn],
+    subject_ids: Sequence[int],
+    known: Mapping[str, _StoredEvent],
+) -> list[dict[str, Any]]:
+    """A row error for every event whose id is stored with other content: storing it would need
+    a second event under one id, and skipping it would silently lose it."""
+    errors: list[dict[str, Any]] = []
+    for row, (subject_id, record) in enumerate(zip(subject_ids, subjects, strict=True)):
+        for index, event in enumerate(record["events"]):
+            stored = known.get(event["source_event_id"])
+            if stored is None:
+                continue
+            differences = stored.differences(subject_id=subject_id, event=event)
+            if differences:
+                errors.append(
+                    {
+                        "row": row,
+                        "loc": ["subjects", row, "events", index, "source_event_id"],
+                        "msg": "source_event_id already stored with another "
+                        + ", ".join(differences)
+                        + "; a stored event cannot be changed by sending it again",
+                    }
+                )
+    return errors
 
 
 def _find_known(connection: Connection, candidates: Sequence[str]) -> dict[str, _Known]:
@@ -508,6 +574,18 @@ def _find_known(connection: Connection, candidates: Sequence[str]) -> dict[str, 
     }
 
 
+def _rejection(errors: Sequence[dict[str, Any]]) -> BatchInvalid:
+    """The 422 for a batch with row errors: it names the failing rows, never their values."""
+    rows = sorted({e["row"] for e in errors if e["row"] is not None})
+    shown = ", ".join(str(r) for r in rows[:20]) + (" …" if len(rows) > 20 else "")
+    return BatchInvalid(
+        f"batch rejected, nothing was stored; failing rows: {shown}"
+        if rows
+        else f"batch rejected, nothing was stored: {errors[0]['msg']}",
+        errors=list(errors),
+    )
+
+
 def ingest_batch(
     *,
     session: Session,
@@ -528,14 +606,7 @@ def ingest_batch(
     """
     errors = batch_errors(subjects=subjects, event_types=event_types, max_rows=max_rows)
     if errors:
-        rows = sorted({e["row"] for e in errors if e["row"] is not None})
-        shown = ", ".join(str(r) for r in rows[:20]) + (" …" if len(rows) > 20 else "")
-        raise BatchInvalid(
-            f"batch rejected, nothing was stored; failing rows: {shown}"
-            if rows
-            else f"batch rejected, nothing was stored: {errors[0]['msg']}",
-            errors=errors,
-        )
+        raise _rejection(errors)
     connection = session.connection()
 
     digest = ""
@@ -640,6 +711,13 @@ def ingest_batch(
             }
         )
 
+    sent_ids = [event["source_event_id"] for record in subjects for event in record["events"]]
+    already = _known_events(connection, source=source, ids=sent_ids)
+    if already:
+        errors = _changed_event_errors(subjects=subjects, subject_ids=subject_ids, known=already)
+        if errors:
+            raise _rejection(errors)
+
     try:
         if new_rows:
             ids = _allocate_subject_ids(connection, len(new_rows))
@@ -670,8 +748,6 @@ def ingest_batch(
                 changed_rows,
             )
 
-        sent_ids = [event["source_event_id"] for record in subjects for event in record["events"]]
-        already = _known_event_ids(connection, source=source, ids=sent_ids)
         date_processor = EVENTS.c.date.type.bind_processor(connection.dialect)
         event_rows = [
             (

@@ -59,7 +59,7 @@ def test_batch_stores_subjects_and_events_and_returns_pseudonyms(
         (lambda r: r["identity"].update(birth_date="2999-01-01"), "birth_date"),
         (lambda r: r["events"][0].update(date="2999-01-01"), "date"),
         (lambda r: r["events"][1].update(type="alien_abduction"), "type"),
-        (lambda r: r["identity"].update(nickname="Gerrie"), "nickname"),
+        (lambda r: r["identity"].update(nickname="Gerrie"), "(unknown field)"),
         (lambda r: r["identity"].update(postcode="ABC"), "postcode"),
     ],
 )
@@ -443,3 +443,69 @@ def test_a_replay_whose_digest_key_was_retired_is_told_so_not_that_the_batch_dif
     assert replay.status_code == 409, replay.text
     assert "retired" in replay.json()["detail"]
     assert "different batch" not in replay.json()["detail"]
+
+
+def test_an_event_sent_again_with_the_same_content_is_already_known(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    assert client.post(URL, json={"subjects": [make(0)]}, headers=source_headers).status_code == 200
+    resent = make(0)
+    resent["events"][1]["office"] = "  Wijkteam Afrikaanderwijk  "  # stripped on validation
+
+    response = client.post(URL, json={"subjects": [make(1), resent]}, headers=source_headers)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["events_stored"] == 3
+    assert response.json()["events_already_known"] == 3
+    assert count_rows(session, "events") == 6
+
+
+def _reuse_event_id_of_subject_0(record: Record) -> None:
+    record["events"][1]["source_event_id"] = "ev-0-1"
+
+
+@pytest.mark.parametrize("subject_known", [False, True], ids=["new-subject", "known-subject"])
+@pytest.mark.parametrize(
+    ("change", "differs"),
+    [
+        (lambda r: r["events"][1].update(type="welfare_start"), "type"),
+        (lambda r: r["events"][1].update(date="2023-02-16"), "date"),
+        (lambda r: r["events"][1].update(office="Wijkteam Bloemhof"), "office"),
+        (_reuse_event_id_of_subject_0, "subject"),
+    ],
+    ids=["type", "date", "office", "subject"],
+)
+def test_an_event_id_already_stored_with_other_content_refuses_the_batch(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    change: Callable[[Record], Any],
+    differs: str,
+    subject_known: bool,
+) -> None:
+    """Sending a stored event id again must not silently keep the old event and drop the new
+    one: the batch is refused whole, naming the row and field, never the id's value."""
+    stored = [make(0), make(1)] if subject_known else [make(0)]
+    assert client.post(URL, json={"subjects": stored}, headers=source_headers).status_code == 200
+    tables = ("subjects", "events", "ingest_batches", "access_log_entries")
+    before = {table: count_rows(session, table) for table in tables}
+    changed = make(0) if differs != "subject" else make(1)
+    change(changed)
+    keyed = {**source_headers, "Idempotency-Key": "batch-resent"}
+
+    response = client.post(URL, json={"subjects": [make(2), changed]}, headers=keyed)
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "failing rows: 1" in response.json()["detail"]
+    [error] = response.json()["errors"]
+    assert error["row"] == 1
+    assert error["loc"] == ["subjects", 1, "events", 1, "source_event_id"]
+    assert differs in error["msg"]
+    assert "ev-0-1" not in response.text
+    assert "Zwanenburg" not in response.text
+    assert {table: count_rows(session, table) for table in tables} == before
+    corrected = client.post(URL, json={"subjects": [make(2)]}, headers=keyed)
+    assert corrected.status_code == 200, corrected.text
+    assert corrected.json()["replayed"] is False, "the refusal stored no idempotency record"
