@@ -991,6 +991,14 @@ def import_(
     except ImportRefused as exc:
         console.print(f"[red]import refused:[/red] {exc}; nothing was stored", highlight=False)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print(
+            "[red]import interrupted:[/red] the batches committed before are stored, nothing of "
+            "the one in progress is. Run the same import again to finish: what is stored "
+            "already is recognised and not stored twice",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     console.print(
         f"imported {result.subjects} subjects, {result.events_stored} new events "
         f"({result.events_already_known} already known) in {result.batches} batches"

@@ -33,6 +33,7 @@ from service.crypto.keyring import Keyring, check_purpose
 from service.crypto.signing import NoteSigner
 from service.db import Database, make_engine
 from service.records import bulk
+from service.records import service as records_service
 from service.records.bulk import CSV_COLUMNS
 from service.records.demo import REFERENCE_DATE, synthetic_bsn
 from service.records.models import Subject
@@ -642,6 +643,32 @@ def test_an_import_that_stops_after_committed_batches_says_what_was_stored(
     assert "imported 5 subjects, 3 new events (2 already known)" in " ".join(output.split())
     assert count_rows(cli_session, "subjects") == 5
     assert count_rows(cli_session, "events") == 5
+
+
+def test_an_interrupted_import_says_what_is_stored_and_finishes_when_run_again(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_csv(tmp_path / "records.csv", [line(n, 0) for n in range(4)])
+    real_ingest, calls = records_service.ingest_batch, []
+
+    def interrupted_at_the_third_batch(**arguments: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_ingest(**arguments)
+
+    with pytest.MonkeyPatch.context() as interrupting:
+        interrupting.setattr(bulk, "ingest_batch", interrupted_at_the_third_batch)
+        code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 130, output
+    said = " ".join(output.split())
+    assert "import interrupted: the batches committed before are stored" in said
+    assert "Run the same import again to finish" in said
+    assert count_rows(cli_session, "subjects") == 2
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 0, output
+    assert count_rows(cli_session, "subjects") == 4
 
 
 def test_a_batch_the_service_refuses_stops_the_import_with_what_was_stored(
