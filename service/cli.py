@@ -332,6 +332,9 @@ def serve(
     settings = settings_or_exit()
     policies_or_exit(settings)
     prepare(settings)
+    # Read as every worker will read it, so a keyring it would refuse (too open, unreadable)
+    # is one line naming what to fix, not a traceback from each worker.
+    keyring_or_exit(settings)
     if settings.dev_issuer and print_tokens:
         issuer = dev_issuer(settings)
         ttl = min(DEMO_TOKEN_SECONDS, settings.token_max_lifetime_seconds)

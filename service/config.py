@@ -40,6 +40,14 @@ PLACEHOLDERS = ("changeme", "change-me", "change_me", "changethis", "placeholder
 DATABASE_DRIVERS = ("postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 
 
+def _holds_placeholder(value: object) -> bool:
+    """A text that contains a placeholder word, or a path with a folder or file named one
+    (``/srv/changeme/keyring.json``; a folder that merely contains the word is a real one)."""
+    if isinstance(value, Path):
+        return any(part.lower().split(".")[0] in PLACEHOLDERS for part in value.parts)
+    return isinstance(value, str) and any(p in value.lower() for p in PLACEHOLDERS)
+
+
 class UnsafeSettings(ValueError):
     """The configuration would run the service in an unsafe way."""
 
@@ -126,6 +134,17 @@ class Settings(BaseSettings):
     def dev_issuer_key_path(self) -> Path:
         return self.home / f"dev-issuer-{self.jwt_algorithm.lower()}.pem"
 
+    @field_validator("checkpoint_origin")
+    @classmethod
+    def _usable_origin(cls, origin: str) -> str:
+        # The signed-note key name rule (C2SP): a checkpoint signed under it must parse.
+        if not origin or any(c.isspace() or c == "+" for c in origin):
+            raise ValueError(
+                "must be a non-empty name without spaces or '+' "
+                "(e.g. casepackets.example.nl/access-log)"
+            )
+        return origin
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, name: str) -> str:
@@ -135,7 +154,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         for name, value in self.model_dump().items():
-            if isinstance(value, str) and any(p in value.lower() for p in PLACEHOLDERS):
+            if _holds_placeholder(value):
                 raise UnsafeSettings(
                     f"CASEPACKETS_{name.upper()} holds a placeholder value; set a real one"
                 )

@@ -156,6 +156,23 @@ def test_serve_refuses_a_broken_policy_in_one_line_before_starting(
     assert not (cli_home / "keyring.json").exists()  # refused before anything was prepared
 
 
+def test_serve_refuses_a_keyring_open_to_others_in_one_line_before_starting(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker would refuse it with a traceback: the command says what to fix first."""
+    keyring = Keyring.init(cli_home / "keyring.json").path
+    keyring.chmod(0o644)
+    started: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(a))
+    result = CliRunner().invoke(cli, ["serve", "--no-print-tokens"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "keyring refused:" in said
+    assert f"run chmod 600 {keyring}" in said
+    assert "Traceback" not in said
+    assert started == []
+
+
 # -- a database the command cannot use is one line, never a traceback --------------------------
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from service.cli import refusal
 from service.config import PROJECT_ROOT, Settings, normalize_database_url, shipped
 
 
@@ -59,6 +61,28 @@ def test_production_requires_https_jwks(tmp_path: Path) -> None:
 def test_placeholder_values_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="CASEPACKETS_DATABASE_URL holds a placeholder"):
         Settings(home=tmp_path, database_url="postgresql://app:changethis@db/casepackets")
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"keyring_path": Path("/srv/changeme/keyring.json")}, {"home": Path("/srv/placeholder")}],
+)
+def test_placeholder_paths_are_refused(given: dict[str, Any]) -> None:
+    field = next(iter(given)).upper()
+    with pytest.raises(ValueError, match=f"CASEPACKETS_{field} holds a placeholder"):
+        Settings(**given)
+
+
+@pytest.mark.parametrize("origin", ["", "casepackets log", "casepackets+log", "\t"])
+def test_a_checkpoint_origin_no_checkpoint_could_be_signed_under_is_refused(
+    tmp_path: Path, origin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused when the settings are read, naming the variable, rather than when the first
+    checkpoint is signed (start-up then died with a traceback)."""
+    monkeypatch.setenv("CASEPACKETS_CHECKPOINT_ORIGIN", origin)
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path)
+    assert refusal(caught.value).startswith("CASEPACKETS_CHECKPOINT_ORIGIN: must be a non-empty")
 
 
 def test_production_requires_a_lasting_checkpoint_origin(tmp_path: Path) -> None:
