@@ -34,7 +34,7 @@ from service.crypto.keyring import Keyring
 from service.db import Database
 from service.errors import UnexpectedErrors, Unprocessable, install_error_handlers, problem
 from service.flagging.router import router as flagging_router
-from service.openapi import problem_responses
+from service.openapi import problem_responses, problems_only
 from service.packets.opens import PacketOpens
 from service.packets.router import router as packets_router
 from service.packets.service import shred_periodically
@@ -334,6 +334,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     app.state.dev_issuer = dev_issuer
 
     install_error_handlers(app)
+    generated = app.openapi
+    app.openapi = lambda: problems_only(generated())  # type: ignore[method-assign]
 
     # The last one added runs outermost: RequestId wraps UnexpectedErrors, so a 500 carries the
     # request id.

@@ -55,3 +55,16 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 AUTH_ERRORS = problem_responses(401, 403)
+
+
+def problems_only(spec: dict[str, Any]) -> dict[str, Any]:
+    """The document with every error response declared as ``application/problem+json`` alone:
+    FastAPI adds the route's own media type (``application/json``, ``text/plain``) beside the
+    one ``problem_responses`` declares, though errors are only ever sent as problem+json."""
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content")
+                if str(status)[0] in "45" and content and PROBLEM_JSON in content:
+                    response["content"] = {PROBLEM_JSON: content[PROBLEM_JSON]}
+    return spec

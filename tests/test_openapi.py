@@ -42,3 +42,17 @@ def test_every_route_has_a_success_schema() -> None:
         assert ok, f"{method} {path} declares no success response"
         content = op["responses"][ok[0]].get("content", {})
         assert content, f"{method} {path} has no response model"
+
+
+def test_every_error_response_is_declared_as_problem_json_alone() -> None:
+    """Errors are only ever sent as application/problem+json; a client generated from the
+    contract must not expect a plain JSON or text error body."""
+    declared = {
+        (path, method, status): sorted(response.get("content", {}))
+        for path, operations in current_spec()["paths"].items()
+        for method, operation in operations.items()
+        for status, response in operation["responses"].items()
+        if status[0] in "45"
+    }
+    assert declared
+    assert {k: v for k, v in declared.items() if v != ["application/problem+json"]} == {}
