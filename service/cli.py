@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -519,16 +519,18 @@ def audit_verify(
         console.print("[red]--trusted-public-key is the key of a --trusted-checkpoint[/red]")
         raise typer.Exit(2)
     try:
-        verified = verify_files(
-            entries=entries,
-            checkpoint=checkpoint,
-            public_key=public_key,
-            trusted_checkpoint=trusted_checkpoint,
-            trusted_public_key=trusted_public_key,
-            leaf_hashes=leaf_hashes,
-            handovers=handovers,
-            key_without_handover=key_without_handover,
-        )
+        with byte_progress(f"verify {entries.name}", entries.stat().st_size) as report:
+            verified = verify_files(
+                entries=entries,
+                checkpoint=checkpoint,
+                public_key=public_key,
+                trusted_checkpoint=trusted_checkpoint,
+                trusted_public_key=trusted_public_key,
+                leaf_hashes=leaf_hashes,
+                handovers=handovers,
+                key_without_handover=key_without_handover,
+                on_progress=report,
+            )
     except VerificationFailed as exc:
         console.print(f"[red]FAILED:[/red] {exc}", highlight=False)
         beside = checkpoint.parent / HANDOVERS_FILE
@@ -858,6 +860,18 @@ def retire_logged(
     )
 
 
+@contextmanager
+def byte_progress(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A bar over ``total`` bytes on a terminal; None elsewhere, where a log or a script wants
+    the outcome as the first line (a bar's last state would come before it)."""
+    if not console.is_terminal:
+        yield None
+        return
+    with progress_bar() as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda done: progress.update(task, completed=done)
+
+
 def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -1097,7 +1111,11 @@ def partition(
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     keyring = keyring_or_exit(settings)
-    with database_for(settings) as database, database.transaction() as session:
+    with (
+        database_for(settings) as database,
+        database.transaction() as session,
+        console.status("partitioning the run's flagged cases (one transaction) …"),
+    ):
         result = partition_run(
             session=session,
             keyring=keyring,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -330,7 +330,10 @@ def verify_files(
     leaf_hashes: Path | None = None,
     handovers: Path | None = None,
     key_without_handover: bool = False,
+    on_progress: Callable[[int], None] | None = None,
 ) -> Verified:
+    """``verify_export`` over the files; ``on_progress`` hears how many bytes of the entries
+    file were read, now and then and at the end."""
     verifier = _read_key(public_key, which="public key")
     trusted_verifier = (
         _read_key(trusted_public_key, which="trusted public key") if trusted_public_key else None
@@ -342,8 +345,11 @@ def verify_files(
         entries.open("rb") as entries_file,
         leaf_hashes.open("rb") if leaf_hashes else contextlib.nullcontext() as hashes_file,
     ):
+        lines = bounded_lines(entries_file)
         return verify_export(
-            entries=bounded_lines(entries_file),
+            entries=lines
+            if on_progress is None
+            else reporting_lines(lines, entries_file, on_progress),
             checkpoint_note=note,
             verifier=verifier,
             trusted_note=trusted,
@@ -357,6 +363,17 @@ def verify_files(
 # Far above any entry the service writes (an ingest batch's pseudonyms are ~35 bytes a row): a
 # longer line is refused before it is held in memory.
 MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def reporting_lines(
+    lines: Iterator[bytes], handle: BinaryIO, on_progress: Callable[[int], None]
+) -> Iterator[bytes]:
+    """``lines``, telling ``on_progress`` the position in ``handle`` every 10,000 lines."""
+    for count, line in enumerate(lines, 1):
+        if count % 10_000 == 0:
+            on_progress(handle.tell())
+        yield line
+    on_progress(handle.tell())
 
 
 def bounded_lines(handle: BinaryIO, *, limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:

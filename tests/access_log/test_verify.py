@@ -25,7 +25,8 @@ from service.access_log.export import (
     export_log,
 )
 from service.access_log.handover import handed_to
-from service.access_log.verify import VerificationFailed, bounded_lines
+from service.access_log.verify import VerificationFailed, bounded_lines, verify_files
+from service.access_log.verify import reporting_lines as reporting
 from service.access_log.verify import root_of_lines as merkle_root_of_lines
 from service.cli import app as cli
 from service.config import get_settings
@@ -701,3 +702,23 @@ def test_entries_rewritten_before_a_handover_fail_against_the_old_key(
     )
     assert code == 1
     assert "its first 11 entries no longer have the root of the handover checkpoint" in output
+
+
+def test_verifying_files_reports_how_far_it_read(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_each(database, 6)
+    folder = export(database, signer, tmp_path / "export")
+    read: list[int] = []
+    verify_files(
+        entries=folder / ENTRIES_FILE,
+        checkpoint=folder / CHECKPOINT_FILE,
+        public_key=folder / PUBLIC_KEY_FILE,
+        on_progress=read.append,
+    )
+    assert read == [(folder / ENTRIES_FILE).stat().st_size]
+    # A long file is reported every 10,000 lines as well.
+    handle = io.BytesIO(b"x\n" * 25_000)
+    positions: list[int] = []
+    assert sum(1 for _ in reporting(bounded_lines(handle), handle, positions.append)) == 25_000
+    assert positions == [20_000, 40_000, 50_000]
