@@ -20,6 +20,7 @@ from sqlalchemy import select, update
 from sqlmodel import Session
 from typer.testing import CliRunner
 
+from service import db as db_module
 from service.cli import app as cli
 from service.config import Settings, get_settings
 from service.crypto.envelope import DataKey, unwrap_key
@@ -403,6 +404,55 @@ def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes
         assert_shredded(packet_state(session, packet["id"]), "expired", notes=len(secrets) // 2)
         left = raw_storage(session)
         assert [secret for secret in secrets if secret in left] == []
+    finally:
+        reader.close()
+        database.dispose()
+
+
+def test_a_reader_that_ends_a_moment_after_the_shred_does_not_leave_the_purge_pending(
+    app: Any,
+    client: TestClient,
+    token: TokenFactory,
+    db_url: str,
+    home: Path,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request's transaction that began just before a shred holds PostgreSQL's removable
+    cutoff back for a moment: the purge tries VACUUM again shortly, and SQLite's checkpoint waits
+    for the reader, so neither reports a purge pending that a moment later is not."""
+    world = world_of(client, token)
+    note_every_client(client, token, world.packet(OWNER, "Charlois"))
+    settings = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.5)
+    database = Database(settings)
+    reader = database.engine.raw_connection()
+    begin = "BEGIN" if backend == "sqlite" else "BEGIN ISOLATION LEVEL REPEATABLE READ"
+    reader.driver_connection.execute(begin)  # type: ignore[union-attr]
+    reader.driver_connection.execute("SELECT count(*) FROM packets").fetchone()  # type: ignore[union-attr]
+
+    def end_reader() -> None:
+        reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
+
+    vacuums: list[list[str]] = []
+    if backend == "sqlite":
+        threading.Timer(0.1, end_reader).start()  # while the checkpoint waits for it
+    else:
+        real_vacuum = db_module._vacuum_wrap_tables
+
+        def vacuum_then_end_reader(connection: Any, *, horizon: int) -> list[str]:
+            vacuums.append(real_vacuum(connection, horizon=horizon))
+            if len(vacuums) == 1:
+                end_reader()  # just after the first VACUUM, which it held back
+            return vacuums[-1]
+
+        monkeypatch.setattr(db_module, "_vacuum_wrap_tables", vacuum_then_end_reader)
+    try:
+        retention = app.state.retention_policy
+        later = utcnow() + timedelta(days=retention.packet_ttl_days + 1)
+        assert shred_expired(database=database, retention=retention, actor="t", now=later) == 2
+        assert not database.purge_pending
+        if backend == "postgres":
+            assert [bool(held_back) for held_back in vacuums] == [True, False]
     finally:
         reader.close()
         database.dispose()
