@@ -444,12 +444,13 @@ XID_SPACE = 2**32  # VACUUM reports 32-bit transaction ids, which wrap around
 PURGE_RETRY_PAUSES_SECONDS = (0.1, 0.3, 0.0)
 
 
-def _vacuum_wrap_tables(connection: Connection, *, horizon: int) -> list[str]:
+def _vacuum_wrap_tables(connection: Connection, *, horizon: int) -> list[str] | None:
     """VACUUM the tables with wraps; returns those (or their TOAST tables) where it could not
     remove every row version replaced before transaction ``horizon`` (a 64-bit id), and those it
     skipped (``SKIP_LOCKED``: an autovacuum, ANALYZE or index build holds them), as VACUUM
     itself reports them. Empty: what was overwritten before ``horizon`` is gone from the tables.
-    """
+    None: VACUUM ran, but its report could not be read (it is read as PostgreSQL 15 and later
+    word it, in English), so nothing could be checked."""
     reports: list[str] = []
 
     def collect(diagnostic: psycopg.errors.Diagnostic) -> None:
@@ -471,6 +472,8 @@ def _vacuum_wrap_tables(connection: Connection, *, horizon: int) -> list[str]:
         behind = cutoff is None or (int(cutoff.group(1)) - horizon) % XID_SPACE >= XID_SPACE // 2
         if behind or (missed is not None and int(missed.group(1))):
             held_back.add(table.group(1))
+    if not finished:
+        return None
     return sorted(held_back | (set(WRAP_TABLES) - finished))
 
 
@@ -568,6 +571,12 @@ class Database:
                         if not held_back:
                             break
                         time.sleep(pause)
+                if held_back is None:
+                    logger.warning(
+                        "VACUUM ran, but its report could not be read (PostgreSQL before 15, or "
+                        "server messages not in English): the purge counts as done without a "
+                        "check that every overwritten row version is gone"
+                    )
                 if held_back:
                     logger.warning(
                         "could not yet remove every overwritten row version from %s: a snapshot "

@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -18,7 +20,16 @@ from sqlalchemy.exc import OperationalError
 
 from service import db
 from service.config import PROJECT_ROOT, Settings
-from service.db import Database, DatabaseBusy, WriterTurn, downgrade, make_engine, migrate
+from service.db import (
+    WRAP_TABLES,
+    Database,
+    DatabaseBusy,
+    WriterTurn,
+    _vacuum_wrap_tables,
+    downgrade,
+    make_engine,
+    migrate,
+)
 from service.schema import metadata
 from tests.conftest import MIGRATIONS, Databases
 
@@ -251,3 +262,49 @@ def test_a_migration_that_waits_past_its_bound_is_busy(
         pytest.raises(DatabaseBusy, match="the database is busy"),
     ):
         migrate(url, MIGRATIONS)
+
+
+class _Reporting:
+    """A stand-in connection whose VACUUM reports ``reports`` as PostgreSQL notices would."""
+
+    def __init__(self, reports: list[str]) -> None:
+        self.reports = reports
+        self.handlers: list[Any] = []
+        self.connection = self
+        self.driver_connection = self
+
+    def add_notice_handler(self, handler: Any) -> None:
+        self.handlers.append(handler)
+
+    def remove_notice_handler(self, handler: Any) -> None:
+        self.handlers.remove(handler)
+
+    def exec_driver_sql(self, statement: str) -> None:
+        assert statement.startswith("VACUUM (VERBOSE, SKIP_LOCKED)")
+        for report in self.reports:
+            for handler in self.handlers:
+                handler(SimpleNamespace(message_primary=report))
+
+
+def _finished(table: str, cutoff: int, missed: str = "") -> str:
+    return (
+        f'finished vacuuming "db.public.{table}": index scans: 0\n'
+        "tuples: 3 removed, 7 remain, 0 are dead but not yet removable\n"
+        f"{missed}removable cutoff: {cutoff}, which was 1 XIDs old when operation ended\n"
+    )
+
+
+def test_the_purge_reads_vacuums_report_per_table() -> None:
+    horizon = 2**32 + 1000  # a 64-bit transaction id; VACUUM reports 32-bit ones
+    done = [_finished(table, 1000) for table in WRAP_TABLES]
+    assert _vacuum_wrap_tables(_Reporting(done), horizon=horizon) == []  # type: ignore[arg-type]
+    behind = [*done[:-1], _finished(WRAP_TABLES[-1], 999)]
+    assert _vacuum_wrap_tables(_Reporting(behind), horizon=horizon) == [WRAP_TABLES[-1]]  # type: ignore[arg-type]
+    missed = [*done[1:], _finished(WRAP_TABLES[0], 1000, "tuples missed: 2 dead from 1 pages\n")]
+    assert _vacuum_wrap_tables(_Reporting(missed), horizon=horizon) == [WRAP_TABLES[0]]  # type: ignore[arg-type]
+    skipped = done[1:]  # SKIP_LOCKED: a table another VACUUM held
+    assert _vacuum_wrap_tables(_Reporting(skipped), horizon=horizon) == [WRAP_TABLES[0]]  # type: ignore[arg-type]
+    # PostgreSQL 14 words it otherwise (and a server may report in another language): unread,
+    # which the purge says in the log instead of waiting forever for a report it cannot read.
+    older = ['"packets": found 3 removable, 7 nonremovable row versions in 1 out of 1 pages']
+    assert _vacuum_wrap_tables(_Reporting(older), horizon=horizon) is None  # type: ignore[arg-type]

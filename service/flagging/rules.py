@@ -45,7 +45,8 @@ EVENT_TYPES: Final = (
 # before it, so that start can be a return after work; a job that starts on the day another ended
 # leaves the person in work; a welfare spell that ends on the day another starts (the person moved
 # desks) is read as one unbroken spell. Off welfare, a start and an end on one day are a one-day
-# spell: its end, sorted first, is paired with the start after it.
+# spell: its end, sorted first, is paired with the start after it (unless the records begin with
+# that end and the start is at another office: a desk move of a spell older than the records).
 SAME_DAY_ORDER: Final[Mapping[str, int]] = {
     "welfare_end": 0,
     "employment_end": 1,
@@ -62,7 +63,8 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # different code never share a version. 1 was the evaluator before its version was recorded; 2
 # reads relapse as a return after leaving welfare for work, keeps a same-day welfare move one
 # spell, names the window's first day and counts office spellings as one. 3 reads a start and an
-# end on one day while off welfare as a one-day spell (2 read it as a spell still going on).
+# end on one day while off welfare as a one-day spell (2 read it as a spell still going on),
+# except a desk move where the records begin.
 EVALUATOR_VERSION: Final = 3
 
 SubjectEvent = tuple[str, int, str]
@@ -293,14 +295,18 @@ class Evaluator:
         job_ended = -1  # the latest employment_end, or -1 if a job started after it
         # An end read while off welfare, and the latest spell's end before it: a start on that
         # same day makes the two a one-day spell (its end sorts first), not a spell going on.
-        ended_off_welfare, left_before = -1, -1
+        # Only where the records begin with that end is it also read as a desk move (a spell
+        # from before the records, moving to another office that day): when the start's office
+        # is another one.
+        ended_off_welfare, left_before, ended_at = -1, -1, ""
         for kind, day, office in events:
             if day > as_of:
                 break
             if kind == "helpdesk_visit":
                 visits.append((day, office))
             elif kind == "welfare_start" and on_welfare_since < 0:
-                if day == ended_off_welfare:
+                moved_desks = left_before < 0 and office_key(office) != ended_at
+                if day == ended_off_welfare and not moved_desks:
                     if 0 <= left_before <= job_ended:
                         returns.append(WelfareReturn(left_before, job_ended, day))
                     spell_began = left_welfare = day
@@ -315,7 +321,7 @@ class Evaluator:
                     spell_began, left_welfare = on_welfare_since, day
                     on_welfare_since = -1
                 else:
-                    ended_off_welfare, left_before = day, left_welfare
+                    ended_off_welfare, left_before, ended_at = day, left_welfare, office_key(office)
                     if left_welfare < 0:  # the spell began before the records did
                         spell_began = left_welfare = day
             elif kind == "employment_end":

@@ -194,8 +194,12 @@ def _event_date(value: dt.date) -> dt.date:
     return value
 
 
+# The population register's mark for a name that is not known.
+UNKNOWN_NAME = "."
+
+
 def _readable(value: str) -> str:
-    if not any(character.isalnum() for character in value):
+    if value != UNKNOWN_NAME and not any(character.isalnum() for character in value):
         raise ValueError(
             "must hold a letter or digit, not only spaces, marks or invisible characters"
         )

@@ -374,6 +374,22 @@ def test_a_start_and_an_end_on_one_day_off_welfare_are_a_one_day_spell() -> None
     assert hit.evidence["on_welfare_since"] == "2022-01-03"
 
 
+def test_a_desk_move_where_the_records_begin_is_still_welfare() -> None:
+    """The records begin inside a spell that ends at one office and goes on at another on the
+    same day: a desk move, not a one-day spell (at the same office it would be one)."""
+    moved = [
+        event("welfare_end", date(2021, 6, 1), "Werkplein Zuid"),
+        event("welfare_start", date(2021, 6, 1), "Werkplein Noord"),
+    ]
+    [hit] = evaluate(policy(LONG), moved, as_of=AS_OF)
+    assert hit.evidence["on_welfare_since"] == "2021-06-01"
+    same_office = [
+        event("welfare_end", date(2021, 6, 1), "Werkplein Zuid"),
+        event("welfare_start", date(2021, 6, 1), "werkplein  zuid"),
+    ]
+    assert evaluate(policy(LONG), same_office, as_of=AS_OF) == []
+
+
 def test_long_welfare_without_any_visit_says_so() -> None:
     [hit] = evaluate(policy(LONG), [event("welfare_start", date(2020, 1, 1))], as_of=AS_OF)
     assert hit.evidence["last_helpdesk_visit"] is None

@@ -433,13 +433,13 @@ def test_a_reader_that_ends_a_moment_after_the_shred_does_not_leave_the_purge_pe
     def end_reader() -> None:
         reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
 
-    vacuums: list[list[str]] = []
+    vacuums: list[list[str] | None] = []
     if backend == "sqlite":
         threading.Timer(0.1, end_reader).start()  # while the checkpoint waits for it
     else:
         real_vacuum = db_module._vacuum_wrap_tables
 
-        def vacuum_then_end_reader(connection: Any, *, horizon: int) -> list[str]:
+        def vacuum_then_end_reader(connection: Any, *, horizon: int) -> list[str] | None:
             vacuums.append(real_vacuum(connection, horizon=horizon))
             if len(vacuums) == 1:
                 end_reader()  # just after the first VACUUM, which it held back

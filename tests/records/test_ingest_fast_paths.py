@@ -282,3 +282,13 @@ def test_invisible_names_and_dates_as_numbers_are_refused(
         RECORD_BATCH.validate_python({"subjects": [record]})
     [error] = caught.value.errors(include_input=False)
     assert error["loc"][-1] == field
+
+
+def test_the_registers_mark_for_an_unknown_name_and_names_of_any_script_are_taken(
+    make: Make,
+) -> None:
+    record = make(0)
+    record["identity"]["family_name"] = "."  # not known to the population register
+    record["identity"]["given_name"] = "Zoë-Ölçay d'Hondt 李"
+    record["events"][0]["office"] = "UWV – Werkplein"
+    assert RECORD_BATCH.validate_python({"subjects": [record]})
