@@ -11,7 +11,9 @@ Guarantees, on top of ``service.open_packets``'s:
   runs out, only the opens past their own bound get 503, and the others try again;
 - one open's refusal is that open's alone, and so is a packet being changed: on PostgreSQL a
   batch skips a packet whose row another transaction holds (a close, reassign, shred or erasure
-  in progress), and that open waits for it on its own, off the batches;
+  in progress), and that open waits for it on its own, off the batches (the change may make the
+  caller its owner); when that wait runs out, the caller gets 503 if the committed row says the
+  packet is theirs, and otherwise the logged 404 anyone gets for a packet not theirs;
 - the opens of one worker process run one batch at a time; the log's lock orders the batches
   of every process, so their entries form one gap-free sequence, as single appends do;
 - on SQLite a batch runs on the event loop when the write lock is free: it never waits for the
@@ -95,9 +97,12 @@ class PacketOpens:
         except service.PacketLocked:
             # Its packet is being closed, reassigned, shredded or erased (PostgreSQL): it waits
             # for that on its own, in a thread, while the batches go on without it.
-            (outcome,) = await asyncio.get_running_loop().run_in_executor(
-                None, self._until_deadlines, [pending], False
-            )
+            loop = asyncio.get_running_loop()
+            (outcome,) = await loop.run_in_executor(None, self._until_deadlines, [pending], False)
+            if isinstance(outcome, LogUnavailable):
+                # The wait ran out: someone the committed row does not admit gets the logged
+                # 404 anyone gets for a packet not theirs, not a 503 that says it exists.
+                outcome = await loop.run_in_executor(None, self._judged_as_held, pending)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -123,6 +128,22 @@ class PacketOpens:
                 return await self._log_in_thread(batch)
             await asyncio.sleep(pause)
             pause *= 2
+
+    def _judged_as_held(self, pending: _Pending) -> SealedPacket | ServiceError:
+        """An open whose wait for its packet ran out, judged by the packet's committed row:
+        refused (and logged) if it is not the caller's; still 503 for its owner."""
+        unavailable = LogUnavailable(
+            "the packet or the access log is busy; the request was not carried out, try again"
+        )
+        try:
+            (outcome,) = self._transaction(
+                [pending], MIN_LOCK_WAIT_SECONDS, skip_locked=True, deny_held=True
+            )
+        except (LogUnavailable, OperationalError) as exc:
+            if isinstance(exc, OperationalError) and not lock_was_busy(exc):
+                raise
+            return unavailable
+        return unavailable if isinstance(outcome, service.PacketLocked) else outcome
 
     def _until_deadlines(self, batch: Sequence[_Pending], skip_locked: bool) -> Outcomes:
         """The batch's opens, each waiting for the locks it needs until its own deadline: the
@@ -155,7 +176,12 @@ class PacketOpens:
         return [outcomes[number] for number in range(len(batch))]
 
     def _transaction(
-        self, batch: Sequence[_Pending], lock_wait: float, *, skip_locked: bool
+        self,
+        batch: Sequence[_Pending],
+        lock_wait: float,
+        *,
+        skip_locked: bool,
+        deny_held: bool = False,
     ) -> Outcomes:
         """The batch's opens in one committed transaction whose every lock wait lasts at most
         ``lock_wait``; with 0, ``_LockTaken`` (nothing done) unless the lock is free now."""
@@ -168,7 +194,10 @@ class PacketOpens:
                         raise _LockTaken from None
                     raise
                 outcomes = service.open_packets(
-                    session=session, requests=[p.request for p in batch], skip_locked=skip_locked
+                    session=session,
+                    requests=[p.request for p in batch],
+                    skip_locked=skip_locked,
+                    deny_held=deny_held,
                 )
                 session.commit()
             except BaseException:

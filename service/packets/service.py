@@ -52,6 +52,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from service.access_log.service import LogEntry, Outcome, append, append_many
@@ -70,6 +71,7 @@ from service.crypto.envelope import (
     wrap_under,
 )
 from service.crypto.keyring import KeyProvider
+from service.db import lock_was_busy
 from service.errors import Conflict, Gone, NotFound, ServiceError, Unavailable, Unprocessable
 from service.flagging.models import Flag
 from service.flagging.service import get_run
@@ -989,14 +991,25 @@ def _owned_packet(
 
     The owner needs ``permission``; anyone holding ``any_permission`` may act on every packet.
     A packet that another transaction holds (PostgreSQL: a close, reassign, shred or erasure in
-    progress) is judged by its committed row first, so whoever may not act on it gets the same
-    logged 404 at once as for a packet that does not exist; only those who may wait for it.
+    progress) is waited for, as the change may be a reassignment to the caller. If that wait
+    runs out, someone its committed row does not admit gets the same logged 404 as for a packet
+    that does not exist (never the 503 that would say it exists); its owner gets the 503.
     """
     packet = _row(session, _FREE_PACKET, packet_id)
     if packet is None and (held := _row(session, _PACKET, packet_id)) is not None:
-        entitled = _why_hidden(held, caller, permission=permission, any_permission=any_permission)
-        # Locked until commit (a shredder skips it meanwhile); judged again below, as it is now.
-        packet = _row(session, _LOCKED_PACKET, packet_id) if entitled is None else held
+        admitted = (
+            _why_hidden(held, caller, permission=permission, any_permission=any_permission) is None
+        )
+        try:
+            # Under a savepoint: a wait that runs out leaves the transaction usable for the
+            # denied entry. Locked until commit (a shredder skips it meanwhile), and judged
+            # again below as it is now.
+            with session.begin_nested():
+                packet = _row(session, _LOCKED_PACKET, packet_id)
+        except OperationalError as exc:
+            if admitted or not lock_was_busy(exc):
+                raise
+            packet = held
     reason: str | None
     if packet is None:
         reason = "no such packet"
@@ -1368,7 +1381,11 @@ def _sealed_contents(connection: Connection, packet_ids: list[str]) -> dict[str,
 
 
 def open_packets(
-    *, session: Session, requests: Sequence[OpenRequest], skip_locked: bool = False
+    *,
+    session: Session,
+    requests: Sequence[OpenRequest],
+    skip_locked: bool = False,
+    deny_held: bool = False,
 ) -> list[SealedPacket | ServiceError]:
     """Log the re-identifications asked for; ``reveal`` then decrypts each allowed one.
 
@@ -1383,9 +1400,12 @@ def open_packets(
     held while decrypting. A first open moves the packet to ``opened``. The packets are locked
     in id order (``FOR UPDATE`` on PostgreSQL), so a close, reassign, shred or erasure in
     progress commits first and none starts before this commits. With ``skip_locked`` a packet
-    that another transaction holds is not waited for: its owner's opens get ``PacketLocked`` and
-    no entry (so one packet being changed holds up no other open of a batch), and anyone else's
-    are refused as for any packet not theirs (the same 404 as for a packet that does not exist).
+    that another transaction holds is not waited for: its opens get ``PacketLocked`` and no entry
+    (so one packet being changed holds up no other open of a batch; each then waits for it on
+    its own, since the change may be a reassignment to the one asking). With ``deny_held`` too,
+    for an open whose wait ran out, only its owner's opens get ``PacketLocked``: anyone else's
+    are refused by the committed row, as for any packet not theirs (the same 404 as for a
+    packet that does not exist, never a 503 that would say it exists).
     """
     connection = session.connection()
     asked = sorted({r.packet_id for r in requests})
@@ -1395,8 +1415,8 @@ def open_packets(
             _FREE_PACKETS if skip_locked else _LOCKED_PACKETS, {"packet_ids": asked}
         ).all()
     }
-    # Skipped (held elsewhere) or missing: a held packet is judged by its committed row, so
-    # whoever may not open it is refused now, as for any packet not theirs; its owner waits.
+    # Skipped (held elsewhere) or missing: with ``deny_held`` a held packet is judged by its
+    # committed row, so whoever may not open it is refused now; otherwise every open of it waits.
     held: dict[str, _PacketRow] = {}
     if skip_locked and (unseen := [packet_id for packet_id in asked if packet_id not in packets]):
         held = {
@@ -1408,7 +1428,8 @@ def open_packets(
         _refusal(r, packets.get(r.packet_id) or held.get(r.packet_id), now) for r in requests
     ]
     waits = [
-        r.packet_id in held and (no is None or not isinstance(no[1], PacketNotFound))
+        r.packet_id in held
+        and (not deny_held or no is None or not isinstance(no[1], PacketNotFound))
         for r, no in zip(requests, refusals, strict=True)
     ]
     allowed = sorted(
