@@ -132,20 +132,18 @@ class PacketOpens:
     def _judged_as_held(self, pending: _Pending) -> SealedPacket | ServiceError:
         """An open whose wait for its packet ran out, judged by the packet's committed row:
         refused (and logged) if it is not the caller's; still 503 for its owner."""
-        unavailable = LogUnavailable(
-            "the packet or the access log is busy; the request was not carried out, try again"
-        )
-        try:
-            (outcome,) = self._transaction(
-                [pending], MIN_LOCK_WAIT_SECONDS, skip_locked=True, deny_held=True
+        # Its deadline has passed: one short try for the locks, with the usual outcome when
+        # that runs out too.
+        (outcome,) = self._until_deadlines([pending], True, deny_held=True)
+        if isinstance(outcome, LogUnavailable | service.PacketLocked):
+            return LogUnavailable(
+                "the packet or the access log is busy; the request was not carried out, try again"
             )
-        except (LogUnavailable, OperationalError) as exc:
-            if isinstance(exc, OperationalError) and not lock_was_busy(exc):
-                raise
-            return unavailable
-        return unavailable if isinstance(outcome, service.PacketLocked) else outcome
+        return outcome
 
-    def _until_deadlines(self, batch: Sequence[_Pending], skip_locked: bool) -> Outcomes:
+    def _until_deadlines(
+        self, batch: Sequence[_Pending], skip_locked: bool, *, deny_held: bool = False
+    ) -> Outcomes:
         """The batch's opens, each waiting for the locks it needs until its own deadline: the
         transaction waits as long as its earliest open may, and when that runs out, the opens
         past their deadline get 503 and the others try again."""
@@ -156,7 +154,10 @@ class PacketOpens:
             lock_wait = max(MIN_LOCK_WAIT_SECONDS, earliest - time.monotonic())
             try:
                 done = self._transaction(
-                    [batch[number] for number in left], lock_wait, skip_locked=skip_locked
+                    [batch[number] for number in left],
+                    lock_wait,
+                    skip_locked=skip_locked,
+                    deny_held=deny_held,
                 )
             except (LogUnavailable, OperationalError) as exc:
                 if isinstance(exc, OperationalError) and not lock_was_busy(exc):
