@@ -174,21 +174,25 @@ class SafeAccessLog(logging.Filter):
         return True
 
 
-def _paths(routes: Iterable[BaseRoute]) -> Iterator[str]:
-    """Every route's path, those of included routers too (recent FastAPI versions keep an
-    included router as one entry holding its ``original_router``)."""
+def served_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes themselves, with those of included routers (which recent FastAPI versions
+    keep as one entry holding the ``original_router``; no router here is included under an
+    extra prefix, so their paths are the served ones)."""
     for route in routes:
         inner = getattr(route, "original_router", None)
-        if inner is not None:
-            yield from _paths(inner.routes)
+        if inner is None:
+            yield route
         else:
-            yield str(getattr(route, "path", ""))
+            yield from served_routes(inner.routes)
 
 
 def install_safe_access_log(app: FastAPI) -> None:
     """Filter uvicorn's access log (one filter per process, for the app created last)."""
     words = frozenset(
-        part for path in _paths(app.routes) for part in path.split("/") if "{" not in part
+        part
+        for route in served_routes(app.routes)
+        for part in str(getattr(route, "path", "")).split("/")
+        if "{" not in part
     )
     access = logging.getLogger("uvicorn.access")
     for old in [f for f in access.filters if isinstance(f, SafeAccessLog)]:

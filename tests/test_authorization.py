@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,11 @@ from typing import Any
 from fastapi import FastAPI, WebSocket
 from fastapi.testclient import TestClient
 from sqlmodel import Session
-from starlette.routing import BaseRoute, Route
+from starlette.routing import Route
 
 from service.config import Settings
 from service.db import Database
-from service.main import create_app
+from service.main import create_app, served_routes
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF
 from tests.packets.scenario import NOTE, World, build_world, leaked, log_entries, record
@@ -171,7 +171,7 @@ def app_routes(app: FastAPI) -> set[tuple[str, str]]:
         for method in operations
         if method in HTTP_METHODS
     }
-    for route in served(app.routes):
+    for route in served_routes(app.routes):
         if isinstance(route, Route):
             methods = route.methods or set()
             # Starlette answers HEAD wherever it answers GET; a HEAD route of its own needs a row.
@@ -179,18 +179,6 @@ def app_routes(app: FastAPI) -> set[tuple[str, str]]:
         else:
             routes.add((type(route).__name__, str(getattr(route, "path", ""))))
     return routes
-
-
-def served(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
-    """The routes themselves, with those of included routers (which recent FastAPI versions
-    keep as one entry holding the ``original_router``; no router here is included under an
-    extra prefix, so their paths are the served ones)."""
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        if inner is None:
-            yield route
-        else:
-            yield from served(inner.routes)
 
 
 def test_a_mounted_app_or_a_websocket_counts_as_a_route_needing_a_row() -> None:
