@@ -69,6 +69,15 @@ def rs256_issuer(home_key: bytes) -> DevIssuer:
     return DevIssuer(private_pem=home_key, algorithm="RS256", issuer=ISSUER, audience=AUDIENCE)
 
 
+def es256_issuer() -> DevIssuer:
+    return DevIssuer(
+        private_pem=generate_private_pem("ES256"),
+        algorithm="ES256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+    )
+
+
 def count_full_checks(verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The tokens ``verifier`` checks from scratch (not from memory), in order, from now on."""
     full_checks: list[str] = []
@@ -314,12 +323,7 @@ def test_a_signature_spelled_another_way_is_refused_and_never_remembered(
     """A decoder that ignores padding, stray characters or the unused bits of the last
     character would accept many strings for one token, each a separate place in the cache (and
     each pushing a real caller's token out of it)."""
-    issuer = DevIssuer(
-        private_pem=generate_private_pem("ES256"),
-        algorithm="ES256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-    )
+    issuer = es256_issuer()
     verifier = TokenVerifier(
         algorithm="ES256",
         issuer=ISSUER,
@@ -362,12 +366,7 @@ def test_roles_from_a_nested_claim_path(home_key: bytes) -> None:
 
 
 def test_es256_can_be_configured_and_rs256_is_then_refused(home_key: bytes) -> None:
-    ec_issuer = DevIssuer(
-        private_pem=generate_private_pem("ES256"),
-        algorithm="ES256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-    )
+    ec_issuer = es256_issuer()
     rsa_issuer = rs256_issuer(home_key)
     verifier = TokenVerifier(
         algorithm="ES256",

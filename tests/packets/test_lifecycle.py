@@ -350,6 +350,17 @@ def test_expire_reports_a_due_packet_it_could_not_take_and_exits_1(
     assert_shredded(packet_state(session, free["id"]), "expired", notes=0)
 
 
+def reader_with_a_snapshot(database: Database, backend: str) -> Any:
+    """A raw connection in a transaction that has read the packets, as pg_dump or a report would
+    hold it: SQLite keeps the -wal frames it needs, PostgreSQL the row versions its snapshot sees.
+    The caller ends it with ROLLBACK and closes it."""
+    reader = database.engine.raw_connection()
+    begin = "BEGIN" if backend == "sqlite" else "BEGIN ISOLATION LEVEL REPEATABLE READ"
+    reader.driver_connection.execute(begin)  # type: ignore[union-attr]
+    reader.driver_connection.execute("SELECT count(*) FROM packets").fetchone()  # type: ignore[union-attr]
+    return reader
+
+
 def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes_it(
     app: Any,
     client: TestClient,
@@ -370,16 +381,9 @@ def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes
     secrets = sealed_bodies(packet_state(session, packet["id"]))
     settings = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.3)
     database = Database(settings)
-    reader = database.engine.raw_connection()
+    reader = reader_with_a_snapshot(database, backend)
     retention = app.state.retention_policy
     try:
-        if backend == "sqlite":
-            reader.driver_connection.execute("BEGIN")  # type: ignore[union-attr]
-        else:
-            reader.driver_connection.execute(  # type: ignore[union-attr]
-                "BEGIN ISOLATION LEVEL REPEATABLE READ"
-            )
-        reader.driver_connection.execute("SELECT count(*) FROM packets").fetchone()  # type: ignore[union-attr]
         later = utcnow() + timedelta(days=retention.packet_ttl_days + 1)
         shredded = shred_expired(
             database=database, retention=retention, actor="system:test", now=later
@@ -388,7 +392,7 @@ def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes
         assert database.purge_pending
         assert database.purge_replaced_rows() is False
         assert database.purge_pending
-        reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
+        reader.driver_connection.execute("ROLLBACK")
 
         async def a_few_periodic_runs() -> None:
             with contextlib.suppress(TimeoutError):
@@ -425,13 +429,10 @@ def test_a_reader_that_ends_a_moment_after_the_shred_does_not_leave_the_purge_pe
     note_every_client(client, token, world.packet(OWNER, "Charlois"))
     settings = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.5)
     database = Database(settings)
-    reader = database.engine.raw_connection()
-    begin = "BEGIN" if backend == "sqlite" else "BEGIN ISOLATION LEVEL REPEATABLE READ"
-    reader.driver_connection.execute(begin)  # type: ignore[union-attr]
-    reader.driver_connection.execute("SELECT count(*) FROM packets").fetchone()  # type: ignore[union-attr]
+    reader = reader_with_a_snapshot(database, backend)
 
     def end_reader() -> None:
-        reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
+        reader.driver_connection.execute("ROLLBACK")
 
     vacuums: list[list[str] | None] = []
     if backend == "sqlite":
