@@ -1,4 +1,5 @@
-"""Packet opens (re-identification) per second and p50/p99 under load, against GET /healthz."""
+"""Packet opens (re-identification) per second and p50/p99 under load, against GET /healthz
+(the target's ceiling) and GET /v1/me (the same token check, no work) in the same run."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -82,6 +83,12 @@ class Phase:
         if self.mean_ms is not None:
             return self.mean_ms
         return statistics.fmean(self.latencies_ms) if self.latencies_ms else float("nan")
+
+
+class Round(NamedTuple):
+    ceiling: Phase  # GET /healthz
+    authenticated: Phase  # GET /v1/me
+    opened: Phase  # GET /v1/packets/{id}/clients
 
 
 @dataclass(frozen=True)
@@ -504,7 +511,7 @@ def serve(env: dict[str, str], port: int, workers: int) -> subprocess.Popen[byte
 
 def bench_backend(
     label: str, url: str, args: argparse.Namespace, wrk: str | None
-) -> tuple[list[tuple[Phase, Phase]], list[Phase]]:
+) -> tuple[list[Round], list[Phase]]:
     home = Path(tempfile.mkdtemp(prefix="cp-bench-open-"))
     try:
         Keyring.init(home / "keyring.json")
@@ -537,6 +544,9 @@ def bench_backend(
             for owner, packet_id in packets
         ]
         health = [Target("/healthz", {})]
+        # The same callers and tokens as the opens, on the route that checks the token and
+        # does nothing else: what an authenticated request costs before any work.
+        me = [Target("/v1/me", target.headers) for target in opens]
         server = serve(env, port, args.workers)
 
         def load(phase: str, targets: list[Target], seconds: float, total: int) -> Phase:
@@ -564,11 +574,12 @@ def bench_backend(
         rounds = []
         try:
             load("warm-up", opens, max(1.0, args.seconds / 5), max(50, args.requests // 10))
-            # Alternate the two routes, so a neighbour's load hits both about equally.
+            # Alternate the routes, so a neighbour's load hits each about equally.
             for _ in range(args.rounds):
                 ceiling = load("GET /healthz", health, args.seconds, args.requests)
+                authenticated = load("GET /v1/me", me, args.seconds, args.requests)
                 opened = load("GET /v1/packets/{id}/clients", opens, args.seconds, args.requests)
-                rounds.append((ceiling, opened))
+                rounds.append(Round(ceiling, authenticated, opened))
             at_rates = [
                 run_at_rate(
                     f"{rate:g} opens/s, fixed rate", base, opens, rate=rate, seconds=args.seconds
@@ -583,18 +594,18 @@ def bench_backend(
         shutil.rmtree(home, ignore_errors=True)
 
 
-def report(label: str, rounds: list[tuple[Phase, Phase]], at_rates: list[Phase]) -> None:
+def report(label: str, rounds: list[Round], at_rates: list[Phase]) -> None:
     print(f"\n[{label}]  load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
         f"  {'route':32} {'req':>7} {'err':>5} {'503':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
     )
-    for number, (ceiling, opened) in enumerate(rounds, 1):
-        for phase in (ceiling, opened):
+    for number, (ceiling, authenticated, opened) in enumerate(rounds, 1):
+        for phase in (ceiling, authenticated, opened):
             print(
                 f"  {phase.label:32} {phase.requests:7d} {phase.errors:5d} {phase.unavailable:5d} "
                 f"{phase.per_second:8.0f} {phase.percentile(50):8.1f} {phase.percentile(99):8.1f}"
             )
-        for phase in (ceiling, opened):
+        for phase in (ceiling, authenticated, opened):
             if phase.cpu is not None and phase.requests:
                 print(
                     f"  {phase.label:32} CPU per request: service "
@@ -607,6 +618,11 @@ def report(label: str, rounds: list[tuple[Phase, Phase]], at_rates: list[Phase])
             f"open p99 {opened.percentile(99):.1f} ms (target ≤ 25 ms); "
             f"open mean {opened.mean:.1f} ms"
         )
+        if authenticated.per_second:
+            print(
+                f"  round {number}: opens/s ÷ /v1/me/s = "
+                f"{opened.per_second / authenticated.per_second:.2f}× (no target; for comparison)"
+            )
         if ceiling.cpu is not None and opened.cpu is not None and opened.requests:
             # The same question by CPU: less noisy than throughput when the two phases' 16
             # connections happen to be spread differently over the workers.
@@ -634,7 +650,7 @@ def main() -> None:
         "--requests", type=int, default=4000, help="requests per phase (Python client only)"
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of each phase")
-    parser.add_argument("--rounds", type=int, default=2, help="healthz/open phase pairs")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of phases")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients (≥ 16)")
     parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
