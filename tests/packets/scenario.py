@@ -34,6 +34,7 @@ SUBJECTS = Subject.__table__  # type: ignore[attr-defined]
 SOURCE = "source-welfare"
 COORDINATOR = "coord-001"
 NOTE = "Spoke with Mrs Quaedvlieg-Oostindie about the rent arrears"
+)
 
 
 @dataclass(frozen=True)
@@ -177,10 +178,20 @@ def log_entries(session: Session, action: str | None = None) -> list[dict[str, A
     return [e for e in entries if action is None or e["action"] == action]
 
 
+def _letters_and_digits(text: str) -> str:
+    return "".join(character for character in text.casefold() if character.isalnum())
+
+
 def leaked(text: str, secrets: set[str]) -> list[str]:
-    """The secrets found in ``text``, in any letter case (a name upper-cased is still a name)."""
+    """The secrets found in ``text``, in any letter case and spacing: a name upper-cased, a
+    postcode without its space or a phone number without its dashes is still the secret."""
     folded = text.casefold()
-    return sorted(secret for secret in secrets if secret.casefold() in folded)
+    compact = _letters_and_digits(text)
+    return sorted(
+        secret
+        for secret in secrets
+        if secret.casefold() in folded or _letters_and_digits(secret) in compact
+    )
 
 
 class HeldLogLock:
