@@ -26,7 +26,7 @@ from service.db import Database
 from service.main import create_app, served_routes
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF
-from tests.packets.scenario import NOTE, World, build_world, leaked, log_entries, record
+from tests.packets.scenario import DAY_B, NOTE, World, build_world, leaked, log_entries, record
 
 # "norole": a valid token that carries no role; "anonymous": no token at all.
 ROLES = (
@@ -315,7 +315,7 @@ def build(objects: Objects, key: tuple[str, str], role: str, variant: str) -> Re
         url = f"/v1/packets/{objects.closing(role, variant)}/close"
     elif path == "/v1/packets/{packet_id}/clients/{pseudonym}/followups":
         url = f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups"
-        body = {"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE}
+        body = {"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": NOTE}
     elif "{packet_id}" in path:
         url = path.replace("{packet_id}", str(packet["id"]))
     elif path == "/v1/audit/entries":

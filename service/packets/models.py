@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import datetime as dt
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
@@ -195,12 +195,19 @@ class FollowupCreate(StrictModel):
         max_length=64,
         description="from policies/followups.yaml; required for kind 'outcome'",
     )
-    note: str | None = Field(
+    # Kept as written (no trimming: indentation and line breaks are the writer's); a note of
+    # only white space is no note.
+    note: Annotated[str | None, StringConstraints(strip_whitespace=False)] = Field(
         default=None,
         max_length=MAX_NOTE_CHARS,
-        description="free text; may hold personal data, so it is encrypted under the packet key "
-        "and shown only to the packet's owner",
+        description="free text, kept as written; may hold personal data, so it is encrypted "
+        "under the packet key and shown only to the packet's owner",
     )
+
+    @field_validator("note", mode="after")
+    @classmethod
+    def _blank_is_none(cls, note: str | None) -> str | None:
+        return note if note is not None and note.strip() else None
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -250,6 +257,11 @@ class FollowupPublic(FollowupSummaryPublic):
     """The owner's view, with the decrypted note (null when none, or shredded with the packet)."""
 
     note: str | None
+    note_unreadable: bool = Field(
+        default=False,
+        description="true when a stored note failed its integrity check and is withheld "
+        "(note is then null); the service logs the follow-up's id",
+    )
     created_by: str
 
 
@@ -296,8 +308,10 @@ class FlagReasonPublic(BaseModel):
 class ClientPublic(BaseModel):
     pseudonym: str
     identity: IdentityPublic | None = Field(description="null when the subject was erased")
-    note: Literal["erased"] | None = Field(
-        default=None, description="'erased' when the identity no longer exists"
+    note: Literal["erased", "unreadable"] | None = Field(
+        default=None,
+        description="'erased' when the identity no longer exists; 'unreadable' when its stored "
+        "key or ciphertext failed its integrity check and it is withheld (the service logs it)",
     )
     characteristics: CharacteristicsPublic
     flag: FlagReasonPublic

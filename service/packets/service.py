@@ -62,6 +62,7 @@ from service.crypto.envelope import (
     AadTemplate,
     AadValue,
     DataKey,
+    DecryptionFailed,
     UnderWrappedKey,
     open_,
     open_under_wrapped_keys,
@@ -164,13 +165,19 @@ def member_dek_aad(packet_id: str, subject_id: int) -> dict[str, AadValue]:
     }
 
 
-def note_aad(followup_id: str, packet_id: str) -> dict[str, AadValue]:
-    """Where a follow-up note (under the packet key) belongs: that follow-up of that packet."""
+def note_aad(
+    followup_id: str, packet_id: str, subject_id: int, pseudonym: str
+) -> dict[str, AadValue]:
+    """Where a follow-up note (under the packet key) belongs: that follow-up of that packet,
+    about that client. A note moved to another client's row, or a row's client changed, fails
+    to open: it is never shown under the wrong client, nor left behind by their erasure."""
     return {
         "table": "packet_followups",
         "column": "note_ciphertext",
         "row": followup_id,
         "packet": packet_id,
+        "subject": subject_id,
+        "client": pseudonym,
     }
 
 
@@ -834,6 +841,7 @@ class ClientErased(Gone):
 @dataclass(frozen=True)
 class _Followup:
     id: str
+    subject_id: int
     kind: Any
     date: Any
     outcome_code: str | None
@@ -850,6 +858,7 @@ _FOLLOWUPS = (
         _followups.c.packet_id,
         _followups.c.pseudonym,
         _followups.c.id,
+        _followups.c.subject_id,
         _followups.c.kind,
         _followups.c.date,
         _followups.c.outcome_code,
@@ -1211,30 +1220,59 @@ def _characteristics_json(member: _SealedMember) -> bytes:
     )
 
 
+def _note(
+    followup: _Followup, *, packet_id: str, pseudonym: str, packet_key: DataKey
+) -> str | None:
+    """A follow-up's decrypted note; None when there is none, and when the stored note fails its
+    check (tampered with, or not where it was written): that note alone is withheld, logged by
+    its ids, and the owner is told it is unreadable."""
+    if followup.note_ciphertext is None:
+        return None
+    aad = note_aad(followup.id, packet_id, followup.subject_id, pseudonym)
+    try:
+        return open_(packet_key, followup.note_ciphertext, aad=aad).decode("utf-8")
+    except (DecryptionFailed, UnicodeDecodeError):
+        logger.error(
+            "the note of follow-up %s in packet %s failed its integrity check; it was withheld",
+            followup.id,
+            packet_id,
+        )
+        raise _Unreadable from None
+
+
+class _Unreadable(Exception):
+    """A stored ciphertext failed its check; what it held is withheld."""
+
+
 def _followups_json(
-    followups: Sequence[_Followup], *, packet_id: str, packet_key: DataKey
+    followups: Sequence[_Followup], *, packet_id: str, pseudonym: str, packet_key: DataKey
 ) -> bytes:
-    """Follow-ups as ``FollowupPublic`` shapes them, their notes decrypted, written as JSON."""
+    """One client's follow-ups as ``FollowupPublic`` shapes them, their notes decrypted, written
+    as JSON."""
     if not followups:
         return b"[]"
-    return to_json(
-        [
+    shown = []
+    for f in followups:
+        try:
+            note, unreadable = (
+                _note(f, packet_id=packet_id, pseudonym=pseudonym, packet_key=packet_key),
+                False,
+            )
+        except _Unreadable:
+            note, unreadable = None, True
+        shown.append(
             {
                 "id": f.id,
                 "kind": f.kind,
                 "date": f.date,
                 "outcome_code": f.outcome_code,
                 "created_at": as_utc(f.created_at),
-                "note": None
-                if f.note_ciphertext is None
-                else open_(packet_key, f.note_ciphertext, aad=note_aad(f.id, packet_id)).decode(
-                    "utf-8"
-                ),
+                "note": note,
+                "note_unreadable": unreadable,
                 "created_by": f.created_by,
             }
-            for f in followups
-        ]
-    )
+        )
+    return to_json(shown)
 
 
 # Every identity ciphertext's placement differs from the next in its row alone.
@@ -1266,19 +1304,25 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
         for m in sealed.members
         if m.wrapped_dek is not None and m.identity_ciphertext is not None
     }
-    identities = dict(
-        zip(wrapped, open_under_wrapped_keys(packet_key, wrapped.values()), strict=True)
-    )
+    identities = _identities(packet_key, wrapped, packet_id=packet_id)
     body = [b'{"packet":', to_json(sealed.packet), b',"clients":[']
     for number, member in enumerate(sealed.members):
         identity = identities.get(member.subject_id)
+        # Not among the wraps: erased. Among them but None: its wrap or ciphertext failed.
+        status = (
+            b"null"
+            if identity is not None
+            else b'"unreadable"'
+            if member.subject_id in identities
+            else b'"erased"'
+        )
         body += (
             b',{"pseudonym":' if number else b'{"pseudonym":',
             _json_text(member.pseudonym),
             b',"identity":',
             b"null" if identity is None else identity,
             b',"note":',
-            b'"erased"' if identity is None else b"null",
+            status,
             b',"characteristics":',
             _characteristics_json(member),
             b',"flag":',
@@ -1289,12 +1333,40 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
             _followups_json(
                 sealed.followups.get(member.pseudonym, ()),
                 packet_id=packet_id,
+                pseudonym=member.pseudonym,
                 packet_key=packet_key,
             ),
             b"}",
         )
     body.append(b"]}")
     return b"".join(body)
+
+
+def _identities(
+    packet_key: DataKey, wrapped: dict[int, UnderWrappedKey], *, packet_id: str
+) -> dict[int, bytes | None]:
+    """Each member's identity (its JSON), by subject: all in one call, and only if one fails its
+    check, one by one, so that one damaged wrap or ciphertext withholds that identity alone
+    (None, logged by the packet's id and the member's pseudonym), not the owner's whole packet."""
+    try:
+        return dict(
+            zip(wrapped, open_under_wrapped_keys(packet_key, wrapped.values()), strict=True)
+        )
+    except DecryptionFailed:
+        pass
+    opened: dict[int, bytes | None] = {}
+    for subject_id, sealed in wrapped.items():
+        try:
+            (opened[subject_id],) = open_under_wrapped_keys(packet_key, [sealed])
+        except DecryptionFailed:
+            opened[subject_id] = None
+            logger.error(
+                "an identity in packet %s failed its integrity check; it was withheld "
+                "(member's subject id %d)",
+                packet_id,
+                subject_id,
+            )
+    return opened
 
 
 @dataclass(frozen=True)
@@ -1501,6 +1573,30 @@ def open_packets(
     return outcomes
 
 
+# A follow-up's date: recorded work may reach back before the packet (a contact the month
+# before), a planned appointment lies ahead; a date far outside is a typo (0001, 9999).
+FOLLOWUP_DAYS_BEFORE_PACKET = 366
+FOLLOWUP_DAYS_AHEAD = 731
+
+
+def _followup_refusal(
+    policy: FollowupPolicy, given: FollowupCreate, packet: _PacketRow
+) -> tuple[str, str] | None:
+    """The field and the reason a follow-up is refused, or None: an outcome code that does not
+    fit its kind, or a date outside the packet's time."""
+    problem = policy.check(kind=given.kind, outcome_code=given.outcome_code)
+    if problem is not None:
+        return "outcome_code", problem
+    earliest = as_utc(packet.created_at).date() - timedelta(days=FOLLOWUP_DAYS_BEFORE_PACKET)
+    latest = utcnow().date() + timedelta(days=FOLLOWUP_DAYS_AHEAD)
+    if not earliest <= given.date <= latest:
+        return "date", (
+            f"date must lie between {earliest.isoformat()} (a year before the packet was made) "
+            f"and {latest.isoformat()} (two years from today)"
+        )
+    return None
+
+
 def create_followup(
     *,
     session: Session,
@@ -1523,8 +1619,9 @@ def create_followup(
         permission=Permission.FOLLOWUPS_WRITE,
     )
     _in_use(session, packet=packet, caller=caller, action="followup.create")
-    problem = policy.check(kind=given.kind, outcome_code=given.outcome_code)
-    if problem is not None:
+    refusal = _followup_refusal(policy, given, packet)
+    if refusal is not None:
+        field_name, problem = refusal
         _deny(
             session,
             caller=caller,
@@ -1533,7 +1630,7 @@ def create_followup(
             reason=problem,
             pseudonyms=[pseudonym],
         )
-        raise FollowupRefused(problem, errors=[{"loc": ["outcome_code"], "msg": problem}])
+        raise FollowupRefused(problem, errors=[{"loc": [field_name], "msg": problem}])
     # FOR SHARE (PostgreSQL): an erasure removing this member's wrap waits until the note is
     # committed, so it finds and removes the note too; one that came first leaves no wrap here.
     member = session.execute(
@@ -1559,7 +1656,9 @@ def create_followup(
     if given.note:
         packet_key = _packet_key(keyring, packet)
         note_ciphertext = seal(
-            packet_key, given.note.encode("utf-8"), aad=note_aad(followup_id, packet_id)
+            packet_key,
+            given.note.encode("utf-8"),
+            aad=note_aad(followup_id, packet_id, member.subject_id, pseudonym),
         )
     now = utcnow()
     session.connection().execute(

@@ -20,7 +20,7 @@ from sqlmodel import Session
 from service.access_log.models import AccessLogEntry
 from service.access_log.service import LOG_LOCK_KEY
 from service.db import make_engine
-from service.packets.models import Followup, Packet, PacketMember
+from service.packets.models import Followup, Packet, PacketMember, utcnow
 from service.records.demo import synthetic_bsn
 from service.records.models import Subject
 from tests.conftest import TokenFactory, bearer
@@ -34,6 +34,10 @@ SUBJECTS = Subject.__table__  # type: ignore[attr-defined]
 SOURCE = "source-welfare"
 COORDINATOR = "coord-001"
 NOTE = "Spoke with Mrs Quaedvlieg-Oostindie about the rent arrears"
+# Follow-up dates, oldest first, within the year before today (a follow-up's date must lie
+# between a year before its packet was made and two years ahead).
+DAY_A, DAY_B, DAY_C, DAY_D = (
+    (utcnow().date() - timedelta(days=days)).isoformat() for days in (70, 40, 39, 10)
 )
 
 

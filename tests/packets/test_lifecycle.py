@@ -34,6 +34,7 @@ from tests.conftest import Answer, Interleaving, Request, TokenFactory, bearer
 from tests.flagging.seed import AS_OF
 from tests.packets.scenario import (
     COORDINATOR,
+    DAY_B,
     FOLLOWUPS,
     MEMBERS,
     NOTE,
@@ -125,7 +126,7 @@ def note_every_client(client: TestClient, token: TokenFactory, packet: dict[str,
     for pseudonym in packet["pseudonyms"]:
         response = client.post(
             f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups",
-            json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+            json={"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": NOTE},
             headers=bearer(token(OWNER, "professional")),
         )
         assert response.status_code == 201, response.text
@@ -140,7 +141,7 @@ def assert_gone_everywhere(
     assert leaked(opened.text, world.secrets) == []
     followup = client.post(
         f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups",
-        json={"kind": "contact", "date": "2026-04-01"},
+        json={"kind": "contact", "date": DAY_B},
         headers=owner,
     )
     assert followup.status_code == 410
@@ -161,7 +162,7 @@ def test_closed_packet_is_refused_then_shredded_after_the_grace_period(
         f"/v1/packets/{packet['id']}/clients/{first}/followups",
         json={
             "kind": "outcome",
-            "date": "2026-04-01",
+            "date": DAY_B,
             "outcome_code": "support_accepted",
             "note": NOTE,
         },
@@ -563,7 +564,7 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
     erased = first_packet["pseudonyms"][0]
     client.post(
         f"/v1/packets/{second_packet['id']}/clients/{erased}/followups",
-        json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+        json={"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": NOTE},
         headers=owner,
     )
 
@@ -796,7 +797,7 @@ def test_an_erasure_during_a_followup_removes_its_note(
     def followup() -> Answer:
         return client.post(
             f"/v1/packets/{packet['id']}/clients/{erased}/followups",
-            json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+            json={"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": NOTE},
             headers=bearer(token(OWNER, "professional")),
         )
 

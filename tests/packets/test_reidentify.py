@@ -7,6 +7,7 @@ import multiprocessing
 import threading
 import time
 import uuid
+from datetime import date, datetime, timedelta
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlmodel import Session
 
 from service.access_log import service as log
@@ -24,10 +25,14 @@ from service.config import Settings
 from service.db import Database
 from service.main import create_app
 from service.packets import service as packets_service
-from service.packets.models import PacketClientsPublic
+from service.packets.models import PacketClientsPublic, utcnow
 from tests.conftest import TokenFactory, bearer
 from tests.packets.scenario import (
     COORDINATOR,
+    DAY_A,
+    DAY_B,
+    DAY_C,
+    DAY_D,
     FOLLOWUPS,
     MEMBERS,
     NOTE,
@@ -141,7 +146,7 @@ def test_ids_of_another_shape_are_refused_before_anything_reaches_the_log(
     owner = bearer(token(OWNER, "professional"))
     coordinator = bearer(token(COORDINATOR, "coordinator"))
     admin = bearer(token("admin-001", "admin"))
-    followup = {"kind": "contact", "date": "2026-03-01"}
+    followup = {"kind": "contact", "date": DAY_A}
     before = len(log_entries(session))
     attempts = [
         client.get(f"/v1/packets/{pasted}/clients", headers=owner),
@@ -177,25 +182,25 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
 
     created = client.post(
         url,
-        json={"kind": "appointment", "date": "2026-04-02", "outcome_code": "planned", "note": NOTE},
+        json={"kind": "appointment", "date": DAY_C, "outcome_code": "planned", "note": NOTE},
         headers=owner,
     )
     assert created.status_code == 201, created.text
     assert created.json()["note"] == NOTE
     outcome = client.post(
         url,
-        json={"kind": "outcome", "date": "2026-05-01", "outcome_code": "support_accepted"},
+        json={"kind": "outcome", "date": DAY_D, "outcome_code": "support_accepted"},
         headers=owner,
     )
     assert outcome.status_code == 201, outcome.text
 
     pasted = "Jan Jansen 123456782"
     for wrong, field in (
-        ({"kind": "outcome", "date": "2026-05-01"}, "outcome_code"),
-        ({"kind": "contact", "date": "2026-05-01", "outcome_code": pasted}, "outcome_code"),
-        ({"kind": "contact", "date": "2026-05-01", "outcome_code": "attended"}, "outcome_code"),
-        ({"kind": "visit", "date": "2026-05-01"}, "kind"),
-        ({"kind": "contact", "date": "2026-05-01", "extra": 1}, "unknown field"),
+        ({"kind": "outcome", "date": DAY_D}, "outcome_code"),
+        ({"kind": "contact", "date": DAY_D, "outcome_code": pasted}, "outcome_code"),
+        ({"kind": "contact", "date": DAY_D, "outcome_code": "attended"}, "outcome_code"),
+        ({"kind": "visit", "date": DAY_D}, "kind"),
+        ({"kind": "contact", "date": DAY_D, "extra": 1}, "unknown field"),
     ):
         refused = client.post(url, json=wrong, headers=owner)
         assert refused.status_code == 422, (wrong, refused.text)
@@ -203,13 +208,13 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
         assert "123456782" not in refused.text
     not_a_member = client.post(
         f"/v1/packets/{packet['id']}/clients/{'0' * 32}/followups",
-        json={"kind": "contact", "date": "2026-05-01"},
+        json={"kind": "contact", "date": DAY_D},
         headers=owner,
     )
     assert not_a_member.status_code == 404
     intruder = client.post(
         url,
-        json={"kind": "contact", "date": "2026-05-01", "note": "x"},
+        json={"kind": "contact", "date": DAY_D, "note": "x"},
         headers=bearer(token(OTHER, "professional")),
     )
     assert intruder.status_code == 404
@@ -242,8 +247,8 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
         assert metadata.status_code == 200
         member = {m["pseudonym"]: m for m in metadata.json()["members"]}[pseudonym]
         assert [(f["kind"], f["date"], f["outcome_code"]) for f in member["followups"]] == [
-            ("appointment", "2026-04-02", "planned"),
-            ("outcome", "2026-05-01", "support_accepted"),
+            ("appointment", DAY_C, "planned"),
+            ("outcome", DAY_D, "support_accepted"),
         ]
         assert "note" not in member["followups"][0]
         assert leaked(metadata.text, world.secrets) == []
@@ -280,7 +285,7 @@ def test_an_erased_member_comes_back_as_erased_without_failing_the_packet(
     owner = bearer(token(OWNER, "professional"))
     client.post(
         f"/v1/packets/{packet['id']}/clients/{erased}/followups",
-        json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+        json={"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": NOTE},
         headers=owner,
     )
     response = client.post(
@@ -310,7 +315,7 @@ def test_an_erased_member_comes_back_as_erased_without_failing_the_packet(
     assert (
         client.post(
             f"/v1/packets/{packet['id']}/clients/{erased}/followups",
-            json={"kind": "contact", "date": "2026-04-01"},
+            json={"kind": "contact", "date": DAY_B},
             headers=owner,
         ).status_code
         == 410
@@ -322,6 +327,151 @@ def test_an_erased_member_comes_back_as_erased_without_failing_the_packet(
         "client was erased",
     )
     assert refusal["pseudonyms"] == [erased]
+
+
+def _swap(session: Session, table: Any, columns: tuple[str, ...], key: str, a: Any, b: Any) -> None:
+    """Swap ``columns`` between the rows whose ``key`` is ``a`` and ``b``, as someone with write
+    access to the database could."""
+    rows = {
+        row[0]: row[1:]
+        for row in session.execute(
+            select(table.c[key], *(table.c[c] for c in columns)).where(table.c[key].in_([a, b]))
+        ).all()
+    }
+    for this, that in ((a, b), (b, a)):
+        session.execute(
+            update(table)
+            .where(table.c[key] == this)
+            .values(dict(zip(columns, rows[that], strict=True)))
+        )
+    session.commit()
+
+
+def test_a_note_moved_to_another_client_is_withheld_not_shown_under_them(
+    client: TestClient, token: TokenFactory, session: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    one, two, *_rest = packet["pseudonyms"]
+    owner = bearer(token(OWNER, "professional"))
+    notes = {one: "about ONE: debts with the landlord", two: "about TWO: a new job"}
+    for pseudonym, note in notes.items():
+        created = client.post(
+            f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups",
+            json={"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": note},
+            headers=owner,
+        )
+        assert created.status_code == 201, created.text
+    ids = {
+        pseudonym: session.execute(
+            select(FOLLOWUPS.c.id).where(FOLLOWUPS.c.pseudonym == pseudonym)
+        ).scalar_one()
+        for pseudonym in notes
+    }
+    # The rows' clients swapped, each ciphertext left where it was written.
+    _swap(session, FOLLOWUPS, ("pseudonym", "subject_id"), "id", ids[one], ids[two])
+
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert opened.status_code == 200, opened.text
+    clients = {c["pseudonym"]: c for c in opened.json()["clients"]}
+    for pseudonym in notes:
+        (followup,) = clients[pseudonym]["followups"]
+        assert (followup["note"], followup["note_unreadable"]) == (None, True)
+        assert followup["outcome_code"] == "reached"
+    for pseudonym in packet["pseudonyms"]:
+        assert clients[pseudonym]["identity"] == world.people[pseudonym].identity
+    assert all(note not in opened.text for note in notes.values())
+    assert f"follow-up {ids[one]}" in caplog.text
+    assert all(note not in caplog.text for note in notes.values())
+
+    # Put back where they were written, both read again.
+    _swap(session, FOLLOWUPS, ("pseudonym", "subject_id"), "id", ids[one], ids[two])
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).json()
+    shown = {c["pseudonym"]: c["followups"][0] for c in opened["clients"] if c["followups"]}
+    assert {p: (f["note"], f["note_unreadable"]) for p, f in shown.items()} == {
+        p: (note, False) for p, note in notes.items()
+    }
+
+
+def test_a_member_wrap_moved_to_another_member_withholds_those_identities_alone(
+    client: TestClient, token: TokenFactory, session: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    one, two, *rest = packet["pseudonyms"]
+    assert rest
+    owner = bearer(token(OWNER, "professional"))
+    _swap(session, MEMBERS, ("wrapped_dek",), "pseudonym", one, two)
+
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+    assert opened.status_code == 200, opened.text
+    clients = {c["pseudonym"]: c for c in opened.json()["clients"]}
+    for pseudonym in (one, two):
+        assert (clients[pseudonym]["identity"], clients[pseudonym]["note"]) == (None, "unreadable")
+    for pseudonym in rest:
+        assert clients[pseudonym]["identity"] == world.people[pseudonym].identity
+        assert clients[pseudonym]["note"] is None
+    assert (
+        leaked(opened.text, set(world.people[one].secrets) | set(world.people[two].secrets)) == []
+    )
+    assert f"an identity in packet {packet['id']} failed its integrity check" in caplog.text
+    PacketClientsPublic.model_validate_json(opened.text)
+
+
+def test_a_note_is_kept_as_written_and_a_blank_one_is_no_note(
+    client: TestClient, token: TokenFactory
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    pseudonym = packet["pseudonyms"][0]
+    owner = bearer(token(OWNER, "professional"))
+    url = f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups"
+    written = "  - rent arrears\n  - debt counselling\n"
+    for note, kept in ((written, written), (" \n\t ", None)):
+        created = client.post(
+            url, json={"kind": "contact", "date": DAY_B, "note": note}, headers=owner
+        )
+        assert created.status_code == 201, created.text
+        assert created.json()["note"] == kept
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).json()
+    (client_view,) = [c for c in opened["clients"] if c["pseudonym"] == pseudonym]
+    assert [f["note"] for f in client_view["followups"]] == [written, None]
+
+
+def test_a_followup_dated_outside_the_packets_time_is_refused_and_logged(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    pseudonym = packet["pseudonyms"][0]
+    owner = bearer(token(OWNER, "professional"))
+    url = f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups"
+    made = datetime.fromisoformat(packet["created_at"]).date()
+    today = utcnow().date()
+    earliest = made - timedelta(days=packets_service.FOLLOWUP_DAYS_BEFORE_PACKET)
+    latest = today + timedelta(days=packets_service.FOLLOWUP_DAYS_AHEAD)
+    for day in (earliest, latest):
+        created = client.post(
+            url, json={"kind": "appointment", "date": day.isoformat()}, headers=owner
+        )
+        assert created.status_code == 201, (day, created.text)
+    for day in (
+        date(1, 1, 1),
+        earliest - timedelta(days=1),
+        latest + timedelta(days=1),
+        date(9999, 12, 31),
+    ):
+        refused = client.post(
+            url, json={"kind": "appointment", "date": day.isoformat()}, headers=owner
+        )
+        assert refused.status_code == 422, (day, refused.text)
+        problem = refused.json()
+        assert problem["errors"][0]["loc"] == ["date"]
+        assert earliest.isoformat() in problem["detail"]
+        assert latest.isoformat() in problem["detail"]
+    entries = log_entries(session, "followup.create")
+    assert [e["outcome"] for e in entries] == ["allowed"] * 2 + ["denied"] * 4
+    assert all(e["pseudonyms"] == [pseudonym] for e in entries)
 
 
 # -- failing closed ---------------------------------------------------------------------------
@@ -342,7 +492,7 @@ def test_the_open_body_is_exactly_what_the_documented_schema_serializes(
     for pseudonym in (erased, noted):
         response = client.post(
             f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups",
-            json={"kind": "contact", "date": "2026-04-01", "outcome_code": "reached", "note": NOTE},
+            json={"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": NOTE},
             headers=owner,
         )
         assert response.status_code == 201, response.text
@@ -422,7 +572,7 @@ def test_a_packet_held_elsewhere_is_as_hidden_from_others_as_a_missing_one(
         (
             "POST",
             "/v1/packets/{}/clients/" + packet["pseudonyms"][0] + "/followups",
-            {"kind": "contact", "date": "2026-03-01"},
+            {"kind": "contact", "date": DAY_A},
         ),
     ]
     answers: dict[str, list[tuple[int, str, float]]] = {packet["id"]: [], missing: []}
@@ -491,7 +641,7 @@ def test_a_professional_a_packet_is_being_reassigned_to_is_let_in_once_it_commit
                 def open_and_note() -> None:
                     url = f"/v1/packets/{packet['id']}"
                     answers["open"] = c.get(f"{url}/clients", headers=other).status_code
-                    followup = {"kind": "contact", "date": "2026-03-01"}
+                    followup = {"kind": "contact", "date": DAY_A}
                     answers["followup"] = c.post(
                         f"{url}/clients/{pseudonym}/followups", json=followup, headers=other
                     ).status_code
