@@ -43,5 +43,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/healthz\", timeout=4)"]
 
-# Migrations first (idempotent), then the API.
-CMD ["sh", "-c", "casepackets migrate && exec uvicorn service.main:create_app --factory --host 0.0.0.0 --port \"$PORT\" --workers \"$WORKERS\" --proxy-headers"]
+# `serve` checks the settings, policies and keyring (a missing one is a one-line refusal, exit 2,
+# not a traceback from every worker uvicorn restarts), migrates (idempotent; replicas starting
+# together wait for each other), then runs uvicorn on PORT with WORKERS workers; uvicorn trusts
+# X-Forwarded-* headers from FORWARDED_ALLOW_IPS.
+CMD ["sh", "-c", "exec casepackets serve --host 0.0.0.0 --no-print-tokens --workers \"$WORKERS\""]

@@ -19,7 +19,17 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, field_validator
-from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+)
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
@@ -139,6 +149,9 @@ class Followup(SQLModel, table=True):
     outcome_code: str | None = SQLField(default=None, max_length=64)
     # the note sealed under the packet key; NULL when none was given or once shredded/erased
     note_ciphertext: str | None = SQLField(default=None, sa_type=Text)
+    # what the note's associated data names (``service.packets.service.note_aad``): NULL for a
+    # note written before notes were bound to their client, NOTE_BOUND_TO_CLIENT since
+    note_binding: int | None = SQLField(default=None, sa_type=SmallInteger)
     created_by: str = SQLField(max_length=128)
     created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
@@ -330,7 +343,9 @@ class PacketClientsPublic(BaseModel):
 
 class PacketPagePublic(BaseModel):
     items: list[PacketPublic]
-    next_offset: int | None
+    next_after: str | None = Field(
+        description="pass as after for the next page; null on the last page"
+    )
 
 
 class UnplacedCasePublic(BaseModel):

@@ -36,7 +36,7 @@ from service.packets.models import (
 )
 from service.packets.opens import PacketOpens
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
-from service.schemas import MAX_INT64, PacketIdPath, PseudonymPath
+from service.schemas import PacketIdPath, PseudonymPath
 
 router = APIRouter()
 
@@ -155,18 +155,21 @@ def list_packets(
     professional_id: Annotated[
         str | None, Query(max_length=128, description="only with packets.read_all")
     ] = None,
-    offset: Annotated[int, Query(ge=0, le=MAX_INT64)] = 0,
+    after: Annotated[
+        str | None,
+        Query(min_length=1, max_length=200, description="the previous page's next_after"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
 ) -> PacketPagePublic:
-    items, next_offset = service.list_packets(
+    items, next_after = service.list_packets(
         session=session,
         caller=caller,
         status=status,
         professional_id=professional_id,
-        offset=offset,
+        after=after,
         limit=limit,
     )
-    return PacketPagePublic(items=items, next_offset=next_offset)
+    return PacketPagePublic(items=items, next_after=next_after)
 
 
 @router.get(

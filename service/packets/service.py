@@ -30,11 +30,12 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
 
@@ -165,20 +166,31 @@ def member_dek_aad(packet_id: str, subject_id: int) -> dict[str, AadValue]:
     }
 
 
+# A note's ``note_binding``: bound to its follow-up, packet and client.
+NOTE_BOUND_TO_CLIENT = 2
+
+
 def note_aad(
-    followup_id: str, packet_id: str, subject_id: int, pseudonym: str
+    followup_id: str, packet_id: str, subject_id: int, pseudonym: str, *, binding: int | None
 ) -> dict[str, AadValue]:
     """Where a follow-up note (under the packet key) belongs: that follow-up of that packet,
     about that client. A note moved to another client's row, or a row's client changed, fails
-    to open: it is never shown under the wrong client, nor left behind by their erasure."""
-    return {
+    to open: it is never shown under the wrong client, nor left behind by their erasure.
+
+    Notes written before the client was named (``binding`` NULL) still open with follow-up and
+    packet alone. Setting a bound note's binding to NULL does not loosen it: it was sealed with
+    its client, and opening it without fails."""
+    placement: dict[str, AadValue] = {
         "table": "packet_followups",
         "column": "note_ciphertext",
         "row": followup_id,
         "packet": packet_id,
-        "subject": subject_id,
-        "client": pseudonym,
     }
+    if binding == NOTE_BOUND_TO_CLIENT:
+        placement |= {"subject": subject_id, "client": pseudonym}
+    elif binding is not None:
+        raise DecryptionFailed("a note under a binding this code does not know")
+    return placement
 
 
 def _erase_member_wraps(session: Session, subject_id: int) -> int:
@@ -626,29 +638,64 @@ def _member_counts(session: Session, packet_ids: Sequence[str]) -> dict[str, int
     return {packet_id: int(count) for packet_id, count in rows}
 
 
+class BadCursor(Unprocessable):
+    pass
+
+
+def _cursor(packet: PacketPublic) -> str:
+    """Where a page ended: its last packet's place in the order (newest first, then by id)."""
+    place = f"{packet.created_at.astimezone(UTC).isoformat()}|{packet.id}"
+    return base64.urlsafe_b64encode(place.encode()).decode().rstrip("=")
+
+
+def _after(cursor: str) -> tuple[datetime, str]:
+    try:
+        made, packet_id = (
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
+        )
+        return datetime.fromisoformat(made).astimezone(UTC), str(uuid.UUID(packet_id))
+    except ValueError:
+        # Not echoed: whatever was sent is caller's text.
+        raise BadCursor(
+            "after is not a cursor this service handed out; use a page's next_after",
+            errors=[{"loc": ["query", "after"], "msg": "not a cursor from a previous page"}],
+        ) from None
+
+
 def list_packets(
     *,
     session: Session,
     caller: Caller,
     status: str | None = None,
     professional_id: str | None = None,
-    offset: int = 0,
+    after: str | None = None,
     limit: int = 100,
-) -> tuple[list[PacketPublic], int | None]:
-    """Own packets for a professional; all (optionally one professional's) with read_all."""
+) -> tuple[list[PacketPublic], str | None]:
+    """Own packets for a professional; all (optionally one professional's) with read_all. Newest
+    first, paged by where the previous page ended (``after``), not by a count: packets made or
+    changed while a caller pages never shift what the next page holds (nothing repeated, nothing
+    skipped); packets made after the walk began belong to a new walk's first page."""
     limit = max(1, min(limit, MAX_PAGE))
     query = select(_packets).order_by(_packets.c.created_at.desc(), _packets.c.id)
+    if after is not None:
+        made, packet_id = _after(after)
+        query = query.where(
+            or_(
+                _packets.c.created_at < made,
+                and_(_packets.c.created_at == made, _packets.c.id > packet_id),
+            )
+        )
     if not _sees_all(caller):
         query = query.where(_packets.c.professional_id == caller.sub)
     elif professional_id is not None:
         query = query.where(_packets.c.professional_id == professional_id)
     if status is not None:
         query = query.where(_packets.c.status == status)
-    rows = session.execute(query.offset(offset).limit(limit + 1)).all()
+    rows = session.execute(query.limit(limit + 1)).all()
     page = rows[:limit]
     counts = _member_counts(session, [row.id for row in page])
     items = [_packet_public(row, counts.get(row.id, 0)) for row in page]
-    return items, (offset + limit if len(rows) > limit else None)
+    return items, (_cursor(items[-1]) if len(rows) > limit else None)
 
 
 def _hide(
@@ -846,6 +893,7 @@ class _Followup:
     date: Any
     outcome_code: str | None
     note_ciphertext: str | None
+    note_binding: int | None
     created_by: str
     created_at: datetime
 
@@ -863,6 +911,7 @@ _FOLLOWUPS = (
         _followups.c.date,
         _followups.c.outcome_code,
         _followups.c.note_ciphertext,
+        _followups.c.note_binding,
         _followups.c.created_by,
         _followups.c.created_at,
     )
@@ -1228,8 +1277,10 @@ def _note(
     its ids, and the owner is told it is unreadable."""
     if followup.note_ciphertext is None:
         return None
-    aad = note_aad(followup.id, packet_id, followup.subject_id, pseudonym)
     try:
+        aad = note_aad(
+            followup.id, packet_id, followup.subject_id, pseudonym, binding=followup.note_binding
+        )
         return open_(packet_key, followup.note_ciphertext, aad=aad).decode("utf-8")
     except (DecryptionFailed, UnicodeDecodeError):
         logger.error(
@@ -1658,7 +1709,9 @@ def create_followup(
         note_ciphertext = seal(
             packet_key,
             given.note.encode("utf-8"),
-            aad=note_aad(followup_id, packet_id, member.subject_id, pseudonym),
+            aad=note_aad(
+                followup_id, packet_id, member.subject_id, pseudonym, binding=NOTE_BOUND_TO_CLIENT
+            ),
         )
     now = utcnow()
     session.connection().execute(
@@ -1671,6 +1724,7 @@ def create_followup(
             date=given.date,
             outcome_code=given.outcome_code,
             note_ciphertext=note_ciphertext,
+            note_binding=NOTE_BOUND_TO_CLIENT if note_ciphertext is not None else None,
             created_by=caller.sub,
             created_at=now,
         )

@@ -15,6 +15,7 @@ from service.packets.models import Packet, PacketMember
 from service.packets.service import member_dek_aad, packet_key_aad
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF, RELAPSING, add_subject, log_entries
+from tests.packets.scenario import COORDINATOR, build_world, ingest
 
 
 def professional(
@@ -436,3 +437,56 @@ def test_reassignment_moves_access_at_once(
     assert client.get(f"/v1/packets/{packet['id']}", headers=new).json()["professional_id"] == (
         "prof-002"
     )
+
+
+def test_paging_through_packets_neither_repeats_nor_skips_while_packets_change(
+    client: TestClient, token: TokenFactory
+) -> None:
+    districts = {"prof-001": ["Charlois"], "prof-002": ["Feijenoord"], "prof-003": ["IJsselmonde"]}
+    world = build_world(client, token, professionals=districts)
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    before = {p["id"] for served in world.packets.values() for p in served.values()}
+    assert len(before) == 3
+
+    def walk(query: str, between_pages: Any = None) -> list[str]:
+        seen: list[str] = []
+        after = ""
+        while True:
+            page = client.get(f"/v1/packets?limit=1&{query}{after}", headers=coordinator)
+            assert page.status_code == 200, page.text
+            seen += [p["id"] for p in page.json()["items"]]
+            if page.json()["next_after"] is None:
+                return seen
+            if between_pages is not None and len(seen) == 1:
+                between_pages(page.json()["items"][0])
+            after = f"&after={page.json()['next_after']}"
+
+    def a_new_partitioning(_: dict[str, Any]) -> None:
+        ingest(client, token, ["Charlois"] * 2, start=100)
+        run = client.post(
+            "/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator
+        ).json()
+        parted = client.post(
+            "/v1/packets/partition", json={"run_id": run["id"]}, headers=coordinator
+        )
+        assert len(parted.json()["packets"]) == 1
+
+    # Newer packets land in front of the walk: nothing it has shown comes again.
+    seen = walk("", a_new_partitioning)
+    assert len(seen) == len(set(seen)) == 3
+    assert set(seen) == before
+
+    def opened(packet: dict[str, Any]) -> None:
+        owner = bearer(token(packet["professional_id"], "professional"))
+        assert client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).status_code == 200
+
+    # A packet shown leaves the filter: none of the others is skipped.
+    still_assigned = walk("status=assigned&", opened)
+    assert len(still_assigned) == len(set(still_assigned)) == 4
+    assert before <= set(still_assigned)
+
+    for cursor in ("123", "bm90IGEgY3Vyc29y", "x" * 200):
+        refused = client.get(f"/v1/packets?after={cursor}", headers=coordinator)
+        assert refused.status_code == 422, refused.text
+        assert "next_after" in refused.json()["detail"]
+        assert cursor not in refused.text

@@ -22,6 +22,7 @@ from service.access_log import service as log
 from service.access_log.verify import verify_export
 from service.auth.dependencies import Caller
 from service.config import Settings
+from service.crypto.envelope import seal, unwrap_key
 from service.db import Database
 from service.main import create_app
 from service.packets import service as packets_service
@@ -391,6 +392,63 @@ def test_a_note_moved_to_another_client_is_withheld_not_shown_under_them(
     assert {p: (f["note"], f["note_unreadable"]) for p, f in shown.items()} == {
         p: (note, False) for p, note in notes.items()
     }
+
+
+def test_a_note_written_before_notes_named_their_client_still_opens(
+    app: Any, client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    pseudonym = packet["pseudonyms"][0]
+    owner = bearer(token(OWNER, "professional"))
+    created = client.post(
+        f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups",
+        json={"kind": "contact", "date": DAY_B, "note": NOTE},
+        headers=owner,
+    ).json()
+    sealed_key = session.execute(
+        select(PACKETS.c.wrapped_key).where(PACKETS.c.id == packet["id"])
+    ).scalar_one()
+    packet_key = unwrap_key(
+        app.state.keyring, "packet", sealed_key, aad=packets_service.packet_key_aad(packet["id"])
+    )
+    row = FOLLOWUPS.c.id == created["id"]
+
+    def shown() -> tuple[str | None, bool]:
+        opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).json()
+        (followup,) = next(c for c in opened["clients"] if c["pseudonym"] == pseudonym)["followups"]
+        return followup["note"], followup["note_unreadable"]
+
+    # As written before the upgrade: bound to its follow-up and packet, no binding recorded.
+    old_placement = {
+        "table": "packet_followups",
+        "column": "note_ciphertext",
+        "row": created["id"],
+        "packet": packet["id"],
+    }
+    old = seal(packet_key, b"written before the upgrade", aad=old_placement)
+    session.execute(update(FOLLOWUPS).where(row).values(note_ciphertext=old, note_binding=None))
+    session.commit()
+    assert shown() == ("written before the upgrade", False)
+
+    # A note bound to its client is not loosened by erasing its binding, nor by an unknown one.
+    bound = seal(
+        packet_key,
+        b"bound",
+        aad=packets_service.note_aad(
+            created["id"],
+            packet["id"],
+            session.execute(select(FOLLOWUPS.c.subject_id).where(row)).scalar_one(),
+            pseudonym,
+            binding=packets_service.NOTE_BOUND_TO_CLIENT,
+        ),
+    )
+    for binding, expected in ((None, (None, True)), (7, (None, True)), (2, ("bound", False))):
+        session.execute(
+            update(FOLLOWUPS).where(row).values(note_ciphertext=bound, note_binding=binding)
+        )
+        session.commit()
+        assert shown() == expected, binding
 
 
 def test_a_member_wrap_moved_to_another_member_withholds_those_identities_alone(
