@@ -22,6 +22,8 @@ from service.flagging.rules import FlaggingPolicy
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.schemas import MAX_INT64
 
+MAX_FLAG_ID = 2**31 - 1  # flags.id is an INTEGER column
+
 router = APIRouter(tags=["flagging"])
 
 
@@ -85,8 +87,10 @@ def list_run_flags(
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
 ) -> FlagPagePublic:
+    # Flag ids are 32-bit on PostgreSQL: a cursor past the largest one reads no flag, as on
+    # SQLite, rather than failing as a number the column cannot hold.
     items, next_after = service.list_run_flags(
-        session=session, run_id=run_id, after=after, limit=limit
+        session=session, run_id=run_id, after=min(after, MAX_FLAG_ID), limit=limit
     )
     return FlagPagePublic(items=items, next_after=next_after)
 

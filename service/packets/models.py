@@ -177,6 +177,15 @@ class ProfessionalCreate(StrictModel):
 
     _districts = field_validator("districts")(_clean_districts)
 
+    @field_validator("id")
+    @classmethod
+    def _nameable_in_a_path(cls, value: str) -> str:
+        # /v1/professionals/{id}: a '/' (even sent as %2F) would split the path, and such a
+        # professional could never be updated or deactivated.
+        if "/" in value:
+            raise ValueError("must not contain '/' (it could not be named in a URL path)")
+        return value
+
 
 class ProfessionalUpdate(StrictModel):
     display_name: str | None = Field(default=None, min_length=1, max_length=128)

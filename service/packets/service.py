@@ -53,7 +53,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from service.access_log.service import LogEntry, Outcome, append, append_many
@@ -304,8 +304,15 @@ def create_professional(*, session: Session, given: ProfessionalCreate) -> Profe
         districts=given.districts,
         capacity=given.capacity,
     )
-    session.add(professional)
-    session.flush()
+    try:
+        # A savepoint: the same id registered at this moment by another request (a
+        # double-click) is a 409, and this transaction stays usable.
+        with session.begin_nested():
+            session.add(professional)
+    except IntegrityError:
+        raise ProfessionalExists(
+            f"professional {given.id!r} already exists; use PATCH to change"
+        ) from None
     return _professional_public(professional, 0)
 
 
@@ -804,6 +811,9 @@ def reassign_packet(
         refuse(
             PacketNotReassignable(f"packet {packet_id} is {packet.status}; only open packets move")
         )
+    if (why := _why_not_in_use(packet, utcnow())) is not None:
+        # Past its expiry, waiting for the shredder: nobody could open it any more.
+        refuse(PacketNotReassignable(f"packet {packet_id} is {why}; only open packets move"))
     # Locked: two reassignments to one professional cannot both fit into the same room.
     try:
         target = get_professional(session=session, professional_id=professional_id, lock=True)

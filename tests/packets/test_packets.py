@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlmodel import Session
 
 from service.crypto.envelope import DecryptionFailed, unwrap_key, unwrap_under
-from service.packets.models import Packet, PacketMember
+from service.packets.models import Packet, PacketMember, Professional, utcnow
 from service.packets.service import member_dek_aad, packet_key_aad
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF, RELAPSING, add_subject, log_entries
@@ -490,3 +491,80 @@ def test_paging_through_packets_neither_repeats_nor_skips_while_packets_change(
         assert refused.status_code == 422, refused.text
         assert "next_after" in refused.json()["detail"]
         assert cursor not in refused.text
+
+
+def test_a_packet_past_its_expiry_is_not_reassigned_even_before_it_is_shredded(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001")
+    professional(client, coordinator, "prof-002")
+    run_id, _ = flagged_run(app, client, session, coordinator, 3)
+    [packet] = client.post(
+        "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
+    ).json()["packets"]
+    table = Packet.__table__  # type: ignore[attr-defined]
+    session.execute(
+        update(table)
+        .where(table.c.id == packet["id"])
+        .values(expires_at=utcnow() - timedelta(minutes=1))
+    )
+    session.commit()
+    other = "prof-002" if packet["professional_id"] == "prof-001" else "prof-001"
+
+    refused = client.post(
+        f"/v1/packets/{packet['id']}/reassign", json={"professional_id": other}, headers=coordinator
+    )
+    assert refused.status_code == 409, refused.text
+    assert "expired" in refused.json()["detail"]
+    [entry] = log_entries(session, "packet.reassign")
+    assert (entry["outcome"], entry["actor"]) == ("denied", "coord-001")
+    detail = client.get(f"/v1/packets/{packet['id']}", headers=coordinator).json()
+    assert detail["professional_id"] == packet["professional_id"]
+
+
+def test_a_professional_id_with_a_slash_is_refused_at_registration(
+    client: TestClient, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    body = {"display_name": "X", "team": "Zuid-1", "districts": ["Charlois"], "capacity": 5}
+    refused = client.post(
+        "/v1/professionals", json={"id": "idp/user-7", **body}, headers=coordinator
+    )
+    assert refused.status_code == 422, refused.text
+    assert "'/'" in refused.text
+    assert client.get("/v1/professionals", headers=coordinator).json()["items"] == []
+    assert (
+        client.post("/v1/professionals", json={"id": "idp|user-7", **body}, headers=coordinator)
+    ).status_code == 201
+
+
+def test_a_professional_registered_twice_at_once_is_a_409_not_a_500(
+    client: TestClient, token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001")
+    # The other request's insert lands between this one's check and its insert: the check
+    # sees nothing, the insert meets the row.
+    real_get = Session.get
+
+    def sees_nothing_yet(self: Session, entity: Any, ident: Any, **kwargs: Any) -> Any:
+        return None if entity is Professional else real_get(self, entity, ident, **kwargs)
+
+    monkeypatch.setattr(Session, "get", sees_nothing_yet)
+    again = client.post(
+        "/v1/professionals",
+        json={
+            "id": "prof-001",
+            "display_name": "Twice",
+            "team": "Zuid-1",
+            "districts": ["Charlois"],
+            "capacity": 5,
+        },
+        headers=coordinator,
+    )
+    assert again.status_code == 409, again.text
+    assert "already exists" in again.json()["detail"]
+    monkeypatch.undo()
+    [kept] = client.get("/v1/professionals", headers=coordinator).json()["items"]
+    assert kept["display_name"] == "Caseworker prof-001"
