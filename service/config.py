@@ -148,7 +148,12 @@ class Settings(BaseSettings):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, name: str) -> str:
-        zone_named(name)  # service.clock reads the same variable on first use
+        # service.clock reads the same variable on first use; the settings' error names the
+        # variable itself, so the message here is the value's alone.
+        try:
+            zone_named(name)
+        except ValueError:
+            raise ValueError(f"{name!r} is not an IANA time zone") from None
         return name
 
     @model_validator(mode="after")

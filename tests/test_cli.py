@@ -136,6 +136,18 @@ def test_a_bad_setting_is_refused_by_its_variable_name(
     assert "errors.pydantic.dev" not in said
 
 
+def test_an_unknown_time_zone_is_refused_naming_its_variable_once(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CASEPACKETS_TIMEZONE", "Mars/Olympus")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["migrate"])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "CASEPACKETS_TIMEZONE: 'Mars/Olympus' is not an IANA time zone" in said
+    assert said.count("CASEPACKETS_TIMEZONE") == 1
+
+
 def test_serve_refuses_a_broken_policy_in_one_line_before_starting(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
