@@ -153,7 +153,12 @@ def list_packets(
     caller: Annotated[Caller, require(Permission.PACKETS_READ)],
     status: PacketStatus | None = None,
     professional_id: Annotated[
-        str | None, Query(max_length=128, description="only with packets.read_all")
+        str | None,
+        Query(
+            max_length=128,
+            description="one professional's packets (a professional's own list is theirs only: "
+            "another's id finds nothing)",
+        ),
     ] = None,
     after: Annotated[
         str | None,

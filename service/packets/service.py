@@ -694,7 +694,8 @@ def list_packets(
         )
     if not _sees_all(caller):
         query = query.where(_packets.c.professional_id == caller.sub)
-    elif professional_id is not None:
+    # Also for a professional: another's id finds nothing, rather than their own packets.
+    if professional_id is not None:
         query = query.where(_packets.c.professional_id == professional_id)
     if status is not None:
         query = query.where(_packets.c.status == status)

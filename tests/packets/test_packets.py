@@ -400,6 +400,10 @@ def test_reassignment_moves_access_at_once(
     assert client.get(f"/v1/packets/{packet['id']}", headers=former).status_code == 404
     assert client.get(f"/v1/packets/{packet['id']}", headers=new).status_code == 200
     assert client.get("/v1/packets", headers=former).json()["items"] == []
+    # Asking for another's packets finds nothing, not one's own under their name.
+    for asked, found in (("prof-001", []), ("prof-002", [packet["id"]])):
+        page = client.get(f"/v1/packets?professional_id={asked}", headers=new).json()
+        assert [p["id"] for p in page["items"]] == found, asked
     [logged] = log_entries(session, "packet.reassign")
     assert logged["reason"] == "from prof-001 to prof-002"
     assert len(logged["pseudonyms"]) == 3
