@@ -7,14 +7,16 @@ from fastapi.testclient import TestClient
 from tests.conftest import TokenFactory, bearer
 
 
-def test_an_offset_beyond_64_bits_is_422_not_a_driver_error(
+def test_a_cursor_beyond_64_bits_is_422_not_a_driver_error(
     client: TestClient, token: TokenFactory
 ) -> None:
     response = client.get(
-        "/v1/packets", params={"offset": 2**70}, headers=bearer(token("c-1", "coordinator"))
+        "/v1/flagging/runs/r/flags",
+        params={"after": 2**70},
+        headers=bearer(token("c-1", "coordinator")),
     )
     assert response.status_code == 422
-    assert response.json()["errors"][0]["loc"] == ["query", "offset"]
+    assert response.json()["errors"][0]["loc"] == ["query", "after"]
 
 
 def test_an_audit_index_beyond_64_bits_is_422(client: TestClient, token: TokenFactory) -> None:

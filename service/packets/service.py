@@ -661,7 +661,7 @@ def _after(cursor: str) -> tuple[datetime, str]:
             base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
         )
         return datetime.fromisoformat(made).astimezone(UTC), str(uuid.UUID(packet_id))
-    except ValueError:
+    except (ValueError, OverflowError):
         # Not echoed: whatever was sent is caller's text.
         raise BadCursor(
             "after is not a cursor this service handed out; use a page's next_after",

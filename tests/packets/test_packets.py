@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -490,7 +492,9 @@ def test_paging_through_packets_neither_repeats_nor_skips_while_packets_change(
     assert len(still_assigned) == len(set(still_assigned)) == 4
     assert before <= set(still_assigned)
 
-    for cursor in ("123", "bm90IGEgY3Vyc29y", "x" * 200):
+    # Shaped as a cursor, but its time lies before year 1 in UTC.
+    overflow = base64.urlsafe_b64encode(f"0001-01-01T00:00:00+01:00|{uuid.UUID(int=0)}".encode())
+    for cursor in ("123", "bm90IGEgY3Vyc29y", "x" * 200, overflow.decode().rstrip("=")):
         refused = client.get(f"/v1/packets?after={cursor}", headers=coordinator)
         assert refused.status_code == 422, refused.text
         assert "next_after" in refused.json()["detail"]
