@@ -136,7 +136,10 @@ class Followup(SQLModel, table=True):
     """An appointment, contact, intervention or outcome the owner recorded for one client."""
 
     __tablename__ = "packet_followups"
-    __table_args__ = (Index("ix_packet_followups_packet_subject", "packet_id", "subject_id"),)
+    __table_args__ = (
+        Index("ix_packet_followups_packet_subject", "packet_id", "subject_id"),
+        Index("ux_packet_followups_idempotency", "created_by", "idempotency_key", unique=True),
+    )
 
     id: str = SQLField(primary_key=True, max_length=32)
     packet_id: str = SQLField(
@@ -152,6 +155,10 @@ class Followup(SQLModel, table=True):
     # what the note's associated data names (``service.packets.service.note_aad``): NULL for a
     # note written before notes were bound to their client, NOTE_BOUND_TO_CLIENT since
     note_binding: int | None = SQLField(default=None, sa_type=SmallInteger)
+    # The caller's Idempotency-Key, if sent, and the HMAC under the packet key of what was
+    # asked with it: the same request sent again gets this follow-up back, not a second one.
+    idempotency_key: str | None = SQLField(default=None, max_length=128)
+    request_digest: str | None = SQLField(default=None, max_length=64)
     created_by: str = SQLField(max_length=128)
     created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
 

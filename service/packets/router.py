@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 
 from service.auth.dependencies import Caller, CurrentCaller, require
 from service.auth.permissions import Permission
@@ -238,7 +238,7 @@ async def open_packet(request: Request, packet_id: PacketIdPath, caller: Current
     response_model=FollowupPublic,
     status_code=201,
     tags=["packets"],
-    responses={**OWNER_ERRORS, **problem_responses(422)},
+    responses={**OWNER_ERRORS, **problem_responses(409, 422)},
     summary="Record an appointment, contact, intervention or outcome for one of your clients",
 )
 def create_followup(
@@ -248,6 +248,16 @@ def create_followup(
     body: FollowupCreate,
     session: SessionDep,
     caller: CurrentCaller,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=128,
+            description="send a request again with the same key to get the follow-up it "
+            "recorded, not a second one (per caller)",
+        ),
+    ] = None,
 ) -> FollowupPublic:
     """Owner only (others: 404, logged). The note is encrypted under the packet key and shown
     only on the owner's re-identification route; kinds, dates and outcome codes are metadata."""
@@ -261,6 +271,7 @@ def create_followup(
         pseudonym=pseudonym,
         given=body,
         caller=caller,
+        idempotency_key=idempotency_key,
     )
 
 

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -888,6 +891,15 @@ class FollowupRefused(Unprocessable):
     commit_before_raising = True  # the refusal keeps its ``denied`` entry
 
 
+class FollowupKeyReused(Conflict):
+    title = "Idempotency-Key reused"
+    commit_before_raising = True  # the refusal keeps its ``denied`` entry
+
+
+class FollowupKeyRace(Conflict):
+    title = "Idempotency-Key in use"
+
+
 class ClientNotInPacket(NotFound):
     commit_before_raising = True
 
@@ -1659,6 +1671,28 @@ def _followup_refusal(
     return None
 
 
+def _followup_digest(
+    packet_key: DataKey, *, packet_id: str, pseudonym: str, given: FollowupCreate
+) -> str:
+    """What a follow-up request asked for, as an HMAC under its packet key: it matches a
+    request sent again, and says nothing of the note (nor outlives the packet's key)."""
+    asked = json.dumps(
+        {
+            "packet": packet_id,
+            "client": pseudonym,
+            "kind": given.kind,
+            "date": given.date.isoformat(),
+            "outcome_code": given.outcome_code,
+            "note": given.note,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    message = b"casepackets/followup-request/v1\x00" + asked.encode("utf-8")
+    return hmac.new(packet_key.material, message, hashlib.sha256).hexdigest()
+
+
 def create_followup(
     *,
     session: Session,
@@ -1668,10 +1702,14 @@ def create_followup(
     pseudonym: str,
     given: FollowupCreate,
     caller: Caller,
+    idempotency_key: str | None = None,
 ) -> FollowupPublic:
     """Record a follow-up for one client of the caller's own open packet (logged, note never).
 
-    The note is sealed under the packet key, bound to this follow-up and packet.
+    The note is sealed under the packet key, bound to this follow-up, packet and client. With
+    an ``idempotency_key`` (per caller), the same request sent again gets the follow-up it
+    recorded the first time (logged again, not recorded twice); another request under that key
+    is refused (409, logged as denied).
     """
     packet = _owned_packet(
         session,
@@ -1713,6 +1751,28 @@ def create_followup(
             raise ClientNotInPacket(f"packet {packet_id} has no client with this pseudonym")
         raise ClientErased("this client was erased; no follow-up can be recorded for them")
 
+    digest = None
+    if idempotency_key is not None:
+        digest = _followup_digest(
+            _packet_key(keyring, packet), packet_id=packet_id, pseudonym=pseudonym, given=given
+        )
+        stored = session.execute(
+            select(_followups.c.id, _followups.c.request_digest, _followups.c.created_at).where(
+                _followups.c.created_by == caller.sub,
+                _followups.c.idempotency_key == idempotency_key,
+            )
+        ).first()
+        if stored is not None:
+            return _followup_sent_again(
+                session,
+                stored=stored,
+                digest=digest,
+                packet_id=packet_id,
+                pseudonym=pseudonym,
+                given=given,
+                caller=caller,
+            )
+
     followup_id = uuid.uuid4().hex
     note_ciphertext = None
     if given.note:
@@ -1725,21 +1785,33 @@ def create_followup(
             ),
         )
     now = utcnow()
-    session.connection().execute(
-        insert(_followups).values(
-            id=followup_id,
-            packet_id=packet_id,
-            subject_id=member.subject_id,
-            pseudonym=pseudonym,
-            kind=given.kind,
-            date=given.date,
-            outcome_code=given.outcome_code,
-            note_ciphertext=note_ciphertext,
-            note_binding=NOTE_BOUND_TO_CLIENT if note_ciphertext is not None else None,
-            created_by=caller.sub,
-            created_at=now,
-        )
+    row = insert(_followups).values(
+        id=followup_id,
+        packet_id=packet_id,
+        subject_id=member.subject_id,
+        pseudonym=pseudonym,
+        kind=given.kind,
+        date=given.date,
+        outcome_code=given.outcome_code,
+        note_ciphertext=note_ciphertext,
+        note_binding=NOTE_BOUND_TO_CLIENT if note_ciphertext is not None else None,
+        created_by=caller.sub,
+        created_at=now,
+        idempotency_key=idempotency_key,
+        request_digest=digest,
     )
+    try:
+        # A savepoint: another request with the same Idempotency-Key that committed since the
+        # look-up above is a 409, and this transaction stays usable.
+        with session.begin_nested():
+            session.connection().execute(row)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        raise FollowupKeyRace(
+            "another request with this Idempotency-Key was recorded at the same moment; send "
+            "this one again to get that follow-up back"
+        ) from None
     _log_packet(
         session,
         caller=caller,
@@ -1754,7 +1826,50 @@ def create_followup(
         date=given.date,
         outcome_code=given.outcome_code,
         created_at=now,
-        note=given.note or None,
+        note=given.note,
+        created_by=caller.sub,
+    )
+
+
+def _followup_sent_again(
+    session: Session,
+    *,
+    stored: Any,
+    digest: str,
+    packet_id: str,
+    pseudonym: str,
+    given: FollowupCreate,
+    caller: Caller,
+) -> FollowupPublic:
+    """The follow-up a request sent again recorded the first time (logged), or a 409 (logged as
+    denied) when the caller's key was used for another request."""
+    if stored.request_digest is None or not hmac.compare_digest(stored.request_digest, digest):
+        _deny(
+            session,
+            caller=caller,
+            action="followup.create",
+            packet_id=packet_id,
+            reason="Idempotency-Key used for another follow-up",
+            pseudonyms=[pseudonym],
+        )
+        raise FollowupKeyReused(
+            "this Idempotency-Key was used for a different follow-up; use a new key"
+        )
+    _log_packet(
+        session,
+        caller=caller,
+        action="followup.create",
+        packet_id=packet_id,
+        pseudonyms=[pseudonym],
+        reason=f"followup {stored.id}; sent again, not recorded twice",
+    )
+    return FollowupPublic(
+        id=stored.id,
+        kind=given.kind,
+        date=given.date,
+        outcome_code=given.outcome_code,
+        created_at=stored.created_at,
+        note=given.note,
         created_by=caller.sub,
     )
 

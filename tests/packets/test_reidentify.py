@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlmodel import Session
 
 from service.access_log import service as log
@@ -494,6 +494,93 @@ def test_a_note_is_kept_as_written_and_a_blank_one_is_no_note(
     opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).json()
     (client_view,) = [c for c in opened["clients"] if c["pseudonym"] == pseudonym]
     assert [f["note"] for f in client_view["followups"]] == [written, None]
+
+
+def test_a_followup_sent_again_under_its_idempotency_key_is_recorded_once(
+    client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    one, two, *_ = packet["pseudonyms"]
+    owner = bearer(token(OWNER, "professional"))
+
+    def url(pseudonym: str) -> str:
+        return f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups"
+
+    body = {"kind": "outcome", "date": DAY_D, "outcome_code": "support_accepted", "note": NOTE}
+    keyed = {**owner, "Idempotency-Key": "retry-7f3a"}
+    first = client.post(url(one), json=body, headers=keyed)
+    again = client.post(url(one), json=body, headers=keyed)
+    assert (first.status_code, again.status_code) == (201, 201), again.text
+    assert again.json() == first.json()
+    stored = session.execute(
+        select(FOLLOWUPS.c.id, FOLLOWUPS.c.request_digest, FOLLOWUPS.c.idempotency_key)
+    ).all()
+    session.rollback()
+    assert [(r.id, r.idempotency_key) for r in stored] == [(first.json()["id"], "retry-7f3a")]
+    assert NOTE not in str(stored)
+
+    # The key with another request: refused, logged, nothing stored.
+    for pseudonym, changed in (
+        (one, {**body, "note": "another note"}),
+        (one, {**body, "outcome_code": "support_declined"}),
+        (two, body),
+    ):
+        refused = client.post(url(pseudonym), json=changed, headers=keyed)
+        assert refused.status_code == 409, refused.text
+        assert "different follow-up" in refused.json()["detail"]
+    # Without a key, a request sent again records a second follow-up.
+    assert client.post(url(two), json=body, headers=owner).status_code == 201
+    assert client.post(url(two), json=body, headers=owner).status_code == 201
+    entries = log_entries(session, "followup.create")
+    assert [(e["outcome"], e["reason"]) for e in entries[:2]] == [
+        ("allowed", f"followup {first.json()['id']}; kind outcome; outcome support_accepted"),
+        ("allowed", f"followup {first.json()['id']}; sent again, not recorded twice"),
+    ]
+    assert [e["outcome"] for e in entries[2:5]] == ["denied"] * 3
+    assert "retry-7f3a" not in str(log_entries(session))
+    opened = client.get(f"/v1/packets/{packet['id']}/clients", headers=owner).json()
+    counts = {c["pseudonym"]: len(c["followups"]) for c in opened["clients"]}
+    assert (counts[one], counts[two]) == (1, 2)
+
+    # Two requests with one new key at once: the one whose look-up came before the other's
+    # commit meets it at the unique key, and is told to send again (409), which then gets the
+    # other's follow-up.
+    session.execute(
+        FOLLOWUPS.insert().values(
+            id=uuid.uuid4().hex,
+            packet_id=packet["id"],
+            subject_id=session.execute(
+                select(FOLLOWUPS.c.subject_id).where(FOLLOWUPS.c.pseudonym == one)
+            ).scalar(),
+            pseudonym=one,
+            kind="contact",
+            date=date.fromisoformat(DAY_D),
+            created_by=OWNER,
+            created_at=utcnow(),
+            idempotency_key="race-1",
+            request_digest="0" * 64,
+        )
+    )
+    session.commit()
+    real_execute = Session.execute
+
+    class _NotYetThere:
+        def first(self) -> None:
+            return None
+
+    def before_the_other_commits(self: Session, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        sql = str(statement)
+        if sql.startswith("SELECT") and "request_digest" in sql and "idempotency_key" in sql:
+            return _NotYetThere()
+        return real_execute(self, statement, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "execute", before_the_other_commits)
+    raced = client.post(url(one), json=body, headers={**owner, "Idempotency-Key": "race-1"})
+    monkeypatch.undo()
+    assert raced.status_code == 409, raced.text
+    assert "at the same moment" in raced.json()["detail"]
+    assert session.execute(select(func.count()).select_from(FOLLOWUPS)).scalar() == 4
 
 
 def test_a_followup_dated_outside_the_packets_time_is_refused_and_logged(
