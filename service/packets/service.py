@@ -226,15 +226,19 @@ def _erase_member_wraps(session: Session, subject_id: int) -> int:
         .where(_members.c.subject_id == subject_id, _members.c.wrapped_dek.is_not(None))
         .values(wrapped_dek=None)
     )
-    # Notes about the subject live only in those packets (found through their packet index).
+    # Notes about the subject live only in those packets (found through their packet index),
+    # and so do the digests of what was asked with an Idempotency-Key: an HMAC of the note under
+    # a packet key that outlives the erasure, against which a guessed note could be checked.
     connection.execute(
         update(_followups)
         .where(
             _followups.c.packet_id.in_(packet_ids),
             _followups.c.subject_id == subject_id,
-            _followups.c.note_ciphertext.is_not(None),
+            or_(
+                _followups.c.note_ciphertext.is_not(None), _followups.c.request_digest.is_not(None)
+            ),
         )
-        .values(note_ciphertext=None)
+        .values(note_ciphertext=None, request_digest=None)
     )
     session.flush()
     return int(result.rowcount or 0)

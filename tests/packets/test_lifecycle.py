@@ -565,7 +565,7 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
     client.post(
         f"/v1/packets/{second_packet['id']}/clients/{erased}/followups",
         json={"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": NOTE},
-        headers=owner,
+        headers={**owner, "Idempotency-Key": "erasure-test"},
     )
 
     stored = [
@@ -581,11 +581,16 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
             select(FOLLOWUPS.c.note_ciphertext).where(FOLLOWUPS.c.pseudonym == erased)
         ).scalars(),
     ]
+    # The HMAC of the request under the packet key, against which a guessed note could be tried.
+    digest = session.execute(
+        select(FOLLOWUPS.c.request_digest).where(FOLLOWUPS.c.pseudonym == erased)
+    ).scalar_one()
     session.rollback()
     assert len(stored) == 5
     assert all(stored)
+    assert digest
     # The base64 body of each ciphertext (after "v1.<version>."), as the files hold it.
-    secrets = [value.split(".", 2)[2].encode() for value in stored]
+    secrets = [value.split(".", 2)[2].encode() for value in stored] + [digest.encode()]
     assert all(secret in raw_storage(session) for secret in secrets)
 
     response = client.post(
@@ -595,7 +600,7 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
     # Not even an old row version or page image keeps them (PostgreSQL: VACUUM after the
     # erasure; SQLite: freed space zeroed and the -wal emptied).
     leftovers = raw_storage(session)
-    assert [secret in leftovers for secret in secrets] == [False] * 5
+    assert [secret in leftovers for secret in secrets] == [False] * 6
     erasures = log_entries(session, "subject.erase")
     assert erasures[-1]["reason"] == "packet_wraps_removed=2"
 
