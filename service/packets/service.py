@@ -59,6 +59,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
+from service import clock
 from service.access_log.service import LogEntry, Outcome, append, append_many
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
@@ -1425,7 +1426,7 @@ def _identities(
 ) -> dict[int, bytes | None]:
     """Each member's identity (its JSON), by subject: all in one call, and only if one fails its
     check, one by one, so that one damaged wrap or ciphertext withholds that identity alone
-    (None, logged by the packet's id and the member's pseudonym), not the owner's whole packet."""
+    (None, logged by the packet's id and the member's subject id), not the owner's whole packet."""
     try:
         return dict(
             zip(wrapped, open_under_wrapped_keys(packet_key, wrapped.values()), strict=True)
@@ -1665,8 +1666,11 @@ def _followup_refusal(
     problem = policy.check(kind=given.kind, outcome_code=given.outcome_code)
     if problem is not None:
         return "outcome_code", problem
-    earliest = as_utc(packet.created_at).date() - timedelta(days=FOLLOWUP_DAYS_BEFORE_PACKET)
-    latest = utcnow().date() + timedelta(days=FOLLOWUP_DAYS_AHEAD)
+    # Days as the municipality counts them (CASEPACKETS_TIMEZONE), whatever zone the database
+    # hands the packet's time back in.
+    made = as_utc(packet.created_at).astimezone(clock.zone()).date()
+    earliest = made - timedelta(days=FOLLOWUP_DAYS_BEFORE_PACKET)
+    latest = clock.today() + timedelta(days=FOLLOWUP_DAYS_AHEAD)
     if not earliest <= given.date <= latest:
         return "date", (
             f"date must lie between {earliest.isoformat()} (a year before the packet was made) "

@@ -12,12 +12,14 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from sqlmodel import Session
 
+from service import clock
 from service.access_log import service as log
 from service.access_log.verify import verify_export
 from service.auth.dependencies import Caller
@@ -584,39 +586,44 @@ def test_a_followup_sent_again_under_its_idempotency_key_is_recorded_once(
 
 
 def test_a_followup_dated_outside_the_packets_time_is_refused_and_logged(
-    client: TestClient, token: TokenFactory, session: Session
+    client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     world = small_world(client, token)
     packet = world.packet(OWNER, "Charlois")
     pseudonym = packet["pseudonyms"][0]
     owner = bearer(token(OWNER, "professional"))
     url = f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups"
-    made = datetime.fromisoformat(packet["created_at"]).date()
-    today = utcnow().date()
-    earliest = made - timedelta(days=packets_service.FOLLOWUP_DAYS_BEFORE_PACKET)
-    latest = today + timedelta(days=packets_service.FOLLOWUP_DAYS_AHEAD)
-    for day in (earliest, latest):
-        created = client.post(
-            url, json={"kind": "appointment", "date": day.isoformat()}, headers=owner
-        )
-        assert created.status_code == 201, (day, created.text)
-    for day in (
-        date(1, 1, 1),
-        earliest - timedelta(days=1),
-        latest + timedelta(days=1),
-        date(9999, 12, 31),
-    ):
-        refused = client.post(
-            url, json={"kind": "appointment", "date": day.isoformat()}, headers=owner
-        )
-        assert refused.status_code == 422, (day, refused.text)
-        problem = refused.json()
-        assert problem["errors"][0]["loc"] == ["date"]
-        assert earliest.isoformat() in problem["detail"]
-        assert latest.isoformat() in problem["detail"]
+    # Days as the municipality counts them: in a zone far ahead of UTC and in one far behind,
+    # at least one of which is on another date than UTC whenever the test runs.
+    for zone_name in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):
+        monkeypatch.setenv(clock.TIMEZONE_VARIABLE, zone_name)
+        clock.zone.cache_clear()
+        zone = ZoneInfo(zone_name)
+        made = datetime.fromisoformat(packet["created_at"]).astimezone(zone).date()
+        earliest = made - timedelta(days=packets_service.FOLLOWUP_DAYS_BEFORE_PACKET)
+        latest = datetime.now(zone).date() + timedelta(days=packets_service.FOLLOWUP_DAYS_AHEAD)
+        for day in (earliest, latest):
+            created = client.post(
+                url, json={"kind": "appointment", "date": day.isoformat()}, headers=owner
+            )
+            assert created.status_code == 201, (zone_name, day, created.text)
+        for day in (
+            date(1, 1, 1),
+            earliest - timedelta(days=1),
+            latest + timedelta(days=1),
+            date(9999, 12, 31),
+        ):
+            refused = client.post(
+                url, json={"kind": "appointment", "date": day.isoformat()}, headers=owner
+            )
+            assert refused.status_code == 422, (zone_name, day, refused.text)
+            problem = refused.json()
+            assert problem["errors"][0]["loc"] == ["date"]
+            assert earliest.isoformat() in problem["detail"]
+            assert latest.isoformat() in problem["detail"]
+    clock.zone.cache_clear()
     entries = log_entries(session, "followup.create")
-    assert [e["outcome"] for e in entries] == ["allowed"] * 2 + ["denied"] * 4
-    assert all(e["pseudonyms"] == [pseudonym] for e in entries)
+    assert [e["outcome"] for e in entries] == (["allowed"] * 2 + ["denied"] * 4) * 2
 
 
 # -- failing closed ---------------------------------------------------------------------------
