@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Path
+from fastapi import Header, Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 
@@ -33,6 +33,20 @@ PacketIdPath = Annotated[
 PseudonymPath = Annotated[
     str,
     Path(pattern=r"^[0-9a-f]{32}$", description="a pseudonym (32 lowercase hex characters)"),
+]
+
+# A caller's Idempotency-Key: printable ASCII (an HTTP header arrives as Latin-1, so anything
+# else would be stored garbled and counted in bytes), 1 to 128 characters, never echoed.
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[\x20-\x7e]+$",
+        description="send a request again with the same key to get its first answer instead "
+        "of a second effect (per caller; 1 to 128 printable ASCII characters)",
+    ),
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from service.auth.dependencies import Caller, CurrentCaller, require
 from service.auth.permissions import Permission
@@ -36,7 +36,7 @@ from service.packets.models import (
 )
 from service.packets.opens import PacketOpens
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
-from service.schemas import PacketIdPath, PseudonymPath
+from service.schemas import IdempotencyKeyHeader, PacketIdPath, PseudonymPath
 
 router = APIRouter()
 
@@ -248,16 +248,7 @@ def create_followup(
     body: FollowupCreate,
     session: SessionDep,
     caller: CurrentCaller,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            min_length=1,
-            max_length=128,
-            description="send a request again with the same key to get the follow-up it "
-            "recorded, not a second one (per caller)",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> FollowupPublic:
     """Owner only (others: 404, logged). The note is encrypted under the packet key and shown
     only on the owner's re-identification route; kinds, dates and outcome codes are metadata."""

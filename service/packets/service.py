@@ -901,10 +901,6 @@ class FollowupKeyReused(Conflict):
     commit_before_raising = True  # the refusal keeps its ``denied`` entry
 
 
-class FollowupKeyRace(Conflict):
-    title = "Idempotency-Key in use"
-
-
 class ClientNotInPacket(NotFound):
     commit_before_raising = True
 
@@ -1701,6 +1697,15 @@ def _followup_digest(
     return hmac.new(packet_key.material, message, hashlib.sha256).hexdigest()
 
 
+# The follow-up a caller recorded under an Idempotency-Key.
+_STORED_FOLLOWUP = select(
+    _followups.c.id, _followups.c.request_digest, _followups.c.created_at
+).where(
+    _followups.c.created_by == bindparam("by"),
+    _followups.c.idempotency_key == bindparam("key"),
+)
+
+
 def create_followup(
     *,
     session: Session,
@@ -1765,10 +1770,7 @@ def create_followup(
             _packet_key(keyring, packet), packet_id=packet_id, pseudonym=pseudonym, given=given
         )
         stored = session.execute(
-            select(_followups.c.id, _followups.c.request_digest, _followups.c.created_at).where(
-                _followups.c.created_by == caller.sub,
-                _followups.c.idempotency_key == idempotency_key,
-            )
+            _STORED_FOLLOWUP, {"by": caller.sub, "key": idempotency_key}
         ).first()
         if stored is not None:
             return _followup_sent_again(
@@ -1809,17 +1811,25 @@ def create_followup(
         request_digest=digest,
     )
     try:
-        # A savepoint: another request with the same Idempotency-Key that committed since the
-        # look-up above is a 409, and this transaction stays usable.
+        # A savepoint: this transaction stays usable if another request with the same key
+        # committed since the look-up above. That request was for another packet (requests for
+        # one packet take its lock in turn), so it is judged as any stored one: a logged 409.
         with session.begin_nested():
             session.connection().execute(row)
     except IntegrityError:
-        if idempotency_key is None:
+        if idempotency_key is None or digest is None:
             raise
-        raise FollowupKeyRace(
-            "another request with this Idempotency-Key was recorded at the same moment; send "
-            "this one again to get that follow-up back"
-        ) from None
+        return _followup_sent_again(
+            session,
+            stored=session.execute(
+                _STORED_FOLLOWUP, {"by": caller.sub, "key": idempotency_key}
+            ).one(),
+            digest=digest,
+            packet_id=packet_id,
+            pseudonym=pseudonym,
+            given=given,
+            caller=caller,
+        )
     _log_packet(
         session,
         caller=caller,

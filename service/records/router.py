@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Header, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Request, Response
 
 from service.auth.dependencies import Caller, require
 from service.auth.permissions import Permission
@@ -21,7 +21,7 @@ from service.records.models import (
 )
 from service.records.service import erase_subject, ingest_batch
 from service.records.vocabulary import load_event_types
-from service.schemas import PseudonymPath
+from service.schemas import IdempotencyKeyHeader, PseudonymPath
 
 router = APIRouter()
 
@@ -38,15 +38,7 @@ def ingest_records(
     request: Request,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.RECORDS_INGEST)],
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            min_length=1,
-            max_length=128,
-            description="repeat a request with the same key to get the first answer again",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Every row is validated first; one failing row rejects the batch with a 422 listing every
     failing row and field, and nothing is stored. The source is the caller's token subject."""

@@ -545,9 +545,9 @@ def test_a_followup_sent_again_under_its_idempotency_key_is_recorded_once(
     counts = {c["pseudonym"]: len(c["followups"]) for c in opened["clients"]}
     assert (counts[one], counts[two]) == (1, 2)
 
-    # Two requests with one new key at once: the one whose look-up came before the other's
-    # commit meets it at the unique key, and is told to send again (409), which then gets the
-    # other's follow-up.
+    # Two requests with one new key at once (for two packets: those for one packet take its
+    # lock in turn): the one whose look-up came before the other's commit meets it at the unique
+    # key, and is refused as any request under a key used for another follow-up.
     session.execute(
         FOLLOWUPS.insert().values(
             id=uuid.uuid4().hex,
@@ -571,18 +571,33 @@ def test_a_followup_sent_again_under_its_idempotency_key_is_recorded_once(
         def first(self) -> None:
             return None
 
+    looked_up: list[str] = []
+
     def before_the_other_commits(self: Session, statement: Any, *args: Any, **kwargs: Any) -> Any:
         sql = str(statement)
-        if sql.startswith("SELECT") and "request_digest" in sql and "idempotency_key" in sql:
+        if sql.startswith("SELECT") and "request_digest" in sql and not looked_up:
+            looked_up.append(sql)  # the first look-up, before the other request committed
             return _NotYetThere()
         return real_execute(self, statement, *args, **kwargs)
 
     monkeypatch.setattr(Session, "execute", before_the_other_commits)
     raced = client.post(url(one), json=body, headers={**owner, "Idempotency-Key": "race-1"})
     monkeypatch.undo()
+    assert looked_up
     assert raced.status_code == 409, raced.text
-    assert "at the same moment" in raced.json()["detail"]
+    assert "different follow-up" in raced.json()["detail"]
     assert session.execute(select(func.count()).select_from(FOLLOWUPS)).scalar() == 4
+    refusal = log_entries(session, "followup.create")[-1]
+    assert (refusal["outcome"], refusal["reason"]) == (
+        "denied",
+        "Idempotency-Key used for another follow-up",
+    )
+    # Non-ASCII is refused rather than stored garbled (a header arrives as Latin-1).
+    for key in ("é" * 10, "", "x" * 129):
+        headers: dict[str, Any] = {**owner, "Idempotency-Key": key.encode()}
+        refused = client.post(url(one), json=body, headers=headers)
+        assert refused.status_code == 422, (key, refused.text)
+        assert "Idempotency-Key" in refused.text
 
 
 def test_a_followup_dated_outside_the_packets_time_is_refused_and_logged(
