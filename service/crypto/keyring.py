@@ -324,11 +324,18 @@ class Keyring:
         return keys[(purpose, int(document["purposes"][purpose]["current"]))]
 
     def get(self, purpose: Purpose, version: int) -> Key:
+        """The key of ``version``. A version this process has not seen yet is looked for in the
+        file at once: another worker may have rotated a moment ago and already sealed under it
+        (a packet built there, opened here), so waiting for the interval would fail a request."""
+        purpose = check_purpose(purpose)
         self._follow_file()
-        try:
-            return self._keys[(check_purpose(purpose), version)]
-        except KeyError:
-            raise UnknownKey(f"no usable {purpose} key version {version}") from None
+        key = self._keys.get((purpose, version))
+        if key is None:
+            self._follow_file(now=True)
+            key = self._keys.get((purpose, version))
+        if key is None:
+            raise UnknownKey(f"no usable {purpose} key version {version}")
+        return key
 
     def active(self, purpose: Purpose) -> list[Key]:
         """Every version that can still decrypt, newest first."""

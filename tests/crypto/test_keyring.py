@@ -249,6 +249,22 @@ def test_a_loaded_keyring_follows_changes_made_by_another_process(
     assert [k.version for k in worker.active("vault")] == [2]
 
 
+def test_a_version_another_worker_just_sealed_under_is_read_from_the_file_at_once(
+    tmp_path: Path, rotations_settled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packet built by one worker under a packet KEK rotated a moment ago is opened by
+    another within the check interval: asking for that version reads the file at once."""
+    path = tmp_path / "k.json"
+    monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 3600.0)
+    worker = Keyring.init(path)
+    with Keyring.edit(path) as command:
+        command.rotate("packet")
+    assert worker.current("packet").version == 1  # not looked at within the interval
+    assert worker.get("packet", 2).material == command.current("packet").material
+    with pytest.raises(UnknownKey):
+        worker.get("packet", 3)
+
+
 def test_a_changed_keyring_that_cannot_be_read_keeps_the_keys_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
