@@ -406,11 +406,17 @@ def audit_export(
 
     settings = settings_or_exit()
     try:
-        keyring = Keyring.load(settings.resolved_keyring_path)
+        Keyring.load(settings.resolved_keyring_path)
     except KeyringError as exc:
         console.print(f"[red]cannot sign a checkpoint:[/red] {exc}")
         raise typer.Exit(2) from None
-    signer = NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
+
+    def signer() -> NoteSigner:
+        # Read again under the log's lock: the keyring as a rotation committed a moment ago
+        # left it.
+        keyring = Keyring.load(settings.resolved_keyring_path)
+        return NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
+
     try:
         out.mkdir(parents=True, exist_ok=True)  # before a checkpoint is signed for it
     except OSError as exc:

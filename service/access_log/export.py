@@ -35,16 +35,22 @@ class Exported:
 def export_log(
     *,
     database: Database,
-    signer: NoteSigner,
+    signer: Callable[[], NoteSigner],
     origin: str,
     folder: Path,
     on_start: Callable[[int], None] = lambda _total: None,
     on_progress: Callable[[int], None] = lambda _done: None,
     chunk: int = 5000,
 ) -> Exported:
+    """Sign a checkpoint and write the entries it covers, their leaf hashes, the handovers, the
+    checkpoint and its verifier key to ``folder``. ``signer`` gives the current signing key; it
+    is asked once the log's lock is held, so a checkpoint after a handover is never signed by
+    the key that handed over (as for ``GET /v1/audit/checkpoint``)."""
     with database.transaction() as session:
-        note = service.signed_checkpoint(session=session, signer=signer, origin=origin)
-    size = parse_checkpoint(open_note(note, signer.verifier)).size
+        service.hold_lock(session)
+        current = signer()
+        note = service.signed_checkpoint(session=session, signer=current, origin=origin)
+    size = parse_checkpoint(open_note(note, current.verifier)).size
     folder.mkdir(parents=True, exist_ok=True)
     on_start(size)
     with (
@@ -67,5 +73,5 @@ def export_log(
         for handover_size in sorted(handovers):
             handover_file.write(handover_line(handover_size, handovers[handover_size]))
     (folder / CHECKPOINT_FILE).write_text(note, encoding="utf-8")
-    (folder / PUBLIC_KEY_FILE).write_text(f"{signer.verifier}\n", encoding="utf-8")
+    (folder / PUBLIC_KEY_FILE).write_text(f"{current.verifier}\n", encoding="utf-8")
     return Exported(size=size, folder=folder)

@@ -187,6 +187,13 @@ def _waited_too_long(exc: OperationalError) -> bool:
     return True
 
 
+def hold_lock(session: Session) -> None:
+    """Take the log's write lock for the rest of the transaction (waiting at most the bound): a
+    rotation of the log signing key has then either committed, with the keyring written, or
+    waits for this transaction."""
+    _lock_frontier(session)
+
+
 def _lock_frontier(session: Session) -> _Frontier:
     """Take the log's write lock for the rest of the transaction, waiting at most the bound, and
     read the tree size and its peaks under it.

@@ -60,7 +60,7 @@ def verify(
 
 
 def export(database: Database, signer: NoteSigner, folder: Path) -> Path:
-    export_log(database=database, signer=signer, origin=ORIGIN, folder=folder)
+    export_log(database=database, signer=lambda: signer, origin=ORIGIN, folder=folder)
     return folder
 
 
@@ -597,6 +597,37 @@ def test_a_key_that_handed_signing_over_signs_no_later_checkpoint(
     )
     assert code == 1, output
     assert "FAILED: new checkpoint rejected" in output
+
+
+def test_an_export_that_read_the_keyring_before_a_rotation_signs_with_the_new_key(
+    cli_env: Path, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``audit export`` started, read the keyring, and a rotation of the signing key committed
+    before it got the log's lock: it signs with the key read under the lock, never with the
+    one that handed over (the export would fail verification as a stolen old key's)."""
+    append_each(database, 5)
+    before = export_command(cli_env / "before")
+    path = cli_env / "keyring.json"
+    read_at_start = Keyring.load(path)
+    rotate_log_signing()
+    append_each(database, 3)
+    real_load = Keyring.load
+    loads: list[Path] = []
+
+    def as_at_the_export_s_start(keyring_path: Path) -> Keyring:
+        loads.append(keyring_path)
+        return read_at_start if len(loads) == 1 else real_load(keyring_path)
+
+    monkeypatch.setattr(Keyring, "load", staticmethod(as_at_the_export_s_start))
+    after = export_command(cli_env / "after")
+    monkeypatch.undo()
+    assert len(loads) == 2
+    new_key = NoteSigner.from_keyring(real_load(path), name=ORIGIN).verifier
+    assert (after / PUBLIC_KEY_FILE).read_text() == f"{new_key}\n"
+    code, output = verify(
+        after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
+    )
+    assert code == 0, output
 
 
 def test_without_the_handovers_the_old_key_is_refused_with_a_hint(
