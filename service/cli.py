@@ -184,8 +184,15 @@ def migrate() -> None:
     settings = settings_or_exit()
     data_folder_or_exit(settings)
     with database_problems_exit():
-        run_migrations(settings.resolved_database_url, settings.migrations_dir)
-    console.print("schema is up to date")
+        migrated = run_migrations(settings.resolved_database_url, settings.migrations_dir)
+    if migrated.before == migrated.after:
+        console.print(f"schema is up to date (revision {migrated.after})", highlight=False)
+    else:
+        console.print(
+            f"schema migrated from {migrated.before or 'an empty database'} to revision "
+            f"{migrated.after}",
+            highlight=False,
+        )
 
 
 @app.command()

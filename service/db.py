@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import psycopg
 from alembic.config import Config
@@ -639,13 +639,19 @@ def _one_migrator(url: str) -> Iterator[None]:
         engine.dispose()
 
 
-def migrate(url: str, migrations_dir: Path, revision: str = "head") -> None:
+class Migrated(NamedTuple):
+    before: str | None  # the revision found (None: an empty database)
+    after: str | None
+
+
+def migrate(url: str, migrations_dir: Path, revision: str = "head") -> Migrated:
     """Bring the schema to ``revision`` (creating the SQLite file and folder when needed);
     concurrent migrations of one database wait for each other. A database at a revision this
     code does not know is refused (``SchemaTooNew``); a lock held by running work past
     ``MIGRATION_LOCK_TIMEOUT_SECONDS`` ends it (``DatabaseBusy``), as does a migration that
-    cannot reach the database (``DatabaseUnreachable``)."""
-    _run_migrations(url, migrations_dir, lambda config: command.upgrade(config, revision))
+    cannot reach the database (``DatabaseUnreachable``). Returns the revision found and the
+    one left."""
+    return _run_migrations(url, migrations_dir, lambda config: command.upgrade(config, revision))
 
 
 def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
@@ -653,16 +659,19 @@ def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
     _run_migrations(url, migrations_dir, lambda config: command.downgrade(config, revision))
 
 
-def _run_migrations(url: str, migrations_dir: Path, run: Callable[[Config], None]) -> None:
+def _run_migrations(url: str, migrations_dir: Path, run: Callable[[Config], None]) -> Migrated:
     with database_problems(url), _one_migrator(url):
         engine = make_engine(url, lock_timeout_seconds=MIGRATION_LOCK_TIMEOUT_SECONDS)
         try:
             with engine.connect() as connection:
                 config = alembic_config(url, migrations_dir)
-                _known_revision(connection, ScriptDirectory.from_config(config))
+                before = _known_revision(connection, ScriptDirectory.from_config(config))
                 connection.commit()
                 config.attributes["connection"] = connection  # alembic/env.py runs on it
                 run(config)
+                after = MigrationContext.configure(connection).get_current_revision()
+                connection.commit()
+                return Migrated(before, after)
         finally:
             engine.dispose()
 

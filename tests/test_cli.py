@@ -98,10 +98,15 @@ def test_a_traceback_never_shows_local_variables() -> None:
     assert cli.pretty_exceptions_enable is False
 
 
-def test_migrate_command_builds_the_schema(cli_home: Path) -> None:
-    result = CliRunner().invoke(cli, ["migrate"])
-    assert result.exit_code == 0, result.output
+def test_migrate_command_builds_the_schema_and_says_what_it_did(cli_home: Path) -> None:
+    head = sorted(p.name for p in (PROJECT_ROOT / "alembic" / "versions").glob("0*.py"))[-1][:4]
+    first = CliRunner().invoke(cli, ["migrate"])
+    assert first.exit_code == 0, first.output
     assert (cli_home / "cli.db").exists()
+    assert f"schema migrated from an empty database to revision {head}" in first.output
+    again = CliRunner().invoke(cli, ["migrate"])
+    assert again.exit_code == 0, again.output
+    assert f"schema is up to date (revision {head})" in again.output
 
 
 def test_serve_refuses_to_create_a_keyring_in_production(cli_home: Path) -> None:
