@@ -12,7 +12,9 @@ entries up to it, its last entry names the new key, and the new key cosigned it.
 signed by the key trusted at that point is ignored; a key that handed signing over signs no later
 checkpoint. With a trusted checkpoint, the key given for it is where trust starts: the new
 checkpoint's key must be reached from it by handovers, unless the auditor vouches for the other
-key given (``key_without_handover``, for rotations made before handovers existed). Anything
+key given (``key_without_handover``, for rotations made before handovers existed). A trusted
+checkpoint that key did not sign is opened by the key the handovers up to its size lead to (an
+export taken after a rotation, checked against the key pinned before it). Anything
 else raises ``VerificationFailed``; when the exported leaf hashes are themselves authenticated by
 the signed root, the error names the first bad entry index.
 """
@@ -216,8 +218,17 @@ def verify_export(
     except CheckpointError as exc:
         raise CheckpointRejected("new", str(exc)) from None
     trusted = None
+    # A trusted checkpoint signed by a key that ``start`` handed signing over to (one exported
+    # after a rotation) is opened once the handovers before it have been followed.
+    trusted_by_another_key: CheckpointRejected | None = None
     if trusted_note is not None:
-        trusted = open_checkpoint(trusted_note, start, which="trusted")
+        try:
+            trusted = open_checkpoint(trusted_note, start, which="trusted")
+        except CheckpointRejected as rejected:
+            if not (rejected.by_another_key and handovers):
+                raise
+            trusted_by_another_key = rejected
+            trusted = unverified_checkpoint(trusted_note)  # well-formed: it opened but for the key
         if trusted.origin != claimed.origin:
             raise CheckpointRejected(
                 "trusted",
@@ -262,6 +273,15 @@ def verify_export(
         roots = entry_roots.roots
         hashes_size, hashes_root = hash_roots.compact.size, hash_roots.compact.root()
 
+    if trusted is not None and trusted_by_another_key is not None:
+        before_trusted = [step for step in steps if step.checkpoint.size <= trusted.size]
+        key, _ = _follow(before_trusted, start, roots=roots, last_entries=last_entries)
+        if key == start:
+            raise trusted_by_another_key
+        try:
+            trusted = open_checkpoint(trusted_note or "", key, which="trusted")
+        except CheckpointRejected:
+            raise trusted_by_another_key from None
     signer, followed = _follow(steps, start, roots=roots, last_entries=last_entries)
     try:
         checkpoint = open_checkpoint(checkpoint_note, signer, which="new")

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from service.access_log import merkle
 from service.access_log import service as log
-from service.access_log.checkpoint import Checkpoint, checkpoint_text
+from service.access_log.checkpoint import Checkpoint, checkpoint_text, unverified_checkpoint
 from service.access_log.export import (
     CHECKPOINT_FILE,
     ENTRIES_FILE,
@@ -365,6 +365,36 @@ def test_after_a_rotation_the_new_key_alone_rejects_the_trusted_checkpoint_with_
     assert code == 1
     assert "FAILED: trusted checkpoint rejected" in output
     assert f"--trusted-public-key {before / PUBLIC_KEY_FILE}" in output
+
+
+def test_a_trusted_checkpoint_exported_after_a_rotation_opens_by_the_pinned_key_s_handover(
+    rotated: tuple[Path, Path], cli_env: Path, database: Database
+) -> None:
+    """Last month's export was taken after the rotation: its checkpoint is signed by the new
+    key, while the auditor pinned the old one. The handover the pinned key signed, within the
+    trusted checkpoint, leads to the key that signed it."""
+    before, after = rotated
+    append_each(database, 3)
+    later = export_command(cli_env / "later")
+    pinned = before / PUBLIC_KEY_FILE
+    trusted = ["--trusted-checkpoint", str(after / CHECKPOINT_FILE)]
+    handovers = ["--handovers", str(later / HANDOVERS_FILE)]
+    code, output = verify(later, *trusted, *handovers, public_key=pinned)
+    assert code == 0, output
+    assert "trusted checkpoint of size 15" in output
+    # Without the handovers nothing leads there: refused, with the hint as before.
+    code, output = verify(later, *trusted, public_key=pinned)
+    assert code == 1
+    assert "FAILED: trusted checkpoint rejected" in output
+    # A checkpoint of that size signed by a key no handover reaches stays refused.
+    stranger = NoteSigner(name=ORIGIN, seed=bytes(range(32)))
+    forged = cli_env / "forged-trusted"
+    forged.write_text(
+        stranger.sign(checkpoint_text(unverified_checkpoint((after / CHECKPOINT_FILE).read_text())))
+    )
+    code, output = verify(later, "--trusted-checkpoint", str(forged), *handovers, public_key=pinned)
+    assert code == 1
+    assert "FAILED: trusted checkpoint rejected" in output
 
 
 def test_a_trusted_checkpoint_signed_by_an_unrelated_key_is_rejected(
