@@ -32,6 +32,9 @@ HANDOVER_OBJECT_PREFIX = "log_signing/"
 HANDOVER_REASON = "checkpoints are signed from now on by "
 # Both appear, in this form, in the canonical JSON of every handover entry: a cheap first test.
 _MARKERS = (b'"action":"keys.rotate"', b'"object_id":"log_signing/')
+# How every entry the service writes to hand signing over begins (canonical JSON: sorted keys,
+# "action" first): a test of a line's first bytes, cheap enough for the verifier's hot loop.
+ROTATION_PREFIX = b"{" + _MARKERS[0] + b","
 
 
 def hand_over(

@@ -36,7 +36,7 @@ from service.access_log.checkpoint import (
     parse_checkpoint,
     unverified_checkpoint,
 )
-from service.access_log.handover import handed_to
+from service.access_log.handover import ROTATION_PREFIX, handed_to
 from service.access_log.merkle import HASH_SIZE, CompactRange, fold
 from service.crypto.signing import NoteError, NotSignedBy, VerifierKey, open_note
 
@@ -183,13 +183,39 @@ def _follow(
     return key, tuple(followed)
 
 
-def root_of_lines(lines: Iterable[bytes]) -> tuple[int, bytes]:
-    """Size and RFC 6962 root of NDJSON lines (the verifier's hot loop, kept tight)."""
+def _signed_in_turn(
+    checkpoint: Checkpoint, key: VerifierKey, named: dict[int, VerifierKey], *, which: Which
+) -> None:
+    """Refuse a checkpoint signed by a key other than the one the entries before it name last
+    (or, at the size of a handover, the key it names): one left behind by a handover, however
+    the handovers given were chosen."""
+    before = [at for at in named if at < checkpoint.size]
+    if not before:
+        return
+    last = max(before)
+    if key in (named[last], named.get(checkpoint.size)):
+        return
+    raise CheckpointRejected(
+        which,
+        f"it is signed by {key}, but the entries hand checkpoint signing to {named[last]} at "
+        f"size {last}: a key that handed signing over signs no later checkpoint (give every "
+        "handover, from handovers.ndjson)",
+    )
+
+
+def root_of_lines(
+    lines: Iterable[bytes], *, marked: list[tuple[int, bytes]] | None = None
+) -> tuple[int, bytes]:
+    """Size and RFC 6962 root of NDJSON lines (the verifier's hot loop, kept tight). With
+    ``marked``, the lines that may hand signing over are added to it, each with the tree size
+    it ends."""
     sha256 = hashlib.sha256
     peaks: list[bytes] = []
     size = 0
     line = b"\n"
     for line in lines:
+        if marked is not None and line.startswith(ROTATION_PREFIX):
+            marked.append((size + 1, line[:-1]))
         current = sha256(b"\x00" + line[:-1]).digest()
         position = size
         while position & 1:
@@ -228,7 +254,13 @@ def verify_export(
             if not (rejected.by_another_key and handovers):
                 raise
             trusted_by_another_key = rejected
-            trusted = unverified_checkpoint(trusted_note)  # well-formed: it opened but for the key
+            try:
+                trusted = unverified_checkpoint(trusted_note)
+            except CheckpointError:
+                raise rejected from None
+            if trusted.origin != claimed.origin or trusted.size > claimed.size:
+                # Claims of a note no key has vouched for yet: it is refused as unsigned.
+                raise rejected
         if trusted.origin != claimed.origin:
             raise CheckpointRejected(
                 "trusted",
@@ -242,8 +274,9 @@ def verify_export(
         )
     steps = _handovers(handovers, origin=claimed.origin, up_to=claimed.size)
 
+    marked: list[tuple[int, bytes]] = []
     if trusted is None and leaf_hashes is None and not steps:
-        size, root = root_of_lines(entries)
+        size, root = root_of_lines(entries, marked=marked)
         roots: dict[int, bytes] = {}
         last_entries: dict[int, bytes] = {}
         first_difference = None
@@ -263,6 +296,8 @@ def verify_export(
                 line = _without_newline(data)
                 leaf = hashlib.sha256(b"\x00" + line).digest()
                 entry_roots.append(leaf)
+                if line.startswith(ROTATION_PREFIX):
+                    marked.append((index + 1, line))
                 if index + 1 in wanted:
                     last_entries[index] = line
             if given is not None:
@@ -273,13 +308,14 @@ def verify_export(
         roots = entry_roots.roots
         hashes_size, hashes_root = hash_roots.compact.size, hash_roots.compact.root()
 
+    trusted_key = start if trusted is not None else None
     if trusted is not None and trusted_by_another_key is not None:
         before_trusted = [step for step in steps if step.checkpoint.size <= trusted.size]
-        key, _ = _follow(before_trusted, start, roots=roots, last_entries=last_entries)
-        if key == start:
+        trusted_key, _ = _follow(before_trusted, start, roots=roots, last_entries=last_entries)
+        if trusted_key == start:
             raise trusted_by_another_key
         try:
-            trusted = open_checkpoint(trusted_note or "", key, which="trusted")
+            trusted = open_checkpoint(trusted_note or "", trusted_key, which="trusted")
         except CheckpointRejected:
             raise trusted_by_another_key from None
     signer, followed = _follow(steps, start, roots=roots, last_entries=last_entries)
@@ -300,6 +336,13 @@ def verify_export(
                 f"the log was rewritten: its first {trusted.size} entries no longer have the "
                 "trusted checkpoint's root, yet the service signed the new tree"
             )
+        # The entries the signed root authenticates say which key signs when: whatever
+        # handovers were given (or left out), a key that handed signing over signs no later
+        # checkpoint.
+        named = {at: key for at, line in marked if (key := handed_to(line)) is not None}
+        _signed_in_turn(checkpoint, signer, named, which="new")
+        if trusted is not None and trusted_key is not None:
+            _signed_in_turn(trusted, trusted_key, named, which="trusted")
         return Verified(
             checkpoint=checkpoint, trusted=trusted, signed_by=signer, handovers=followed
         )

@@ -660,6 +660,58 @@ def test_an_export_that_read_the_keyring_before_a_rotation_signs_with_the_new_ke
     assert code == 0, output
 
 
+def test_a_key_that_handed_over_is_refused_even_when_its_handover_is_left_out(
+    rotated: tuple[Path, Path], cli_env: Path
+) -> None:
+    """The old key leaks after its handover and signs a rewritten tail; handovers.ndjson, which
+    the forger also controls, leaves the handover out. The rotation entry among the signed
+    entries still says the old key signs nothing past it. (A forger who rewrites that entry too
+    is stopped only by a trusted checkpoint that covers it.)"""
+    before, after = rotated
+    old_material = Keyring.load(cli_env / "keyring.json").get("log_signing", 1).material
+    forged = cli_env / "forged"
+    forge_tail(after, forged, signer=NoteSigner(name=ORIGIN, seed=old_material), keep=12)
+    (forged / HANDOVERS_FILE).write_text("")
+    for extra in ((), ("--handovers", str(forged / HANDOVERS_FILE))):
+        code, output = verify(
+            forged, *extra, public_key=before / PUBLIC_KEY_FILE, leaf_hashes=False
+        )
+        assert code == 1, output
+        assert "a key that handed signing over signs no later checkpoint" in output
+    # The export as the service made it, verified by the key now current, needs no handovers.
+    code, output = verify(after)
+    assert code == 0, output
+
+
+def test_an_unsigned_trusted_checkpoint_is_refused_as_unsigned_whatever_it_claims(
+    rotated: tuple[Path, Path], cli_env: Path
+) -> None:
+    """With handovers given, a trusted note no key reached vouches for nothing: neither its size
+    (a 'rolled back' verdict) nor its shape (a traceback) is taken from it."""
+    before, after = rotated
+    stranger = NoteSigner(name=ORIGIN, seed=bytes(range(32)))
+    real = unverified_checkpoint((after / CHECKPOINT_FILE).read_text())
+    notes = {
+        "larger": stranger.sign(checkpoint_text(Checkpoint(ORIGIN, 1_000_000, real.root))),
+        "malformed": stranger.sign("not a checkpoint\n"),
+    }
+    for name, note in notes.items():
+        path = cli_env / f"trusted-{name}"
+        path.write_text(note)
+        code, output = verify(
+            after,
+            "--trusted-checkpoint",
+            str(path),
+            "--handovers",
+            str(after / HANDOVERS_FILE),
+            public_key=before / PUBLIC_KEY_FILE,
+        )
+        assert code == 1, (name, output)
+        assert "FAILED: trusted checkpoint rejected" in output, (name, output)
+        assert "--trusted-public-key" in output, (name, output)
+        assert "Traceback" not in output
+
+
 def test_without_the_handovers_the_old_key_is_refused_with_a_hint(
     rotated: tuple[Path, Path],
 ) -> None:
