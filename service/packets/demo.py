@@ -65,7 +65,7 @@ def build_demo_packets(
         try:
             get_professional(session=session, professional_id=professional.id)
         except NotFound:
-            create_professional(session=session, given=professional)
+            create_professional(session=session, given=professional, caller=caller)
     run = run_flagging(session=session, policy=flagging_policy, as_of=as_of, caller=caller)
     result = partition_run(
         session=session,

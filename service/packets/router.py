@@ -55,9 +55,9 @@ router = APIRouter()
 def create_professional(
     body: ProfessionalCreate,
     session: SessionDep,
-    _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
+    caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
 ) -> ProfessionalPublic:
-    return service.create_professional(session=session, given=body)
+    return service.create_professional(session=session, given=body, caller=caller)
 
 
 @router.get(
@@ -89,10 +89,10 @@ def update_professional(
     professional_id: str,
     body: ProfessionalUpdate,
     session: SessionDep,
-    _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
+    caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
 ) -> ProfessionalPublic:
     return service.update_professional(
-        session=session, professional_id=professional_id, changes=body
+        session=session, professional_id=professional_id, changes=body, caller=caller
     )
 
 
@@ -106,9 +106,11 @@ def update_professional(
 def deactivate_professional(
     professional_id: str,
     session: SessionDep,
-    _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
+    caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
 ) -> ProfessionalPublic:
-    return service.deactivate_professional(session=session, professional_id=professional_id)
+    return service.deactivate_professional(
+        session=session, professional_id=professional_id, caller=caller
+    )
 
 
 # -- packets ----------------------------------------------------------------------------------

@@ -302,7 +302,27 @@ def get_professional(*, session: Session, professional_id: str, lock: bool = Fal
     return found
 
 
-def create_professional(*, session: Session, given: ProfessionalCreate) -> ProfessionalPublic:
+def _log_professional(
+    session: Session, *, caller: Caller, action: str, professional_id: str, reason: str
+) -> None:
+    """Who gave whom the districts and room that decide which packets they are assigned: an
+    entry with the professional's id and field names or counts only (names, teams and
+    districts are text a coordinator typed, which the log never keeps)."""
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action=action,
+            object_type="professional",
+            object_id=professional_id,
+            reason=reason,
+        ),
+    )
+
+
+def create_professional(
+    *, session: Session, given: ProfessionalCreate, caller: Caller
+) -> ProfessionalPublic:
     if session.get(Professional, given.id) is not None:
         raise ProfessionalExists(f"professional {given.id!r} already exists; use PATCH to change")
     professional = Professional(
@@ -321,6 +341,13 @@ def create_professional(*, session: Session, given: ProfessionalCreate) -> Profe
         raise ProfessionalExists(
             f"professional {given.id!r} already exists; use PATCH to change"
         ) from None
+    _log_professional(
+        session,
+        caller=caller,
+        action="professional.create",
+        professional_id=given.id,
+        reason=f"{len(given.districts)} districts; capacity {given.capacity}",
+    )
     return _professional_public(professional, 0)
 
 
@@ -338,24 +365,47 @@ def list_professionals(
 
 
 def update_professional(
-    *, session: Session, professional_id: str, changes: ProfessionalUpdate
+    *,
+    session: Session,
+    professional_id: str,
+    changes: ProfessionalUpdate,
+    caller: Caller,
+    action: str = "professional.update",
 ) -> ProfessionalPublic:
     professional = get_professional(session=session, professional_id=professional_id)
-    for name, value in changes.model_dump(exclude_unset=True).items():
+    changed = changes.model_dump(exclude_unset=True)
+    for name, value in changed.items():
         if value is None:
             raise Unprocessable(f"{name} may not be null", errors=[{"loc": [name], "msg": "null"}])
         setattr(professional, name, value)
     professional.updated_at = utcnow()
     session.add(professional)
     session.flush()
+    told = [
+        f"{name} {json.dumps(value)}" if name in ("capacity", "active") else name
+        for name, value in sorted(changed.items())
+    ]
+    _log_professional(
+        session,
+        caller=caller,
+        action=action,
+        professional_id=professional.id,
+        reason=f"changed: {', '.join(told) or 'nothing'}",
+    )
     load = open_loads(session=session, professional_ids=[professional.id]).get(professional.id, 0)
     return _professional_public(professional, load)
 
 
-def deactivate_professional(*, session: Session, professional_id: str) -> ProfessionalPublic:
+def deactivate_professional(
+    *, session: Session, professional_id: str, caller: Caller
+) -> ProfessionalPublic:
     """No new packets go to them; their open packets stay theirs until reassigned."""
     return update_professional(
-        session=session, professional_id=professional_id, changes=ProfessionalUpdate(active=False)
+        session=session,
+        professional_id=professional_id,
+        changes=ProfessionalUpdate(active=False),
+        caller=caller,
+        action="professional.deactivate",
     )
 
 

@@ -55,7 +55,7 @@ def flagged_run(
 
 
 def test_professionals_are_registered_listed_updated_and_deactivated(
-    client: TestClient, token: TokenFactory
+    client: TestClient, token: TokenFactory, session: Session
 ) -> None:
     coordinator = bearer(token("coord-001", "coordinator"))
     created = professional(client, coordinator, "prof-001", districts=["Feijenoord", "Charlois"])
@@ -97,6 +97,15 @@ def test_professionals_are_registered_listed_updated_and_deactivated(
     assert (
         client.post("/v1/professionals/nobody/deactivate", headers=coordinator).status_code == 404
     )
+    # Who gave whom districts and room is in the access log: ids, field names and numbers only,
+    # never the names, team or districts a coordinator typed.
+    managed = [e for e in log_entries(session) if e["object_type"] == "professional"]
+    assert [(e["action"], e["actor"], e["object_id"], e["reason"]) for e in managed] == [
+        ("professional.create", "coord-001", "prof-001", "2 districts; capacity 40"),
+        ("professional.update", "coord-001", "prof-001", "changed: capacity 10"),
+        ("professional.deactivate", "coord-001", "prof-001", "changed: active false"),
+    ]
+    assert not any(word in str(managed) for word in ("Caseworker", "Zuid-1", "Feijenoord"))
 
 
 def test_partitioning_builds_packets_whose_keys_unwrap_to_the_vault_dek(
