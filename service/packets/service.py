@@ -866,12 +866,9 @@ def reassign_packet(
         )
         raise error
 
-    if packet.status not in OPEN_STATUSES:
-        refuse(
-            PacketNotReassignable(f"packet {packet_id} is {packet.status}; only open packets move")
-        )
+    # Closed, expired or shredded, also one past its expiry still waiting for the shredder:
+    # nobody could open it any more.
     if (why := _why_not_in_use(packet, utcnow())) is not None:
-        # Past its expiry, waiting for the shredder: nobody could open it any more.
         refuse(PacketNotReassignable(f"packet {packet_id} is {why}; only open packets move"))
     # Locked: two reassignments to one professional cannot both fit into the same room.
     try:
@@ -1345,28 +1342,24 @@ def _characteristics_json(member: _SealedMember) -> bytes:
 
 def _note(
     followup: _Followup, *, packet_id: str, pseudonym: str, packet_key: DataKey
-) -> str | None:
-    """A follow-up's decrypted note; None when there is none, and when the stored note fails its
-    check (tampered with, or not where it was written): that note alone is withheld, logged by
-    its ids, and the owner is told it is unreadable."""
+) -> tuple[str | None, bool]:
+    """A follow-up's decrypted note (None when there is none), and whether it was withheld: a
+    stored note that fails its check (tampered with, or not where it was written) is withheld
+    alone, logged by its ids, and the owner is told it is unreadable."""
     if followup.note_ciphertext is None:
-        return None
+        return None, False
     try:
         aad = note_aad(
             followup.id, packet_id, followup.subject_id, pseudonym, binding=followup.note_binding
         )
-        return open_(packet_key, followup.note_ciphertext, aad=aad).decode("utf-8")
+        return open_(packet_key, followup.note_ciphertext, aad=aad).decode("utf-8"), False
     except (DecryptionFailed, UnicodeDecodeError):
         logger.error(
             "the note of follow-up %s in packet %s failed its integrity check; it was withheld",
             followup.id,
             packet_id,
         )
-        raise _Unreadable from None
-
-
-class _Unreadable(Exception):
-    """A stored ciphertext failed its check; what it held is withheld."""
+        return None, True
 
 
 def _followups_json(
@@ -1378,13 +1371,7 @@ def _followups_json(
         return b"[]"
     shown = []
     for f in followups:
-        try:
-            note, unreadable = (
-                _note(f, packet_id=packet_id, pseudonym=pseudonym, packet_key=packet_key),
-                False,
-            )
-        except _Unreadable:
-            note, unreadable = None, True
+        note, unreadable = _note(f, packet_id=packet_id, pseudonym=pseudonym, packet_key=packet_key)
         shown.append(
             {
                 "id": f.id,
@@ -1814,11 +1801,11 @@ def create_followup(
             raise ClientNotInPacket(f"packet {packet_id} has no client with this pseudonym")
         raise ClientErased("this client was erased; no follow-up can be recorded for them")
 
+    # Unwrapped once, and only for what needs it: the note, and the digest under a key.
+    packet_key = _packet_key(keyring, packet) if given.note or idempotency_key is not None else None
     digest = None
-    if idempotency_key is not None:
-        digest = _followup_digest(
-            _packet_key(keyring, packet), packet_id=packet_id, pseudonym=pseudonym, given=given
-        )
+    if idempotency_key is not None and packet_key is not None:
+        digest = _followup_digest(packet_key, packet_id=packet_id, pseudonym=pseudonym, given=given)
         stored = session.execute(
             _STORED_FOLLOWUP, {"by": caller.sub, "key": idempotency_key}
         ).first()
@@ -1835,8 +1822,7 @@ def create_followup(
 
     followup_id = uuid.uuid4().hex
     note_ciphertext = None
-    if given.note:
-        packet_key = _packet_key(keyring, packet)
+    if given.note and packet_key is not None:
         note_ciphertext = seal(
             packet_key,
             given.note.encode("utf-8"),
@@ -1888,12 +1874,20 @@ def create_followup(
         pseudonyms=[pseudonym],
         reason=f"followup {followup_id}; kind {given.kind}; outcome {given.outcome_code or '-'}",
     )
+    return _followup_public(given, followup_id=followup_id, created_at=now, caller=caller)
+
+
+def _followup_public(
+    given: FollowupCreate, *, followup_id: str, created_at: datetime, caller: Caller
+) -> FollowupPublic:
+    """The owner's view of the follow-up ``given`` recorded (or recorded before, when sent
+    again): what was asked, with its id and time."""
     return FollowupPublic(
         id=followup_id,
         kind=given.kind,
         date=given.date,
         outcome_code=given.outcome_code,
-        created_at=now,
+        created_at=created_at,
         note=given.note,
         created_by=caller.sub,
     )
@@ -1931,14 +1925,8 @@ def _followup_sent_again(
         pseudonyms=[pseudonym],
         reason=f"followup {stored.id}; sent again, not recorded twice",
     )
-    return FollowupPublic(
-        id=stored.id,
-        kind=given.kind,
-        date=given.date,
-        outcome_code=given.outcome_code,
-        created_at=stored.created_at,
-        note=given.note,
-        created_by=caller.sub,
+    return _followup_public(
+        given, followup_id=stored.id, created_at=stored.created_at, caller=caller
     )
 
 
