@@ -406,3 +406,20 @@ def test_authorization_matrix(
     )
     assert denied == expected_denials
     assert leaked(str(log_entries(session)), world.secrets) == []
+
+
+def test_roles_this_service_does_not_know_are_dropped_before_they_reach_the_log(
+    app: FastAPI, client: TestClient, session: Session
+) -> None:
+    """A provider's own roles, or one it lets an administrator type, grant nothing and never
+    reach the access log, which can never be corrected; one that cannot be encoded would stop
+    the denied entry of an attempt from being written."""
+    extra = ["professional", "\ud800", "Jan Jansen 1970-01-01", "offline_access"]
+    token = app.state.dev_issuer.mint(subject="prof-009", roles=extra)
+    me = client.get("/v1/me", headers=bearer(token))
+    assert me.status_code == 200, me.text
+    assert me.json()["roles"] == ["professional"]
+    response = client.get(f"/v1/packets/{uuid.uuid4()}/clients", headers=bearer(token))
+    assert response.status_code == 404, response.text
+    tried = [e for e in log_entries(session, "packet.open") if e["actor"] == "prof-009"]
+    assert [(e["outcome"], e["role"]) for e in tried] == [("denied", "professional")]

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.auth.permissions import AccessPolicy, Permission
+from service.auth.permissions import AccessPolicy, Permission, known_roles
 from service.auth.tokens import InvalidToken, TokenVerifier
 from service.errors import Forbidden, Unauthenticated
 
@@ -49,10 +49,11 @@ async def authenticate(
         token = await verifier.verify_async(credentials.credentials)
     except InvalidToken as exc:
         raise Unauthenticated(str(exc)) from None
+    roles = known_roles(token.roles)
     return Caller(
         sub=token.subject,
-        roles=token.roles,
-        permissions=policy.permissions_for(token.roles),
+        roles=roles,
+        permissions=policy.permissions_for(roles),
         request_id=getattr(request.state, "request_id", None),
     )
 

@@ -26,6 +26,13 @@ class Role(StrEnum):
     ADMIN = "admin"
 
 
+def known_roles(names: Iterable[str]) -> frozenset[str]:
+    """The names among ``names`` that are roles here. An identity provider adds its own
+    (``offline_access``, or anything an administrator typed); they grant nothing, and the access
+    log, which can never be corrected, records only these."""
+    return frozenset(name for name in names if name in Role.__members__.values())
+
+
 class Permission(StrEnum):
     PROFESSIONALS_MANAGE = "professionals.manage"
     RECORDS_INGEST = "records.ingest"

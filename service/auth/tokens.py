@@ -4,7 +4,8 @@ This is the ONLY module that imports python-jose. Invariants, each checked befor
 trusted:
 - tokens over ``MAX_TOKEN_BYTES`` are refused before any parsing, and so is anything but a JWS in
   compact form whose signature segment is the one base64url encoding of its bytes (a token
-  cannot be rewritten into many strings that all verify, each taking a place in the cache);
+  cannot be rewritten into many strings that all verify, each taking a place in the cache; the
+  one other spelling ECDSA itself accepts, s replaced by n - s, shares its original's place);
 - the header must name exactly the configured asymmetric algorithm (RS256 or ES256) and a ``kid``;
   ``jku``, ``x5u``, ``jwk``, ``x5c`` and ``crit`` headers are refused (no key is ever taken from
   the token itself);
@@ -57,6 +58,8 @@ MAX_LIFETIME_SECONDS = 24 * 3600
 # The ``typ`` header values of a JWT access token (RFC 7519 section 5.1, RFC 9068 section 2.1),
 # compared without case and without an ``application/`` prefix.
 ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt"})
+# The order n of P-256's group: an ES256 signature (r, s) verifies exactly when (r, n - s) does.
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 class InvalidToken(Exception):
@@ -320,7 +323,7 @@ class TokenVerifier:
 
         ``fetch=False`` is for ``verify_async``: a due JWKS fetch raises ``_FetchDue`` instead.
         """
-        digest = hashlib.sha256(_compact_bytes(token)).digest()
+        digest = self._memory_key(token)
         remembered = self._remembered.get(digest)
         if remembered is not None:
             if self.keys.get(remembered.kid, fetch=fetch) is remembered.key:
@@ -335,6 +338,19 @@ class TokenVerifier:
                 self._remembered.pop(next(iter(self._remembered)))
             self._remembered[digest] = _Remembered(verified, kid, key)
         return verified
+
+    def _memory_key(self, token: str) -> bytes:
+        """Where a verified token is remembered: the SHA-256 of its one spelling (for ES256, the
+        spelling with the smaller of s and n - s, so a token and its twin share one place)."""
+        compact = _compact_bytes(token)
+        if self.algorithm == "ES256":
+            signed, _, signature = token.rpartition(".")
+            raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+            s = int.from_bytes(raw[32:], "big")
+            if len(raw) == 64 and s > P256_ORDER // 2:
+                low = raw[:32] + (P256_ORDER - s).to_bytes(32, "big")
+                compact = f"{signed}.{base64.urlsafe_b64encode(low).rstrip(b'=').decode()}".encode()
+        return hashlib.sha256(compact).digest()
 
     def _expired(self, expires_at: int, *, now: float) -> bool:
         return expires_at + self.leeway_seconds < now
@@ -421,7 +437,10 @@ TIME_CLAIMS_REASON = "token 'iat', 'exp' and 'nbf' must be whole numbers of seco
 TYPE_REASON = "token is not an access token (header 'typ' JWT or at+jwt, claim 'typ' Bearer)"
 # The subject becomes the access log's actor and is compared with professional ids (≤ 128).
 MAX_SUBJECT_CHARS = 255
-SUBJECT_REASON = f"token 'sub' must be printable text of 1 to {MAX_SUBJECT_CHARS} characters"
+SUBJECT_REASON = (
+    f"token 'sub' must be printable text of 1 to {MAX_SUBJECT_CHARS} characters, "
+    "without spaces around it"
+)
 
 
 def _compact_bytes(token: str) -> bytes:
@@ -455,8 +474,11 @@ def _access_token_type(value: object) -> bool:
 
 
 def _usable_subject(value: object) -> TypeGuard[str]:
-    """Printable text that encodes as UTF-8 (no lone surrogate), of a bounded length."""
+    """Printable text that encodes as UTF-8 (no lone surrogate), of a bounded length, without
+    spaces around it (``"prof-001 "`` would stand in the access log beside ``prof-001``)."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_SUBJECT_CHARS:
+        return False
+    if value != value.strip():
         return False
     try:
         value.encode("utf-8")
