@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlmodel import Session
 
 from service.access_log.service import LogEntry, append
@@ -27,6 +27,7 @@ from service.errors import NotFound, Unprocessable
 from service.flagging.models import Flag, FlaggingRun, FlagPublic, PushedFlag, RuleHitPublic, utcnow
 from service.flagging.rules import Evaluator, FlaggingPolicy, SubjectEvent, explain
 from service.records.models import Event, Subject
+from service.records.service import register_erasure_hook
 
 DEFAULT_BATCH_SIZE = 2000
 MAX_PAGE = 1000
@@ -255,3 +256,29 @@ def push_flags(
         ),
     )
     return stored
+
+
+# What a pushed flag's explanation becomes when its subject is erased. A source writes it freely
+# (up to 1,000 characters), so it may name the person, their address or their circumstances; it
+# is stored in clear, and nothing but removing it would forget it. The reason code stays, as
+# outcome codes do.
+ERASED_EXPLANATION = "(removed when the subject was erased)"
+
+
+def _erase_pushed_explanations(session: Session, subject_id: int) -> int:
+    """Erasure hook: the free text of every flag a source pushed about the subject. Returns 0: it
+    removes no DEK wrap."""
+    session.connection().execute(
+        update(_flags)
+        .where(
+            _flags.c.subject_id == subject_id,
+            _flags.c.kind == "external",
+            _flags.c.explanation != ERASED_EXPLANATION,
+        )
+        .values(explanation=ERASED_EXPLANATION)
+    )
+    session.flush()
+    return 0
+
+
+register_erasure_hook(_erase_pushed_explanations)

@@ -608,6 +608,7 @@ def ingest_batch(
     if errors:
         raise _rejection(errors)
     connection = session.connection()
+    _lock_against_erasure(connection, shared=True)
 
     digest = ""
     if idempotency_key is not None:
@@ -622,6 +623,11 @@ def ingest_batch(
             .first()
         )
         if stored is not None:
+            if stored["request_digest"] == ERASED_DIGEST:
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key's batch held a subject who has since been erased, so a "
+                    "batch sent again can no longer be matched to it; use a new key"
+                )
             matches = digest_matches(
                 keyring=keyring, subjects=subjects, stored=stored["request_digest"]
             )
@@ -786,7 +792,7 @@ def ingest_batch(
                 id=result.batch_id,
                 source=source,
                 idempotency_key=idempotency_key,
-                request_digest=digest,
+                request_digest=ERASED_DIGEST if digest and "erased" in statuses else digest,
                 subject_count=result.subjects,
                 response=json.dumps(answer, separators=(",", ":")),
                 created_at=now,
@@ -845,6 +851,24 @@ ERASURE_HOOKS: list[ErasureHook] = []
 SUBJECT_KEYS_LOCK_KEY = 0x63702D64656B73
 
 
+# pg_advisory_xact_lock key between ingest (shared: batches run side by side) and erasure
+# (exclusive): an ingest that read a subject before its erasure commits first, so its answer
+# ("updated", "unchanged") is true when given, and one that starts later sees the subject erased.
+# The ASCII of "cp-ingst", fixed forever.
+INGEST_ERASURE_LOCK_KEY = 0x63702D696E677374
+
+# What an ingest batch keeps instead of its digest once it held an erased subject: the digest is
+# an HMAC of every identity in the batch under the pseudonym key, which outlives the erasure, so
+# a guessed name or address could be checked against it.
+ERASED_DIGEST = "erased"
+
+
+def _lock_against_erasure(connection: Connection, *, shared: bool) -> None:
+    if connection.dialect.name == "postgresql":
+        function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        connection.exec_driver_sql(f"SELECT {function}(%(key)s)", {"key": INGEST_ERASURE_LOCK_KEY})
+
+
 def lock_subject_keys(session: Session) -> None:
     """Hold the subject-keys lock until the transaction ends, waiting for its holder (PostgreSQL).
 
@@ -859,10 +883,11 @@ def lock_subject_keys(session: Session) -> None:
 
 
 def register_erasure_hook(hook: ErasureHook) -> None:
-    """Other domains (packets) register a function that deletes their wraps of a subject's DEK.
+    """Other domains register a function that removes what they hold about a subject: their
+    wraps of its DEK (packets), and any text about them a source wrote (pushed flags).
 
     The hook gets ``(session, subject_id)``, deletes (or NULLs) every copy of that subject's DEK
-    it holds, flushes, and returns how many it removed.
+    and every such text it holds, flushes, and returns how many DEK wraps it removed.
     """
     if hook not in ERASURE_HOOKS:
         ERASURE_HOOKS.append(hook)
@@ -893,6 +918,7 @@ def erase_subject(
     (in the packets' hook) for every request holding one of the subject's packets.
     """
     lock_subject_keys(session)
+    _lock_against_erasure(session.connection(), shared=False)
     subject = get_subject(session=session, pseudonym=pseudonym)
     already = subject.erased_at is not None
     erased_at = subject.erased_at or datetime.now(UTC)
@@ -906,6 +932,14 @@ def erase_subject(
         session.flush()
         for hook in ERASURE_HOOKS:
             removed += hook(session, int(subject.id or 0))
+        session.connection().execute(
+            update(BATCHES)
+            .where(
+                BATCHES.c.request_digest.not_in(("", ERASED_DIGEST)),
+                BATCHES.c.response.contains(f'"{pseudonym}"', autoescape=True),
+            )
+            .values(request_digest=ERASED_DIGEST)
+        )
     events_kept = (
         session.connection()
         .execute(select(func.count()).select_from(EVENTS).where(EVENTS.c.subject_id == subject.id))

@@ -14,6 +14,8 @@ from sqlalchemy import select, update
 from sqlmodel import Session
 
 from service.crypto.envelope import DecryptionFailed, unwrap_key, unwrap_under
+from service.flagging.models import Flag
+from service.flagging.service import ERASED_EXPLANATION
 from service.packets.models import Packet, PacketMember, Professional, utcnow
 from service.packets.service import member_dek_aad, packet_key_aad
 from tests.conftest import TokenFactory, bearer
@@ -328,6 +330,41 @@ def test_a_pushed_flag_beside_the_run_flag_goes_with_it_and_the_professional_see
     ).json()
     later = partition(client, coordinator, empty_run["id"])
     assert (later["packets"], later["unplaced"]) == ([], [])
+
+
+def test_a_pushed_flags_free_text_goes_with_its_subjects_erasure(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """A source writes the explanation freely, so it may name the person or where they live; it
+    is stored in clear, so erasure must remove it, from the open packet and from the table."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001")
+    add_subject(session, app.state.keyring, pseudonym=EXTERNAL, events=RELAPSING)
+    session.commit()
+    run_id = client.post(
+        "/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator
+    ).json()["id"]
+    written = "Mevrouw Zwanenburg, Slaghekstraat 1, reported rent arrears at the desk herself."
+    assert push(client, token, (EXTERNAL, "rent-arrears", written)).status_code == 201
+    [packet] = partition(client, coordinator, run_id)["packets"]
+    erased = client.post(
+        f"/v1/subjects/{EXTERNAL}/erase", headers=bearer(token("admin-001", "admin"))
+    )
+    assert erased.status_code == 200, erased.text
+
+    opened = client.get(
+        f"/v1/packets/{packet['id']}/clients", headers=bearer(token("prof-001", "professional"))
+    )
+    assert opened.status_code == 200, opened.text
+    [member] = opened.json()["clients"]
+    assert (member["identity"], member["note"]) == (None, "erased")
+    assert [(f["reason_code"], f["explanation"]) for f in member["further_flags"]] == [
+        ("rent-arrears", ERASED_EXPLANATION)
+    ]
+    session.expire_all()
+    stored = session.execute(select(Flag.__table__.c.explanation)).scalars().all()  # type: ignore[attr-defined]
+    assert written not in stored
+    assert ERASED_EXPLANATION in stored
 
 
 def test_a_pending_pushed_flag_of_an_erased_subject_is_dropped_not_reported_forever(

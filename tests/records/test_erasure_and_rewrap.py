@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlmodel import Session
 
 from service.crypto import envelope
@@ -19,6 +19,7 @@ from service.crypto.keyring import Keyring, UnknownKey
 from service.db import Database
 from service.records import service as records_service
 from service.records.service import (
+    ERASED_DIGEST,
     SUBJECTS,
     WRAPPED_KEY_COLUMNS,
     SubjectErased,
@@ -29,7 +30,7 @@ from service.records.service import (
     rewrap_chunk,
     subject_dek,
 )
-from tests.conftest import TokenFactory, bearer
+from tests.conftest import Interleaving, TokenFactory, bearer
 from tests.records.conftest import Record, count_rows
 
 Make = Callable[..., Record]
@@ -217,3 +218,98 @@ def test_rewrap_counts_only_the_wraps_it_wrote(
     assert moved == 2
     with database.transaction() as tx:
         assert pending_rewraps(session=tx, keyring=own_keyring, wrapped=vault) == 0
+
+
+def stored_digests(session: Session) -> dict[str, str]:
+    session.rollback()
+    try:
+        rows = session.connection().execute(
+            text("SELECT idempotency_key, request_digest FROM ingest_batches")
+        )
+        return {str(key): str(digest) for key, digest in rows}
+    finally:
+        session.rollback()
+
+
+def test_erasure_forgets_the_digest_of_every_batch_that_held_the_subject(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    admin_headers: dict[str, str],
+    make: Make,
+) -> None:
+    """A batch's digest is an HMAC of its identities under the pseudonym key, which outlives the
+    erasure: kept, it would confirm a guessed name or address of the erased person (offline,
+    and through a replay answered 200 or 409)."""
+
+    def send(key: str, records: list[Record]) -> Any:
+        headers = {**source_headers, "Idempotency-Key": key}
+        return client.post("/v1/records/batch", json={"subjects": records}, headers=headers)
+
+    people = [make(i) for i in range(3)]
+    held = send("held-them", people[:2]).json()["rows"][1]["pseudonym"]
+    assert send("others-only", people[2:]).status_code == 200
+    kept = stored_digests(session)["others-only"]
+
+    assert client.post(f"/v1/subjects/{held}/erase", headers=admin_headers).status_code == 200
+    assert stored_digests(session) == {"held-them": ERASED_DIGEST, "others-only": kept}
+    replay = send("held-them", people[:2])
+    assert replay.status_code == 409, replay.text
+    assert "since been erased" in replay.json()["detail"]
+    assert send("others-only", people[2:]).json()["replayed"] is True
+
+    # A batch that sends the erased person again keeps no digest of them either.
+    again = send("sent-again", people[1:2])
+    assert again.json()["rows"][0]["status"] == "erased"
+    assert stored_digests(session)["sent-again"] == ERASED_DIGEST
+    assert send("sent-again", people[1:2]).status_code == 409
+
+
+def test_an_erasure_waits_for_an_ingest_that_read_the_subject_so_its_answer_stays_true(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    admin_headers: dict[str, str],
+    make: Make,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Otherwise (PostgreSQL) the ingest answers "updated" for a subject the erasure wiped
+    meanwhile, stores that answer for replays, and updates nothing."""
+    people = [make(i) for i in range(2)]
+    pseudonym = ingest(client, source_headers, people)[1]
+    people[1]["characteristics"]["district"] = "Charlois"
+    interleaving = Interleaving()
+    find_known = records_service._find_known
+
+    def paused(connection: Any, candidates: Any) -> Any:
+        found = find_known(connection, candidates)
+        interleaving.pause()
+        return found
+
+    monkeypatch.setattr(records_service, "_find_known", paused)
+    finished: list[str] = []
+    answers: dict[str, Any] = {}
+
+    def send() -> Any:
+        response = client.post(
+            "/v1/records/batch", json={"subjects": people}, headers=source_headers
+        )
+        finished.append("ingest")
+        answers["ingest"] = response.json()
+        return response
+
+    def erase() -> Any:
+        response = client.post(f"/v1/subjects/{pseudonym}/erase", headers=admin_headers)
+        finished.append("erase")
+        return response
+
+    assert interleaving.run(send, erase) == (200, 200)
+    assert finished == ["ingest", "erase"]
+    assert answers["ingest"]["rows"][1]["status"] == "updated"
+    subject = get_subject(session=session, pseudonym=pseudonym)
+    assert (subject.district, subject.identity_ciphertext, subject.wrapped_dek) == (
+        "Charlois",
+        None,
+        None,
+    )
+    session.rollback()
