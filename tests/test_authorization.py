@@ -423,3 +423,17 @@ def test_roles_this_service_does_not_know_are_dropped_before_they_reach_the_log(
     assert response.status_code == 404, response.text
     tried = [e for e in log_entries(session, "packet.open") if e["actor"] == "prof-009"]
     assert [(e["outcome"], e["role"]) for e in tried] == [("denied", "professional")]
+
+
+def test_a_caller_with_the_longest_subject_a_token_may_carry_can_do_what_their_role_allows(
+    app: FastAPI, client: TestClient, token: TokenFactory
+) -> None:
+    """Every column that records who acted holds the longest subject a token may carry, on both
+    databases (PostgreSQL refuses a longer text where SQLite stores it)."""
+    coordinator = bearer(token("c" * 128, "coordinator"))
+    run = client.post("/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator)
+    assert run.status_code == 201, run.text
+    assert run.json()["started_by"] == "c" * 128
+    longer = client.get("/v1/me", headers=bearer(token("c" * 129, "coordinator")))
+    assert longer.status_code == 401
+    assert "1 to 128 characters" in longer.json()["detail"]

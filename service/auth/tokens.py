@@ -435,8 +435,9 @@ class TokenVerifier:
 
 TIME_CLAIMS_REASON = "token 'iat', 'exp' and 'nbf' must be whole numbers of seconds"
 TYPE_REASON = "token is not an access token (header 'typ' JWT or at+jwt, claim 'typ' Bearer)"
-# The subject becomes the access log's actor and is compared with professional ids (≤ 128).
-MAX_SUBJECT_CHARS = 255
+# The subject becomes the access log's actor, a professional's id (≤ 128) and who started a run
+# or pushed a flag (columns of 128 characters: PostgreSQL refuses more, SQLite would not).
+MAX_SUBJECT_CHARS = 128
 SUBJECT_REASON = (
     f"token 'sub' must be printable text of 1 to {MAX_SUBJECT_CHARS} characters, "
     "without spaces around it"
