@@ -5,14 +5,17 @@ Guarantees:
 - validation errors name the field and row but never echo the submitted value, because the value
   may be a national id or a name, nor the name of an unknown field, for the same reason;
 - unexpected exceptions become a bare 500 with the request id; their type and frames go to the
-  server log, never their message (it may quote an identity), and never anything to the client.
+  server log, never their message (it may quote an identity), and never anything to the client;
+- a path is shown (in ``instance``, a detail or the server log) with only the routes' own words and
+  the ids the service hands out: a national id or a name typed into a URL becomes ``…``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -21,10 +24,57 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("casepackets")
+
+
+# What a path segment may show besides the routes' own words: the ids the service hands out (a
+# lowercase UUID, 32 lowercase hex characters).
+_SHOWN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}")
+
+
+def shown_path(path: str, words: frozenset[str]) -> str:
+    """``path`` with every segment that is neither one of ``words`` nor a service id shown as
+    ``…``, and a query string as ``?…``."""
+    path, query, _ = path.partition("?")
+    kept = [part if part in words or _SHOWN_ID.fullmatch(part) else "…" for part in path.split("/")]
+    return "/".join(kept) + ("?…" if query else "")
+
+
+def served_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes themselves, with those of included routers (which recent FastAPI versions
+    keep as one entry holding the ``original_router``; no router here is included under an
+    extra prefix, so their paths are the served ones)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is None:
+            yield route
+        else:
+            yield from served_routes(inner.routes)
+
+
+def route_words(routes: Iterable[BaseRoute]) -> frozenset[str]:
+    """The fixed segments of the routes' paths (``v1``, ``packets``, ``clients`` …)."""
+    return frozenset(
+        part
+        for route in served_routes(routes)
+        for part in str(getattr(route, "path", "")).split("/")
+        if "{" not in part
+    )
+
+
+def request_path(request: Request) -> str:
+    """The request's path as a response or the server log may show it: ``shown_path`` with the
+    words of the app's routes (found again only when routes were added)."""
+    app = request.app
+    cached: tuple[int, frozenset[str]] | None = getattr(app.state, "route_words", None)
+    if cached is None or cached[0] != len(app.routes):
+        cached = (len(app.routes), route_words(app.routes))
+        app.state.route_words = cached
+    return shown_path(request.url.path, cached[1])
 
 
 class ServiceError(Exception):
@@ -56,11 +106,12 @@ class BadRequest(ServiceError):
 class Unauthenticated(ServiceError):
     status = 401
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(
-            detail,
-            headers={"WWW-Authenticate": 'Bearer realm="casepackets", error="invalid_token"'},
-        )
+    def __init__(self, detail: str, *, token_sent: bool = True) -> None:
+        # RFC 6750 section 3.1: a request without credentials gets no error code.
+        challenge = 'Bearer realm="casepackets"'
+        if token_sent:
+            challenge += ', error="invalid_token"'
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
 
 
 class Forbidden(ServiceError):
@@ -111,7 +162,7 @@ def problem(
         "detail": detail,
     }
     if request is not None:
-        body["instance"] = request.url.path
+        body["instance"] = request_path(request)
         request_id = getattr(request.state, "request_id", None)
         if request_id:
             body["request_id"] = request_id
@@ -165,6 +216,22 @@ def _validation_detail(exc: RequestValidationError, errors: Sequence[dict[str, A
     return f"request is invalid: {shown}"
 
 
+# FastAPI's detail when a JSON body could be read as bytes but not decoded (not UTF-8, nested
+# past the recursion limit, an integer of more digits than Python converts); the decoder's own
+# ``JSONDecodeError`` comes as a validation error instead (``json_invalid``).
+FASTAPI_BODY_UNREADABLE = "There was an error parsing the body"
+
+
+def _unreadable_body_reason(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return "it is not UTF-8 text"
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "a number in it has too many digits"
+    return "it cannot be read"
+
+
 class UnexpectedErrors:
     """Answer an exception no handler took with a bare 500 problem, log it once, and stop it.
 
@@ -200,7 +267,7 @@ class UnexpectedErrors:
                 "unhandled %s on %s %s (request %s)\n%s",
                 type(exc).__name__,
                 request.method,
-                request.url.path,
+                request_path(request),
                 getattr(request.state, "request_id", "-"),
                 "".join(traceback.format_tb(exc.__traceback__)),
             )
@@ -233,16 +300,26 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 400 and detail == FASTAPI_BODY_UNREADABLE:
+            reason = _unreadable_body_reason(exc.__cause__)
+            return problem(
+                422,
+                f"the body is not valid JSON: {reason}",
+                request=request,
+                errors=[{"loc": [], "msg": f"the body is not valid JSON: {reason}"}],
+            )
         if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no route {request.url.path}"
+            detail = f"no route {request_path(request)}"
         if exc.status_code == 405:
-            detail = f"method {request.method} is not allowed on {request.url.path}"
+            detail = f"method {request.method} is not allowed on {request_path(request)}"
         return problem(exc.status_code, detail, request=request, headers=exc.headers)
 
     @app.exception_handler(DataError)
     async def _unstorable_value(request: Request, exc: DataError) -> ProblemResponse:
         # The driver's message quotes the value; only its class is logged.
-        logger.info("database refused a value on %s: %s", request.url.path, type(exc.orig).__name__)
+        logger.info(
+            "database refused a value on %s: %s", request_path(request), type(exc.orig).__name__
+        )
         return problem(
             422,
             "a value cannot be stored: it is out of range or holds a character the database "
@@ -252,7 +329,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _db_unavailable(request: Request, exc: OperationalError) -> ProblemResponse:
-        logger.warning("database operational error on %s: %s", request.url.path, type(exc.orig))
+        logger.warning(
+            "database operational error on %s: %s", request_path(request), type(exc.orig)
+        )
         return problem(
             503,
             "the database is busy or unreachable; nothing was changed, try again",

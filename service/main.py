@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,7 +22,6 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy import text
 from starlette.datastructures import MutableHeaders
-from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access_log.router import install as install_access_log
@@ -32,7 +31,15 @@ from service.config import Settings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
 from service.crypto.keyring import Keyring
 from service.db import Database
-from service.errors import UnexpectedErrors, Unprocessable, install_error_handlers, problem
+from service.errors import (
+    UnexpectedErrors,
+    Unprocessable,
+    install_error_handlers,
+    problem,
+    request_path,
+    route_words,
+    shown_path,
+)
 from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses, problems_only
 from service.packets.opens import PacketOpens
@@ -140,30 +147,18 @@ class RequestId:
         await self.app(scope, receive, send_with_headers)
 
 
-# What a path segment may show in the server's access log besides the routes' own words: the ids
-# the service hands out (a lowercase UUID, 32 lowercase hex characters).
-_LOGGABLE_ID = re.compile(
-    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}"
-)
-
-
 class SafeAccessLog(logging.Filter):
-    """uvicorn's access-log line with its path cut down to what is safe to keep in a log: the
-    routes' own words and the ids the service hands out; any other segment (a national id or
-    name typed into a URL) becomes ``…``, and a query string ``?…``. What the caller sent still
-    reaches the routes unchanged."""
+    """uvicorn's access-log line with its path cut down to what is safe to keep in a log
+    (``shown_path``: the routes' own words and the ids the service hands out; any other segment,
+    a national id or name typed into a URL, becomes ``…``, and a query string ``?…``). What the
+    caller sent still reaches the routes unchanged."""
 
     def __init__(self, words: frozenset[str]) -> None:
         super().__init__()
         self.words = words
 
     def shown(self, path: str) -> str:
-        path, query, _ = path.partition("?")
-        kept = [
-            part if part in self.words or _LOGGABLE_ID.fullmatch(part) else "…"
-            for part in path.split("/")
-        ]
-        return "/".join(kept) + ("?…" if query else "")
+        return shown_path(path, self.words)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
@@ -174,26 +169,9 @@ class SafeAccessLog(logging.Filter):
         return True
 
 
-def served_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
-    """The routes themselves, with those of included routers (which recent FastAPI versions
-    keep as one entry holding the ``original_router``; no router here is included under an
-    extra prefix, so their paths are the served ones)."""
-    for route in routes:
-        inner = getattr(route, "original_router", None)
-        if inner is None:
-            yield route
-        else:
-            yield from served_routes(inner.routes)
-
-
 def install_safe_access_log(app: FastAPI) -> None:
     """Filter uvicorn's access log (one filter per process, for the app created last)."""
-    words = frozenset(
-        part
-        for route in served_routes(app.routes)
-        for part in str(getattr(route, "path", "")).split("/")
-        if "{" not in part
-    )
+    words = route_words(app.routes)
     access = logging.getLogger("uvicorn.access")
     for old in [f for f in access.filters if isinstance(f, SafeAccessLog)]:
         access.removeFilter(old)
@@ -228,7 +206,7 @@ async def refuse_unknown_input(request: Request) -> None:
         headers = request.headers
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             raise Unprocessable(
-                f"{request.url.path} takes no request body; send none",
+                f"{request_path(request)} takes no request body; send none",
                 errors=[{"loc": ["body"], "msg": "this route takes no body"}],
             )
     if not request.query_params:
@@ -237,8 +215,16 @@ async def refuse_unknown_input(request: Request) -> None:
     if not accepted.issuperset(request.query_params.keys()):
         takes = ", ".join(sorted(accepted)) if accepted else "none"
         raise Unprocessable(
-            f"unknown query parameter; {request.url.path} takes: {takes}",
+            f"unknown query parameter; {request_path(request)} takes: {takes}",
             errors=[{"loc": ["query"], "msg": f"unknown parameter (accepted: {takes})"}],
+        )
+    # Every parameter takes one value: of two, the last would quietly win
+    # (``?status=closed&status=assigned`` would answer for assigned packets alone).
+    repeated = sorted(name for name in accepted if len(request.query_params.getlist(name)) > 1)
+    if repeated:
+        raise Unprocessable(
+            f"query parameters given more than once: {', '.join(repeated)}; give each once",
+            errors=[{"loc": ["query", name], "msg": "given more than once"} for name in repeated],
         )
 
 

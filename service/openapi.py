@@ -43,12 +43,15 @@ _DESCRIPTIONS = {
 }
 
 
+PROBLEM_SCHEMA = "#/components/schemas/Problem"
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {
         status: {
             "model": Problem,
             "description": _DESCRIPTIONS[status],
-            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+            "content": {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_SCHEMA}}},
         }
         for status in statuses
     }
@@ -60,9 +63,26 @@ AUTH_ERRORS = problem_responses(401, 403)
 def problems_only(spec: dict[str, Any]) -> dict[str, Any]:
     """The document with every error response declared as ``application/problem+json`` alone:
     FastAPI adds the route's own media type (``application/json``, ``text/plain``) beside the
-    one ``problem_responses`` declares, though errors are only ever sent as problem+json."""
-    for operations in spec.get("paths", {}).values():
+    one ``problem_responses`` declares, though errors are only ever sent as problem+json.
+
+    And with the errors every route of a kind can give, whether or not the route declares them:
+    413 wherever a body is taken (the size limit stands in front of every route); 422 (an
+    unknown or repeated query parameter) and 503 (the database busy or unreachable) on every
+    ``/v1/`` route."""
+    for path, operations in spec.get("paths", {}).items():
         for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            universal = [413] if "requestBody" in operation else []
+            if path.startswith("/v1/"):
+                universal += [422, 503]
+            for status in universal:
+                responses.setdefault(
+                    str(status),
+                    {
+                        "description": _DESCRIPTIONS[status],
+                        "content": {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_SCHEMA}}},
+                    },
+                )
             for status, response in operation.get("responses", {}).items():
                 content = response.get("content")
                 if str(status)[0] in "45" and content and PROBLEM_JSON in content:

@@ -23,7 +23,8 @@ from starlette.routing import Route
 
 from service.config import Settings
 from service.db import Database
-from service.main import create_app, served_routes
+from service.errors import served_routes
+from service.main import create_app
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF
 from tests.packets.scenario import DAY_B, NOTE, World, build_world, leaked, log_entries, record

@@ -101,7 +101,68 @@ def test_unknown_route_is_404_problem(client: TestClient) -> None:
     response = client.get("/v1/nothing-here")
     assert response.status_code == 404
     assert response.headers["content-type"].startswith(PROBLEM)
-    assert response.json()["detail"] == "no route /v1/nothing-here"
+    assert response.json()["detail"] == "no route /v1/…"
+
+
+def test_a_path_is_shown_in_a_problem_without_what_was_typed_into_it(
+    client: TestClient, token: TokenFactory
+) -> None:
+    """A national id or a name typed into a URL is not sent back, in ``instance`` or a detail;
+    the routes' own words and the ids the service hands out are."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    packet = str(uuid.uuid4())
+    for path, shown in (
+        ("/v1/123456782/Jan%20Jansen", "/v1/…/…"),
+        (f"/v1/packets/{packet}/clients/Jan%20Jansen/followups", None),
+        (f"/v1/packets/{packet}/clients/{'a' * 32}/followups", None),
+        ("/v1/flagging/runs/123456782", None),
+    ):
+        response = client.post(path, json={}, headers=coordinator)
+        assert response.status_code in (403, 404, 405, 422), (path, response.text)
+        assert "123456782" not in response.text
+        assert "Jansen" not in response.text
+        if shown is not None:
+            assert response.json()["detail"].endswith(shown)
+    own_words = client.post(
+        f"/v1/packets/{packet}/clients/{'a' * 32}/followups", json={}, headers=coordinator
+    )
+    assert own_words.json()["instance"] == f"/v1/packets/{packet}/clients/{'a' * 32}/followups"
+    run = client.get("/v1/flagging/runs/" + "x" * 5000, headers=coordinator)
+    assert run.status_code == 422
+    assert len(run.text) < 1000
+
+
+def test_a_body_that_cannot_be_decoded_is_422_saying_why(
+    probed: TestClient, token: TokenFactory
+) -> None:
+    for content, reason in (
+        (b'{"name": "Jans\xe9n"}', "it is not UTF-8 text"),
+        (b"[" * 100_000 + b"]" * 100_000, "it is nested too deeply"),
+        (b'{"name": "a", "count": ' + b"9" * 5000 + b"}", "a number in it has too many digits"),
+    ):
+        response = probed.post(
+            "/probe/things",
+            content=content,
+            headers={**bearer(token("s-1", "source")), "content-type": "application/json"},
+        )
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"].startswith(PROBLEM)
+        assert response.json()["detail"] == f"the body is not valid JSON: {reason}"
+
+
+def test_a_request_without_a_token_is_challenged_without_an_error_code(
+    client: TestClient,
+) -> None:
+    """RFC 6750 section 3.1: no error code when no credentials were sent; invalid_token when a
+    token was sent and refused."""
+    missing = client.get("/v1/me")
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == 'Bearer realm="casepackets"'
+    refused = client.get("/v1/me", headers={"Authorization": "Bearer x.y.z"})
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"] == (
+        'Bearer realm="casepackets", error="invalid_token"'
+    )
 
 
 def test_wrong_method_is_405_problem(client: TestClient) -> None:
@@ -317,7 +378,9 @@ def test_a_body_sent_to_a_route_that_takes_none_is_422_and_nothing_happens(
             refused = client.request(method, url, headers=admin, json=body)
             assert refused.status_code == 422, (url, refused.text)
             assert refused.headers["content-type"].startswith(PROBLEM)
-            assert refused.json()["detail"] == f"{url} takes no request body; send none"
+            # a professional's id is free text: it is shown as … like any typed segment
+            shown = url.replace("prof-001", "…")
+            assert refused.json()["detail"] == f"{shown} takes no request body; send none"
             assert "123456782" not in refused.text
     # nothing happened: the professional is still active, and without a body it goes through
     [listed] = client.get("/v1/professionals", headers=admin).json()["items"]
@@ -380,6 +443,20 @@ def test_an_unknown_query_parameter_is_422_without_echoing_it(
     assert "takes: none" in me.json()["detail"]
     assert "123456782" not in me.text
     assert client.get("/healthz?probe=1").status_code == 200
+
+
+def test_a_query_parameter_given_twice_is_422_not_the_last_one_quietly(
+    client: TestClient, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    twice = client.get("/v1/packets?status=closed&status=assigned", headers=coordinator)
+    assert twice.status_code == 422, twice.text
+    assert twice.json()["detail"] == (
+        "query parameters given more than once: status; give each once"
+    )
+    auditor = bearer(token("audit-001", "auditor"))
+    entries = client.get("/v1/audit/entries?start=0&end=1&start=3", headers=auditor)
+    assert entries.status_code == 422, entries.text
 
 
 def test_the_server_access_log_keeps_no_identity_typed_into_a_url(tmp_path: Path) -> None:

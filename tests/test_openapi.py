@@ -56,3 +56,17 @@ def test_every_error_response_is_declared_as_problem_json_alone() -> None:
     }
     assert declared
     assert {k: v for k, v in declared.items() if v != ["application/problem+json"]} == {}
+
+
+def test_every_route_declares_the_errors_every_route_of_its_kind_can_give() -> None:
+    """The size limit stands in front of every route that takes a body (413); every /v1/ route
+    refuses an unknown or repeated query parameter (422) and answers 503 when the database is
+    busy or unreachable."""
+    missing = []
+    for path, method, op in operations():
+        expected = {"413"} if "requestBody" in op else set()
+        if path.startswith("/v1/"):
+            expected |= {"422", "503"}
+        if not expected <= op["responses"].keys():
+            missing.append(f"{method} {path}: {sorted(expected - op['responses'].keys())}")
+    assert missing == []

@@ -42,7 +42,9 @@ async def authenticate(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Caller:
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthenticated("a bearer token is required (Authorization: Bearer <token>)")
+        raise Unauthenticated(
+            "a bearer token is required (Authorization: Bearer <token>)", token_sent=False
+        )
     verifier: TokenVerifier = request.app.state.token_verifier
     policy: AccessPolicy = request.app.state.access_policy
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from service.auth.dependencies import Caller, require
 from service.auth.permissions import Permission
@@ -57,6 +57,11 @@ def create_run(
     return FlaggingRunPublic.model_validate(run, from_attributes=True)
 
 
+# A run's id as a run was given it (32 lowercase hex): anything else is refused unseen (422), not
+# looked up and echoed back in a 404.
+RunId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="as a run was given it")]
+
+
 @router.get(
     "/v1/flagging/runs/{run_id}",
     response_model=FlaggingRunPublic,
@@ -64,7 +69,7 @@ def create_run(
     summary="One flagging run: policy version and counts",
 )
 def get_run(
-    run_id: str,
+    run_id: RunId,
     session: SessionDep,
     _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
 ) -> FlaggingRunPublic:
@@ -79,7 +84,7 @@ def get_run(
     summary="A run's flags: pseudonyms, rule hits and explanations (never identities)",
 )
 def list_run_flags(
-    run_id: str,
+    run_id: RunId,
     session: SessionDep,
     _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
     after: Annotated[

@@ -168,9 +168,18 @@ def test_a_professional_may_not_run_or_read_flagging(
     assert client.get("/v1/flagging/runs/x/flags", headers=professional).status_code == 403
 
 
-def test_unknown_run_is_404(client: TestClient, token: TokenFactory) -> None:
-    response = client.get("/v1/flagging/runs/nope", headers=bearer(token("c", "coordinator")))
-    assert response.status_code == 404
+def test_unknown_run_is_404_and_a_run_id_of_another_shape_422(
+    client: TestClient, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("c", "coordinator"))
+    for path in ("/v1/flagging/runs/{}", "/v1/flagging/runs/{}/flags"):
+        unknown = client.get(path.format("0" * 32), headers=coordinator)
+        assert unknown.status_code == 404, unknown.text
+        # a NUL gave 422 "a value cannot be stored" on PostgreSQL, 404 on SQLite
+        for shape in ("nope", "%00", "A" * 32):
+            refused = client.get(path.format(shape), headers=coordinator)
+            assert refused.status_code == 422, refused.text
+            assert "run_id" in refused.json()["detail"]
 
 
 def test_a_source_pushes_external_flags_and_it_is_logged(
