@@ -58,6 +58,10 @@ from service.errors import ServiceError
 # Engine execution option carrying settings.log_lock_timeout_seconds, so every engine built by
 # make_engine bounds the access log's lock wait (read back from the session's connection).
 LOG_LOCK_TIMEOUT_OPTION = "casepackets_log_lock_timeout_seconds"
+# A connection that only reads (the readiness probe) begins without the write lock on SQLite (a
+# plain deferred BEGIN, no writer turn): in WAL mode it reads beside a long write instead of
+# waiting for it, so a busy database is not reported as an unreachable one.
+READ_ONLY_OPTION = "casepackets_read_only"
 
 logger = logging.getLogger(__name__)
 
@@ -397,6 +401,9 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, turn: WriterTurn)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+            return
         dbapi_connection = connection.connection.dbapi_connection
         if not isinstance(dbapi_connection, _SerializedConnection):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -500,6 +507,16 @@ class Database:
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads alone (``READ_ONLY_OPTION``); it never commits."""
+        connection = self.engine.connect().execution_options(**{READ_ONLY_OPTION: True})
+        with connection, Session(bind=connection) as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -347,8 +347,8 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     def readyz(request: Request) -> Any:
         checks: dict[str, str] = {}
         try:
-            with database.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
+            with database.reading() as session:
+                session.connection().execute(text("SELECT 1"))
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"unreachable ({type(exc).__name__})"

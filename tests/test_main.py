@@ -18,6 +18,7 @@ import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from service.auth.dependencies import Caller, require
 from service.auth.permissions import Permission
@@ -82,6 +83,19 @@ def test_readyz_checks_database_and_keys(client: TestClient) -> None:
     assert response.status_code == 200, response.text
     assert response.json()["checks"]["database"] == "ok"
     assert response.json()["checks"]["token_keys"] == "ok"
+
+
+def test_readyz_reads_beside_a_long_write_instead_of_calling_the_database_unreachable(
+    app: FastAPI, client: TestClient
+) -> None:
+    """On SQLite every other transaction waits for the write lock; a partitioning holds it for
+    seconds. An orchestrator must not take the service out of rotation for that."""
+    with app.state.database.session() as writer:
+        writer.connection().execute(text("UPDATE access_log_entries SET leaf_index = leaf_index"))
+        response = client.get("/readyz")
+        writer.rollback()
+    assert response.status_code == 200, response.text
+    assert response.json()["checks"] == {"database": "ok", "token_keys": "ok", "access_log": "ok"}
 
 
 def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:

@@ -256,7 +256,7 @@ def _readiness(app: FastAPI) -> Callable[[], str]:
     def check() -> str:
         database: Database = app.state.database
         try:
-            with database.session() as session:
+            with database.reading() as session:
                 return service.check_readiness(session=session, signer=current_signer(app.state))
         except Exception as exc:
             return f"access log unreachable ({type(exc).__name__})"
