@@ -40,8 +40,10 @@ def ingest_records(
     caller: Annotated[Caller, require(Permission.RECORDS_INGEST)],
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """Every row is validated first; one failing row rejects the batch with a 422 listing every
-    failing row and field, and nothing is stored. The source is the caller's token subject."""
+    """One failing row rejects the batch with a 422, and nothing is stored. The 422 lists every
+    row and field failing the first of two checks that fails: each row's shape (here, by the
+    schema), then what needs the whole batch or the database (``ingest_batch``). The source is
+    the caller's token subject."""
     settings: Settings = request.app.state.settings
     keyring: Keyring = request.app.state.keyring
     if len(caller.sub) > SOURCE_MAX:
