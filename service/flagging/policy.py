@@ -9,7 +9,7 @@ Invariants, each checked before a policy can be used:
 - a protected attribute (gender, nationality, ethnicity, language, religion) anywhere in the
   characteristics, a rule's ``uses`` or its parameters makes the policy fail to load, naming the
   rule — there is no override;
-- the stored version is ``<declared>+<hash>/e<evaluator>``, e.g. ``2026.2+3f9a0c1b2d4e/e3``: the
+- the stored version is ``<declared>+<hash>/e<evaluator>``, e.g. ``2026.2+3f9a0c1b2d4e/e4``: the
   declared version (at most 40 characters, no "+"), the first 12 hex digits of the SHA-256 of the
   file's bytes, and ``rules.EVALUATOR_VERSION``. So any edit to the file, however small, and any
   change to how rules are evaluated shows up in every flag it produces.
@@ -186,7 +186,7 @@ def _parse_rule(node: Any, *, position: int, source: str, allowed: set[str]) -> 
     missing_reads = sorted(READS[rule_type] - set(uses))
     if missing_reads:
         raise FlaggingPolicyError(
-            f"{where}: a {rule_type} rule reads {missing_reads}; list them under 'uses'"
+            f"{where}: a {rule_type} rule reads {missing_reads}, which its 'uses' does not list"
         )
     params = node.get("params")
     if not isinstance(params, dict):

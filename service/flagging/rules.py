@@ -64,8 +64,10 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # reads relapse as a return after leaving welfare for work, keeps a same-day welfare move one
 # spell, names the window's first day and counts office spellings as one. 3 reads a start and an
 # end on one day while off welfare as a one-day spell (2 read it as a spell still going on),
-# except a desk move where the records begin.
-EVALUATOR_VERSION: Final = 3
+# except a desk move where the records begin. 4 lets each job end back one return at most (3
+# counted a one-day spell's job again for the next start, and that day's start reported by a
+# second desk as a second return).
+EVALUATOR_VERSION: Final = 4
 
 SubjectEvent = tuple[str, int, str]
 """``(event type, date.toordinal(), office)``: one event in the evaluation hot path."""
@@ -155,7 +157,11 @@ class RelapseRule:
     - a job ended (``employment_end``) on or after the day that spell ended;
     - no job started (``employment_start``) after that job ended: someone who is in work when
       welfare starts did not come back after work. Employment events name no job, so the latest
-      one decides whether the person is in work.
+      one decides whether the person is in work;
+    - that job end backs no earlier return: each job end backs one return at most. So the start
+      of a return reported again that day (by another desk) is no second return, and neither is
+      a later start with no job ended since the return, even when the return was a one-day
+      spell on the day the job ended.
 
     A ``welfare_end`` with no start on record still means the person left welfare (the spell
     began before the records did); another ``welfare_end`` while off welfare changes nothing. The
@@ -166,7 +172,13 @@ class RelapseRule:
     description: str
     min_returns: int
     within_months: int
-    uses: tuple[str, ...] = ("welfare_start", "welfare_end", "employment_start", "employment_end")
+    uses: tuple[str, ...] = (
+        "welfare_start",
+        "welfare_end",
+        "employment_start",
+        "employment_end",
+        "office",
+    )
     type: Literal["relapse"] = "relapse"
 
 
@@ -203,17 +215,23 @@ class LongWelfareWithoutContactRule:
     description: str
     min_welfare_months: int
     no_contact_months: int
-    uses: tuple[str, ...] = ("welfare_start", "welfare_end", "helpdesk_visit")
+    uses: tuple[str, ...] = ("welfare_start", "welfare_end", "helpdesk_visit", "office")
     type: Literal["long_welfare_without_contact"] = "long_welfare_without_contact"
 
 
 Rule = RelapseRule | DeskHoppingRule | LongWelfareWithoutContactRule
 
-# What each rule type actually reads; a policy must declare at least these under ``uses``.
+# What each rule type actually reads; a policy must declare at least these under ``uses``. Relapse
+# and long welfare read ``office`` to tell a desk move where the records begin (a welfare end and
+# a start at another office on one day) from a one-day spell (see ``SAME_DAY_ORDER``).
 READS: Final[Mapping[str, frozenset[str]]] = {
-    "relapse": frozenset({"welfare_start", "welfare_end", "employment_start", "employment_end"}),
+    "relapse": frozenset(
+        {"welfare_start", "welfare_end", "employment_start", "employment_end", "office"}
+    ),
     "desk_hopping": frozenset({"helpdesk_visit", "office"}),
-    "long_welfare_without_contact": frozenset({"welfare_start", "welfare_end", "helpdesk_visit"}),
+    "long_welfare_without_contact": frozenset(
+        {"welfare_start", "welfare_end", "helpdesk_visit", "office"}
+    ),
 }
 
 
@@ -292,7 +310,7 @@ class Evaluator:
         on_welfare_since = -1  # first day of the ongoing spell; -1 while off welfare
         left_welfare = -1  # last day of the latest spell that ended; -1 if none has
         spell_began = -1  # first day of that spell, which a start on its last day continues
-        job_ended = -1  # the latest employment_end, or -1 if a job started after it
+        job_ended = -1  # the latest employment_end; -1 if a job started since or it backs a return
         # An end read while off welfare, and the latest spell's end before it: a start on that
         # same day makes the two a one-day spell (its end sorts first), not a spell going on.
         # Only where the records begin with that end is it also read as a desk move (a spell
@@ -309,12 +327,16 @@ class Evaluator:
                 if day == ended_off_welfare and not moved_desks:
                     if 0 <= left_before <= job_ended:
                         returns.append(WelfareReturn(left_before, job_ended, day))
+                        # Spent: the job ended before this one-day spell began, so without this
+                        # the same start reported again, or the next spell, would count it again.
+                        job_ended = -1
                     spell_began = left_welfare = day
                 elif day == left_welfare:
                     on_welfare_since = spell_began
                 else:
                     if 0 <= left_welfare <= job_ended:
                         returns.append(WelfareReturn(left_welfare, job_ended, day))
+                        job_ended = -1  # spent: each job end backs one return at most
                     on_welfare_since = day
             elif kind == "welfare_end":
                 if on_welfare_since >= 0:

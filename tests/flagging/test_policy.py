@@ -25,7 +25,7 @@ rules:
   - id: relapse
     type: relapse
     description: Came back on welfare three times after a job ended.
-    uses: [welfare_start, welfare_end, employment_start, employment_end]
+    uses: [welfare_start, welfare_end, employment_start, employment_end, office]
     params: {min_returns: 3, within_months: 24}
   - id: hopping
     type: desk_hopping
@@ -57,7 +57,7 @@ def test_a_valid_policy_gives_typed_rules() -> None:
             description="Came back on welfare three times after a job ended.",
             min_returns=3,
             within_months=24,
-            uses=("welfare_start", "welfare_end", "employment_start", "employment_end"),
+            uses=("welfare_start", "welfare_end", "employment_start", "employment_end", "office"),
         ),
         DeskHoppingRule(
             id="hopping",
@@ -93,8 +93,8 @@ def test_another_evaluator_gives_the_same_file_another_version(
     ("old", "new", "message"),
     [
         (
-            "uses: [welfare_start, welfare_end, employment_start, employment_end]",
-            "uses: [welfare_start, welfare_end, employment_start, employment_end, gender]",
+            "uses: [welfare_start, welfare_end, employment_start, employment_end, office]",
+            "uses: [welfare_start, welfare_end, employment_start, employment_end, office, gender]",
             "'relapse'",
         ),
         (
@@ -153,8 +153,8 @@ def test_protected_attribute_among_characteristics_fails() -> None:
             "which the policy's 'characteristics' do not list",
         ),
         (
-            "uses: [welfare_start, welfare_end, employment_start, employment_end]",
-            "uses: [welfare_start, employment_end]",
+            "uses: [welfare_start, welfare_end, employment_start, employment_end, office]",
+            "uses: [welfare_start, employment_end, office]",
             "a relapse rule reads ['employment_start', 'welfare_end']",
         ),
         ("    description: Visited four different helpdesks in a year.\n", "", "description"),
@@ -183,6 +183,48 @@ def test_bad_policy_files_fail_with_a_clear_message(old: str, new: str, message:
         parse_flagging_policy(bad.encode(), source="flagging.yaml")
     assert message in str(caught.value)
     assert str(caught.value).startswith("flagging.yaml")
+
+
+@pytest.mark.parametrize(
+    ("rule_type", "reads", "params"),
+    [
+        (
+            "relapse",
+            "welfare_start, welfare_end, employment_start, employment_end",
+            "{min_returns: 1, within_months: 24}",
+        ),
+        (
+            "long_welfare_without_contact",
+            "welfare_start, welfare_end, helpdesk_visit",
+            "{min_welfare_months: 24, no_contact_months: 12}",
+        ),
+    ],
+)
+def test_a_rule_that_tells_a_desk_move_by_its_office_must_declare_office(
+    rule_type: str, reads: str, params: str
+) -> None:
+    """Where the records begin, a welfare end and a start at another office on one day are a desk
+    move, at the same office a one-day spell: these rules read ``office``, so they must say so."""
+    without_office = f"""
+name: no-office
+version: "1"
+characteristics: [{reads}, office]
+rules:
+  - id: rule
+    type: {rule_type}
+    description: A rule that leaves out what it reads.
+    uses: [{reads}]
+    params: {params}
+"""
+    with pytest.raises(FlaggingPolicyError) as caught:
+        parse_flagging_policy(without_office.encode(), source="flagging.yaml")
+    assert str(caught.value) == (
+        f"flagging.yaml: rule 'rule': a {rule_type} rule reads ['office'], which its 'uses' does "
+        "not list"
+    )
+    declared = without_office.replace(f"uses: [{reads}]", f"uses: [{reads}, office]")
+    [rule] = parse_flagging_policy(declared.encode()).rules
+    assert "office" in rule.uses
 
 
 def test_a_second_rules_key_is_refused_instead_of_replacing_the_rules() -> None:

@@ -159,6 +159,47 @@ def test_moving_desks_on_the_day_a_job_ended_is_no_return() -> None:
     assert returns(history) == []
 
 
+def test_a_return_reported_again_by_another_desk_is_one_return() -> None:
+    """Off welfare, desk B closes a stale record the day desk A reports the person back: a
+    one-day spell, and a return. Desk B reporting that same start is no second one."""
+    history = [
+        event("welfare_start", date(2023, 1, 2), "Werkplein Zuid"),
+        event("welfare_end", date(2024, 1, 31), "Werkplein Zuid"),
+        event("employment_end", date(2024, 6, 30)),
+        event("welfare_start", date(2024, 7, 1), "Werkplein Zuid"),
+        event("welfare_end", date(2024, 9, 1), "Werkplein Zuid"),
+        event("employment_end", date(2025, 8, 29)),
+        event("welfare_end", date(2025, 9, 1), "Wijkteam Charlois"),
+        event("welfare_start", date(2025, 9, 1), "Werkplein Zuid"),
+    ]
+    reported_twice = [*history, event("welfare_start", date(2025, 9, 1), "Wijkteam Charlois")]
+    assert returns(history) == returns(reported_twice) == ["2024-07-01", "2025-09-01"]
+    assert evaluate(policy(RELAPSE), reported_twice, as_of=AS_OF) == []
+
+
+def test_a_job_end_backs_one_return_even_after_a_one_day_spell() -> None:
+    """Welfare for one day on the day a job ended is a return; welfare again later, with no job
+    ended since, is not a second return on the same job."""
+    history = [
+        event("welfare_start", date(2023, 1, 2)),
+        event("welfare_end", date(2024, 1, 31)),
+        event("employment_start", date(2024, 2, 1)),
+        event("employment_end", date(2024, 6, 30)),
+        event("welfare_start", date(2024, 6, 30)),
+        event("welfare_end", date(2024, 6, 30)),
+        event("welfare_start", date(2024, 9, 2)),
+        event("welfare_end", date(2025, 1, 31)),
+        event("employment_start", date(2025, 2, 1)),
+        event("employment_end", date(2025, 8, 31)),
+        event("welfare_start", date(2025, 9, 1)),
+    ]
+    assert evaluate(policy(RELAPSE), history, as_of=AS_OF) == []
+    [hit] = evaluate(policy(EVERY_RETURN), history, as_of=AS_OF)
+    assert hit.evidence["welfare_started"] == ["2024-06-30", "2025-09-01"]
+    assert hit.evidence["jobs_ended"] == ["2024-06-30", "2025-08-31"]
+    assert hit.explanation.endswith("(jobs ending 2024-06 and 2025-08).")
+
+
 def test_relapse_does_not_fire_at_one_return_less() -> None:
     history = relapses((date(2024, 6, 30), date(2024, 7, 1)), (date(2025, 1, 31), date(2025, 2, 3)))
     assert evaluate(policy(RELAPSE), history, as_of=AS_OF) == []
@@ -456,6 +497,8 @@ def test_evaluation_is_independent_of_input_order_and_evidence_meets_thresholds(
             ):
                 assert left <= job <= back
                 assert left < back
+            jobs = hit.evidence["jobs_ended"]
+            assert len(set(jobs)) == len(jobs), "each job end backs one return at most"
         elif hit.rule_type == "desk_hopping":
             assert hit.evidence["helpdesks"] >= HOPPING.min_helpdesks
         else:
