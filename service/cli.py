@@ -1072,11 +1072,14 @@ def flag(
     from service.flagging.models import not_in_the_future
     from service.flagging.policy import FlaggingPolicyError, load_flagging_policy
     from service.flagging.service import RunProgress, run_flagging, system_caller
+    from service.records.models import EARLIEST
 
     settings = settings_or_exit()
     try:
         policy = load_flagging_policy(settings.policies_dir / "flagging.yaml")
         day = not_in_the_future(date.fromisoformat(as_of)) if as_of else today()
+        if day < EARLIEST:  # the bounds the API holds ``as_of`` to (``FlaggingRunCreate``)
+            raise ValueError(f"as_of may not be before {EARLIEST.isoformat()}")
     except (FlaggingPolicyError, ValueError) as exc:
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None

@@ -197,6 +197,19 @@ def one_line(output: str) -> str:
     return lines[0]
 
 
+def test_flag_refuses_an_as_of_before_1900_in_one_line_as_the_api_does(cli_home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    for before in ("1899-12-31", "1066-10-14"):
+        refused = runner.invoke(cli, ["flag", "--as-of", before])
+        assert refused.exit_code == 2, refused.output
+        assert one_line(refused.output) == "refused: as_of may not be before 1900-01-01"
+    earliest = runner.invoke(cli, ["flag", "--as-of", "1900-01-01"])
+    assert earliest.exit_code == 0, earliest.output
+    assert "0 evaluated, 0 flagged" in " ".join(earliest.output.split())
+
+
 @pytest.mark.parametrize(
     "url", ["foo://x", "not a url", "mysql://casepackets:s3cret-pw@db/casepackets"]
 )
