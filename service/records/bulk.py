@@ -11,6 +11,9 @@ Invariants:
   every physical line of the file is stored, rejected or blank: a record over several lines (a
   quoted value holding a line break, such as a stray opening quote makes) is rejected with
   every line it covers, and a line with more or fewer values than the header is rejected;
+- a batch the service refuses for particular rows (an event id stored before with other
+  content) is stored again without those rows' subjects, whose lines are rejected; a batch is
+  tried at most ``_TRIES_PER_BATCH`` times;
 - the import is refused (``ImportRefused``) only before anything is stored; a problem after
   that stops it, and the result says at which line (``BulkResult.stopped``): every line before
   it was stored or rejected, nothing from it on was stored.
@@ -38,7 +41,7 @@ from service.crypto.pseudonym import InvalidBsn, normalize_bsn
 from service.db import Database
 from service.errors import ServiceError
 from service.records.models import RECORD_BATCH, SUBJECT_RECORD, SubjectRecordIn
-from service.records.service import ingest_batch
+from service.records.service import BatchInvalid, ingest_batch
 
 IDENTITY_COLUMNS = (
     "bsn",
@@ -90,6 +93,11 @@ class ImportRefused(ValueError):
 
 
 Progress = Callable[[int, int], None]  # (subjects in the batch just committed, bytes read)
+
+# Each refusal for particular rows leaves at least one subject out, so retrying ends anyway; the
+# bound keeps a batch that keeps failing on other rows (other importers storing the same event
+# ids meanwhile) from costing a transaction per subject.
+_TRIES_PER_BATCH = 4
 
 
 def _commit_batch(
@@ -206,6 +214,43 @@ def _blank(value: str | None) -> str | None:
 class _Pending:
     lines: list[int]
     record: dict[str, Any]
+    event_lines: list[int]  # the line of each of ``record["events"]``
+
+
+@dataclass
+class _Valid:
+    subject: bytes
+    pending: _Pending
+    record: SubjectRecordIn
+
+
+def _failing_rows(
+    errors: Sequence[dict[str, Any]] | None, rows: int
+) -> dict[int, list[dict[str, Any]]] | None:
+    """A refused batch's errors by row, or None when one is not about a row of the batch (such
+    as its size), which leaving rows out cannot mend."""
+    if not errors:
+        return None
+    failing: dict[int, list[dict[str, Any]]] = {}
+    for error in errors:
+        row = error.get("row")
+        if not isinstance(row, int) or not 0 <= row < rows:
+            return None
+        failing.setdefault(row, []).append(error)
+    return failing
+
+
+def _refused_lines(
+    item: _Pending, errors: Sequence[dict[str, Any]]
+) -> Iterator[tuple[list[int], str, str]]:
+    """The lines, field and reason of each service error about one subject of a batch. An error
+    about an event names that event's line; one about the subject names all its lines."""
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())][2:]  # past "subjects", row
+        about_event = len(loc) >= 2 and loc[0] == "events" and loc[1].isdigit()
+        lines = [item.event_lines[int(loc[1])]] if about_event else item.lines
+        # The service's messages name fields and rows, never a value (service/errors.py).
+        yield lines, _field_names({"loc": loc}), str(error.get("msg", "refused"))
 
 
 class _SeenInFile:
@@ -353,8 +398,10 @@ def import_csv(
     Lines of one subject (same BSN, however written) are grouped within a batch. A line whose
     identity or characteristics differ from the first line of its BSN, or whose source_event_id
     an earlier line had, is rejected on its own, whatever the batch size (see ``_SeenInFile``).
-    Within a batch, a subject with any other rejected line is left out whole; lines of it in an
-    earlier batch are stored by then, so keep a subject's lines together for all or nothing.
+    Within a batch, a subject with any other rejected line is left out whole, also when the
+    service refuses one of its lines (an event id stored before with other content) and the rest
+    of the batch is stored without it; lines of it in an earlier batch are stored by then, so
+    keep a subject's lines together for all or nothing.
     """
     result = BulkResult()
     seen = _SeenInFile()
@@ -366,9 +413,68 @@ def import_csv(
             if len(result.rejected) < keep_rejections:
                 result.rejected.append(Rejection(line, tuple(fields), reason))
 
+    def leave_out(item: _Pending, errors: Sequence[dict[str, Any]]) -> None:
+        """Reject the lines of a subject the service refused: the lines the errors name with
+        their reasons, and the subject's other lines as left out with it."""
+        named: dict[int, None] = {}
+        for lines, field_name, reason in _refused_lines(item, errors):
+            reject(lines, (field_name,), reason)
+            named.update(dict.fromkeys(lines))
+        first_named = min(named)
+        others = [line for line in item.lines if line not in named]
+        reject(others, ("row",), f"its subject is left out for line {first_named}")
+
+    def commit(batch: list[_Valid], first_line: int) -> list[_Valid] | None:
+        """Store the batch, leaving out the subjects the service refuses; the subjects stored, or
+        None when the import stops at the batch."""
+
+        def stop(reason: str) -> None:
+            result.stopped = Stop(first_line, reason)
+
+        tries = 0
+        while batch:
+            tries += 1
+            try:
+                _commit_batch(
+                    database=database,
+                    keyring=keyring,
+                    event_types=event_types,
+                    source=source,
+                    actor=actor,
+                    subjects=[valid.record for valid in batch],
+                    max_rows=batch_size,
+                    result=result,
+                )
+            except BatchInvalid as exc:
+                failing = _failing_rows(exc.errors, len(batch))
+                if failing is None:
+                    # Not about particular rows (its detail then names none): leaving rows
+                    # out cannot mend it.
+                    stop(f"the batch from this line on was refused ({exc.detail})")
+                    return None
+                for row, errors in failing.items():
+                    leave_out(batch[row].pending, errors)
+                batch = [valid for row, valid in enumerate(batch) if row not in failing]
+                if batch and tries == _TRIES_PER_BATCH:
+                    stop(
+                        f"the batch from this line on was refused {tries} times, each time for "
+                        "other lines (rejected as listed)"
+                    )
+                    return None
+            except ServiceError as exc:
+                stop(f"the batch from this line on was refused ({exc.detail})")
+                return None
+            except DBAPIError as exc:
+                # The driver's message may quote a value of the batch; its class name says enough.
+                name = type(exc.orig if exc.orig is not None else exc).__name__
+                stop(f"the database refused the batch from this line on ({name})")
+                return None
+            else:
+                return batch
+        return batch
+
     def flush(read_bytes: int) -> None:
-        valid: list[SubjectRecordIn] = []
-        valid_subjects: list[bytes] = []
+        batch: list[_Valid] = []
         for subject, item in pending.items():
             try:
                 record = SUBJECT_RECORD.validate_python(item.record)
@@ -380,35 +486,15 @@ def import_csv(
             if unknown:
                 reject(item.lines, ("event_type",), "unknown event type")
                 continue
-            valid.append(record)
-            valid_subjects.append(subject)
+            batch.append(_Valid(subject, item, record))
         first_line = min((item.lines[0] for item in pending.values()), default=0)
         pending.clear()
-        if valid:
-            try:
-                _commit_batch(
-                    database=database,
-                    keyring=keyring,
-                    event_types=event_types,
-                    source=source,
-                    actor=actor,
-                    subjects=valid,
-                    max_rows=batch_size,
-                    result=result,
-                )
-            except ServiceError as exc:
-                refused = f"the batch from this line on was refused ({exc.detail})"
-                result.stopped = Stop(first_line, refused)
-                return
-            except DBAPIError as exc:
-                # The driver's message may quote a value of the batch; its class name says enough.
-                name = type(exc.orig if exc.orig is not None else exc).__name__
-                refused = f"the database refused the batch from this line on ({name})"
-                result.stopped = Stop(first_line, refused)
-                return
-            result.subjects += sum(map(seen.stored_first_time, valid_subjects))
+        stored = commit(batch, first_line)
+        if stored is None:
+            return
+        result.subjects += sum(seen.stored_first_time(valid.subject) for valid in stored)
         if on_progress is not None:
-            on_progress(len(valid), read_bytes)
+            on_progress(len(stored), read_bytes)
 
     with path.open("rb") as handle:
         lines = _Lines(handle)
@@ -470,11 +556,12 @@ def import_csv(
                     flush(handle.tell())
                     if result.stopped is not None:
                         break
-                item = _Pending(lines=[], record={**record, "events": []})
+                item = _Pending(lines=[], record={**record, "events": []}, event_lines=[])
                 pending[subject] = item
             item.lines.append(line)
             if event is not None:
                 item.record["events"].append(event)
+                item.event_lines.append(line)
         if pending and result.stopped is None:
             flush(handle.tell())
     if result.stopped is None:

@@ -38,6 +38,7 @@ from service.records.bulk import CSV_COLUMNS
 from service.records.demo import REFERENCE_DATE, synthetic_bsn
 from service.records.models import Subject
 from service.records.service import (
+    BatchInvalid,
     ConcurrentIngest,
     IngestResult,
     decrypt_identity,
@@ -717,6 +718,129 @@ def test_a_database_error_stops_the_import_without_quoting_the_batch(
     said = " ".join(output.split())
     assert "import stopped at line 3: the database refused the batch from this line on" in said
     assert "Oukili1" not in output
+    assert count_rows(cli_session, "subjects") == 1
+
+
+CHANGED_EVENT = "source_event_id: source_event_id already stored with another office"
+
+
+@pytest.mark.parametrize("batch_size", ["1", "10"])
+def test_a_line_resending_a_stored_event_with_other_content_is_rejected_and_the_rest_stored(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, batch_size: str
+) -> None:
+    """The service refuses the batch for that line's row; the import names the line, not the
+    batch's row, and stores the batch again without it."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    first = write_csv(tmp_path / "first.csv", [line(0, 0), line(1, 0), line(2, 0)])
+    assert run("import", str(first), "--source", "welfare")[0] == 0
+    rows = [line(0, 0), line(1, 0), line(2, 0, office="Desk B"), line(3, 0), line(4, 0)]
+    path = write_csv(tmp_path / "second.csv", rows)
+    for _ in range(2):  # the same answer when run again
+        code, output = run("import", str(path), "--source", "welfare", "--batch-size", batch_size)
+        assert code == 1, output
+        said = " ".join(output.split())
+        assert f"line 4: {CHANGED_EVENT}" in said
+        assert "1 lines rejected" in said
+        assert "imported 4 subjects" in said
+        assert "stopped" not in said
+        assert "failing rows" not in said
+        assert "Desk B" not in output
+        assert "Oukili2" not in output
+        assert count_rows(cli_session, "subjects") == 5
+        assert count_rows(cli_session, "events") == 5
+
+
+def test_a_subject_with_a_line_the_service_refuses_is_left_out_whole_with_its_lines_named(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    first = write_csv(tmp_path / "first.csv", [line(1, 0)])
+    assert run("import", str(first), "--source", "welfare")[0] == 0
+    rows = [line(0, 0), line(1, 1), line(1, 0, office="Desk B"), line(1, 2), line(2, 0)]
+    path = write_csv(tmp_path / "second.csv", rows)
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 1, output
+    said = " ".join(output.split())
+    assert f"line 4: {CHANGED_EVENT}" in said
+    assert "line 3: row: its subject is left out for line 4" in said
+    assert "line 5: row: its subject is left out for line 4" in said
+    assert "3 lines rejected" in said
+    assert "imported 2 subjects, 2 new events" in said
+    assert count_rows(cli_session, "subjects") == 3
+    assert count_rows(cli_session, "events") == 3  # 1-0 from before, 0-0 and 2-0
+
+
+def refusing_row_zero(calls: list[int]) -> Any:
+    """An ``ingest_batch`` that refuses every batch for its first row, as if each retry met a
+    new conflict."""
+
+    def ingest(**arguments: Any) -> IngestResult:
+        calls.append(len(arguments["subjects"]))
+        loc = ["subjects", 0, "events", 0, "source_event_id"]
+        raise BatchInvalid(
+            "batch rejected, nothing was stored; failing rows: 0",
+            errors=[{"row": 0, "loc": loc, "msg": "stored meanwhile by another import"}],
+        )
+
+    return ingest
+
+
+def test_a_batch_refused_for_other_rows_on_every_try_stops_after_a_bounded_number_of_tries(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_csv(tmp_path / "records.csv", [line(n, 0) for n in range(6)])
+    calls: list[int] = []
+    monkeypatch.setattr(bulk, "ingest_batch", refusing_row_zero(calls))
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "10")
+    assert code == 3, output
+    assert calls == [6, 5, 4, 3]
+    said = " ".join(output.split())
+    for number in (2, 3, 4, 5):
+        assert f"line {number}: source_event_id: stored meanwhile by another import" in said
+    assert "4 lines rejected" in said
+    assert "import stopped at line 2: the batch from this line on was refused 4 times" in said
+    assert "failing rows" not in said
+    assert count_rows(cli_session, "subjects") == 0
+
+
+def test_a_batch_whose_every_row_is_refused_stores_nothing_and_goes_on(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_csv(tmp_path / "records.csv", [line(n, 0) for n in range(3)])
+    calls: list[int] = []
+    monkeypatch.setattr(bulk, "ingest_batch", refusing_row_zero(calls))
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 1, output
+    assert calls == [1, 1, 1]
+    said = " ".join(output.split())
+    assert "imported 0 subjects, 0 new events (0 already known) in 0 batches" in said
+    assert "3 lines rejected" in said
+    assert count_rows(cli_session, "subjects") == 0
+
+
+def test_a_batch_refused_as_a_whole_still_stops_the_import(
+    cli_env: Settings, cli_session: Session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_csv(tmp_path / "records.csv", [line(0, 0), line(1, 0)])
+    batches = 0
+
+    def second_batch_too_large(**kwargs: Any) -> IngestResult:
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            error = {"row": None, "loc": ["subjects"], "msg": "a batch holds at most 0 subjects"}
+            raise BatchInvalid("batch rejected, nothing was stored", errors=[error])
+        return ingest_batch(**kwargs)
+
+    monkeypatch.setattr(bulk, "ingest_batch", second_batch_too_large)
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 3, output
+    assert batches == 2
+    said = " ".join(output.split())
+    assert "import stopped at line 3: the batch from this line on was refused" in said
     assert count_rows(cli_session, "subjects") == 1
 
 
