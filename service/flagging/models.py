@@ -17,7 +17,17 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
-from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
@@ -57,6 +67,7 @@ class Flag(SQLModel, table=True):
         Index("ix_flags_run_id_id", "run_id", "id"),
         Index("ix_flags_subject_id", "subject_id"),
         Index("ix_flags_kind", "kind"),
+        Index("ix_flags_push_id", "push_id"),
     )
 
     id: int | None = SQLField(default=None, primary_key=True)
@@ -72,6 +83,26 @@ class Flag(SQLModel, table=True):
         default_factory=list, sa_column=Column(JSON, nullable=False)
     )
     explanation: str = SQLField(sa_type=Text)
+    created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
+    # the ``FlagPush`` a source sent it in, when it sent an Idempotency-Key
+    push_id: str | None = SQLField(default=None, max_length=32)
+
+
+class FlagPush(SQLModel, table=True):
+    """A push of flags a source sent with an ``Idempotency-Key``: the same push sent again gets
+    the flags it stored (``Flag.push_id``) instead of storing them twice."""
+
+    __tablename__ = "flag_pushes"
+    __table_args__ = (
+        UniqueConstraint("pushed_by", "idempotency_key", name="uq_flag_pushes_source_key"),
+    )
+
+    id: str = SQLField(primary_key=True, max_length=32)
+    pushed_by: str = SQLField(max_length=128)
+    idempotency_key: str = SQLField(max_length=128)
+    # keyed digest of the push (HMAC under the pseudonym key), or "erased" once a subject in it
+    # was erased: same key + other flags = 409
+    request_digest: str = SQLField(max_length=96)
     created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 

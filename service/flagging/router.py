@@ -20,7 +20,7 @@ from service.flagging.models import (
 )
 from service.flagging.rules import FlaggingPolicy
 from service.openapi import AUTH_ERRORS, problem_responses
-from service.schemas import MAX_INT64
+from service.schemas import MAX_INT64, IdempotencyKeyHeader
 
 MAX_FLAG_ID = 2**31 - 1  # flags.id is an INTEGER column
 
@@ -104,14 +104,24 @@ def list_run_flags(
     "/v1/flags",
     response_model=FlagsPushedPublic,
     status_code=201,
-    responses={**AUTH_ERRORS, **problem_responses(422, 503)},
+    responses={**AUTH_ERRORS, **problem_responses(409, 422, 503)},
     summary="Push external flags by pseudonym, with a reason code and an explanation",
 )
 def push_flags(
     body: FlagsPush,
+    request: Request,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.FLAGS_PUSH)],
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> FlagsPushedPublic:
+    """All or nothing. Send an ``Idempotency-Key`` to make a retry safe: the same flags sent
+    again with it get the flags stored the first time; other flags with it, 409."""
     return FlagsPushedPublic(
-        flags=service.push_flags(session=session, flags=body.flags, caller=caller)
+        flags=service.push_flags(
+            session=session,
+            keyring=request.app.state.keyring,
+            flags=body.flags,
+            caller=caller,
+            idempotency_key=idempotency_key,
+        )
     )

@@ -12,22 +12,38 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from service.access_log.service import LogEntry, append
 from service.auth.dependencies import Caller
-from service.errors import NotFound, Unprocessable
-from service.flagging.models import Flag, FlaggingRun, FlagPublic, PushedFlag, RuleHitPublic, utcnow
+from service.crypto.keyring import KeyProvider
+from service.errors import Conflict, NotFound, Unprocessable
+from service.flagging.models import (
+    Flag,
+    FlaggingRun,
+    FlagPublic,
+    FlagPush,
+    PushedFlag,
+    RuleHitPublic,
+    utcnow,
+)
 from service.flagging.rules import Evaluator, FlaggingPolicy, SubjectEvent, explain
 from service.records.models import Event, Subject
-from service.records.service import register_erasure_hook
+from service.records.service import (
+    ERASED_DIGEST,
+    keyed_digest,
+    keyed_digest_matches,
+    register_erasure_hook,
+)
 
 DEFAULT_BATCH_SIZE = 2000
 MAX_PAGE = 1000
@@ -35,10 +51,15 @@ MAX_PAGE = 1000
 _subjects = Subject.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
 _flags = Flag.__table__  # type: ignore[attr-defined]
+_pushes = FlagPush.__table__  # type: ignore[attr-defined]
 
 
 class FlaggingRunNotFound(NotFound):
     pass
+
+
+class FlagsKeyReused(Conflict):
+    title = "Idempotency-Key reused"
 
 
 def system_caller(command: str) -> Caller:
@@ -189,11 +210,85 @@ def list_run_flags(
     return items, next_after
 
 
+def _push_message(flags: Sequence[PushedFlag]) -> bytes:
+    """What the digest of a push covers: its flags, in order, as canonical JSON."""
+    asked = json.dumps(
+        [[f.pseudonym, f.reason_code, f.explanation] for f in flags],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return b"casepackets/flags-push/v1\x00" + asked.encode("utf-8")
+
+
+# The push a source sent under an Idempotency-Key.
+_STORED_PUSH = select(_pushes.c.id, _pushes.c.request_digest).where(
+    _pushes.c.pushed_by == bindparam("by"), _pushes.c.idempotency_key == bindparam("key")
+)
+
+
 def push_flags(
-    *, session: Session, flags: Sequence[PushedFlag], caller: Caller
+    *,
+    session: Session,
+    keyring: KeyProvider,
+    flags: Sequence[PushedFlag],
+    caller: Caller,
+    idempotency_key: str | None = None,
 ) -> list[FlagPublic]:
     """Store flags a source pushed by pseudonym (all or nothing); a pseudonym that is unknown,
-    erased or given twice → 422."""
+    erased or given twice → 422. With an ``idempotency_key`` (per source), the same push sent
+    again gets the flags it stored the first time (logged again, not stored twice); other flags
+    under that key → 409."""
+    message = _push_message(flags)
+    if idempotency_key is not None:
+        stored = session.execute(_STORED_PUSH, {"by": caller.sub, "key": idempotency_key}).first()
+        if stored is not None:
+            return _pushed_again(
+                session, keyring=keyring, stored=stored, message=message, caller=caller
+            )
+    known = _pushable(session, flags)
+    push_id = None
+    if idempotency_key is not None:
+        push_id = uuid.uuid4().hex
+        try:
+            # A savepoint: if another push under the same key committed since the look-up above,
+            # this transaction stays usable and the push is judged as a stored one.
+            with session.begin_nested():
+                session.connection().execute(
+                    insert(_pushes).values(
+                        id=push_id,
+                        pushed_by=caller.sub,
+                        idempotency_key=idempotency_key,
+                        request_digest=keyed_digest(keyring=keyring, message=message),
+                        created_at=utcnow(),
+                    )
+                )
+        except IntegrityError:
+            stored = session.execute(_STORED_PUSH, {"by": caller.sub, "key": idempotency_key}).one()
+            return _pushed_again(
+                session, keyring=keyring, stored=stored, message=message, caller=caller
+            )
+    stored_flags: list[FlagPublic] = []
+    for flag in flags:
+        record = Flag(
+            run_id=None,
+            subject_id=known[flag.pseudonym],
+            kind="external",
+            reason_code=flag.reason_code,
+            pushed_by=caller.sub,
+            hits=[],
+            explanation=flag.explanation,
+            push_id=push_id,
+        )
+        session.add(record)
+        session.flush()
+        stored_flags.append(_public(record, flag.pseudonym))
+    _log_push(session, caller=caller, flags=stored_flags)
+    return stored_flags
+
+
+def _pushable(session: Session, flags: Sequence[PushedFlag]) -> dict[str, int]:
+    """Each pseudonym's subject id, or a 422 naming every row whose pseudonym is unknown, erased
+    or given again."""
     wanted = sorted({flag.pseudonym for flag in flags})
     known: dict[str, tuple[int, bool]] = {}
     for start in range(0, len(wanted), 500):
@@ -231,31 +326,52 @@ def push_flags(
         raise Unprocessable(
             f"flags refer to pseudonyms that cannot be flagged: {shown}", errors=errors
         )
-    stored: list[FlagPublic] = []
-    for flag in flags:
-        record = Flag(
-            run_id=None,
-            subject_id=known[flag.pseudonym][0],
-            kind="external",
-            reason_code=flag.reason_code,
-            pushed_by=caller.sub,
-            hits=[],
-            explanation=flag.explanation,
-        )
-        session.add(record)
-        session.flush()
-        stored.append(_public(record, flag.pseudonym))
+    return {pseudonym: subject_id for pseudonym, (subject_id, _erased) in known.items()}
+
+
+def _log_push(
+    session: Session, *, caller: Caller, flags: Sequence[FlagPublic], reason: str | None = None
+) -> None:
     append(
         session=session,
         entry=LogEntry.by(
             caller,
             action="flags.push",
             object_type="flag",
-            object_id=",".join(str(f.id) for f in stored),
+            object_id=",".join(str(f.id) for f in flags),
             pseudonyms=sorted({flag.pseudonym for flag in flags}),
+            reason=reason,
         ),
     )
-    return stored
+
+
+def _pushed_again(
+    session: Session, *, keyring: KeyProvider, stored: Any, message: bytes, caller: Caller
+) -> list[FlagPublic]:
+    """The flags a push sent again stored the first time (logged again), or a 409 when the
+    source's key was used for other flags, or the push can no longer be matched."""
+    if stored.request_digest == ERASED_DIGEST:
+        raise FlagsKeyReused(
+            "this Idempotency-Key's push held a subject who has since been erased, so a push "
+            "sent again can no longer be matched to it; use a new key"
+        )
+    matches = keyed_digest_matches(keyring=keyring, message=message, stored=stored.request_digest)
+    if matches is None:
+        raise FlagsKeyReused(
+            "this Idempotency-Key's push was stored under a pseudonym key version that has since "
+            "been retired, so a push sent again can no longer be matched to it; use a new key"
+        )
+    if not matches:
+        raise FlagsKeyReused("this Idempotency-Key was used for other flags; use a new key")
+    rows = session.execute(
+        select(Flag, Subject.pseudonym)  # type: ignore[call-overload]
+        .join(Subject, Subject.id == Flag.subject_id)
+        .where(_flags.c.push_id == stored.id)
+        .order_by(_flags.c.id)
+    ).all()
+    flags = [_public(flag, pseudonym) for flag, pseudonym in rows]
+    _log_push(session, caller=caller, flags=flags, reason="sent again, not stored twice")
+    return flags
 
 
 # What a pushed flag's explanation becomes when its subject is erased. A source writes it freely
@@ -266,9 +382,24 @@ ERASED_EXPLANATION = "(removed when the subject was erased)"
 
 
 def _erase_pushed_explanations(session: Session, subject_id: int) -> int:
-    """Erasure hook: the free text of every flag a source pushed about the subject. Returns 0: it
-    removes no DEK wrap."""
-    session.connection().execute(
+    """Erasure hook: the free text of every flag a source pushed about the subject, and the
+    digest of every push that held one (an HMAC of that text under the pseudonym key, which
+    outlives the erasure: a guess could be checked against it). Returns 0: it removes no DEK
+    wrap."""
+    connection = session.connection()
+    connection.execute(
+        update(_pushes)
+        .where(
+            _pushes.c.id.in_(
+                select(_flags.c.push_id).where(
+                    _flags.c.subject_id == subject_id, _flags.c.push_id.is_not(None)
+                )
+            ),
+            _pushes.c.request_digest != ERASED_DIGEST,
+        )
+        .values(request_digest=ERASED_DIGEST)
+    )
+    connection.execute(
         update(_flags)
         .where(
             _flags.c.subject_id == subject_id,

@@ -336,22 +336,17 @@ def _batch_json(subjects: Sequence[SubjectRecordIn]) -> bytes:
     return serialized
 
 
-def _digest(key: bytes, subjects: Sequence[SubjectRecordIn]) -> str:
-    return hmac.new(
-        key, b"casepackets/idempotency/v1\x00" + _batch_json(subjects), hashlib.sha256
-    ).hexdigest()
-
-
-def batch_digest(*, keyring: KeyProvider, subjects: Sequence[SubjectRecordIn]) -> str:
-    """A keyed digest of the batch content (no identity can be guessed from it)."""
+def keyed_digest(*, keyring: KeyProvider, message: bytes) -> str:
+    """``<version>:<HMAC-SHA256 hex>`` of ``message`` under the current pseudonym key: what an
+    Idempotency-Key keeps of a request (no identity or text can be read back from it, but anyone
+    holding the key can check a guess against it, so erasure removes those holding a subject).
+    ``message`` starts with its own domain (``casepackets/…/v1\0``)."""
     key = keyring.current("pseudonym")
-    return f"{key.version}:{_digest(key.material, subjects)}"
+    return f"{key.version}:{hmac.new(key.material, message, hashlib.sha256).hexdigest()}"
 
 
-def digest_matches(
-    *, keyring: KeyProvider, subjects: Sequence[SubjectRecordIn], stored: str
-) -> bool | None:
-    """Whether ``subjects`` is the batch ``stored`` was made of; None when that cannot be told
+def keyed_digest_matches(*, keyring: KeyProvider, message: bytes, stored: str) -> bool | None:
+    """Whether ``stored`` is the ``keyed_digest`` of ``message``; None when that cannot be told
     any more, because the pseudonym key version it was made under has been retired."""
     version_text, _, expected = stored.partition(":")
     try:
@@ -359,7 +354,24 @@ def digest_matches(
     except (ValueError, KeyringError):
         retired = {v.version for v in keyring.versions("pseudonym") if v.retired_at}
         return None if version_text.isdigit() and int(version_text) in retired else False
-    return hmac.compare_digest(_digest(key.material, subjects), expected)
+    digest = hmac.new(key.material, message, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(digest, expected)
+
+
+def _batch_message(subjects: Sequence[SubjectRecordIn]) -> bytes:
+    return b"casepackets/idempotency/v1\x00" + _batch_json(subjects)
+
+
+def batch_digest(*, keyring: KeyProvider, subjects: Sequence[SubjectRecordIn]) -> str:
+    """A keyed digest of the batch content (no identity can be read back from it)."""
+    return keyed_digest(keyring=keyring, message=_batch_message(subjects))
+
+
+def digest_matches(
+    *, keyring: KeyProvider, subjects: Sequence[SubjectRecordIn], stored: str
+) -> bool | None:
+    """Whether ``subjects`` is the batch ``stored`` was made of (``keyed_digest_matches``)."""
+    return keyed_digest_matches(keyring=keyring, message=_batch_message(subjects), stored=stored)
 
 
 def pseudonymizer(key: bytes) -> Callable[[str], str]:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from sqlmodel import Session
 
 from service.clock import today
-from service.flagging.models import Flag
+from service.flagging import service as flagging_service
+from service.flagging.models import Flag, FlagPush
 from service.flagging.rules import EVALUATOR_VERSION
 from service.flagging.service import run_flagging, system_caller
 from service.records.models import Subject
-from tests.conftest import TokenFactory, bearer
+from service.records.service import ERASED_DIGEST
+from tests.conftest import Interleaving, TokenFactory, bearer
 from tests.flagging.seed import AS_OF, QUIET, RELAPSING, add_subject, log_entries
 
 # Pushed flags name pseudonyms of the shape ingest hands out.
@@ -207,6 +211,123 @@ def test_a_source_pushes_external_flags_and_it_is_logged(
     [logged] = log_entries(session, "flags.push")
     assert logged["pseudonyms"] == [QUIET_PSEUDONYM]
     assert logged["object_id"] == str(flag["id"])
+
+
+OTHER_PSEUDONYM = "7a" * 16
+RENT = {
+    "pseudonym": QUIET_PSEUDONYM,
+    "reason_code": "debt-signal",
+    "explanation": "Rent arrears reported by the housing corporation.",
+}
+SCHOOL = {
+    "pseudonym": OTHER_PSEUDONYM,
+    "reason_code": "school-absence",
+    "explanation": "Long school absence of a child in the household.",
+}
+
+
+def seed_two_pushable(app: FastAPI, session: Session) -> None:
+    seed(app, session)
+    add_subject(session, app.state.keyring, pseudonym=OTHER_PSEUDONYM, events=QUIET)
+    session.commit()
+
+
+def stored_flags(session: Session) -> int:
+    count = session.execute(select(func.count()).select_from(Flag)).scalar_one()
+    session.rollback()
+    return int(count)
+
+
+def test_a_push_sent_again_with_its_idempotency_key_stores_its_flags_once(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """A case-management system retrying a push it got no answer to must not make the
+    professional read the same concern twice."""
+    seed_two_pushable(app, session)
+    source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-0001"}
+    first = client.post("/v1/flags", json={"flags": [RENT, SCHOOL]}, headers=source)
+    assert first.status_code == 201, first.text
+    again = client.post("/v1/flags", json={"flags": [RENT, SCHOOL]}, headers=source)
+    assert again.status_code == 201, again.text
+    assert again.json() == first.json()
+    assert stored_flags(session) == 2
+    pushes = log_entries(session, "flags.push")
+    assert [(e["object_id"], e["reason"]) for e in pushes] == [
+        (pushes[0]["object_id"], None),
+        (pushes[0]["object_id"], "sent again, not stored twice"),
+    ]
+
+    other = client.post("/v1/flags", json={"flags": [RENT]}, headers=source)
+    assert other.status_code == 409, other.text
+    assert other.json()["detail"] == "this Idempotency-Key was used for other flags; use a new key"
+    # Keys are per source: another source's push under the same key is its own.
+    elsewhere = {**bearer(token("source-school", "source")), "Idempotency-Key": "push-0001"}
+    assert client.post("/v1/flags", json={"flags": [RENT]}, headers=elsewhere).status_code == 201
+    assert stored_flags(session) == 3
+    # Without a key, a push sent again is stored again (as before).
+    plain = bearer(token("source-welfare", "source"))
+    for _ in range(2):
+        assert client.post("/v1/flags", json={"flags": [SCHOOL]}, headers=plain).status_code == 201
+    assert stored_flags(session) == 5
+
+
+def test_a_push_under_a_key_that_held_an_erased_subject_cannot_be_replayed(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """The digest is an HMAC of the explanations under the pseudonym key, which outlives the
+    erasure: kept, it would confirm a guess of what a source wrote about the erased person."""
+    seed_two_pushable(app, session)
+    source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-0002"}
+    kept = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-0003"}
+    assert client.post("/v1/flags", json={"flags": [RENT]}, headers=source).status_code == 201
+    assert client.post("/v1/flags", json={"flags": [SCHOOL]}, headers=kept).status_code == 201
+    admin = bearer(token("admin-001", "admin"))
+    assert client.post(f"/v1/subjects/{QUIET_PSEUDONYM}/erase", headers=admin).status_code == 200
+
+    pushes = FlagPush.__table__  # type: ignore[attr-defined]
+    rows = session.execute(select(pushes.c.idempotency_key, pushes.c.request_digest)).all()
+    digests: dict[str, str] = {str(key): str(digest) for key, digest in rows}
+    session.rollback()
+    assert digests["push-0002"] == ERASED_DIGEST
+    assert digests["push-0003"] != ERASED_DIGEST
+    replay = client.post("/v1/flags", json={"flags": [RENT]}, headers=source)
+    assert replay.status_code == 409, replay.text
+    assert "since been erased" in replay.json()["detail"]
+    assert client.post("/v1/flags", json={"flags": [SCHOOL]}, headers=kept).status_code == 201
+    assert stored_flags(session) == 2
+
+
+def test_two_pushes_under_one_key_at_once_store_the_flags_once(
+    app: FastAPI,
+    client: TestClient,
+    session: Session,
+    token: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second push, arriving while the first has looked its key up but not yet stored it,
+    gets the first one's flags (on PostgreSQL it passes the look-up too, and meets the unique
+    key)."""
+    seed_two_pushable(app, session)
+    source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-0004"}
+    interleaving = Interleaving()
+    pushable = flagging_service._pushable
+
+    def paused(session: Session, flags: Any) -> Any:
+        found = pushable(session, flags)
+        interleaving.pause()
+        return found
+
+    monkeypatch.setattr(flagging_service, "_pushable", paused)
+    answers: list[Any] = []
+
+    def push() -> Any:
+        response = client.post("/v1/flags", json={"flags": [RENT, SCHOOL]}, headers=source)
+        answers.append(response.json())
+        return response
+
+    assert interleaving.run(push, push) == (201, 201)
+    assert answers[0] == answers[1]
+    assert stored_flags(session) == 2
 
 
 def test_an_unknown_pseudonym_is_422_naming_it_and_nothing_is_stored(
