@@ -435,8 +435,18 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int, turn: WriterTurn)
             raise
 
 
-# The tables whose rows lose a wrap or a ciphertext when a packet is shredded or a subject erased.
-WRAP_TABLES = ("subjects", "packets", "packet_members", "packet_followups")
+# The tables whose rows lose a wrap or a ciphertext when a packet is shredded or a subject erased,
+# or, at an erasure, a text a source wrote about the subject (flags) or a keyed digest of a
+# request that held them (flag_pushes, ingest_batches), against which a guess could be checked.
+WRAP_TABLES = (
+    "subjects",
+    "packets",
+    "packet_members",
+    "packet_followups",
+    "flags",
+    "flag_pushes",
+    "ingest_batches",
+)
 
 # VACUUM VERBOSE's report on one table or its TOAST table (PostgreSQL 15 and later): the
 # removable cutoff (row versions that transactions older than it replaced are gone; a snapshot

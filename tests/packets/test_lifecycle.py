@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlmodel import Session
 from typer.testing import CliRunner
 
@@ -568,6 +568,34 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
         headers={**owner, "Idempotency-Key": "erasure-test"},
     )
 
+    # What a source wrote about them, and what two Idempotency-Keys kept of their requests.
+    source = bearer(token("source-welfare", "source"))
+    written = "Buurvrouw meldt dat mevrouw Quaedvlieg haar post niet meer opent."
+    pushed = client.post(
+        "/v1/flags",
+        json={"flags": [{"pseudonym": erased, "reason_code": "neighbour", "explanation": written}]},
+        headers={**source, "Idempotency-Key": "push-erasure-test"},
+    )
+    assert pushed.status_code == 201, pushed.text
+    person = world.people[erased]
+    sent_again = {
+        "identity": person.identity,
+        "characteristics": person.characteristics,
+        "events": [],
+    }
+    resent = client.post(
+        "/v1/records/batch",
+        json={"subjects": [sent_again]},
+        headers={**source, "Idempotency-Key": "batch-erasure-test"},
+    )
+    assert resent.json()["rows"][0]["status"] == "unchanged", resent.text
+    request_digests = [
+        session.execute(text("SELECT request_digest FROM flag_pushes")).scalar_one(),
+        session.execute(
+            text("SELECT request_digest FROM ingest_batches WHERE idempotency_key IS NOT NULL")
+        ).scalar_one(),
+    ]
+
     stored = [
         *session.execute(
             select(SUBJECTS.c.wrapped_dek, SUBJECTS.c.identity_ciphertext).where(
@@ -591,6 +619,7 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
     assert digest
     # The base64 body of each ciphertext (after "v1.<version>."), as the files hold it.
     secrets = [value.split(".", 2)[2].encode() for value in stored] + [digest.encode()]
+    secrets += [written.encode()] + [d.split(":", 1)[1].encode() for d in request_digests]
     assert all(secret in raw_storage(session) for secret in secrets)
 
     response = client.post(
@@ -600,7 +629,7 @@ def test_erasure_removes_the_subject_from_every_packet_and_from_the_vault(
     # Not even an old row version or page image keeps them (PostgreSQL: VACUUM after the
     # erasure; SQLite: freed space zeroed and the -wal emptied).
     leftovers = raw_storage(session)
-    assert [secret in leftovers for secret in secrets] == [False] * 6
+    assert [secret in leftovers for secret in secrets] == [False] * 9
     erasures = log_entries(session, "subject.erase")
     assert erasures[-1]["reason"] == "packet_wraps_removed=2"
 
