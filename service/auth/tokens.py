@@ -347,7 +347,8 @@ class TokenVerifier:
             signed, _, signature = token.rpartition(".")
             raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
             s = int.from_bytes(raw[32:], "big")
-            if len(raw) == 64 and s > P256_ORDER // 2:
+            # (an s of n or more is no signature at all: the verifier refuses it as it stands)
+            if len(raw) == 64 and P256_ORDER // 2 < s < P256_ORDER:
                 low = raw[:32] + (P256_ORDER - s).to_bytes(32, "big")
                 compact = f"{signed}.{base64.urlsafe_b64encode(low).rstrip(b'=').decode()}".encode()
         return hashlib.sha256(compact).digest()

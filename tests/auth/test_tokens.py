@@ -392,6 +392,26 @@ def test_an_es256_token_and_its_twin_with_s_replaced_by_n_minus_s_share_one_plac
     assert len(fresh._remembered) == 1
 
 
+def test_an_es256_signature_whose_s_is_not_below_n_is_refused_not_a_500(
+    api: tuple[FastAPI, TestClient],
+) -> None:
+    """No valid signature has s >= n; working out its twin (n - s) must not fail on it."""
+    issuer = es256_issuer()
+    verifier = TokenVerifier(
+        algorithm="ES256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim="roles",
+        keys=KeySet([issuer.public_jwk]),
+    )
+    signed = issuer.mint(subject="prof-001", roles=["professional"]).rsplit(".", 1)[0]
+    raw = base64.urlsafe_b64decode(issuer.mint(subject="x", roles=[]).rsplit(".", 1)[1] + "==")
+    for s in (P256_ORDER, 2**256 - 1):
+        forged = f"{signed}.{b64url(raw[:32] + s.to_bytes(32, 'big'))}"
+        with pytest.raises(InvalidToken, match="does not verify"):
+            verifier.verify(forged)
+
+
 def test_roles_from_a_nested_claim_path(home_key: bytes) -> None:
     issuer = rs256_issuer(home_key)
     verifier = rs256_verifier(KeySet([issuer.public_jwk]), roles_claim="realm_access.roles")
