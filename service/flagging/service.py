@@ -42,6 +42,7 @@ from service.records.service import (
     ERASED_DIGEST,
     keyed_digest,
     keyed_digest_matches,
+    lock_against_erasure,
     register_erasure_hook,
 )
 
@@ -238,6 +239,9 @@ def push_flags(
     erased or given twice → 422. With an ``idempotency_key`` (per source), the same push sent
     again gets the flags it stored the first time (logged again, not stored twice); other flags
     under that key → 409."""
+    # An erasure in progress commits first, so a subject it erases is refused below, and one
+    # that starts later finds these flags and removes their text.
+    lock_against_erasure(session.connection(), shared=True)
     message = _push_message(flags)
     if idempotency_key is not None:
         stored = session.execute(_STORED_PUSH, {"by": caller.sub, "key": idempotency_key}).first()

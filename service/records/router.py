@@ -85,8 +85,8 @@ def erase(
         role=caller.role,
         request_id=caller.request_id,
     )
-    # Once the erasure has committed (before the response), the overwritten row versions go too.
-    if not erased.already_erased:
-        database: Database = request.app.state.database
-        after_response.add_task(database.purge_replaced_rows)
+    # Once the erasure has committed (before the response), the overwritten row versions go too
+    # (also when erasing again: it may have removed what an older version left).
+    database: Database = request.app.state.database
+    after_response.add_task(database.purge_replaced_rows)
     return erased

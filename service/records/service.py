@@ -620,7 +620,7 @@ def ingest_batch(
     if errors:
         raise _rejection(errors)
     connection = session.connection()
-    _lock_against_erasure(connection, shared=True)
+    lock_against_erasure(connection, shared=True)
 
     digest = ""
     if idempotency_key is not None:
@@ -863,10 +863,10 @@ ERASURE_HOOKS: list[ErasureHook] = []
 SUBJECT_KEYS_LOCK_KEY = 0x63702D64656B73
 
 
-# pg_advisory_xact_lock key between ingest (shared: batches run side by side) and erasure
-# (exclusive): an ingest that read a subject before its erasure commits first, so its answer
-# ("updated", "unchanged") is true when given, and one that starts later sees the subject erased.
-# The ASCII of "cp-ingst", fixed forever.
+# pg_advisory_xact_lock key between ingests and pushes of flags (shared: they run side by side)
+# and erasure (exclusive): one that read a subject before its erasure commits first, so its
+# answer ("updated", "unchanged") is true when given and the erasure finds what it stored; one
+# that starts later sees the subject erased. The ASCII of "cp-ingst", fixed forever.
 INGEST_ERASURE_LOCK_KEY = 0x63702D696E677374
 
 # What an ingest batch keeps instead of its digest once it held an erased subject: the digest is
@@ -875,7 +875,7 @@ INGEST_ERASURE_LOCK_KEY = 0x63702D696E677374
 ERASED_DIGEST = "erased"
 
 
-def _lock_against_erasure(connection: Connection, *, shared: bool) -> None:
+def lock_against_erasure(connection: Connection, *, shared: bool) -> None:
     if connection.dialect.name == "postgresql":
         function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
         connection.exec_driver_sql(f"SELECT {function}(%(key)s)", {"key": INGEST_ERASURE_LOCK_KEY})
@@ -925,12 +925,15 @@ def erase_subject(
 ) -> SubjectErasurePublic:
     """Crypto-shred one subject: its wrapped DEKs (vault and packets) and identity ciphertext.
 
-    Pseudonymized events remain. Erasing twice is harmless and logged again. Waits for a
-    partitioning in progress (``lock_subject_keys``), whose new packet wraps it then removes, and
-    (in the packets' hook) for every request holding one of the subject's packets.
+    Pseudonymized events remain. Erasing twice is harmless and logged again; the second time
+    removes what an older version of the service left (a pushed text, a request digest). Waits
+    for the ingests and pushes in progress (``lock_against_erasure``), then for a partitioning
+    in progress (``lock_subject_keys``), whose new packet wraps it then removes, and (in the
+    packets' hook) for every request holding one of the subject's packets. In that order: while
+    it waits for a long ingest batch, partitionings go on.
     """
+    lock_against_erasure(session.connection(), shared=False)
     lock_subject_keys(session)
-    _lock_against_erasure(session.connection(), shared=False)
     subject = get_subject(session=session, pseudonym=pseudonym)
     already = subject.erased_at is not None
     erased_at = subject.erased_at or datetime.now(UTC)
@@ -942,16 +945,17 @@ def erase_subject(
         subject.updated_at = erased_at
         session.add(subject)
         session.flush()
-        for hook in ERASURE_HOOKS:
-            removed += hook(session, int(subject.id or 0))
-        session.connection().execute(
-            update(BATCHES)
-            .where(
-                BATCHES.c.request_digest.not_in(("", ERASED_DIGEST)),
-                BATCHES.c.response.contains(f'"{pseudonym}"', autoescape=True),
-            )
-            .values(request_digest=ERASED_DIGEST)
+    # Every time: each of these removes only what is still there.
+    for hook in ERASURE_HOOKS:
+        removed += hook(session, int(subject.id or 0))
+    session.connection().execute(
+        update(BATCHES)
+        .where(
+            BATCHES.c.request_digest.not_in(("", ERASED_DIGEST)),
+            BATCHES.c.response.contains(f'"{pseudonym}"', autoescape=True),
         )
+        .values(request_digest=ERASED_DIGEST)
+    )
     events_kept = (
         session.connection()
         .execute(select(func.count()).select_from(EVENTS).where(EVENTS.c.subject_id == subject.id))

@@ -15,7 +15,8 @@ from service.clock import today
 from service.flagging import service as flagging_service
 from service.flagging.models import Flag, FlagPush
 from service.flagging.rules import EVALUATOR_VERSION
-from service.flagging.service import run_flagging, system_caller
+from service.flagging.service import ERASED_EXPLANATION, run_flagging, system_caller
+from service.records import service as records_service
 from service.records.models import Subject
 from service.records.service import ERASED_DIGEST
 from tests.conftest import Interleaving, TokenFactory, bearer
@@ -295,6 +296,61 @@ def test_a_push_under_a_key_that_held_an_erased_subject_cannot_be_replayed(
     assert "since been erased" in replay.json()["detail"]
     assert client.post("/v1/flags", json={"flags": [SCHOOL]}, headers=kept).status_code == 201
     assert stored_flags(session) == 2
+
+
+def test_a_push_arriving_during_an_erasure_waits_for_it_and_is_refused(
+    app: FastAPI,
+    client: TestClient,
+    session: Session,
+    token: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Otherwise (PostgreSQL) the push reads the subject as not erased, stores its text after the
+    erasure removed the texts it could see, and the text outlives the erasure."""
+    seed_two_pushable(app, session)
+    interleaving = Interleaving()
+
+    def pause_before_commit(_session: Session, _subject_id: int) -> int:
+        interleaving.pause()
+        return 0
+
+    monkeypatch.setattr(
+        records_service, "ERASURE_HOOKS", [*records_service.ERASURE_HOOKS, pause_before_commit]
+    )
+    admin = bearer(token("admin-001", "admin"))
+    source = bearer(token("source-welfare", "source"))
+    statuses = interleaving.run(
+        lambda: client.post(f"/v1/subjects/{QUIET_PSEUDONYM}/erase", headers=admin),
+        lambda: client.post("/v1/flags", json={"flags": [RENT]}, headers=source),
+    )
+    assert statuses == (200, 422)
+    assert stored_flags(session) == 0
+
+
+def test_erasing_again_removes_what_an_older_version_left(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """Subjects erased before pushed texts and request digests went with the erasure keep them
+    until they are erased again."""
+    seed_two_pushable(app, session)
+    source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-0005"}
+    assert client.post("/v1/flags", json={"flags": [RENT]}, headers=source).status_code == 201
+    admin = bearer(token("admin-001", "admin"))
+    assert client.post(f"/v1/subjects/{QUIET_PSEUDONYM}/erase", headers=admin).status_code == 200
+    # What an erasure by an older version left behind.
+    pushes = FlagPush.__table__  # type: ignore[attr-defined]
+    session.execute(update(Flag).values(explanation=RENT["explanation"]))
+    session.execute(update(pushes).values(request_digest="1:" + "ab" * 32))
+    session.commit()
+
+    again = client.post(f"/v1/subjects/{QUIET_PSEUDONYM}/erase", headers=admin)
+    assert again.status_code == 200, again.text
+    assert again.json()["already_erased"] is True
+    explanations = session.execute(select(Flag.explanation)).scalars().all()  # type: ignore[call-overload]
+    digests = session.execute(select(pushes.c.request_digest)).scalars().all()
+    session.rollback()
+    assert explanations == [ERASED_EXPLANATION]
+    assert digests == [ERASED_DIGEST]
 
 
 def test_two_pushes_under_one_key_at_once_store_the_flags_once(
