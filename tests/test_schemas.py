@@ -11,7 +11,7 @@ def test_a_cursor_beyond_64_bits_is_422_not_a_driver_error(
     client: TestClient, token: TokenFactory
 ) -> None:
     response = client.get(
-        "/v1/flagging/runs/r/flags",
+        f"/v1/flagging/runs/{'0' * 32}/flags",
         params={"after": 2**70},
         headers=bearer(token("c-1", "coordinator")),
     )
