@@ -242,6 +242,18 @@ def lock_timeout_ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
 
+def limit_lock_waits(connection: Connection, seconds: float) -> None:
+    """Bound every lock wait of the rest of this transaction to ``seconds`` (PostgreSQL: a
+    transaction that already waited for one lock waits only what is left for the next). SQLite
+    needs nothing: a transaction holds the database's one lock from its first statement."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(
+            "SELECT set_config('lock_timeout', %(wait)s, true), "
+            "set_config('statement_timeout', %(wait)s, true)",
+            {"wait": f"{lock_timeout_ms(seconds)}ms"},
+        )
+
+
 @dataclass
 class _Wait:
     """A process's pending claim on the lock file, waited for by a helper thread in the kernel."""

@@ -186,6 +186,7 @@ class PacketOpens:
     ) -> Outcomes:
         """The batch's opens in one committed transaction whose every lock wait lasts at most
         ``lock_wait``; with 0, ``_LockTaken`` (nothing done) unless the lock is free now."""
+        deadline = time.monotonic() + lock_wait if lock_wait > 0 else None
         with self._sessions() as session:
             try:
                 try:
@@ -199,6 +200,7 @@ class PacketOpens:
                     requests=[p.request for p in batch],
                     skip_locked=skip_locked,
                     deny_held=deny_held,
+                    deadline=deadline,
                 )
                 session.commit()
             except BaseException:

@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -60,7 +61,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session
 
 from service import clock
-from service.access_log.service import LogEntry, Outcome, append, append_many
+from service.access_log.service import LogEntry, LogUnavailable, Outcome, append, append_many
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.crypto.envelope import (
@@ -77,7 +78,7 @@ from service.crypto.envelope import (
     wrap_under,
 )
 from service.crypto.keyring import KeyProvider
-from service.db import lock_was_busy
+from service.db import limit_lock_waits, lock_was_busy
 from service.errors import Conflict, Gone, NotFound, ServiceError, Unavailable, Unprocessable
 from service.flagging.models import Flag
 from service.flagging.service import get_run
@@ -1168,13 +1169,16 @@ def _why_hidden(
     return None
 
 
-def _why_not_in_use(packet: _PacketRow, now: datetime) -> str | None:
-    """Why a packet can no longer be used, or None while it is open for use."""
+def _why_not_in_use(
+    packet: _PacketRow, now: datetime, *, ahead: timedelta = timedelta(0)
+) -> str | None:
+    """Why a packet can no longer be used, or None while it is open for use, and still will be
+    ``ahead`` from ``now`` (when the action's log entry may be stamped, at the latest)."""
     if packet.status == "closed":
         return "closed"
     if packet.status in ("expired", "shredded") or packet.wrapped_key is None:
         return "shredded" if packet.status == "shredded" else "expired"
-    if as_utc(packet.expires_at) <= now:
+    if as_utc(packet.expires_at) <= now + ahead:
         return "expired"
     return None
 
@@ -1525,7 +1529,7 @@ _MARK_OPENED = (
 
 
 def _refusal(
-    request: OpenRequest, packet: _PacketRow | None, now: datetime
+    request: OpenRequest, packet: _PacketRow | None, now: datetime, ahead: timedelta
 ) -> tuple[str, ServiceError] | None:
     """Why ``request`` may not open ``packet`` (the denied entry's reason) and the error it gets:
     the same 404 whoever asks for a packet not theirs, or one that does not exist; 410 for the
@@ -1536,7 +1540,7 @@ def _refusal(
     elif (
         reason := _why_hidden(packet, request.caller, permission=Permission.PACKETS_OPEN)
     ) is None:
-        why = _why_not_in_use(packet, now)
+        why = _why_not_in_use(packet, now, ahead=ahead)
         return None if why is None else (f"packet is {why}", _gone(packet.id, why))
     return reason, PacketNotFound(f"no packet {request.packet_id} for this caller")
 
@@ -1570,6 +1574,7 @@ def open_packets(
     requests: Sequence[OpenRequest],
     skip_locked: bool = False,
     deny_held: bool = False,
+    deadline: float | None = None,
 ) -> list[SealedPacket | ServiceError]:
     """Log the re-identifications asked for; ``reveal`` then decrypts each allowed one.
 
@@ -1590,6 +1595,11 @@ def open_packets(
     for an open whose wait ran out, only its owner's opens get ``PacketLocked``: anyone else's
     are refused by the committed row, as for any packet not theirs (the same 404 as for a
     packet that does not exist, never a 503 that would say it exists).
+
+    With a ``deadline`` (``time.monotonic()``), the locks waited for after the packets' rows wait
+    only what is left of it (``LogUnavailable`` if nothing is), and a packet that will have
+    expired by then is refused as expired: its entry, stamped under the log's lock, can never
+    say it was opened after it expired.
     """
     connection = session.connection()
     asked = sorted({r.packet_id for r in requests})
@@ -1608,8 +1618,9 @@ def open_packets(
             for row in connection.execute(_PACKETS, {"packet_ids": unseen}).all()
         }
     now = utcnow()
+    ahead = timedelta(seconds=max(0.0, deadline - time.monotonic())) if deadline else timedelta(0)
     refusals = [
-        _refusal(r, packets.get(r.packet_id) or held.get(r.packet_id), now) for r in requests
+        _refusal(r, packets.get(r.packet_id) or held.get(r.packet_id), now, ahead) for r in requests
     ]
     waits = [
         r.packet_id in held
@@ -1680,6 +1691,13 @@ def open_packets(
                 reason=reason,
             )
         )
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LogUnavailable(
+                "the packet or the access log is busy; the request was not carried out, try again"
+            )
+        limit_lock_waits(connection, left)
     # Last statement before the commit: the log's lock is held only for the append itself.
     append_many(session=session, entries=entries)
     return outcomes

@@ -1142,6 +1142,83 @@ def test_an_open_queued_behind_a_batch_still_gives_up_at_its_own_bound(
 
 
 @pytest.mark.usefixtures("no_collector_pauses")
+def test_a_packet_that_expires_while_its_open_waits_for_the_log_is_not_opened(
+    client: TestClient, token: TokenFactory, db_url: str, session: Session
+) -> None:
+    """The entry is stamped under the log's lock, after the wait: on PostgreSQL the packet was
+    judged before it, and an open could be logged as allowed, with identities, after expiry."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    expires = utcnow() + timedelta(seconds=0.6)
+    session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(expires_at=expires))
+    session.commit()
+    answers: list[Any] = []
+    with HeldLogLock(db_url, "log", packet["id"]):
+        waiting = threading.Thread(
+            target=lambda: answers.append(
+                client.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+            )
+        )
+        waiting.start()
+        time.sleep(1.2)  # the packet expires meanwhile, within the open's bound (2 s)
+    waiting.join(10)
+    [answer] = answers
+    assert answer.status_code == 410, answer.text
+    assert leaked(answer.text, world.secrets) == []
+    [entry] = log_entries(session, "packet.open")
+    assert (entry["outcome"], entry["reason"]) == ("denied", "packet is expired")
+
+
+@pytest.mark.usefixtures("no_collector_pauses")
+def test_an_open_that_waited_for_its_packet_waits_only_the_rest_of_its_bound_for_the_log(
+    client: TestClient,
+    token: TokenFactory,
+    db_url: str,
+    home: Path,
+    session: Session,
+    backend: str,
+) -> None:
+    """Its packet held (a close or shred in progress), then the log: the two waits together stay
+    within the bound from its arrival, then 503 and no identity (PostgreSQL waited for each
+    in full, twice the bound, and answered with identities). SQLite has one lock for both,
+    held here for as long."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    bound = 2.0
+    bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=bound)
+    database = Database(bounded)
+    answers: list[Any] = []
+    try:
+        with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
+            owner = bearer(token(OWNER, "professional"))
+            row = HeldLogLock(db_url, "packet-row", packet["id"])
+            row.__enter__()
+            waiting = threading.Thread(
+                target=lambda: answers.append(
+                    c.get(f"/v1/packets/{packet['id']}/clients", headers=owner)
+                )
+            )
+            waiting.start()
+            time.sleep(0.2)
+            if backend == "sqlite":
+                time.sleep(3.3)
+                row.__exit__()
+            else:
+                with HeldLogLock(db_url, "log", packet["id"]):
+                    time.sleep(1.4)
+                    row.__exit__()  # the packet is free 1.6 s after the open arrived
+                    time.sleep(1.9)  # the log, 3.5 s after: past the bound
+            waiting.join(10)
+    finally:
+        database.dispose()
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    assert leaked(answer.text, world.secrets) == []
+    assert [e["outcome"] for e in log_entries(session, "packet.open")] == []
+
+
+@pytest.mark.usefixtures("no_collector_pauses")
 def test_a_held_write_lock_does_not_stall_the_worker_for_other_requests(
     client: TestClient, token: TokenFactory, db_url: str
 ) -> None:
