@@ -62,9 +62,10 @@ from service.records.bulk import (
     import_csv,
     ingest_records,
 )
-from service.records.demo import REFERENCE_DATE, demo_records
+from service.records.demo import DEMO_SOURCE_PREFIX, REFERENCE_DATE, demo_records
 from service.records.models import SOURCE_MAX, usable_source
 from service.records.service import (
+    BATCHES,
     SUBJECTS,
     WRAPPED_KEY_COLUMNS,
     RowKey,
@@ -300,6 +301,13 @@ def build_demo_packets_if_none(settings: Settings) -> None:
     with database_for(settings) as database, database.transaction() as session:
         if has_packets(session=session):
             return
+        if not holds_demo_records_only(session):
+            # Records someone imported: a demo team must never be given packets of real people.
+            console.print(
+                "no demo packets: the database holds records that are not the demo's",
+                highlight=False,
+            )
+            return
         built = build_demo_packets(
             session=session,
             keyring=keyring,
@@ -318,10 +326,25 @@ def build_demo_packets_if_none(settings: Settings) -> None:
 
 
 def demo_first_packet(settings: Settings, professional_id: str) -> str | None:
+    """The demo professional's first packet, while the database holds the demo's records alone
+    (a curl that re-identifies real people is never printed)."""
     from service.packets.demo import first_packet_of
 
     with database_for(settings) as database, database.transaction() as session:
+        if not holds_demo_records_only(session):
+            return None
         return first_packet_of(session=session, professional_id=professional_id)
+
+
+def holds_demo_records_only(session: Session) -> bool:
+    """Whether every batch of records stored came from ``casepackets demo`` or ``serve``'s demo
+    (their source is ``demo-seed-<seed>``)."""
+    others = (
+        select(func.count())
+        .select_from(BATCHES)
+        .where(~BATCHES.c.source.startswith(DEMO_SOURCE_PREFIX))
+    )
+    return not session.connection().execute(others).scalar()
 
 
 @app.command()
@@ -924,7 +947,7 @@ def run_demo(
             database=database,
             keyring=keyring,
             event_types=event_types,
-            source=f"demo-seed-{seed}",
+            source=f"{DEMO_SOURCE_PREFIX}{seed}",
             actor="system:demo",
             records=demo_records(subjects=subjects, seed=seed),
             batch_size=batch_size,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from service.cli import prepare_demo
+from service.cli import demo_first_packet, prepare_demo
 from service.config import PROJECT_ROOT, Settings
 from service.db import Database
 from service.flagging.policy import load_flagging_policy
@@ -14,6 +14,7 @@ from service.packets.demo import DEMO_TEAM, first_packet_of
 from service.packets.models import Packet
 from service.records.demo import REFERENCE_DATE
 from tests.conftest import TokenFactory, bearer
+from tests.packets.scenario import record
 
 
 def packet_count(database: Database) -> int:
@@ -44,6 +45,22 @@ def test_the_demo_builds_packets_once_and_the_owner_can_open_one(
     for flag in (c["flag"] for c in clients):
         assert flag["hits"], "every client in the printed packet says which rule surfaced them"
         assert flag["explanation"] == " ".join(hit["explanation"] for hit in flag["hits"])
+
+
+def test_no_demo_packets_are_built_over_records_someone_imported(
+    settings: Settings, database: Database, client: TestClient, token: TokenFactory
+) -> None:
+    """A demo team given packets of real people, and a printed curl that re-identifies them,
+    would be a breach in development as anywhere."""
+    imported = client.post(
+        "/v1/records/batch",
+        json={"subjects": [record(0, "Charlois"), record(1, "Charlois")]},
+        headers=bearer(token("gemeente", "source")),
+    )
+    assert imported.status_code == 200, imported.text
+    prepare_demo(settings)
+    assert packet_count(database) == 0
+    assert demo_first_packet(settings, DEMO_TEAM[0].id) is None
 
 
 def test_the_demo_run_flags_every_rule_of_the_shipped_policy_as_of_the_demo_date(
