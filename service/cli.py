@@ -1226,6 +1226,10 @@ def expire(
                 )
             if not still_due:
                 break
+        if not shredded:
+            # Nothing shredded now, but an earlier run's purge may have been held up: this run is
+            # the "run it again" that run asked for (another process cannot know it is pending).
+            database.purge_replaced_rows()
         purge_pending = database.purge_pending
     console.print(f"crypto-shredded {shredded} packets", highlight=False)
     if still_due:

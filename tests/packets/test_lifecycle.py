@@ -414,6 +414,46 @@ def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes
         database.dispose()
 
 
+def test_expire_run_again_finishes_the_purge_its_last_run_left_pending(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    cli_env: None,
+    database: Database,
+    backend: str,
+) -> None:
+    """`expire` says to run it again when a reader held the purge up; the run after it has
+    nothing left to shred, and must still purge (before, it did nothing and exited 0, and the
+    shredded keys stayed in the database's files)."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    note_every_client(client, token, packet)
+    secrets = sealed_bodies(packet_state(session, packet["id"]))
+    session.execute(
+        update(PACKETS)
+        .where(PACKETS.c.id == packet["id"])
+        .values(expires_at=utcnow() - timedelta(minutes=1))
+    )
+    session.commit()
+    runner = CliRunner()
+    reader = reader_with_a_snapshot(database, backend)
+    try:
+        first = runner.invoke(cli, ["expire"])
+    finally:
+        reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
+        reader.close()
+    output = " ".join(first.output.split())
+    assert first.exit_code == 1, output
+    assert "crypto-shredded 1 packets" in output
+    assert "could not be purged" in output
+
+    again = runner.invoke(cli, ["expire"])
+    assert again.exit_code == 0, again.output
+    assert "crypto-shredded 0 packets" in " ".join(again.output.split())
+    left = raw_storage(session)
+    assert [secret for secret in secrets if secret in left] == []
+
+
 def test_a_reader_that_ends_a_moment_after_the_shred_does_not_leave_the_purge_pending(
     app: Any,
     client: TestClient,
