@@ -208,7 +208,17 @@ def token(
     ] = 3600,
 ) -> None:
     """Print a token from the built-in development issuer."""
+    from service.auth.tokens import SUBJECT_REASON, usable_subject
+
     settings = settings_or_exit()
+    if not usable_subject(sub):
+        # Not echoed: a name or a national id typed here by mistake stays out of the terminal.
+        console.print(
+            f"[red]--sub refused:[/red] {SUBJECT_REASON.removeprefix('token ')}: the service "
+            "would refuse the token",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     if ttl > settings.token_max_lifetime_seconds:
         console.print(
             f"[red]--ttl {ttl} is longer than CASEPACKETS_TOKEN_MAX_LIFETIME_SECONDS "

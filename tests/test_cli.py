@@ -77,6 +77,18 @@ def test_token_command_refuses_an_unknown_role(cli_home: Path) -> None:
     assert result.exit_code != 0
 
 
+@pytest.mark.parametrize("sub", ["", " prof-001", "prof-001 ", "x" * 129, "Jan\nJansen"])
+def test_token_command_refuses_a_subject_the_service_would_refuse_without_echoing_it(
+    cli_home: Path, sub: str
+) -> None:
+    refused = CliRunner().invoke(cli, ["token", "--sub", sub, "--role", "admin"])
+    assert refused.exit_code == 2, refused.output
+    output = " ".join(refused.output.split())
+    assert "--sub refused: 'sub' must be printable text of 1 to 128 characters" in output
+    assert "eyJ" not in refused.output
+    assert "Jansen" not in refused.output
+
+
 def test_token_command_keeps_to_the_maximum_token_lifetime(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -411,7 +411,7 @@ class TokenVerifier:
         if claims.get("typ", "Bearer") != "Bearer":
             raise InvalidToken(TYPE_REASON)
         subject = claims.get("sub")
-        if not _usable_subject(subject):
+        if not usable_subject(subject):
             raise InvalidToken(SUBJECT_REASON)
         issued_at, expires_at = claims.get("iat"), claims.get("exp")
         if not all(_seconds(claims[name]) for name in ("iat", "exp", "nbf") if name in claims):
@@ -475,7 +475,7 @@ def _access_token_type(value: object) -> bool:
     )
 
 
-def _usable_subject(value: object) -> TypeGuard[str]:
+def usable_subject(value: object) -> TypeGuard[str]:
     """Printable text that encodes as UTF-8 (no lone surrogate), of a bounded length, without
     spaces around it (``"prof-001 "`` would stand in the access log beside ``prof-001``)."""
     if not isinstance(value, str) or not 0 < len(value) <= MAX_SUBJECT_CHARS:

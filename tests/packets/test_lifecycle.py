@@ -440,7 +440,7 @@ def test_expire_run_again_finishes_the_purge_its_last_run_left_pending(
     try:
         first = runner.invoke(cli, ["expire"])
     finally:
-        reader.driver_connection.execute("ROLLBACK")  # type: ignore[union-attr]
+        reader.driver_connection.execute("ROLLBACK")
         reader.close()
     output = " ".join(first.output.split())
     assert first.exit_code == 1, output
