@@ -3,17 +3,22 @@
 Guarantee: a ``Settings`` object exists only for a safe combination. Production with the built-in
 dev issuer, production without a pinned JWKS, the built-in issuer beside a real identity provider's
 keys, or a placeholder value anywhere is refused with a message naming the variable to change.
+A ``CASEPACKETS_`` variable that names no setting is refused too, by name alone: a misspelled one
+would otherwise be ignored and its default kept without a word.
 The built-in issuer is on by default only where there is no identity provider: outside production
 and without CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import socket
 import sys
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +40,15 @@ def shipped(folder: str, *, root: Path = PROJECT_ROOT, installed: Path = INSTALL
     return root / folder if (root / "pyproject.toml").is_file() else installed / folder
 
 
+ENV_PREFIX = "CASEPACKETS_"
+# Variables with the prefix that are not settings, each read by the project's own tooling; the
+# settings accept them beside their own.
+NON_SETTING_VARIABLES = frozenset(
+    {
+        "CASEPACKETS_FUZZ_EXAMPLES",  # tests/test_api_fuzz.py: examples per fuzzed operation
+    }
+)
+
 PLACEHOLDERS = ("changeme", "change-me", "change_me", "changethis", "placeholder")
 # The databases casepackets runs on, as SQLAlchemy names them after normalize_database_url.
 DATABASE_DRIVERS = ("postgresql+psycopg", "sqlite", "sqlite+pysqlite")
@@ -55,7 +69,7 @@ class UnsafeSettings(ValueError):
 class Settings(BaseSettings):
     # A refused value is never echoed: a database URL may hold a password.
     model_config = SettingsConfigDict(
-        env_prefix="CASEPACKETS_", extra="ignore", hide_input_in_errors=True
+        env_prefix=ENV_PREFIX, extra="ignore", hide_input_in_errors=True
     )
 
     env: Literal["development", "test", "production"] = "development"
@@ -134,6 +148,16 @@ class Settings(BaseSettings):
     def dev_issuer_key_path(self) -> Path:
         return self.home / f"dev-issuer-{self.jwt_algorithm.lower()}.pem"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_variables(cls, given: Any) -> Any:
+        # Before the values are checked: a misspelled name is often why another one looks wrong
+        # (CASEPACKETS_JWKS_URI leaves production without an identity provider).
+        unknown = _unknown_variables(os.environ)
+        if unknown:
+            raise ValueError("; ".join(unknown))
+        return given
+
     @field_validator("checkpoint_origin")
     @classmethod
     def _usable_origin(cls, origin: str) -> str:
@@ -199,6 +223,42 @@ class Settings(BaseSettings):
                 "provider's; leave CASEPACKETS_DEV_ISSUER unset (or false)"
             )
         return self
+
+
+def _variables_read_by_settings() -> frozenset[str]:
+    """The names pydantic-settings reads a field from: its aliases if it has any, else the
+    prefixed field name."""
+    names: set[str] = set()
+    for field_name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        choices = (
+            alias.choices if isinstance(alias, AliasChoices) else [alias or ENV_PREFIX + field_name]
+        )
+        names.update(choice.upper() for choice in choices if isinstance(choice, str))
+    return frozenset(names)
+
+
+SETTING_VARIABLES = _variables_read_by_settings()
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Each variable with the prefix (in any case, as the settings read them) that is neither a
+    setting nor a known non-setting, by name and, where one is close, the variable probably
+    meant. Never a value: it may be a secret."""
+    known = SETTING_VARIABLES | NON_SETTING_VARIABLES
+    # Compared without the prefix, which alone would make every name look close to every other.
+    by_suffix = {
+        name.removeprefix(ENV_PREFIX): name for name in known if name.startswith(ENV_PREFIX)
+    }
+    problems = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), sorted(by_suffix), n=1)
+        hint = f" (did you mean {by_suffix[close[0]]}?)" if close else ""
+        problems.append(f"{variable} is not a setting{hint}")
+    return problems
 
 
 def refuse_unusable_database_url(url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,67 @@ def test_a_refusal_never_echoes_the_settings_it_refused(
     ) as refused:
         Settings()
     assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("variable", ["CASEPACKETS_SHRED_INTERVAL", "casepackets_shred_interval"])
+def test_a_misspelled_setting_is_refused_naming_the_one_it_resembles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """Ignored, it left the shredder on its default while the operator believed it off. The
+    settings read names in any case, so a misspelling in any case is refused; the value (it may
+    be a secret) is never shown."""
+    monkeypatch.setenv(variable, "s3cret-0")
+    with pytest.raises(ValidationError) as refused:
+        Settings(home=tmp_path)
+    assert refusal(refused.value) == (
+        f"{variable} is not a setting (did you mean CASEPACKETS_SHRED_INTERVAL_SECONDS?)"
+    )
+    assert "s3cret" not in str(refused.value)
+
+
+def test_only_variables_with_the_casepackets_prefix_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another product's variables that merely contain the name are not ours to refuse."""
+    monkeypatch.setenv("CASEPACKETSX_FOO", "1")
+    monkeypatch.setenv("OTHER_CASEPACKETS_FOO", "1")
+    Settings(home=tmp_path)
+    monkeypatch.setenv("CASEPACKETS_FOO", "1")
+    with pytest.raises(ValidationError) as refused:
+        Settings(home=tmp_path)
+    assert refusal(refused.value) == "CASEPACKETS_FOO is not a setting"
+
+
+def dockerfile_variables() -> dict[str, str]:
+    """The CASEPACKETS_ variables the Dockerfile's ENV instructions set, with their values."""
+    instructions = (PROJECT_ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+    assignments = (
+        word.split("=", 1)
+        for line in instructions
+        if line.startswith("ENV ")
+        for word in shlex.split(line.removeprefix("ENV "))
+    )
+    return {name: value for name, value in assignments if name.startswith("CASEPACKETS_")}
+
+
+def test_every_variable_the_project_sets_is_accepted_and_a_near_miss_points_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's own environment (with what the README's ``docker run`` adds) loads, and so does
+    the fuzz tests' CASEPACKETS_FUZZ_EXAMPLES; a name one letter short of any of them is refused,
+    pointing back to it."""
+    image = dockerfile_variables()
+    assert {"CASEPACKETS_ENV", "CASEPACKETS_HOME", "CASEPACKETS_POLICIES_DIR"} <= image.keys()
+    project_sets = {**image, "CASEPACKETS_FUZZ_EXAMPLES": "15"}
+    for name, value in project_sets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CASEPACKETS_JWKS_URL", "https://idp.example/jwks")
+    monkeypatch.setenv("CASEPACKETS_CHECKPOINT_ORIGIN", "casepackets.example.nl/access-log")
+    settings = Settings()
+    assert (settings.env, settings.home) == ("production", Path("/data"))
+    for name, value in project_sets.items():
+        monkeypatch.setenv(name[:-1], value)
+        with pytest.raises(ValidationError) as refused:
+            Settings()
+        assert refusal(refused.value) == f"{name[:-1]} is not a setting (did you mean {name}?)"
+        monkeypatch.delenv(name[:-1])
