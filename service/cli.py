@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -766,7 +766,10 @@ def keys_rotate(
                 with keyring.rotation(checked, material=material) as new:
                     session.commit()
         if not written_under_the_lock:
-            new = keyring.rotate(checked, material=material)
+            try:
+                new = keyring.rotate(checked, material=material)
+            except KeyringError as exc:
+                unwritten_keyring_exit(exc, logged=f"the rotation to {checked} v{version}")
     console.print(f"{checked} key is now at version {new.version}")
     if checked in ("vault", "packet"):
         console.print("older versions still decrypt; run `casepackets keys rewrap` to move")
@@ -866,15 +869,36 @@ def keys_retire(
         with database.transaction() as session:
             retire_logged(session, keyring=keyring, purpose=checked, version=version)
         # Committed first: the material is destroyed only once the log says so.
-        keyring.retire(checked, version)
+        try:
+            keyring.retire(checked, version)
+        except KeyringError as exc:
+            unwritten_keyring_exit(exc, logged=f"the retirement of {checked} v{version}")
     console.print(f"{checked} v{version} is retired; its material is destroyed")
+
+
+def unwritten_keyring_exit(exc: KeyringError, *, logged: str) -> NoReturn:
+    """A key change the access log already holds, whose keyring write then failed: say so in
+    one line (exit 2), so the operator fixes the file and runs the command again."""
+    console.print(
+        f"[red]keyring not written:[/red] {exc}. The access log already records {logged}; fix "
+        "the keyring file and run the same command again (the log will then record it again)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(2)
 
 
 def retire_logged(
     session: Session, *, keyring: LockedKeyring, purpose: Purpose, version: int
 ) -> None:
-    """Log the retirement of ``purpose`` v``version`` in ``session``, or refuse it (exit 1) while
-    rows depend on it or the keyring would refuse it."""
+    """Log the retirement of ``purpose`` v``version`` in ``session``, or refuse it (exit 1) when
+    the keyring would refuse it (the current version, one that does not exist, a rotation too
+    recent: said first, since a rewrap cannot change them) or while rows depend on it."""
+    try:
+        keyring.check_retirable(purpose, version)
+    except KeyringError as exc:
+        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     try:
         dependents = count_key_dependents(session=session, purpose=purpose, version=version)
     except ServiceError as exc:
@@ -892,11 +916,6 @@ def retire_logged(
             highlight=False,
         )
         raise typer.Exit(1)
-    try:
-        keyring.check_retirable(purpose, version)
-    except KeyringError as exc:
-        console.print(f"[red]refused:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
     log_system_action(
         session,
         command="keys",

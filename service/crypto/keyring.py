@@ -420,6 +420,9 @@ class LockedKeyring(Keyring):
         entry = self._document["purposes"][purpose]
         if int(entry["current"]) == version:
             raise KeyringError(f"{purpose} v{version} is current; rotate before retiring it")
+        found = entry["versions"].get(str(version))
+        if found is None or found.get("retired_at"):
+            raise UnknownKey(f"no active {purpose} key version {version}")
         age = _age_seconds(entry["versions"][str(entry["current"])].get("created_at"))
         if age < ROTATION_SETTLE_SECONDS:
             raise KeyringError(
@@ -427,9 +430,6 @@ class LockedKeyring(Keyring):
                 f"may still be finishing work under older versions. Retire no sooner than "
                 f"{ROTATION_SETTLE_SECONDS} s after the rotation, after `casepackets keys rewrap`"
             )
-        found = entry["versions"].get(str(version))
-        if found is None or found.get("retired_at"):
-            raise UnknownKey(f"no active {purpose} key version {version}")
 
     def retire(self, purpose: Purpose, version: int) -> None:
         """Destroy an old version's material (``check_retirable`` says when it is refused)."""

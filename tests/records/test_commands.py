@@ -29,7 +29,7 @@ from service.cli import app as cli
 from service.cli import prepare
 from service.config import Settings, get_settings
 from service.crypto import keyring as keyring_module
-from service.crypto.keyring import Keyring, check_purpose
+from service.crypto.keyring import Keyring, KeyringInaccessible, LockedKeyring, check_purpose
 from service.crypto.signing import NoteSigner
 from service.db import Database, make_engine
 from service.records import bulk
@@ -122,6 +122,49 @@ def test_keys_init_rotate_and_refused_retire(cli_env: Settings, rotations_settle
     code, output = run("keys", "list")
     assert code == 0
     assert keyring.current("vault").material.hex() not in output
+
+
+def test_a_retirement_a_rewrap_cannot_help_is_refused_for_what_it_is(cli_env: Settings) -> None:
+    """The current version, or one that does not exist, is said to be so: not that rows depend
+    on it (a rewrap cannot change that), nor that a rotation is too recent."""
+    assert run("keys", "init")[0] == 0
+    assert run("migrate")[0] == 0
+    assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0
+    code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
+    assert code == 1
+    assert "vault v1 is current; rotate before retiring it" in " ".join(output.split())
+    code, output = run("keys", "retire", "--purpose", "vault", "--version", "9")
+    assert code == 1
+    assert "no active vault key version 9" in " ".join(output.split())
+
+
+@pytest.mark.parametrize("command", ["rotate", "retire"])
+def test_a_keyring_that_cannot_be_written_after_the_log_is_said_in_one_line(
+    cli_env: Settings, rotations_settled: None, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The log is written first (no wrap may exist under a version the log does not name, and
+    material is destroyed only once the log says so); a keyring write failing after it is one
+    line naming what to do, not a withheld traceback."""
+    assert run("keys", "init")[0] == 0
+    assert run("migrate")[0] == 0
+    if command == "retire":
+        assert run("keys", "rotate", "--purpose", "log_signing")[0] == 0
+
+    def unwritable(*_args: Any, **_kwargs: Any) -> Any:
+        raise KeyringInaccessible("cannot write the keyring: Operation not permitted")
+
+    monkeypatch.setattr(LockedKeyring, command, unwritable)
+    if command == "rotate":
+        code, output = run("keys", "rotate", "--purpose", "vault")
+        logged = "the rotation to vault v2"
+    else:
+        code, output = run("keys", "retire", "--purpose", "log_signing", "--version", "1")
+        logged = "the retirement of log_signing v1"
+    said = " ".join(output.split())
+    assert code == 2, said
+    assert said.startswith("keyring not written: cannot write the keyring")
+    assert f"The access log already records {logged}" in said
+    assert "unexpected" not in said
 
 
 def test_old_signing_and_pseudonym_keys_get_the_right_retirement(
