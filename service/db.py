@@ -24,6 +24,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -468,6 +469,16 @@ _VACUUMED = re.compile(r'finished vacuuming "(?:[^"]*\.)?([^".]+)"')
 _REMOVABLE_CUTOFF = re.compile(r"removable cutoff: (\d+)")
 _MISSED = re.compile(r"tuples missed: (\d+)")
 XID_SPACE = 2**32  # VACUUM reports 32-bit transaction ids, which wrap around
+# How long a purge's TRUNCATE checkpoint on SQLite waits for the write lock and for readers of
+# old frames; writers wait behind it at most this long.
+PURGE_CHECKPOINT_WAIT_MS = 100
+
+
+def _busy_timeout_of(driver: sqlite3.Connection) -> int:
+    """The busy timeout a connection of the engine was opened with (``_SerializedConnection``)."""
+    return int(getattr(driver, "busy_timeout_ms", 0)) or 1
+
+
 # Three VACUUM tries at most, with these pauses after each that a snapshot older than the
 # overwrite held back (none after the last).
 PURGE_RETRY_PAUSES_SECONDS = (0.1, 0.3, 0.0)
@@ -580,11 +591,17 @@ class Database:
         try:
             if self.is_sqlite:
                 raw = self.engine.raw_connection()
+                driver: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
                 try:
-                    busy, _, _ = raw.driver_connection.execute(  # type: ignore[union-attr]
-                        "PRAGMA wal_checkpoint(TRUNCATE)"
-                    ).fetchone()
+                    # A TRUNCATE checkpoint holds the write lock while it waits for readers to
+                    # leave the old frames: with the usual busy timeout every write (an open's
+                    # log entry too) would wait behind a long reader for the whole bound. It
+                    # waits a moment instead, and the purge stays pending if that was too short.
+                    driver.execute(f"PRAGMA busy_timeout={PURGE_CHECKPOINT_WAIT_MS}")
+                    busy, _, _ = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 finally:
+                    with contextlib.suppress(sqlite3.Error):
+                        driver.execute(f"PRAGMA busy_timeout={int(_busy_timeout_of(driver))}")
                     raw.close()
                 if busy:
                     logger.warning(

@@ -454,6 +454,55 @@ def test_expire_run_again_finishes_the_purge_its_last_run_left_pending(
     assert [secret for secret in secrets if secret in left] == []
 
 
+@pytest.mark.usefixtures("no_collector_pauses")
+def test_a_purge_held_up_by_a_reader_does_not_hold_up_opens_meanwhile(
+    app: Any,
+    client: TestClient,
+    token: TokenFactory,
+    db_url: str,
+    home: Path,
+    backend: str,
+    session: Session,
+) -> None:
+    """SQLite's TRUNCATE checkpoint holds the write lock while it waits for readers of the old
+    frames: with the usual busy timeout, every retry of a pending purge (each shred interval, in
+    each worker) stopped every open for the whole bound while a report or backup read."""
+    world = build_world(
+        client, token, professionals={OWNER: ["Charlois", "Feijenoord"]}, per_district=2
+    )
+    shredded, opened = world.packet(OWNER, "Charlois"), world.packet(OWNER, "Feijenoord")
+    settings = Settings(env="test", home=home, database_url=db_url)
+    database = Database(settings)
+    reader = reader_with_a_snapshot(database, backend)
+    try:
+        session.execute(
+            update(PACKETS)
+            .where(PACKETS.c.id == shredded["id"])
+            .values(expires_at=utcnow() - timedelta(minutes=1))
+        )
+        session.commit()
+        retention = app.state.retention_policy
+        assert shred_expired(database=database, retention=retention, actor="system:test") == 1
+        assert database.purge_pending
+        purging = threading.Thread(target=database.retry_purge)
+        purging.start()
+        time.sleep(0.01)
+        started = time.monotonic()
+        answer = client.get(
+            f"/v1/packets/{opened['id']}/clients", headers=bearer(token(OWNER, "professional"))
+        )
+        waited = time.monotonic() - started
+        purging.join(10)
+        assert answer.status_code == 200, answer.text
+        assert database.purge_pending  # the reader still needs what the shred overwrote
+        # The bound is 2 s; the purge now waits at most a tenth of a second for its lock.
+        assert waited < 1.0, waited
+    finally:
+        reader.driver_connection.execute("ROLLBACK")
+        reader.close()
+        database.dispose()
+
+
 def test_a_reader_that_ends_a_moment_after_the_shred_does_not_leave_the_purge_pending(
     app: Any,
     client: TestClient,
