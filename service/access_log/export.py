@@ -5,13 +5,26 @@ Invariants: the exported checkpoint is signed (and stored) before anything is re
 the entries it covers are written, so ``audit verify`` can check the files against it alone;
 every handover checkpoint among those entries (see ``handover``) is written too, one JSON line
 each in tree-size order, so an auditor holding an older key can follow it to the current one.
+
+The entries name pseudonyms and who opened what, so the export folder is readable by its owner
+only (0700, files 0600), like the database and the keyring. It is written in full to a private
+folder beside the target and then moved into place by renames: a failure or an interrupt leaves
+the target as it was (an earlier export, or nothing) or the complete new export, never a mix of
+the two. Only an earlier export (a folder holding nothing but export files) is replaced; any
+other folder or file at the target is refused before a checkpoint is signed for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from service.access_log import service
 from service.access_log.checkpoint import parse_checkpoint
@@ -24,6 +37,9 @@ LEAF_HASHES_FILE = "leaf-hashes.bin"
 CHECKPOINT_FILE = "checkpoint"
 PUBLIC_KEY_FILE = "public-key"
 HANDOVERS_FILE = "handovers.ndjson"
+EXPORT_FILES = frozenset(
+    {ENTRIES_FILE, LEAF_HASHES_FILE, CHECKPOINT_FILE, PUBLIC_KEY_FILE, HANDOVERS_FILE}
+)
 
 
 @dataclass(frozen=True)
@@ -43,35 +59,106 @@ def export_log(
     chunk: int = 5000,
 ) -> Exported:
     """Sign a checkpoint and write the entries it covers, their leaf hashes, the handovers, the
-    checkpoint and its verifier key to ``folder``. ``signer`` gives the current signing key; it
-    is asked once the log's lock is held, so a checkpoint after a handover is never signed by
-    the key that handed over (as for ``GET /v1/audit/checkpoint``)."""
+    checkpoint and its verifier key to ``folder``, replacing an earlier export there in one step.
+    ``signer`` gives the current signing key; it is asked once the log's lock is held, so a
+    checkpoint after a handover is never signed by the key that handed over (as for
+    ``GET /v1/audit/checkpoint``). Raises ``OSError`` before signing when ``folder`` is there and
+    is not an earlier export."""
+    # Resolved so that a symbolic link keeps pointing at the export and the renames stay on the
+    # file system of the folder itself.
+    target = folder.resolve()
+    _refuse_unless_replaceable(target, shown_as=folder)
     with database.transaction() as session:
         service.hold_lock(session)
         current = signer()
         note = service.signed_checkpoint(session=session, signer=current, origin=origin)
     size = parse_checkpoint(open_note(note, current.verifier)).size
-    folder.mkdir(parents=True, exist_ok=True)
-    on_start(size)
-    with (
-        (folder / ENTRIES_FILE).open("wb") as entries,
-        (folder / LEAF_HASHES_FILE).open("wb") as hashes,
-    ):
-        for chunk_start in range(0, size, chunk):
-            chunk_end = min(size, chunk_start + chunk)
-            with database.session() as session:
-                for data in service.iter_entries(session=session, start=chunk_start, end=chunk_end):
-                    entries.write(data + b"\n")
-                for leaf in service.iter_leaf_hashes(
-                    session=session, start=chunk_start, end=chunk_end
-                ):
-                    hashes.write(leaf)
-            on_progress(chunk_end - chunk_start)
-    with database.session() as session:
-        handovers = handover_notes(session=session, up_to=size)
-    with (folder / HANDOVERS_FILE).open("w", encoding="utf-8") as handover_file:
-        for handover_size in sorted(handovers):
-            handover_file.write(handover_line(handover_size, handovers[handover_size]))
-    (folder / CHECKPOINT_FILE).write_text(note, encoding="utf-8")
-    (folder / PUBLIC_KEY_FILE).write_text(f"{current.verifier}\n", encoding="utf-8")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    )
+    staged, previous = staging / "export", staging / "previous"
+    try:
+        staged.mkdir(mode=0o700)
+        on_start(size)
+        with (
+            _owner_only_file(staged / ENTRIES_FILE) as entries,
+            _owner_only_file(staged / LEAF_HASHES_FILE) as hashes,
+        ):
+            for chunk_start in range(0, size, chunk):
+                chunk_end = min(size, chunk_start + chunk)
+                with database.session() as session:
+                    for data in service.iter_entries(
+                        session=session, start=chunk_start, end=chunk_end
+                    ):
+                        entries.write(data + b"\n")
+                    for leaf in service.iter_leaf_hashes(
+                        session=session, start=chunk_start, end=chunk_end
+                    ):
+                        hashes.write(leaf)
+                on_progress(chunk_end - chunk_start)
+        with database.session() as session:
+            handovers = handover_notes(session=session, up_to=size)
+        with _owner_only_file(staged / HANDOVERS_FILE) as handover_file:
+            for handover_size in sorted(handovers):
+                handover_file.write(
+                    handover_line(handover_size, handovers[handover_size]).encode("utf-8")
+                )
+        with _owner_only_file(staged / CHECKPOINT_FILE) as checkpoint_file:
+            checkpoint_file.write(note.encode("utf-8"))
+        with _owner_only_file(staged / PUBLIC_KEY_FILE) as key_file:
+            key_file.write(f"{current.verifier}\n".encode())
+        _move_into_place(staged=staged, target=target, previous=previous, shown_as=folder)
+    finally:
+        # Kept only if the earlier export could not be moved back: it is then in ``previous``.
+        if os.path.lexists(target) or not os.path.lexists(previous):
+            shutil.rmtree(staging, ignore_errors=True)
     return Exported(size=size, folder=folder)
+
+
+def _refuse_unless_replaceable(target: Path, *, shown_as: Path) -> None:
+    """Raise ``OSError`` unless ``target`` is absent or a folder of export files only (an
+    earlier export, or an empty folder): anything else is not ours to replace."""
+    if not os.path.lexists(target):
+        return
+    if not target.is_dir():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(shown_as))
+    with os.scandir(target) as entries:
+        for entry in entries:
+            if entry.name not in EXPORT_FILES or not entry.is_file(follow_symlinks=False):
+                raise OSError(
+                    errno.ENOTEMPTY,
+                    "it holds a file that is not part of an export, so it is not replaced",
+                    str(shown_as / entry.name),
+                )
+
+
+def _move_into_place(*, staged: Path, target: Path, previous: Path, shown_as: Path) -> None:
+    """Rename ``staged`` to ``target``, moving an earlier export there aside to ``previous``
+    first (all three share a parent). Should a step fail or be interrupted, the earlier export
+    is moved back, so ``target`` is the earlier export or the new one. Only a crash between
+    the two renames leaves ``target`` absent, with the earlier export in ``previous``."""
+    try:
+        if os.path.lexists(target):
+            os.rename(target, previous)
+            # Checked again now that it cannot change: the export took a while.
+            _refuse_unless_replaceable(previous, shown_as=shown_as)
+        os.rename(staged, target)
+    except BaseException:
+        if os.path.lexists(previous) and not os.path.lexists(target):
+            os.rename(previous, target)
+        raise
+
+
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_EXCL, 0o600)
+
+
+@contextmanager
+def _owner_only_file(path: Path) -> Iterator[BinaryIO]:
+    """``path``, created for writing and readable by its owner only; on disk once the block
+    ends, so the rename that publishes it never publishes a file the disk has not got."""
+    with open(path, "wb", opener=_owner_only) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -310,6 +310,23 @@ def test_export_command_writes_files_that_verify(cli_env: Path, database: Databa
     assert code == 0, output
 
 
+def test_export_command_refuses_a_folder_of_other_files_and_leaves_it_alone(
+    cli_env: Path, database: Database
+) -> None:
+    append_each(database, 3)
+    out = cli_env / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not an export")
+    result = CliRunner().invoke(cli, ["audit", "export", "--out", str(out)])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert (
+        f"failed: cannot write the export to {out}: it holds a file that is not part of an "
+        f"export, so it is not replaced ({out / 'notes.txt'})"
+    ) in said
+    assert [path.name for path in out.iterdir()] == ["notes.txt"]
+
+
 def export_command(folder: Path) -> Path:
     result = CliRunner().invoke(cli, ["audit", "export", "--out", str(folder)])
     assert result.exit_code == 0, result.output

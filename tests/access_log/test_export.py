@@ -1,0 +1,151 @@
+"""``export_log`` writes a folder only its owner can read, and replaces an earlier export in one
+step: a failure midway leaves the earlier export exactly as it was, and nothing beside it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from service.access_log import export as export_module
+from service.access_log.export import (
+    CHECKPOINT_FILE,
+    ENTRIES_FILE,
+    HANDOVERS_FILE,
+    LEAF_HASHES_FILE,
+    PUBLIC_KEY_FILE,
+    export_log,
+)
+from service.access_log.verify import verify_files
+from service.crypto.signing import NoteSigner
+from service.db import Database
+from tests.access_log.conftest import ORIGIN, append_each
+
+EXPORT_FILES = (ENTRIES_FILE, LEAF_HASHES_FILE, HANDOVERS_FILE, CHECKPOINT_FILE, PUBLIC_KEY_FILE)
+
+
+def export(database: Database, signer: NoteSigner, folder: Path) -> Path:
+    export_log(database=database, signer=lambda: signer, origin=ORIGIN, folder=folder)
+    return folder
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_a_new_export_is_readable_by_its_owner_only(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_each(database, 3)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    assert mode(folder) == 0o700
+    assert {path.name: mode(path) for path in folder.iterdir()} == dict.fromkeys(
+        EXPORT_FILES, 0o600
+    )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+    ids=["disk-full", "ctrl-c"],
+)
+def test_an_export_that_fails_midway_leaves_the_earlier_export_as_it_was(
+    database: Database,
+    signer: NoteSigner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: BaseException,
+) -> None:
+    append_each(database, 4)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    earlier = contents(folder)
+    append_each(database, 2)
+
+    def fail(**_: object) -> None:
+        raise failure
+
+    # After the entries and leaf hashes are written, before the handovers and the checkpoint.
+    monkeypatch.setattr(export_module, "handover_notes", fail)
+    with pytest.raises(type(failure)):
+        export(database, signer, folder)
+    assert contents(folder) == earlier
+    assert [path.name for path in folder.parent.iterdir()] == ["export"], "no partial export left"
+
+
+def test_an_export_that_cannot_be_moved_into_place_puts_the_earlier_one_back(
+    database: Database, signer: NoteSigner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    append_each(database, 4)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    earlier = contents(folder)
+    append_each(database, 2)
+    rename = os.rename
+    published: list[str] = []
+
+    def rename_failing_to_publish(source: str, destination: str) -> None:
+        if Path(destination) == folder.resolve() and not published:
+            published.append(str(source))
+            raise OSError(errno.EIO, "Input/output error", str(destination))
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "rename", rename_failing_to_publish)
+    with pytest.raises(OSError, match="Input/output error"):
+        export(database, signer, folder)
+    assert published, "the new export was to be renamed into place"
+    assert contents(folder) == earlier
+    assert [path.name for path in folder.parent.iterdir()] == ["export"], "no partial export left"
+
+
+def test_an_export_over_an_earlier_one_replaces_it_and_verifies(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_each(database, 5)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    trusted = tmp_path / "trusted-checkpoint"
+    trusted.write_bytes((folder / CHECKPOINT_FILE).read_bytes())
+    # As an earlier version left it: readable by anyone.
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
+    append_each(database, 7)
+    export(database, signer, folder)
+    assert mode(folder) == 0o700
+    assert {path.name: mode(path) for path in folder.iterdir()} == dict.fromkeys(
+        EXPORT_FILES, 0o600
+    )
+    assert len((folder / ENTRIES_FILE).read_bytes().splitlines()) == 12
+    verified = verify_files(
+        entries=folder / ENTRIES_FILE,
+        checkpoint=folder / CHECKPOINT_FILE,
+        public_key=folder / PUBLIC_KEY_FILE,
+        trusted_checkpoint=trusted,
+        leaf_hashes=folder / LEAF_HASHES_FILE,
+    )
+    assert verified.checkpoint.size == 12
+    assert verified.trusted is not None
+    assert verified.trusted.size == 5
+    assert [path.name for path in folder.parent.iterdir()] == ["export"], "the earlier one is gone"
+
+
+def test_a_folder_holding_other_files_is_refused_before_signing(
+    database: Database, tmp_path: Path
+) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / CHECKPOINT_FILE).write_text("not an export's")
+
+    def signer() -> NoteSigner:
+        raise AssertionError("a checkpoint was to be signed for a folder that is refused")
+
+    with pytest.raises(OSError, match="not part of an export") as refused:
+        export_log(database=database, signer=signer, origin=ORIGIN, folder=folder)
+    assert refused.value.filename == str(folder / "notes.txt")
+    assert contents(folder) == {"notes.txt": b"mine", CHECKPOINT_FILE: b"not an export's"}
