@@ -891,14 +891,18 @@ def unwritten_keyring_exit(exc: KeyringError, *, logged: str) -> NoReturn:
 def retire_logged(
     session: Session, *, keyring: LockedKeyring, purpose: Purpose, version: int
 ) -> None:
-    """Log the retirement of ``purpose`` v``version`` in ``session``, or refuse it (exit 1) when
-    the keyring would refuse it (the current version, one that does not exist, a rotation too
-    recent: said first, since a rewrap cannot change them) or while rows depend on it."""
-    try:
-        keyring.check_retirable(purpose, version)
-    except KeyringError as exc:
-        console.print(f"[red]refused:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+    """Log the retirement of ``purpose`` v``version`` in ``session``, or refuse it (exit 1): the
+    current version or one that does not exist (said first: a rewrap cannot change that), while
+    rows depend on it, or when the keyring would refuse it (a rotation too recent)."""
+    found = {info.version: info for info in keyring.versions(purpose)}.get(version)
+    if found is None or found.retired_at or found.current:
+        why = (
+            f"{purpose} v{version} is current; rotate before retiring it"
+            if found is not None and found.current
+            else f"no active {purpose} key version {version}"
+        )
+        console.print(f"[red]refused:[/red] {why}", highlight=False)
+        raise typer.Exit(1)
     try:
         dependents = count_key_dependents(session=session, purpose=purpose, version=version)
     except ServiceError as exc:
@@ -916,6 +920,11 @@ def retire_logged(
             highlight=False,
         )
         raise typer.Exit(1)
+    try:
+        keyring.check_retirable(purpose, version)
+    except KeyringError as exc:
+        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     log_system_action(
         session,
         command="keys",
