@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -79,12 +80,17 @@ class PacketOpens:
             )
             engine = self._own_engine
             self._sessions = lambda: Session(engine, expire_on_commit=False)
+        # The batches run one at a time, in a thread of their own: the opens waiting on their
+        # own for a packet being changed (each holding a thread of the loop's default executor
+        # for up to the bound) can never leave the next batch without one.
+        self._batch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-batches")
         self._batches: GroupCommit[_Pending, SealedPacket] = GroupCommit(
             self._log_on_loop if database.is_sqlite else self._log_in_thread,
             max_batch=MAX_BATCH,
         )
 
     def dispose(self) -> None:
+        self._batch_thread.shutdown(wait=True)
         if self._own_engine is not None:
             self._own_engine.dispose()
 
@@ -109,7 +115,7 @@ class PacketOpens:
 
     async def _log_in_thread(self, batch: Sequence[_Pending]) -> Outcomes:
         return await asyncio.get_running_loop().run_in_executor(
-            None, self._until_deadlines, batch, True
+            self._batch_thread, self._until_deadlines, batch, True
         )
 
     async def _log_on_loop(self, batch: Sequence[_Pending]) -> Outcomes:

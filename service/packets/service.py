@@ -1622,8 +1622,10 @@ def open_packets(
     refusals = [
         _refusal(r, packets.get(r.packet_id) or held.get(r.packet_id), now, ahead) for r in requests
     ]
+    # A caller who may open no packet at all is refused now, whatever the held row says.
     waits = [
         r.packet_id in held
+        and r.caller.can(Permission.PACKETS_OPEN)
         and (not deny_held or no is None or not isinstance(no[1], PacketNotFound))
         for r, no in zip(requests, refusals, strict=True)
     ]

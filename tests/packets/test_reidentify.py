@@ -1247,6 +1247,65 @@ def test_a_held_write_lock_does_not_stall_the_worker_for_other_requests(
 
 
 @pytest.mark.usefixtures("no_collector_pauses")
+def test_many_opens_waiting_for_a_held_packet_leave_other_opens_their_batches(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path, backend: str
+) -> None:
+    """On PostgreSQL each open of a packet being changed waits for it in a thread of its own.
+    Eight such waits took every thread the batches used too (the loop's default executor has
+    six here), so an unrelated open waited nearly the bound; and a caller who may open no
+    packet at all waited like an owner for an answer that was 404 anyway."""
+    world = small_world(client, token)
+    held, other = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    bound = 3.0
+    bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=bound)
+    database = Database(bounded)
+    answers: dict[str, list[tuple[int, float]]] = {"waiting": [], "analyst": [], "unrelated": []}
+    try:
+        with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
+
+            def open_timed(name: str, packet_id: str, sub: str, role: str) -> None:
+                started = time.monotonic()
+                response = c.get(
+                    f"/v1/packets/{packet_id}/clients", headers=bearer(token(sub, role))
+                )
+                answers[name].append((response.status_code, time.monotonic() - started))
+
+            waiting = [
+                threading.Thread(
+                    target=open_timed, args=("waiting", held["id"], OTHER, "professional")
+                )
+                for _ in range(8)
+            ]
+            analysts = [
+                threading.Thread(target=open_timed, args=("analyst", held["id"], "an-1", "analyst"))
+                for _ in range(2)
+            ]
+            with HeldLogLock(db_url, "packet-row", held["id"]):
+                for thread in waiting + analysts:
+                    thread.start()
+                time.sleep(0.3)
+                if backend == "postgres":
+                    open_timed("unrelated", other["id"], OTHER, "professional")
+                    for thread in analysts:
+                        thread.join(2)
+                    assert all(thread.is_alive() for thread in waiting)  # still waiting
+                else:
+                    time.sleep(0.7)  # SQLite: one lock for everything; all wait for it
+            if backend == "sqlite":
+                open_timed("unrelated", other["id"], OTHER, "professional")
+            for thread in waiting + analysts:
+                thread.join(10)
+    finally:
+        database.dispose()
+    assert [status for status, _ in answers["unrelated"]] == [200], answers
+    assert [status for status, _ in answers["analyst"]] == [404, 404], answers
+    assert [status for status, _ in answers["waiting"]] == [404] * 8, answers
+    if backend == "postgres":
+        assert answers["unrelated"][0][1] < 1.0, answers  # the bound is 3 s
+        assert all(waited < 1.0 for _, waited in answers["analyst"]), answers
+
+
+@pytest.mark.usefixtures("no_collector_pauses")
 def test_a_packet_being_changed_holds_up_no_other_open_and_each_gives_up_at_its_own_bound(
     client: TestClient, token: TokenFactory, db_url: str, home: Path, backend: str, session: Session
 ) -> None:
