@@ -82,15 +82,18 @@ class PacketOpens:
             self._sessions = lambda: Session(engine, expire_on_commit=False)
         # The batches run one at a time, in a thread of their own: the opens waiting on their
         # own for a packet being changed (each holding a thread of the loop's default executor
-        # for up to the bound) can never leave the next batch without one.
-        self._batch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="open-batches")
+        # for up to the bound) can never leave the next batch without one. Made when first
+        # needed, so an app served again after ``dispose`` gets a new one.
+        self._batch_thread: ThreadPoolExecutor | None = None
         self._batches: GroupCommit[_Pending, SealedPacket] = GroupCommit(
             self._log_on_loop if database.is_sqlite else self._log_in_thread,
             max_batch=MAX_BATCH,
         )
 
     def dispose(self) -> None:
-        self._batch_thread.shutdown(wait=True)
+        thread, self._batch_thread = self._batch_thread, None
+        if thread is not None:
+            thread.shutdown(wait=True)
         if self._own_engine is not None:
             self._own_engine.dispose()
 
@@ -114,6 +117,10 @@ class PacketOpens:
         return outcome
 
     async def _log_in_thread(self, batch: Sequence[_Pending]) -> Outcomes:
+        if self._batch_thread is None:
+            self._batch_thread = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="open-batches"
+            )
         return await asyncio.get_running_loop().run_in_executor(
             self._batch_thread, self._until_deadlines, batch, True
         )

@@ -1618,7 +1618,13 @@ def open_packets(
             for row in connection.execute(_PACKETS, {"packet_ids": unseen}).all()
         }
     now = utcnow()
-    ahead = timedelta(seconds=max(0.0, deadline - time.monotonic())) if deadline else timedelta(0)
+    # By when the entry is stamped at the latest: the deadline, or a little after it when the
+    # log's wait is not shortened (LOCK_WAIT_SLACK_SECONDS, below).
+    ahead = (
+        timedelta(seconds=max(0.0, deadline - time.monotonic()) + LOCK_WAIT_SLACK_SECONDS)
+        if deadline
+        else timedelta(0)
+    )
     refusals = [
         _refusal(r, packets.get(r.packet_id) or held.get(r.packet_id), now, ahead) for r in requests
     ]

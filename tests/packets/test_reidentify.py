@@ -996,6 +996,49 @@ def caller(token: TokenFactory, app: Any, sub: str, role: str) -> Caller:
     return Caller(sub=sub, roles=frozenset({role}), permissions=permissions, request_id=None)
 
 
+def test_a_packet_expiring_just_after_an_opens_deadline_is_judged_expired(
+    app: Any, client: TestClient, token: TokenFactory, database: Database, session: Session
+) -> None:
+    """When little time went on the packets' rows, the log's wait is not shortened and may end
+    up to LOCK_WAIT_SLACK_SECONDS past the deadline: expiry is judged that far ahead too, or an
+    entry could still be stamped after the packet expired."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    deadline = time.monotonic() + 0.5
+    expires = utcnow() + timedelta(seconds=0.5 + packets_service.LOCK_WAIT_SLACK_SECONDS / 2)
+    session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(expires_at=expires))
+    session.commit()
+    request = packets_service.OpenRequest(packet["id"], caller(token, app, OWNER, "professional"))
+    with database.transaction() as batch:
+        [outcome] = packets_service.open_packets(
+            session=batch, requests=[request], deadline=deadline
+        )
+    assert isinstance(outcome, packets_service.PacketGone), outcome
+
+
+def test_an_app_served_again_after_shutting_down_still_opens_packets(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path
+) -> None:
+    """Shutting the app down ends its opens' batch thread; serving it again (a test, an embedding
+    server) must start a new one, not fail every open with 500."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    settings = Settings(env="test", home=home, database_url=db_url)
+    database = Database(settings)
+    app = create_app(settings, database=database)
+    owner = bearer(token(OWNER, "professional"))
+    statuses = []
+    try:
+        for _ in range(2):
+            with TestClient(app, raise_server_exceptions=False) as served:
+                statuses.append(
+                    served.get(f"/v1/packets/{packet['id']}/clients", headers=owner).status_code
+                )
+    finally:
+        database.dispose()
+    assert statuses == [200, 200]
+
+
 def test_opens_logged_together_each_get_their_own_outcome_and_entry(
     app: Any, client: TestClient, token: TokenFactory, database: Database, session: Session
 ) -> None:
