@@ -1264,11 +1264,16 @@ def expire(
                 )
             if not still_due:
                 break
-        if not shredded:
-            # Nothing shredded now, but an earlier run's purge may have been held up: this run is
-            # the "run it again" that run asked for (another process cannot know it is pending).
+        # A purge an earlier run left pending (a reader held it up) is finished now: this run is
+        # the "run it again" that run asked for. Only a file says so across processes.
+        marker = settings.home / PURGE_PENDING_FILE
+        if not shredded and marker.exists():
             database.purge_replaced_rows()
         purge_pending = database.purge_pending
+        if purge_pending:
+            marker.touch(mode=0o600)
+        elif shredded or marker.exists():
+            marker.unlink(missing_ok=True)
     console.print(f"crypto-shredded {shredded} packets", highlight=False)
     if still_due:
         console.print(
@@ -1289,6 +1294,9 @@ def expire(
 
 EXPIRE_ATTEMPTS = 5
 EXPIRE_RETRY_SECONDS = 1.0
+# In CASEPACKETS_HOME while a purge `casepackets expire` could not finish is pending (its next
+# run, even with nothing to shred, tries it again).
+PURGE_PENDING_FILE = "purge-pending"
 
 
 def main() -> None:
