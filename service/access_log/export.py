@@ -123,6 +123,13 @@ def _refuse_unless_replaceable(target: Path, *, shown_as: Path) -> None:
         return
     if not target.is_dir():
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(shown_as))
+    if os.path.ismount(target):
+        # Replaced by renames on its parent's file system, which a mount point cannot take part in.
+        raise OSError(
+            errno.EBUSY,
+            "it is a mount point, so it cannot be replaced; export into a folder inside it",
+            str(shown_as),
+        )
     with os.scandir(target) as entries:
         for entry in entries:
             if entry.name not in EXPORT_FILES or not entry.is_file(follow_symlinks=False):

@@ -149,3 +149,24 @@ def test_a_folder_holding_other_files_is_refused_before_signing(
         export_log(database=database, signer=signer, origin=ORIGIN, folder=folder)
     assert refused.value.filename == str(folder / "notes.txt")
     assert contents(folder) == {"notes.txt": b"mine", CHECKPOINT_FILE: b"not an export's"}
+
+
+def test_a_mount_point_is_refused_before_signing(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An export replaces its folder by renames on the parent's file system; a mounted volume
+    (a USB stick at --out) cannot be renamed (EBUSY), so it is refused before a checkpoint is
+    signed, saying to export into a folder inside it."""
+    folder = tmp_path / "stick"
+    folder.mkdir()
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(
+        os.path, "ismount", lambda path: Path(path) == folder.resolve() or real_ismount(path)
+    )
+
+    def signer() -> NoteSigner:
+        raise AssertionError("a checkpoint was to be signed for a folder that is refused")
+
+    with pytest.raises(OSError, match="mount point") as refused:
+        export_log(database=database, signer=signer, origin=ORIGIN, folder=folder)
+    assert refused.value.filename == str(folder)
