@@ -597,11 +597,16 @@ class Database:
                     # leave the old frames: with the usual busy timeout every write (an open's
                     # log entry too) would wait behind a long reader for the whole bound. It
                     # waits a moment instead, and the purge stays pending if that was too short.
+                    usual = _busy_timeout_of(driver)
+                    # Recorded first: should the restore below fail, the next transaction's
+                    # BEGIN sees the difference and sets its own timeout again.
+                    setattr(driver, "busy_timeout_ms", PURGE_CHECKPOINT_WAIT_MS)  # noqa: B010
                     driver.execute(f"PRAGMA busy_timeout={PURGE_CHECKPOINT_WAIT_MS}")
                     busy, _, _ = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 finally:
                     with contextlib.suppress(sqlite3.Error):
-                        driver.execute(f"PRAGMA busy_timeout={int(_busy_timeout_of(driver))}")
+                        driver.execute(f"PRAGMA busy_timeout={usual}")
+                        setattr(driver, "busy_timeout_ms", usual)  # noqa: B010
                     raw.close()
                 if busy:
                     logger.warning(
