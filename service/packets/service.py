@@ -1184,8 +1184,11 @@ def _why_not_in_use(
 
 
 def _in_use(session: Session, *, packet: _PacketRow, caller: Caller, action: str) -> None:
-    """Refuse (logged, 410) a packet that is closed, expired or crypto-shredded."""
-    why = _why_not_in_use(packet, utcnow())
+    """Refuse (logged, 410) a packet that is closed, expired or crypto-shredded, or that will
+    have expired by the time this action's entry may be stamped (the log lock's bound from now,
+    as for an open)."""
+    bound = session.connection().get_execution_options().get(LOG_LOCK_TIMEOUT_OPTION, 0.0)
+    why = _why_not_in_use(packet, utcnow(), ahead=timedelta(seconds=bound))
     if why is None:
         return
     _deny(

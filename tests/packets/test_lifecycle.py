@@ -312,6 +312,31 @@ def test_expired_packets_are_refused_and_the_expire_command_shreds_them(
     assert shreds[0]["reason"].startswith("expired")
 
 
+def test_a_followup_within_the_log_bound_of_expiry_is_refused_as_expired(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    """As for an open: the follow-up's entry is stamped once it has the log's lock, up to the
+    bound (2 s) later, and no entry may show the packet still in use after it expired."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    session.execute(
+        update(PACKETS)
+        .where(PACKETS.c.id == packet["id"])
+        .values(expires_at=utcnow() + timedelta(seconds=1))
+    )
+    session.commit()
+    pseudonym = packet["pseudonyms"][0]
+    refused = client.post(
+        f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups",
+        json={"kind": "contact", "date": DAY_B, "outcome_code": "reached"},
+        headers=bearer(token(OWNER, "professional")),
+    )
+    assert refused.status_code == 410, refused.text
+    assert "expired" in refused.json()["detail"]
+    [entry] = log_entries(session, "followup.create")
+    assert (entry["outcome"], entry["reason"]) == ("denied", "packet is expired")
+
+
 def test_expire_reports_a_due_packet_it_could_not_take_and_exits_1(
     client: TestClient,
     token: TokenFactory,
