@@ -229,11 +229,7 @@ def make_engine(
         # so statement_timeout bounds the statement's whole wait.
         wait = connection.get_execution_options().get(LOG_LOCK_TIMEOUT_OPTION, lock_timeout_seconds)
         if wait < lock_timeout_seconds:
-            connection.exec_driver_sql(
-                "SELECT set_config('lock_timeout', %(wait)s, true), "
-                "set_config('statement_timeout', %(wait)s, true)",
-                {"wait": f"{lock_timeout_ms(wait)}ms"},
-            )
+            limit_lock_waits(connection, wait)
 
     return engine
 

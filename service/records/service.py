@@ -875,23 +875,23 @@ INGEST_ERASURE_LOCK_KEY = 0x63702D696E677374
 ERASED_DIGEST = "erased"
 
 
-def lock_against_erasure(connection: Connection, *, shared: bool) -> None:
+def _hold_advisory_lock(connection: Connection, key: int, *, shared: bool = False) -> None:
+    """Hold advisory lock ``key`` until the transaction ends, waiting for its holder
+    (PostgreSQL). SQLite needs nothing here: every transaction begins ``BEGIN IMMEDIATE`` and
+    holds the database's single write lock from its first statement (see ``service.db``)."""
     if connection.dialect.name == "postgresql":
         function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-        connection.exec_driver_sql(f"SELECT {function}(%(key)s)", {"key": INGEST_ERASURE_LOCK_KEY})
+        connection.exec_driver_sql(f"SELECT {function}(%(key)s)", {"key": key})
+
+
+def lock_against_erasure(connection: Connection, *, shared: bool) -> None:
+    """The ingest/erasure lock: shared for ingests and pushes, exclusive for an erasure."""
+    _hold_advisory_lock(connection, INGEST_ERASURE_LOCK_KEY, shared=shared)
 
 
 def lock_subject_keys(session: Session) -> None:
-    """Hold the subject-keys lock until the transaction ends, waiting for its holder (PostgreSQL).
-
-    SQLite needs nothing here: every transaction begins ``BEGIN IMMEDIATE`` and holds the
-    database's single write lock from its first statement (see ``service.db``).
-    """
-    connection = session.connection()
-    if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql(
-            "SELECT pg_advisory_xact_lock(%(key)s)", {"key": SUBJECT_KEYS_LOCK_KEY}
-        )
+    """Hold the subject-keys lock until the transaction ends (partitioning, erasure)."""
+    _hold_advisory_lock(session.connection(), SUBJECT_KEYS_LOCK_KEY)
 
 
 def register_erasure_hook(hook: ErasureHook) -> None:
