@@ -894,15 +894,11 @@ def retire_logged(
     """Log the retirement of ``purpose`` v``version`` in ``session``, or refuse it (exit 1): the
     current version or one that does not exist (said first: a rewrap cannot change that), while
     rows depend on it, or when the keyring would refuse it (a rotation too recent)."""
-    found = {info.version: info for info in keyring.versions(purpose)}.get(version)
-    if found is None or found.retired_at or found.current:
-        why = (
-            f"{purpose} v{version} is current; rotate before retiring it"
-            if found is not None and found.current
-            else f"no active {purpose} key version {version}"
-        )
-        console.print(f"[red]refused:[/red] {why}", highlight=False)
-        raise typer.Exit(1)
+    try:
+        keyring.check_old_version(purpose, version)
+    except KeyringError as exc:
+        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     try:
         dependents = count_key_dependents(session=session, purpose=purpose, version=version)
     except ServiceError as exc:

@@ -342,14 +342,14 @@ class TokenVerifier:
     def _memory_key(self, token: str) -> bytes:
         """Where a verified token is remembered: the SHA-256 of its one spelling (for ES256, the
         spelling with the smaller of s and n - s, so a token and its twin share one place)."""
-        compact = _compact_bytes(token)
+        raw = _signature_bytes(token)
+        compact = token.encode("ascii")
         if self.algorithm == "ES256":
-            signed, _, signature = token.rpartition(".")
-            raw = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
             s = int.from_bytes(raw[32:], "big")
             # (an s of n or more is no signature at all: the verifier refuses it as it stands)
             if len(raw) == 64 and P256_ORDER // 2 < s < P256_ORDER:
                 low = raw[:32] + (P256_ORDER - s).to_bytes(32, "big")
+                signed = token[: token.rindex(".")]
                 compact = f"{signed}.{base64.urlsafe_b64encode(low).rstrip(b'=').decode()}".encode()
         return hashlib.sha256(compact).digest()
 
@@ -445,11 +445,12 @@ SUBJECT_REASON = (
 )
 
 
-def _compact_bytes(token: str) -> bytes:
-    """The token's bytes if it is a JWS in compact form whose signature segment is the one
-    encoding of its bytes (a decoder that ignores padding, stray characters or the unused bits
-    of the last character would take many spellings of one signature); else ``InvalidToken``.
-    The header and payload need no such check: the signature covers their exact text."""
+def _signature_bytes(token: str) -> bytes:
+    """The token's signature, if the token is a JWS in compact form whose signature segment is
+    the one encoding of those bytes (a decoder that ignores padding, stray characters or the
+    unused bits of the last character would take many spellings of one signature); else
+    ``InvalidToken``. The header and payload need no such check: the signature covers their
+    exact text."""
     if len(token) > MAX_TOKEN_BYTES:
         raise InvalidToken(f"token is larger than {MAX_TOKEN_BYTES} bytes")
     if COMPACT_JWS.fullmatch(token) is None:
@@ -461,7 +462,7 @@ def _compact_bytes(token: str) -> bytes:
         raise InvalidToken("token is not a well-formed JWS") from None
     if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode("ascii") != signature:
         raise InvalidToken("token is not a well-formed JWS")
-    return token.encode("ascii")
+    return decoded
 
 
 def _seconds(value: object) -> bool:

@@ -412,17 +412,23 @@ class LockedKeyring(Keyring):
             self._save(before)
             raise
 
-    def check_retirable(self, purpose: Purpose, version: int) -> None:
-        """Raise what ``retire`` would refuse with (a caller logs the retirement only when it
-        will happen). The caller checks that nothing depends on the version."""
-        purpose = check_purpose(purpose)
-        self._require_lock()
-        entry = self._document["purposes"][purpose]
+    def check_old_version(self, purpose: Purpose, version: int) -> None:
+        """Raise unless ``version`` is an old, active version: the current one, or one that
+        does not exist or is retired already, can never be retired."""
+        entry = self._document["purposes"][check_purpose(purpose)]
         if int(entry["current"]) == version:
             raise KeyringError(f"{purpose} v{version} is current; rotate before retiring it")
         found = entry["versions"].get(str(version))
         if found is None or found.get("retired_at"):
             raise UnknownKey(f"no active {purpose} key version {version}")
+
+    def check_retirable(self, purpose: Purpose, version: int) -> None:
+        """Raise what ``retire`` would refuse with (a caller logs the retirement only when it
+        will happen). The caller checks that nothing depends on the version."""
+        purpose = check_purpose(purpose)
+        self._require_lock()
+        self.check_old_version(purpose, version)
+        entry = self._document["purposes"][purpose]
         age = _age_seconds(entry["versions"][str(entry["current"])].get("created_at"))
         if age < ROTATION_SETTLE_SECONDS:
             raise KeyringError(

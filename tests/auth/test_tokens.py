@@ -78,6 +78,17 @@ def es256_issuer() -> DevIssuer:
     )
 
 
+def es256_verifier(issuer: DevIssuer) -> TokenVerifier:
+    """A verifier of ES256 tokens that trusts ``issuer``'s key alone."""
+    return TokenVerifier(
+        algorithm="ES256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim="roles",
+        keys=KeySet([issuer.public_jwk]),
+    )
+
+
 def count_full_checks(verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The tokens ``verifier`` checks from scratch (not from memory), in order, from now on."""
     full_checks: list[str] = []
@@ -325,13 +336,7 @@ def test_a_signature_spelled_another_way_is_refused_and_never_remembered(
     character would accept many strings for one token, each a separate place in the cache (and
     each pushing a real caller's token out of it)."""
     issuer = es256_issuer()
-    verifier = TokenVerifier(
-        algorithm="ES256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        roles_claim="roles",
-        keys=KeySet([issuer.public_jwk]),
-    )
+    verifier = es256_verifier(issuer)
     token = issuer.mint(subject="prof-001", roles=["professional"])
     signed, signature = token.rsplit(".", 1)
     # 64 signature bytes take 86 characters, whose last carries 4 unused bits.
@@ -362,13 +367,7 @@ def test_an_es256_token_and_its_twin_with_s_replaced_by_n_minus_s_share_one_plac
 ) -> None:
     """ECDSA accepts (r, s) and (r, n - s) alike; both spellings must not take two places."""
     issuer = es256_issuer()
-    verifier = TokenVerifier(
-        algorithm="ES256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        roles_claim="roles",
-        keys=KeySet([issuer.public_jwk]),
-    )
+    verifier = es256_verifier(issuer)
     token = issuer.mint(subject="prof-001", roles=["professional"])
     signed, signature = token.rsplit(".", 1)
     raw = base64.urlsafe_b64decode(signature + "==")
@@ -380,13 +379,7 @@ def test_an_es256_token_and_its_twin_with_s_replaced_by_n_minus_s_share_one_plac
     assert verifier.verify(twin).subject == "prof-001"
     assert full_checks == []
     assert len(verifier._remembered) == 1
-    fresh = TokenVerifier(
-        algorithm="ES256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        roles_claim="roles",
-        keys=KeySet([issuer.public_jwk]),
-    )
+    fresh = es256_verifier(issuer)
     assert fresh.verify(twin).subject == "prof-001"  # the twin itself is a valid token
     assert fresh.verify(token).subject == "prof-001"
     assert len(fresh._remembered) == 1
@@ -397,13 +390,7 @@ def test_an_es256_signature_whose_s_is_not_below_n_is_refused_not_a_500(
 ) -> None:
     """No valid signature has s >= n; working out its twin (n - s) must not fail on it."""
     issuer = es256_issuer()
-    verifier = TokenVerifier(
-        algorithm="ES256",
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        roles_claim="roles",
-        keys=KeySet([issuer.public_jwk]),
-    )
+    verifier = es256_verifier(issuer)
     signed = issuer.mint(subject="prof-001", roles=["professional"]).rsplit(".", 1)[0]
     raw = base64.urlsafe_b64decode(issuer.mint(subject="x", roles=[]).rsplit(".", 1)[1] + "==")
     for s in (P256_ORDER, 2**256 - 1):
