@@ -266,11 +266,11 @@ register_wrapped_key_column(
 def open_loads(
     *, session: Session, professional_ids: Sequence[str] | None = None
 ) -> dict[str, int]:
-    """Clients in open packets, per professional."""
+    """Clients in open packets not yet past their expiry, per professional."""
     query = (
         select(_packets.c.professional_id, func.count())
         .select_from(_members.join(_packets, _packets.c.id == _members.c.packet_id))
-        .where(_packets.c.status.in_(OPEN_STATUSES))
+        .where(_packets.c.status.in_(OPEN_STATUSES), _packets.c.expires_at > utcnow())
         .group_by(_packets.c.professional_id)
     )
     if professional_ids is not None:
@@ -491,7 +491,9 @@ def _candidates(session: Session, run_id: str) -> list[_Candidate]:
 def _member_history(
     session: Session, run_id: str, subject_ids: set[int]
 ) -> tuple[set[int], dict[int, str]]:
-    """Subjects in an open packet now, and the professional of each subject's latest packet."""
+    """Subjects in an open packet now (not past its expiry), and the professional of each
+    subject's latest packet."""
+    now = utcnow()
     in_open: set[int] = set()
     latest: dict[int, tuple[datetime, str]] = {}
     candidates = select(_flags.c.subject_id).where(
@@ -502,15 +504,16 @@ def _member_history(
             _members.c.subject_id,
             _packets.c.professional_id,
             _packets.c.status,
+            _packets.c.expires_at,
             _packets.c.created_at,
         )
         .select_from(_members.join(_packets, _packets.c.id == _members.c.packet_id))
         .where(_members.c.subject_id.in_(candidates))
     )
-    for subject_id, professional_id, status, created_at in rows:
+    for subject_id, professional_id, status, expires_at, created_at in rows:
         if subject_id not in subject_ids:
             continue
-        if status in OPEN_STATUSES:
+        if shown_status(status, expires_at, now) in OPEN_STATUSES:
             in_open.add(subject_id)
         known = latest.get(subject_id)
         if known is None or (created_at, professional_id) > known:
@@ -538,13 +541,32 @@ def _team(session: Session) -> list[partitioning.Professional]:
     ]
 
 
+def shown_status(status: str, expires_at: datetime, now: datetime) -> str:
+    """The status a reader sees: a packet past its expiry is ``expired`` at once, although the
+    shredder (every few minutes) has yet to delete its key and store the status."""
+    return "expired" if status in OPEN_STATUSES and as_utc(expires_at) <= now else status
+
+
+def _past_expiry(now: datetime) -> Any:
+    return and_(_packets.c.status.in_(OPEN_STATUSES), _packets.c.expires_at <= now)
+
+
+def _shown_as(status: str, now: datetime) -> Any:
+    """Packets whose shown status (:func:`shown_status`) is ``status``."""
+    if status == "expired":
+        return or_(_packets.c.status == "expired", _past_expiry(now))
+    if status in OPEN_STATUSES:
+        return and_(_packets.c.status == status, _packets.c.expires_at > now)
+    return _packets.c.status == status
+
+
 def _packet_public(row: Any, member_count: int) -> PacketPublic:
     return PacketPublic(
         id=row.id,
         run_id=row.run_id,
         professional_id=row.professional_id,
         district=row.district,
-        status=row.status,
+        status=shown_status(row.status, row.expires_at, utcnow()),
         member_count=member_count,
         created_at=row.created_at,
         expires_at=row.expires_at,
@@ -757,7 +779,7 @@ def list_packets(
     if professional_id is not None:
         query = query.where(_packets.c.professional_id == professional_id)
     if status is not None:
-        query = query.where(_packets.c.status == status)
+        query = query.where(_shown_as(status, utcnow()))
     rows = session.execute(query.limit(limit + 1)).all()
     page = rows[:limit]
     counts = _member_counts(session, [row.id for row in page])
@@ -2011,7 +2033,7 @@ def _due_condition(*, retention: RetentionPolicy, now: datetime) -> Any:
     return and_(
         _packets.c.shredded_at.is_(None),
         or_(
-            and_(_packets.c.status.in_(OPEN_STATUSES), _packets.c.expires_at <= now),
+            _past_expiry(now),
             and_(
                 _packets.c.status == "closed",
                 or_(_packets.c.closed_at <= grace_cutoff, _packets.c.expires_at <= now),

@@ -312,6 +312,46 @@ def test_expired_packets_are_refused_and_the_expire_command_shreds_them(
     assert shreds[0]["reason"].startswith("expired")
 
 
+def test_a_packet_past_its_expiry_reads_as_expired_before_the_shredder_runs(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    """The shredder runs every few minutes; until then the row still says ``assigned``, but no
+    reader may be told the packet is in use, nor its clients counted against the owner."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    session.execute(
+        update(PACKETS)
+        .where(PACKETS.c.id == packet["id"])
+        .values(expires_at=utcnow() - timedelta(seconds=1))
+    )
+    session.commit()
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    owner = bearer(token(OWNER, "professional"))
+
+    def listed(headers: dict[str, str], **query: str) -> list[str]:
+        page = client.get("/v1/packets", params=query, headers=headers)
+        assert page.status_code == 200, page.text
+        return [p["id"] for p in page.json()["items"]]
+
+    for headers in (coordinator, owner):
+        shown = {
+            p["id"]: p["status"] for p in client.get("/v1/packets", headers=headers).json()["items"]
+        }
+        assert shown[packet["id"]] == "expired"
+        assert packet["id"] in listed(headers, status="expired")
+        assert packet["id"] not in listed(headers, status="assigned")
+    detail = client.get(f"/v1/packets/{packet['id']}", headers=coordinator)
+    assert detail.json()["status"] == "expired"
+    loads = {
+        p["id"]: p["open_load"]
+        for p in client.get("/v1/professionals", headers=coordinator).json()["items"]
+    }
+    assert loads[OWNER] == 0
+    assert loads[OTHER] == len(world.packet(OTHER, "Feijenoord")["pseudonyms"])
+    # the stored status is the shredder's to change
+    assert packet_state(session, packet["id"])["status"] == "assigned"
+
+
 def test_a_followup_within_the_log_bound_of_expiry_is_refused_as_expired(
     client: TestClient, token: TokenFactory, session: Session
 ) -> None:
