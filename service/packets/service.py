@@ -95,6 +95,7 @@ from service.packets.models import (
     PacketMemberFlag,
     PacketMemberPublic,
     PacketPublic,
+    PacketStatus,
     PartitionPublic,
     Professional,
     ProfessionalCreate,
@@ -541,7 +542,7 @@ def _team(session: Session) -> list[partitioning.Professional]:
     ]
 
 
-def shown_status(status: str, expires_at: datetime, now: datetime) -> str:
+def shown_status(status: PacketStatus, expires_at: datetime, now: datetime) -> PacketStatus:
     """The status a reader sees: a packet past its expiry is ``expired`` at once, although the
     shredder (every few minutes) has yet to delete its key and store the status."""
     return "expired" if status in OPEN_STATUSES and as_utc(expires_at) <= now else status
