@@ -30,7 +30,13 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 
 import service.packets.service  # noqa: F401  (registers packets.wrapped_key for `keys`)
-from service.access_log.service import LogEntry, append
+from service.access_log.service import (
+    LogEntry,
+    append,
+    hold_lock,
+    logged_current_key,
+    rotation_committed,
+)
 from service.auth.permissions import Role
 from service.auth.tokens import DevIssuer
 from service.config import Settings, UnsafeSettings, get_settings
@@ -451,11 +457,12 @@ def audit_export(
         console.print(f"[red]cannot sign a checkpoint:[/red] {exc}")
         raise typer.Exit(2) from None
 
-    def signer() -> NoteSigner:
+    def signer(session: Session) -> NoteSigner:
         # Read again under the log's lock: the keyring as a rotation committed a moment ago
-        # left it.
+        # left it, and its staged version if the log holds that rotation.
         keyring = Keyring.load(settings.resolved_keyring_path)
-        return NoteSigner.from_keyring(keyring, name=settings.checkpoint_origin)
+        key = logged_current_key(session=session, keyring=keyring, purpose="log_signing")
+        return NoteSigner(name=settings.checkpoint_origin, seed=key.material)
 
     try:
         out.mkdir(parents=True, exist_ok=True)  # before a checkpoint is signed for it
@@ -681,8 +688,9 @@ def keyring_edit_or_exit(settings: Settings) -> Iterator[LockedKeyring]:
 
 def log_system_action(
     session: Session, *, command: str, action: str, object_id: str, reason: str
-) -> None:
-    append(
+) -> int:
+    """Append a key command's entry; returns its leaf index."""
+    return append(
         session=session,
         entry=LogEntry(
             actor=f"system:{command}",
@@ -726,7 +734,15 @@ def keys_list() -> None:
     table = Table("purpose", "version", "created", "state")
     for purpose in PURPOSES:
         for info in keyring.versions(purpose):
-            state = "retired" if info.retired_at else ("current" if info.current else OLD[purpose])
+            state = (
+                "retired"
+                if info.retired_at
+                else "current"
+                if info.current
+                else "staged (the next key command settles it)"
+                if info.staged
+                else OLD[purpose]
+            )
             table.add_row(purpose, str(info.version), info.created_at, state)
     Console().print(table)
 
@@ -739,23 +755,26 @@ def keys_rotate(
     settings = settings_or_exit()
     checked = check_purpose_or_exit(purpose)
     with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
+        settle_staged(database, keyring)
         version = keyring.next_version(checked)
         material = new_key_material()
-        # The pseudonym and log signing keys are written while the rotation holds the log's
+        # The pseudonym and log signing keys are staged while the rotation holds the log's
         # lock, before it commits (and written back as they were if the commit fails): whoever
         # uses them under that lock (an ingest checks the pseudonym key there, a checkpoint is
-        # signed there) rereads the keyring then, so none can still use the old version once
-        # the rotation is committed. Nothing made under them before the commit can outlive a
-        # failed one: an ingest under the new pseudonym key is refused by that check, and no
-        # checkpoint is signed without the lock. The vault and packet keys are written only
-        # after the commit: a worker could wrap a DEK under a new version the moment the file
-        # has it, and no such wrap must exist under a key that the log does not name.
+        # signed there) rereads the keyring then and asks the log whether the staged version's
+        # rotation has committed, so none can still use the old version once it has, and none
+        # uses the new one unless it has, even if this command is killed before it promotes
+        # the version or before it commits. The vault and packet keys are written only after
+        # the commit: a worker could wrap a DEK under a new version the moment the file has it,
+        # and no such wrap must exist under a key that the log does not name.
         written_under_the_lock = checked in ("pseudonym", "log_signing")
         with database.transaction() as session:
             if checked == "log_signing":
-                hand_over_signing(session, settings=settings, keyring=keyring, material=material)
+                leaf_index = hand_over_signing(
+                    session, settings=settings, keyring=keyring, material=material
+                )
             else:
-                log_system_action(
+                leaf_index = log_system_action(
                     session,
                     command="keys",
                     action="keys.rotate",
@@ -763,13 +782,25 @@ def keys_rotate(
                     reason="new current version",
                 )
             if written_under_the_lock:
-                with keyring.rotation(checked, material=material) as new:
+                with keyring.staging(checked, material=material, leaf_index=leaf_index):
                     session.commit()
-        if not written_under_the_lock:
-            try:
-                new = keyring.rotate(checked, material=material)
-            except KeyringError as exc:
+        try:
+            new = (
+                keyring.promote(checked)
+                if written_under_the_lock
+                else keyring.rotate(checked, material=material)
+            )
+        except KeyringError as exc:
+            if not written_under_the_lock:
                 unwritten_keyring_exit(exc, logged=f"the rotation to {checked} v{version}")
+            # Staged, and the log holds its rotation: workers use it already.
+            console.print(
+                f"[yellow]{checked} v{version} is in use but still marked staged:[/yellow] "
+                f"{exc}. The next key command marks it current",
+                highlight=False,
+                soft_wrap=True,
+            )
+            new = keyring.get(checked, version)
     console.print(f"{checked} key is now at version {new.version}")
     if checked in ("vault", "packet"):
         console.print("older versions still decrypt; run `casepackets keys rewrap` to move")
@@ -782,17 +813,49 @@ def keys_rotate(
         console.print("so auditors who trust the old key can follow (`audit verify --handovers`)")
 
 
+def settle_staged(database: Database, keyring: LockedKeyring) -> None:
+    """Finish what a rotation killed between staging its version and promoting it left behind:
+    the version becomes current when the log holds its rotation entry, and is discarded (its
+    material destroyed; nothing used it) when that never committed. Asked under the log's lock,
+    which the killed rotation's transaction held until it ended, so the answer is final."""
+    for purpose in PURPOSES:
+        if (staged := keyring.staged(purpose)) is None:
+            continue
+        with database.transaction() as session:
+            hold_lock(session)
+            committed = rotation_committed(session=session, staged=staged)
+        name = f"{purpose} v{staged.version}"
+        try:
+            if committed:
+                keyring.promote(purpose)
+                console.print(f"{name}: its rotation was logged, so it is now current")
+            else:
+                keyring.discard(purpose)
+                console.print(
+                    f"{name}: its rotation never reached the log, so it was discarded unused"
+                )
+        except KeyringError as exc:
+            console.print(
+                f"[red]keyring not written:[/red] {exc}. {name} stays staged; fix the keyring "
+                "file and run the command again",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
+
+
 def hand_over_signing(
     session: Session, *, settings: Settings, keyring: LockedKeyring, material: bytes
-) -> None:
+) -> int:
     """Log the log signing key's handover to ``material``'s key: the rotation entry names the
     new key, and a checkpoint ending with it is signed by the old key and cosigned by the new
-    one. The caller puts ``material`` in the keyring, then commits."""
+    one. Returns the entry's leaf index; the caller stages ``material`` in the keyring, then
+    commits."""
     from service.access_log.handover import hand_over
     from service.crypto.signing import NoteSigner
 
     origin = settings.checkpoint_origin
-    hand_over(
+    return hand_over(
         session=session,
         old=NoteSigner.from_keyring(keyring, name=origin),
         new=NoteSigner(name=origin, seed=material),
@@ -866,6 +929,7 @@ def keys_retire(
     settings = settings_or_exit()
     checked = check_purpose_or_exit(purpose)
     with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
+        settle_staged(database, keyring)
         with database.transaction() as session:
             retire_logged(session, keyring=keyring, purpose=checked, version=version)
         # Committed first: the material is destroyed only once the log says so.

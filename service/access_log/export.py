@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from sqlmodel import Session
+
 from service.access_log import service
 from service.access_log.checkpoint import parse_checkpoint
 from service.access_log.handover import handover_line, handover_notes
@@ -51,7 +53,7 @@ class Exported:
 def export_log(
     *,
     database: Database,
-    signer: Callable[[], NoteSigner],
+    signer: Callable[[Session], NoteSigner],
     origin: str,
     folder: Path,
     on_start: Callable[[int], None] = lambda _total: None,
@@ -70,7 +72,7 @@ def export_log(
     _refuse_unless_replaceable(target, shown_as=folder)
     with database.transaction() as session:
         service.hold_lock(session)
-        current = signer()
+        current = signer(session)
         note = service.signed_checkpoint(session=session, signer=current, origin=origin)
     size = parse_checkpoint(open_note(note, current.verifier)).size
     target.parent.mkdir(parents=True, exist_ok=True)

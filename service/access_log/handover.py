@@ -39,10 +39,10 @@ ROTATION_PREFIX = b"{" + _MARKERS[0] + b","
 
 def hand_over(
     *, session: Session, old: NoteSigner, new: NoteSigner, origin: str, version: int, actor: str
-) -> str:
+) -> int:
     """Log that ``new`` signs checkpoints from now on and store the handover checkpoint
-    (signed by ``old``, cosigned by ``new``); returns its note."""
-    append(
+    (signed by ``old``, cosigned by ``new``); returns the rotation entry's leaf index."""
+    leaf_index = append(
         session=session,
         entry=LogEntry(
             actor=actor,
@@ -53,7 +53,8 @@ def hand_over(
             reason=f"{HANDOVER_REASON}{new.verifier}",
         ),
     )
-    return signed_checkpoint(session=session, signer=old, origin=origin, cosigner=new)
+    signed_checkpoint(session=session, signer=old, origin=origin, cosigner=new)
+    return leaf_index
 
 
 def handover_notes(*, session: Session, up_to: int) -> dict[int, str]:

@@ -79,13 +79,19 @@ ERRORS = problem_responses(400, 503)
 NDJSON = "application/x-ndjson"
 
 
-def current_signer(state: State) -> NoteSigner | None:
-    """The checkpoint signer under the keyring's current ``log_signing`` version, built again
-    when that version changes (a rotation by ``casepackets keys rotate`` needs no restart).
-    Without a keyring, the signer the app was given, if any."""
+def current_signer(state: State, session: Session | None = None) -> NoteSigner | None:
+    """The checkpoint signer under the ``log_signing`` version in use, built again when that
+    version changes (a rotation by ``casepackets keys rotate`` needs no restart). With a
+    ``session``, a staged version counts once the log holds its rotation
+    (``service.logged_current_key``); without one, the keyring's current version. Without a
+    keyring, the signer the app was given, if any."""
     keyring: KeyProvider | None = getattr(state, "keyring", None)
     if keyring is not None:
-        current = keyring.current("log_signing")
+        current = (
+            keyring.current("log_signing")
+            if session is None
+            else service.logged_current_key(session=session, keyring=keyring, purpose="log_signing")
+        )
         if getattr(state, "log_signer_version", None) != current.version:
             state.log_signer = NoteSigner(
                 name=state.settings.checkpoint_origin, seed=current.material
@@ -95,8 +101,8 @@ def current_signer(state: State) -> NoteSigner | None:
     return signer
 
 
-def get_signer(request: Request) -> NoteSigner:
-    signer = current_signer(request.app.state)
+def get_signer(request: Request, session: SessionDep) -> NoteSigner:
+    signer = current_signer(request.app.state, session)
     if signer is None:
         raise Unavailable("the log signing key is not loaded")
     return signer
@@ -164,7 +170,7 @@ def checkpoint(request: Request, session: SessionDep, caller: Auditor) -> PlainT
         keyring.refresh()
     settings: Settings = request.app.state.settings
     note = service.signed_checkpoint(
-        session=session, signer=get_signer(request), origin=settings.checkpoint_origin
+        session=session, signer=get_signer(request, session), origin=settings.checkpoint_origin
     )
     return PlainTextResponse(note)
 
@@ -257,7 +263,8 @@ def _readiness(app: FastAPI) -> Callable[[], str]:
         database: Database = app.state.database
         try:
             with database.reading() as session:
-                return service.check_readiness(session=session, signer=current_signer(app.state))
+                signer = current_signer(app.state, session)
+                return service.check_readiness(session=session, signer=signer)
         except Exception as exc:
             return f"access log unreachable ({type(exc).__name__})"
 

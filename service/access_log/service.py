@@ -38,7 +38,14 @@ from service.access_log.checkpoint import (
 )
 from service.access_log.models import AccessLogCheckpoint, AccessLogEntry, AccessLogSubtree
 from service.auth.dependencies import Caller
-from service.crypto.signing import SIGNATURE_PREFIX, NoteError, NoteSigner, open_note
+from service.crypto.keyring import Key, KeyProvider, Purpose, Staged
+from service.crypto.signing import (
+    SIGNATURE_PREFIX,
+    NoteError,
+    NoteSigner,
+    last_signer_key_id,
+    open_note,
+)
 from service.db import LOG_LOCK_TIMEOUT_OPTION, lock_timeout_ms
 from service.errors import BadRequest, ServiceError
 
@@ -69,6 +76,15 @@ class LogCorrupted(ServiceError):
 
     status = 500
     title = "Access log integrity failure"
+
+
+class SignerOutdated(ServiceError):
+    """The signing key this process holds is not the one the log hands signing to (its keyring
+    is out of date or cannot be read): refuse to sign rather than sign a checkpoint no auditor
+    following the handovers can verify."""
+
+    status = 503
+    title = "Log signing key out of date"
 
 
 class OriginChanged(ServiceError):
@@ -336,6 +352,37 @@ def append(*, session: Session, entry: LogEntry) -> int:
     return append_many(session=session, entries=(entry,))[0]
 
 
+def rotation_committed(*, session: Session, staged: Staged) -> bool:
+    """Whether the log holds the rotation entry that makes ``staged`` current: the entry at its
+    leaf index is a ``keys.rotate`` naming that very version (one primary-key read). Another
+    entry there, or none, means the rotation never committed."""
+    data = session.execute(
+        select(_entries.c.entry).where(_entries.c.leaf_index == staged.leaf_index)
+    ).scalar()
+    if data is None:
+        return False
+    try:
+        entry = json.loads(bytes(data))
+    except ValueError:
+        return False
+    return (
+        isinstance(entry, dict)
+        and entry.get("action") == "keys.rotate"
+        and entry.get("object_id") == staged.object_id
+    )
+
+
+def logged_current_key(*, session: Session, keyring: KeyProvider, purpose: Purpose) -> Key:
+    """The version of ``purpose`` in use: the keyring's current one, or its staged one once the
+    rotation entry that names it has committed (the rotation promotes it just after; if it was
+    killed first, this is how every worker still moves on together). Under the log's lock the
+    answer cannot change until the lock is released."""
+    staged = keyring.staged(purpose)
+    if staged is not None and rotation_committed(session=session, staged=staged):
+        return keyring.get(purpose, staged.version)
+    return keyring.current(purpose)
+
+
 def root(*, session: Session, size: int) -> bytes:
     return merkle.tree_root(size, _lookup(session))
 
@@ -454,23 +501,41 @@ def _check_origin(latest: StoredCheckpoint | None, origin: str) -> None:
         )
 
 
-def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSigner) -> bool:
-    """The stored checkpoint is one we signed and the tree still has its root at its size;
-    True when ``signer`` (the current key) signed it, False when an earlier key version did."""
+def _check_signer(latest: StoredCheckpoint, signer: NoteSigner) -> None:
+    """``signer`` is the key that signs after ``latest``: the one that signed it last (its only
+    signer, or the new key that cosigned a handover). Any other key is one this process should
+    no longer hold (a keyring it cannot read since a rotation, a copy restored from before one),
+    or one a rotation killed before it committed left current."""
     try:
-        body = parse_checkpoint(open_note(latest.note, signer.verifier))
-        by_signer = True
+        open_note(latest.note, signer.verifier)
+        signed_last = last_signer_key_id(latest.note) == signer.verifier.key_id
     except NoteError:
-        # Signed under an earlier key version: the root column is still bound by the trigger.
-        body = unverified_checkpoint(latest.note)
-        by_signer = False
+        signed_last = False
+    if not signed_last:
+        raise SignerOutdated(
+            f"the log signing key held here ({signer.verifier.key_id.hex()}) is not the one that "
+            f"signed the latest checkpoint or was handed signing there; this worker's keyring is "
+            f"out of date or cannot be read"
+        )
+
+
+def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSigner) -> None:
+    """The stored checkpoint is one we signed, ``signer`` signs after it, and the tree still
+    has its root at its size."""
+    _check_signer(latest, signer)
+    body = parse_checkpoint(open_note(latest.note, signer.verifier))
     if body.size != latest.tree_size or body.root != latest.root_hash:
         raise LogCorrupted("a stored checkpoint does not match its own note")
     if root(session=session, size=latest.tree_size) != latest.root_hash:
         raise LogCorrupted(
             f"the tree no longer has the root signed at size {latest.tree_size}; refusing to sign"
         )
-    return by_signer
+
+
+def _hands_over(data: bytes) -> bool:
+    """Whether an entry (canonical JSON) is a rotation of the log signing key: the first bytes
+    of every such entry, and its object."""
+    return data.startswith(b'{"action":"keys.rotate",') and b'"object_id":"log_signing/' in data
 
 
 def signed_checkpoint(
@@ -489,12 +554,16 @@ def signed_checkpoint(
     if latest is not None and latest.tree_size == size:
         if cosigner is not None:
             raise ValueError("a cosigned checkpoint needs an entry no checkpoint covers yet")
-        if _check_against(latest, session=session, signer=signer):
-            return latest.note
-        # Stored under an earlier key (no entry since a rotation): the same tree, signed now by
-        # the current key; the stored one stays as it was.
-        return signer.sign(
-            checkpoint_text(Checkpoint(origin=origin, size=size, root=latest.root_hash))
+        _check_against(latest, session=session, signer=signer)
+        return latest.note
+    # Only a handover signs a tree ending with a rotation of the signing key: the old key's
+    # signature over such a tree, cosigned by the key it names, is what tells auditors to trust
+    # that key, so an entry written past the service must not get one.
+    last_entry = b"".join(iter_entries(session=session, start=size - 1, end=size)) if size else b""
+    if cosigner is None and _hands_over(last_entry):
+        raise LogCorrupted(
+            f"entry {size - 1} hands checkpoint signing over, but no handover is being signed; "
+            f"refusing to sign a tree ending with it"
         )
     new_root = merkle.fold(frontier.peak_hashes)
     if latest is not None:
@@ -556,8 +625,11 @@ def check_readiness(*, session: Session, signer: NoteSigner | None) -> str:
     if signer is None:
         return "no log signing key"
     tree_size(session=session)
+    latest = _latest_checkpoint(session)
     try:
-        _check_origin(_latest_checkpoint(session), signer.name)
-    except OriginChanged as exc:
+        _check_origin(latest, signer.name)
+        if latest is not None:
+            _check_signer(latest, signer)
+    except (OriginChanged, SignerOutdated) as exc:
         return exc.detail
     return "ok"

@@ -16,6 +16,12 @@ Invariants:
 - a retired version's key material is destroyed; retiring the current version is refused, and so
   is retiring while the current version is younger than ``ROTATION_SETTLE_SECONDS`` (the caller,
   ``casepackets keys retire``, additionally refuses while any row still depends on it);
+- a version of the pseudonym or log signing key is first **staged**: stored, with the index its
+  rotation entry takes in the access log, but not current. It becomes current (``promote``) once
+  that entry has committed; until then readers under the log's lock learn from the log whether
+  it did (``service.access_log.service.logged_current_key``), so a key command killed between
+  writing the keyring and committing leaves no current version the log never recorded. A staged
+  version that never committed is discarded (retired) by the next key command;
 - a loaded keyring follows its file: at most ``RELOAD_CHECK_SECONDS`` after a rotation or
   retirement by another process (``casepackets keys``), every running worker encrypts under the
   new version and no longer holds the retired one;
@@ -118,6 +124,22 @@ class KeyVersionInfo:
     created_at: str
     retired_at: str | None
     current: bool
+    staged: bool = False
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A version a rotation stored before committing its log entry, which takes ``leaf_index``:
+    current once the log holds that entry, never if it does not."""
+
+    purpose: Purpose
+    version: int
+    leaf_index: int
+
+    @property
+    def object_id(self) -> str:
+        """The ``object_id`` of the rotation entry that names this version."""
+        return f"{self.purpose}/v{self.version}"
 
 
 class KeyProvider(Protocol):
@@ -130,6 +152,8 @@ class KeyProvider(Protocol):
     def active(self, purpose: Purpose) -> list[Key]: ...
 
     def versions(self, purpose: Purpose) -> list[KeyVersionInfo]: ...
+
+    def staged(self, purpose: Purpose) -> Staged | None: ...
 
     def refresh(self) -> None:
         """Look at the key source now rather than when it is next due (see ``Keyring``)."""
@@ -351,6 +375,7 @@ class Keyring:
         purpose = check_purpose(purpose)
         self._follow_file()
         entry = self._document["purposes"][purpose]
+        staged = self.staged(purpose)
         return [
             KeyVersionInfo(
                 purpose=purpose,
@@ -358,11 +383,21 @@ class Keyring:
                 created_at=str(version.get("created_at", "")),
                 retired_at=version.get("retired_at"),
                 current=int(version_text) == int(entry["current"]),
+                staged=staged is not None and staged.version == int(version_text),
             )
             for version_text, version in sorted(
                 entry["versions"].items(), key=lambda item: int(item[0])
             )
         ]
+
+    def staged(self, purpose: Purpose) -> Staged | None:
+        """The version a rotation staged and has not yet promoted or discarded, if any."""
+        purpose = check_purpose(purpose)
+        self._follow_file()
+        found = self._document["purposes"][purpose].get("staged")
+        if found is None:
+            return None
+        return Staged(purpose, int(found["version"]), int(found["leaf_index"]))
 
 
 class LockedKeyring(Keyring):
@@ -388,29 +423,78 @@ class LockedKeyring(Keyring):
 
         ``material`` is fresh from ``new_key_material`` when the caller must know the new key
         before it is stored (the log signing key, whose public half is logged first)."""
-        purpose = check_purpose(purpose)
-        if material is not None and len(material) != KEY_BYTES:
-            raise KeyringError(f"a key is {KEY_BYTES} bytes")
-        version = self.next_version(purpose)
-        document = copy.deepcopy(self._document)
-        entry = document["purposes"][purpose]
-        encoded = _new_material() if material is None else base64.b64encode(material).decode()
-        entry["versions"][str(version)] = {"material": encoded, "created_at": _now()}
-        entry["current"] = version
+        document, version = self._with_new_version(purpose, material)
+        document["purposes"][purpose]["current"] = version
         self._save(document)
         return self.current(purpose)
 
+    def _with_new_version(
+        self, purpose: Purpose, material: bytes | None
+    ) -> tuple[dict[str, Any], int]:
+        """A copy of the document with a new version of ``purpose`` (not yet current)."""
+        purpose = check_purpose(purpose)
+        if material is not None and len(material) != KEY_BYTES:
+            raise KeyringError(f"a key is {KEY_BYTES} bytes")
+        if (staged := self.staged(purpose)) is not None:
+            raise KeyringError(
+                f"{purpose} v{staged.version} is staged by a rotation not yet settled; settle it "
+                f"first (every key command does)"
+            )
+        version = self.next_version(purpose)
+        document = copy.deepcopy(self._document)
+        encoded = _new_material() if material is None else base64.b64encode(material).decode()
+        entry = document["purposes"][purpose]
+        entry["versions"][str(version)] = {"material": encoded, "created_at": _now()}
+        return document, version
+
     @contextmanager
-    def rotation(self, purpose: Purpose, *, material: bytes | None = None) -> Iterator[Key]:
-        """``rotate``, undone (the file as it was, written back) when the block raises: for a
-        caller that must store the new version before it commits what names it."""
+    def staging(self, purpose: Purpose, *, material: bytes, leaf_index: int) -> Iterator[Key]:
+        """Store a new version of ``purpose`` as staged, its rotation entry being the log's
+        ``leaf_index``, for the block that commits that entry; when the block raises, the file
+        is written back as it was. If the process dies in the block, the version stays staged
+        and the log tells whether it became current (see ``Staged``)."""
         before = copy.deepcopy(self._document)
-        key = self.rotate(purpose, material=material)
+        document, version = self._with_new_version(purpose, material)
+        document["purposes"][purpose]["staged"] = {"version": version, "leaf_index": leaf_index}
+        self._save(document)
         try:
-            yield key
+            yield self.get(purpose, version)
         except BaseException:
             self._save(before)
             raise
+
+    def promote(self, purpose: Purpose) -> Key:
+        """Make the staged version current: call only once its rotation entry has committed."""
+        staged = self._require_staged(purpose)
+        document = copy.deepcopy(self._document)
+        entry = document["purposes"][staged.purpose]
+        entry["current"] = staged.version
+        del entry["staged"]
+        self._save(document)
+        return self.current(staged.purpose)
+
+    def discard(self, purpose: Purpose) -> int:
+        """Destroy the staged version whose rotation entry never committed (nothing used it:
+        readers take a staged version only once the log names it); returns its number, which
+        stays taken."""
+        staged = self._require_staged(purpose)
+        document = copy.deepcopy(self._document)
+        entry = document["purposes"][staged.purpose]
+        found = entry["versions"][str(staged.version)]
+        entry["versions"][str(staged.version)] = {
+            "created_at": found.get("created_at", ""),
+            "retired_at": _now(),
+        }
+        del entry["staged"]
+        self._save(document)
+        return staged.version
+
+    def _require_staged(self, purpose: Purpose) -> Staged:
+        self._require_lock()
+        staged = self.staged(purpose)
+        if staged is None:
+            raise KeyringError(f"no {purpose} version is staged")
+        return staged
 
     def check_old_version(self, purpose: Purpose, version: int) -> None:
         """Raise unless ``version`` is an old, active version: the current one, or one that
@@ -418,6 +502,11 @@ class LockedKeyring(Keyring):
         entry = self._document["purposes"][check_purpose(purpose)]
         if int(entry["current"]) == version:
             raise KeyringError(f"{purpose} v{version} is current; rotate before retiring it")
+        if (staged := self.staged(purpose)) is not None and staged.version == version:
+            raise KeyringError(
+                f"{purpose} v{version} is staged by a rotation not yet settled; any key command "
+                f"settles it first"
+            )
         found = entry["versions"].get(str(version))
         if found is None or found.get("retired_at"):
             raise UnknownKey(f"no active {purpose} key version {version}")
@@ -554,7 +643,28 @@ def _parse(
             raise KeyringError(f"{path}: {purpose} has no current version")
         if (purpose, current) not in keys:
             raise KeyringError(f"{path}: current version of {purpose!r} is unusable")
+        _check_staged(path, purpose, entry.get("staged"), current=current, keys=keys)
     return document, keys
+
+
+def _check_staged(
+    path: Path, purpose: Purpose, staged: Any, *, current: int, keys: dict[tuple[Purpose, int], Key]
+) -> None:
+    if staged is None:
+        return
+    if not (
+        isinstance(staged, dict)
+        and set(staged) == {"version", "leaf_index"}
+        and all(_is_count(value) for value in staged.values())
+    ):
+        raise KeyringError(f"{path}: {purpose} has a staged version that is not well formed")
+    version = int(staged["version"])
+    if version <= current or (purpose, version) not in keys:
+        raise KeyringError(f"{path}: the staged version of {purpose!r} is unusable")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def new_key_material() -> bytes:

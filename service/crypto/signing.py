@@ -153,6 +153,14 @@ def open_note(note: str, verifier: VerifierKey) -> str:
     return text
 
 
+def last_signer_key_id(note: str) -> bytes:
+    """The key id the note's last signature line names (not verified here: ``open_note`` is)."""
+    _text, separator, signatures = note.rpartition("\n\n")
+    if not separator or not signatures.endswith("\n"):
+        raise NoteError("not a signed note (no blank line before the signatures)")
+    return _signature(signatures[:-1].split("\n")[-1])[1][:4]
+
+
 def _signature(line: str) -> tuple[str, bytes]:
     """A signature line's key name and its decoded key id and signature."""
     name, _, encoded = line.removeprefix(SIGNATURE_PREFIX).partition(" ")

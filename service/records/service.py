@@ -40,7 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session
 
-from service.access_log.service import LogEntry, append
+from service.access_log.service import LogEntry, append, logged_current_key
 from service.crypto.envelope import (
     AadValue,
     DataKey,
@@ -658,7 +658,7 @@ def ingest_batch(
     # Pseudonyms under every active key version (newest first): an older version's match wins
     # over creating a second subject for the same person.
     pseudonym_keys = keyring.active("pseudonym")
-    current_key = keyring.current("pseudonym")
+    current_key = logged_current_key(session=session, keyring=keyring, purpose="pseudonym")
     bsns = [record["identity"]["bsn"] for record in subjects]
     per_version = [list(map(pseudonymizer(key.material), bsns)) for key in pseudonym_keys]
     known = _find_known(connection, sorted({p for candidates in per_version for p in candidates}))
@@ -828,22 +828,23 @@ def ingest_batch(
             request_id=request_id,
         ),
     )
-    _check_pseudonym_key_unchanged(keyring, used=current_version)
+    _check_pseudonym_key_unchanged(session, keyring, used=current_version)
     return result
 
 
-def _check_pseudonym_key_unchanged(keyring: KeyProvider, *, used: int) -> None:
+def _check_pseudonym_key_unchanged(session: Session, keyring: KeyProvider, *, used: int) -> None:
     """Refuse the batch (409, nothing stored) when the pseudonym key was rotated after this
     worker last read its keyring.
 
     Called under the log's lock (after the batch's entry is appended): a rotation logs itself
-    under the same lock and writes the keyring before it commits, so any rotation committed
-    before this batch is in the file now. Without the check a worker a moment behind would give
-    a person first stored under the new version a second subject under the old one (new subjects
-    take the current version's pseudonym; existing ones are matched under every version).
+    under the same lock and stages its version in the keyring before it commits, so any
+    rotation committed before this batch is in the file now, and the log says it committed.
+    Without the check a worker a moment behind would give a person first stored under the new
+    version a second subject under the old one (new subjects take the current version's
+    pseudonym; existing ones are matched under every version).
     """
     keyring.refresh()
-    if keyring.current("pseudonym").version != used:
+    if logged_current_key(session=session, keyring=keyring, purpose="pseudonym").version != used:
         raise ConcurrentIngest(
             "the pseudonym key was rotated while this batch was processed; nothing was stored, "
             "send the batch again"

@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from sqlmodel import Session
 
 from service.access_log import export as export_module
 from service.access_log.export import (
@@ -28,7 +29,7 @@ EXPORT_FILES = (ENTRIES_FILE, LEAF_HASHES_FILE, HANDOVERS_FILE, CHECKPOINT_FILE,
 
 
 def export(database: Database, signer: NoteSigner, folder: Path) -> Path:
-    export_log(database=database, signer=lambda: signer, origin=ORIGIN, folder=folder)
+    export_log(database=database, signer=lambda _session: signer, origin=ORIGIN, folder=folder)
     return folder
 
 
@@ -142,7 +143,7 @@ def test_a_folder_holding_other_files_is_refused_before_signing(
     (folder / "notes.txt").write_text("mine")
     (folder / CHECKPOINT_FILE).write_text("not an export's")
 
-    def signer() -> NoteSigner:
+    def signer(_session: Session) -> NoteSigner:
         raise AssertionError("a checkpoint was to be signed for a folder that is refused")
 
     with pytest.raises(OSError, match="not part of an export") as refused:
@@ -164,7 +165,7 @@ def test_a_mount_point_is_refused_before_signing(
         os.path, "ismount", lambda path: Path(path) == folder.resolve() or real_ismount(path)
     )
 
-    def signer() -> NoteSigner:
+    def signer(_session: Session) -> NoteSigner:
         raise AssertionError("a checkpoint was to be signed for a folder that is refused")
 
     with pytest.raises(OSError, match="mount point") as refused:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -30,7 +32,7 @@ from service.access_log.verify import reporting_lines as reporting
 from service.access_log.verify import root_of_lines as merkle_root_of_lines
 from service.cli import app as cli
 from service.config import get_settings
-from service.crypto.keyring import Keyring
+from service.crypto.keyring import Keyring, LockedKeyring, Staged
 from service.crypto.signing import NoteSigner, VerifierKey, open_note
 from service.db import Database
 from service.main import create_app
@@ -60,7 +62,7 @@ def verify(
 
 
 def export(database: Database, signer: NoteSigner, folder: Path) -> Path:
-    export_log(database=database, signer=lambda: signer, origin=ORIGIN, folder=folder)
+    export_log(database=database, signer=lambda _session: signer, origin=ORIGIN, folder=folder)
     return folder
 
 
@@ -454,6 +456,102 @@ def test_a_trusted_checkpoint_of_another_origin_is_rejected(rotated: tuple[Path,
     assert code == 1
     assert "trusted checkpoint rejected" in output
     assert "never changes origin" in output
+
+
+def rotate_and_die(purpose: str, point: str) -> None:
+    """``casepackets keys rotate`` in a process of its own, killed outright (no cleanup of any
+    kind, as by SIGKILL or the OOM killer) right after it staged the new version in the keyring
+    (``staged``), or right after its log entry committed (``committed``)."""
+    if point == "staged":
+        real_save = LockedKeyring._save
+
+        def save(self: LockedKeyring, document: dict[str, Any]) -> None:
+            real_save(self, document)
+            if "staged" in document["purposes"][purpose]:
+                os._exit(9)
+
+        LockedKeyring._save = save  # type: ignore[method-assign]
+    else:
+
+        def promote(self: LockedKeyring, purpose: Any) -> Any:
+            os._exit(9)
+
+        LockedKeyring.promote = promote  # type: ignore[method-assign]
+    CliRunner().invoke(cli, ["keys", "rotate", "--purpose", purpose])
+    os._exit(0)
+
+
+def killed_rotation(purpose: str, point: str) -> None:
+    process = multiprocessing.get_context("spawn").Process(
+        target=rotate_and_die, args=(purpose, point)
+    )
+    process.start()
+    process.join(120)
+    assert process.exitcode == 9
+
+
+@pytest.mark.parametrize("point", ["staged", "committed"])
+def test_a_signing_key_rotation_killed_midway_leaves_a_log_that_verifies(
+    cli_env: Path, database: Database, point: str
+) -> None:
+    """Killed before its entry committed, the rotation never happened: checkpoints stay signed
+    by the key auditors pinned. Killed after, it did: checkpoints are signed by the new key,
+    which the committed handover leads to. Either way the next key command settles the keyring."""
+    append_each(database, 5)
+    before = export_command(cli_env / "before")
+    killed_rotation("log_signing", point)
+    keyring = Keyring.load(cli_env / "keyring.json")
+    assert keyring.current("log_signing").version == 1
+    assert keyring.staged("log_signing") == Staged("log_signing", 2, leaf_index=5)
+
+    append_each(database, 2)
+    after = export_command(cli_env / "after")
+    pinned = before / PUBLIC_KEY_FILE
+    trusted = ["--trusted-checkpoint", str(before / CHECKPOINT_FILE)]
+    code, output = verify(
+        after, *trusted, "--handovers", str(after / HANDOVERS_FILE), public_key=pinned
+    )
+    assert code == 0, output
+    if point == "staged":
+        assert "OK: 7 entries" in output
+        assert (after / PUBLIC_KEY_FILE).read_text() == pinned.read_text()
+    else:
+        assert "OK: 8 entries" in output
+        assert "handed over at size 6" in output
+        assert (after / PUBLIC_KEY_FILE).read_text() != pinned.read_text()
+
+    result = CliRunner().invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    if point == "staged":
+        assert "log_signing v2: its rotation never reached the log, so it was discarded" in said
+    else:
+        assert "log_signing v2: its rotation was logged, so it is now current" in said
+    keyring = Keyring.load(cli_env / "keyring.json")
+    assert keyring.staged("log_signing") is None
+    assert keyring.current("log_signing").version == 3
+    retired = [v.version for v in keyring.versions("log_signing") if v.retired_at]
+    assert retired == ([2] if point == "staged" else [])
+    append_each(database, 1)
+    final = export_command(cli_env / "final")
+    code, output = verify(
+        final, *trusted, "--handovers", str(final / HANDOVERS_FILE), public_key=pinned
+    )
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("point", ["staged", "committed"])
+def test_a_pseudonym_key_rotation_killed_midway_is_used_only_if_it_was_logged(
+    cli_env: Path, database: Database, point: str
+) -> None:
+    killed_rotation("pseudonym", point)
+    result = CliRunner().invoke(cli, ["demo", "--subjects", "100", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    with database.session() as session:
+        versions = set(
+            session.execute(text("SELECT pseudonym_key_version FROM subjects")).scalars()
+        )
+    assert versions == ({1} if point == "staged" else {2})
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from service.crypto.keyring import (
     KeyringError,
     KeyringMissing,
     KeyringTooOpen,
+    Staged,
     UnknownKey,
     new_key_material,
 )
@@ -193,6 +194,82 @@ def test_rotate_stores_given_material_of_the_right_length_only(tmp_path: Path) -
         material = new_key_material()
         keyring.rotate("log_signing", material=material)
     assert Keyring.load(path).current("log_signing").material == material
+
+
+def test_a_staged_version_decrypts_but_becomes_current_only_when_promoted(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    material = new_key_material()
+    with Keyring.edit(path) as keyring:
+        with keyring.staging("pseudonym", material=material, leaf_index=41) as staged_key:
+            assert staged_key.version == 2
+        loaded = Keyring.load(path)
+        assert loaded.current("pseudonym").version == 1
+        assert loaded.get("pseudonym", 2).material == material
+        assert loaded.staged("pseudonym") == Staged("pseudonym", 2, leaf_index=41)
+        assert [v.staged for v in loaded.versions("pseudonym")] == [False, True]
+        with pytest.raises(KeyringError, match="staged by a rotation not yet settled"):
+            keyring.rotate("pseudonym")
+        with pytest.raises(KeyringError, match="staged by a rotation not yet settled"):
+            keyring.check_old_version("pseudonym", 2)
+        assert keyring.promote("pseudonym").version == 2
+    promoted = Keyring.load(path)
+    assert promoted.current("pseudonym").material == material
+    assert promoted.staged("pseudonym") is None
+
+
+def test_a_discarded_staged_version_is_destroyed_and_its_number_stays_taken(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    with Keyring.edit(path) as keyring:
+        with keyring.staging("log_signing", material=new_key_material(), leaf_index=0):
+            pass
+        assert keyring.discard("log_signing") == 2
+        assert keyring.rotate("log_signing").version == 3
+    loaded = Keyring.load(path)
+    with pytest.raises(UnknownKey):
+        loaded.get("log_signing", 2)
+    assert (
+        "material" not in json.loads(path.read_text())["purposes"]["log_signing"]["versions"]["2"]
+    )
+    assert loaded.staged("log_signing") is None
+
+
+def test_staging_is_undone_when_its_block_fails(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    before = path.read_bytes()
+    with (
+        Keyring.edit(path) as keyring,
+        pytest.raises(RuntimeError),
+        keyring.staging("pseudonym", material=new_key_material(), leaf_index=3),
+    ):
+        raise RuntimeError("the commit failed")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("staged", "said"),
+    [
+        ({"version": 2}, "staged version that is not well formed"),
+        ({"version": 2, "leaf_index": -1}, "staged version that is not well formed"),
+        ({"version": True, "leaf_index": 0}, "staged version that is not well formed"),
+        ({"version": 1, "leaf_index": 0}, "staged version of 'vault' is unusable"),
+        ({"version": 7, "leaf_index": 0}, "staged version of 'vault' is unusable"),
+    ],
+)
+def test_a_hand_damaged_staged_version_is_refused(
+    tmp_path: Path, staged: dict[str, Any], said: str
+) -> None:
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    document = json.loads(path.read_text())
+    document["purposes"]["vault"]["staged"] = staged
+    path.write_text(json.dumps(document))
+    with pytest.raises(KeyringError, match=said):
+        Keyring.load(path)
 
 
 def test_retire_destroys_material_but_not_the_current_version(

@@ -268,22 +268,23 @@ def test_a_pseudonym_rotation_writes_the_keyring_before_it_commits_and_undoes_it
     keys_cli: CliRunner,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An ingest checks the pseudonym key under the log's lock: the rotation must have written
+    """An ingest checks the pseudonym key under the log's lock: the rotation must have staged
     the new version by the time its entry is committed, or an ingest a moment later could still
-    pass its check on the old one and give a person a second subject."""
+    pass its check on the old one and give a person a second subject. It is promoted after."""
     before = committed_entries(database)
-    seen_while_writing: list[int] = []
-    real_rotate = LockedKeyring.rotate
+    seen_while_writing: list[tuple[int, bool]] = []
+    real_save = LockedKeyring._save
 
-    def rotate(self: LockedKeyring, purpose: Any, **options: Any) -> Any:
-        key = real_rotate(self, purpose, **options)
-        seen_while_writing.append(committed_entries(database))
-        return key
+    def save(self: LockedKeyring, document: dict[str, Any]) -> None:
+        real_save(self, document)
+        staged = "staged" in document["purposes"]["pseudonym"]
+        seen_while_writing.append((committed_entries(database), staged))
 
-    monkeypatch.setattr(LockedKeyring, "rotate", rotate)
+    monkeypatch.setattr(LockedKeyring, "_save", save)
     rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "pseudonym"])
     assert rotated.exit_code == 0, rotated.output
-    assert seen_while_writing == [before]  # written while the rotation's entry was uncommitted
+    # staged while the rotation's entry was uncommitted, made current once it was committed
+    assert seen_while_writing == [(before, True), (before + 1, False)]
     assert committed_entries(database) == before + 1
     assert Keyring.load(keyring_path).current("pseudonym").version == 2
 
