@@ -89,7 +89,7 @@ def export_log(
         ):
             for chunk_start in range(0, size, chunk):
                 chunk_end = min(size, chunk_start + chunk)
-                with database.session() as session:
+                with database.reading() as session:
                     for data in service.iter_entries(
                         session=session, start=chunk_start, end=chunk_end
                     ):
@@ -99,7 +99,7 @@ def export_log(
                     ):
                         hashes.write(leaf)
                 on_progress(chunk_end - chunk_start)
-        with database.session() as session:
+        with database.reading() as session:
             handovers = handover_notes(session=session, up_to=size)
         with _owner_only_file(staged / HANDOVERS_FILE) as handover_file:
             for handover_size in sorted(handovers):

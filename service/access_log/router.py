@@ -142,9 +142,11 @@ def entries(
     )
     database: Database = request.app.state.database
     # The request's session is closed once the route returns; the stream reads in chunks, each
-    # in its own short session, so memory stays constant and no lock is held across the stream.
+    # in its own short read-only session, so memory stays constant and no lock is held or
+    # waited for (on SQLite a write transaction would wait for writers, and a chunk failing
+    # after the 200 has gone out would cut the body short).
     return StreamingResponse(
-        _ndjson(service.stream_entries(open_session=database.session, start=start, end=end)),
+        _ndjson(service.stream_entries(open_session=database.reading, start=start, end=end)),
         media_type=NDJSON,
     )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -431,7 +432,11 @@ def iter_entries(*, session: Session, start: int, end: int, chunk: int = 1000) -
 
 
 def stream_entries(
-    *, open_session: Callable[[], Session], start: int, end: int, chunk: int = 1000
+    *,
+    open_session: Callable[[], AbstractContextManager[Session]],
+    start: int,
+    end: int,
+    chunk: int = 1000,
 ) -> Iterator[list[bytes]]:
     """``[start, end)`` in chunks, each read in its own short session (constant memory, and no
     lock is held between chunks)."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,7 +20,7 @@ from service.config import Settings
 from service.crypto.signing import VerifierKey, open_note
 from service.db import Database, make_engine
 from service.main import create_app
-from tests.access_log.conftest import append_each
+from tests.access_log.conftest import append_each, entry
 from tests.conftest import TokenFactory, bearer
 
 AUDIT_REQUEST = "5b0c6a3e4f1d4b2a9c8e7d6f5a4b3c2d"
@@ -43,6 +45,54 @@ def test_checkpoint_covers_every_committed_entry_and_verifies(
         committed = log.tree_size(session=session)
         assert checkpoint.size == committed == 12  # 10 + the two audit reads
         assert checkpoint.root == log.root(session=session, size=committed)
+
+
+def test_entries_stream_in_full_beside_a_write_held_past_the_lock_bound(
+    client: TestClient,
+    database: Database,
+    auditor: dict[str, str],
+    backend: str,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 200 goes out before the entries are read: a chunk that waited for a writer and gave
+    up would cut the body short with nothing to tell the auditor. Reads wait for no writer."""
+    with database.transaction() as session:
+        log.append_many(session=session, entries=[entry(n) for n in range(2500)])
+    real_iter = log.iter_entries
+    chunks: list[int] = []
+    release = threading.Event()
+
+    def hold_the_write_lock() -> None:
+        with database.engine.connect() as holder:
+            if backend == "postgres":
+                holder.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": log.LOG_LOCK_KEY})
+            holder.execute(text("DELETE FROM professionals WHERE id = ''"))
+            held.set()
+            release.wait(10)
+            holder.rollback()
+
+    held = threading.Event()
+
+    def iter_entries(**kwargs: Any) -> Iterator[bytes]:
+        chunks.append(kwargs["start"])
+        if len(chunks) == 2:  # a writer takes the lock between the first chunk and the second
+            holder.start()
+            assert held.wait(10)
+            release_later = threading.Timer(settings.log_lock_timeout_seconds + 1, release.set)
+            release_later.start()
+        return real_iter(**kwargs)
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    monkeypatch.setattr(log, "iter_entries", iter_entries)
+    try:
+        response = client.get("/v1/audit/entries?start=0&end=2500", headers=auditor)
+    finally:
+        release.set()
+        holder.join(10)
+    assert response.status_code == 200
+    assert response.content.count(b"\n") == 2500
+    assert chunks == [0, 1000, 2000]
 
 
 def test_entries_stream_exactly_the_leaf_bytes(
