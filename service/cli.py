@@ -17,6 +17,7 @@ from typing import Annotated, NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -585,7 +586,8 @@ def audit_verify(
                 on_progress=report,
             )
     except VerificationFailed as exc:
-        console.print(f"[red]FAILED:[/red] {exc}", highlight=False)
+        # What the files say (an origin, a key name) is quoted in the message: never markup.
+        console.print(f"[red]FAILED:[/red] {escape(str(exc))}", highlight=False)
         beside = checkpoint.parent / HANDOVERS_FILE
         rejected_new = isinstance(exc, KeyNotHandedOver) or (
             isinstance(exc, CheckpointRejected) and exc.which == "new" and exc.by_another_key
@@ -595,6 +597,7 @@ def audit_verify(
                 "If the log's signing key was rotated since the key you gave, follow its "
                 f"handover: --handovers {beside}",
                 highlight=False,
+                markup=False,
                 soft_wrap=True,  # a path to copy stays on one line
             )
         elif isinstance(exc, KeyNotHandedOver):
@@ -603,6 +606,7 @@ def audit_verify(
                 f"the key in {public_key} over a channel you trust (not from this export), "
                 "pass --key-without-handover.",
                 highlight=False,
+                markup=False,
                 soft_wrap=True,
             )
         if (
@@ -614,7 +618,7 @@ def audit_verify(
             hint = trusted_key_hint(
                 trusted_checkpoint=trusted_checkpoint, trusted_public_key=trusted_public_key
             )
-            console.print(hint, highlight=False, soft_wrap=True)
+            console.print(hint, highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(1) from None
     message = f"OK: {verified.checkpoint.size} entries match the signed checkpoint"
     if verified.trusted is not None:
@@ -624,7 +628,7 @@ def audit_verify(
             f"; the signing key was handed over at size "
             f"{', '.join(map(str, verified.handovers))} to {verified.signed_by}"
         )
-    console.print(message, highlight=False)
+    console.print(message, highlight=False, markup=False)
 
 
 # -- record store: keys, import, demo -------------------------------------------------------

@@ -458,6 +458,28 @@ def test_a_trusted_checkpoint_of_another_origin_is_rejected(rotated: tuple[Path,
     assert "never changes origin" in output
 
 
+@pytest.mark.parametrize("origin", [f"{ORIGIN}[/x]", f"{ORIGIN}[on red]x"])
+def test_verify_quotes_what_a_file_says_as_it_is(
+    cli_env: Path, database: Database, origin: str
+) -> None:
+    """A checkpoint's origin is the file's text, not the tool's: no markup in it may crash the
+    command or change the message the auditor reads."""
+    append_each(database, 3)
+    trusted = export_command(cli_env / "trusted")
+    changed = export_command(cli_env / "changed")
+    note = (changed / CHECKPOINT_FILE).read_text()
+    (changed / CHECKPOINT_FILE).write_text(note.replace(ORIGIN, origin, 1))
+    code, output = verify(
+        changed,
+        "--trusted-checkpoint",
+        str(trusted / CHECKPOINT_FILE),
+        public_key=trusted / PUBLIC_KEY_FILE,
+    )
+    assert code == 1
+    assert output.startswith("FAILED:"), output
+    assert repr(origin) in output
+
+
 def rotate_and_die(purpose: str, point: str) -> None:
     """``casepackets keys rotate`` in a process of its own, killed outright (no cleanup of any
     kind, as by SIGKILL or the OOM killer) right after it staged the new version in the keyring
