@@ -894,6 +894,19 @@ def reassign_packet(
     # nobody could open it any more.
     if (why := _why_not_in_use(packet, utcnow())) is not None:
         refuse(PacketNotReassignable(f"packet {packet_id} is {why}; only open packets move"))
+    former = packet.professional_id
+    if former == professional_id:
+        # A retried request, or a mistaken one: nothing moves, and the entry says so rather
+        # than record a move from someone to themselves.
+        _log_packet(
+            session,
+            caller=caller,
+            action="packet.reassign",
+            packet_id=packet_id,
+            pseudonyms=members,
+            reason=f"already with {former}; unchanged",
+        )
+        return _packet_public(packet, len(members))
     # Locked: two reassignments to one professional cannot both fit into the same room.
     try:
         target = get_professional(session=session, professional_id=professional_id, lock=True)
@@ -908,25 +921,22 @@ def reassign_packet(
                 f"professional {professional_id!r} does not serve district {packet.district}"
             )
         )
-    former = packet.professional_id
-    if former != professional_id:
-        load = open_loads(session=session, professional_ids=[professional_id]).get(
-            professional_id, 0
-        )
-        if load + len(members) > target.capacity:
-            refuse(
-                PacketNotReassignable(
-                    f"professional {professional_id!r} has room for "
-                    f"{max(target.capacity - load, 0)} more clients; this packet has "
-                    f"{len(members)}"
-                )
+    load = open_loads(session=session, professional_ids=[professional_id]).get(professional_id, 0)
+    if load + len(members) > target.capacity:
+        refuse(
+            PacketNotReassignable(
+                f"professional {professional_id!r} has room for "
+                f"{max(target.capacity - load, 0)} more clients; this packet has {len(members)}"
             )
-        session.execute(
-            update(_packets)
-            .where(_packets.c.id == packet_id)
-            .values(professional_id=professional_id)
         )
-        packet = replace(packet, professional_id=professional_id)
+    # The new owner has not opened it: it is theirs as newly assigned (the log keeps the
+    # former owner's opens), so "opened" and ?status=assigned tell what the new owner did.
+    session.execute(
+        update(_packets)
+        .where(_packets.c.id == packet_id)
+        .values(professional_id=professional_id, status="assigned", opened_at=None)
+    )
+    packet = replace(packet, professional_id=professional_id, status="assigned", opened_at=None)
     _log_packet(
         session,
         caller=caller,

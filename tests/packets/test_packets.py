@@ -547,6 +547,59 @@ def test_paging_through_packets_neither_repeats_nor_skips_while_packets_change(
         assert cursor not in refused.text
 
 
+def test_a_reassigned_packet_is_newly_assigned_and_one_given_to_its_owner_stays_as_it_was(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """Status and opened_at tell what the current owner did: a packet the former owner opened
+    is not 'opened' by a professional who has never seen it. A reassign to the owner (a retry)
+    moves nothing and is not logged as a move, even once the owner can take no more."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=5)
+    run_id, _ = flagged_run(app, client, session, coordinator, 3)
+    [packet] = client.post(
+        "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
+    ).json()["packets"]
+    professional(client, coordinator, "prof-002", capacity=5)
+    opened = client.get(
+        f"/v1/packets/{packet['id']}/clients", headers=bearer(token("prof-001", "professional"))
+    )
+    assert opened.status_code == 200, opened.text
+
+    def reassign(to: str) -> dict[str, Any]:
+        moved = client.post(
+            f"/v1/packets/{packet['id']}/reassign",
+            json={"professional_id": to},
+            headers=coordinator,
+        )
+        assert moved.status_code == 200, moved.text
+        shown: dict[str, Any] = client.get(
+            f"/v1/packets/{packet['id']}", headers=coordinator
+        ).json()
+        assert {k: moved.json()[k] for k in ("status", "opened_at")} == {
+            k: shown[k] for k in ("status", "opened_at")
+        }
+        return shown
+
+    moved = reassign("prof-002")
+    assert (moved["status"], moved["opened_at"]) == ("assigned", None)
+    waiting = client.get("/v1/packets?status=assigned", headers=coordinator).json()["items"]
+    assert [p["id"] for p in waiting] == [packet["id"]]
+    new = bearer(token("prof-002", "professional"))
+    assert client.get(f"/v1/packets/{packet['id']}/clients", headers=new).status_code == 200
+    reopened = client.get(f"/v1/packets/{packet['id']}", headers=coordinator).json()
+    assert reopened["status"] == "opened"
+    assert reopened["opened_at"] is not None
+
+    deactivated = client.post("/v1/professionals/prof-002/deactivate", headers=coordinator)
+    assert deactivated.status_code == 200, deactivated.text
+    again = reassign("prof-002")
+    assert {k: again[k] for k in ("professional_id", "status", "opened_at")} == {
+        k: reopened[k] for k in ("professional_id", "status", "opened_at")
+    }
+    reasons = [e["reason"] for e in log_entries(session, "packet.reassign")]
+    assert reasons == ["from prof-001 to prof-002", "already with prof-002; unchanged"]
+
+
 def test_a_packet_past_its_expiry_is_not_reassigned_even_before_it_is_shredded(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:
