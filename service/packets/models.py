@@ -256,6 +256,9 @@ class ProfessionalPublic(BaseModel):
 
 class ProfessionalPagePublic(BaseModel):
     items: list[ProfessionalPublic]
+    next_after: str | None = Field(
+        description="pass as after for the next page; null on the last page"
+    )
 
 
 class PacketPublic(BaseModel):

@@ -72,10 +72,16 @@ def list_professionals(
     _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
     team: Annotated[str | None, Query(max_length=64)] = None,
     active: bool | None = None,
+    after: Annotated[
+        str | None,
+        Query(min_length=1, max_length=128, description="the previous page's next_after"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
 ) -> ProfessionalPagePublic:
-    return ProfessionalPagePublic(
-        items=service.list_professionals(session=session, team=team, active=active)
+    items, next_after = service.list_professionals(
+        session=session, team=team, active=active, after=after, limit=limit
     )
+    return ProfessionalPagePublic(items=items, next_after=next_after)
 
 
 @router.patch(

@@ -354,16 +354,28 @@ def create_professional(
 
 
 def list_professionals(
-    *, session: Session, team: str | None = None, active: bool | None = None
-) -> list[ProfessionalPublic]:
+    *,
+    session: Session,
+    team: str | None = None,
+    active: bool | None = None,
+    after: str | None = None,
+    limit: int = 100,
+) -> tuple[list[ProfessionalPublic], str | None]:
+    """Professionals in id order, a page of at most ``limit`` after the id ``after``; with the
+    id to pass as ``after`` for the next page (None on the last)."""
+    limit = max(1, min(limit, MAX_PAGE))
     query = select(Professional).order_by(_professionals.c.id)
+    if after is not None:
+        query = query.where(_professionals.c.id > after)
     if team is not None:
         query = query.where(_professionals.c.team == team)
     if active is not None:
         query = query.where(_professionals.c.active == active)
-    professionals = list(session.execute(query).scalars())
-    loads = open_loads(session=session)
-    return [_professional_public(p, loads.get(p.id, 0)) for p in professionals]
+    found = list(session.execute(query.limit(limit + 1)).scalars())
+    page = found[:limit]
+    loads = open_loads(session=session, professional_ids=[p.id for p in page])
+    items = [_professional_public(p, loads.get(p.id, 0)) for p in page]
+    return items, (page[-1].id if len(found) > limit else None)
 
 
 def update_professional(

@@ -56,6 +56,31 @@ def flagged_run(
     return str(run["id"]), deks
 
 
+def test_professionals_are_listed_in_pages(client: TestClient, token: TokenFactory) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    for number in (5, 1, 4, 2, 3):
+        professional(
+            client, coordinator, f"prof-{number:03d}", team="Zuid-2" if number % 2 else "Zuid-1"
+        )
+
+    def walk(**query: Any) -> list[list[str]]:
+        pages, after = [], None
+        while True:
+            params = {**query, **({"after": after} if after else {})}
+            page = client.get("/v1/professionals", params=params, headers=coordinator)
+            assert page.status_code == 200, page.text
+            pages.append([p["id"] for p in page.json()["items"]])
+            if (after := page.json()["next_after"]) is None:
+                return pages
+
+    assert walk() == [["prof-001", "prof-002", "prof-003", "prof-004", "prof-005"]]
+    assert walk(limit=2) == [["prof-001", "prof-002"], ["prof-003", "prof-004"], ["prof-005"]]
+    assert walk(limit=2, team="Zuid-2") == [["prof-001", "prof-003"], ["prof-005"]]
+    for bad in ({"limit": 0}, {"limit": 1001}, {"after": ""}):
+        refused = client.get("/v1/professionals", params=bad, headers=coordinator)
+        assert refused.status_code == 422, bad
+
+
 def test_professionals_are_registered_listed_updated_and_deactivated(
     client: TestClient, token: TokenFactory, session: Session
 ) -> None:
