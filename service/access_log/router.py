@@ -108,7 +108,10 @@ def get_signer(request: Request, session: SessionDep) -> NoteSigner:
     return signer
 
 
-SignerDep = Annotated[NoteSigner, Depends(get_signer)]
+def _refresh_keyring(request: Request) -> None:
+    keyring: KeyProvider | None = getattr(request.app.state, "keyring", None)
+    if keyring is not None:
+        keyring.refresh()
 
 
 def _b64(hashes: list[bytes]) -> list[str]:
@@ -167,9 +170,7 @@ def checkpoint(request: Request, session: SessionDep, caller: Auditor) -> PlainT
     # The entry took the log's lock: a rotation of the signing key has either committed, with
     # the keyring already written, or waits for this request. Read the keyring again now, so a
     # checkpoint after a handover is never signed by the key that handed over.
-    keyring: KeyProvider | None = getattr(request.app.state, "keyring", None)
-    if keyring is not None:
-        keyring.refresh()
+    _refresh_keyring(request)
     settings: Settings = request.app.state.settings
     note = service.signed_checkpoint(
         session=session, signer=get_signer(request, session), origin=settings.checkpoint_origin
@@ -225,9 +226,11 @@ def consistency(
     responses={**ERRORS, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     summary="The checkpoint verifier key: <name>+<hex key id>+<base64(0x01 ‖ key)>",
 )
-def public_key(session: SessionDep, caller: Auditor, signer: SignerDep) -> PlainTextResponse:
+def public_key(request: Request, session: SessionDep, caller: Auditor) -> PlainTextResponse:
     service.log_audit_read(session=session, caller=caller, object_id="public-key")
-    return PlainTextResponse(f"{signer.verifier}\n")
+    # As for a checkpoint: under the log's lock, the key a rotation committed a moment ago.
+    _refresh_keyring(request)
+    return PlainTextResponse(f"{get_signer(request, session).verifier}\n")
 
 
 @router.get(

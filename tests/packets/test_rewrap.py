@@ -242,6 +242,8 @@ def test_the_first_checkpoint_after_a_handover_is_signed_by_the_new_key_at_once(
     assert rotated.exit_code == 0, rotated.output
     new = NoteSigner.from_keyring(Keyring.load(keyring_path), name=old.name).verifier
     assert new.key_id != old.key_id
+    served = VerifierKey.parse(client.get("/v1/audit/public-key", headers=auditor).text)
+    assert served.key_id == new.key_id  # the key served is the one that signs, at once too
     checkpoint = client.get("/v1/audit/checkpoint", headers=auditor).text
     assert parse_checkpoint(open_note(checkpoint, new)).size > 0
     with pytest.raises(NoteError):
