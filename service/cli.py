@@ -1298,7 +1298,7 @@ def expire(
     """
     from service.packets.models import utcnow
     from service.packets.policy import PacketsPolicyError, load_retention_policy
-    from service.packets.service import count_due_for_shredding, shred_expired
+    from service.packets.service import count_due_for_shredding, forget_old_replays, shred_expired
 
     settings = settings_or_exit()
     try:
@@ -1328,17 +1328,24 @@ def expire(
                 )
             if not still_due:
                 break
+        forgotten = forget_old_replays(database=database, retention=retention, now=moment)
         # A purge an earlier run left pending (a reader held it up) is finished now: this run is
         # the "run it again" that run asked for. Only a file says so across processes.
         marker = settings.home / PURGE_PENDING_FILE
-        if not shredded and marker.exists():
+        if not shredded and not forgotten and marker.exists():
             database.purge_replaced_rows()
         purge_pending = database.purge_pending
         if purge_pending:
             marker.touch(mode=0o600)
-        elif shredded or marker.exists():
+        elif shredded or forgotten or marker.exists():
             marker.unlink(missing_ok=True)
     console.print(f"crypto-shredded {shredded} packets", highlight=False)
+    if forgotten:
+        console.print(
+            f"forgot what Idempotency-Keys kept of {forgotten} batches and pushes of flags "
+            f"older than {retention.idempotency_days} days",
+            highlight=False,
+        )
     if still_due:
         console.print(
             f"[yellow]{still_due} due packets stayed in use by a request or another shredder and "

@@ -16,7 +16,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
@@ -40,6 +40,7 @@ from service.flagging.rules import Evaluator, FlaggingPolicy, SubjectEvent, expl
 from service.records.models import Event, Subject
 from service.records.service import (
     ERASED_DIGEST,
+    EXPIRED_DIGEST,
     keyed_digest,
     keyed_digest_matches,
     lock_against_erasure,
@@ -359,6 +360,11 @@ def _pushed_again(
             "this Idempotency-Key's push held a subject who has since been erased, so a push "
             "sent again can no longer be matched to it; use a new key"
         )
+    if stored.request_digest == EXPIRED_DIGEST:
+        raise FlagsKeyReused(
+            "this Idempotency-Key's push is older than the service keeps digests for "
+            "(idempotency_days in policies/retention.yaml); use a new key"
+        )
     matches = keyed_digest_matches(keyring=keyring, message=message, stored=stored.request_digest)
     if matches is None:
         raise FlagsKeyReused(
@@ -376,6 +382,20 @@ def _pushed_again(
     flags = [_public(flag, pseudonym) for flag, pseudonym in rows]
     _log_push(session, caller=caller, flags=flags, reason="sent again, not stored twice")
     return flags
+
+
+def forget_push_digests(*, session: Session, before: datetime) -> int:
+    """Forget the digests of pushes stored before ``before`` (an HMAC of their pseudonyms and
+    texts; a guess can be checked against it); the push and its flags stay. Returns how many."""
+    result = session.connection().execute(
+        update(_pushes)
+        .where(
+            _pushes.c.created_at < before,
+            _pushes.c.request_digest.not_in((ERASED_DIGEST, EXPIRED_DIGEST)),
+        )
+        .values(request_digest=EXPIRED_DIGEST)
+    )
+    return int(result.rowcount)
 
 
 # What a pushed flag's explanation becomes when its subject is erased. A source writes it freely
@@ -399,7 +419,7 @@ def _erase_pushed_explanations(session: Session, subject_id: int) -> int:
                     _flags.c.subject_id == subject_id, _flags.c.push_id.is_not(None)
                 )
             ),
-            _pushes.c.request_digest != ERASED_DIGEST,
+            _pushes.c.request_digest.not_in((ERASED_DIGEST, EXPIRED_DIGEST)),
         )
         .values(request_digest=ERASED_DIGEST)
     )

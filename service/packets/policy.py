@@ -33,6 +33,7 @@ class RetentionPolicy:
     version: int
     packet_ttl_days: int
     closed_grace_days: int
+    idempotency_days: int = 7
 
 
 def _read(path: Path, keys: set[str]) -> dict[str, Any]:
@@ -71,11 +72,17 @@ def load_partitioning_policy(path: Path) -> PartitioningPolicy:
 
 
 def load_retention_policy(path: Path) -> RetentionPolicy:
-    document = _read(path, {"version", "packet_ttl_days", "closed_grace_days"})
+    document = _read(path, {"version", "packet_ttl_days", "closed_grace_days", "idempotency_days"})
     return RetentionPolicy(
         version=_whole(path, document, "version", low=1, high=10**6),
         packet_ttl_days=_whole(path, document, "packet_ttl_days", low=1, high=3650),
         closed_grace_days=_whole(path, document, "closed_grace_days", low=0, high=3650),
+        # Optional: a policy written before it existed keeps answers for the default week.
+        idempotency_days=(
+            _whole(path, document, "idempotency_days", low=1, high=365)
+            if "idempotency_days" in document
+            else RetentionPolicy.idempotency_days
+        ),
     )
 
 

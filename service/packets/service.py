@@ -81,7 +81,7 @@ from service.crypto.keyring import KeyProvider
 from service.db import LOG_LOCK_TIMEOUT_OPTION, limit_lock_waits, lock_was_busy
 from service.errors import Conflict, Gone, NotFound, ServiceError, Unavailable, Unprocessable
 from service.flagging.models import Flag
-from service.flagging.service import get_run
+from service.flagging.service import forget_push_digests, get_run
 from service.packets import partition as partitioning
 from service.packets.models import (
     OPEN_STATUSES,
@@ -109,6 +109,7 @@ from service.records.models import Subject
 from service.records.service import (
     WrappedKeyColumn,
     dek_aad,
+    forget_batch_answers,
     identity_aad,
     lock_subject_keys,
     register_erasure_hook,
@@ -2189,10 +2190,27 @@ def shred_expired(
             database.purge_replaced_rows()
 
 
+def forget_old_replays(
+    *, database: Database, retention: RetentionPolicy, now: datetime | None = None
+) -> int:
+    """Forget what Idempotency-Keys kept (digests, and ingest answers listing pseudonyms) of
+    batches and pushes older than ``retention.idempotency_days``: a retry comes within minutes,
+    and nothing else needs them. Purges the overwritten row versions when it forgot any.
+    Returns how many batches and pushes."""
+    before = (now or utcnow()) - timedelta(days=retention.idempotency_days)
+    with database.transaction() as session:
+        forgotten = forget_batch_answers(session=session, before=before)
+        forgotten += forget_push_digests(session=session, before=before)
+    if forgotten:
+        database.purge_replaced_rows()
+    return forgotten
+
+
 async def shred_periodically(
     *, database: Database, retention: RetentionPolicy, interval_seconds: float
 ) -> None:
-    """Run the shredding job every ``interval_seconds`` in a worker thread, until cancelled.
+    """Run the shredding job, then ``forget_old_replays``, every ``interval_seconds`` in a
+    worker thread, until cancelled.
 
     A failed run (database busy, log unavailable) is logged by type and retried next time.
     """
@@ -2202,6 +2220,7 @@ async def shred_periodically(
             shredded = await asyncio.to_thread(
                 shred_expired, database=database, retention=retention, actor="system:shredder"
             )
+            await asyncio.to_thread(forget_old_replays, database=database, retention=retention)
             if database.purge_pending:  # an earlier purge (after an erasure, say) could not end
                 await asyncio.to_thread(database.retry_purge)
         except Exception as exc:

@@ -31,6 +31,7 @@ from typing import Any, TypeVar, overload
 from sqlalchemy import (
     Connection,
     bindparam,
+    case,
     func,
     insert,
     select,
@@ -640,6 +641,11 @@ def ingest_batch(
                     "this Idempotency-Key's batch held a subject who has since been erased, so a "
                     "batch sent again can no longer be matched to it; use a new key"
                 )
+            if stored["request_digest"] == EXPIRED_DIGEST:
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key's batch is older than the service keeps answers for "
+                    "(idempotency_days in policies/retention.yaml); use a new key"
+                )
             matches = digest_matches(
                 keyring=keyring, subjects=subjects, stored=stored["request_digest"]
             )
@@ -851,6 +857,21 @@ def _check_pseudonym_key_unchanged(session: Session, keyring: KeyProvider, *, us
         )
 
 
+def forget_batch_answers(*, session: Session, before: datetime) -> int:
+    """Forget what batches stored before ``before`` kept for replays: the digest of their
+    identities (a guess can be checked against it) and their answer, which lists their
+    pseudonyms. The batch's id, source, count and time stay. Returns how many batches."""
+    result = session.connection().execute(
+        update(BATCHES)
+        .where(BATCHES.c.created_at < before, BATCHES.c.response != EXPIRED_RESPONSE)
+        .values(
+            request_digest=case((BATCHES.c.idempotency_key.is_(None), ""), else_=EXPIRED_DIGEST),
+            response=EXPIRED_RESPONSE,
+        )
+    )
+    return int(result.rowcount)
+
+
 # -- erasure ----------------------------------------------------------------------------------
 
 ErasureHook = Callable[[Session, int], int]
@@ -874,6 +895,10 @@ INGEST_ERASURE_LOCK_KEY = 0x63702D696E677374
 # an HMAC of every identity in the batch under the pseudonym key, which outlives the erasure, so
 # a guessed name or address could be checked against it.
 ERASED_DIGEST = "erased"
+# What it keeps once its Idempotency-Key has outlived the retention policy's idempotency_days: no
+# digest, and an empty answer (the answer lists the batch's pseudonyms).
+EXPIRED_DIGEST = "expired"
+EXPIRED_RESPONSE = "{}"
 
 
 def _hold_advisory_lock(connection: Connection, key: int, *, shared: bool = False) -> None:
@@ -952,7 +977,7 @@ def erase_subject(
     session.connection().execute(
         update(BATCHES)
         .where(
-            BATCHES.c.request_digest.not_in(("", ERASED_DIGEST)),
+            BATCHES.c.request_digest.not_in(("", ERASED_DIGEST, EXPIRED_DIGEST)),
             BATCHES.c.response.contains(f'"{pseudonym}"', autoescape=True),
         )
         .values(request_digest=ERASED_DIGEST)

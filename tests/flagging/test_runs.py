@@ -272,6 +272,32 @@ def test_a_push_sent_again_with_its_idempotency_key_stores_its_flags_once(
     assert stored_flags(session) == 5
 
 
+def test_a_push_s_digest_is_forgotten_after_the_retention_period(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed_two_pushable(app, session)
+    source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-aged"}
+    assert client.post("/v1/flags", json={"flags": [RENT]}, headers=source).status_code == 201
+    retention = app.state.retention_policy
+    pushes = FlagPush.__table__  # type: ignore[attr-defined]
+    session.execute(
+        update(pushes).values(
+            created_at=datetime.now(UTC) - timedelta(days=retention.idempotency_days, minutes=1)
+        )
+    )
+    session.commit()
+    with app.state.database.transaction() as job:
+        before = datetime.now(UTC) - timedelta(days=retention.idempotency_days)
+        assert flagging_service.forget_push_digests(session=job, before=before) == 1
+    [digest] = session.execute(select(pushes.c.request_digest)).scalars()
+    session.rollback()
+    assert digest == "expired"
+    replay = client.post("/v1/flags", json={"flags": [RENT]}, headers=source)
+    assert replay.status_code == 409, replay.text
+    assert "older than the service keeps digests for" in replay.json()["detail"]
+    assert stored_flags(session) == 1
+
+
 def test_a_push_under_a_key_that_held_an_erased_subject_cannot_be_replayed(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:

@@ -30,6 +30,7 @@ from service.main import create_app
 from service.packets import service as packets_service
 from service.packets.models import utcnow
 from service.packets.service import packet_key_aad, shred_expired
+from service.records import service as records_service
 from tests.conftest import Answer, Interleaving, Request, TokenFactory, bearer
 from tests.flagging.seed import AS_OF
 from tests.packets.scenario import (
@@ -350,6 +351,30 @@ def test_a_packet_past_its_expiry_reads_as_expired_before_the_shredder_runs(
     assert loads[OTHER] == len(world.packet(OTHER, "Feijenoord")["pseudonyms"])
     # the stored status is the shredder's to change
     assert packet_state(session, packet["id"])["status"] == "assigned"
+
+
+def test_the_expire_command_forgets_what_old_idempotency_keys_kept(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, cli_env: None
+) -> None:
+    world_of(client, token)
+    batches = records_service.BATCHES
+    days = app.state.retention_policy.idempotency_days
+    session.execute(update(batches).values(created_at=utcnow() - timedelta(days=days, minutes=1)))
+    session.commit()
+    aged = len(session.execute(select(batches.c.id)).all())
+    session.rollback()
+    assert aged > 0
+    result = CliRunner().invoke(cli, ["expire"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert (
+        f"forgot what Idempotency-Keys kept of {aged} batches and pushes of flags older "
+        f"than {days} days" in said
+    )
+    assert set(session.execute(select(batches.c.response)).scalars()) == {"{}"}
+    session.rollback()
+    again = CliRunner().invoke(cli, ["expire"])
+    assert "forgot" not in again.output
 
 
 def test_a_followup_within_the_log_bound_of_expiry_is_refused_as_expired(

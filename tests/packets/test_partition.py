@@ -120,6 +120,21 @@ def test_shipped_policies_load() -> None:
     )
     retention = load_retention_policy(PROJECT_ROOT / "policies" / "retention.yaml")
     assert retention.packet_ttl_days > 0
+    assert retention.idempotency_days == 7
+
+
+def test_a_retention_policy_may_leave_out_idempotency_days_but_not_give_a_bad_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "retention.yaml"
+    path.write_text("version: 1\npacket_ttl_days: 90\nclosed_grace_days: 30\n")
+    assert load_retention_policy(path).idempotency_days == 7
+    for bad in ("0", "366", "seven"):
+        path.write_text(
+            f"version: 1\npacket_ttl_days: 90\nclosed_grace_days: 30\nidempotency_days: {bad}\n"
+        )
+        with pytest.raises(PacketsPolicyError, match="'idempotency_days' must be a whole number"):
+            load_retention_policy(path)
 
 
 def test_a_packet_size_above_twenty_fails_to_load(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from httpx2 import Response
+from sqlalchemy import select, update
 from sqlmodel import Session
 
 from service.crypto.keyring import Keyring
+from service.db import Database
+from service.packets.models import utcnow
+from service.packets.service import forget_old_replays
 from service.records import service as records_service
 from service.records.models import Subject
 from service.records.service import decrypt_identity, get_subject, subject_dek
@@ -186,6 +191,52 @@ def test_idempotency_key_returns_the_first_answer(
     other = client.post(URL, json={"subjects": [make(5)]}, headers=headers)
     assert other.status_code == 409
     assert count_rows(session, "subjects") == 2
+
+
+def test_what_an_idempotency_key_kept_is_forgotten_after_the_retention_period(
+    app: FastAPI,
+    client: TestClient,
+    session: Session,
+    database: Database,
+    source_headers: dict[str, str],
+    make: Make,
+) -> None:
+    """A retry comes within minutes; kept for ever, a batch's digest would confirm a guessed
+    identity and its answer would list its pseudonyms."""
+    aged = {**source_headers, "Idempotency-Key": "batch-aged"}
+    recent = {**source_headers, "Idempotency-Key": "batch-recent"}
+    old_body = {"subjects": [make(0)]}
+    recent_body = {"subjects": [make(2)]}
+    assert client.post(URL, json=old_body, headers=aged).status_code == 200
+    assert client.post(URL, json={"subjects": [make(1)]}, headers=source_headers).status_code == 200
+    assert client.post(URL, json=recent_body, headers=recent).status_code == 200
+    retention = app.state.retention_policy
+    batches = records_service.BATCHES
+    session.execute(
+        update(batches)
+        .where(batches.c.idempotency_key.is_distinct_from("batch-recent"))
+        .values(created_at=utcnow() - timedelta(days=retention.idempotency_days, minutes=1))
+    )
+    session.commit()
+
+    assert forget_old_replays(database=database, retention=retention) == 2
+    assert forget_old_replays(database=database, retention=retention) == 0
+    kept = {
+        row.idempotency_key: (row.request_digest, row.response)
+        for row in session.execute(select(batches)).all()
+    }
+    session.rollback()
+    assert kept["batch-aged"] == ("expired", "{}")
+    assert kept[None] == ("", "{}")
+    assert kept["batch-recent"][0] not in ("", "expired", "erased")
+    assert json.loads(kept["batch-recent"][1])["rows"]  # its answer is kept for a retry
+    refused = client.post(URL, json=old_body, headers=aged)
+    assert refused.status_code == 409, refused.text
+    assert "older than the service keeps answers for" in refused.json()["detail"]
+    replayed = client.post(URL, json=recent_body, headers=recent)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["replayed"] is True
+    assert count_rows(session, "subjects") == 3
 
 
 def test_a_subject_from_another_source_links_and_a_changed_identity_is_reencrypted(
