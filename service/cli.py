@@ -786,8 +786,17 @@ def keys_rotate(
                     reason="new current version",
                 )
             if written_under_the_lock:
-                with keyring.staging(checked, material=material, leaf_index=leaf_index):
+                keyring.stage(checked, material=material, leaf_index=leaf_index)
+                try:
                     session.commit()
+                except Exception:
+                    console.print(
+                        f"[yellow]{checked} v{version} stays staged: the commit of its rotation "
+                        "failed, perhaps after the database made it durable. The log tells which; "
+                        "the next key command settles it[/yellow]",
+                        highlight=False,
+                    )
+                    raise
         try:
             new = (
                 keyring.promote(checked)

@@ -447,21 +447,16 @@ class LockedKeyring(Keyring):
         entry["versions"][str(version)] = {"material": encoded, "created_at": _now()}
         return document, version
 
-    @contextmanager
-    def staging(self, purpose: Purpose, *, material: bytes, leaf_index: int) -> Iterator[Key]:
+    def stage(self, purpose: Purpose, *, material: bytes, leaf_index: int) -> Key:
         """Store a new version of ``purpose`` as staged, its rotation entry being the log's
-        ``leaf_index``, for the block that commits that entry; when the block raises, the file
-        is written back as it was. If the process dies in the block, the version stays staged
-        and the log tells whether it became current (see ``Staged``)."""
-        before = copy.deepcopy(self._document)
+        ``leaf_index``, before the caller commits that entry. It stays staged whatever happens
+        next, a failed commit included (a commit can fail after the database has made it
+        durable): the log tells whether it became current (see ``Staged``), and the next key
+        command settles it."""
         document, version = self._with_new_version(purpose, material)
         document["purposes"][purpose]["staged"] = {"version": version, "leaf_index": leaf_index}
         self._save(document)
-        try:
-            yield self.get(purpose, version)
-        except BaseException:
-            self._save(before)
-            raise
+        return self.get(purpose, version)
 
     def promote(self, purpose: Purpose) -> Key:
         """Make the staged version current: call only once its rotation entry has committed."""

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
 from typer.testing import CliRunner
 
 from service.access_log import merkle
@@ -560,6 +562,42 @@ def test_a_signing_key_rotation_killed_midway_leaves_a_log_that_verifies(
         final, *trusted, "--handovers", str(final / HANDOVERS_FILE), public_key=pinned
     )
     assert code == 0, output
+
+
+def test_a_signing_key_rotation_whose_commit_was_made_but_reported_failed_goes_on(
+    cli_env: Path, database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acknowledgement of a commit can be lost (a dropped connection, Ctrl-C during it):
+    the database holds the rotation and its handover although the command saw an error. The
+    new key must then be kept, and used, or no checkpoint could ever be signed again."""
+    append_each(database, 3)
+    before = export_command(cli_env / "before")
+    real_commit = Session.commit
+
+    def commit_then_fail(self: Session) -> None:
+        real_commit(self)
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Session, "commit", commit_then_fail)
+        result = CliRunner().invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    assert result.exit_code != 0
+    assert "log_signing v2 stays staged" in " ".join(result.output.split())
+    append_each(database, 1)
+    after = export_command(cli_env / "after")
+    code, output = verify(
+        after,
+        "--trusted-checkpoint",
+        str(before / CHECKPOINT_FILE),
+        "--handovers",
+        str(after / HANDOVERS_FILE),
+        public_key=before / PUBLIC_KEY_FILE,
+    )
+    assert code == 0, output
+    assert "handed over at size 4" in output
+    settled = CliRunner().invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    assert settled.exit_code == 0, settled.output
+    assert "its rotation was logged, so it is now current" in " ".join(settled.output.split())
 
 
 @pytest.mark.parametrize("point", ["staged", "committed"])

@@ -263,7 +263,7 @@ def committed_entries(database: Database) -> int:
         raw.close()
 
 
-def test_a_pseudonym_rotation_writes_the_keyring_before_it_commits_and_undoes_it_on_failure(
+def test_a_pseudonym_rotation_stages_its_version_before_it_commits_and_promotes_it_after(
     app: FastAPI,  # makes the keyring
     database: Database,
     keyring_path: Path,
@@ -290,7 +290,7 @@ def test_a_pseudonym_rotation_writes_the_keyring_before_it_commits_and_undoes_it
     assert committed_entries(database) == before + 1
     assert Keyring.load(keyring_path).current("pseudonym").version == 2
 
-    # A commit that fails after the file was written puts the file back as it was.
+    # A commit that fails after the file was written leaves the version staged, and unused.
     def failing_commit(self: Session) -> None:
         raise OperationalError("COMMIT", {}, Exception("the database went away"))
 
@@ -298,5 +298,6 @@ def test_a_pseudonym_rotation_writes_the_keyring_before_it_commits_and_undoes_it
         failing.setattr(Session, "commit", failing_commit)
         refused = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "pseudonym"])
     assert refused.exit_code != 0
+    assert Keyring.load(keyring_path).staged("pseudonym") is not None
     assert Keyring.load(keyring_path).current("pseudonym").version == 2
     assert committed_entries(database) == before + 1

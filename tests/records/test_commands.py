@@ -243,12 +243,16 @@ def test_a_rotation_the_log_cannot_record_leaves_the_keyring_as_it_was(
     ],
     ids=["rotate-vault", "rotate-log-signing", "retire"],
 )
-def test_a_key_change_whose_log_entry_does_not_commit_leaves_the_keyring_as_it_was(
+def test_a_key_change_whose_log_entry_does_not_commit_changes_no_key_in_use(
     cli_env: Settings,
     monkeypatch: pytest.MonkeyPatch,
     rotations_settled: None,
     change: tuple[str, ...],
 ) -> None:
+    """The vault key and a retirement are written only after the commit: the keyring stays as
+    it was. A log signing key is staged before it: it stays staged (the commit may have failed
+    after the database made it durable), is used by no one while the log lacks its entry, and
+    the next key command discards it."""
     Keyring.init(cli_env.resolved_keyring_path)
     assert run("keys", "rotate", "--purpose", "log_signing")[0] == 0
     before = cli_env.resolved_keyring_path.read_bytes()
@@ -258,10 +262,20 @@ def test_a_key_change_whose_log_entry_does_not_commit_leaves_the_keyring_as_it_w
 
     with monkeypatch.context() as patched:
         patched.setattr(Session, "commit", failing_commit)
-        code, _output = run("keys", *change)
+        code, output = run("keys", *change)
     assert code != 0
-    assert cli_env.resolved_keyring_path.read_bytes() == before
-    assert run("keys", *change)[0] == 0, "the change goes through once the log can commit"
+    keyring = Keyring.load(cli_env.resolved_keyring_path)
+    if change[:3] == ("rotate", "--purpose", "log_signing"):
+        assert "log_signing v3 stays staged" in " ".join(output.split())
+        assert keyring.current("log_signing").version == 2
+        assert keyring.staged("log_signing") is not None
+    else:
+        assert cli_env.resolved_keyring_path.read_bytes() == before
+    code, output = run("keys", *change)
+    assert code == 0, "the change goes through once the log can commit"
+    if change[:3] == ("rotate", "--purpose", "log_signing"):
+        assert "log_signing v3: its rotation never reached the log" in " ".join(output.split())
+        assert Keyring.load(cli_env.resolved_keyring_path).current("log_signing").version == 4
     assert cli_env.resolved_keyring_path.read_bytes() != before
 
 
