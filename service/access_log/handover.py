@@ -24,12 +24,11 @@ import json
 from sqlmodel import Session
 
 from service.access_log import service
-from service.access_log.service import LogEntry, append, signed_checkpoint
+from service.access_log.service import HANDOVER_REASON, LogEntry, append, signed_checkpoint
 from service.crypto.signing import NoteError, NoteSigner, VerifierKey
 
 HANDOVER_ACTION = "keys.rotate"
 HANDOVER_OBJECT_PREFIX = "log_signing/"
-HANDOVER_REASON = "checkpoints are signed from now on by "
 # Both appear, in this form, in the canonical JSON of every handover entry: a cheap first test.
 _MARKERS = (b'"action":"keys.rotate"', b'"object_id":"log_signing/')
 # How every entry the service writes to hand signing over begins (canonical JSON: sorted keys,

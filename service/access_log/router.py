@@ -82,23 +82,35 @@ NDJSON = "application/x-ndjson"
 def current_signer(state: State, session: Session | None = None) -> NoteSigner | None:
     """The checkpoint signer under the ``log_signing`` version in use, built again when that
     version changes (a rotation by ``casepackets keys rotate`` needs no restart). With a
-    ``session``, a staged version counts once the log holds its rotation
-    (``service.logged_current_key``); without one, the keyring's current version. Without a
-    keyring, the signer the app was given, if any."""
+    ``session`` (to sign, or to tell readiness), a staged version counts once the log holds its
+    rotation (``service.logged_current_key``), and a keyring whose file changed but cannot be
+    read signs nothing (503): the key it holds may have handed signing over. Without a session,
+    the keyring's current version. Without a keyring, the signer the app was given, if any."""
     keyring: KeyProvider | None = getattr(state, "keyring", None)
-    if keyring is not None:
-        current = (
-            keyring.current("log_signing")
-            if session is None
-            else service.logged_current_key(session=session, keyring=keyring, purpose="log_signing")
-        )
-        if getattr(state, "log_signer_version", None) != current.version:
-            state.log_signer = NoteSigner(
-                name=state.settings.checkpoint_origin, seed=current.material
+    if keyring is None:
+        given: NoteSigner | None = getattr(state, "log_signer", None)
+        return given
+    if session is None:
+        current = keyring.current("log_signing")
+    else:
+        if keyring.unreadable:
+            raise service.SignerOutdated(
+                "the keyring file changed but cannot be read, so the log signing key held here "
+                "may be out of date; fix the file (mode 0600, readable by the service)"
             )
-            state.log_signer_version = current.version
-    signer: NoteSigner | None = getattr(state, "log_signer", None)
-    return signer
+        current = service.logged_current_key(
+            session=session, keyring=keyring, purpose="log_signing"
+        )
+    # One (version, signer) pair, read and replaced in one step: threads may hold different
+    # versions for a moment (one under the log's lock, one not), and none may take another's.
+    built: tuple[int, NoteSigner] | None = getattr(state, "log_signer_built", None)
+    if built is None or built[0] != current.version:
+        built = (
+            current.version,
+            NoteSigner(name=state.settings.checkpoint_origin, seed=current.material),
+        )
+        state.log_signer_built = built
+    return built[1]
 
 
 def get_signer(request: Request, session: SessionDep) -> NoteSigner:
@@ -266,10 +278,15 @@ def install(app: FastAPI) -> None:
 def _readiness(app: FastAPI) -> Callable[[], str]:
     def check() -> str:
         database: Database = app.state.database
+        keyring: KeyProvider | None = getattr(app.state, "keyring", None)
+        if keyring is not None:
+            keyring.refresh()  # a rotation a moment ago: judged with the key it handed to
         try:
             with database.reading() as session:
                 signer = current_signer(app.state, session)
                 return service.check_readiness(session=session, signer=signer)
+        except service.SignerOutdated as exc:
+            return exc.detail
         except Exception as exc:
             return f"access log unreachable ({type(exc).__name__})"
 

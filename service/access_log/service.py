@@ -51,6 +51,8 @@ from service.db import LOG_LOCK_TIMEOUT_OPTION, lock_timeout_ms
 from service.errors import BadRequest, ServiceError
 
 Outcome = Literal["allowed", "denied", "error"]
+# How the reason of the entry that hands checkpoint signing to a new key begins (``handover``).
+HANDOVER_REASON = "checkpoints are signed from now on by "
 
 # pg_advisory_xact_lock key of the log: the ASCII of "cp-alog" as an integer, fixed forever.
 LOG_LOCK_KEY = 0x63702D616C6F67
@@ -442,9 +444,10 @@ def stream_entries(
     lock is held between chunks)."""
     for chunk_start in range(start, end, chunk):
         with open_session() as session:
-            yield list(
+            read = list(
                 iter_entries(session=session, start=chunk_start, end=min(end, chunk_start + chunk))
             )
+        yield read  # sent to a client that may be slow: no transaction stays open meanwhile
 
 
 def iter_leaf_hashes(
@@ -506,41 +509,51 @@ def _check_origin(latest: StoredCheckpoint | None, origin: str) -> None:
         )
 
 
-def _check_signer(latest: StoredCheckpoint, signer: NoteSigner) -> None:
-    """``signer`` is the key that signs after ``latest``: the one that signed it last (its only
-    signer, or the new key that cosigned a handover). Any other key is one this process should
-    no longer hold (a keyring it cannot read since a rotation, a copy restored from before one),
-    or one a rotation killed before it committed left current."""
+def _signed_by(latest: StoredCheckpoint, signer: NoteSigner) -> bool:
+    """Whether ``signer`` signed ``latest``; refuses it (503) when it signed it but handed
+    signing over there: a worker whose keyring has not followed the handover (auditors reject
+    whatever a key signs after its handover). A key that did not sign it at all is a newer one
+    (a rotation logged before handovers existed, or a database restored from before one)."""
     try:
         open_note(latest.note, signer.verifier)
-        signed_last = last_signer_key_id(latest.note) == signer.verifier.key_id
     except NoteError:
-        signed_last = False
-    if not signed_last:
+        return False
+    if last_signer_key_id(latest.note) != signer.verifier.key_id:
         raise SignerOutdated(
-            f"the log signing key held here ({signer.verifier.key_id.hex()}) is not the one that "
-            f"signed the latest checkpoint or was handed signing there; this worker's keyring is "
-            f"out of date or cannot be read"
+            f"the log signing key held here ({signer.verifier.key_id.hex()}) handed signing over "
+            f"at size {latest.tree_size}; this worker's keyring is out of date"
         )
+    return True
 
 
-def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSigner) -> None:
-    """The stored checkpoint is one we signed, ``signer`` signs after it, and the tree still
-    has its root at its size."""
-    _check_signer(latest, signer)
-    body = parse_checkpoint(open_note(latest.note, signer.verifier))
+def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSigner) -> bool:
+    """The stored checkpoint is one we signed and the tree still has its root at its size;
+    True when ``signer`` (the current key) signed it, False when an earlier key version did
+    (see ``_signed_by``)."""
+    by_signer = _signed_by(latest, signer)
+    # Signed under an earlier key version: the root column is still bound by the trigger.
+    body = (
+        parse_checkpoint(open_note(latest.note, signer.verifier))
+        if by_signer
+        else unverified_checkpoint(latest.note)
+    )
     if body.size != latest.tree_size or body.root != latest.root_hash:
         raise LogCorrupted("a stored checkpoint does not match its own note")
     if root(session=session, size=latest.tree_size) != latest.root_hash:
         raise LogCorrupted(
             f"the tree no longer has the root signed at size {latest.tree_size}; refusing to sign"
         )
+    return by_signer
 
 
 def _hands_over(data: bytes) -> bool:
-    """Whether an entry (canonical JSON) is a rotation of the log signing key: the first bytes
-    of every such entry, and its object."""
-    return data.startswith(b'{"action":"keys.rotate",') and b'"object_id":"log_signing/' in data
+    """Whether an entry (canonical JSON) hands checkpoint signing to a key it names: a
+    rotation of the log signing key, with the reason only a handover gives."""
+    return (
+        data.startswith(b'{"action":"keys.rotate",')
+        and b'"object_id":"log_signing/' in data
+        and f'"reason":"{HANDOVER_REASON}'.encode() in data
+    )
 
 
 def signed_checkpoint(
@@ -559,8 +572,13 @@ def signed_checkpoint(
     if latest is not None and latest.tree_size == size:
         if cosigner is not None:
             raise ValueError("a cosigned checkpoint needs an entry no checkpoint covers yet")
-        _check_against(latest, session=session, signer=signer)
-        return latest.note
+        if _check_against(latest, session=session, signer=signer):
+            return latest.note
+        # Stored under an earlier key (no entry since a rotation): the same tree, signed now by
+        # the current key; the stored one stays as it was.
+        return signer.sign(
+            checkpoint_text(Checkpoint(origin=origin, size=size, root=latest.root_hash))
+        )
     # Only a handover signs a tree ending with a rotation of the signing key: the old key's
     # signature over such a tree, cosigned by the key it names, is what tells auditors to trust
     # that key, so an entry written past the service must not get one.
@@ -634,7 +652,7 @@ def check_readiness(*, session: Session, signer: NoteSigner | None) -> str:
     try:
         _check_origin(latest, signer.name)
         if latest is not None:
-            _check_signer(latest, signer)
+            _signed_by(latest, signer)
     except (OriginChanged, SignerOutdated) as exc:
         return exc.detail
     return "ok"

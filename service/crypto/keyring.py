@@ -155,6 +155,12 @@ class KeyProvider(Protocol):
 
     def staged(self, purpose: Purpose) -> Staged | None: ...
 
+    @property
+    def unreadable(self) -> bool:
+        """True while the key source has changed but cannot be read (the keys held may be out
+        of date)."""
+        ...
+
     def refresh(self) -> None:
         """Look at the key source now rather than when it is next due (see ``Keyring``)."""
         ...
@@ -246,6 +252,7 @@ class Keyring:
         self._file_id = _file_id(path)
         self._checked_at = time.monotonic()
         self._reload_lock = threading.Lock()
+        self._unreadable = False
 
     def __repr__(self) -> str:
         return f"Keyring(path={str(self.path)!r}, keys=***)"
@@ -310,6 +317,11 @@ class Keyring:
         interval: for a check that must see a rotation committed a moment ago."""
         self._follow_file(now=True)
 
+    @property
+    def unreadable(self) -> bool:
+        """True while the file has changed but could not be read again (see ``_follow_file``)."""
+        return self._unreadable
+
     def _follow_file(self, *, now: bool = False) -> None:
         """Read the file again if another process changed it (looked at once per interval, or
         at once when ``now``)."""
@@ -332,9 +344,11 @@ class Keyring:
                     self.path,
                     type(exc).__name__,
                 )
+                self._unreadable = True
                 return
             self._loaded = parsed
             self._file_id = file_id
+            self._unreadable = False
             log.info("keyring %s changed; reloaded", self.path)
         finally:
             self._reload_lock.release()

@@ -14,12 +14,7 @@ from sqlmodel import Session
 from service.access_log import merkle
 from service.access_log import service as log
 from service.access_log.checkpoint import parse_checkpoint
-from service.access_log.handover import (
-    HANDOVER_ACTION,
-    HANDOVER_OBJECT_PREFIX,
-    HANDOVER_REASON,
-    hand_over,
-)
+from service.access_log.handover import HANDOVER_ACTION, HANDOVER_OBJECT_PREFIX, hand_over
 from service.access_log.models import AccessLogEntry
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
@@ -232,41 +227,49 @@ def test_checkpoints_are_c2sp_signed_notes(database: Database, signer: NoteSigne
         )
 
 
-def test_only_the_key_the_log_hands_signing_to_may_sign(
+def test_a_tree_signed_under_an_earlier_key_is_signed_again_by_the_current_one(
     database: Database, signer: NoteSigner
 ) -> None:
-    """A key no handover leads to (a keyring restored from elsewhere, a rotation killed before
-    its entry committed) and a key that handed signing over (a worker whose keyring is out of
-    date) both sign checkpoints auditors following the handovers must reject: refused, 503,
-    and the worker reports not ready."""
+    append_each(database, 3)
+    with database.transaction() as session:
+        old_note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    successor = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+    with database.transaction() as session:
+        note = log.signed_checkpoint(session=session, signer=successor, origin=ORIGIN)
+    assert parse_checkpoint(open_note(note, successor.verifier)) == parse_checkpoint(
+        open_note(old_note, signer.verifier)
+    )
+    with database.session() as session:
+        [stored] = session.execute(text("SELECT note FROM access_log_checkpoints")).scalars()
+    assert stored == old_note
+
+
+def test_a_key_that_handed_signing_over_signs_no_more(
+    database: Database, signer: NoteSigner
+) -> None:
+    """A worker whose keyring has not followed a handover (it cannot read the file since) would
+    sign checkpoints auditors following the handovers must reject: refused, 503, not ready."""
     append_each(database, 3)
     with database.transaction() as session:
         log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
     successor = NoteSigner(name=ORIGIN, seed=os.urandom(32))
-
-    def refused(by: NoteSigner) -> None:
-        for grown in (False, True):
-            if grown:
-                append_each(database, 1)
-            with database.transaction() as session, pytest.raises(log.SignerOutdated) as error:
-                log.signed_checkpoint(session=session, signer=by, origin=ORIGIN)
-            assert error.value.status == 503
-            assert by.verifier.key_id.hex() in error.value.detail
-        with database.session() as session:
-            assert "out of date" in log.check_readiness(session=session, signer=by)
-
-    refused(successor)
     with database.transaction() as session:
         hand_over(
             session=session, old=signer, new=successor, origin=ORIGIN, version=2, actor="system:t"
         )
-    refused(signer)
-    append_each(database, 1)
+    for grown in (False, True):
+        if grown:
+            append_each(database, 1)
+        with database.transaction() as session, pytest.raises(log.SignerOutdated) as error:
+            log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+        assert error.value.status == 503
+        assert "handed signing over at size 4" in error.value.detail
+    with database.session() as session:
+        assert "handed signing over" in log.check_readiness(session=session, signer=signer)
+        assert log.check_readiness(session=session, signer=successor) == "ok"
     with database.transaction() as session:
         note = log.signed_checkpoint(session=session, signer=successor, origin=ORIGIN)
-    assert parse_checkpoint(open_note(note, successor.verifier)).size == 7
-    with database.session() as session:
-        assert log.check_readiness(session=session, signer=successor) == "ok"
+    assert parse_checkpoint(open_note(note, successor.verifier)).size == 5
 
 
 def test_a_tree_ending_with_a_signing_key_rotation_is_signed_only_as_a_handover(
@@ -287,16 +290,31 @@ def test_a_tree_ending_with_a_signing_key_rotation_is_signed_only_as_a_handover(
                 action=HANDOVER_ACTION,
                 object_type="key",
                 object_id=f"{HANDOVER_OBJECT_PREFIX}v9",
-                reason=f"{HANDOVER_REASON}{intruder.verifier}",
+                reason=f"{log.HANDOVER_REASON}{intruder.verifier}",
             ),
         )
     with database.transaction() as session, pytest.raises(log.LogCorrupted) as error:
         log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
     assert "entry 3 hands checkpoint signing over" in error.value.detail
+    # A rotation logged before handovers existed names no key: any tree may end with it.
+    with database.transaction() as session:
+        log.append(
+            session=session,
+            entry=log.LogEntry(
+                actor="system:keys",
+                role="system",
+                action=HANDOVER_ACTION,
+                object_type="key",
+                object_id=f"{HANDOVER_OBJECT_PREFIX}v2",
+                reason="new current version",
+            ),
+        )
+        note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    assert parse_checkpoint(open_note(note, signer.verifier)).size == 5
     append_each(database, 1)  # the service's own entry after it: signed as any other tree
     with database.transaction() as session:
         note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
-    assert parse_checkpoint(open_note(note, signer.verifier)).size == 5
+    assert parse_checkpoint(open_note(note, signer.verifier)).size == 6
 
 
 def test_a_log_keeps_its_origin_for_life(database: Database, signer: NoteSigner) -> None:

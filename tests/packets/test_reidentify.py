@@ -21,6 +21,7 @@ from sqlmodel import Session
 
 from service import clock
 from service.access_log import service as log
+from service.access_log.router import current_signer
 from service.access_log.verify import verify_export
 from service.auth.dependencies import Caller
 from service.config import Settings
@@ -946,7 +947,8 @@ def test_concurrent_opens_from_several_processes_each_leave_one_entry_and_the_lo
     sent = sorted(request_id for request_id, _, _ in outcomes)
     assert len(sent) == len(WORKERS) * OPENS_PER_PROCESS
 
-    signer = app.state.log_signer
+    signer = current_signer(app.state)
+    assert signer is not None
     with database.transaction() as session:
         note = log.signed_checkpoint(
             session=session, signer=signer, origin=app.state.settings.checkpoint_origin

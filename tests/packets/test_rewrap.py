@@ -224,6 +224,31 @@ def test_checkpoints_are_signed_under_a_rotated_log_signing_key_without_a_restar
         open_note(checkpoint, before)
 
 
+def test_a_worker_that_cannot_read_its_changed_keyring_signs_nothing_and_is_not_ready(
+    client: TestClient,
+    token: TokenFactory,
+    keyring_path: Path,
+    keys_cli: CliRunner,
+    keyring_followed_at_once: None,
+) -> None:
+    """It may hold a key that has handed signing over: what it signed, auditors would reject.
+    Just after a rotation a worker that can read the file is ready at once."""
+    auditor = bearer(token("auditor-001", "auditor"))
+    rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    assert rotated.exit_code == 0, rotated.output
+    assert client.get("/readyz").status_code == 200
+    keyring_path.chmod(0o640)
+    keyring_path.touch()  # changed since the worker read it
+    refused = client.get("/v1/audit/checkpoint", headers=auditor)
+    assert refused.status_code == 503, refused.text
+    assert "the keyring file changed but cannot be read" in refused.json()["detail"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    keyring_path.chmod(0o600)
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/v1/audit/checkpoint", headers=auditor).status_code == 200
+
+
 def test_the_first_checkpoint_after_a_handover_is_signed_by_the_new_key_at_once(
     client: TestClient,
     app: FastAPI,
@@ -240,6 +265,7 @@ def test_the_first_checkpoint_after_a_handover_is_signed_by_the_new_key_at_once(
     old = VerifierKey.parse(client.get("/v1/audit/public-key", headers=auditor).text)
     rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
     assert rotated.exit_code == 0, rotated.output
+    assert client.get("/readyz").status_code == 200, "judged with the key handed to"
     new = NoteSigner.from_keyring(Keyring.load(keyring_path), name=old.name).verifier
     assert new.key_id != old.key_id
     served = VerifierKey.parse(client.get("/v1/audit/public-key", headers=auditor).text)
