@@ -17,7 +17,6 @@ from typing import Annotated, NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -587,7 +586,8 @@ def audit_verify(
             )
     except VerificationFailed as exc:
         # What the files say (an origin, a key name) is quoted in the message: never markup.
-        console.print(f"[red]FAILED:[/red] {escape(str(exc))}", highlight=False)
+        console.print("[red]FAILED:[/red] ", end="")
+        console.print(str(exc), highlight=False, markup=False)
         beside = checkpoint.parent / HANDOVERS_FILE
         rejected_new = isinstance(exc, KeyNotHandedOver) or (
             isinstance(exc, CheckpointRejected) and exc.which == "new" and exc.by_another_key

@@ -574,13 +574,13 @@ def _shown_as(status: str, now: datetime) -> Any:
     return _packets.c.status == status
 
 
-def _packet_public(row: Any, member_count: int) -> PacketPublic:
+def _packet_public(row: Any, member_count: int, now: datetime | None = None) -> PacketPublic:
     return PacketPublic(
         id=row.id,
         run_id=row.run_id,
         professional_id=row.professional_id,
         district=row.district,
-        status=shown_status(row.status, row.expires_at, utcnow()),
+        status=shown_status(row.status, row.expires_at, now or utcnow()),
         member_count=member_count,
         created_at=row.created_at,
         expires_at=row.expires_at,
@@ -792,12 +792,13 @@ def list_packets(
     # Also for a professional: another's id finds nothing, rather than their own packets.
     if professional_id is not None:
         query = query.where(_packets.c.professional_id == professional_id)
+    now = utcnow()  # one moment for the filter and the statuses shown
     if status is not None:
-        query = query.where(_shown_as(status, utcnow()))
+        query = query.where(_shown_as(status, now))
     rows = session.execute(query.limit(limit + 1)).all()
     page = rows[:limit]
     counts = _member_counts(session, [row.id for row in page])
-    items = [_packet_public(row, counts.get(row.id, 0)) for row in page]
+    items = [_packet_public(row, counts.get(row.id, 0), now) for row in page]
     return items, (_cursor(items[-1]) if len(rows) > limit else None)
 
 

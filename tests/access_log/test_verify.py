@@ -460,7 +460,7 @@ def test_a_trusted_checkpoint_of_another_origin_is_rejected(rotated: tuple[Path,
     assert "never changes origin" in output
 
 
-@pytest.mark.parametrize("origin", [f"{ORIGIN}[/x]", f"{ORIGIN}[on red]x"])
+@pytest.mark.parametrize("origin", [f"{ORIGIN}[/x]", f"{ORIGIN}[on red]x", f"{ORIGIN}x\\"])
 def test_verify_quotes_what_a_file_says_as_it_is(
     cli_env: Path, database: Database, origin: str
 ) -> None:
