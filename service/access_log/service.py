@@ -509,28 +509,53 @@ def _check_origin(latest: StoredCheckpoint | None, origin: str) -> None:
         )
 
 
-def _signed_by(latest: StoredCheckpoint, signer: NoteSigner) -> bool:
-    """Whether ``signer`` signed ``latest``; refuses it (503) when it signed it but handed
-    signing over there: a worker whose keyring has not followed the handover (auditors reject
-    whatever a key signs after its handover). A key that did not sign it at all is a newer one
-    (a rotation logged before handovers existed, or a database restored from before one)."""
+def _signed_by(latest: StoredCheckpoint, signer: NoteSigner, *, session: Session) -> bool:
+    """Whether ``signer`` signed ``latest``; refuses it (503) when it handed signing over, there
+    or at any handover before: a worker whose keyring has not followed (auditors reject whatever
+    a key signs after its handover). A key that did not sign ``latest`` and handed nothing over
+    is a newer one (a rotation logged before handovers existed, or a database restored from
+    before one); only then are the handovers read (one scan of the stored checkpoints)."""
     try:
         open_note(latest.note, signer.verifier)
+        handed_over_at = None if _signed_last(latest.note, signer) else latest.tree_size
     except NoteError:
-        return False
-    if last_signer_key_id(latest.note) != signer.verifier.key_id:
+        handed_over_at = next(
+            (
+                size
+                for size, note in sorted(
+                    cosigned_checkpoint_notes(session=session, up_to=latest.tree_size).items()
+                )
+                if _opens(note, signer) and not _signed_last(note, signer)
+            ),
+            None,
+        )
+        if handed_over_at is None:
+            return False
+    if handed_over_at is not None:
         raise SignerOutdated(
             f"the log signing key held here ({signer.verifier.key_id.hex()}) handed signing over "
-            f"at size {latest.tree_size}; this worker's keyring is out of date"
+            f"at size {handed_over_at}; this worker's keyring is out of date"
         )
     return True
+
+
+def _opens(note: str, signer: NoteSigner) -> bool:
+    try:
+        open_note(note, signer.verifier)
+    except NoteError:
+        return False
+    return True
+
+
+def _signed_last(note: str, signer: NoteSigner) -> bool:
+    return last_signer_key_id(note) == signer.verifier.key_id
 
 
 def _check_against(latest: StoredCheckpoint, *, session: Session, signer: NoteSigner) -> bool:
     """The stored checkpoint is one we signed and the tree still has its root at its size;
     True when ``signer`` (the current key) signed it, False when an earlier key version did
     (see ``_signed_by``)."""
-    by_signer = _signed_by(latest, signer)
+    by_signer = _signed_by(latest, signer, session=session)
     # Signed under an earlier key version: the root column is still bound by the trigger.
     body = (
         parse_checkpoint(open_note(latest.note, signer.verifier))
@@ -652,7 +677,7 @@ def check_readiness(*, session: Session, signer: NoteSigner | None) -> str:
     try:
         _check_origin(latest, signer.name)
         if latest is not None:
-            _signed_by(latest, signer)
+            _signed_by(latest, signer, session=session)
     except (OriginChanged, SignerOutdated) as exc:
         return exc.detail
     return "ok"

@@ -197,6 +197,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+        # The rename itself survives a power cut only once its folder is on disk: a staged key
+        # lost while the rotation's commit survived would leave the log naming a lost key.
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -334,6 +341,7 @@ class Keyring:
             self._checked_at = moment
             file_id = _file_id(self.path)
             if file_id == self._file_id:
+                self._unreadable = False  # back to the very file whose keys are held
                 return
             try:
                 document = json.loads(_read_private(self.path))

@@ -54,7 +54,7 @@ from service.crypto.envelope import (
 )
 from service.crypto.keyring import KeyProvider, KeyringError, Purpose
 from service.crypto.pseudonym import DOMAIN, PSEUDONYM_BYTES
-from service.errors import Conflict, Gone, NotFound, Unprocessable
+from service.errors import Conflict, Gone, NotFound, Unavailable, Unprocessable
 from service.records.models import (
     IDENTITY,
     RECORD_BATCH,
@@ -663,8 +663,10 @@ def ingest_batch(
 
     # Pseudonyms under every active key version (newest first): an older version's match wins
     # over creating a second subject for the same person.
-    pseudonym_keys = keyring.active("pseudonym")
     current_key = logged_current_key(session=session, keyring=keyring, purpose="pseudonym")
+    # Read after the current key: should the file have changed in between, this list is the
+    # newer one, and it holds every version the current one can be.
+    pseudonym_keys = keyring.active("pseudonym")
     bsns = [record["identity"]["bsn"] for record in subjects]
     per_version = [list(map(pseudonymizer(key.material), bsns)) for key in pseudonym_keys]
     known = _find_known(connection, sorted({p for candidates in per_version for p in candidates}))
@@ -676,7 +678,8 @@ def ingest_batch(
     new_positions: list[int] = []
     changed_rows: list[dict[str, Any]] = []
     subject_ids: list[int] = []
-    current_candidates = per_version[pseudonym_keys.index(current_key)]
+    # By version: the keyring may have reloaded between the two reads (other Key objects).
+    current_candidates = per_version[[k.version for k in pseudonym_keys].index(current_key.version)]
     current_version = current_key.version
     for row, record in enumerate(subjects):
         match = None
@@ -850,6 +853,11 @@ def _check_pseudonym_key_unchanged(session: Session, keyring: KeyProvider, *, us
     pseudonym; existing ones are matched under every version).
     """
     keyring.refresh()
+    if keyring.unreadable:
+        raise Unavailable(
+            "the keyring file changed but cannot be read, so the pseudonym key held here may be "
+            "out of date; nothing was stored"
+        )
     if logged_current_key(session=session, keyring=keyring, purpose="pseudonym").version != used:
         raise ConcurrentIngest(
             "the pseudonym key was rotated while this batch was processed; nothing was stored, "

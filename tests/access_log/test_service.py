@@ -270,6 +270,13 @@ def test_a_key_that_handed_signing_over_signs_no_more(
     with database.transaction() as session:
         note = log.signed_checkpoint(session=session, signer=successor, origin=ORIGIN)
     assert parse_checkpoint(open_note(note, successor.verifier)).size == 5
+    # Once the new key has signed a later checkpoint too: the old one signed a handover.
+    append_each(database, 1)
+    with database.transaction() as session, pytest.raises(log.SignerOutdated) as error:
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    assert "handed signing over at size 4" in error.value.detail
+    with database.session() as session:
+        assert "handed signing over" in log.check_readiness(session=session, signer=signer)
 
 
 def test_a_tree_ending_with_a_signing_key_rotation_is_signed_only_as_a_handover(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import stat
 from collections.abc import Callable
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -215,6 +216,38 @@ def test_a_staged_version_decrypts_but_becomes_current_only_when_promoted(tmp_pa
     promoted = Keyring.load(path)
     assert promoted.current("pseudonym").material == material
     assert promoted.staged("pseudonym") is None
+
+
+def test_a_keyring_is_unreadable_only_while_its_file_cannot_be_read(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    keyring = Keyring.init(path)
+    aside = tmp_path / "aside.json"
+    path.rename(aside)
+    keyring.refresh()
+    assert keyring.unreadable
+    aside.rename(path)  # the very file whose keys are held, unchanged
+    keyring.refresh()
+    assert not keyring.unreadable
+
+
+def test_a_keyring_write_reaches_the_disk_with_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is durable only once the folder is: a staged key lost in a power cut while the
+    rotation's commit survived would leave the log naming a lost key."""
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("vault")
+    assert synced == [False, True]  # the file, then its folder after the rename
 
 
 def test_a_discarded_staged_version_is_destroyed_and_its_number_stays_taken(

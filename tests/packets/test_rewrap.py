@@ -30,6 +30,7 @@ from service.records import service as records_service
 from service.records.service import WRAPPED_KEY_COLUMNS, pending_rewraps, rewrap_chunk
 from tests.conftest import TokenFactory, bearer
 from tests.packets.scenario import PACKETS, World, build_world, log_entries
+from tests.records.conftest import make_record
 
 OWNER = "prof-001"
 OTHER = "prof-002"
@@ -231,8 +232,9 @@ def test_a_worker_that_cannot_read_its_changed_keyring_signs_nothing_and_is_not_
     keys_cli: CliRunner,
     keyring_followed_at_once: None,
 ) -> None:
-    """It may hold a key that has handed signing over: what it signed, auditors would reject.
-    Just after a rotation a worker that can read the file is ready at once."""
+    """It may hold a key that has handed signing over (what it signed, auditors would reject),
+    or a pseudonym key rotated since. Just after a rotation a worker that can read the file is
+    ready at once."""
     auditor = bearer(token("auditor-001", "auditor"))
     rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
     assert rotated.exit_code == 0, rotated.output
@@ -244,9 +246,16 @@ def test_a_worker_that_cannot_read_its_changed_keyring_signs_nothing_and_is_not_
     assert "the keyring file changed but cannot be read" in refused.json()["detail"]
     ready = client.get("/readyz")
     assert ready.status_code == 503
+    # Nor does it ingest: it may not hold a pseudonym key rotated meanwhile.
+    source = bearer(token("source-welfare", "source"))
+    batch = {"subjects": [make_record(0)]}
+    refused_batch = client.post("/v1/records/batch", json=batch, headers=source)
+    assert refused_batch.status_code == 503, refused_batch.text
+    assert "nothing was stored" in refused_batch.json()["detail"]
     keyring_path.chmod(0o600)
     assert client.get("/readyz").status_code == 200
     assert client.get("/v1/audit/checkpoint", headers=auditor).status_code == 200
+    assert client.post("/v1/records/batch", json=batch, headers=source).status_code == 200
 
 
 def test_the_first_checkpoint_after_a_handover_is_signed_by_the_new_key_at_once(
