@@ -34,6 +34,7 @@ from service.access_log.service import (
     LogEntry,
     append,
     hold_lock,
+    latest_checkpoint_opens,
     logged_current_key,
     rotation_committed,
 )
@@ -759,11 +760,11 @@ def keys_rotate(
     settings = settings_or_exit()
     checked = check_purpose_or_exit(purpose)
     with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
-        settle_staged(database, keyring)
+        settle_staged(database, keyring, settings=settings)
         version = keyring.next_version(checked)
         material = new_key_material()
         # The pseudonym and log signing keys are staged while the rotation holds the log's
-        # lock, before it commits (and written back as they were if the commit fails): whoever
+        # lock, before it commits (and left staged if the commit fails: the log decides): whoever
         # uses them under that lock (an ingest checks the pseudonym key there, a checkpoint is
         # signed there) rereads the keyring then and asks the log whether the staged version's
         # rotation has committed, so none can still use the old version once it has, and none
@@ -826,18 +827,35 @@ def keys_rotate(
         console.print("so auditors who trust the old key can follow (`audit verify --handovers`)")
 
 
-def settle_staged(database: Database, keyring: LockedKeyring) -> None:
+def settle_staged(database: Database, keyring: LockedKeyring, *, settings: Settings) -> None:
     """Finish what a rotation killed between staging its version and promoting it left behind:
     the version becomes current when the log holds its rotation entry, and is discarded (its
     material destroyed; nothing used it) when that never committed. Asked under the log's lock,
-    which the killed rotation's transaction held until it ended, so the answer is final."""
+    which the killed rotation's transaction held until it ended, so the answer is final. Nothing
+    is discarded on the word of a log this keyring does not sign (the wrong database)."""
+    from service.crypto.signing import NoteSigner
+
     for purpose in PURPOSES:
         if (staged := keyring.staged(purpose)) is None:
             continue
+        verifiers = [
+            NoteSigner(name=settings.checkpoint_origin, seed=key.material).verifier
+            for key in keyring.active("log_signing")
+        ]
         with database.transaction() as session:
             hold_lock(session)
             committed = rotation_committed(session=session, staged=staged)
+            ours = latest_checkpoint_opens(session=session, verifiers=verifiers)
         name = f"{purpose} v{staged.version}"
+        if not committed and ours is False:
+            console.print(
+                f"[red]refused:[/red] {name} is staged, and this database's latest checkpoint is "
+                "signed by none of this keyring's log signing keys: is CASEPACKETS_DATABASE_URL "
+                "the database this keyring belongs to? Nothing was changed",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
         try:
             if committed:
                 keyring.promote(purpose)
@@ -942,7 +960,7 @@ def keys_retire(
     settings = settings_or_exit()
     checked = check_purpose_or_exit(purpose)
     with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
-        settle_staged(database, keyring)
+        settle_staged(database, keyring, settings=settings)
         with database.transaction() as session:
             retire_logged(session, keyring=keyring, purpose=checked, version=version)
         # Committed first: the material is destroyed only once the log says so.

@@ -44,6 +44,7 @@ from service.crypto.signing import (
     SIGNATURE_PREFIX,
     NoteError,
     NoteSigner,
+    VerifierKey,
     last_signer_key_id,
     open_note,
 )
@@ -373,6 +374,21 @@ def rotation_committed(*, session: Session, staged: Staged) -> bool:
         and entry.get("action") == "keys.rotate"
         and entry.get("object_id") == staged.object_id
     )
+
+
+def latest_checkpoint_opens(*, session: Session, verifiers: Sequence[VerifierKey]) -> bool | None:
+    """Whether any of ``verifiers`` signed the latest stored checkpoint; None when none is
+    stored. Tells a log from another one (a key command pointed at the wrong database)."""
+    latest = _latest_checkpoint(session)
+    if latest is None:
+        return None
+    for verifier in verifiers:
+        try:
+            open_note(latest.note, verifier)
+        except NoteError:
+            continue
+        return True
+    return False
 
 
 def logged_current_key(*, session: Session, keyring: KeyProvider, purpose: Purpose) -> Key:

@@ -33,13 +33,13 @@ from service.access_log.verify import VerificationFailed, bounded_lines, verify_
 from service.access_log.verify import reporting_lines as reporting
 from service.access_log.verify import root_of_lines as merkle_root_of_lines
 from service.cli import app as cli
-from service.config import get_settings
+from service.config import Settings, get_settings
 from service.crypto.keyring import Keyring, LockedKeyring, Staged
 from service.crypto.signing import NoteSigner, VerifierKey, open_note
 from service.db import Database
 from service.main import create_app
 from tests.access_log.conftest import ORIGIN, append_each, run_sql, without_triggers_sql
-from tests.conftest import bearer
+from tests.conftest import Databases, bearer
 
 Rows = list[tuple[bytes, bytes]]
 
@@ -562,6 +562,44 @@ def test_a_signing_key_rotation_killed_midway_leaves_a_log_that_verifies(
         final, *trusted, "--handovers", str(final / HANDOVERS_FILE), public_key=pinned
     )
     assert code == 0, output
+
+
+def test_a_staged_key_is_not_discarded_on_the_word_of_another_log(
+    cli_env: Path,
+    database: Database,
+    databases: Databases,
+    db_url: str,
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key command pointed at the wrong database (another deployment's) would find no
+    rotation entry there and destroy a staged key whose rotation committed in the right one."""
+    append_each(database, 5)
+    export_command(cli_env / "before")
+    killed_rotation("log_signing", "staged")
+    other_url = databases.fresh()
+    other = Database(Settings(env="test", home=home, database_url=other_url))
+    try:
+        append_each(other, 6)
+        with other.transaction() as session:
+            stranger = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+            log.signed_checkpoint(session=session, signer=stranger, origin=ORIGIN)
+    finally:
+        other.dispose()
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", other_url)
+    get_settings.cache_clear()
+    refused = CliRunner().invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2, said
+    assert "is CASEPACKETS_DATABASE_URL the database this keyring belongs to?" in said
+    assert Keyring.load(cli_env / "keyring.json").staged("log_signing") is not None
+
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    settled = CliRunner().invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+    said = " ".join(settled.output.split())
+    assert settled.exit_code == 0, said
+    assert "log_signing v2: its rotation never reached the log, so it was discarded" in said
 
 
 def test_a_signing_key_rotation_whose_commit_was_made_but_reported_failed_goes_on(
