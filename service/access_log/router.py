@@ -276,7 +276,8 @@ def install(app: FastAPI) -> None:
 
 
 def _readiness(app: FastAPI) -> Callable[[], str]:
-    def check() -> str:
+    def check_once() -> tuple[str, bool]:
+        """What readiness finds, and whether the log was read (a second look may differ)."""
         database: Database = app.state.database
         keyring: KeyProvider | None = getattr(app.state, "keyring", None)
         if keyring is not None:
@@ -284,10 +285,17 @@ def _readiness(app: FastAPI) -> Callable[[], str]:
         try:
             with database.reading() as session:
                 signer = current_signer(app.state, session)
-                return service.check_readiness(session=session, signer=signer)
+                return service.check_readiness(session=session, signer=signer), True
         except service.SignerOutdated as exc:
-            return exc.detail
+            return exc.detail, True
         except Exception as exc:
-            return f"access log unreachable ({type(exc).__name__})"
+            return f"access log unreachable ({type(exc).__name__})", False
+
+    def check() -> str:
+        # Once more when the log was read and found wanting: a handover committing between the
+        # keyring's reread and the reads of the log is judged with the key that handed over;
+        # the second look sees both. An unreachable database is not asked twice.
+        found, read = check_once()
+        return check_once()[0] if found != "ok" and read else found
 
     return check

@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from typer.testing import CliRunner
 
+from service.access_log import service as log_service
 from service.access_log.checkpoint import parse_checkpoint
 from service.cli import app as cli
 from service.config import Settings, get_settings
@@ -256,6 +257,29 @@ def test_a_worker_that_cannot_read_its_changed_keyring_signs_nothing_and_is_not_
     assert client.get("/readyz").status_code == 200
     assert client.get("/v1/audit/checkpoint", headers=auditor).status_code == 200
     assert client.post("/v1/records/batch", json=batch, headers=source).status_code == 200
+
+
+def test_a_worker_stays_ready_through_a_handover_committing_while_it_is_checked(
+    client: TestClient, token: TokenFactory, keys_cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handover commits after the check reread the keyring but before it reads the log:
+    judged with the key that handed over, the worker would be reported not ready."""
+    monkeypatch.setattr(keyring_module, "RELOAD_CHECK_SECONDS", 3600.0)
+    auditor = bearer(token("auditor-001", "auditor"))
+    assert client.get("/v1/audit/checkpoint", headers=auditor).status_code == 200
+    real_check = log_service.check_readiness
+    rotations: list[int] = []
+
+    def rotate_then_check(*, session: Session, signer: NoteSigner | None) -> str:
+        if not rotations:
+            rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
+            rotations.append(rotated.exit_code)
+        return real_check(session=session, signer=signer)
+
+    monkeypatch.setattr(log_service, "check_readiness", rotate_then_check)
+    ready = client.get("/readyz")
+    assert rotations == [0]
+    assert ready.status_code == 200, ready.text
 
 
 def test_the_first_checkpoint_after_a_handover_is_signed_by_the_new_key_at_once(
