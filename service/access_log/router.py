@@ -120,8 +120,8 @@ def get_signer(request: Request, session: SessionDep) -> NoteSigner:
     return signer
 
 
-def _refresh_keyring(request: Request) -> None:
-    keyring: KeyProvider | None = getattr(request.app.state, "keyring", None)
+def _refresh_keyring(state: State) -> None:
+    keyring: KeyProvider | None = getattr(state, "keyring", None)
     if keyring is not None:
         keyring.refresh()
 
@@ -182,7 +182,7 @@ def checkpoint(request: Request, session: SessionDep, caller: Auditor) -> PlainT
     # The entry took the log's lock: a rotation of the signing key has either committed, with
     # the keyring already written, or waits for this request. Read the keyring again now, so a
     # checkpoint after a handover is never signed by the key that handed over.
-    _refresh_keyring(request)
+    _refresh_keyring(request.app.state)
     settings: Settings = request.app.state.settings
     note = service.signed_checkpoint(
         session=session, signer=get_signer(request, session), origin=settings.checkpoint_origin
@@ -241,7 +241,7 @@ def consistency(
 def public_key(request: Request, session: SessionDep, caller: Auditor) -> PlainTextResponse:
     service.log_audit_read(session=session, caller=caller, object_id="public-key")
     # As for a checkpoint: under the log's lock, the key a rotation committed a moment ago.
-    _refresh_keyring(request)
+    _refresh_keyring(request.app.state)
     return PlainTextResponse(f"{get_signer(request, session).verifier}\n")
 
 
@@ -279,9 +279,7 @@ def _readiness(app: FastAPI) -> Callable[[], str]:
     def check_once() -> tuple[str, bool]:
         """What readiness finds, and whether the log was read (a second look may differ)."""
         database: Database = app.state.database
-        keyring: KeyProvider | None = getattr(app.state, "keyring", None)
-        if keyring is not None:
-            keyring.refresh()  # a rotation a moment ago: judged with the key it handed to
+        _refresh_keyring(app.state)  # a rotation a moment ago: judged with the key it handed to
         try:
             with database.reading() as session:
                 signer = current_signer(app.state, session)

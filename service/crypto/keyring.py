@@ -497,11 +497,7 @@ class LockedKeyring(Keyring):
         staged = self._require_staged(purpose)
         document = copy.deepcopy(self._document)
         entry = document["purposes"][staged.purpose]
-        found = entry["versions"][str(staged.version)]
-        entry["versions"][str(staged.version)] = {
-            "created_at": found.get("created_at", ""),
-            "retired_at": _now(),
-        }
+        _retire_in(entry, staged.version)
         del entry["staged"]
         self._save(document)
         return staged.version
@@ -548,12 +544,7 @@ class LockedKeyring(Keyring):
         self.check_retirable(purpose, version)
         purpose = check_purpose(purpose)
         document = copy.deepcopy(self._document)
-        entry = document["purposes"][purpose]
-        found = entry["versions"][str(version)]
-        entry["versions"][str(version)] = {
-            "created_at": found.get("created_at", ""),
-            "retired_at": _now(),
-        }
+        _retire_in(document["purposes"][purpose], version)
         self._save(document)
 
     def _require_lock(self) -> None:
@@ -606,6 +597,15 @@ def _edit_lock(path: Path, *, timeout: float) -> Iterator[_EditLock]:
             lock.held = False
     finally:
         os.close(fd)
+
+
+def _retire_in(entry: dict[str, Any], version: int) -> None:
+    """Replace ``version`` in a purpose's ``entry`` by its retired form: no material, ever."""
+    found = entry["versions"][str(version)]
+    entry["versions"][str(version)] = {
+        "created_at": found.get("created_at", ""),
+        "retired_at": _now(),
+    }
 
 
 def _age_seconds(created_at: Any) -> float:

@@ -945,12 +945,9 @@ def reassign_packet(
         )
     # The new owner has not opened it: it is theirs as newly assigned (the log keeps the
     # former owner's opens), so "opened" and ?status=assigned tell what the new owner did.
-    session.execute(
-        update(_packets)
-        .where(_packets.c.id == packet_id)
-        .values(professional_id=professional_id, status="assigned", opened_at=None)
+    packet = _update_packet(
+        session, packet, professional_id=professional_id, status="assigned", opened_at=None
     )
-    packet = replace(packet, professional_id=professional_id, status="assigned", opened_at=None)
     _log_packet(
         session,
         caller=caller,
@@ -1146,11 +1143,9 @@ def _row(session: Session, query: Any, packet_id: str) -> _PacketRow | None:
     return None if row is None else _PacketRow(*row)
 
 
-def _set_status(
-    session: Session, packet: _PacketRow, *, status: str, **stamps: datetime
-) -> _PacketRow:
-    """Move the (locked) packet to ``status``, stamping e.g. ``opened_at``; returns the new row."""
-    values: dict[str, Any] = {"status": status, **stamps}
+def _update_packet(session: Session, packet: _PacketRow, **values: Any) -> _PacketRow:
+    """Change the (locked) packet's row, e.g. its ``status`` and ``closed_at``; returns the new
+    row."""
     session.execute(update(_packets).where(_packets.c.id == packet.id).values(**values))
     return replace(packet, **values)
 
@@ -2042,7 +2037,7 @@ def close_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketP
         if why == "closed":
             raise PacketNotClosable(f"packet {packet_id} is already closed")
         raise PacketGone(f"packet {packet_id} is {why}")
-    packet = _set_status(session, packet, status="closed", closed_at=utcnow())
+    packet = _update_packet(session, packet, status="closed", closed_at=utcnow())
     _log_packet(
         session,
         caller=caller,
