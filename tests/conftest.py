@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 import pytest
@@ -272,6 +272,17 @@ class Interleaving:
             return
         self.paused.set()
         assert self.go_on.wait(10), "the test never let the paused request go on"
+
+    def stop_after(self, monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+        """Patch ``owner.<name>`` so that the first request stops right after it returns."""
+        original = getattr(owner, name)
+
+        def then_pause(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            self.pause()
+            return result
+
+        monkeypatch.setattr(owner, name, then_pause)
 
     def run(self, first: Request, second: Request) -> tuple[int, int]:
         """The two requests' statuses."""

@@ -279,6 +279,18 @@ def test_a_key_that_handed_signing_over_signs_no_more(
         assert "handed signing over" in log.check_readiness(session=session, signer=signer)
 
 
+def signing_key_rotation(version: int, reason: str) -> log.LogEntry:
+    """A rotation entry of the log signing key, as ``keys rotate`` writes one."""
+    return log.LogEntry(
+        actor="system:keys",
+        role="system",
+        action=HANDOVER_ACTION,
+        object_type="key",
+        object_id=f"{HANDOVER_OBJECT_PREFIX}v{version}",
+        reason=reason,
+    )
+
+
 def test_a_tree_ending_with_a_signing_key_rotation_is_signed_only_as_a_handover(
     database: Database, signer: NoteSigner
 ) -> None:
@@ -291,31 +303,14 @@ def test_a_tree_ending_with_a_signing_key_rotation_is_signed_only_as_a_handover(
     with database.transaction() as session:
         log.append(
             session=session,
-            entry=log.LogEntry(
-                actor="system:keys",
-                role="system",
-                action=HANDOVER_ACTION,
-                object_type="key",
-                object_id=f"{HANDOVER_OBJECT_PREFIX}v9",
-                reason=f"{log.HANDOVER_REASON}{intruder.verifier}",
-            ),
+            entry=signing_key_rotation(9, f"{log.HANDOVER_REASON}{intruder.verifier}"),
         )
     with database.transaction() as session, pytest.raises(log.LogCorrupted) as error:
         log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
     assert "entry 3 hands checkpoint signing over" in error.value.detail
     # A rotation logged before handovers existed names no key: any tree may end with it.
     with database.transaction() as session:
-        log.append(
-            session=session,
-            entry=log.LogEntry(
-                actor="system:keys",
-                role="system",
-                action=HANDOVER_ACTION,
-                object_type="key",
-                object_id=f"{HANDOVER_OBJECT_PREFIX}v2",
-                reason="new current version",
-            ),
-        )
+        log.append(session=session, entry=signing_key_rotation(2, "new current version"))
         note = log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
     assert parse_checkpoint(open_note(note, signer.verifier)).size == 5
     append_each(database, 1)  # the service's own entry after it: signed as any other tree

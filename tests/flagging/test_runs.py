@@ -392,14 +392,7 @@ def test_two_pushes_under_one_key_at_once_store_the_flags_once(
     seed_two_pushable(app, session)
     source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-0004"}
     interleaving = Interleaving()
-    pushable = flagging_service._pushable
-
-    def paused(session: Session, flags: Any) -> Any:
-        found = pushable(session, flags)
-        interleaving.pause()
-        return found
-
-    monkeypatch.setattr(flagging_service, "_pushable", paused)
+    interleaving.stop_after(monkeypatch, flagging_service, "_pushable")
     answers: list[Any] = []
 
     def push() -> Any:

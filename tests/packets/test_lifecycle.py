@@ -954,18 +954,6 @@ def partitioning(client: TestClient, token: TokenFactory, run_id: str) -> Reques
     )
 
 
-def stop_after(monkeypatch: pytest.MonkeyPatch, name: str, interleaving: Interleaving) -> None:
-    """Patch ``service.packets.service.<name>`` to stop the first request right after it."""
-    original = getattr(packets_service, name)
-
-    def then_pause(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        interleaving.pause()
-        return result
-
-    monkeypatch.setattr(packets_service, name, then_pause)
-
-
 def world_with_a_closed_packet(
     client: TestClient, token: TokenFactory
 ) -> tuple[World, dict[str, Any]]:
@@ -994,7 +982,7 @@ def test_an_erasure_during_partitioning_removes_the_new_packet_wraps(
     erased = closed["pseudonyms"][0]
     interleaving = Interleaving()
     # stopped once every candidate's vault wrap is read
-    stop_after(monkeypatch, "_candidates", interleaving)
+    interleaving.stop_after(monkeypatch, packets_service, "_candidates")
 
     statuses = interleaving.run(
         partitioning(client, token, world.run_id), erasure(client, token, erased)
@@ -1051,7 +1039,7 @@ def test_an_erasure_during_an_open_waits_so_the_log_shows_the_open_first(
     packet, erased = owners_first_client(client, token)
     interleaving = Interleaving()
     # stopped once the members' wraps and identity ciphertexts are read, before the log entry
-    stop_after(monkeypatch, "_sealed_contents", interleaving)
+    interleaving.stop_after(monkeypatch, packets_service, "_sealed_contents")
 
     def open_() -> Answer:
         owner = bearer(token(OWNER, "professional"))
@@ -1088,7 +1076,7 @@ def test_two_partitionings_at_once_place_each_client_once(
     world, _closed = world_with_a_closed_packet(client, token)
     interleaving = Interleaving()
     # stopped once the candidates, who is in an open packet and the team's loads are read
-    stop_after(monkeypatch, "_team", interleaving)
+    interleaving.stop_after(monkeypatch, packets_service, "_team")
 
     statuses = interleaving.run(
         partitioning(client, token, world.run_id), partitioning(client, token, world.run_id)
@@ -1123,7 +1111,7 @@ def test_two_reassignments_at_once_never_fill_a_professional_beyond_capacity(
     assert client.post("/v1/professionals", json=newcomer, headers=coordinator).status_code == 201
     interleaving = Interleaving()
     # stopped once the newcomer's load is read and found to leave room
-    stop_after(monkeypatch, "open_loads", interleaving)
+    interleaving.stop_after(monkeypatch, packets_service, "open_loads")
 
     def reassign(packet: dict[str, Any]) -> Request:
         return lambda: client.post(

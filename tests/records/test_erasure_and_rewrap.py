@@ -279,14 +279,7 @@ def test_an_erasure_waits_for_an_ingest_that_read_the_subject_so_its_answer_stay
     pseudonym = ingest(client, source_headers, people)[1]
     people[1]["characteristics"]["district"] = "Charlois"
     interleaving = Interleaving()
-    find_known = records_service._find_known
-
-    def paused(connection: Any, candidates: Any) -> Any:
-        found = find_known(connection, candidates)
-        interleaving.pause()
-        return found
-
-    monkeypatch.setattr(records_service, "_find_known", paused)
+    interleaving.stop_after(monkeypatch, records_service, "_find_known")
     finished: list[str] = []
     answers: dict[str, Any] = {}
 

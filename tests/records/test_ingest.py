@@ -369,13 +369,8 @@ def test_a_batch_racing_another_for_the_same_new_subject_gets_409_and_stores_not
     collides with it: a retryable 409. On SQLite it waits for the write lock and then finds the
     subject known, so both succeed."""
     interleaving = Interleaving()
-    refresh = records_service._refresh_statistics
-
-    def refresh_then_pause(*args: Any, **kwargs: Any) -> None:
-        refresh(*args, **kwargs)
-        interleaving.pause()  # the first batch's rows are written, not yet committed
-
-    monkeypatch.setattr(records_service, "_refresh_statistics", refresh_then_pause)
+    # stopped once the first batch's rows are written, not yet committed
+    interleaving.stop_after(monkeypatch, records_service, "_refresh_statistics")
     first_body = {"subjects": [make(0)]}
     second_body = first_body if retry else {"subjects": [make(0, prefix="uwv")]}
     second_headers = source_headers if retry else bearer(token("source-uwv", "source"))
