@@ -33,6 +33,7 @@ from service.access_log.checkpoint import parse_checkpoint
 from service.access_log.handover import handover_line, handover_notes
 from service.crypto.signing import NoteSigner, open_note
 from service.db import Database
+from service.durable import sync_folder
 
 ENTRIES_FILE = "entries.ndjson"
 LEAF_HASHES_FILE = "leaf-hashes.bin"
@@ -110,7 +111,11 @@ def export_log(
             checkpoint_file.write(note.encode("utf-8"))
         with _owner_only_file(staged / PUBLIC_KEY_FILE) as key_file:
             key_file.write(f"{current.verifier}\n".encode())
+        # The files' names, then the export's own, on disk before the command says it is done:
+        # after a power cut the target holds the earlier export or the whole new one.
+        sync_folder(staged)
         _move_into_place(staged=staged, target=target, previous=previous, shown_as=folder)
+        sync_folder(target.parent)
     finally:
         # Kept only if the earlier export could not be moved back: it is then in ``previous``.
         if os.path.lexists(target) or not os.path.lexists(previous):

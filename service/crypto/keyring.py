@@ -54,6 +54,8 @@ from typing import Any, Literal, Protocol, get_args
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from service.durable import sync_folder
+
 Purpose = Literal["pseudonym", "vault", "packet", "log_signing"]
 PURPOSES: tuple[Purpose, ...] = get_args(Purpose)
 KEY_BYTES = 32
@@ -199,11 +201,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp_name, path)
         # The rename itself survives a power cut only once its folder is on disk: a staged key
         # lost while the rotation's commit survived would leave the log naming a lost key.
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        sync_folder(path.parent)
     except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
         if isinstance(exc, OSError):

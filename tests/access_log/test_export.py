@@ -135,6 +135,33 @@ def test_an_export_over_an_earlier_one_replaces_it_and_verifies(
     assert [path.name for path in folder.parent.iterdir()] == ["export"], "the earlier one is gone"
 
 
+def test_an_export_reaches_the_disk_with_its_folders(
+    database: Database, signer: NoteSigner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each file is synced, then the folder holding their names, and once the export is renamed
+    into place, the folder holding its name: a power cut after the command ends cannot take the
+    new export (or part of it) back."""
+    append_each(database, 4)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    append_each(database, 3)
+    folder_syncs: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            published = (folder / ENTRIES_FILE).read_bytes().count(b"\n") == 7
+            folder_syncs.append((os.readlink(f"/proc/self/fd/{fd}"), published))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    export(database, signer, folder)
+    (staged, staged_published), (parent, parent_published) = folder_syncs
+    assert staged.endswith(".partial/export")
+    assert not staged_published, "the staged folder is synced before it is renamed into place"
+    assert Path(parent) == folder.parent.resolve()
+    assert parent_published, "the parent is synced after the rename"
+
+
 def test_a_folder_holding_other_files_is_refused_before_signing(
     database: Database, tmp_path: Path
 ) -> None:
