@@ -12,14 +12,19 @@ folder beside the target and then moved into place by renames: a failure or an i
 the target as it was (an earlier export, or nothing) or the complete new export, never a mix of
 the two. Only an earlier export (a folder holding nothing but export files) is replaced; any
 other folder or file at the target is refused before a checkpoint is signed for it.
+
+One export at a time writes to a target (a lock file beside it; a second is refused at once), so
+the private folder has one name, and what a killed export left there (``kill -9``, a power cut)
+is found by the next: the earlier export it had moved aside goes back first when the target is
+missing, and the rest, which names pseudonyms, is deleted.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,57 +75,115 @@ def export_log(
     # Resolved so that a symbolic link keeps pointing at the export and the renames stay on the
     # file system of the folder itself.
     target = folder.resolve()
-    _refuse_unless_replaceable(target, shown_as=folder)
-    with database.transaction() as session:
-        service.hold_lock(session)
-        current = signer(session)
-        note = service.signed_checkpoint(session=session, signer=current, origin=origin)
-    size = parse_checkpoint(open_note(note, current.verifier)).size
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    )
+    staging = target.with_name(f".{target.name}.partial")
     staged, previous = staging / "export", staging / "previous"
-    try:
-        staged.mkdir(mode=0o700)
-        on_start(size)
-        with (
-            _owner_only_file(staged / ENTRIES_FILE) as entries,
-            _owner_only_file(staged / LEAF_HASHES_FILE) as hashes,
-        ):
-            for chunk_start in range(0, size, chunk):
-                chunk_end = min(size, chunk_start + chunk)
-                with database.reading() as session:
-                    for data in service.iter_entries(
-                        session=session, start=chunk_start, end=chunk_end
-                    ):
-                        entries.write(data + b"\n")
-                    for leaf in service.iter_leaf_hashes(
-                        session=session, start=chunk_start, end=chunk_end
-                    ):
-                        hashes.write(leaf)
-                on_progress(chunk_end - chunk_start)
-        with database.reading() as session:
-            handovers = handover_notes(session=session, up_to=size)
-        with _owner_only_file(staged / HANDOVERS_FILE) as handover_file:
-            for handover_size in sorted(handovers):
-                handover_file.write(
-                    handover_line(handover_size, handovers[handover_size]).encode("utf-8")
-                )
-        with _owner_only_file(staged / CHECKPOINT_FILE) as checkpoint_file:
-            checkpoint_file.write(note.encode("utf-8"))
-        with _owner_only_file(staged / PUBLIC_KEY_FILE) as key_file:
-            key_file.write(f"{current.verifier}\n".encode())
-        # The files' names, then the export's own, on disk before the command says it is done:
-        # after a power cut the target holds the earlier export or the whole new one.
-        sync_folder(staged)
-        _move_into_place(staged=staged, target=target, previous=previous, shown_as=folder)
-        sync_folder(target.parent)
-    finally:
-        # Kept only if the earlier export could not be moved back: it is then in ``previous``.
-        if os.path.lexists(target) or not os.path.lexists(previous):
-            shutil.rmtree(staging, ignore_errors=True)
+    with _only_export_into(target, shown_as=folder):
+        _clear_leftovers(staging, target=target, previous=previous)
+        _refuse_unless_replaceable(target, shown_as=folder)
+        with database.transaction() as session:
+            service.hold_lock(session)
+            current = signer(session)
+            note = service.signed_checkpoint(session=session, signer=current, origin=origin)
+        size = parse_checkpoint(open_note(note, current.verifier)).size
+        staging.mkdir(mode=0o700)
+        try:
+            _write_export(
+                database=database,
+                staged=staged,
+                note=note,
+                current=current,
+                size=size,
+                on_start=on_start,
+                on_progress=on_progress,
+                chunk=chunk,
+            )
+            _move_into_place(staged=staged, target=target, previous=previous, shown_as=folder)
+            sync_folder(target.parent)
+        finally:
+            # Kept only if the earlier export could not be moved back: it is then in
+            # ``previous``, and the next export puts it back.
+            if os.path.lexists(target) or not os.path.lexists(previous):
+                shutil.rmtree(staging, ignore_errors=True)
     return Exported(size=size, folder=folder)
+
+
+@contextmanager
+def _only_export_into(target: Path, *, shown_as: Path) -> Iterator[None]:
+    """Held while this export writes ``target``: another export into it is refused (``OSError``,
+    before a checkpoint is signed) rather than waited for. Released when the process dies."""
+    lock = os.open(
+        target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(
+                errno.EBUSY,
+                "another export into it is running; try again when it ends",
+                str(shown_as),
+            ) from None
+        yield
+    finally:
+        os.close(lock)
+
+
+def _clear_leftovers(staging: Path, *, target: Path, previous: Path) -> None:
+    """Undo what an export killed midway left in ``staging``: the earlier export it had moved
+    aside goes back to ``target`` if nothing took its place, and the rest is deleted."""
+    if not os.path.lexists(staging):
+        return
+    if os.path.isdir(previous) and not os.path.lexists(target):
+        os.rename(previous, target)
+    shutil.rmtree(staging)
+    sync_folder(target.parent)
+
+
+def _write_export(
+    *,
+    database: Database,
+    staged: Path,
+    note: str,
+    current: NoteSigner,
+    size: int,
+    on_start: Callable[[int], None],
+    on_progress: Callable[[int], None],
+    chunk: int,
+) -> None:
+    """Write the export of the ``size`` entries that ``note`` (signed by ``current``) covers
+    into the new folder ``staged``, every file and name on disk."""
+    staged.mkdir(mode=0o700)
+    on_start(size)
+    with (
+        _owner_only_file(staged / ENTRIES_FILE) as entries,
+        _owner_only_file(staged / LEAF_HASHES_FILE) as hashes,
+    ):
+        for chunk_start in range(0, size, chunk):
+            chunk_end = min(size, chunk_start + chunk)
+            with database.reading() as session:
+                for data in service.iter_entries(session=session, start=chunk_start, end=chunk_end):
+                    entries.write(data + b"\n")
+                for leaf in service.iter_leaf_hashes(
+                    session=session, start=chunk_start, end=chunk_end
+                ):
+                    hashes.write(leaf)
+            on_progress(chunk_end - chunk_start)
+    with database.reading() as session:
+        handovers = handover_notes(session=session, up_to=size)
+    with _owner_only_file(staged / HANDOVERS_FILE) as handover_file:
+        for handover_size in sorted(handovers):
+            handover_file.write(
+                handover_line(handover_size, handovers[handover_size]).encode("utf-8")
+            )
+    with _owner_only_file(staged / CHECKPOINT_FILE) as checkpoint_file:
+        checkpoint_file.write(note.encode("utf-8"))
+    with _owner_only_file(staged / PUBLIC_KEY_FILE) as key_file:
+        key_file.write(f"{current.verifier}\n".encode())
+    # The files' names, then (once renamed into place) the export's own, on disk before the
+    # command says it is done: after a power cut the target holds the earlier export or the
+    # whole new one.
+    sync_folder(staged)
 
 
 def _refuse_unless_replaceable(target: Path, *, shown_as: Path) -> None:

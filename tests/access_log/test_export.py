@@ -4,6 +4,7 @@ step: a failure midway leaves the earlier export exactly as it was, and nothing 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -39,6 +40,11 @@ def mode(path: Path) -> int:
 
 def contents(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def beside(folder: Path) -> list[str]:
+    """What the export's parent folder holds, apart from the lock file of exports into it."""
+    return sorted(p.name for p in folder.parent.iterdir() if p.name != f".{folder.name}.lock")
 
 
 def test_a_new_export_is_readable_by_its_owner_only(
@@ -77,7 +83,7 @@ def test_an_export_that_fails_midway_leaves_the_earlier_export_as_it_was(
     with pytest.raises(type(failure)):
         export(database, signer, folder)
     assert contents(folder) == earlier
-    assert [path.name for path in folder.parent.iterdir()] == ["export"], "no partial export left"
+    assert beside(folder) == ["export"], "no partial export left"
 
 
 def test_an_export_that_cannot_be_moved_into_place_puts_the_earlier_one_back(
@@ -101,7 +107,7 @@ def test_an_export_that_cannot_be_moved_into_place_puts_the_earlier_one_back(
         export(database, signer, folder)
     assert published, "the new export was to be renamed into place"
     assert contents(folder) == earlier
-    assert [path.name for path in folder.parent.iterdir()] == ["export"], "no partial export left"
+    assert beside(folder) == ["export"], "no partial export left"
 
 
 def test_an_export_over_an_earlier_one_replaces_it_and_verifies(
@@ -132,7 +138,7 @@ def test_an_export_over_an_earlier_one_replaces_it_and_verifies(
     assert verified.checkpoint.size == 12
     assert verified.trusted is not None
     assert verified.trusted.size == 5
-    assert [path.name for path in folder.parent.iterdir()] == ["export"], "the earlier one is gone"
+    assert beside(folder) == ["export"], "the earlier one is gone"
 
 
 def test_an_export_reaches_the_disk_with_its_folders(
@@ -160,6 +166,69 @@ def test_an_export_reaches_the_disk_with_its_folders(
     assert not staged_published, "the staged folder is synced before it is renamed into place"
     assert Path(parent) == folder.parent.resolve()
     assert parent_published, "the parent is synced after the rename"
+
+
+def test_an_export_killed_between_its_renames_is_undone_by_the_next(
+    database: Database, signer: NoteSigner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed (``kill -9``, a power cut) after moving the earlier export aside and before
+    renaming the new one into place: the next export puts the earlier one back before it
+    begins, so that one failing too still leaves the earlier export where it was."""
+    append_each(database, 4)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    earlier = contents(folder)
+    staging = folder.with_name(".export.partial")
+    staging.mkdir(mode=0o700)
+    (staging / "export").mkdir(mode=0o700)
+    (staging / "export" / ENTRIES_FILE).write_bytes(b"a new export, complete or not\n")
+    folder.rename(staging / "previous")  # as the killed export left it
+    append_each(database, 2)
+
+    def fail(**_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "handover_notes", fail)
+    with pytest.raises(OSError, match="No space"):
+        export(database, signer, folder)
+    assert contents(folder) == earlier
+    assert beside(folder) == ["export"], "nothing of the killed export left"
+
+
+def test_what_an_export_killed_while_writing_left_is_deleted_by_the_next(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """The half-written export of a killed run names pseudonyms: the next export deletes it."""
+    append_each(database, 3)
+    folder = tmp_path / "exports" / "export"
+    staging = folder.parent / ".export.partial"
+    (staging / "export").mkdir(parents=True, mode=0o700)
+    (staging / "export" / ENTRIES_FILE).write_bytes(b'{"pseudonyms": ["..."]}\n')
+    export(database, signer, folder)
+    assert beside(folder) == ["export"]
+    assert len((folder / ENTRIES_FILE).read_bytes().splitlines()) == 3
+
+
+def test_a_second_export_into_the_same_folder_is_refused_while_one_runs(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """Refused at once, before it signs a checkpoint, and nothing of the running one touched."""
+    append_each(database, 3)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    earlier = contents(folder)
+    lock = os.open(folder.parent / ".export.lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running export holds it
+
+        def refused_signer(_session: Session) -> NoteSigner:
+            raise AssertionError("a checkpoint was to be signed for an export that is refused")
+
+        with pytest.raises(OSError, match="another export into it is running") as refused:
+            export_log(database=database, signer=refused_signer, origin=ORIGIN, folder=folder)
+        assert refused.value.filename == str(folder)
+    finally:
+        os.close(lock)
+    assert contents(folder) == earlier
+    export(database, signer, folder)  # once it has ended
 
 
 def test_a_folder_holding_other_files_is_refused_before_signing(
