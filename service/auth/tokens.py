@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard
 
 import anyio
 import httpx
@@ -69,6 +69,11 @@ class InvalidToken(Exception):
 class _FetchDue(Exception):
     """A key lookup that must not fetch found the URL's keys stale or the ``kid`` unknown, and a
     fetch may be made now: the caller fetches (off its event loop) and looks again."""
+
+
+# What a key lookup does when a fetch of the URL's keys is due: make it, raise ``_FetchDue``
+# (the caller makes it off its event loop), or go on with the keys held.
+WhenDue = Literal["fetch", "defer", "skip"]
 
 
 @dataclass(frozen=True)
@@ -205,16 +210,17 @@ class KeySet:
         key = self._trusted_url_keys().get(kid)
         return key if key is not None else self._pinned.get(kid)
 
-    def get(self, kid: str, *, fetch: bool = True) -> dict[str, Any] | None:
+    def get(self, kid: str, *, when_due: WhenDue = "fetch") -> dict[str, Any] | None:
         """The trusted key ``kid``, fetching the URL first when that is due.
 
-        With ``fetch=False`` a due fetch raises ``_FetchDue`` instead of being made here.
+        With ``when_due="defer"`` a due fetch raises ``_FetchDue`` instead of being made here;
+        with ``"skip"`` the keys held are used as they are.
         """
         key = self._lookup(kid)
         if self._url and (key is None or self._is_stale()):
             # Stale keys may include withdrawn ones; an unknown kid may mean the provider rotated.
-            if not fetch:
-                if self._fetch_allowed():
+            if when_due != "fetch":
+                if when_due == "defer" and self._fetch_allowed():
                     raise _FetchDue
                 return key
             self.refresh_if_due()
@@ -313,26 +319,28 @@ class TokenVerifier:
         """``verify`` for the event loop: a JWKS fetch that is due runs in a worker thread, so
         the loop (and every other request of this worker) does not wait on the provider."""
         try:
-            return self.verify(token, fetch=False)
+            return self.verify(token, when_due="defer")
         except _FetchDue:
             await anyio.to_thread.run_sync(self.keys.refresh_if_due)
-        return self.verify(token, fetch=False)
+        # With the keys that fetch left: one that took longer than the retry interval finds
+        # another one due, which this request does not make or wait for.
+        return self.verify(token, when_due="skip")
 
-    def verify(self, token: str, *, fetch: bool = True) -> VerifiedToken:
+    def verify(self, token: str, *, when_due: WhenDue = "fetch") -> VerifiedToken:
         """The token's subject and roles once every check passed, or ``InvalidToken``.
 
-        ``fetch=False`` is for ``verify_async``: a due JWKS fetch raises ``_FetchDue`` instead.
+        ``when_due`` is for ``verify_async``: what a due JWKS fetch does (``KeySet.get``).
         """
         digest = self._memory_key(token)
         remembered = self._remembered.get(digest)
         if remembered is not None:
-            if self.keys.get(remembered.kid, fetch=fetch) is remembered.key:
+            if self.keys.get(remembered.kid, when_due=when_due) is remembered.key:
                 if not self._expired(remembered.token.expires_at, now=self._clock()):
                     return remembered.token
                 self._forget(digest)
                 raise InvalidToken("token has expired")
             self._forget(digest)  # the key was rotated or withdrawn: check everything again
-        verified, kid, key = self._verify(token, fetch=fetch)
+        verified, kid, key = self._verify(token, when_due=when_due)
         with self._remembered_lock:
             if len(self._remembered) >= MAX_REMEMBERED_TOKENS:
                 self._remembered.pop(next(iter(self._remembered)))
@@ -360,7 +368,9 @@ class TokenVerifier:
         with self._remembered_lock:
             self._remembered.pop(digest, None)
 
-    def _verify(self, token: str, *, fetch: bool) -> tuple[VerifiedToken, str, dict[str, Any]]:
+    def _verify(
+        self, token: str, *, when_due: WhenDue
+    ) -> tuple[VerifiedToken, str, dict[str, Any]]:
         """Every check on the token itself; returns it with the ``kid`` and pinned key used."""
         try:
             header = jwt.get_unverified_header(token)
@@ -378,7 +388,7 @@ class TokenVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("token header needs a 'kid'")
-        key = self.keys.get(kid, fetch=fetch)
+        key = self.keys.get(kid, when_due=when_due)
         if key is None:
             raise InvalidToken("token is signed by an unknown key")
         if key.get("kty") != KEY_TYPE_FOR_ALGORITHM[self.algorithm] or key.get("alg") not in (
@@ -408,6 +418,10 @@ class TokenVerifier:
             # python-jose compares the time claims through int(): a null, a list, a text or an
             # infinite value fails there rather than with a JOSEError.
             raise InvalidToken(TIME_CLAIMS_REASON) from None
+        except RecursionError:
+            # python-jose parses the signed claims with json.loads, which gives up on JSON
+            # nested deeper than Python's recursion limit.
+            raise InvalidToken("token claims are nested too deeply") from None
         if claims.get("typ", "Bearer") != "Bearer":
             raise InvalidToken(TYPE_REASON)
         subject = claims.get("sub")

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -751,6 +752,58 @@ def test_a_due_refresh_runs_off_the_event_loop_while_other_requests_go_on(
     assert loop_waited == [False]
     assert verified == ["s", "new key"]
     assert provider.fetched_at == [1000.0, 1300.0]
+
+
+def test_a_fetch_slower_than_the_retry_interval_answers_the_request_on_the_keys_it_brought(
+    home_key: bytes,
+) -> None:
+    """The request that waited for the fetch is then judged on the keys held: it never asks
+    for a second fetch (found due again once the first took over a minute), which escaped as a
+    500."""
+    issuer, rotated = rs256_issuer(home_key), rs256_issuer(generate_private_pem("RS256"))
+    provider = FakeProvider(issuer.public_jwk)
+
+    def slow_fetch(url: str) -> Mapping[str, Any]:
+        answer = provider.fetch(url)
+        if len(provider.fetched_at) > 1:  # the fetch at start-up answers at once
+            provider.now += 61  # a provider dripping its answer (the timeout is per read)
+        return answer
+
+    verifier = rs256_verifier(
+        KeySet(url=provider.url, fetch=slow_fetch, clock=lambda: provider.now)
+    )
+    provider.keys.append(rotated.public_jwk)
+    provider.now += 61
+    assert anyio.run(verifier.verify_async, rotated.mint(subject="new key", roles=[])).subject
+    unknown = DevIssuer(
+        private_pem=generate_private_pem("RS256"),
+        algorithm="RS256",
+        issuer=issuer.issuer,
+        audience=issuer.audience,
+        kid="made-up",
+    )
+    provider.now += 61
+    with pytest.raises(InvalidToken, match="unknown key"):
+        anyio.run(verifier.verify_async, unknown.mint(subject="s", roles=[]))
+    assert provider.fetched_at == [1000.0, 1061.0, 1183.0]
+
+
+def test_claims_nested_too_deeply_to_parse_are_refused_as_a_token(home_key: bytes) -> None:
+    """Signed by a trusted key (an identity provider passing on a user's JSON attribute), the
+    claims are parsed only after the signature checks out: too deep for the parser is a 401."""
+    issuer = rs256_issuer(home_key)
+    nested: Any = "deep"
+    for _ in range(1200):
+        nested = [nested]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(5000)  # for the issuer's encoder; the service parses with the usual
+    try:
+        token = issuer.mint(subject="s", roles=[], extra_claims={"profile": nested})
+    finally:
+        sys.setrecursionlimit(limit)
+    assert len(token) < 8192
+    with pytest.raises(InvalidToken, match="nested too deeply"):
+        rs256_verifier(KeySet([issuer.public_jwk])).verify(token)
 
 
 def test_jwks_refresh_seconds_is_read_from_the_environment_and_must_be_positive(
