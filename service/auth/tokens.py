@@ -265,6 +265,15 @@ def _public_members(key: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in key.items() if name not in private}
 
 
+def _for_signatures(key: Mapping[str, Any]) -> bool:
+    """Whether a JWK may verify signatures: its ``use``, when given, is ``sig`` and its
+    ``key_ops``, when given, include ``verify`` (RFC 7517 4.2, 4.3)."""
+    key_ops = key.get("key_ops")
+    return key.get("use", "sig") == "sig" and (
+        key_ops is None or (isinstance(key_ops, list) and "verify" in key_ops)
+    )
+
+
 def _roles_at(claims: Mapping[str, Any], path: str) -> frozenset[str]:
     value: Any = claims
     for part in path.split("."):
@@ -396,6 +405,8 @@ class TokenVerifier:
             self.algorithm,
         ):
             raise InvalidToken("pinned key does not fit the accepted algorithm")
+        if not _for_signatures(key):
+            raise InvalidToken("pinned key is not meant for verifying signatures")
         try:
             claims = jwt.decode(
                 token,

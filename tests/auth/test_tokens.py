@@ -806,6 +806,22 @@ def test_claims_nested_too_deeply_to_parse_are_refused_as_a_token(home_key: byte
         rs256_verifier(KeySet([issuer.public_jwk])).verify(token)
 
 
+@pytest.mark.parametrize(
+    "marking",
+    [{"use": "enc"}, {"key_ops": ["encrypt"]}, {"key_ops": "verify"}],
+    ids=["use-enc", "key-ops-without-verify", "key-ops-not-a-list"],
+)
+def test_a_pinned_key_marked_for_another_use_verifies_no_token(
+    home_key: bytes, marking: dict[str, Any]
+) -> None:
+    issuer = rs256_issuer(home_key)
+    token = issuer.mint(subject="s", roles=[])
+    with pytest.raises(InvalidToken, match="not meant for verifying signatures"):
+        rs256_verifier(KeySet([{**issuer.public_jwk, **marking}])).verify(token)
+    for fit in ({"use": "sig"}, {"key_ops": ["verify"]}, {}):
+        assert rs256_verifier(KeySet([{**issuer.public_jwk, **fit}])).verify(token).subject
+
+
 def test_jwks_refresh_seconds_is_read_from_the_environment_and_must_be_positive(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
