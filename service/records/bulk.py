@@ -240,6 +240,12 @@ def _failing_rows(
     return failing
 
 
+def _as_row_error(loc: Sequence[int | str], reason: str) -> dict[str, Any]:
+    """A problem the import found in a subject's record, shaped as the service's error about a
+    row of a batch (``_refused_lines``)."""
+    return {"loc": ["subjects", 0, *loc], "msg": reason}
+
+
 def _refused_lines(
     item: _Pending, errors: Sequence[dict[str, Any]]
 ) -> Iterator[tuple[list[int], str, str]]:
@@ -414,15 +420,21 @@ def import_csv(
                 result.rejected.append(Rejection(line, tuple(fields), reason))
 
     def leave_out(item: _Pending, errors: Sequence[dict[str, Any]]) -> None:
-        """Reject the lines of a subject the service refused: the lines the errors name with
-        their reasons, and the subject's other lines as left out with it."""
-        named: dict[int, None] = {}
+        """Reject the lines of a refused subject: each line the errors name once, with its
+        fields and reasons, and the subject's other lines as left out with it."""
+        named: dict[int, tuple[dict[str, None], dict[str, None]]] = {}
         for lines, field_name, reason in _refused_lines(item, errors):
-            reject(lines, (field_name,), reason)
-            named.update(dict.fromkeys(lines))
-        first_named = min(named)
-        others = [line for line in item.lines if line not in named]
-        reject(others, ("row",), f"its subject is left out for line {first_named}")
+            for line in lines:
+                fields, reasons = named.setdefault(line, ({}, {}))
+                fields[field_name] = None
+                reasons[reason] = None
+        left_out_for = f"its subject is left out for line {min(named)}"
+        for line in sorted(item.lines):
+            if line in named:
+                fields, reasons = named[line]
+                reject([line], sorted(fields), "; ".join(reasons))
+            else:
+                reject([line], ("row",), left_out_for)
 
     def commit(batch: list[_Valid], first_line: int) -> list[_Valid] | None:
         """Store the batch, leaving out the subjects the service refuses; the subjects stored, or
@@ -479,12 +491,16 @@ def import_csv(
             try:
                 record = SUBJECT_RECORD.validate_python(item.record)
             except ValidationError as exc:
-                names = sorted({_field_names(dict(e)) for e in exc.errors()})
-                reject(item.lines, names, "invalid value")
+                # Where, never the message: pydantic's may quote the value.
+                leave_out(item, [_as_row_error(e["loc"], "invalid value") for e in exc.errors()])
                 continue
-            unknown = [e for e in record["events"] if e["type"] not in event_types]
+            unknown = [
+                _as_row_error(("events", number, "type"), "unknown event type")
+                for number, event in enumerate(record["events"])
+                if event["type"] not in event_types
+            ]
             if unknown:
-                reject(item.lines, ("event_type",), "unknown event type")
+                leave_out(item, unknown)
                 continue
             batch.append(_Valid(subject, item, record))
         first_line = min((item.lines[0] for item in pending.values()), default=0)

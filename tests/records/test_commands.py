@@ -827,6 +827,34 @@ def test_a_subject_with_a_line_the_service_refuses_is_left_out_whole_with_its_li
     assert count_rows(cli_session, "events") == 3  # 1-0 from before, 0-0 and 2-0
 
 
+def test_a_subject_with_an_invalid_line_is_left_out_whole_with_only_that_line_blamed(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    """The import's own checks name the line at fault, as the service's refusals do; the
+    subject's good lines are reported as left out with it, never as invalid themselves."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    rows = [
+        line(0, 0),
+        line(0, 1, event_date="2024-02-31"),
+        line(0, 2),
+        line(1, 0),
+        line(1, 1, event_type="lottery_win"),
+        line(2, 0),
+    ]
+    path = write_csv(tmp_path / "records.csv", rows)
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 1, output
+    said = " ".join(output.split())
+    assert "line 2: row: its subject is left out for line 3" in said
+    assert "line 3: event_date: invalid value" in said
+    assert "line 4: row: its subject is left out for line 3" in said
+    assert "line 5: row: its subject is left out for line 6" in said
+    assert "line 6: event_type: unknown event type" in said
+    assert "5 lines rejected" in said
+    assert "imported 1 subjects, 1 new events" in said
+    assert count_rows(cli_session, "subjects") == 1
+
+
 def refusing_row_zero(calls: list[int]) -> Any:
     """An ``ingest_batch`` that refuses every batch for its first row, as if each retry met a
     new conflict."""
