@@ -55,8 +55,13 @@ def _loader(content: str | bytes, *, source: str) -> Iterator[yaml.SafeLoader]:
             yield loader
         finally:
             loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        # One line, at the line where the parser gave up: its full report spans several.
+        mark = exc.problem_mark
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise PolicyYAMLError(f"{where}: not valid YAML: {exc.problem}") from exc
     except yaml.YAMLError as exc:
-        raise PolicyYAMLError(f"{source}: not valid YAML: {exc}") from exc
+        raise PolicyYAMLError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from exc
 
 
 def _checked_root(loader: yaml.SafeLoader, *, source: str) -> yaml.Node | None:

@@ -76,10 +76,14 @@ def test_a_key_given_twice_is_refused_naming_the_lines(text: str, message: str) 
         assert str(caught.value).startswith(message)
 
 
-def test_not_yaml_is_refused_naming_the_file() -> None:
-    with pytest.raises(PolicyYAMLError, match=r"^p\.yaml: not valid YAML"):
+def test_not_yaml_is_refused_in_one_line_naming_the_file_and_line() -> None:
+    with pytest.raises(PolicyYAMLError) as caught:
+        load_policy_yaml("rules:\n  - a\n  bogus: [\n", source="p.yaml")
+    assert str(caught.value).startswith("p.yaml:3: not valid YAML: ")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(PolicyYAMLError, match=r"^p\.yaml:1: not valid YAML: mapping values"):
         load_policy_yaml("a: b: c\n", source="p.yaml")
-    with pytest.raises(PolicyYAMLError, match=r"^p\.yaml: not valid YAML"):
+    with pytest.raises(PolicyYAMLError, match=r"^p\.yaml: not valid YAML: [^\n]*position 3$"):
         load_policy_yaml(b"a: \xff\n", source="p.yaml")
 
 
