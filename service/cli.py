@@ -39,7 +39,7 @@ from service.access_log.service import (
     rotation_committed,
 )
 from service.auth.permissions import Role
-from service.auth.tokens import DevIssuer
+from service.auth.tokens import DevIssuer, KeySet
 from service.config import Settings, UnsafeSettings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
 from service.crypto.keyring import (
@@ -127,6 +127,22 @@ def policies_or_exit(settings: Settings) -> None:
         load_policies(settings.policies_dir)
     except (OSError, ValueError) as exc:
         console.print(f"[red]policy refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def token_keys_or_exit(settings: Settings) -> None:
+    """Read the pinned JWKS file once, as every worker will, so a missing or broken one is a
+    line naming it before any worker starts (and fails, and is restarted) with a traceback."""
+    if settings.jwks_file is None:
+        return
+    try:
+        KeySet.from_file(settings.jwks_file)
+    except ValueError as exc:
+        console.print(
+            f"[red]configuration refused:[/red] CASEPACKETS_JWKS_FILE: {exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(2) from None
 
 
@@ -233,7 +249,18 @@ def token(
             highlight=False,
         )
         raise typer.Exit(2)
+    key_path = settings.dev_issuer_key_path
+    first_key = not key_path.exists()
     issuer = dev_issuer(settings)
+    if first_key:
+        # Most often a command run from another folder than the service's (CASEPACKETS_HOME
+        # defaults to ./var): its tokens would be refused as signed by an unknown key.
+        console.print(
+            f"[yellow]created a new built-in issuer key at {key_path.resolve()}[/yellow]: a "
+            "service already running with another CASEPACKETS_HOME refuses this token; run "
+            "the command where the service runs, or set CASEPACKETS_HOME to its data folder",
+            highlight=False,
+        )
     print(
         issuer.mint(
             subject=sub,
@@ -378,6 +405,7 @@ def serve(
 
     settings = settings_or_exit()
     policies_or_exit(settings)
+    token_keys_or_exit(settings)
     prepare(settings)
     # Read as every worker will read it, so a keyring it would refuse (too open, unreadable)
     # is one line naming what to fix, not a traceback from each worker.
@@ -445,7 +473,8 @@ app.add_typer(audit, name="audit")
 def audit_export(
     out: Annotated[Path, typer.Option(help="folder for the export files")],
 ) -> None:
-    """Sign a checkpoint and write entries, leaf hashes, checkpoint and public key to OUT."""
+    """Sign a checkpoint and write the entries it covers, their leaf hashes, the checkpoint, its
+    public key and the signing key's handovers to the folder --out."""
     from rich.progress import Progress
 
     from service.access_log.export import export_log

@@ -47,6 +47,20 @@ def test_token_command_prints_a_token_the_service_accepts(cli_home: Path) -> Non
     }
 
 
+def test_token_command_says_when_it_made_the_issuer_key_it_signs_with(cli_home: Path) -> None:
+    """Run from another folder than the service's, it makes a key of its own, whose tokens
+    that service refuses: the command says so, once."""
+    runner = CliRunner()
+    first = runner.invoke(cli, ["token", "--sub", "x", "--role", "analyst"])
+    assert first.exit_code == 0, first.output
+    (key,) = cli_home.glob("dev-issuer-*.pem")
+    assert f"created a new built-in issuer key at {key}" in one_line(first.stderr)
+    assert first.stdout.strip().startswith("eyJ")
+    again = runner.invoke(cli, ["token", "--sub", "x", "--role", "analyst"])
+    assert again.exit_code == 0, again.output
+    assert again.stderr == ""
+
+
 def test_token_command_mints_nothing_beside_an_identity_provider(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -192,6 +206,33 @@ def test_serve_refuses_a_keyring_open_to_others_in_one_line_before_starting(
     assert f"run chmod 600 {keyring}" in said
     assert "Traceback" not in said
     assert started == []
+
+
+@pytest.mark.parametrize(
+    ("contents", "problem"),
+    [(None, "No such file or directory"), ("{", "Expecting"), ('{"keys": []}', "no key with")],
+    ids=["missing", "not-json", "no-keys"],
+)
+def test_serve_refuses_a_jwks_file_it_cannot_use_in_one_line_before_starting(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch, contents: str | None, problem: str
+) -> None:
+    """Each worker would fail on it with a traceback, and uvicorn would restart them for ever."""
+    jwks = cli_home / "jwks.json"
+    if contents is not None:
+        jwks.write_text(contents)
+    monkeypatch.setenv("CASEPACKETS_DEV_ISSUER", "false")
+    monkeypatch.setenv("CASEPACKETS_JWKS_FILE", str(jwks))
+    get_settings.cache_clear()
+    started: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(a))
+    result = CliRunner().invoke(cli, ["serve", "--no-print-tokens"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith("configuration refused: CASEPACKETS_JWKS_FILE: ")
+    assert problem in said
+    assert "Traceback" not in said
+    assert started == []
+    assert not (cli_home / "keyring.json").exists()  # refused before anything was prepared
 
 
 # -- a database the command cannot use is one line, never a traceback --------------------------
