@@ -638,8 +638,9 @@ def ingest_batch(
         if stored is not None:
             if stored["request_digest"] == ERASED_DIGEST:
                 raise IdempotencyKeyReused(
-                    "this Idempotency-Key's batch held a subject who has since been erased, so a "
-                    "batch sent again can no longer be matched to it; use a new key"
+                    "this Idempotency-Key's batch held a subject who is erased (when it was "
+                    "stored, or since), so nothing was kept that a batch sent again could be "
+                    "matched to; use a new key"
                 )
             if stored["request_digest"] == EXPIRED_DIGEST:
                 raise IdempotencyKeyReused(
