@@ -9,7 +9,7 @@ Invariants, each checked before a policy can be used:
 - a protected attribute (gender, nationality, ethnicity, language, religion) anywhere in the
   characteristics, a rule's ``uses`` or its parameters makes the policy fail to load, naming the
   rule — there is no override;
-- the stored version is ``<declared>+<hash>/e<evaluator>``, e.g. ``2026.2+3f9a0c1b2d4e/e4``: the
+- the stored version is ``<declared>+<hash>/e<evaluator>``, e.g. ``2026.2+3f9a0c1b2d4e/e5``: the
   declared version (at most 40 characters, no "+"), the first 12 hex digits of the SHA-256 of the
   file's bytes, and ``rules.EVALUATOR_VERSION``. So any edit to the file, however small, and any
   change to how rules are evaluated shows up in every flag it produces.

@@ -66,8 +66,9 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # end on one day while off welfare as a one-day spell (2 read it as a spell still going on),
 # except a desk move where the records begin. 4 lets each job end back one return at most (3
 # counted a one-day spell's job again for the next start, and that day's start reported by a
-# second desk as a second return).
-EVALUATOR_VERSION: Final = 4
+# second desk as a second return). 5 reads a spell's end reported again that day as one end (4
+# read it as a one-day spell, so a desk move that day ended the spell, or made a return).
+EVALUATOR_VERSION: Final = 5
 
 SubjectEvent = tuple[str, int, str]
 """``(event type, date.toordinal(), office)``: one event in the evaluation hot path."""
@@ -342,6 +343,10 @@ class Evaluator:
                 if on_welfare_since >= 0:
                     spell_began, left_welfare = on_welfare_since, day
                     on_welfare_since = -1
+                elif day == left_welfare:
+                    # That end reported again (a second desk, a second source): it starts no
+                    # one-day spell, so a start that day still carries the spell on.
+                    continue
                 else:
                     ended_off_welfare, left_before, ended_at = day, left_welfare, office_key(office)
                     if left_welfare < 0:  # the spell began before the records did

@@ -415,6 +415,31 @@ def test_a_start_and_an_end_on_one_day_off_welfare_are_a_one_day_spell() -> None
     assert hit.evidence["on_welfare_since"] == "2022-01-03"
 
 
+def test_a_spell_end_reported_twice_is_one_end() -> None:
+    """A second desk or source reporting the day a spell ended: on a desk move that day the
+    spell still carries on (never a one-day spell, an end of welfare or a return)."""
+    moved_desks = [
+        event("welfare_start", date(2020, 1, 1), "Werkplein Zuid"),
+        event("employment_start", date(2023, 1, 1)),
+        event("employment_end", date(2024, 2, 29)),
+        event("welfare_end", date(2024, 3, 1), "Werkplein Zuid"),
+        event("welfare_start", date(2024, 3, 1), "Werkplein Noord"),
+    ]
+    reported_twice = [*moved_desks, event("welfare_end", date(2024, 3, 1), "Wijkteam Charlois")]
+    for history in (moved_desks, reported_twice):
+        [hit] = evaluate(policy(LONG), history, as_of=AS_OF)
+        assert hit.evidence["on_welfare_since"] == "2020-01-01"
+        assert "On welfare since 2020-01 (74 months)" in hit.explanation
+        assert returns(history) == []
+    # The end alone, reported twice, still ends the spell.
+    ended = [*reported_twice[:4], event("welfare_end", date(2024, 3, 1), "Wijkteam Charlois")]
+    assert evaluate(policy(LONG), ended, as_of=AS_OF) == []
+    # And where the records begin with that end, a start at another office is still a desk move.
+    at_the_start = [reported_twice[3], reported_twice[5], reported_twice[4]]
+    [hit] = evaluate(policy(LONG), at_the_start, as_of=AS_OF)
+    assert hit.evidence["on_welfare_since"] == "2024-03-01"
+
+
 def test_a_desk_move_where_the_records_begin_is_still_welfare() -> None:
     """The records begin inside a spell that ends at one office and goes on at another on the
     same day: a desk move, not a one-day spell (at the same office it would be one)."""
