@@ -67,7 +67,8 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # except a desk move where the records begin. 4 lets each job end back one return at most (3
 # counted a one-day spell's job again for the next start, and that day's start reported by a
 # second desk as a second return). 5 reads a spell's end reported again that day as one end (4
-# read it as a one-day spell, so a desk move that day ended the spell, or made a return).
+# read it as a one-day spell, so a desk move that day ended the spell, or made a return), and
+# says "1 month" where 4 said "1 months".
 EVALUATOR_VERSION: Final = 5
 
 SubjectEvent = tuple[str, int, str]
@@ -123,6 +124,10 @@ def whole_months_between(start: date, end: date) -> int:
 def office_key(office: str) -> str:
     """What tells one office from another: its name, casefolded, with whitespace collapsed."""
     return " ".join(office.split()).casefold()
+
+
+def _months(count: int) -> str:
+    return "1 month" if count == 1 else f"{count} months"
 
 
 def _month(day: int) -> str:
@@ -471,7 +476,7 @@ def _long_welfare_hit(
             "no_contact_months": rule.no_contact_months,
         },
         explanation=(
-            f"On welfare since {_month(since)} ({months} months) and no helpdesk visit in the "
-            f"last {rule.no_contact_months} months ({contact})."
+            f"On welfare since {_month(since)} ({_months(months)}) and no helpdesk visit in the "
+            f"last {_months(rule.no_contact_months)} ({contact})."
         ),
     )

@@ -456,6 +456,17 @@ def test_a_desk_move_where_the_records_begin_is_still_welfare() -> None:
     assert evaluate(policy(LONG), same_office, as_of=AS_OF) == []
 
 
+def test_long_welfare_says_one_month_in_the_singular() -> None:
+    short = LongWelfareWithoutContactRule(
+        id="short", description="short test", min_welfare_months=1, no_contact_months=1
+    )
+    [hit] = evaluate(policy(short), [event("welfare_start", date(2026, 2, 10))], as_of=AS_OF)
+    assert hit.explanation == (
+        "On welfare since 2026-02 (1 month) and no helpdesk visit in the last 1 month "
+        "(no visit on record)."
+    )
+
+
 def test_long_welfare_without_any_visit_says_so() -> None:
     [hit] = evaluate(policy(LONG), [event("welfare_start", date(2020, 1, 1))], as_of=AS_OF)
     assert hit.evidence["last_helpdesk_visit"] is None
