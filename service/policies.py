@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from service.auth.permissions import AccessPolicy, load_access_policy
 from service.flagging.policy import load_flagging_policy
-from service.flagging.rules import FlaggingPolicy
+from service.flagging.rules import EVENT_TYPES, FlaggingPolicy
 from service.packets.policy import (
     FollowupPolicy,
     PartitioningPolicy,
@@ -36,7 +36,7 @@ class Policies(NamedTuple):
 
 
 def load_policies(folder: Path) -> Policies:
-    return Policies(
+    policies = Policies(
         access=load_access_policy(folder / "access.yaml"),
         flagging=load_flagging_policy(folder / "flagging.yaml"),
         partitioning=load_partitioning_policy(folder / "partitioning.yaml"),
@@ -44,3 +44,14 @@ def load_policies(folder: Path) -> Policies:
         followups=load_followup_policy(folder / "followups.yaml"),
         event_types=load_event_types(folder / "events.yaml"),
     )
+    # An event type a rule reads but sources may not send would silently never occur: the rule
+    # would never fire, or (a visit that can never be recorded) fire for everyone.
+    unsendable = sorted(
+        set(policies.flagging.characteristics) & set(EVENT_TYPES) - policies.event_types
+    )
+    if unsendable:
+        raise ValueError(
+            f"{folder / 'flagging.yaml'}: the characteristics {unsendable} are event types that "
+            f"{folder / 'events.yaml'} does not accept, so no record could carry them"
+        )
+    return policies

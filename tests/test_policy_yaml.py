@@ -125,3 +125,17 @@ def test_every_policy_file_refuses_a_repeated_key(tmp_path: Path, name: str) -> 
         load_policies(folder)
     line = shipped.count("\n") + 1
     assert str(caught.value).startswith(f"{folder / name}:{line}: ")
+
+
+def test_a_flagging_policy_reading_an_event_type_that_sources_may_not_send_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Without helpdesk visits, desk hopping could never fire, and every long spell on welfare
+    would be flagged as having no visit on record."""
+    shipped = (SHIPPED / "events.yaml").read_text(encoding="utf-8")
+    line = next(x for x in shipped.splitlines(keepends=True) if "helpdesk_visit:" in x)
+    folder = policies_with(tmp_path, "events.yaml", shipped.replace(line, ""))
+    with pytest.raises(ValueError, match=r"\['helpdesk_visit'\] are event types that") as caught:
+        load_policies(folder)
+    assert str(caught.value).startswith(f"{folder / 'flagging.yaml'}: ")
+    assert str(folder / "events.yaml") in str(caught.value)
