@@ -177,6 +177,10 @@ def test_direct_update_and_delete_are_rejected(
     attempts = [f"UPDATE {table} SET {column} = {column}", f"DELETE FROM {table}"]
     if backend == "postgres":
         attempts.append(f"TRUNCATE {table}")
+    else:
+        # SQLite replaces by deleting the row in the way, without firing DELETE triggers.
+        attempts.append(f"INSERT OR REPLACE INTO {table} SELECT * FROM {table}")
+        attempts.append(f"REPLACE INTO {table} SELECT * FROM {table}")
     for statement in attempts:
         with pytest.raises(DBAPIError, match="append-only"):
             run_sql(raw_engine, [statement])
