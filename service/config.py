@@ -122,8 +122,9 @@ class Settings(BaseSettings):
         default=20,
         ge=1,
         le=200,
-        description="PostgreSQL connections kept open per worker process (as many again may be "
-        "opened briefly under bursts)",
+        description="database connections kept open per worker process (as many again may be "
+        "opened briefly under bursts); a request that finds none free within the lock bound "
+        "gets 503",
     )
     shred_interval_seconds: float = Field(
         default=300, ge=0, description="crypto-shred due packets this often; 0 turns it off"

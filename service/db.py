@@ -178,7 +178,8 @@ def make_engine(
     sqlite_pool_size: int | None = None,
 ) -> Engine:
     """An engine configured as the module docstring says. ``pool_size`` is PostgreSQL's;
-    ``sqlite_pool_size`` sizes a SQLite file's pool (SQLAlchemy's default when None)."""
+    ``sqlite_pool_size`` sizes a SQLite file's pool (SQLAlchemy's default when None). Waiting
+    for a free connection is bounded like a lock wait (``sqlalchemy.exc.TimeoutError`` past it)."""
     if is_sqlite(url):
         database = _sqlite_file(url)
         lock_file = None
@@ -189,9 +190,11 @@ def make_engine(
                 # the file holds pseudonyms, ciphertexts and wrapped keys.
                 os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
             lock_file = database.with_name(f"{database.name}-writers")
-        pool: dict[str, int] = {}
-        if sqlite_pool_size is not None and database is not None:
-            pool = {"pool_size": sqlite_pool_size, "max_overflow": sqlite_pool_size}
+        pool: dict[str, float] = {}
+        if database is not None:
+            pool = {"pool_timeout": lock_timeout_seconds}
+            if sqlite_pool_size is not None:
+                pool |= {"pool_size": sqlite_pool_size, "max_overflow": sqlite_pool_size}
         engine = create_engine(
             url,
             **pool,
@@ -215,6 +218,7 @@ def make_engine(
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=pool_size,
+        pool_timeout=lock_timeout_seconds,
         # Every lock wait is bounded like the log's, not only the log's: a row or table lock
         # held elsewhere (a long job, a migration) ends a request with 503 instead of a hang.
         connect_args={"options": f"-c lock_timeout={lock_timeout_ms(lock_timeout_seconds)}"},
@@ -524,10 +528,14 @@ class Database:
         self._purge_horizon: int | None = None
         self._purging = threading.Lock()  # one purge at a time per process
         self.url = settings.resolved_database_url
+        # SQLite's pool as large as PostgreSQL's: each request in a thread holds a connection
+        # while it waits for the write lock, so a smaller pool made the requests past it queue
+        # for a connection first, and wait several times the bound before their 503.
         self.engine = make_engine(
             self.url,
             lock_timeout_seconds=settings.log_lock_timeout_seconds,
             pool_size=settings.database_pool_size,
+            sqlite_pool_size=settings.database_pool_size,
         )
 
     @property

@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute
@@ -332,9 +333,18 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.warning(
             "database operational error on %s: %s", request_path(request), type(exc.orig)
         )
-        return problem(
-            503,
-            "the database is busy or unreachable; nothing was changed, try again",
-            request=request,
-            headers={"Retry-After": "1"},
-        )
+        return _busy(request)
+
+    @app.exception_handler(PoolTimeout)
+    async def _no_connection_free(request: Request, exc: PoolTimeout) -> ProblemResponse:
+        logger.warning("no database connection came free in time on %s", request_path(request))
+        return _busy(request)
+
+
+def _busy(request: Request) -> ProblemResponse:
+    return problem(
+        503,
+        "the database is busy or unreachable; nothing was changed, try again",
+        request=request,
+        headers={"Retry-After": "1"},
+    )

@@ -111,6 +111,32 @@ def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) -> None:
     assert "database" in response.json()["detail"]
 
 
+def test_a_request_that_finds_no_connection_free_gets_503_within_the_bound(
+    settings: Settings,
+) -> None:
+    """Every connection is held (requests waiting for a lock, say): the next request waits for
+    one no longer than the lock bound, and is answered like a lock wait that ran out."""
+    bounded = settings.model_copy(update={"database_pool_size": 1, "log_lock_timeout_seconds": 0.3})
+    app = create_app(bounded)
+    engine = app.state.database.engine
+    coordinator = bearer(app.state.dev_issuer.mint(subject="coord-1", roles=["coordinator"]))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/v1/packets", headers=coordinator).status_code == 200
+        held = [engine.connect(), engine.connect()]  # the pool's one, and its one overflow
+        try:
+            began = time.monotonic()
+            response = client.get("/v1/packets", headers=coordinator)
+            waited = time.monotonic() - began
+        finally:
+            for connection in held:
+                connection.close()
+        assert client.get("/v1/packets", headers=coordinator).status_code == 200
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert response.json()["detail"].startswith("the database is busy")
+    assert waited < 5, f"waited {waited:.1f} s for a connection (SQLAlchemy's default is 30 s)"
+
+
 def test_unknown_route_is_404_problem(client: TestClient) -> None:
     response = client.get("/v1/nothing-here")
     assert response.status_code == 404
