@@ -36,7 +36,13 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from service.access_log.service import LogUnavailable
-from service.db import LOG_LOCK_TIMEOUT_OPTION, Database, lock_was_busy, make_engine
+from service.db import (
+    LOG_LOCK_TIMEOUT_OPTION,
+    MIN_LOCK_WAIT_SECONDS,
+    Database,
+    lock_was_busy,
+    make_engine,
+)
 from service.errors import ServiceError
 from service.group_commit import GroupCommit
 from service.packets import service
@@ -45,8 +51,6 @@ from service.packets.service import OpenRequest, SealedPacket
 # Opens logged in one transaction at most: more than a worker's connections usually send at
 # once, few enough that one batch's member rows stay small.
 MAX_BATCH = 32
-# However late an open's batch starts, it still tries this long for the log's lock.
-MIN_LOCK_WAIT_SECONDS = 0.01
 # SQLite: how long a batch tries for the write lock from the event loop (the first pause, then
 # doubling), before it waits for the lock in a thread.
 FIRST_RETRY_SECONDS = 0.0002

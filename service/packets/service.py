@@ -78,7 +78,13 @@ from service.crypto.envelope import (
     wrap_under,
 )
 from service.crypto.keyring import KeyProvider
-from service.db import LOG_LOCK_TIMEOUT_OPTION, limit_lock_waits, lock_was_busy
+from service.db import (
+    LOCK_WAIT_SLACK_SECONDS,
+    LOG_LOCK_TIMEOUT_OPTION,
+    limit_lock_waits,
+    lock_was_busy,
+    spend_lock_wait,
+)
 from service.errors import Conflict, Gone, NotFound, ServiceError, Unavailable, Unprocessable
 from service.flagging.models import Flag
 from service.flagging.service import forget_push_digests, get_run
@@ -1172,6 +1178,7 @@ def _owned_packet(
         admitted = (
             _why_hidden(held, caller, permission=permission, any_permission=any_permission) is None
         )
+        began = time.monotonic()
         try:
             # Under a savepoint: a wait that runs out leaves the transaction usable for the
             # denied entry. Locked until commit (a shredder skips it meanwhile), and judged
@@ -1182,6 +1189,7 @@ def _owned_packet(
             if admitted or not lock_was_busy(exc):
                 raise
             packet = held
+        spend_lock_wait(session.connection(), time.monotonic() - began)
     reason: str | None
     if packet is None:
         reason = "no such packet"
@@ -1760,11 +1768,6 @@ def open_packets(
     return outcomes
 
 
-# How far past an open's deadline its wait for the log's lock may end, rather than shorten it
-# with one more round trip (PostgreSQL) when little time went on the packets' rows.
-LOCK_WAIT_SLACK_SECONDS = 0.05
-
-
 # A follow-up's date: recorded work may reach back before the packet (a contact the month
 # before), a planned appointment lies ahead; a date far outside is a typo (0001, 9999).
 FOLLOWUP_DAYS_BEFORE_PACKET = 366
@@ -1863,11 +1866,13 @@ def create_followup(
         raise FollowupRefused(problem, errors=[{"loc": [field_name], "msg": problem}])
     # FOR SHARE (PostgreSQL): an erasure removing this member's wrap waits until the note is
     # committed, so it finds and removes the note too; one that came first leaves no wrap here.
+    began = time.monotonic()
     member = session.execute(
         select(_members.c.subject_id, _members.c.wrapped_dek)
         .where(_members.c.packet_id == packet_id, _members.c.pseudonym == pseudonym)
         .with_for_update(read=True)
     ).first()
+    spend_lock_wait(session.connection(), time.monotonic() - began)
     if member is None or member.wrapped_dek is None:
         _deny(
             session,

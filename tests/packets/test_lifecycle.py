@@ -377,6 +377,66 @@ def test_the_expire_command_forgets_what_old_idempotency_keys_kept(
     assert "forgot" not in again.output
 
 
+@pytest.mark.parametrize("action", ["followup", "close"])
+def test_a_change_that_waited_for_its_packet_waits_only_the_rest_of_its_bound_for_the_log(
+    client: TestClient,
+    token: TokenFactory,
+    db_url: str,
+    home: Path,
+    session: Session,
+    backend: str,
+    action: str,
+) -> None:
+    """As for an open: its packet held (a reassign or shred in progress), then the log, the two
+    waits together stay within the bound, then 503 and nothing changed (PostgreSQL waited for
+    each in full, and recorded it once the log came free past the bound). SQLite has one lock
+    for both, held here for as long."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    bound = 2.0
+    bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=bound)
+    database = Database(bounded)
+    path, body = (
+        (
+            f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups",
+            {"kind": "contact", "date": DAY_B, "outcome_code": "reached"},
+        )
+        if action == "followup"
+        else (f"/v1/packets/{packet['id']}/close", None)
+    )
+    answers: list[Any] = []
+    try:
+        with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
+            owner = bearer(token(OWNER, "professional"))
+            row = HeldLogLock(db_url, "packet-row", packet["id"])
+            row.__enter__()
+            waiting = threading.Thread(
+                target=lambda: answers.append(c.post(path, json=body, headers=owner))
+            )
+            waiting.start()
+            time.sleep(0.2)
+            if backend == "sqlite":
+                time.sleep(3.3)
+                row.__exit__()
+            else:
+                with HeldLogLock(db_url, "log", packet["id"]):
+                    time.sleep(1.4)
+                    row.__exit__()  # the packet is free 1.6 s after the request arrived
+                    time.sleep(1.9)  # the log, 3.5 s after: past the bound
+            waiting.join(10)
+    finally:
+        database.dispose()
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    assert (
+        log_entries(session, f"{action}.create" if action == "followup" else "packet.close") == []
+    )
+    assert session.execute(select(FOLLOWUPS.c.id)).all() == []
+    assert session.execute(
+        select(PACKETS.c.status).where(PACKETS.c.id == packet["id"])
+    ).scalar_one() in ("assigned", "opened")
+
+
 def test_a_followup_within_the_log_bound_of_expiry_is_refused_as_expired(
     client: TestClient, token: TokenFactory, session: Session
 ) -> None:
