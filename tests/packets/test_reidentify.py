@@ -26,7 +26,7 @@ from service.access_log.verify import verify_export
 from service.auth.dependencies import Caller
 from service.config import Settings
 from service.crypto.envelope import seal, unwrap_key
-from service.db import Database
+from service.db import LOCK_WAIT_SLACK_SECONDS, Database
 from service.main import create_app
 from service.packets import service as packets_service
 from service.packets.models import PacketClientsPublic, utcnow
@@ -1007,7 +1007,7 @@ def test_a_packet_expiring_just_after_an_opens_deadline_is_judged_expired(
     world = small_world(client, token)
     packet = world.packet(OWNER, "Charlois")
     deadline = time.monotonic() + 0.5
-    expires = utcnow() + timedelta(seconds=0.5 + packets_service.LOCK_WAIT_SLACK_SECONDS / 2)
+    expires = utcnow() + timedelta(seconds=0.5 + LOCK_WAIT_SLACK_SECONDS / 2)
     session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(expires_at=expires))
     session.commit()
     request = packets_service.OpenRequest(packet["id"], caller(token, app, OWNER, "professional"))
