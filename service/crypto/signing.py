@@ -23,6 +23,9 @@ from service.crypto.keyring import KeyProvider
 
 ED25519_ALGORITHM = b"\x01"
 SIGNATURE_PREFIX = "\u2014 "  # "— " (em dash, space) starts every signature line
+# The most signature lines a note may carry: C2SP asks verifiers for a limit, of at least 16. The
+# service's notes carry one, or two at a handover; an auditor's copy may gain witnesses' lines.
+MAX_SIGNATURES = 100
 
 
 class NoteError(ValueError):
@@ -139,8 +142,11 @@ def open_note(note: str, verifier: VerifierKey) -> str:
     if not separator or not signatures.endswith("\n"):
         raise NoteError("not a signed note (no blank line before the signatures)")
     text += "\n"
+    lines = signatures[:-1].split("\n")
+    if len(lines) > MAX_SIGNATURES:
+        raise NoteError(f"a note carries at most {MAX_SIGNATURES} signatures")
     ours = []
-    for line in signatures[:-1].split("\n"):
+    for line in lines:
         name, blob = _signature(line)
         if name == verifier.name and blob[:4] == verifier.key_id:
             ours.append(blob[4:])
@@ -168,6 +174,7 @@ def _signature(line: str) -> tuple[str, bytes]:
         blob = base64.b64decode(encoded, validate=True)
     except ValueError:
         blob = b""
-    if not line.startswith(SIGNATURE_PREFIX) or not name or len(blob) <= 4:
+    if not line.startswith(SIGNATURE_PREFIX) or len(blob) <= 4:
         raise NoteError("malformed signature line")
+    _check_name(name)
     return name, blob

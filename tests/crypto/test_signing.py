@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import os
 
 import pytest
 
-from service.crypto.signing import NoteError, NoteSigner, NotSignedBy, open_note
+from service.crypto.signing import (
+    MAX_SIGNATURES,
+    NoteError,
+    NoteSigner,
+    NotSignedBy,
+    open_note,
+)
 
 NAME = "casepackets/test"
 TEXT = "casepackets/test\n5\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n"
@@ -50,3 +57,26 @@ def test_a_control_character_anywhere_is_refused(signer: NoteSigner, control: st
     damaged = note.replace("\n", "\r\n") if control == "\r" else note + control
     with pytest.raises(NoteError, match="control character"):
         open_note(damaged, signer.verifier)
+
+
+def test_a_note_with_more_signatures_than_the_limit_is_refused(signer: NoteSigner) -> None:
+    """C2SP asks verifiers to cap them (accepting at least 16): an auditor fed a huge note gets
+    an answer, not a long wait."""
+    note = signer.sign(TEXT)
+    witnesses = [NoteSigner(name=f"witness/{n}", seed=os.urandom(32)) for n in range(16)]
+    for witness in witnesses:
+        note = witness.cosign(note)
+    assert open_note(note, signer.verifier) == TEXT
+    padding = note.rpartition("\n\n")[2].splitlines(keepends=True)[-1]
+    with pytest.raises(NoteError, match=f"at most {MAX_SIGNATURES} signatures"):
+        open_note(note + padding * (MAX_SIGNATURES - 16), signer.verifier)
+
+
+@pytest.mark.parametrize("name", ["a+b", "a\u00a0b", "a\u2003b"])
+def test_a_signature_line_by_a_name_the_format_forbids_is_refused(
+    signer: NoteSigner, name: str
+) -> None:
+    """Key names hold no space (any Unicode one) and no '+', also on lines by other keys."""
+    line = f"\u2014 {name} {base64.b64encode(os.urandom(68)).decode()}\n"
+    with pytest.raises(NoteError, match="key name"):
+        open_note(signer.sign(TEXT) + line, signer.verifier)
