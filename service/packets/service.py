@@ -1189,7 +1189,10 @@ def _owned_packet(
             if admitted or not lock_was_busy(exc):
                 raise
             packet = held
-        spend_lock_wait(session.connection(), time.monotonic() - began)
+        if admitted:
+            # Only for whom the row may admit: anyone else's denied entry waits for the log
+            # as long as one for a packet that does not exist, never a 503 that says it does.
+            spend_lock_wait(session.connection(), time.monotonic() - began)
     reason: str | None
     if packet is None:
         reason = "no such packet"

@@ -437,6 +437,55 @@ def test_a_change_that_waited_for_its_packet_waits_only_the_rest_of_its_bound_fo
     ).scalar_one() in ("assigned", "opened")
 
 
+# PostgreSQL alone locks a packet's row apart from the log (SQLite has one lock for both).
+@pytest.mark.parametrize(
+    "databases", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+@pytest.mark.parametrize("action", ["followup", "close"])
+def test_someone_else_waiting_for_a_held_packet_still_gets_the_logged_404(
+    client: TestClient,
+    token: TokenFactory,
+    db_url: str,
+    home: Path,
+    session: Session,
+    action: str,
+) -> None:
+    """The wait for the packet runs out for a caller it does not admit: their denied entry then
+    waits for the log as long as one for a packet that does not exist (a busy log for a moment
+    is no 503 that would say the packet exists)."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=1.0)
+    database = Database(bounded)
+    path, body = (
+        (
+            f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups",
+            {"kind": "contact", "date": DAY_B, "outcome_code": "reached"},
+        )
+        if action == "followup"
+        else (f"/v1/packets/{packet['id']}/close", None)
+    )
+    answers: list[Any] = []
+    try:
+        with TestClient(create_app(bounded, database=database), raise_server_exceptions=False) as c:
+            other = bearer(token(OTHER, "professional"))
+            with HeldLogLock(db_url, "packet-row", packet["id"]):
+                waiting = threading.Thread(
+                    target=lambda: answers.append(c.post(path, json=body, headers=other))
+                )
+                waiting.start()
+                time.sleep(0.8)
+                with HeldLogLock(db_url, "log"):  # another request's append as the wait runs out
+                    time.sleep(0.4)
+                waiting.join(10)
+    finally:
+        database.dispose()
+    [answer] = answers
+    assert answer.status_code == 404, answer.text
+    denied = log_entries(session, "followup.create" if action == "followup" else "packet.close")
+    assert [(e["actor"], e["outcome"]) for e in denied] == [(OTHER, "denied")]
+
+
 def test_a_followup_within_the_log_bound_of_expiry_is_refused_as_expired(
     client: TestClient, token: TokenFactory, session: Session
 ) -> None:
