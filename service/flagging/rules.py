@@ -66,9 +66,9 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # end on one day while off welfare as a one-day spell (2 read it as a spell still going on),
 # except a desk move where the records begin. 4 lets each job end back one return at most (3
 # counted a one-day spell's job again for the next start, and that day's start reported by a
-# second desk as a second return). 5 reads a spell's end reported again that day as one end (4
-# read it as a one-day spell, so a desk move that day ended the spell, or made a return), and
-# says "1 month" where 4 said "1 months".
+# second desk as a second return). 5 reads a welfare end at one office reported twice on a day
+# as one end (4 read the second as a one-day spell's end, so a desk move that day ended the
+# spell, or made a return), and says "1 month" where 4 said "1 months".
 EVALUATOR_VERSION: Final = 5
 
 SubjectEvent = tuple[str, int, str]
@@ -323,6 +323,7 @@ class Evaluator:
         # from before the records, moving to another office that day): when the start's office
         # is another one.
         ended_off_welfare, left_before, ended_at = -1, -1, ""
+        ended_day, ended_offices = -1, set[str]()  # the offices of the latest day's welfare ends
         for kind, day, office in events:
             if day > as_of:
                 break
@@ -345,15 +346,20 @@ class Evaluator:
                         job_ended = -1  # spent: each job end backs one return at most
                     on_welfare_since = day
             elif kind == "welfare_end":
+                # The same end at the same office read again that day (a second source reporting
+                # it) is that end: as a one-day spell's end it would have a desk move that day
+                # end the spell. Any other second end of a day is read as one, whatever the order.
+                at = office_key(office)
+                if day == ended_day and at in ended_offices:
+                    continue
+                if day != ended_day:
+                    ended_day, ended_offices = day, set()
+                ended_offices.add(at)
                 if on_welfare_since >= 0:
                     spell_began, left_welfare = on_welfare_since, day
                     on_welfare_since = -1
-                elif day == left_welfare:
-                    # That end reported again (a second desk, a second source): it starts no
-                    # one-day spell, so a start that day still carries the spell on.
-                    continue
                 else:
-                    ended_off_welfare, left_before, ended_at = day, left_welfare, office_key(office)
+                    ended_off_welfare, left_before, ended_at = day, left_welfare, at
                     if left_welfare < 0:  # the spell began before the records did
                         spell_began = left_welfare = day
             elif kind == "employment_end":
