@@ -79,8 +79,10 @@ def export_log(
     staging = target.with_name(f".{target.name}.partial")
     staged, previous = staging / "export", staging / "previous"
     with _only_export_into(target, shown_as=folder):
-        _clear_leftovers(staging, target=target, previous=previous)
+        # Refused first: a folder put at the target since an export was killed keeps the earlier
+        # export that one moved aside (in ``previous``) as it is.
         _refuse_unless_replaceable(target, shown_as=folder)
+        _clear_leftovers(staging, target=target, previous=previous)
         with database.transaction() as session:
             service.hold_lock(session)
             current = signer(session)
@@ -113,7 +115,9 @@ def _only_export_into(target: Path, *, shown_as: Path) -> Iterator[None]:
     """Held while this export writes ``target``: another export into it is refused (``OSError``,
     before a checkpoint is signed) rather than waited for. Released when the process dies."""
     lock = os.open(
-        target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        target.with_name(f".{target.name}.lock"),
+        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+        0o600,
     )
     try:
         try:

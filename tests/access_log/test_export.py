@@ -194,6 +194,38 @@ def test_an_export_killed_between_its_renames_is_undone_by_the_next(
     assert beside(folder) == ["export"], "nothing of the killed export left"
 
 
+def test_a_folder_put_in_place_of_an_export_a_killed_one_moved_aside_keeps_that_export(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """The refusal comes first: the earlier export, aside in the private folder, is not
+    deleted for an export that is then refused."""
+    append_each(database, 4)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    earlier = contents(folder)
+    staging = folder.with_name(".export.partial")
+    staging.mkdir(mode=0o700)
+    folder.rename(staging / "previous")  # as an export killed between its renames left it
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OSError, match="not part of an export"):
+        export(database, signer, folder)
+    assert contents(staging / "previous") == earlier
+
+
+def test_a_link_planted_as_the_lock_file_is_not_followed(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_each(database, 2)
+    folder = tmp_path / "exports" / "export"
+    folder.parent.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    (folder.parent / ".export.lock").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="symbolic link"):
+        export(database, signer, folder)
+    assert not elsewhere.exists()
+    assert not folder.exists()
+
+
 def test_what_an_export_killed_while_writing_left_is_deleted_by_the_next(
     database: Database, signer: NoteSigner, tmp_path: Path
 ) -> None:
