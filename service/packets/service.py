@@ -2217,7 +2217,11 @@ async def shred_periodically(
     worker thread, until cancelled.
 
     A failed run (database busy, log unavailable) is logged by type and retried next time.
+    The first run purges even when this process overwrote nothing: a pending purge lives in
+    the memory of the worker that overwrote, so a worker restarted (or killed between an
+    overwrite's commit and its purge) would otherwise leave the old wraps to autovacuum.
     """
+    inherited_purge_done = False
     while True:
         await asyncio.sleep(interval_seconds)
         try:
@@ -2225,7 +2229,10 @@ async def shred_periodically(
                 shred_expired, database=database, retention=retention, actor="system:shredder"
             )
             await asyncio.to_thread(forget_old_replays, database=database, retention=retention)
-            if database.purge_pending:  # an earlier purge (after an erasure, say) could not end
+            if not inherited_purge_done:
+                inherited_purge_done = True  # a failure leaves it pending, retried below
+                await asyncio.to_thread(database.purge_replaced_rows)
+            elif database.purge_pending:  # an earlier purge (after an erasure, say) could not end
                 await asyncio.to_thread(database.retry_purge)
         except Exception as exc:
             logger.warning(

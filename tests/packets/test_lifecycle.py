@@ -613,6 +613,56 @@ def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes
         database.dispose()
 
 
+def test_a_restarted_worker_finishes_a_purge_the_stopped_one_left_pending(
+    app: Any,
+    client: TestClient,
+    token: TokenFactory,
+    db_url: str,
+    home: Path,
+    backend: str,
+    session: Session,
+) -> None:
+    """A pending purge lives in the memory of the worker that overwrote: when that worker stops
+    (a deploy, the OOM killer) before the purge could finish, the worker that starts after it
+    overwrote nothing, yet its first periodic run purges, so the shredded wraps do not wait in
+    the storage for autovacuum or a checkpoint that may not come."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    note_every_client(client, token, packet)
+    secrets = sealed_bodies(packet_state(session, packet["id"]))
+    settings = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.3)
+    retention = app.state.retention_policy
+    stopped = Database(settings)
+    reader = reader_with_a_snapshot(stopped, backend)
+    try:
+        later = utcnow() + timedelta(days=retention.packet_ttl_days + 1)
+        assert shred_expired(database=stopped, retention=retention, actor="t", now=later) == 2
+        assert stopped.purge_pending
+    finally:
+        reader.driver_connection.execute("ROLLBACK")
+        reader.close()
+        stopped.dispose()
+    assert [secret for secret in secrets if secret in raw_storage(session)] != []
+
+    restarted = Database(settings)
+    try:
+
+        async def the_first_periodic_run() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    packets_service.shred_periodically(
+                        database=restarted, retention=retention, interval_seconds=0.05
+                    ),
+                    timeout=0.5,
+                )
+
+        asyncio.run(the_first_periodic_run())
+        assert not restarted.purge_pending
+        assert [secret for secret in secrets if secret in raw_storage(session)] == []
+    finally:
+        restarted.dispose()
+
+
 def test_expire_run_again_finishes_the_purge_its_last_run_left_pending(
     client: TestClient,
     token: TokenFactory,
