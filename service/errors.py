@@ -28,6 +28,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.request_body import RepeatedFieldName
+
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("casepackets")
 
@@ -217,13 +219,16 @@ def _validation_detail(exc: RequestValidationError, errors: Sequence[dict[str, A
     return f"request is invalid: {shown}"
 
 
-# FastAPI's detail when a JSON body could be read as bytes but not decoded (not UTF-8, nested
-# past the recursion limit, an integer of more digits than Python converts); the decoder's own
+# FastAPI's detail when a JSON body could be read as bytes but not decoded (not UTF-8, a field
+# name twice in one object, nested past the recursion limit, an integer of more digits than
+# Python converts); the decoder's own
 # ``JSONDecodeError`` comes as a validation error instead (``json_invalid``).
 FASTAPI_BODY_UNREADABLE = "There was an error parsing the body"
 
 
 def _unreadable_body_reason(cause: BaseException | None) -> str:
+    if isinstance(cause, RepeatedFieldName):
+        return str(cause)
     if isinstance(cause, UnicodeDecodeError):
         return "it is not UTF-8 text"
     if isinstance(cause, RecursionError):

@@ -47,6 +47,7 @@ from service.packets.router import router as packets_router
 from service.packets.service import shred_periodically
 from service.policies import load_policies
 from service.records.router import router as records_router
+from service.request_body import JsonRoute
 
 logger = logging.getLogger("casepackets")
 # A caller's X-Request-ID is kept only when it is a UUID (with or without dashes): it is written
@@ -311,6 +312,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         docs_url="/docs" if browsable else None,
         redoc_url="/redoc" if browsable else None,
     )
+    app.router.route_class = JsonRoute  # routes added on the app itself (the routers set theirs)
     app.state.settings = settings
     app.state.database = database
     app.state.keyring = keyring

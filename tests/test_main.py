@@ -17,13 +17,16 @@ from typing import Annotated
 import httpx
 import pytest
 from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from service.auth.dependencies import Caller, require
 from service.auth.permissions import Permission
 from service.config import Settings
+from service.errors import served_routes
 from service.main import create_app
+from service.request_body import JsonRoute
 from service.schemas import StrictModel
 from tests.conftest import TokenFactory, bearer
 
@@ -43,7 +46,7 @@ class Thing(StrictModel):
 
 
 def probe_router() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=JsonRoute)
 
     @router.post("/probe/things")
     def create_thing(
@@ -179,6 +182,13 @@ def test_a_body_that_cannot_be_decoded_is_422_saying_why(
         (b'{"name": "Jans\xe9n"}', "it is not UTF-8 text"),
         (b"[" * 100_000 + b"]" * 100_000, "it is nested too deeply"),
         (b'{"name": "a", "count": ' + b"9" * 5000 + b"}", "a number in it has too many digits"),
+        ('{"name": "a", "count": 1}'.encode("utf-16"), "it is not UTF-8 text"),
+        ('{"name": "a", "count": 1}'.encode("utf-32"), "it is not UTF-8 text"),
+        (
+            '{"name": "a", "count": 1}'.encode("utf-8-sig"),
+            "Unexpected UTF-8 BOM (decode using utf-8-sig)",
+        ),
+        (b'{"name": "a", "count": 1, "name": "b"}', "a field name appears twice in one object"),
     ):
         response = probed.post(
             "/probe/things",
@@ -187,7 +197,16 @@ def test_a_body_that_cannot_be_decoded_is_422_saying_why(
         )
         assert response.status_code == 422, response.text
         assert response.headers["content-type"].startswith(PROBLEM)
-        assert response.json()["detail"] == f"the body is not valid JSON: {reason}"
+        assert response.json()["detail"].startswith("the body is not valid JSON")
+        assert response.json()["detail"].endswith(reason)
+
+
+def test_every_route_reads_its_body_as_utf_8_with_each_field_name_once(app: FastAPI) -> None:
+    """A router added without ``route_class=JsonRoute`` would read UTF-16 and let the last of
+    two values under one name win: this fails until it has it."""
+    routes = [route for route in served_routes(app.routes) if isinstance(route, APIRoute)]
+    assert [route.path for route in routes if not isinstance(route, JsonRoute)] == []
+    assert "/v1/records/batch" in {route.path for route in routes}
 
 
 def test_a_request_without_a_token_is_challenged_without_an_error_code(

@@ -29,11 +29,12 @@ from service.crypto.signing import NoteSigner
 from service.db import Database, SessionDep
 from service.errors import BadRequest, Forbidden, Unavailable
 from service.openapi import AUTH_ERRORS, problem_responses
+from service.request_body import JsonRoute
 from service.schemas import MAX_INT64
 
 _T = TypeVar("_T")
 PREFIX = "/v1/audit"
-router = APIRouter(prefix=PREFIX, tags=["audit"], responses=AUTH_ERRORS)
+router = APIRouter(route_class=JsonRoute, prefix=PREFIX, tags=["audit"], responses=AUTH_ERRORS)
 
 
 class AuditReadRefused(Forbidden):

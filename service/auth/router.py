@@ -10,8 +10,9 @@ from pydantic import BaseModel
 from service.auth.dependencies import CurrentCaller
 from service.errors import NotFound
 from service.openapi import AUTH_ERRORS, problem_responses
+from service.request_body import JsonRoute
 
-router = APIRouter(tags=["auth"])
+router = APIRouter(route_class=JsonRoute, tags=["auth"])
 
 
 class JwksPublic(BaseModel):

@@ -20,11 +20,12 @@ from service.flagging.models import (
 )
 from service.flagging.rules import FlaggingPolicy
 from service.openapi import AUTH_ERRORS, problem_responses
+from service.request_body import JsonRoute
 from service.schemas import MAX_INT64, IdempotencyKeyHeader
 
 MAX_FLAG_ID = 2**31 - 1  # flags.id is an INTEGER column
 
-router = APIRouter(tags=["flagging"])
+router = APIRouter(route_class=JsonRoute, tags=["flagging"])
 
 
 def _policy(request: Request) -> FlaggingPolicy:

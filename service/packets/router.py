@@ -36,9 +36,10 @@ from service.packets.models import (
 )
 from service.packets.opens import PacketOpens
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
+from service.request_body import JsonRoute
 from service.schemas import IdempotencyKeyHeader, PacketIdPath, PseudonymPath
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 # -- professionals ----------------------------------------------------------------------------

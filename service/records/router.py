@@ -21,9 +21,10 @@ from service.records.models import (
 )
 from service.records.service import erase_subject, ingest_batch
 from service.records.vocabulary import load_event_types
+from service.request_body import JsonRoute
 from service.schemas import IdempotencyKeyHeader, PseudonymPath
 
-router = APIRouter()
+router = APIRouter(route_class=JsonRoute)
 
 
 @router.post(

@@ -457,6 +457,47 @@ def test_nul_in_a_text_field_is_422_naming_the_field_and_stores_nothing(
     assert {table: count_rows(session, table) for table in tables} == before
 
 
+@pytest.mark.parametrize(
+    ("encode", "reason"),
+    [
+        (
+            lambda body: body.replace(
+                '"family_name": ', '"family_name": "Jansen", "family_name": ', 1
+            ).encode(),
+            "a field name appears twice in one object",
+        ),
+        (lambda body: body.encode("utf-16"), "it is not UTF-8 text"),
+        (lambda body: body.encode("utf-8-sig"), "Unexpected UTF-8 BOM (decode using utf-8-sig)"),
+    ],
+    ids=["repeated field name", "UTF-16", "UTF-8 with a byte order mark"],
+)
+def test_a_batch_two_readers_could_read_differently_is_422_and_stores_nothing(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    encode: Callable[[str], bytes],
+    reason: str,
+) -> None:
+    """JSON with one field name twice in an object is read last-wins by Python and first-wins
+    by other parsers, and UTF-16 is read by some and not others: a source's own checks could
+    pass one identity while the service stored another. Such a batch is refused whole."""
+    body = json.dumps({"subjects": [make(0), make(1)]})
+    assert '"family_name": ' in body
+
+    response = client.post(
+        URL, content=encode(body), headers={**source_headers, "content-type": "application/json"}
+    )
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["detail"].startswith("the body is not valid JSON")
+    assert response.json()["detail"].endswith(reason)
+    assert "Jansen" not in response.text
+    assert "Zwanenburg" not in response.text
+    assert_nothing_stored(session)
+
+
 def test_a_replay_whose_digest_key_was_retired_is_told_so_not_that_the_batch_differs(
     client: TestClient,
     app: FastAPI,
