@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Header, Path
-from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
 
 
 def as_utc(value: datetime) -> datetime:
@@ -15,6 +16,23 @@ def as_utc(value: datetime) -> datetime:
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _date_as_text(value: object) -> object:
+    # Pydantic would also read a number, or digits in a string, as seconds since 1970
+    # ("1704067200" is 2024-01-01), and a midnight datetime ("2024-01-01T00:00:00Z") as its day:
+    # a source sending either has another field in mind, and is told so.
+    if type(value) is date:  # from Python (commands, the demo), never from a JSON body
+        return value
+    if not isinstance(value, str) or _ISO_DATE.fullmatch(value) is None:
+        raise ValueError("a date is written as text, YYYY-MM-DD")
+    return value
+
+
+# Every date a caller sends: the text YYYY-MM-DD, and nothing else.
+CalendarDate = Annotated[date, BeforeValidator(_date_as_text)]
 
 # Largest integer both SQLite and PostgreSQL store (64-bit signed). Query parameters that reach
 # SQL (offsets, indexes, cursors) are bounded by it: an oversized number is a 422, not a 500.

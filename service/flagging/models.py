@@ -33,7 +33,7 @@ from sqlmodel import SQLModel
 
 from service.clock import today
 from service.records.models import EARLIEST
-from service.schemas import StrictModel, UtcDatetime
+from service.schemas import CalendarDate, StrictModel, UtcDatetime
 
 FlagKind = Literal["algorithm", "external"]
 MAX_PUSHED_FLAGS = 1000
@@ -119,7 +119,7 @@ def not_in_the_future(as_of: dt.date) -> dt.date:
 
 
 class FlaggingRunCreate(StrictModel):
-    as_of: Annotated[dt.date, AfterValidator(not_in_the_future)] | None = Field(
+    as_of: Annotated[CalendarDate, AfterValidator(not_in_the_future)] | None = Field(
         default=None,
         ge=EARLIEST,
         description="evaluate as on this date, from 1900-01-01 up to today (the default); events "

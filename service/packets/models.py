@@ -34,7 +34,7 @@ from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
 from service.flagging.models import FlagKind, RuleHitPublic
-from service.schemas import StrictModel, UtcDatetime
+from service.schemas import CalendarDate, StrictModel, UtcDatetime
 
 PacketStatus = Literal["assigned", "opened", "closed", "expired", "shredded"]
 FollowupKind = Literal["appointment", "contact", "intervention", "outcome"]
@@ -217,7 +217,7 @@ class PacketReassign(StrictModel):
 
 class FollowupCreate(StrictModel):
     kind: FollowupKind
-    date: dt.date = Field(description="when it happened or is planned")
+    date: CalendarDate = Field(description="when it happened or is planned (YYYY-MM-DD)")
     outcome_code: str | None = Field(
         default=None,
         min_length=1,

@@ -21,7 +21,6 @@ from typing import Annotated, Literal, NotRequired
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -34,7 +33,7 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 
 from service.clock import today
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn
-from service.schemas import NO_NUL, UtcDatetime
+from service.schemas import NO_NUL, CalendarDate, UtcDatetime
 
 POSTCODE = re.compile(r"^[1-9][0-9]{3} ?[A-Z]{2}$")
 PHONE = re.compile(r"^\+?[0-9][0-9 ()-]{5,19}$")
@@ -210,15 +209,6 @@ def _readable(value: str) -> str:
 READABLE = AfterValidator(_readable)
 
 
-def _date_as_text(value: object) -> object:
-    if isinstance(value, int | float):  # a number would be read as seconds since 1970
-        raise ValueError("a date is written as text, YYYY-MM-DD")
-    return value
-
-
-DATE_AS_TEXT = BeforeValidator(_date_as_text)
-
-
 @with_config(_STRICT)
 class IdentityIn(TypedDict):
     """Who the subject is. Encrypted before it reaches the database; never echoed in errors."""
@@ -231,7 +221,7 @@ class IdentityIn(TypedDict):
     ]
     given_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL, READABLE]
     family_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL, READABLE]
-    birth_date: Annotated[dt.date, DATE_AS_TEXT, AfterValidator(_plausible_birth_date)]
+    birth_date: Annotated[CalendarDate, AfterValidator(_plausible_birth_date)]
     street: NotRequired[
         Annotated[
             str | None,
@@ -271,7 +261,7 @@ class EventIn(TypedDict):
     type: Annotated[
         str, Field(min_length=1, max_length=64, description="from policies/events.yaml"), NO_NUL
     ]
-    date: Annotated[dt.date, DATE_AS_TEXT, AfterValidator(_event_date)]
+    date: Annotated[CalendarDate, AfterValidator(_event_date)]
     office: Annotated[
         str,
         Field(min_length=1, max_length=128, description="helpdesk or office"),

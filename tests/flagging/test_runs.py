@@ -165,6 +165,20 @@ def test_an_as_of_before_1900_is_refused_naming_the_field(
     assert "as_of" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("as_of", ["1704067200", 1704067200, "2024-01-01T00:00:00Z", "20240101"])
+def test_an_as_of_that_is_not_written_yyyy_mm_dd_is_refused(
+    client: TestClient, session: Session, token: TokenFactory, as_of: object
+) -> None:
+    """Digits would be read as seconds since 1970, a midnight datetime as its day: a caller
+    sending either means something else, and the run would be logged under a day not asked for."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    response = client.post("/v1/flagging/runs", json={"as_of": as_of}, headers=coordinator)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"] == ["as_of"]
+    assert response.json()["errors"][0]["msg"].endswith("a date is written as text, YYYY-MM-DD")
+    assert log_entries(session, "flagging.run") == []
+
+
 def test_a_professional_may_not_run_or_read_flagging(
     client: TestClient, token: TokenFactory
 ) -> None:

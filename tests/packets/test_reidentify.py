@@ -7,7 +7,7 @@ import multiprocessing
 import threading
 import time
 import uuid
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlmodel import Session
 
 from service import clock
@@ -640,6 +640,30 @@ def test_a_followup_dated_outside_the_packets_time_is_refused_and_logged(
     clock.zone.cache_clear()
     entries = log_entries(session, "followup.create")
     assert [e["outcome"] for e in entries] == (["allowed"] * 2 + ["denied"] * 4) * 2
+
+
+def test_a_followup_date_not_written_yyyy_mm_dd_is_refused_and_nothing_is_stored(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    url = f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups"
+    today_utc = datetime.now(UTC).date()
+    midnight = datetime(today_utc.year, today_utc.month, today_utc.day, tzinfo=UTC)
+    for day in (
+        f"{today_utc.isoformat()}T00:00:00",
+        f"{today_utc.isoformat()} 00:00",
+        str(int(midnight.timestamp())),
+        int(midnight.timestamp()),
+    ):
+        refused = client.post(url, json={"kind": "contact", "date": day}, headers=owner)
+        assert refused.status_code == 422, (day, refused.text)
+        assert refused.json()["errors"][0]["loc"] == ["date"]
+        assert refused.json()["errors"][0]["msg"].endswith("a date is written as text, YYYY-MM-DD")
+    session.rollback()
+    assert session.execute(text("SELECT count(*) FROM packet_followups")).scalar_one() == 0
+    assert log_entries(session, "followup.create") == []
 
 
 # -- failing closed ---------------------------------------------------------------------------

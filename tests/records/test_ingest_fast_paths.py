@@ -269,13 +269,17 @@ def test_the_bulk_insert_fails_as_sqlalchemy_fails(session: Session, backend: st
         (lambda r: r["events"][0], "office", "\u2063"),
         (lambda r: r["identity"], "birth_date", 0),
         (lambda r: r["events"][0], "date", 1_700_000_000.0),
+        (lambda r: r["events"][0], "date", "1704067200"),
+        (lambda r: r["identity"], "birth_date", "1990-01-01T00:00:00Z"),
+        (lambda r: r["identity"], "birth_date", "1990-01-01 00:00"),
     ],
 )
 def test_invisible_names_and_dates_as_numbers_are_refused(
     make: Make, place: Callable[[Record], dict[str, Any]], field: str, value: Any
 ) -> None:
-    """A name of zero-width characters reads as nothing, and a number where a date belongs would
-    be taken as seconds since 1970: both are refused, by field, without the value."""
+    """A name of zero-width characters reads as nothing, and a number (or digits in a string)
+    where a date belongs would be taken as seconds since 1970, a midnight datetime as its day:
+    all are refused, by field, without the value."""
     record = make(0)
     place(record)[field] = value
     with pytest.raises(ValidationError) as caught:
