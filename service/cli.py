@@ -1385,16 +1385,9 @@ def expire(
             if not still_due:
                 break
         forgotten = forget_old_replays(database=database, retention=retention, now=moment)
-        # A purge an earlier run left pending (a reader held it up) is finished now: this run is
-        # the "run it again" that run asked for. Only a file says so across processes.
-        marker = settings.home / PURGE_PENDING_FILE
-        if not shredded and not forgotten and marker.exists():
-            database.purge_replaced_rows()
-        purge_pending = database.purge_pending
-        if purge_pending:
-            marker.touch(mode=0o600)
-        elif shredded or forgotten or marker.exists():
-            marker.unlink(missing_ok=True)
+        # Every purge asked for and not done: this run's, and one that an earlier run or a
+        # worker left pending (a reader held it up); this run is the "run it again" they ask for.
+        purge_pending = not database.purge_replaced_rows()
     console.print(f"crypto-shredded {shredded} packets", highlight=False)
     if forgotten:
         console.print(
@@ -1421,9 +1414,6 @@ def expire(
 
 EXPIRE_ATTEMPTS = 5
 EXPIRE_RETRY_SECONDS = 1.0
-# In CASEPACKETS_HOME while a purge `casepackets expire` could not finish is pending (its next
-# run, even with nothing to shred, tries it again).
-PURGE_PENDING_FILE = "purge-pending"
 
 
 def main() -> None:

@@ -45,11 +45,21 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from fastapi import Depends, Request
 from pydantic_core import from_json
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
-from sqlmodel import Session
+from sqlmodel import Field, Session, SQLModel
 from starlette.concurrency import run_in_threadpool
 
 from alembic import command
@@ -483,6 +493,42 @@ WRAP_TABLES = (
     "ingest_batches",
 )
 
+
+class PurgeRequest(SQLModel, table=True):
+    """A purge the transaction that wrote this row asked for (``request_purge``).
+
+    Stored with the overwrite, so that no restart, kill or scale-down between the overwrite's
+    commit and its purge can forget it, and any worker or ``casepackets expire`` finishes it.
+    ``horizon`` (PostgreSQL): one past the id of the transaction that overwrote and asked, so
+    every version it replaced was replaced before it.
+    """
+
+    __tablename__ = "purge_requests"
+    # Ids never given out twice (SQLite reuses a deleted largest rowid without it).
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, primary_key=True)
+    horizon: int | None = Field(default=None, sa_type=BigInteger)
+
+
+_PURGE_REQUESTS = PurgeRequest.__table__  # type: ignore[attr-defined]
+
+
+def request_purge(session: Session) -> None:
+    """Ask, in this transaction, for a purge of the row versions it overwrote: call it after
+    the overwrite, from any transaction that removes a wrap, a ciphertext or a keyed digest from
+    a ``WRAP_TABLES`` row. ``Database.purge_replaced_rows`` carries it out once committed."""
+    connection = session.connection()
+    horizon = None
+    if connection.dialect.name == "postgresql":
+        # This transaction's own id (every version it replaced carries it as the replacer), plus
+        # one: a snapshot taken at its start, as under REPEATABLE READ, may predate the id.
+        horizon = (
+            int(connection.exec_driver_sql("SELECT pg_current_xact_id()::text").scalar_one()) + 1
+        )
+    connection.execute(insert(_PURGE_REQUESTS).values(horizon=horizon))
+
+
 # VACUUM VERBOSE's report on one table or its TOAST table (PostgreSQL 15 and later): the
 # removable cutoff (row versions that transactions older than it replaced are gone; a snapshot
 # still open from before, such as pg_dump's or a report's, holds it back) and the versions it
@@ -491,6 +537,8 @@ _VACUUMED = re.compile(r'finished vacuuming "(?:[^"]*\.)?([^".]+)"')
 _REMOVABLE_CUTOFF = re.compile(r"removable cutoff: (\d+)")
 _MISSED = re.compile(r"tuples missed: (\d+)")
 XID_SPACE = 2**32  # VACUUM reports 32-bit transaction ids, which wrap around
+# pg_advisory_lock key of the one process purging at a time: the ASCII of "cp-purge".
+PURGE_LOCK_KEY = 0x63702D7075726765
 # How long a purge's TRUNCATE checkpoint on SQLite waits for the write lock and for readers of
 # old frames; writers wait behind it at most this long.
 PURGE_CHECKPOINT_WAIT_MS = 100
@@ -543,11 +591,6 @@ class Database:
     """One engine per process; sessions are short and owned by a request or a command."""
 
     def __init__(self, settings: Settings) -> None:
-        # Set while overwritten wraps or ciphertexts may linger (see purge_replaced_rows).
-        self.purge_pending = False
-        # PostgreSQL: the first transaction id not yet assigned when the latest overwrite asked
-        # for a purge; every version replaced before it must be gone for the purge to be done.
-        self._purge_horizon: int | None = None
         self._purging = threading.Lock()  # one purge at a time per process
         self.url = settings.resolved_database_url
         # SQLite's pool as large as PostgreSQL's: each request in a thread holds a connection
@@ -588,94 +631,109 @@ class Database:
                 session.rollback()
                 raise
 
+    @property
+    def purge_pending(self) -> bool:
+        """Whether a purge some transaction asked for (``request_purge``) is not done yet."""
+        with self.engine.connect().execution_options(**{READ_ONLY_OPTION: True}) as connection:
+            return connection.execute(select(_PURGE_REQUESTS.c.id).limit(1)).first() is not None
+
     def purge_replaced_rows(self) -> bool:
-        """Remove what is left of rows that crypto-shredding or erasure overwrote (call it once
-        they have committed). True once done; False when it could not finish (logged), and
-        ``purge_pending`` then stays set so that ``retry_purge`` tries again later.
+        """Remove what is left of rows that crypto-shredding or erasure overwrote: every purge
+        asked for (``request_purge``) and committed so far, whichever worker or command asked.
+        True once none is pending; False when it could not finish (logged): it stays pending
+        for the next try (the periodic job, or the next ``casepackets expire``). One process
+        purges at a time; another waits for it, then looks again.
 
         PostgreSQL keeps an updated row's previous version, with the wrap or ciphertext it
         held, until VACUUM, which here runs at once rather than whenever autovacuum gets round
         to it. VACUUM cannot remove a version that a snapshot older than its replacement may
         still see, and skips a table that another VACUUM holds: the purge is done only once
-        VACUUM reports a removable cutoff past every overwrite so far, on every table. SQLite
-        zeroes freed space itself (``secure_delete``) but keeps old page images in its ``-wal``
-        file; a TRUNCATE checkpoint empties it unless a reader still needs it, and reports when
-        one did. Copies outside the database (WAL archives, backups) stay: retiring the key
-        version that wrapped them is what makes those undecryptable.
+        VACUUM reports a removable cutoff past every requested overwrite, on every table.
+        SQLite zeroes freed space itself (``secure_delete``) but keeps old page images in its
+        ``-wal`` file; a TRUNCATE checkpoint empties it unless a reader still needs it, and
+        reports when one did. Copies outside the database (WAL archives, backups) stay: retiring
+        the key version that wrapped them is what makes those undecryptable.
         """
-        with self._purging:
-            self.purge_pending = True
-            self._purge_horizon = None  # taken afresh, past the overwrite that just committed
-            return self._purge()
-
-    def retry_purge(self) -> bool:
-        """Try a pending purge again (the periodic job); True when none is pending any more."""
-        with self._purging:
-            return self._purge() if self.purge_pending else True
-
-    def _purge(self) -> bool:
         try:
-            if self.is_sqlite:
-                raw = self.engine.raw_connection()
-                driver: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
-                try:
-                    # A TRUNCATE checkpoint holds the write lock while it waits for readers to
-                    # leave the old frames: with the usual busy timeout every write (an open's
-                    # log entry too) would wait behind a long reader for the whole bound. It
-                    # waits a moment instead, and the purge stays pending if that was too short.
-                    usual = _busy_timeout_of(driver)
-                    # Recorded first: should the restore below fail, the next transaction's
-                    # BEGIN sees the difference and sets its own timeout again.
-                    setattr(driver, "busy_timeout_ms", PURGE_CHECKPOINT_WAIT_MS)  # noqa: B010
-                    driver.execute(f"PRAGMA busy_timeout={PURGE_CHECKPOINT_WAIT_MS}")
-                    busy, _, _ = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                finally:
-                    with contextlib.suppress(sqlite3.Error):
-                        driver.execute(f"PRAGMA busy_timeout={usual}")
-                        setattr(driver, "busy_timeout_ms", usual)  # noqa: B010
-                    raw.close()
-                if busy:
-                    logger.warning(
-                        "could not empty the SQLite -wal file of overwritten rows: a reader "
-                        "still needs it; trying again later"
-                    )
-                    return False
-            else:
+            if not self.purge_pending:
+                return True
+            # Another process purging now may finish what this one found pending: it waits
+            # for that purge, then looks again.
+            with self._purging, _one_process_at_a_time(self.url, name="purge", key=PURGE_LOCK_KEY):
                 with self.engine.connect().execution_options(
-                    isolation_level="AUTOCOMMIT"
+                    **{READ_ONLY_OPTION: True}
                 ) as connection:
-                    if self._purge_horizon is None:
-                        self._purge_horizon = int(
-                            connection.exec_driver_sql(
-                                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text"
-                            ).scalar_one()
-                        )
-                    # A request's transaction that began just before the overwrite holds the
-                    # cutoff back for milliseconds: a few short tries outlast it, so only a long
-                    # reader (pg_dump, a report) leaves the purge pending.
-                    for pause in PURGE_RETRY_PAUSES_SECONDS:
-                        held_back = _vacuum_wrap_tables(connection, horizon=self._purge_horizon)
-                        if not held_back:
-                            break
-                        time.sleep(pause)
-                if held_back is None:
-                    logger.warning(
-                        "VACUUM ran, but its report could not be read (PostgreSQL before 15, or "
-                        "server messages not in English): the purge counts as done without a "
-                        "check that every overwritten row version is gone"
-                    )
-                if held_back:
-                    logger.warning(
-                        "could not yet remove every overwritten row version from %s: a snapshot "
-                        "older than the overwrite may still see them, or another VACUUM holds "
-                        "the table; trying again later",
-                        ", ".join(held_back),
-                    )
+                    last, horizon = connection.execute(
+                        select(func.max(_PURGE_REQUESTS.c.id), func.max(_PURGE_REQUESTS.c.horizon))
+                    ).one()
+                if last is None:
+                    return True
+                if not self._purge(horizon=horizon):
                     return False
-        except (OperationalError, sqlite3.Error) as exc:
+                # Requests come in id order, but on PostgreSQL they may commit out of it: one
+                # still open during VACUUM (its horizon past the one checked) stays pending.
+                done = _PURGE_REQUESTS.c.id <= last
+                if horizon is not None:
+                    done &= (_PURGE_REQUESTS.c.horizon <= horizon) | _PURGE_REQUESTS.c.horizon.is_(
+                        None
+                    )
+                with self.engine.begin() as connection:
+                    connection.execute(delete(_PURGE_REQUESTS).where(done))
+                return True
+        except (OperationalError, sqlite3.Error, psycopg.Error) as exc:
             logger.warning("could not purge replaced rows (%s)", type(exc).__name__)
             return False
-        self.purge_pending = False
+
+    def _purge(self, *, horizon: int | None) -> bool:
+        if self.is_sqlite:
+            raw = self.engine.raw_connection()
+            driver: sqlite3.Connection = raw.driver_connection  # type: ignore[assignment]
+            try:
+                # A TRUNCATE checkpoint holds the write lock while it waits for readers to leave
+                # the old frames: with the usual busy timeout every write (an open's log entry
+                # too) would wait behind a long reader for the whole bound. It waits a moment
+                # instead, and the purge stays pending if that was too short.
+                usual = _busy_timeout_of(driver)
+                # Recorded first: should the restore below fail, the next transaction's BEGIN
+                # sees the difference and sets its own timeout again.
+                setattr(driver, "busy_timeout_ms", PURGE_CHECKPOINT_WAIT_MS)  # noqa: B010
+                driver.execute(f"PRAGMA busy_timeout={PURGE_CHECKPOINT_WAIT_MS}")
+                busy, _, _ = driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    driver.execute(f"PRAGMA busy_timeout={usual}")
+                    setattr(driver, "busy_timeout_ms", usual)  # noqa: B010
+                raw.close()
+            if busy:
+                logger.warning(
+                    "could not empty the SQLite -wal file of overwritten rows: a reader still "
+                    "needs it; trying again later"
+                )
+                return False
+            return True
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            # A request's transaction that began just before the overwrite holds the cutoff
+            # back for milliseconds: a few short tries outlast it, so only a long reader
+            # (pg_dump, a report) leaves the purge pending.
+            for pause in PURGE_RETRY_PAUSES_SECONDS:
+                held_back = _vacuum_wrap_tables(connection, horizon=horizon or 0)
+                if not held_back:
+                    break
+                time.sleep(pause)
+        if held_back is None:
+            logger.warning(
+                "VACUUM ran, but its report could not be read (PostgreSQL before 15, or server "
+                "messages not in English): the purge counts as done without a check that every "
+                "overwritten row version is gone"
+            )
+        if held_back:
+            logger.warning(
+                "could not yet remove every overwritten row version from %s: a snapshot older "
+                "than the overwrite may still see them, or another VACUUM holds the table; "
+                "trying again later",
+                ", ".join(held_back),
+            )
+            return False
         return True
 
     def dispose(self) -> None:
@@ -695,10 +753,10 @@ MIGRATION_LOCK_KEY = 0x63702D6D696772
 
 
 @contextmanager
-def _one_migrator(url: str) -> Iterator[None]:
-    """One migration at a time per database: every replica runs ``migrate`` as it starts, and
-    two at once would both create the same tables. PostgreSQL: a session advisory lock on a
-    connection of its own; SQLite: ``flock`` on ``<database>-migrate``."""
+def _one_process_at_a_time(url: str, *, name: str, key: int) -> Iterator[None]:
+    """Wait until no other process holds the database's lock ``name``, and hold it until the
+    block ends. PostgreSQL: the session advisory lock ``key`` on a connection of its own;
+    SQLite: ``flock`` on ``<database>-<name>``."""
     if is_sqlite(url):
         database = _sqlite_file(url)
         if database is None:
@@ -707,7 +765,7 @@ def _one_migrator(url: str) -> Iterator[None]:
         with _sqlite_files(database):
             database.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(
-                database.with_name(f"{database.name}-migrate"), os.O_RDWR | os.O_CREAT, 0o600
+                database.with_name(f"{database.name}-{name}"), os.O_RDWR | os.O_CREAT, 0o600
             )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -718,9 +776,7 @@ def _one_migrator(url: str) -> Iterator[None]:
     engine = create_engine(url, poolclass=NullPool, hide_parameters=True)
     try:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.exec_driver_sql(
-                "SELECT pg_advisory_lock(%(key)s)", {"key": MIGRATION_LOCK_KEY}
-            )
+            connection.exec_driver_sql("SELECT pg_advisory_lock(%(key)s)", {"key": key})
             yield  # closing the connection releases the lock
     finally:
         engine.dispose()
@@ -747,7 +803,11 @@ def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
 
 
 def _run_migrations(url: str, migrations_dir: Path, run: Callable[[Config], None]) -> Migrated:
-    with database_problems(url), _one_migrator(url):
+    # Every replica runs ``migrate`` as it starts: two at once would both create the tables.
+    with (
+        database_problems(url),
+        _one_process_at_a_time(url, name="migrate", key=MIGRATION_LOCK_KEY),
+    ):
         engine = make_engine(url, lock_timeout_seconds=MIGRATION_LOCK_TIMEOUT_SECONDS)
         try:
             with engine.connect() as connection:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from sqlmodel import SQLModel
 
 import service.access_log.models
+import service.db
 import service.flagging.models
 import service.packets.models
 import service.records.models  # noqa: F401

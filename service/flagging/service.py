@@ -26,6 +26,7 @@ from sqlmodel import Session
 from service.access_log.service import LogEntry, append
 from service.auth.dependencies import Caller
 from service.crypto.keyring import KeyProvider
+from service.db import request_purge
 from service.errors import Conflict, NotFound, Unprocessable
 from service.flagging.models import (
     Flag,
@@ -395,6 +396,8 @@ def forget_push_digests(*, session: Session, before: datetime) -> int:
         )
         .values(request_digest=EXPIRED_DIGEST)
     )
+    if result.rowcount:
+        request_purge(session)
     return int(result.rowcount)
 
 

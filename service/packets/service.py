@@ -83,6 +83,7 @@ from service.db import (
     LOG_LOCK_TIMEOUT_OPTION,
     limit_lock_waits,
     lock_was_busy,
+    request_purge,
     spend_lock_wait,
 )
 from service.errors import Conflict, Gone, NotFound, ServiceError, Unavailable, Unprocessable
@@ -2130,6 +2131,7 @@ def shred_due(
     connection.execute(
         update(_followups).where(_followups.c.packet_id.in_(ids)).values(note_ciphertext=None)
     )
+    request_purge(session)
     grace_cutoff = now - timedelta(days=retention.closed_grace_days)
     for row in due:
         # A closed packet may come due by its expiry before its grace period ends: the entry
@@ -2217,11 +2219,9 @@ async def shred_periodically(
     worker thread, until cancelled.
 
     A failed run (database busy, log unavailable) is logged by type and retried next time.
-    The first run purges even when this process overwrote nothing: a pending purge lives in
-    the memory of the worker that overwrote, so a worker restarted (or killed between an
-    overwrite's commit and its purge) would otherwise leave the old wraps to autovacuum.
+    Each run also finishes a purge still pending from an earlier overwrite (a reader held it
+    up), whichever worker or command asked for it (``request_purge``).
     """
-    inherited_purge_done = False
     while True:
         await asyncio.sleep(interval_seconds)
         try:
@@ -2229,11 +2229,7 @@ async def shred_periodically(
                 shred_expired, database=database, retention=retention, actor="system:shredder"
             )
             await asyncio.to_thread(forget_old_replays, database=database, retention=retention)
-            if not inherited_purge_done:
-                inherited_purge_done = True  # a failure leaves it pending, retried below
-                await asyncio.to_thread(database.purge_replaced_rows)
-            elif database.purge_pending:  # an earlier purge (after an erasure, say) could not end
-                await asyncio.to_thread(database.retry_purge)
+            await asyncio.to_thread(database.purge_replaced_rows)
         except Exception as exc:
             logger.warning(
                 "periodic crypto-shredding failed (%s); retrying later", type(exc).__name__

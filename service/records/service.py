@@ -54,6 +54,7 @@ from service.crypto.envelope import (
 )
 from service.crypto.keyring import KeyProvider, KeyringError, Purpose
 from service.crypto.pseudonym import DOMAIN, PSEUDONYM_BYTES
+from service.db import request_purge
 from service.errors import Conflict, Gone, NotFound, Unavailable, Unprocessable
 from service.records.models import (
     IDENTITY,
@@ -878,6 +879,8 @@ def forget_batch_answers(*, session: Session, before: datetime) -> int:
             response=EXPIRED_RESPONSE,
         )
     )
+    if result.rowcount:
+        request_purge(session)
     return int(result.rowcount)
 
 
@@ -991,6 +994,7 @@ def erase_subject(
         )
         .values(request_digest=ERASED_DIGEST)
     )
+    request_purge(session)
     events_kept = (
         session.connection()
         .execute(select(func.count()).select_from(EVENTS).where(EVENTS.c.subject_id == subject.id))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import Counter
@@ -31,7 +32,15 @@ from service.packets import service as packets_service
 from service.packets.models import utcnow
 from service.packets.service import packet_key_aad, shred_expired
 from service.records import service as records_service
-from tests.conftest import Answer, Interleaving, Request, TokenFactory, bearer
+from tests.conftest import (
+    MIGRATIONS,
+    Answer,
+    Databases,
+    Interleaving,
+    Request,
+    TokenFactory,
+    bearer,
+)
 from tests.flagging.seed import AS_OF
 from tests.packets.scenario import (
     COORDINATOR,
@@ -622,10 +631,11 @@ def test_a_restarted_worker_finishes_a_purge_the_stopped_one_left_pending(
     backend: str,
     session: Session,
 ) -> None:
-    """A pending purge lives in the memory of the worker that overwrote: when that worker stops
-    (a deploy, the OOM killer) before the purge could finish, the worker that starts after it
-    overwrote nothing, yet its first periodic run purges, so the shredded wraps do not wait in
-    the storage for autovacuum or a checkpoint that may not come."""
+    """A purge is asked for in the overwrite's own transaction, not kept in the memory of the
+    worker that overwrote: when that worker stops (a deploy, the OOM killer, a scale-down)
+    before the purge could finish, another worker that overwrote nothing finishes it on its
+    next periodic run, so the shredded wraps do not wait in the storage for autovacuum or a
+    checkpoint that may not come."""
     world = world_of(client, token)
     packet = world.packet(OWNER, "Charlois")
     note_every_client(client, token, packet)
@@ -661,6 +671,120 @@ def test_a_restarted_worker_finishes_a_purge_the_stopped_one_left_pending(
         assert [secret for secret in secrets if secret in raw_storage(session)] == []
     finally:
         restarted.dispose()
+
+
+def test_with_no_purge_asked_for_a_round_neither_vacuums_nor_checkpoints(
+    app: Any, db_url: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker's every round asks whether a purge is pending; only one asked for by an
+    overwrite runs VACUUM or the checkpoint (and can warn of rows it could not remove)."""
+    database = Database(Settings(env="test", home=home, database_url=db_url))
+    purges: list[int | None] = []
+
+    def purge(*, horizon: int | None) -> bool:
+        purges.append(horizon)
+        return True
+
+    monkeypatch.setattr(database, "_purge", purge)
+    try:
+        assert not database.purge_pending
+        assert database.purge_replaced_rows() is True
+        assert purges == []
+        with database.transaction() as session:
+            db_module.request_purge(session)
+        assert database.purge_pending
+        assert database.purge_replaced_rows() is True
+        assert len(purges) == 1
+        assert not database.purge_pending
+    finally:
+        database.dispose()
+
+
+def test_a_purge_waits_for_another_process_s_purge_and_then_looks_again(
+    app: Any, db_url: str, home: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers finding the same purge pending would VACUUM side by side, each skipping the
+    tables the other holds and warning that rows were left, and `casepackets expire` would exit
+    1: one purges, the others wait for it and find it done."""
+    database = Database(Settings(env="test", home=home, database_url=db_url))
+    other = Database(Settings(env="test", home=home, database_url=db_url))
+    with database.transaction() as session:
+        db_module.request_purge(session)
+    purged: list[bool] = []
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="casepackets"),
+            db_module._one_process_at_a_time(db_url, name="purge", key=db_module.PURGE_LOCK_KEY),
+        ):
+            waiting = threading.Thread(target=lambda: purged.append(other.purge_replaced_rows()))
+            waiting.start()
+            waiting.join(0.5)
+            assert waiting.is_alive()  # waits for the purge holding the lock
+            assert database.purge_pending
+        waiting.join(10)
+        assert purged == [True]
+        assert not database.purge_pending
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        database.dispose()
+        other.dispose()
+
+
+@pytest.mark.parametrize("databases", ["postgres"], indirect=True)
+def test_a_purge_asked_for_by_a_transaction_still_open_during_vacuum_stays_pending(
+    app: Any, db_url: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request ids come in insert order, transactions commit in any order: an overwrite with a
+    lower id that commits while VACUUM runs was not covered by it, so a purge that deleted every
+    request up to the largest id it read would forget it (its rows left in the pages)."""
+    database = Database(Settings(env="test", home=home, database_url=db_url))
+    early, late = database.session(), database.session()
+    try:
+        late.execute(text("SELECT pg_current_xact_id()"))  # the older transaction id
+        db_module.request_purge(early)  # the lower request id, the younger transaction
+        db_module.request_purge(late)
+        late.commit()
+        early.execute(text("SELECT 1"))  # its snapshot now sees the late one committed
+        real_purge = database._purge
+
+        def purge_then_commit_the_early_one(*, horizon: int | None) -> bool:
+            done = real_purge(horizon=horizon)
+            early.commit()  # after VACUUM, before the requests it covered are deleted
+            return done
+
+        monkeypatch.setattr(database, "_purge", purge_then_commit_the_early_one)
+        assert database.purge_replaced_rows() is True
+        assert database.purge_pending  # the early transaction's request is still there
+        monkeypatch.undo()
+        assert database.purge_replaced_rows() is True
+        assert not database.purge_pending
+    finally:
+        early.close()
+        late.close()
+        database.dispose()
+
+
+def test_the_upgrade_that_stores_purges_asks_for_one_where_subjects_are_stored(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path, databases: Databases
+) -> None:
+    """Before migration 0011 a pending purge lived in a worker's memory, which the upgrade's
+    restart forgets: a database holding subjects starts with one purge asked for, a new one
+    with none."""
+    world_of(client, token)
+    db_module.downgrade(db_url, MIGRATIONS, "0010")
+    db_module.migrate(db_url, MIGRATIONS)
+    upgraded = Database(Settings(env="test", home=home, database_url=db_url))
+    new = databases.empty()
+    db_module.migrate(new, MIGRATIONS)
+    created = Database(Settings(env="test", home=home, database_url=new))
+    try:
+        assert upgraded.purge_pending
+        assert not created.purge_pending
+        assert upgraded.purge_replaced_rows() is True
+        assert not upgraded.purge_pending
+    finally:
+        upgraded.dispose()
+        created.dispose()
 
 
 def test_expire_run_again_finishes_the_purge_its_last_run_left_pending(
@@ -750,7 +874,7 @@ def test_a_purge_held_up_by_a_reader_does_not_hold_up_opens_meanwhile(
         retention = app.state.retention_policy
         assert shred_expired(database=database, retention=retention, actor="system:test") == 1
         assert database.purge_pending
-        purging = threading.Thread(target=database.retry_purge)
+        purging = threading.Thread(target=database.purge_replaced_rows)
         purging.start()
         time.sleep(0.01)
         started = time.monotonic()
@@ -821,6 +945,8 @@ def test_a_purge_another_job_holds_up_stays_pending(db_url: str, home: Path, bac
     SQLite's checkpoint cannot empty the -wal file while a writer holds the database."""
     settings = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.3)
     database = Database(settings)
+    with database.transaction() as session:
+        db_module.request_purge(session)  # as a shred or an erasure does
     holder = database.engine.raw_connection()
     try:
         if backend == "sqlite":
