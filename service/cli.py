@@ -1247,18 +1247,18 @@ def flag(
     batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="subjects per batch")] = 2000,
 ) -> None:
     """Run the flagging policy over every subject and store the flags (logged)."""
-    from datetime import date
 
     from service.clock import today
     from service.flagging.models import not_in_the_future
     from service.flagging.policy import FlaggingPolicyError, load_flagging_policy
     from service.flagging.service import RunProgress, run_flagging, system_caller
     from service.records.models import EARLIEST
+    from service.schemas import parse_calendar_date
 
     settings = settings_or_exit()
     try:
         policy = load_flagging_policy(settings.policies_dir / "flagging.yaml")
-        day = not_in_the_future(date.fromisoformat(as_of)) if as_of else today()
+        day = not_in_the_future(parse_calendar_date(as_of)) if as_of else today()
         if day < EARLIEST:  # the bounds the API holds ``as_of`` to (``FlaggingRunCreate``)
             raise ValueError(f"as_of may not be before {EARLIEST.isoformat()}")
     except (FlaggingPolicyError, ValueError) as exc:

@@ -34,6 +34,12 @@ def _date_as_text(value: object) -> object:
 # Every date a caller sends: the text YYYY-MM-DD, and nothing else.
 CalendarDate = Annotated[date, BeforeValidator(_date_as_text)]
 
+
+def parse_calendar_date(text: str) -> date:
+    """``text`` read as a ``CalendarDate`` is (a command-line option); ValueError if it is not."""
+    return date.fromisoformat(str(_date_as_text(text)))
+
+
 # Largest integer both SQLite and PostgreSQL store (64-bit signed). Query parameters that reach
 # SQL (offsets, indexes, cursors) are bounded by it: an oversized number is a 422, not a 500.
 MAX_INT64 = 2**63 - 1

@@ -39,8 +39,10 @@ def test_flag_then_partition_from_the_command_line(cli_home: Path) -> None:
     missing = runner.invoke(cli, ["partition", "--run-id", "nope"])
     assert missing.exit_code == 1
     assert "no flagging run nope" in " ".join(missing.output.split())
-    bad_date = runner.invoke(cli, ["flag", "--as-of", "yesterday"])
-    assert bad_date.exit_code == 2
+    for bad in ("yesterday", "20260315", "2026-W11-7", "2026-03-15T00:00:00"):
+        bad_date = runner.invoke(cli, ["flag", "--as-of", bad])
+        assert bad_date.exit_code == 2, (bad, bad_date.output)
+        assert "a date is written as text, YYYY-MM-DD" in " ".join(bad_date.output.split())
     tomorrow = (today() + timedelta(days=1)).isoformat()
     future = runner.invoke(cli, ["flag", "--as-of", tomorrow])
     assert future.exit_code == 2
