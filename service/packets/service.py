@@ -2212,6 +2212,13 @@ def forget_old_replays(
     return forgotten
 
 
+def _shredding_round(*, database: Database, retention: RetentionPolicy) -> int:
+    shredded = shred_expired(database=database, retention=retention, actor="system:shredder")
+    forget_old_replays(database=database, retention=retention)
+    database.purge_replaced_rows()
+    return shredded
+
+
 async def shred_periodically(
     *, database: Database, retention: RetentionPolicy, interval_seconds: float
 ) -> None:
@@ -2220,16 +2227,20 @@ async def shred_periodically(
 
     A failed run (database busy, log unavailable) is logged by type and retried next time.
     Each run also finishes a purge still pending from an earlier overwrite (a reader held it
-    up), whichever worker or command asked for it (``request_purge``).
+    up), whichever worker or command asked for it (``request_purge``). Cancelled during a run,
+    it returns once the run's thread has ended: a thread cannot be stopped, and the caller
+    (the service shutting down) disposes of the database next.
     """
     while True:
         await asyncio.sleep(interval_seconds)
+        in_flight = asyncio.ensure_future(
+            asyncio.to_thread(_shredding_round, database=database, retention=retention)
+        )
         try:
-            shredded = await asyncio.to_thread(
-                shred_expired, database=database, retention=retention, actor="system:shredder"
-            )
-            await asyncio.to_thread(forget_old_replays, database=database, retention=retention)
-            await asyncio.to_thread(database.purge_replaced_rows)
+            shredded = await asyncio.shield(in_flight)
+        except asyncio.CancelledError:
+            await asyncio.wait([in_flight])
+            raise
         except Exception as exc:
             logger.warning(
                 "periodic crypto-shredding failed (%s); retrying later", type(exc).__name__

@@ -1176,6 +1176,38 @@ def test_concurrent_shredders_shred_each_packet_exactly_once(
     assert statuses == {"expired"}
 
 
+def test_a_stopped_shredder_returns_only_once_its_round_in_flight_has_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round runs in a thread, which cancelling cannot stop: the service disposed of the
+    database while a round still used it (a connection left open, found by a ResourceWarning).
+    Cancelling now waits for the round."""
+    ended: list[str] = []
+
+    def slow_round(**_: Any) -> int:
+        time.sleep(0.3)
+        ended.append("round")
+        return 0
+
+    monkeypatch.setattr(packets_service, "_shredding_round", slow_round)
+
+    async def stop_during_a_round() -> None:
+        unused: Any = None  # the round that would use them is replaced
+        shredder = asyncio.create_task(
+            packets_service.shred_periodically(
+                database=unused, retention=unused, interval_seconds=0.01
+            )
+        )
+        await asyncio.sleep(0.1)  # the first round is in its thread now
+        shredder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await shredder
+        ended.append("stopped")
+
+    asyncio.run(stop_during_a_round())
+    assert ended == ["round", "stopped"]
+
+
 def test_the_service_shreds_due_packets_periodically(
     client: TestClient,
     token: TokenFactory,
