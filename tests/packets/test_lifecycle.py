@@ -30,6 +30,7 @@ from service.db import WRAP_TABLES, Database
 from service.main import create_app
 from service.packets import service as packets_service
 from service.packets.models import utcnow
+from service.packets.policy import RetentionPolicy
 from service.packets.service import packet_key_aad, shred_expired
 from service.records import service as records_service
 from tests.conftest import (
@@ -570,6 +571,21 @@ def reader_with_a_snapshot(database: Database, backend: str) -> Any:
     return reader
 
 
+def run_the_shredder_a_moment(database: Database, retention: RetentionPolicy) -> None:
+    """The service's periodic job, every 0.05 s for half a second (a few rounds)."""
+
+    async def a_few_rounds() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                packets_service.shred_periodically(
+                    database=database, retention=retention, interval_seconds=0.05
+                ),
+                timeout=0.5,
+            )
+
+    asyncio.run(a_few_rounds())
+
+
 def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes_it(
     app: Any,
     client: TestClient,
@@ -603,16 +619,7 @@ def test_a_purge_a_reader_holds_up_stays_pending_until_the_periodic_job_finishes
         assert database.purge_pending
         reader.driver_connection.execute("ROLLBACK")
 
-        async def a_few_periodic_runs() -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    packets_service.shred_periodically(
-                        database=database, retention=retention, interval_seconds=0.05
-                    ),
-                    timeout=0.5,
-                )
-
-        asyncio.run(a_few_periodic_runs())
+        run_the_shredder_a_moment(database, retention)
         assert not database.purge_pending
         assert_shredded(packet_state(session, packet["id"]), "expired", notes=len(secrets) // 2)
         left = raw_storage(session)
@@ -656,17 +663,7 @@ def test_a_restarted_worker_finishes_a_purge_the_stopped_one_left_pending(
 
     restarted = Database(settings)
     try:
-
-        async def the_first_periodic_run() -> None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    packets_service.shred_periodically(
-                        database=restarted, retention=retention, interval_seconds=0.05
-                    ),
-                    timeout=0.5,
-                )
-
-        asyncio.run(the_first_periodic_run())
+        run_the_shredder_a_moment(restarted, retention)
         assert not restarted.purge_pending
         assert [secret for secret in secrets if secret in raw_storage(session)] == []
     finally:
