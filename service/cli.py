@@ -34,7 +34,7 @@ from service.access_log.service import (
     LogEntry,
     append,
     hold_lock,
-    latest_checkpoint_opens,
+    kept_by_keyring,
     logged_current_key,
     rotation_committed,
 )
@@ -831,7 +831,7 @@ def keys_rotate(
             new = (
                 keyring.promote(checked)
                 if written_under_the_lock
-                else keyring.rotate(checked, material=material)
+                else keyring.rotate(checked, material=material, leaf_index=leaf_index)
             )
         except KeyringError as exc:
             if not written_under_the_lock:
@@ -856,35 +856,49 @@ def keys_rotate(
         console.print("so auditors who trust the old key can follow (`audit verify --handovers`)")
 
 
+def keyrings_database(session: Session, keyring: Keyring, *, settings: Settings) -> bool:
+    """Whether the database of ``session`` is the one this keyring was kept with (see
+    ``kept_by_keyring``): asked before a key command destroys key material on its word."""
+    from service.crypto.signing import NoteSigner
+
+    verifiers = [
+        NoteSigner(name=settings.checkpoint_origin, seed=key.material).verifier
+        for key in keyring.active("log_signing")
+    ]
+    return kept_by_keyring(session=session, rotations=keyring.rotations(), verifiers=verifiers)
+
+
+def not_the_keyrings_database_exit(what: str) -> NoReturn:
+    console.print(
+        f"[red]refused:[/red] {what}, but nothing shows that this database was kept with this "
+        "keyring: its log holds none of the keyring's rotations, and none of its log signing "
+        "keys signed the latest checkpoint: is CASEPACKETS_DATABASE_URL the database this "
+        "keyring belongs to? Nothing was changed. If you are sure it is (its rotations predate "
+        "keyrings that record them), have a checkpoint signed on it (`casepackets audit export "
+        "--out DIR`) and run this again",
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(2)
+
+
 def settle_staged(database: Database, keyring: LockedKeyring, *, settings: Settings) -> None:
     """Finish what a rotation killed between staging its version and promoting it left behind:
     the version becomes current when the log holds its rotation entry, and is discarded (its
     material destroyed; nothing used it) when that never committed. Asked under the log's lock,
     which the killed rotation's transaction held until it ended, so the answer is final. Nothing
-    is discarded on the word of a log this keyring does not sign (the wrong database)."""
-    from service.crypto.signing import NoteSigner
-
+    is discarded on the word of a database this keyring was not kept with: a new database, or
+    another installation's, holds no rotation entry either."""
     for purpose in PURPOSES:
         if (staged := keyring.staged(purpose)) is None:
             continue
-        verifiers = [
-            NoteSigner(name=settings.checkpoint_origin, seed=key.material).verifier
-            for key in keyring.active("log_signing")
-        ]
         with database.transaction() as session:
             hold_lock(session)
-            committed = rotation_committed(session=session, staged=staged)
-            ours = latest_checkpoint_opens(session=session, verifiers=verifiers)
+            committed = rotation_committed(session=session, rotation=staged)
+            ours = committed or keyrings_database(session, keyring, settings=settings)
         name = f"{purpose} v{staged.version}"
-        if not committed and ours is False:
-            console.print(
-                f"[red]refused:[/red] {name} is staged, and this database's latest checkpoint is "
-                "signed by none of this keyring's log signing keys: is CASEPACKETS_DATABASE_URL "
-                "the database this keyring belongs to? Nothing was changed",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(2)
+        if not ours:
+            not_the_keyrings_database_exit(f"{name} is staged and its rotation is not in the log")
         try:
             if committed:
                 keyring.promote(purpose)
@@ -991,7 +1005,9 @@ def keys_retire(
     with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
         settle_staged(database, keyring, settings=settings)
         with database.transaction() as session:
-            retire_logged(session, keyring=keyring, purpose=checked, version=version)
+            retire_logged(
+                session, keyring=keyring, purpose=checked, version=version, settings=settings
+            )
         # Committed first: the material is destroyed only once the log says so.
         try:
             keyring.retire(checked, version)
@@ -1013,16 +1029,21 @@ def unwritten_keyring_exit(exc: KeyringError, *, logged: str) -> NoReturn:
 
 
 def retire_logged(
-    session: Session, *, keyring: LockedKeyring, purpose: Purpose, version: int
+    session: Session, *, keyring: LockedKeyring, purpose: Purpose, version: int, settings: Settings
 ) -> None:
     """Log the retirement of ``purpose`` v``version`` in ``session``, or refuse it (exit 1): the
     current version or one that does not exist (said first: a rewrap cannot change that), while
-    rows depend on it, or when the keyring would refuse it (a rotation too recent)."""
+    rows depend on it, or when the keyring would refuse it (a rotation too recent). Refused with
+    exit 2 in a database the keyring was not kept with, where nothing depends on any version."""
     try:
         keyring.check_old_version(purpose, version)
     except KeyringError as exc:
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    if not keyrings_database(session, keyring, settings=settings):
+        not_the_keyrings_database_exit(
+            f"{purpose} v{version} would be retired as nothing here depends on it"
+        )
     try:
         dependents = count_key_dependents(session=session, purpose=purpose, version=version)
     except ServiceError as exc:

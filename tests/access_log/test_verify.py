@@ -564,6 +564,7 @@ def test_a_signing_key_rotation_killed_midway_leaves_a_log_that_verifies(
     assert code == 0, output
 
 
+@pytest.mark.parametrize("other_log", ["signed-by-another-key", "never-signed"])
 def test_a_staged_key_is_not_discarded_on_the_word_of_another_log(
     cli_env: Path,
     database: Database,
@@ -571,9 +572,11 @@ def test_a_staged_key_is_not_discarded_on_the_word_of_another_log(
     db_url: str,
     home: Path,
     monkeypatch: pytest.MonkeyPatch,
+    other_log: str,
 ) -> None:
-    """A key command pointed at the wrong database (another deployment's) would find no
-    rotation entry there and destroy a staged key whose rotation committed in the right one."""
+    """A key command pointed at the wrong database (another deployment's, or a new one with no
+    checkpoint yet) would find no rotation entry there and destroy a staged key whose rotation
+    committed in the right one."""
     append_each(database, 5)
     export_command(cli_env / "before")
     killed_rotation("log_signing", "staged")
@@ -581,9 +584,10 @@ def test_a_staged_key_is_not_discarded_on_the_word_of_another_log(
     other = Database(Settings(env="test", home=home, database_url=other_url))
     try:
         append_each(other, 6)
-        with other.transaction() as session:
-            stranger = NoteSigner(name=ORIGIN, seed=os.urandom(32))
-            log.signed_checkpoint(session=session, signer=stranger, origin=ORIGIN)
+        if other_log == "signed-by-another-key":
+            with other.transaction() as session:
+                stranger = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+                log.signed_checkpoint(session=session, signer=stranger, origin=ORIGIN)
     finally:
         other.dispose()
     monkeypatch.setenv("CASEPACKETS_DATABASE_URL", other_url)

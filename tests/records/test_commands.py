@@ -124,6 +124,65 @@ def test_keys_init_rotate_and_refused_retire(cli_env: Settings, rotations_settle
     assert keyring.current("vault").material.hex() not in output
 
 
+def test_a_retirement_pointed_at_another_database_destroys_nothing(
+    cli_env: Settings,
+    rotations_settled: None,
+    databases: Databases,
+    db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No rows depend on any key version in a database the keyring was never kept with (a new
+    one, another installation's): a retirement pointed there is refused and the version keeps
+    its material. In the keyring's own database the rotation the keyring recorded is found, and
+    only the rows that still need the version refuse it."""
+    assert run("keys", "init")[0] == 0
+    assert run("migrate")[0] == 0
+    assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0
+    assert run("keys", "rotate", "--purpose", "vault")[0] == 0
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", databases.fresh())
+    get_settings.cache_clear()
+    code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
+    said = " ".join(output.split())
+    assert code == 2, said
+    assert "is CASEPACKETS_DATABASE_URL the database this keyring belongs to?" in said
+    assert "Nothing was changed" in said
+    keyring = Keyring.load(cli_env.resolved_keyring_path)
+    assert keyring.get("vault", 1).material, "v1 keeps its material"
+
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
+    assert code == 1, output
+    assert "still depend" in output
+    assert run("keys", "rewrap")[0] == 0
+    assert run("keys", "retire", "--purpose", "vault", "--version", "1")[0] == 0
+
+
+def test_a_keyring_whose_rotations_left_no_trace_needs_a_checkpoint_of_its_own_to_retire(
+    cli_env: Settings, rotations_settled: None
+) -> None:
+    """A keyring written before rotations were recorded in it knows no rotation entry: its
+    database is recognised by a checkpoint one of its log signing keys signed, and until one
+    is signed, nothing is retired."""
+    assert run("keys", "init")[0] == 0
+    assert run("migrate")[0] == 0
+    assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0
+    assert run("keys", "rotate", "--purpose", "vault")[0] == 0
+    assert run("keys", "rewrap")[0] == 0
+    path = cli_env.resolved_keyring_path
+    document = json.loads(path.read_bytes())
+    recorded = document["purposes"]["vault"]["versions"]["2"].pop("leaf_index")
+    assert isinstance(recorded, int)
+    path.write_text(json.dumps(document))
+    code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
+    assert code == 2, output
+    assert "have a checkpoint signed on it" in " ".join(output.split())
+    code, output = run("audit", "export", "--out", str(cli_env.home / "export"))
+    assert code == 0, output
+    code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
+    assert code == 0, output
+
+
 def test_a_retirement_a_rewrap_cannot_help_is_refused_for_what_it_is(cli_env: Settings) -> None:
     """The current version, or one that does not exist, is said to be so: not that rows depend
     on it (a rewrap cannot change that), nor that a rotation is too recent."""
