@@ -36,6 +36,7 @@ from __future__ import annotations
 import base64
 import copy
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -192,10 +193,20 @@ def _inaccessible(path: Path, exc: OSError) -> KeyringInaccessible:
     )
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.new-"
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all, through a temporary file beside it. Called under the
+    edit lock, so a temporary file found there is what a write killed before its rename left
+    (``kill -9``, a power cut): it holds every key of its day, retired ones included later, so
+    it is deleted first."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
+        for leftover in path.parent.glob(f"{glob.escape(_temporary_prefix(path))}*"):
+            leftover.unlink(missing_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
     except OSError as exc:
         raise _inaccessible(path, exc) from exc
     try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import multiprocessing
 import os
+import signal
 import stat
 from collections.abc import Callable
 from multiprocessing.queues import Queue
@@ -247,6 +249,46 @@ def test_the_keyring_keeps_where_each_rotation_was_logged(
     os.chmod(path, 0o600)
     with pytest.raises(KeyringError, match="vault v3 has a bad leaf_index"):
         Keyring.load(path)
+
+
+def rotate_and_die_before_the_rename(path: str) -> None:
+    """Rotate the vault key and be killed (SIGKILL) once the new file is written, before it
+    replaces the keyring."""
+    real_fsync = os.fsync
+
+    def fsync_then_die(fd: int) -> None:
+        real_fsync(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.fsync = fsync_then_die
+    with Keyring.edit(Path(path)) as keyring:
+        keyring.rotate("vault")
+
+
+def test_what_a_killed_write_left_beside_the_keyring_goes_with_the_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write killed before its rename leaves a temporary file holding every key: the next
+    change deletes it, so a retired version's material does not outlive its retirement."""
+    monkeypatch.setattr(keyring_module, "ROTATION_SETTLE_SECONDS", 0)
+    path = tmp_path / "keyring.json"
+    Keyring.init(path)
+    old_vault = base64.b64encode(Keyring.load(path).current("vault").material)
+    killed = multiprocessing.get_context("spawn").Process(
+        target=rotate_and_die_before_the_rename, args=(str(path),)
+    )
+    killed.start()
+    killed.join(60)
+    assert killed.exitcode == -signal.SIGKILL
+    left = [p for p in tmp_path.iterdir() if p.name not in ("keyring.json", "keyring.json.lock")]
+    assert len(left) == 1, "the killed write's file"
+    assert old_vault in left[0].read_bytes()
+    assert Keyring.load(path).current("vault").version == 1
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("vault")
+        keyring.retire("vault", 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keyring.json", "keyring.json.lock"]
+    assert old_vault not in path.read_bytes()
 
 
 def test_a_keyring_is_unreadable_only_while_its_file_cannot_be_read(tmp_path: Path) -> None:
