@@ -256,7 +256,7 @@ def rotate_and_die_before_the_rename(path: str) -> None:
     replaces the keyring."""
     real_fsync = os.fsync
 
-    def fsync_then_die(fd: int) -> None:
+    def fsync_then_die(fd: Any) -> None:
         real_fsync(fd)
         os.kill(os.getpid(), signal.SIGKILL)
 
