@@ -201,8 +201,10 @@ def _write_atomically(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all, through a temporary file beside it. Called under the
     edit lock, so a temporary file found there is what a write killed before its rename left
     (``kill -9``, a power cut): it holds every key of its day, retired ones included later, so
-    it is deleted first."""
+    it is deleted first. A keyring reached through a symbolic link is written where the link
+    points (the file it was read from), and the link stays."""
     try:
+        path = path.resolve() if path.is_symlink() else path
         path.parent.mkdir(parents=True, exist_ok=True)
         for leftover in path.parent.glob(f"{glob.escape(_temporary_prefix(path))}*"):
             leftover.unlink(missing_ok=True)
@@ -609,6 +611,9 @@ def _edit_lock(path: Path, *, timeout: float) -> Iterator[_EditLock]:
     """Hold the exclusive ``flock`` on ``<path>.lock`` (created 0600), taken within ``timeout``
     seconds or not at all (``KeyringBusy``). Closing the descriptor releases it, also when the
     process dies."""
+    # Beside the file itself: edits through a symbolic link and through the file's own path
+    # take turns on one lock.
+    path = path.resolve() if path.is_symlink() else path
     lock_path = path.with_name(f"{path.name}.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -291,6 +291,29 @@ def test_what_a_killed_write_left_beside_the_keyring_goes_with_the_next_write(
     assert old_vault not in path.read_bytes()
 
 
+def test_a_keyring_reached_by_a_link_is_changed_where_the_link_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file read is the file written: replacing the link instead would leave the retired
+    material in the file the link pointed to."""
+    monkeypatch.setattr(keyring_module, "ROTATION_SETTLE_SECONDS", 0)
+    secrets_folder = tmp_path / "secrets"
+    real = secrets_folder / "keyring.json"
+    Keyring.init(real)
+    link = tmp_path / "keyring.json"
+    link.symlink_to(real)
+    old_vault = base64.b64encode(Keyring.load(link).current("vault").material)
+    with Keyring.edit(link) as keyring:
+        keyring.rotate("vault")
+        keyring.retire("vault", 1)
+    assert link.is_symlink()
+    assert link.resolve() == real
+    assert Keyring.load(link).current("vault").version == 2
+    assert old_vault not in real.read_bytes()
+    assert sorted(p.name for p in secrets_folder.iterdir()) == ["keyring.json", "keyring.json.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keyring.json", "secrets"], "one lock"
+
+
 def test_a_keyring_is_unreadable_only_while_its_file_cannot_be_read(tmp_path: Path) -> None:
     path = tmp_path / "k.json"
     keyring = Keyring.init(path)
