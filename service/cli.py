@@ -947,6 +947,19 @@ def check_purpose_or_exit(purpose: str) -> Purpose:
         raise typer.Exit(2) from None
 
 
+# Rows named when a rewrap cannot open their wraps; the rest are counted.
+REWRAP_FAILURES_SHOWN = 20
+
+
+def noted_in(found: list[str], column: str) -> Callable[[RowKey, str], None]:
+    """Note a row whose wrap a rewrap could not open, and why, in ``found``."""
+
+    def note(row: RowKey, why: str) -> None:
+        found.append(f"{column} of row {row}: {why}")
+
+    return note
+
+
 @keys.command("rewrap")
 def keys_rewrap(
     chunk: Annotated[int, typer.Option(min=1, max=100_000, help="rows per transaction")] = 2000,
@@ -960,16 +973,19 @@ def keys_rewrap(
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)
     total_moved = 0
+    unopened: list[str] = []
     with database_for(settings) as database:
         for wrapped in WRAPPED_KEY_COLUMNS:
             with database.transaction() as session:
                 pending = pending_rewraps(session=session, keyring=keyring, wrapped=wrapped)
             target = f"{wrapped.purpose} v{keyring.current(wrapped.purpose).version}"
             label = f"{wrapped.table}.{wrapped.column} → {target}"
+            column = f"{wrapped.table}.{wrapped.column}"
             with progress_bar() as progress:
                 task = progress.add_task(label, total=pending)
                 after: RowKey | None = None
                 while True:
+                    skipped: list[str] = []
                     with database.transaction() as session:
                         last, moved = rewrap_chunk(
                             session=session,
@@ -977,21 +993,51 @@ def keys_rewrap(
                             wrapped=wrapped,
                             after_id=after,
                             limit=chunk,
+                            on_unopened=noted_in(skipped, column),
                         )
                         if moved:
                             log_system_action(
                                 session,
                                 command="keys",
                                 action="keys.rewrap",
-                                object_id=f"{wrapped.table}.{wrapped.column}",
+                                object_id=column,
                                 reason=f"rewrapped={moved} to {target}",
                             )
                     if last == after:
                         break
                     after = last
                     total_moved += moved
-                    progress.advance(task, moved)
-    console.print(f"rewrapped {total_moved} keys; nothing depends on older KEK versions now")
+                    unopened += skipped
+                    progress.advance(task, moved + len(skipped))
+        # Counted again: a wrap made under an older version while this ran (a worker that had
+        # not yet read the rotation) is still to be moved.
+        with database.transaction() as session:
+            left = sum(
+                pending_rewraps(session=session, keyring=keyring, wrapped=wrapped)
+                for wrapped in WRAPPED_KEY_COLUMNS
+            )
+    for line in unopened[:REWRAP_FAILURES_SHOWN]:
+        console.print(f"[yellow]not rewrapped:[/yellow] {line}", highlight=False, soft_wrap=True)
+    if len(unopened) > REWRAP_FAILURES_SHOWN:
+        console.print(f"[yellow]… and {len(unopened) - REWRAP_FAILURES_SHOWN} more[/yellow]")
+    done = f"rewrapped {total_moved} {'key' if total_moved == 1 else 'keys'}"
+    if not left:
+        console.print(f"{done}; nothing depends on older KEK versions now")
+        return
+    console.print(
+        f"{done}; {left} {'wrap still depends' if left == 1 else 'wraps still depend'} on older "
+        "KEK versions"
+        + (
+            f", {len(unopened)} because {'it cannot' if len(unopened) == 1 else 'they cannot'} "
+            "be opened (listed above): look into those rows before retiring anything"
+            if unopened
+            else ": they were written while this ran; run `casepackets keys rewrap` again"
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if unopened:
+        raise typer.Exit(1)
 
 
 @keys.command("retire")

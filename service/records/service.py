@@ -45,6 +45,7 @@ from service.access_log.service import LogEntry, append, logged_current_key
 from service.crypto.envelope import (
     AadValue,
     DataKey,
+    DecryptionFailed,
     open_,
     rewrap_key,
     seal,
@@ -52,7 +53,7 @@ from service.crypto.envelope import (
     unwrap_key,
     wrap_key,
 )
-from service.crypto.keyring import KeyProvider, KeyringError, Purpose
+from service.crypto.keyring import KeyProvider, KeyringError, Purpose, UnknownKey
 from service.crypto.pseudonym import DOMAIN, PSEUDONYM_BYTES
 from service.db import request_purge
 from service.errors import Conflict, Gone, NotFound, Unavailable, Unprocessable
@@ -1120,6 +1121,10 @@ RowKey = int | str
 K = TypeVar("K", int, str)
 
 
+class RewrapFailed(Exception):
+    """A wrap could not be opened to be moved; the message names its table, column and row."""
+
+
 def _row_key(table: Any) -> Any:
     """The single-column primary key rewrap pages by (an int id, a UUID string, ...)."""
     columns = list(table.primary_key.columns)
@@ -1136,6 +1141,7 @@ def rewrap_chunk(
     wrapped: WrappedKeyColumn,
     after_id: K,
     limit: int,
+    on_unopened: Callable[[RowKey, str], None] | None = None,
 ) -> tuple[K, int]: ...
 
 
@@ -1147,6 +1153,7 @@ def rewrap_chunk(
     wrapped: WrappedKeyColumn,
     after_id: None = None,
     limit: int,
+    on_unopened: Callable[[RowKey, str], None] | None = None,
 ) -> tuple[RowKey | None, int]: ...
 
 
@@ -1157,9 +1164,15 @@ def rewrap_chunk(
     wrapped: WrappedKeyColumn,
     after_id: RowKey | None = None,
     limit: int,
+    on_unopened: Callable[[RowKey, str], None] | None = None,
 ) -> tuple[RowKey | None, int]:
     """Move up to ``limit`` wraps (in primary-key order, after ``after_id``; from the start when
     it is None) to the current KEK version.
+
+    A wrap that cannot be opened (it fails its integrity check, or its version is no longer in
+    the keyring) stays as it is: with ``on_unopened`` the row's key and why are passed to it and
+    the chunk goes on; without, ``RewrapFailed`` names the row and nothing of the chunk is
+    written.
 
     Keyset pagination on the table's primary key, whatever its type (an int id, a UUID string).
     Only the wrapped keys are unwrapped and re-wrapped; no identity is decrypted. Returns
@@ -1182,17 +1195,29 @@ def rewrap_chunk(
     rows = connection.execute(query.order_by(key).limit(limit)).mappings().all()
     if not rows:
         return after_id, 0
-    updates = [
-        {
-            "_key": row[key.name],
-            "_old": row[wrapped.column],
-            "_wrapped": rewrap_key(
+    updates = []
+    for row in rows:
+        try:
+            if token_version(row[wrapped.column]) == current:
+                continue
+            moved_wrap = rewrap_key(
                 keyring, wrapped.purpose, row[wrapped.column], aad=wrapped.aad(dict(row))
-            ),
-        }
-        for row in rows
-        if token_version(row[wrapped.column]) != current
-    ]
+            )
+        except (DecryptionFailed, UnknownKey) as exc:
+            version = token_version(row[wrapped.column]) if isinstance(exc, UnknownKey) else 0
+            why = (
+                f"{wrapped.purpose} v{version} is not in the keyring"
+                if isinstance(exc, UnknownKey)
+                else "it fails its integrity check"
+            )
+            if on_unopened is None:
+                raise RewrapFailed(
+                    f"{wrapped.table}.{wrapped.column} of row {row[key.name]} cannot be "
+                    f"rewrapped: {why}"
+                ) from None
+            on_unopened(row[key.name], why)
+            continue
+        updates.append({"_key": row[key.name], "_old": row[wrapped.column], "_wrapped": moved_wrap})
     moved = 0
     if updates:
         moved = connection.execute(

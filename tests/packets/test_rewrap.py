@@ -136,7 +136,7 @@ def test_packet_kek_rotation_rewrap_then_retire(
     assert sum(w.startswith("v1.2.") for w in packet_wraps(database).values()) == 2
     rewrapped = keys_cli.invoke(cli, ["keys", "rewrap", "--chunk", "2"])
     assert rewrapped.exit_code == 0, rewrapped.output
-    assert "rewrapped 1 keys" in said(rewrapped.output)
+    assert "rewrapped 1 key;" in said(rewrapped.output)
     after = packet_wraps(database)
     assert sorted(after) == sorted(packets.values())
     assert all(w.startswith("v1.2.") for w in after.values())

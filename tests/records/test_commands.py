@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import DataError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 from typer.testing import CliRunner
 
 from service.access_log import service as access_log
@@ -181,6 +181,41 @@ def test_a_keyring_whose_rotations_left_no_trace_needs_a_checkpoint_of_its_own_t
     assert code == 0, output
     code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
     assert code == 0, output
+
+
+def test_a_rewrap_moves_every_wrap_it_can_open_and_names_the_rows_it_cannot(
+    cli_env: Settings, cli_session: Session
+) -> None:
+    """One damaged wrap (a restore gone wrong, tampering) neither stops the rewrap nor lets it
+    say that nothing depends on the old version: its row is named, with why, and the status
+    is 1."""
+    assert run("keys", "init")[0] == 0
+    assert run("migrate")[0] == 0
+    assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0
+    first, second = cli_session.exec(select(Subject).order_by(col(Subject.id)).limit(2)).all()
+    cli_session.execute(
+        text("UPDATE subjects SET wrapped_dek = :wrap WHERE id = :id"),
+        {"wrap": first.wrapped_dek, "id": second.id},
+    )
+    cli_session.commit()
+    assert run("keys", "rotate", "--purpose", "vault")[0] == 0
+    code, output = run("keys", "rewrap", "--chunk", "30")
+    said = " ".join(output.split())
+    assert code == 1, said
+    assert (
+        f"not rewrapped: subjects.wrapped_dek of row {second.id}: it fails its integrity check"
+        in said
+    )
+    assert "rewrapped 99 keys; 1 wrap still depends on older KEK versions" in said
+    assert "1 because it cannot be opened (listed above)" in said
+    assert "nothing depends" not in said
+    keyring = Keyring.load(cli_env.resolved_keyring_path)
+    versions = {
+        subject_id: wrap.split(".")[1]
+        for subject_id, wrap in cli_session.execute(text("SELECT id, wrapped_dek FROM subjects"))
+    }
+    assert versions.pop(second.id) == "1", "left as it was"
+    assert set(versions.values()) == {str(keyring.current("vault").version)}
 
 
 def test_a_retirement_a_rewrap_cannot_help_is_refused_for_what_it_is(cli_env: Settings) -> None:
