@@ -34,7 +34,7 @@ from service.access_log.service import (
     LogEntry,
     append,
     hold_lock,
-    kept_by_keyring,
+    latest_checkpoint_opens,
     logged_current_key,
     rotation_committed,
 )
@@ -77,6 +77,7 @@ from service.records.service import (
     WRAPPED_KEY_COLUMNS,
     RowKey,
     count_key_dependents,
+    opens_under,
     pending_rewraps,
     rewrap_chunk,
 )
@@ -790,6 +791,13 @@ def keys_rotate(
     checked = check_purpose_or_exit(purpose)
     with database_for(settings) as database, keyring_edit_or_exit(settings) as keyring:
         settle_staged(database, keyring, settings=settings)
+        with database.reading() as session:
+            # Another installation's database: its log is no place for this keyring's rotation
+            # (a handover there leads none of this keyring's auditors anywhere).
+            if keyrings_database(session, keyring) is False:
+                not_the_keyrings_database_exit(
+                    f"{checked} would be rotated in this database", sealed=False
+                )
         version = keyring.next_version(checked)
         material = new_key_material()
         # The pseudonym and log signing keys are staged while the rotation holds the log's
@@ -831,7 +839,7 @@ def keys_rotate(
             new = (
                 keyring.promote(checked)
                 if written_under_the_lock
-                else keyring.rotate(checked, material=material, leaf_index=leaf_index)
+                else keyring.rotate(checked, material=material)
             )
         except KeyringError as exc:
             if not written_under_the_lock:
@@ -856,26 +864,34 @@ def keys_rotate(
         console.print("so auditors who trust the old key can follow (`audit verify --handovers`)")
 
 
-def keyrings_database(session: Session, keyring: Keyring, *, settings: Settings) -> bool:
-    """Whether the database of ``session`` is the one this keyring was kept with (see
-    ``kept_by_keyring``): asked before a key command destroys key material on its word."""
+def keyrings_database(session: Session, keyring: Keyring) -> bool | None:
+    """Whether the database of ``session`` is this keyring's: True when what it holds opens
+    under the keyring's keys, False when it does not (another installation's), None when it
+    holds nothing sealed (a new database, or the wrong one). See ``opens_under``."""
+    return opens_under(session=session, keyring=keyring)
+
+
+def signed_by_keyring(session: Session, keyring: Keyring, *, settings: Settings) -> bool | None:
+    """Whether one of the keyring's log signing keys signed the database's latest checkpoint
+    (None: it has none)."""
     from service.crypto.signing import NoteSigner
 
     verifiers = [
         NoteSigner(name=settings.checkpoint_origin, seed=key.material).verifier
         for key in keyring.active("log_signing")
     ]
-    return kept_by_keyring(session=session, rotations=keyring.rotations(), verifiers=verifiers)
+    return latest_checkpoint_opens(session=session, verifiers=verifiers)
 
 
-def not_the_keyrings_database_exit(what: str) -> NoReturn:
+def not_the_keyrings_database_exit(what: str, *, sealed: bool | None) -> NoReturn:
+    why = (
+        "this database holds nothing sealed under this keyring"
+        if sealed is None
+        else "what this database holds does not open under this keyring's keys"
+    )
     console.print(
-        f"[red]refused:[/red] {what}, but nothing shows that this database was kept with this "
-        "keyring: its log holds none of the keyring's rotations, and none of its log signing "
-        "keys signed the latest checkpoint: is CASEPACKETS_DATABASE_URL the database this "
-        "keyring belongs to? Nothing was changed. If you are sure it is (its rotations predate "
-        "keyrings that record them), have a checkpoint signed on it (`casepackets audit export "
-        "--out DIR`) and run this again",
+        f"[red]refused:[/red] {what}, but {why}: is CASEPACKETS_DATABASE_URL the database this "
+        "keyring belongs to? Nothing was changed",
         highlight=False,
         soft_wrap=True,
     )
@@ -886,19 +902,29 @@ def settle_staged(database: Database, keyring: LockedKeyring, *, settings: Setti
     """Finish what a rotation killed between staging its version and promoting it left behind:
     the version becomes current when the log holds its rotation entry, and is discarded (its
     material destroyed; nothing used it) when that never committed. Asked under the log's lock,
-    which the killed rotation's transaction held until it ended, so the answer is final. Nothing
-    is discarded on the word of a database this keyring was not kept with: a new database, or
-    another installation's, holds no rotation entry either."""
+    which the killed rotation's transaction held until it ended, so the answer is final.
+
+    Nothing is discarded on the word of a database that is not shown to be the keyring's: what
+    it holds must open under the keyring, or, when it holds nothing sealed yet, its latest
+    checkpoint must be signed by one of the keyring's keys. A new database, or another
+    installation's, holds no rotation entry either."""
     for purpose in PURPOSES:
         if (staged := keyring.staged(purpose)) is None:
             continue
         with database.transaction() as session:
             hold_lock(session)
-            committed = rotation_committed(session=session, rotation=staged)
-            ours = committed or keyrings_database(session, keyring, settings=settings)
+            committed = rotation_committed(session=session, staged=staged)
+            sealed = keyrings_database(session, keyring)
+            ours = (
+                committed
+                or sealed is True
+                or (sealed is None and signed_by_keyring(session, keyring, settings=settings))
+            )
         name = f"{purpose} v{staged.version}"
         if not ours:
-            not_the_keyrings_database_exit(f"{name} is staged and its rotation is not in the log")
+            not_the_keyrings_database_exit(
+                f"{name} is staged and its rotation is not in the log", sealed=sealed
+            )
         try:
             if committed:
                 keyring.promote(purpose)
@@ -1086,9 +1112,10 @@ def retire_logged(
     except KeyringError as exc:
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
-    if not keyrings_database(session, keyring, settings=settings):
+    # Nothing depends on any version in a database the keyring's keys open nothing in.
+    if (sealed := keyrings_database(session, keyring)) is not True:
         not_the_keyrings_database_exit(
-            f"{purpose} v{version} would be retired as nothing here depends on it"
+            f"{purpose} v{version} would be retired as nothing here depends on it", sealed=sealed
         )
     try:
         dependents = count_key_dependents(session=session, purpose=purpose, version=version)

@@ -39,7 +39,7 @@ from service.access_log.checkpoint import (
 )
 from service.access_log.models import AccessLogCheckpoint, AccessLogEntry, AccessLogSubtree
 from service.auth.dependencies import Caller
-from service.crypto.keyring import Key, KeyProvider, Purpose, Rotation
+from service.crypto.keyring import Key, KeyProvider, Purpose, Staged
 from service.crypto.signing import (
     SIGNATURE_PREFIX,
     NoteError,
@@ -356,12 +356,12 @@ def append(*, session: Session, entry: LogEntry) -> int:
     return append_many(session=session, entries=(entry,))[0]
 
 
-def rotation_committed(*, session: Session, rotation: Rotation) -> bool:
-    """Whether the log holds ``rotation``'s entry: the entry at its leaf index is a
-    ``keys.rotate`` naming that very version (one primary-key read). Another entry there, or
-    none, means the rotation never committed (in this database)."""
+def rotation_committed(*, session: Session, staged: Staged) -> bool:
+    """Whether the log holds the rotation entry that makes ``staged`` current: the entry at its
+    leaf index is a ``keys.rotate`` naming that very version (one primary-key read). Another
+    entry there, or none, means the rotation never committed."""
     data = session.execute(
-        select(_entries.c.entry).where(_entries.c.leaf_index == rotation.leaf_index)
+        select(_entries.c.entry).where(_entries.c.leaf_index == staged.leaf_index)
     ).scalar()
     if data is None:
         return False
@@ -372,22 +372,17 @@ def rotation_committed(*, session: Session, rotation: Rotation) -> bool:
     return (
         isinstance(entry, dict)
         and entry.get("action") == "keys.rotate"
-        and entry.get("object_id") == rotation.object_id
+        and entry.get("object_id") == staged.object_id
     )
 
 
-def kept_by_keyring(
-    *, session: Session, rotations: Sequence[Rotation], verifiers: Sequence[VerifierKey]
-) -> bool:
-    """Whether this log shows it was kept with a keyring: it holds one of the keyring's
-    ``rotations`` entries where the keyring says, or one of the keyring's log signing keys
-    (``verifiers``) signed its latest checkpoint. A key command pointed at another database (a
-    new one, or another installation's) finds neither, so it destroys nothing on that
-    database's word."""
-    if any(rotation_committed(session=session, rotation=r) for r in rotations):
-        return True
+def latest_checkpoint_opens(*, session: Session, verifiers: Sequence[VerifierKey]) -> bool | None:
+    """Whether any of ``verifiers`` signed the latest stored checkpoint; None when none is
+    stored. Tells a log from another one (a key command pointed at the wrong database)."""
     latest = _latest_checkpoint(session)
-    return latest is not None and any(_opens(latest.note, verifier) for verifier in verifiers)
+    if latest is None:
+        return None
+    return any(_opens(latest.note, verifier) for verifier in verifiers)
 
 
 def logged_current_key(*, session: Session, keyring: KeyProvider, purpose: Purpose) -> Key:
@@ -396,7 +391,7 @@ def logged_current_key(*, session: Session, keyring: KeyProvider, purpose: Purpo
     killed first, this is how every worker still moves on together). Under the log's lock the
     answer cannot change until the lock is released."""
     staged = keyring.staged(purpose)
-    if staged is not None and rotation_committed(session=session, rotation=staged):
+    if staged is not None and rotation_committed(session=session, staged=staged):
         return keyring.get(purpose, staged.version)
     return keyring.current(purpose)
 

@@ -131,9 +131,9 @@ class KeyVersionInfo:
 
 
 @dataclass(frozen=True)
-class Rotation:
-    """The rotation that made ``version`` of ``purpose``: its access-log entry is the one at
-    ``leaf_index``."""
+class Staged:
+    """A version a rotation stored before committing its log entry, which takes ``leaf_index``:
+    current once the log holds that entry, never if it does not."""
 
     purpose: Purpose
     version: int
@@ -143,12 +143,6 @@ class Rotation:
     def object_id(self) -> str:
         """The ``object_id`` of the rotation entry that names this version."""
         return f"{self.purpose}/v{self.version}"
-
-
-@dataclass(frozen=True)
-class Staged(Rotation):
-    """A version a rotation stored before committing its log entry: current once the log
-    holds that entry, never if it does not."""
 
 
 class KeyProvider(Protocol):
@@ -438,23 +432,6 @@ class Keyring:
             return None
         return Staged(purpose, int(found["version"]), int(found["leaf_index"]))
 
-    def rotations(self) -> list[Rotation]:
-        """Every settled rotation whose entry's leaf index this keyring kept (rotations made
-        before it kept them have none), retired versions included: the entries this keyring's
-        database holds and another database does not."""
-        self._follow_file()
-        found = []
-        for purpose in PURPOSES:
-            entry = self._document["purposes"][purpose]
-            staged = self.staged(purpose)
-            for version_text, version in entry["versions"].items():
-                if "leaf_index" not in version:
-                    continue
-                if staged is not None and staged.version == int(version_text):
-                    continue  # its entry may never have committed
-                found.append(Rotation(purpose, int(version_text), int(version["leaf_index"])))
-        return found
-
 
 class LockedKeyring(Keyring):
     """A keyring read under its edit lock (made by ``Keyring.edit`` only). While the lock is
@@ -474,22 +451,18 @@ class LockedKeyring(Keyring):
 
     # -- changes (each rewrites the file atomically) --------------------------------------------
 
-    def rotate(
-        self, purpose: Purpose, *, material: bytes | None = None, leaf_index: int | None = None
-    ) -> Key:
+    def rotate(self, purpose: Purpose, *, material: bytes | None = None) -> Key:
         """Add a new version of ``purpose`` that encrypts from now on; returns it.
 
         ``material`` is fresh from ``new_key_material`` when the caller must know the new key
-        before it is stored (the log signing key, whose public half is logged first).
-        ``leaf_index`` is that of the committed rotation entry naming the version: kept, it tells
-        this keyring's database from another (``rotations``)."""
-        document, version = self._with_new_version(purpose, material, leaf_index)
+        before it is stored (the log signing key, whose public half is logged first)."""
+        document, version = self._with_new_version(purpose, material)
         document["purposes"][purpose]["current"] = version
         self._save(document)
         return self.current(purpose)
 
     def _with_new_version(
-        self, purpose: Purpose, material: bytes | None, leaf_index: int | None
+        self, purpose: Purpose, material: bytes | None
     ) -> tuple[dict[str, Any], int]:
         """A copy of the document with a new version of ``purpose`` (not yet current)."""
         purpose = check_purpose(purpose)
@@ -505,8 +478,6 @@ class LockedKeyring(Keyring):
         encoded = _new_material() if material is None else base64.b64encode(material).decode()
         entry = document["purposes"][purpose]
         entry["versions"][str(version)] = {"material": encoded, "created_at": _now()}
-        if leaf_index is not None:
-            entry["versions"][str(version)]["leaf_index"] = leaf_index
         return document, version
 
     def stage(self, purpose: Purpose, *, material: bytes, leaf_index: int) -> Key:
@@ -515,7 +486,7 @@ class LockedKeyring(Keyring):
         next, a failed commit included (a commit can fail after the database has made it
         durable): the log tells whether it became current (see ``Staged``), and the next key
         command settles it."""
-        document, version = self._with_new_version(purpose, material, leaf_index)
+        document, version = self._with_new_version(purpose, material)
         document["purposes"][purpose]["staged"] = {"version": version, "leaf_index": leaf_index}
         self._save(document)
         return self.get(purpose, version)
@@ -649,8 +620,6 @@ def _retire_in(entry: dict[str, Any], version: int) -> None:
         "created_at": found.get("created_at", ""),
         "retired_at": _now(),
     }
-    if "leaf_index" in found:
-        entry["versions"][str(version)]["leaf_index"] = found["leaf_index"]
 
 
 def _age_seconds(created_at: Any) -> float:
@@ -689,8 +658,6 @@ def _parse(
                 raise KeyringError(f"{path}: {purpose} has a version whose name is not a number")
             if not isinstance(version, dict):
                 raise KeyringError(f"{path}: {purpose} v{version_text} is not an object")
-            if "leaf_index" in version and not _is_count(version["leaf_index"]):
-                raise KeyringError(f"{path}: {purpose} v{version_text} has a bad leaf_index")
             if version.get("retired_at"):
                 continue
             try:

@@ -1117,6 +1117,42 @@ def pending_rewraps(*, session: Session, keyring: KeyProvider, wrapped: WrappedK
     )
 
 
+# How many of a column's wraps ``opens_under`` tries: one damaged row does not decide.
+SAMPLED_WRAPS = 5
+
+
+def opens_under(*, session: Session, keyring: KeyProvider) -> bool | None:
+    """Whether what this database holds is sealed under ``keyring``: True when one of the
+    last few wraps of some wrapped-key column opens under one of its keys, False when wraps
+    exist and none tried opens (another installation's keyring), None when the database holds
+    no wrap at all (a new one). Only the wrapped keys are opened; no identity is decrypted.
+    Tells a key command pointed at the wrong database from one pointed at its own, by a proof
+    no database can give without the keyring."""
+    found = False
+    connection = session.connection()
+    for wrapped in WRAPPED_KEY_COLUMNS:
+        table = _table(wrapped.table)
+        key = _row_key(table)
+        column = table.c[wrapped.column]
+        names = list(dict.fromkeys((key.name, wrapped.column, *wrapped.aad_columns)))
+        rows = connection.execute(
+            select(*(table.c[name] for name in names))
+            .where(column.is_not(None))
+            .order_by(key.desc())
+            .limit(SAMPLED_WRAPS)
+        ).mappings()
+        for row in rows:
+            found = True
+            try:
+                unwrap_key(
+                    keyring, wrapped.purpose, row[wrapped.column], aad=wrapped.aad(dict(row))
+                )
+            except (DecryptionFailed, UnknownKey):
+                continue
+            return True
+    return False if found else None
+
+
 RowKey = int | str
 K = TypeVar("K", int, str)
 

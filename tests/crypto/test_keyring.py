@@ -24,7 +24,6 @@ from service.crypto.keyring import (
     KeyringError,
     KeyringMissing,
     KeyringTooOpen,
-    Rotation,
     Staged,
     UnknownKey,
     new_key_material,
@@ -219,36 +218,6 @@ def test_a_staged_version_decrypts_but_becomes_current_only_when_promoted(tmp_pa
     promoted = Keyring.load(path)
     assert promoted.current("pseudonym").material == material
     assert promoted.staged("pseudonym") is None
-
-
-def test_the_keyring_keeps_where_each_rotation_was_logged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each rotation's leaf index stays with its version, through promotion and retirement
-    (what tells the keyring's database from another); a staged one counts only once settled."""
-    monkeypatch.setattr(keyring_module, "ROTATION_SETTLE_SECONDS", 0)
-    path = tmp_path / "k.json"
-    Keyring.init(path)
-    with Keyring.edit(path) as keyring:
-        keyring.rotate("vault", leaf_index=7)
-        keyring.rotate("packet")  # as before rotations were recorded: no trace
-        keyring.stage("pseudonym", material=new_key_material(), leaf_index=9)
-        assert keyring.rotations() == [Rotation("vault", 2, leaf_index=7)]
-        keyring.promote("pseudonym")
-        keyring.retire("vault", 1)
-        keyring.rotate("vault", leaf_index=12)
-        keyring.retire("vault", 2)
-    assert sorted(Keyring.load(path).rotations(), key=lambda r: r.leaf_index) == [
-        Rotation("vault", 2, leaf_index=7),
-        Rotation("pseudonym", 2, leaf_index=9),
-        Rotation("vault", 3, leaf_index=12),
-    ]
-    document = json.loads(path.read_bytes())
-    document["purposes"]["vault"]["versions"]["3"]["leaf_index"] = "12"
-    path.write_text(json.dumps(document))
-    os.chmod(path, 0o600)
-    with pytest.raises(KeyringError, match="vault v3 has a bad leaf_index"):
-        Keyring.load(path)
 
 
 def rotate_and_die_before_the_rename(path: str) -> None:

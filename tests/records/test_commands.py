@@ -124,26 +124,28 @@ def test_keys_init_rotate_and_refused_retire(cli_env: Settings, rotations_settle
     assert keyring.current("vault").material.hex() not in output
 
 
-def test_a_retirement_pointed_at_another_database_destroys_nothing(
+def test_the_whole_runbook_pointed_at_a_new_database_destroys_nothing(
     cli_env: Settings,
     rotations_settled: None,
     databases: Databases,
     db_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No rows depend on any key version in a database the keyring was never kept with (a new
-    one, another installation's): a retirement pointed there is refused and the version keeps
-    its material. In the keyring's own database the rotation the keyring recorded is found, and
-    only the rows that still need the version refuse it."""
+    """Rotate, rewrap and retire, all pointed at a new database by mistake: nothing there
+    depends on any version, but nothing there is sealed under the keyring either, so the
+    retirement is refused and the version keeps its material for the keyring's own database,
+    where only the rows that still need it refuse it."""
     assert run("keys", "init")[0] == 0
     assert run("migrate")[0] == 0
     assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0
-    assert run("keys", "rotate", "--purpose", "vault")[0] == 0
     monkeypatch.setenv("CASEPACKETS_DATABASE_URL", databases.fresh())
     get_settings.cache_clear()
+    assert run("keys", "rotate", "--purpose", "vault")[0] == 0
+    assert run("keys", "rewrap")[0] == 0
     code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
     said = " ".join(output.split())
     assert code == 2, said
+    assert "this database holds nothing sealed under this keyring" in said
     assert "is CASEPACKETS_DATABASE_URL the database this keyring belongs to?" in said
     assert "Nothing was changed" in said
     keyring = Keyring.load(cli_env.resolved_keyring_path)
@@ -158,29 +160,37 @@ def test_a_retirement_pointed_at_another_database_destroys_nothing(
     assert run("keys", "retire", "--purpose", "vault", "--version", "1")[0] == 0
 
 
-def test_a_keyring_whose_rotations_left_no_trace_needs_a_checkpoint_of_its_own_to_retire(
-    cli_env: Settings, rotations_settled: None
+def test_no_key_is_rotated_or_retired_in_another_installation_s_database(
+    cli_env: Settings,
+    rotations_settled: None,
+    databases: Databases,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A keyring written before rotations were recorded in it knows no rotation entry: its
-    database is recognised by a checkpoint one of its log signing keys signed, and until one
-    is signed, nothing is retired."""
+    """A database whose wraps this keyring's keys do not open is another installation's: a
+    rotation logged there (a log signing key's handover above all) would lead none of this
+    keyring's auditors anywhere, and its rows say nothing of what depends on this keyring."""
     assert run("keys", "init")[0] == 0
-    assert run("migrate")[0] == 0
-    assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0
-    assert run("keys", "rotate", "--purpose", "vault")[0] == 0
-    assert run("keys", "rewrap")[0] == 0
-    path = cli_env.resolved_keyring_path
-    document = json.loads(path.read_bytes())
-    recorded = document["purposes"]["vault"]["versions"]["2"].pop("leaf_index")
-    assert isinstance(recorded, int)
-    path.write_text(json.dumps(document))
-    code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
-    assert code == 2, output
-    assert "have a checkpoint signed on it" in " ".join(output.split())
-    code, output = run("audit", "export", "--out", str(cli_env.home / "export"))
-    assert code == 0, output
-    code, output = run("keys", "retire", "--purpose", "vault", "--version", "1")
-    assert code == 0, output
+    ours = cli_env.resolved_keyring_path
+    assert run("keys", "rotate", "--purpose", "vault")[0] == 0  # a version 1 to retire
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", databases.fresh())
+    monkeypatch.setenv("CASEPACKETS_KEYRING_PATH", str(tmp_path / "theirs" / "keyring.json"))
+    get_settings.cache_clear()
+    assert run("keys", "init")[0] == 0
+    assert run("demo", "--subjects", "100", "--seed", "3")[0] == 0
+    monkeypatch.setenv("CASEPACKETS_KEYRING_PATH", str(ours))
+    get_settings.cache_clear()
+    before = ours.read_bytes()
+    for command in (
+        ("rotate", "--purpose", "log_signing"),
+        ("rotate", "--purpose", "vault"),
+        ("retire", "--purpose", "vault", "--version", "1"),
+    ):
+        code, output = run("keys", *command)
+        said = " ".join(output.split())
+        assert code == 2, (command, said)
+        assert "what this database holds does not open under this keyring's keys" in said
+    assert ours.read_bytes() == before
 
 
 def test_a_rewrap_moves_every_wrap_it_can_open_and_names_the_rows_it_cannot(
@@ -241,6 +251,7 @@ def test_a_keyring_that_cannot_be_written_after_the_log_is_said_in_one_line(
     line naming what to do, not a withheld traceback."""
     assert run("keys", "init")[0] == 0
     assert run("migrate")[0] == 0
+    assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0  # something sealed here
     if command == "retire":
         assert run("keys", "rotate", "--purpose", "log_signing")[0] == 0
 
@@ -348,6 +359,7 @@ def test_a_key_change_whose_log_entry_does_not_commit_changes_no_key_in_use(
     after the database made it durable), is used by no one while the log lacks its entry, and
     the next key command discards it."""
     Keyring.init(cli_env.resolved_keyring_path)
+    assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0  # something sealed here
     assert run("keys", "rotate", "--purpose", "log_signing")[0] == 0
     before = cli_env.resolved_keyring_path.read_bytes()
 
@@ -479,6 +491,7 @@ def test_a_retirement_and_a_rotation_at_once_are_both_kept(cli_env: Settings) ->
     path = cli_env.resolved_keyring_path
     Keyring.init(path)
     assert run("keys", *rotate("vault"))[0] == 0
+    assert run("demo", "--subjects", "100", "--seed", "2")[0] == 0  # sealed under vault v2
     document = json.loads(path.read_text())  # a rotation long past: vault v1 may be retired
     document["purposes"]["vault"]["versions"]["2"]["created_at"] = "2000-01-01T00:00:00+00:00"
     path.write_text(json.dumps(document))
