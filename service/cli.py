@@ -1392,7 +1392,7 @@ def partition(
         load_partitioning_policy,
         load_retention_policy,
     )
-    from service.packets.service import partition_run
+    from service.packets.service import KEY_DAMAGED, partition_run
 
     settings = settings_or_exit()
     try:
@@ -1429,6 +1429,9 @@ def partition(
         reasons[case.reason] = reasons.get(case.reason, 0) + 1
     for reason, count in sorted(reasons.items()):
         console.print(f"unplaced: {count} ({reason})", highlight=False)
+    if damaged := [case.pseudonym for case in result.unplaced if case.reason == KEY_DAMAGED]:
+        # Each needs its key restored (from a backup) before it can be placed: name them.
+        console.print(f"key failed its integrity check: {', '.join(damaged)}", highlight=False)
     console.print(f"{len(result.packets)} packets built for run {run_id}", highlight=False)
 
 

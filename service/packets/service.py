@@ -9,7 +9,8 @@ Guarantees:
   No identity is decrypted or copied;
 - what joins partitioning: all flags of the run, plus every external flag that is not yet in any
   packet (one flag per subject: the run's own flag first). A subject already in an open packet,
-  an erased subject, or one nobody can take is returned as unplaced with the reason;
+  an erased subject, one whose DEK wrap fails its check, or one nobody can take is returned as
+  unplaced with the reason;
 - a professional sees only packets assigned to them; anyone else without ``packets.read_all``
   gets 404 for a packet (its existence is not revealed) and the attempt is logged as denied;
 - reassignment changes the owner in place, so the former owner loses access with the commit;
@@ -125,6 +126,7 @@ from service.records.service import (
 from service.schemas import as_utc
 
 ERASED = "the subject was erased"
+KEY_DAMAGED = "the subject's key failed its integrity check"
 MAX_PAGE = 1000
 LOG_BATCH = 2000  # access-log entries per append_many while building packets
 
@@ -597,52 +599,34 @@ def _packet_public(row: Any, member_count: int, now: datetime | None = None) -> 
     )
 
 
-def partition_run(
+@dataclass
+class _BuiltPackets:
+    """A plan's packets as rows to insert, and the members whose vault DEK could not be used."""
+
+    packets: list[dict[str, Any]] = field(default_factory=list)
+    members: list[dict[str, Any]] = field(default_factory=list)
+    further: list[dict[str, Any]] = field(default_factory=list)  # flags beside a member's own
+    public: list[PacketPublic] = field(default_factory=list)
+    damaged: list[_Candidate] = field(default_factory=list)
+
+
+def _build_packets(
     *,
-    session: Session,
     keyring: KeyProvider,
+    plan: partitioning.Partition,
+    placeable: dict[str, tuple[_Candidate, str]],
     run_id: str,
-    packet_size: int,
-    retention: RetentionPolicy,
-    caller: Caller,
-) -> PartitionPublic:
-    """Split a run's flagged cases into packets, build their keys and assign them (one txn).
-
-    One partitioning at a time, and never beside an erasure (``lock_subject_keys``): a second
-    one sees the first one's packets, and an erasure sees and removes the packet wraps made here
-    from DEKs read before it. The team's rows are locked too, so a reassignment cannot fill a
-    professional meanwhile.
-    """
-    get_run(session=session, run_id=run_id)
-    lock_subject_keys(session)
-    candidates = _candidates(session, run_id)
-    in_open, previous = _member_history(session, run_id, {c.subject_id for c in candidates})
-    erased = [c for c in candidates if c.wrapped_dek is None]
-    placeable = {c.pseudonym: (c, c.wrapped_dek) for c in candidates if c.wrapped_dek is not None}
-    plan = partitioning.partition(
-        (
-            partitioning.Case(
-                pseudonym=c.pseudonym,
-                district=c.district,
-                previous_professional=previous.get(c.subject_id),
-                in_open_packet=c.subject_id in in_open,
-            )
-            for c, _wrapped in placeable.values()
-        ),
-        _team(session),
-        packet_size=packet_size,
-    )
-
-    now = utcnow()
-    expires_at = now + timedelta(days=retention.packet_ttl_days)
-    packet_rows: list[dict[str, Any]] = []
-    member_rows: list[dict[str, Any]] = []
-    further_rows: list[dict[str, Any]] = []  # flags placed beside a member's own
-    created: list[PacketPublic] = []
+    now: datetime,
+    expires_at: datetime,
+) -> _BuiltPackets:
+    """The rows of ``plan``'s packets, each with a fresh packet key that re-wraps its members'
+    vault DEKs, and the members whose DEK wrap failed its check (altered, or moved from another
+    subject's row): with any of those, the rows are not to be inserted."""
+    built = _BuiltPackets()
     for planned in plan.packets:
         packet_id = str(uuid.uuid4())
         packet_key = DataKey.generate()
-        packet_rows.append(
+        built.packets.append(
             {
                 "id": packet_id,
                 "run_id": run_id,
@@ -661,8 +645,12 @@ def partition_run(
         )
         for pseudonym in planned.pseudonyms:
             member, vault_wrapped_dek = placeable[pseudonym]
-            dek = unwrap_key(keyring, "vault", vault_wrapped_dek, aad=dek_aad(pseudonym))
-            member_rows.append(
+            try:
+                dek = unwrap_key(keyring, "vault", vault_wrapped_dek, aad=dek_aad(pseudonym))
+            except DecryptionFailed:
+                built.damaged.append(member)
+                continue
+            built.members.append(
                 {
                     "packet_id": packet_id,
                     "subject_id": member.subject_id,
@@ -673,11 +661,11 @@ def partition_run(
                     ),
                 }
             )
-            further_rows.extend(
+            built.further.extend(
                 {"packet_id": packet_id, "subject_id": member.subject_id, "flag_id": flag_id}
                 for flag_id in member.further_flag_ids
             )
-        created.append(
+        built.public.append(
             PacketPublic(
                 id=packet_id,
                 run_id=run_id,
@@ -690,13 +678,79 @@ def partition_run(
                 closed_at=None,
             )
         )
+    return built
+
+
+def partition_run(
+    *,
+    session: Session,
+    keyring: KeyProvider,
+    run_id: str,
+    packet_size: int,
+    retention: RetentionPolicy,
+    caller: Caller,
+) -> PartitionPublic:
+    """Split a run's flagged cases into packets, build their keys and assign them (one txn).
+
+    One partitioning at a time, and never beside an erasure (``lock_subject_keys``): a second
+    one sees the first one's packets, and an erasure sees and removes the packet wraps made here
+    from DEKs read before it. The team's rows are locked too, so a reassignment cannot fill a
+    professional meanwhile.
+
+    A case whose vault DEK wrap fails its check is left unplaced (``KEY_DAMAGED``, its pseudonym
+    in the server log) and the rest are placed as if it were not there: one damaged row never
+    stops a partitioning.
+    """
+    get_run(session=session, run_id=run_id)
+    lock_subject_keys(session)
+    candidates = _candidates(session, run_id)
+    in_open, previous = _member_history(session, run_id, {c.subject_id for c in candidates})
+    erased = [c for c in candidates if c.wrapped_dek is None]
+    placeable = {c.pseudonym: (c, c.wrapped_dek) for c in candidates if c.wrapped_dek is not None}
+    cases = {
+        c.pseudonym: partitioning.Case(
+            pseudonym=c.pseudonym,
+            district=c.district,
+            previous_professional=previous.get(c.subject_id),
+            in_open_packet=c.subject_id in in_open,
+        )
+        for c, _wrapped in placeable.values()
+    }
+    team = _team(session)
+    now = utcnow()
+    expires_at = now + timedelta(days=retention.packet_ttl_days)
+    damaged: list[_Candidate] = []
+    while True:
+        plan = partitioning.partition(cases.values(), team, packet_size=packet_size)
+        built = _build_packets(
+            keyring=keyring,
+            plan=plan,
+            placeable=placeable,
+            run_id=run_id,
+            now=now,
+            expires_at=expires_at,
+        )
+        if not built.damaged:
+            break
+        # Rare: planned again without them, so no packet is left short and the room they would
+        # have taken goes to whoever was next.
+        for member in built.damaged:
+            logger.error(
+                "the vault key of subject %s failed its integrity check; "
+                "left unplaced in partitioning run %s",
+                member.pseudonym,
+                run_id,
+            )
+            del cases[member.pseudonym]
+        damaged.extend(built.damaged)
+
     connection = session.connection()
-    if packet_rows:
-        connection.execute(insert(_packets), packet_rows)
-    for start in range(0, len(member_rows), 5000):
-        connection.execute(insert(_members), member_rows[start : start + 5000])
-    if further_rows:
-        connection.execute(insert(_member_flags), further_rows)
+    if built.packets:
+        connection.execute(insert(_packets), built.packets)
+    for start in range(0, len(built.members), 5000):
+        connection.execute(insert(_members), built.members[start : start + 5000])
+    if built.further:
+        connection.execute(insert(_member_flags), built.further)
 
     # Every packet's build and assign entries, in order, appended in a few large batches (one
     # log lock and one batched write each) within this transaction.
@@ -709,7 +763,7 @@ def partition_run(
             pseudonyms=planned.pseudonyms,
             reason=reason,
         )
-        for packet, planned in zip(created, plan.packets, strict=True)
+        for packet, planned in zip(built.public, plan.packets, strict=True)
         for action, reason in (
             ("packet.build", f"run {run_id}; district {planned.district}"),
             ("packet.assign", f"run {run_id}; professional {planned.professional_id}"),
@@ -721,11 +775,12 @@ def partition_run(
         UnplacedCasePublic(pseudonym=u.pseudonym, district=u.district, reason=u.reason)
         for u in plan.unplaced
     ] + [
-        UnplacedCasePublic(pseudonym=c.pseudonym, district=c.district, reason=ERASED)
-        for c in erased
+        UnplacedCasePublic(pseudonym=c.pseudonym, district=c.district, reason=reason)
+        for cases_left_out, reason in ((damaged, KEY_DAMAGED), (erased, ERASED))
+        for c in cases_left_out
     ]
     return PartitionPublic(
-        run_id=run_id, packet_size=packet_size, packets=created, unplaced=unplaced
+        run_id=run_id, packet_size=packet_size, packets=built.public, unplaced=unplaced
     )
 
 

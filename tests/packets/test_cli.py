@@ -8,11 +8,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from service.cli import app as cli
 from service.clock import today
 from service.config import get_settings
+from service.crypto.keyring import Keyring
+from service.db import Database
+from service.flagging.service import system_caller
+from service.packets.models import ProfessionalCreate
+from service.packets.service import create_professional
+from tests.flagging.seed import AS_OF, RELAPSING, add_subject
+from tests.packets.scenario import SUBJECTS
 
 
 @pytest.fixture
@@ -47,3 +55,48 @@ def test_flag_then_partition_from_the_command_line(cli_home: Path) -> None:
     future = runner.invoke(cli, ["flag", "--as-of", tomorrow])
     assert future.exit_code == 2
     assert "as_of may not be after today" in " ".join(future.output.split())
+
+
+def test_partition_names_a_case_whose_key_fails_its_check_and_places_the_rest(
+    cli_home: Path,
+) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    settings = get_settings()
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            keyring = Keyring.load(settings.resolved_keyring_path)
+            for pseudonym in ("ps-000", "ps-001", "ps-002"):
+                add_subject(session, keyring, pseudonym=pseudonym, events=RELAPSING)
+            create_professional(
+                session=session,
+                given=ProfessionalCreate(
+                    id="prof-001",
+                    display_name="Caseworker",
+                    team="Zuid-1",
+                    districts=["Charlois"],
+                    capacity=40,
+                ),
+                caller=system_caller("test"),
+            )
+            # ps-001's wrap copied onto ps-000's row: a restore gone wrong, or tampering.
+            moved = session.execute(
+                select(SUBJECTS.c.wrapped_dek).where(SUBJECTS.c.pseudonym == "ps-001")
+            ).scalar_one()
+            session.execute(
+                update(SUBJECTS).where(SUBJECTS.c.pseudonym == "ps-000").values(wrapped_dek=moved)
+            )
+    finally:
+        database.dispose()
+    flagged = runner.invoke(cli, ["flag", "--as-of", AS_OF.isoformat()])
+    assert flagged.exit_code == 0, flagged.output
+    found = re.search(r"run ([0-9a-f]{32})", flagged.output)
+    assert found is not None, flagged.output
+    parted = runner.invoke(cli, ["partition", "--run-id", found.group(1)])
+    assert parted.exit_code == 0, parted.output
+    output = " ".join(parted.output.split())
+    assert "unplaced: 1 (the subject's key failed its integrity check)" in output
+    assert "key failed its integrity check: ps-000" in output
+    assert "1 packets built" in output

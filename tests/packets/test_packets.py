@@ -20,7 +20,7 @@ from service.packets.models import Packet, PacketMember, Professional, utcnow
 from service.packets.service import member_dek_aad, packet_key_aad
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF, RELAPSING, add_subject, log_entries
-from tests.packets.scenario import COORDINATOR, build_world, ingest
+from tests.packets.scenario import COORDINATOR, MEMBERS, SUBJECTS, build_world, ingest
 
 
 def professional(
@@ -235,6 +235,50 @@ def test_unplaceable_cases_come_back_with_a_reason(
         ).status_code
         == 404
     )
+
+
+def test_a_case_whose_key_fails_its_check_is_left_unplaced_and_the_rest_are_placed(
+    app: FastAPI,
+    client: TestClient,
+    session: Session,
+    token: TokenFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=4)
+    run_id, deks = flagged_run(app, client, session, coordinator, 5)
+    # ps-001's wrap copied onto ps-000's row: a restore gone wrong, or tampering.
+    moved = session.execute(
+        select(SUBJECTS.c.wrapped_dek).where(SUBJECTS.c.pseudonym == "ps-001")
+    ).scalar_one()
+    session.execute(
+        update(SUBJECTS).where(SUBJECTS.c.pseudonym == "ps-000").values(wrapped_dek=moved)
+    )
+    session.commit()
+
+    damaged = [
+        {
+            "pseudonym": "ps-000",
+            "district": "Charlois",
+            "reason": "the subject's key failed its integrity check",
+        }
+    ]
+    first = client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+    assert first.status_code == 201, first.text
+    assert first.json()["unplaced"] == damaged
+    # The room ps-000 would have taken went to the next case (ps-004), not left empty.
+    assert [p["member_count"] for p in first.json()["packets"]] == [4]
+    # Nor does it stop a later partitioning.
+    client.patch("/v1/professionals/prof-001", json={"capacity": 40}, headers=coordinator)
+    again = client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+    assert again.status_code == 201, again.text
+    assert (again.json()["packets"], again.json()["unplaced"]) == ([], damaged)
+    members = session.execute(select(MEMBERS.c.pseudonym)).scalars().all()
+    assert sorted(members) == ["ps-001", "ps-002", "ps-003", "ps-004"]
+    (built,) = log_entries(session, "packet.build")
+    assert sorted(built["pseudonyms"]) == sorted(members)
+    assert "the vault key of subject ps-000 failed its integrity check" in caplog.text
+    assert all(dek.material.hex() not in caplog.text for dek in deks.values())
 
 
 EXTERNAL = "e7" * 16  # a pseudonym of the shape ingest hands out
