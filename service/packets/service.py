@@ -1042,6 +1042,13 @@ class PacketLocked(Unavailable):
         )
 
 
+class PacketKeyDamaged(ServiceError):
+    """The packet's stored key failed its integrity check (altered, or copied from another
+    packet's row): nothing that needs it can be done until it is restored."""
+
+    status = 500
+
+
 class PacketNotClosable(Conflict):
     commit_before_raising = True  # the refusal keeps its ``denied`` entry
 
@@ -1324,8 +1331,20 @@ def _packet_key_wrap(packet: _PacketRow) -> str:
 
 
 def _packet_key(keyring: KeyProvider, packet: _PacketRow) -> DataKey:
-    """Unwrap the packet key with the packet KEK (only after the access is logged)."""
-    return unwrap_key(keyring, "packet", _packet_key_wrap(packet), aad=packet_key_aad(packet.id))
+    return _unwrap_packet_key(keyring, packet_id=packet.id, wrapped_key=_packet_key_wrap(packet))
+
+
+def _unwrap_packet_key(keyring: KeyProvider, *, packet_id: str, wrapped_key: str) -> DataKey:
+    """Unwrap the packet key with the packet KEK (only after the access is logged). A wrap that
+    fails its check is ``PacketKeyDamaged``, logged by the packet's id."""
+    try:
+        return unwrap_key(keyring, "packet", wrapped_key, aad=packet_key_aad(packet_id))
+    except DecryptionFailed:
+        logger.error("the key of packet %s failed its integrity check", packet_id)
+        raise PacketKeyDamaged(
+            f"the key of packet {packet_id} failed its integrity check; its identities and "
+            "notes cannot be read, nor a note or Idempotency-Key used, until it is restored"
+        ) from None
 
 
 class _FlagRow(NamedTuple):
@@ -1511,7 +1530,8 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
     """Decrypt a logged open into the response body, JSON shaped as ``PacketClientsPublic``:
     the packet key (packet KEK), each member's DEK (packet key), the identities and the
     follow-up notes. An erased member comes back with ``identity=None`` and ``note="erased"``;
-    the packet as a whole never fails for it. No database access.
+    the packet as a whole never fails for it, only for a damaged packet key
+    (``PacketKeyDamaged``, after its open was logged). No database access.
 
     This is the service's hottest path, so the body is written as JSON piece by piece: each
     identity is its decrypted plaintext, which is the identity's JSON as ingest wrote it
@@ -1520,7 +1540,7 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
     placement is encoded once per packet (``AadTemplate``).
     """
     packet_id = sealed.packet.id
-    packet_key = unwrap_key(keyring, "packet", sealed.wrapped_key, aad=packet_key_aad(packet_id))
+    packet_key = _unwrap_packet_key(keyring, packet_id=packet_id, wrapped_key=sealed.wrapped_key)
     dek_aad = AadTemplate(member_dek_aad(packet_id, 0), field="subject", wrapped_key=True)
     wrapped = {
         m.subject_id: UnderWrappedKey(

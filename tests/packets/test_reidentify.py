@@ -479,6 +479,46 @@ def test_a_member_wrap_moved_to_another_member_withholds_those_identities_alone(
     PacketClientsPublic.model_validate_json(opened.text)
 
 
+def test_a_packet_key_that_fails_its_check_is_a_clear_problem_for_whatever_needs_it(
+    client: TestClient, token: TokenFactory, session: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = small_world(client, token)
+    packet, other = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    # The other packet's key wrap copied onto this one's row: a restore gone wrong, or tampering.
+    moved = session.execute(
+        select(PACKETS.c.wrapped_key).where(PACKETS.c.id == other["id"])
+    ).scalar_one()
+    session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(wrapped_key=moved))
+    session.commit()
+    owner = bearer(token(OWNER, "professional"))
+    followups = f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups"
+    damaged = f"the key of packet {packet['id']} failed its integrity check"
+    secrets = {secret for p in packet["pseudonyms"] for secret in world.people[p].secrets}
+
+    answers = [
+        client.post(
+            followups, json={"kind": "contact", "date": DAY_B, "note": NOTE}, headers=owner
+        ),
+        client.post(
+            followups,
+            json={"kind": "contact", "date": DAY_B},
+            headers={**owner, "Idempotency-Key": "retry-1"},
+        ),
+        client.get(f"/v1/packets/{packet['id']}/clients", headers=owner),
+    ]
+    for answer in answers:
+        assert answer.status_code == 500, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["detail"].startswith(damaged)
+        assert leaked(answer.text, secrets) == []
+    assert session.execute(select(func.count()).select_from(FOLLOWUPS)).scalar_one() == 0
+    session.rollback()
+    assert caplog.text.count(damaged) == 3
+    # A follow-up without a note needs no key: it is recorded.
+    plain = client.post(followups, json={"kind": "contact", "date": DAY_B}, headers=owner)
+    assert plain.status_code == 201, plain.text
+
+
 def test_a_note_is_kept_as_written_and_a_blank_one_is_no_note(
     client: TestClient, token: TokenFactory
 ) -> None:
