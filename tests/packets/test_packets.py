@@ -744,3 +744,49 @@ def test_a_professional_registered_twice_at_once_is_a_409_not_a_500(
     monkeypatch.undo()
     [kept] = client.get("/v1/professionals", headers=coordinator).json()["items"]
     assert kept["display_name"] == "Caseworker prof-001"
+
+
+@pytest.mark.parametrize("unreadable", ["\u200b", "\u0301", " \u200b\u200c ", "-"])
+def test_professional_text_without_a_letter_or_digit_is_refused_naming_the_field(
+    client: TestClient, token: TokenFactory, unreadable: str
+) -> None:
+    """The rule a subject's district follows: a zero-width space is no district, name or team."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    body = {
+        "id": "prof-001",
+        "display_name": "Caseworker",
+        "team": "Zuid-1",
+        "districts": ["Charlois"],
+        "capacity": 5,
+    }
+    for field_name, value, loc in (
+        ("display_name", unreadable, ["display_name"]),
+        ("team", unreadable, ["team"]),
+        ("districts", ["Charlois", unreadable], ["districts", 1]),
+    ):
+        refused = client.post(
+            "/v1/professionals", json={**body, field_name: value}, headers=coordinator
+        )
+        assert refused.status_code == 422, (field_name, refused.text)
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert [e["loc"] for e in refused.json()["errors"]] == [loc]
+        assert "letter or digit" in refused.json()["errors"][0]["msg"]
+    assert client.get("/v1/professionals", headers=coordinator).json()["items"] == []
+
+    professional(client, coordinator, "prof-001")
+    for field_name, value, loc in (
+        ("display_name", unreadable, ["display_name"]),
+        ("team", unreadable, ["team"]),
+        ("districts", [unreadable], ["districts", 0]),
+    ):
+        refused = client.patch(
+            "/v1/professionals/prof-001", json={field_name: value}, headers=coordinator
+        )
+        assert refused.status_code == 422, (field_name, refused.text)
+        assert [e["loc"] for e in refused.json()["errors"]] == [loc]
+    [kept] = client.get("/v1/professionals", headers=coordinator).json()["items"]
+    assert (kept["display_name"], kept["team"], kept["districts"]) == (
+        "Caseworker prof-001",
+        "Zuid-1",
+        ["Charlois"],
+    )
