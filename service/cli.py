@@ -70,7 +70,7 @@ from service.records.bulk import (
     ingest_records,
 )
 from service.records.demo import DEMO_SOURCE_PREFIX, REFERENCE_DATE, demo_records
-from service.records.models import SOURCE_MAX, usable_source
+from service.records.models import MAX_BATCH_ROWS, SOURCE_MAX, usable_source
 from service.records.service import (
     BATCHES,
     SUBJECTS,
@@ -1216,7 +1216,9 @@ def run_demo(
 def demo(
     subjects: Annotated[int, typer.Option(min=100, max=1_000_000, help="population size")] = 1000,
     seed: Annotated[int, typer.Option(help="same seed, same population")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="subjects per batch")] = 5000,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH_ROWS, help="subjects per batch")
+    ] = 5000,
 ) -> None:
     """Generate and ingest a synthetic Rotterdam-South-like population (deterministic per seed).
 
@@ -1262,7 +1264,9 @@ def import_(
         str,
         typer.Option(help=f"the sending source's name: printable, 1 to {SOURCE_MAX} characters"),
     ],
-    batch_size: Annotated[int, typer.Option(min=1, max=100_000, help="subjects per batch")] = 5000,
+    batch_size: Annotated[
+        int, typer.Option(min=1, max=MAX_BATCH_ROWS, help="subjects per batch")
+    ] = 5000,
 ) -> None:
     if not usable_source(source):
         # The rule of the API's source (its token subject, stored in events.source); the value

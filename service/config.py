@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from service.clock import DEFAULT_TIMEZONE, zone_named
+from service.records.models import MAX_BATCH_ROWS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Where a wheel install puts the folders the code reads at run time (pyproject's data-files).
@@ -116,7 +117,7 @@ class Settings(BaseSettings):
     )
 
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    max_batch_rows: int = Field(default=10_000, ge=1)
+    max_batch_rows: int = Field(default=10_000, ge=1, le=MAX_BATCH_ROWS)
     log_lock_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
     database_pool_size: int = Field(
         default=20,

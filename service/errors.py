@@ -4,6 +4,7 @@ Guarantees:
 - services raise ``ServiceError`` subclasses (no FastAPI import); one handler renders them;
 - validation errors name the field and row but never echo the submitted value, because the value
   may be a national id or a name, nor the name of an unknown field, for the same reason;
+- a problem lists at most ``LISTED_ERRORS`` errors, and its detail says how many there were;
 - unexpected exceptions become a bare 500 with the request id; their type and frames go to the
   server log, never their message (it may quote an identity), and never anything to the client;
 - a path is shown (in ``instance``, a detail or the server log) with only the routes' own words and
@@ -28,10 +29,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.request_body import RepeatedFieldName
+from service.request_body import RefusedObject
 
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("casepackets")
+
+# Enough to correct a body by; a bad body can hold a million errors, and listing them all would
+# cost a response many times its size.
+LISTED_ERRORS = 100
 
 
 # What a path segment may show besides the routes' own words: the ids the service hands out (a
@@ -158,6 +163,9 @@ def problem(
     errors: Sequence[dict[str, Any]] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> ProblemResponse:
+    if errors and len(errors) > LISTED_ERRORS:
+        detail += f" ({len(errors)} errors; the first {LISTED_ERRORS} are listed)"
+        errors = errors[:LISTED_ERRORS]
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": title or HTTPStatus(status).phrase,
@@ -219,15 +227,15 @@ def _validation_detail(exc: RequestValidationError, errors: Sequence[dict[str, A
     return f"request is invalid: {shown}"
 
 
-# FastAPI's detail when a JSON body could be read as bytes but not decoded (not UTF-8, a field
-# name twice in one object, nested past the recursion limit, an integer of more digits than
-# Python converts); the decoder's own
-# ``JSONDecodeError`` comes as a validation error instead (``json_invalid``).
+# FastAPI's detail when a JSON body could be read as bytes but not decoded (not UTF-8, an object
+# ``parse_json_body`` refuses, nested past the recursion limit, an integer of more digits than
+# Python converts); the decoder's own ``JSONDecodeError`` comes as a validation error instead
+# (``json_invalid``).
 FASTAPI_BODY_UNREADABLE = "There was an error parsing the body"
 
 
 def _unreadable_body_reason(cause: BaseException | None) -> str:
-    if isinstance(cause, RepeatedFieldName):
+    if isinstance(cause, RefusedObject):
         return str(cause)
     if isinstance(cause, UnicodeDecodeError):
         return "it is not UTF-8 text"

@@ -1,11 +1,13 @@
-"""JSON request bodies read as the README promises: UTF-8 text, each field name once per object.
+"""JSON request bodies read as the README promises: UTF-8 text, each field name once per object,
+at most ``MAX_FIELDS`` fields per object.
 
 Starlette's ``Request.json`` hands the bytes to ``json.loads``, which also takes UTF-16, UTF-32
 and a UTF-8 byte order mark, and keeps the last of two values under one name. Two readers of
 the same batch (a source's own checks, a proxy, this service) could then see different
 identities in it. Every route here reads its body through ``JsonRoute`` instead: bytes that are
 not UTF-8 and a repeated field name are refused (422, ``service.errors``), before any model
-sees them.
+sees them. So is an object of more fields than any model has: each unknown field is an error,
+and a body of a million of them would cost seconds and a gigabyte to list.
 """
 
 from __future__ import annotations
@@ -17,24 +19,28 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+# No request model has a quarter as many.
+MAX_FIELDS = 64
 
-class RepeatedFieldName(ValueError):
-    """An object in the body names one field twice (the name is not kept: it is caller text)."""
 
-    def __init__(self) -> None:
-        super().__init__("a field name appears twice in one object")
+class RefusedObject(ValueError):
+    """An object in the body that no model may read; the message names no field (field names
+    are caller text)."""
 
 
 def _each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    if len(pairs) > MAX_FIELDS:
+        raise RefusedObject(f"an object has more than {MAX_FIELDS} fields")
     fields = dict(pairs)
     if len(fields) != len(pairs):
-        raise RepeatedFieldName
+        raise RefusedObject("a field name appears twice in one object")
     return fields
 
 
 def parse_json_body(body: bytes) -> Any:
     """The body as JSON; UnicodeDecodeError when it is not UTF-8 (a byte order mark is a
-    ``JSONDecodeError``), RepeatedFieldName when an object names a field twice."""
+    ``JSONDecodeError``), RefusedObject when an object names a field twice or has more than
+    ``MAX_FIELDS`` fields."""
     return json.loads(body.decode("utf-8"), object_pairs_hook=_each_name_once)
 
 

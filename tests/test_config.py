@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from service.cli import refusal
 from service.config import PROJECT_ROOT, Settings, normalize_database_url, shipped
+from service.records.models import MAX_BATCH_ROWS
 
 
 def test_production_refuses_the_dev_issuer(tmp_path: Path) -> None:
@@ -57,6 +58,14 @@ def test_production_requires_pinned_keys(tmp_path: Path) -> None:
 def test_production_requires_https_jwks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="https"):
         Settings(env="production", home=tmp_path, dev_issuer=False, jwks_url="http://idp/jwks")
+
+
+def test_the_batch_size_may_not_exceed_the_ceiling_the_request_schema_holds(
+    tmp_path: Path,
+) -> None:
+    assert Settings(home=tmp_path, max_batch_rows=MAX_BATCH_ROWS).max_batch_rows == MAX_BATCH_ROWS
+    with pytest.raises(ValidationError, match="max_batch_rows"):
+        Settings(home=tmp_path, max_batch_rows=MAX_BATCH_ROWS + 1)
 
 
 def test_placeholder_values_are_refused(tmp_path: Path) -> None:

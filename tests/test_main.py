@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from service.auth.permissions import Permission
 from service.config import Settings
 from service.errors import served_routes
 from service.main import create_app
-from service.request_body import JsonRoute
+from service.request_body import MAX_FIELDS, JsonRoute
 from service.schemas import StrictModel
 from tests.conftest import TokenFactory, bearer
 
@@ -189,6 +190,10 @@ def test_a_body_that_cannot_be_decoded_is_422_saying_why(
             "Unexpected UTF-8 BOM (decode using utf-8-sig)",
         ),
         (b'{"name": "a", "count": 1, "name": "b"}', "a field name appears twice in one object"),
+        (
+            json.dumps({f"field{n}": n for n in range(MAX_FIELDS + 1)}).encode(),
+            f"an object has more than {MAX_FIELDS} fields",
+        ),
     ):
         response = probed.post(
             "/probe/things",

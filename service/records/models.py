@@ -24,8 +24,12 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     with_config,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
@@ -33,6 +37,7 @@ from typing_extensions import TypedDict  # pydantic needs this one before Python
 
 from service.clock import today
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn
+from service.errors import LISTED_ERRORS
 from service.schemas import NO_NUL, CalendarDate, UtcDatetime
 
 POSTCODE = re.compile(r"^[1-9][0-9]{3} ?[A-Z]{2}$")
@@ -83,6 +88,10 @@ class Subject(SubjectBase, table=True):
 # A source's name: the events' and ingest batches' ``source`` column. Through the API it is the
 # caller's token subject, which the token check already holds to printable UTF-8 text.
 SOURCE_MAX = 64
+
+# The most subjects a batch may hold whatever CASEPACKETS_MAX_BATCH_ROWS says (it may not be set
+# higher): a longer list is refused before any row of it is checked.
+MAX_BATCH_ROWS = 100_000
 
 
 def usable_source(name: str) -> bool:
@@ -294,11 +303,59 @@ def _birth_year_matches(record: SubjectRecordIn) -> SubjectRecordIn:
 CheckedSubjectRecordIn = Annotated[SubjectRecordIn, AfterValidator(_birth_year_matches)]
 
 
+def _rows_until_enough_errors(rows: object, validate: ValidatorFunctionWrapHandler) -> object:
+    """The rows, checked one at a time until ``LISTED_ERRORS`` errors are found (as many as a 422
+    lists). Then the first of them are kept, after one that says how many were found and which
+    rows were not checked.
+
+    Checking all rows at once would collect every error before any could be dropped: a megabyte
+    of empty rows or events holds over a million errors, which take seconds and a gigabyte.
+    """
+    if not isinstance(rows, list) or not 0 < len(rows) <= MAX_BATCH_ROWS:
+        return validate(rows)  # one error, about the list itself
+    checked: list[object] = []
+    listed: list[InitErrorDetails] = []
+    found = 0
+    for row, record in enumerate(rows):
+        try:
+            checked.extend(validate([record]))
+        except ValidationError as exc:
+            found += exc.error_count()
+            room = LISTED_ERRORS - 1 - len(listed)  # and one for the count
+            listed.extend(
+                InitErrorDetails(
+                    type=PydanticCustomError(error["type"], error["msg"]),
+                    loc=(row, *error["loc"][1:]),  # past the index in the one-row list
+                    input=error["input"],
+                )
+                for error in exc.errors(include_url=False)[:room]
+            )
+            if found >= LISTED_ERRORS:
+                unchecked = (
+                    f"; rows {row + 1} to {len(rows) - 1} were not checked"
+                    if row + 1 < len(rows)
+                    else ""
+                )
+                count = PydanticCustomError(
+                    "too_many_errors",
+                    f"{found} errors found, the first {len(listed)} are listed{unchecked}",
+                )
+                listed.insert(0, InitErrorDetails(type=count, loc=(), input=len(rows)))
+                break
+    if listed:
+        raise ValidationError.from_exception_data("RecordBatchCreate", listed)
+    return checked
+
+
 @with_config(_STRICT)
 class RecordBatchCreate(TypedDict):
     """A batch of subjects; all-or-nothing."""
 
-    subjects: Annotated[list[CheckedSubjectRecordIn], Field(min_length=1)]
+    subjects: Annotated[
+        list[CheckedSubjectRecordIn],
+        Field(min_length=1, max_length=MAX_BATCH_ROWS),
+        WrapValidator(_rows_until_enough_errors),
+    ]
 
 
 SUBJECT_RECORD = TypeAdapter(CheckedSubjectRecordIn)

@@ -20,7 +20,7 @@ from service.db import Database
 from service.packets.models import utcnow
 from service.packets.service import forget_old_replays
 from service.records import service as records_service
-from service.records.models import Subject
+from service.records.models import MAX_BATCH_ROWS, Subject
 from service.records.service import decrypt_identity, get_subject, subject_dek
 from tests.conftest import Interleaving, TokenFactory, bearer
 from tests.records.conftest import Record, count_rows
@@ -136,6 +136,79 @@ def test_too_many_rows_are_rejected(
     )
     assert response.status_code == 422
     assert "at most 3" in response.json()["detail"]
+    assert_nothing_stored(session)
+
+
+@pytest.mark.parametrize(
+    ("rows", "first_error"),
+    [
+        (
+            [{}] * 20_000,
+            "100 errors found, the first 99 are listed; rows 50 to 19999 were not checked",
+        ),
+        (
+            [{"events": [{}] * 1000}] * 30,
+            "4002 errors found, the first 99 are listed; rows 1 to 29 were not checked",
+        ),
+    ],
+    ids=["empty rows", "empty events"],
+)
+def test_a_large_bad_batch_gets_a_short_422_naming_the_count_and_stores_nothing(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    rows: list[dict[str, Any]],
+    first_error: str,
+) -> None:
+    """Checking stops at the row where the 100th error is found: a body of empty rows or
+    events would otherwise hold an error per few bytes, and a megabyte of them took 17 s, a
+    gigabyte and a 66 MB answer."""
+    response = client.post(URL, json={"subjects": rows}, headers=source_headers)
+
+    assert response.status_code == 422
+    errors = response.json()["errors"]
+    assert len(errors) == 100
+    assert errors[0] == {"loc": ["subjects"], "msg": errors[0]["msg"], "type": "too_many_errors"}
+    assert errors[0]["msg"] == first_error
+    assert [error["row"] for error in errors[1:3]] == [0, 0]
+    assert len(response.content) < 20_000
+    assert_nothing_stored(session)
+
+
+def test_a_batch_above_the_ceiling_of_any_setting_is_refused_before_its_rows_are_checked(
+    client: TestClient, session: Session, source_headers: dict[str, str]
+) -> None:
+    response = client.post(
+        URL, json={"subjects": [{}] * (MAX_BATCH_ROWS + 1)}, headers=source_headers
+    )
+
+    assert response.status_code == 422
+    assert response.json()["errors"] == [
+        {
+            "loc": ["subjects"],
+            "msg": f"List should have at most {MAX_BATCH_ROWS} items after validation, "
+            f"not {MAX_BATCH_ROWS + 1}",
+            "type": "too_long",
+        }
+    ]
+    assert_nothing_stored(session)
+
+
+def test_a_422_lists_the_first_100_errors_and_says_how_many_there_were(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    """Errors found beyond the schema (here an unknown event type in each of 150 rows) are
+    listed up to 100, as the schema's are."""
+    rows = [make(i, events=1) for i in range(150)]
+    for row in rows:
+        row["events"][0]["type"] = "no_such_type"
+
+    response = client.post(URL, json={"subjects": rows}, headers=source_headers)
+
+    assert response.status_code == 422
+    body = response.json()
+    assert [error["row"] for error in body["errors"]] == list(range(100))
+    assert body["detail"].endswith("(150 errors; the first 100 are listed)")
     assert_nothing_stored(session)
 
 
