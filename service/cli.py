@@ -1237,7 +1237,8 @@ def demo(
 
 
 IMPORT_HELP = (
-    "Import a CSV file of subjects and events, streamed in batches.\n\n"
+    "Import a CSV file of subjects and events, streamed in batches; FILE may be a pipe, such as "
+    "/dev/stdin.\n\n"
     "One line per event (a line that is not UTF-8 is rejected), with a header line. Columns: "
     + ", ".join(CSV_COLUMNS)
     + ". Required per line: bsn, given_name, family_name, birth_date (YYYY-MM-DD), district, "
@@ -1286,7 +1287,9 @@ def import_(
         raise typer.Exit(2) from None
     try:
         with database_for(settings) as database, progress_bar() as progress:
-            task = progress.add_task(f"import {file.name}", total=file.stat().st_size)
+            # A pipe has no size: the bar then counts the bytes read without a total.
+            size = file.stat().st_size if file.is_file() else None
+            task = progress.add_task(f"import {file.name}", total=size)
             result = import_csv(
                 database=database,
                 keyring=keyring,

@@ -179,19 +179,26 @@ _UNDECODED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a by
 class _Lines:
     """The file's lines as text for ``csv``: LF, CRLF and CR each end a line. A byte that is not
     UTF-8 does not end the import: it is decoded as a lone surrogate and its line is noted, so
-    that the CSV line holding it is rejected on its own."""
+    that the CSV line holding it is rejected on its own. The bytes of the lines read so far are
+    counted here, so that a pipe, which cannot tell its position, reads as well as a file."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self._text = io.TextIOWrapper(
-            handle, encoding="utf-8-sig", errors="surrogateescape", newline=""
+            handle, encoding="utf-8", errors="surrogateescape", newline=""
         )
         self.last_undecoded = 0
+        self.bytes_read = 0
 
     def __iter__(self) -> Iterator[str]:
         for number, text in enumerate(self._text, 1):
-            if not text.isascii() and _UNDECODED.search(text):
-                self.last_undecoded = number
-            yield text
+            if text.isascii():
+                self.bytes_read += len(text)
+            else:
+                # surrogateescape gives back each undecodable byte as it was.
+                self.bytes_read += len(text.encode("utf-8", "surrogateescape"))
+                if _UNDECODED.search(text):
+                    self.last_undecoded = number
+            yield text.removeprefix("\ufeff") if number == 1 else text
 
 
 def _csv_problem(error: csv.Error) -> str:
@@ -569,7 +576,7 @@ def import_csv(
             item = pending.get(subject)
             if item is None:
                 if len(pending) >= batch_size:
-                    flush(handle.tell())
+                    flush(lines.bytes_read)
                     if result.stopped is not None:
                         break
                 item = _Pending(lines=[], record={**record, "events": []}, event_lines=[])
@@ -579,7 +586,7 @@ def import_csv(
                 item.record["events"].append(event)
                 item.event_lines.append(line)
         if pending and result.stopped is None:
-            flush(handle.tell())
+            flush(lines.bytes_read)
     if result.stopped is None:
         result.stopped = unreadable
     return result

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import fcntl
 import json
 import multiprocessing
 import os
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import suppress
 from multiprocessing.queues import Queue
@@ -45,6 +47,7 @@ from service.records.service import (
     ingest_batch,
     subject_dek,
 )
+from service.records.vocabulary import load_event_types
 from tests.conftest import Databases
 from tests.records.conftest import count_rows
 
@@ -558,6 +561,54 @@ def test_import_stores_valid_subjects_and_reports_rejected_lines(
     assert count_rows(cli_session, "events") == 4
     code, _ = run("import", str(path), "--source", "welfare")
     assert count_rows(cli_session, "events") == 4
+
+
+def test_import_reads_a_pipe(cli_env: Settings, cli_session: Session, tmp_path: Path) -> None:
+    """``casepackets import /dev/stdin`` under ``cat file |``: a pipe cannot tell its position,
+    which the progress was once taken from (an unexpected OSError, exit status 1)."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    content = write_csv(tmp_path / "records.csv", [line(0, 0), line(0, 1), line(1, 0)])
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    # Opening a pipe to write waits for its reader, the import.
+    writer = threading.Thread(target=pipe.write_bytes, args=(content.read_bytes(),), daemon=True)
+    writer.start()
+    code, output = run("import", str(pipe), "--source", "welfare", "--batch-size", "1")
+    writer.join(10)
+
+    assert code == 0, output
+    assert "imported 2 subjects, 3 new events" in output
+    assert count_rows(cli_session, "subjects") == 2
+    assert count_rows(cli_session, "events") == 3
+
+
+def test_import_progress_counts_every_byte_of_the_file(cli_env: Settings, tmp_path: Path) -> None:
+    """Counted from the lines read (a pipe has no position): a byte order mark, line ends and a
+    byte that is not UTF-8 count as they are in the file."""
+    keyring = Keyring.init(cli_env.resolved_keyring_path)
+    path = write_csv(tmp_path / "records.csv", [line(0, 0), line(1, 0), line(2, 0)])
+    content = path.read_bytes().replace(b"Fatima", b"Fatim\xe9", 1).replace(b"\r\n", b"\n", 2)
+    path.write_bytes(codecs.BOM_UTF8 + content)
+    read: list[int] = []
+    database = Database(cli_env)
+    try:
+        result = bulk.import_csv(
+            database=database,
+            keyring=keyring,
+            event_types=load_event_types(cli_env.policies_dir / "events.yaml"),
+            path=path,
+            source="welfare",
+            actor="system:import:welfare",
+            batch_size=1,
+            on_progress=lambda _stored, read_bytes: read.append(read_bytes),
+        )
+    finally:
+        database.dispose()
+
+    assert [rejection.line for rejection in result.rejected] == [2]  # its "Fatim\xe9"
+    assert result.subjects == 2
+    assert read == sorted(read)
+    assert read[-1] == path.stat().st_size
 
 
 def stored_given_names(settings: Settings, session: Session) -> list[str]:
