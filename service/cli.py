@@ -70,7 +70,7 @@ from service.records.bulk import (
     ingest_records,
 )
 from service.records.demo import DEMO_SOURCE_PREFIX, REFERENCE_DATE, demo_records
-from service.records.models import MAX_BATCH_ROWS, SOURCE_MAX, usable_source
+from service.records.models import MAX_BATCH_ROWS, MAX_SUBJECT_EVENTS, SOURCE_MAX, usable_source
 from service.records.service import (
     BATCHES,
     SUBJECTS,
@@ -1246,7 +1246,8 @@ IMPORT_HELP = (
     "characteristics differ from the first line of its bsn is rejected. Leave the four event "
     "columns empty for a subject without events. event_type comes from policies/events.yaml; "
     "source_event_id must be unique per source: a line repeating an earlier line's is "
-    "rejected.\n\n"
+    "rejected. A subject has at most "
+    f"{MAX_SUBJECT_EVENTS} events per batch.\n\n"
     "Each batch commits whole or not at all. A subject with any other invalid line in a batch "
     "is left out of it and its lines are reported by line number; all other subjects are "
     "stored. Keep a subject's lines together: then they fall in one batch. Re-running an import "

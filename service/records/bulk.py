@@ -34,13 +34,19 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from sqlalchemy.exc import DBAPIError
 
 from service.crypto.keyring import KeyProvider
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn
 from service.db import Database
 from service.errors import ServiceError
-from service.records.models import RECORD_BATCH, SUBJECT_RECORD, SubjectRecordIn
+from service.records.models import (
+    MAX_SUBJECT_EVENTS,
+    RECORD_BATCH,
+    SUBJECT_RECORD,
+    SubjectRecordIn,
+)
 from service.records.service import BatchInvalid, ingest_batch
 
 IDENTITY_COLUMNS = (
@@ -245,6 +251,14 @@ def _failing_rows(
             return None
         failing.setdefault(row, []).append(error)
     return failing
+
+
+def _invalid(error: ErrorDetails) -> str:
+    """Why a subject's record is invalid, in our words: pydantic's messages may quote the value."""
+    if error["type"] == "too_long" and tuple(error["loc"]) == ("events",):
+        held = error.get("ctx", {}).get("actual_length")
+        return f"a subject has at most {MAX_SUBJECT_EVENTS} events per batch; this one has {held}"
+    return "invalid value"
 
 
 def _as_row_error(loc: Sequence[int | str], reason: str) -> dict[str, Any]:
@@ -498,8 +512,7 @@ def import_csv(
             try:
                 record = SUBJECT_RECORD.validate_python(item.record)
             except ValidationError as exc:
-                # Where, never the message: pydantic's may quote the value.
-                leave_out(item, [_as_row_error(e["loc"], "invalid value") for e in exc.errors()])
+                leave_out(item, [_as_row_error(e["loc"], _invalid(e)) for e in exc.errors()])
                 continue
             unknown = [
                 _as_row_error(("events", number, "type"), "unknown event type")

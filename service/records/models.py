@@ -92,6 +92,8 @@ SOURCE_MAX = 64
 # The most subjects a batch may hold whatever CASEPACKETS_MAX_BATCH_ROWS says (it may not be set
 # higher): a longer list is refused before any row of it is checked.
 MAX_BATCH_ROWS = 100_000
+# The most events one subject of a batch may hold.
+MAX_SUBJECT_EVENTS = 1000
 
 
 def usable_source(name: str) -> bool:
@@ -290,7 +292,9 @@ class EventIn(TypedDict):
 class SubjectRecordIn(TypedDict):
     identity: IdentityIn
     characteristics: CharacteristicsIn
-    events: NotRequired[Annotated[list[EventIn], Field(default_factory=list, max_length=1000)]]
+    events: NotRequired[
+        Annotated[list[EventIn], Field(default_factory=list, max_length=MAX_SUBJECT_EVENTS)]
+    ]
 
 
 def _birth_year_matches(record: SubjectRecordIn) -> SubjectRecordIn:

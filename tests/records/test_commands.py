@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import datetime as dt
 import fcntl
 import json
 import multiprocessing
@@ -38,7 +39,7 @@ from service.records import bulk
 from service.records import service as records_service
 from service.records.bulk import CSV_COLUMNS
 from service.records.demo import REFERENCE_DATE, synthetic_bsn
-from service.records.models import Subject
+from service.records.models import MAX_SUBJECT_EVENTS, Subject
 from service.records.service import (
     BatchInvalid,
     ConcurrentIngest,
@@ -655,6 +656,26 @@ def test_a_repeated_source_event_id_is_rejected_whatever_the_batch_size(
     assert "2 lines rejected" in said
     assert count_rows(cli_session, "subjects") == 2  # 0 and 2; 1's only line was rejected
     assert count_rows(cli_session, "events") == 2
+
+
+def test_a_subject_with_more_events_than_a_batch_holds_is_rejected_naming_the_limit(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    first = dt.date(2020, 1, 1)
+    rows = [
+        line(0, 0, event_date=(first + dt.timedelta(days=k)).isoformat(), source_event_id=f"v-{k}")
+        for k in range(MAX_SUBJECT_EVENTS + 1)
+    ]
+    path = write_csv(tmp_path / "records.csv", [*rows, line(1, 0)])
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 1, output
+    said = " ".join(output.split())
+    limit = f"a subject has at most {MAX_SUBJECT_EVENTS} events per batch; this one has 1001"
+    assert f"line 2: events: {limit}" in said
+    assert f"{MAX_SUBJECT_EVENTS + 1} lines rejected" in said
+    assert count_rows(cli_session, "subjects") == 1
+    assert count_rows(cli_session, "events") == 1
 
 
 @pytest.mark.parametrize("batch_size", ["1", "10"])
