@@ -212,7 +212,9 @@ def _csv_problem(error: csv.Error) -> str:
     content must never reach the terminal, so none is passed on)."""
     message = str(error)
     if message.startswith("field larger than field limit"):
-        return f"a field is longer than {csv.field_size_limit()} characters"
+        # Seldom a value that long; mostly a stray opening quote, whose value runs on over the
+        # following lines until the limit.
+        return f"a field is longer than {csv.field_size_limit()} characters (an unclosed quote?)"
     return "not valid CSV"
 
 

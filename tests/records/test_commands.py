@@ -842,6 +842,24 @@ def test_a_stray_opening_quote_rejects_every_line_it_swallows_and_no_other(
     assert count_rows(cli_session, "events") == 8 - last
 
 
+def test_a_stray_opening_quote_in_a_large_file_stops_the_import_suggesting_it(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    """With no quote after it, line 3's value runs on until the parser's field limit, and no
+    line after it can be read."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_lines(tmp_path / "records.csv", [line(i, 0) for i in range(1000)])
+    rewrite_line(path, 3, f",{OFFICE},", f',"{OFFICE},')
+    code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
+    assert code == 3, output
+    said = " ".join(output.split())
+    assert (
+        "import stopped at line 3: a field is longer than 131072 characters (an unclosed quote?)"
+        in said
+    )
+    assert count_rows(cli_session, "subjects") == 1
+
+
 def test_a_line_with_fewer_values_than_the_header_is_rejected_whole(
     cli_env: Settings, cli_session: Session, tmp_path: Path
 ) -> None:
