@@ -662,7 +662,17 @@ def ingest_batch(
                 raise IdempotencyKeyReused(
                     "this Idempotency-Key was used for a different batch; use a new key"
                 )
-            return _replay(dict(stored))
+            replayed = _replay(dict(stored))
+            # An answer that hands out pseudonyms again is logged again, as a push of flags is.
+            _log_batch(
+                session,
+                actor=actor,
+                role=role,
+                batch_id=replayed.batch_id,
+                reason="sent again, not stored twice",
+                request_id=request_id,
+            )
+            return replayed
 
     # Pseudonyms under every active key version (newest first): an older version's match wins
     # over creating a second subject for the same person.
@@ -828,6 +838,21 @@ def ingest_batch(
             "time; nothing was stored, send the batch again"
         ) from None
 
+    _log_batch(
+        session,
+        actor=actor,
+        role=role,
+        batch_id=result.batch_id,
+        reason=f"source={source} subjects={result.subjects} events={result.events_stored}",
+        request_id=request_id,
+    )
+    _check_pseudonym_key_unchanged(session, keyring, used=current_version)
+    return result
+
+
+def _log_batch(
+    session: Session, *, actor: str, role: str, batch_id: str, reason: str, request_id: str | None
+) -> None:
     append(
         session=session,
         entry=LogEntry(
@@ -835,13 +860,11 @@ def ingest_batch(
             role=role,
             action="records.ingest",
             object_type="batch",
-            object_id=result.batch_id,
-            reason=f"source={source} subjects={result.subjects} events={result.events_stored}",
+            object_id=batch_id,
+            reason=reason,
             request_id=request_id,
         ),
     )
-    _check_pseudonym_key_unchanged(session, keyring, used=current_version)
-    return result
 
 
 def _check_pseudonym_key_unchanged(session: Session, keyring: KeyProvider, *, used: int) -> None:

@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from httpx2 import Response
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlmodel import Session
 
 from service.crypto.keyring import Keyring
@@ -264,6 +264,41 @@ def test_idempotency_key_returns_the_first_answer(
     other = client.post(URL, json={"subjects": [make(5)]}, headers=headers)
     assert other.status_code == 409
     assert count_rows(session, "subjects") == 2
+
+
+def test_a_batch_replayed_under_its_idempotency_key_is_logged_again_without_identities(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    """The replay hands out the batch's pseudonyms again, so it leaves an entry of its own, as a
+    push of flags sent again does."""
+    headers = {**source_headers, "Idempotency-Key": "batch-logged"}
+    sent = [make(0), make(1)]
+    first = client.post(URL, json={"subjects": sent}, headers=headers)
+    logged_before = count_rows(session, "access_log_entries")
+
+    replayed = client.post(URL, json={"subjects": sent}, headers=headers)
+
+    assert replayed.json()["replayed"] is True
+    rows = session.connection().execute(
+        text("SELECT entry FROM access_log_entries ORDER BY leaf_index")
+    )
+    entries = [bytes(entry) for entry in rows.scalars()]
+    session.rollback()
+    assert len(entries) == logged_before + 1
+    entry = json.loads(entries[-1])
+    assert {key: entry[key] for key in ("actor", "role", "action", "object_type")} == {
+        "actor": "source-welfare",
+        "role": "source",
+        "action": "records.ingest",
+        "object_type": "batch",
+    }
+    assert entry["object_id"] == first.json()["batch_id"]
+    assert entry["outcome"] == "allowed"
+    assert entry["reason"] == "sent again, not stored twice"
+    assert entry["request_id"] == replayed.headers["x-request-id"]
+    assert entry["pseudonyms"] == []
+    shown = entries[-1].decode()
+    assert [v for record in sent for v in record["identity"].values() if str(v) in shown] == []
 
 
 def test_what_an_idempotency_key_kept_is_forgotten_after_the_retention_period(
