@@ -191,17 +191,35 @@ def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.new-"
 
 
+# What earlier versions named their temporary files, whatever the keyring's name.
+_OLD_TEMPORARY_PREFIX = ".keyring-"
+
+
+def _real_path(path: Path) -> Path:
+    """The file a keyring path names: where a symbolic link points (through every link), else
+    the path itself. Resolved once per change, so its lock, its read and its write are all of
+    one file, and the link stays."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a loop of links (Python 3.11)
+        raise KeyringInaccessible(
+            f"cannot use the keyring at {path}: its symbolic links lead nowhere (a loop)"
+        ) from None
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write ``path`` whole or not at all, through a temporary file beside it. Called under the
     edit lock, so a temporary file found there is what a write killed before its rename left
     (``kill -9``, a power cut): it holds every key of its day, retired ones included later, so
-    it is deleted first. A keyring reached through a symbolic link is written where the link
-    points (the file it was read from), and the link stays."""
+    it is deleted first, and so is one an earlier version left (named ``.keyring-…``).
+    ``path`` is the file itself (``_real_path``)."""
     try:
-        path = path.resolve() if path.is_symlink() else path
         path.parent.mkdir(parents=True, exist_ok=True)
-        for leftover in path.parent.glob(f"{glob.escape(_temporary_prefix(path))}*"):
-            leftover.unlink(missing_ok=True)
+        for pattern in (f"{glob.escape(_temporary_prefix(path))}*", f"{_OLD_TEMPORARY_PREFIX}*"):
+            for leftover in path.parent.glob(pattern):
+                leftover.unlink(missing_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
     except OSError as exc:
         raise _inaccessible(path, exc) from exc
@@ -292,6 +310,7 @@ class Keyring:
                 for purpose in PURPOSES
             },
         }
+        path = _real_path(path)
         with _edit_lock(path, timeout=EDIT_LOCK_TIMEOUT_SECONDS):
             if os.path.lexists(path):
                 raise KeyringError(f"a keyring already exists at {path}; refusing to overwrite it")
@@ -309,6 +328,9 @@ class Keyring:
         """The keyring at ``path`` read afresh under its edit lock, which is held until the block
         ends; the changes (``rotate``, ``retire``) are made on it. Waits at most
         ``EDIT_LOCK_TIMEOUT_SECONDS`` for a change in progress, then raises ``KeyringBusy``."""
+        # Edits through a symbolic link and through the file's own path take turns on one lock,
+        # beside the file itself.
+        path = _real_path(path)
         with _edit_lock(path, timeout=EDIT_LOCK_TIMEOUT_SECONDS) as lock:
             yield LockedKeyring(path, _read_document(path), lock=lock)
 
@@ -582,9 +604,6 @@ def _edit_lock(path: Path, *, timeout: float) -> Iterator[_EditLock]:
     """Hold the exclusive ``flock`` on ``<path>.lock`` (created 0600), taken within ``timeout``
     seconds or not at all (``KeyringBusy``). Closing the descriptor releases it, also when the
     process dies."""
-    # Beside the file itself: edits through a symbolic link and through the file's own path
-    # take turns on one lock.
-    path = path.resolve() if path.is_symlink() else path
     lock_path = path.with_name(f"{path.name}.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -283,6 +283,41 @@ def test_a_keyring_reached_by_a_link_is_changed_where_the_link_points(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keyring.json", "secrets"], "one lock"
 
 
+def test_a_temporary_file_an_earlier_version_left_goes_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Earlier versions named their temporary files ``.keyring-…`` (whatever the keyring's
+    name): such a file, left by a killed write, holds keys too."""
+    monkeypatch.setattr(keyring_module, "ROTATION_SETTLE_SECONDS", 0)
+    path = tmp_path / "keyring.json"
+    Keyring.init(path)
+    left = tmp_path / ".keyring-x1y2z3"
+    left.write_bytes(path.read_bytes())
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("vault")
+    assert not left.exists()
+
+
+def test_links_that_lead_nowhere_are_refused_in_one_line(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.symlink_to(second)
+    second.symlink_to(first)
+    with pytest.raises(KeyringError, match="its symbolic links lead nowhere"):
+        Keyring.init(first)
+    with pytest.raises(KeyringError, match="its symbolic links lead nowhere"), Keyring.edit(first):
+        pass
+
+
+def test_init_through_a_link_to_a_file_not_yet_there_creates_that_file(tmp_path: Path) -> None:
+    real = tmp_path / "secrets" / "keyring.json"
+    link = tmp_path / "keyring.json"
+    link.symlink_to(real)
+    Keyring.init(link)
+    assert link.is_symlink()
+    assert Keyring.load(link).current("vault").version == 1
+    assert real.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_keyring_is_unreadable_only_while_its_file_cannot_be_read(tmp_path: Path) -> None:
     path = tmp_path / "k.json"
     keyring = Keyring.init(path)
