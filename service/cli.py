@@ -1050,18 +1050,18 @@ def keys_rewrap(
     if not left:
         console.print(f"{done}; nothing depends on older KEK versions now")
         return
-    console.print(
-        f"{done}; {left} {'wrap still depends' if left == 1 else 'wraps still depend'} on older "
-        "KEK versions"
-        + (
-            f", {len(unopened)} because {'it cannot' if len(unopened) == 1 else 'they cannot'} "
-            "be opened (listed above): look into those rows before retiring anything"
-            if unopened
-            else ": they were written while this ran; run `casepackets keys rewrap` again"
-        ),
-        highlight=False,
-        soft_wrap=True,
-    )
+    said = [f"{done}; {left} {'wrap is' if left == 1 else 'wraps are'} not under the current KEK"]
+    if unopened:
+        said.append(
+            f"{len(unopened)} because {'it cannot' if len(unopened) == 1 else 'they cannot'} be "
+            "opened (listed above): look into those rows before retiring anything"
+        )
+    if (others := left - len(unopened)) > 0:
+        said.append(
+            f"{others} {'was' if others == 1 else 'were'} written while this ran: run "
+            "`casepackets keys rewrap` again"
+        )
+    console.print("; ".join(said), highlight=False, soft_wrap=True)
     if unopened:
         raise typer.Exit(1)
 
