@@ -12,6 +12,7 @@ import gc
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import psycopg
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
@@ -284,8 +286,11 @@ class Interleaving:
 
         monkeypatch.setattr(owner, name, then_pause)
 
-    def run(self, first: Request, second: Request) -> tuple[int, int]:
-        """The two requests' statuses."""
+    def run(
+        self, first: Request, second: Request, *, second_waits: Callable[[], bool] | None = None
+    ) -> tuple[int, int]:
+        """The two requests' statuses. With ``second_waits``, the first goes on once that says
+        the second is waiting for it (however slow the machine), not after a head start."""
         statuses: dict[str, int] = {}
         requests = [
             threading.Thread(target=lambda: statuses.update(first=first().status_code)),
@@ -294,7 +299,14 @@ class Interleaving:
         requests[0].start()
         assert self.paused.wait(10), "the first request never reached its pause"
         requests[1].start()
-        requests[1].join(self.HEAD_START)
+        if second_waits is None:
+            requests[1].join(self.HEAD_START)
+        else:
+            deadline = time.monotonic() + 10
+            while not second_waits():
+                assert time.monotonic() < deadline, "the second request never came to wait"
+                assert requests[1].is_alive(), "the second request ended without waiting"
+                time.sleep(0.01)
         self.go_on.set()
         for thread in requests:
             thread.join(20)
@@ -302,6 +314,27 @@ class Interleaving:
         # with a ResourceWarning, during some later test): it fails this one instead.
         assert not any(thread.is_alive() for thread in requests), "a request never finished"
         return statuses["first"], statuses["second"]
+
+
+def waiting_on_a_lock(session: Session) -> Callable[[], bool]:
+    """PostgreSQL: whether a backend of the test's database waits for a lock (a row, or an
+    advisory lock), read afresh each time (a transaction keeps its first view of the statistics
+    otherwise)."""
+
+    def waits() -> bool:
+        try:
+            session.execute(text("SELECT pg_stat_clear_snapshot()"))
+            found = session.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        finally:
+            session.rollback()
+        return bool(found)
+
+    return waits
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from service.packets.service import forget_old_replays
 from service.records import service as records_service
 from service.records.models import MAX_BATCH_ROWS, Subject
 from service.records.service import decrypt_identity, get_subject, subject_dek
-from tests.conftest import Interleaving, TokenFactory, bearer
+from tests.conftest import Interleaving, TokenFactory, bearer, waiting_on_a_lock
 from tests.records.conftest import Record, count_rows
 
 URL = "/v1/records/batch"
@@ -491,7 +491,9 @@ def test_a_batch_racing_another_for_the_same_new_subject_gets_409_and_stores_not
     logged = count_rows(session, "access_log_entries")
 
     statuses = interleaving.run(
-        lambda: client.post(URL, json=first_body, headers=source_headers), second
+        lambda: client.post(URL, json=first_body, headers=source_headers),
+        second,
+        second_waits=waiting_on_a_lock(session) if backend == "postgres" else None,
     )
 
     if backend == "postgres":
