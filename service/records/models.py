@@ -6,15 +6,17 @@ Invariants:
   ciphertext under the subject's own DEK, which is stored wrapped by the vault KEK;
 - erasure sets ``identity_ciphertext`` and ``wrapped_dek`` to NULL; events stay, pseudonymized;
 - an event is unique per (source, source event id), so re-sending it is harmless;
-- request schemas reject unknown fields and any text holding a NUL character, and their error
-  messages never contain the value; they are TypedDicts (see below) so a 10,000-subject batch is
-  validated without model objects.
+- request schemas reject unknown fields and any text holding a NUL, control or format character
+  (save a joiner between letters), take a blank optional text as null, and allow the register's
+  "." only as a person's name; their error messages never contain the value; they are TypedDicts
+  (see below) so a 10,000-subject batch is validated without model objects.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Literal, NotRequired
 
@@ -147,10 +149,10 @@ class IngestBatch(SQLModel, table=True):
 # -- ingest request ---------------------------------------------------------------------------
 #
 # TypedDicts validated by pydantic (``__pydantic_config__``: strict about unknown fields, strings
-# stripped; every text field carries ``NO_NUL``): the same checks, messages, error locations and
-# OpenAPI schema as ``StrictModel`` classes, without building five model objects per subject
-# (10,000 subjects per batch). Optional fields get their default, so a validated value always
-# carries every key.
+# stripped; every text field carries ``NO_NUL`` and ``PLAIN_TEXT``): the same checks, messages,
+# error locations and OpenAPI schema as ``StrictModel`` classes, without building five model
+# objects per subject (10,000 subjects per batch). Optional fields get their default, so a
+# validated value always carries every key.
 
 _STRICT = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -204,20 +206,76 @@ def _event_date(value: dt.date) -> dt.date:
     return value
 
 
-# The population register's mark for a name that is not known.
+# The population register's mark for a name that is not known: in a given or family name only.
 UNKNOWN_NAME = "."
 
 
 def _readable(value: str) -> str:
-    if value != UNKNOWN_NAME and not any(character.isalnum() for character in value):
+    if not any(character.isalnum() for character in value):
         raise ValueError(
             "must hold a letter or digit, not only spaces, marks or invisible characters"
         )
     return value
 
 
-# A name, a district or an office someone can read: "\u200b" is no name.
+def _readable_name(value: str) -> str:
+    return value if value == UNKNOWN_NAME else _readable(value)
+
+
+# A district, an office or a team someone can read: "\u200b" is none, nor is ".".
 READABLE = AfterValidator(_readable)
+# A person's given or family name: readable, or the register's mark for an unknown one.
+PERSON_NAME = AfterValidator(_readable_name)
+
+# Control characters (line breaks, ANSI escapes), format characters (bidi overrides, zero-width
+# spaces, soft hyphens), line and paragraph separators and lone surrogates: invisible or
+# rearranging on a screen or in a CSV export, never part of a name or an address.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# Except the zero-width (non-)joiner where a script needs one to choose a letter's form, as
+# IDNA's CONTEXTJ rules have it (RFC 5892, appendix A.1-A.2): after a virama (Devanagari,
+# Malayalam, Sinhala), or between two letters or marks (Persian, Arabic, Kurdish names).
+_JOINERS = frozenset("\u200c\u200d")
+_VIRAMA = 9  # the canonical combining class of a virama
+
+
+def _joins_letters(value: str, position: int) -> bool:
+    if position == 0:
+        return False
+    before = value[position - 1]
+    if unicodedata.combining(before) == _VIRAMA:
+        return True
+    return (
+        position < len(value) - 1
+        and unicodedata.category(before)[0] in "LM"
+        and unicodedata.category(value[position + 1])[0] in "LM"
+    )
+
+
+def _plain_text(value: str | None) -> str | None:
+    if value is None or value.isprintable():  # the common case: nothing to look at
+        return value
+    for position, character in enumerate(value):
+        if unicodedata.category(character) in _REFUSED_CATEGORIES and not (
+            character in _JOINERS and _joins_letters(value, position)
+        ):
+            raise ValueError(
+                "must not contain control or format characters (line breaks, escapes, "
+                "direction or invisible marks)"
+            )
+    return value
+
+
+# Every text field of a subject and its events carries it, after ``NO_NUL``.
+PLAIN_TEXT = AfterValidator(_plain_text)
+
+
+def _none_if_blank(value: str | None) -> str | None:
+    return value or None
+
+
+# An optional text left blank (after stripping) is not given: null, as the CSV import reads an
+# empty value, so the same person sent either way stores the same identity.
+BLANK_IS_NONE = AfterValidator(_none_if_blank)
 
 
 @with_config(_STRICT)
@@ -228,27 +286,55 @@ class IdentityIn(TypedDict):
         str,
         Field(min_length=8, max_length=11, description="BSN, 9 digits passing the 11-check"),
         NO_NUL,
+        PLAIN_TEXT,
         AfterValidator(_valid_bsn),
     ]
-    given_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL, READABLE]
-    family_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL, READABLE]
+    given_name: Annotated[str, Field(min_length=1, max_length=100), NO_NUL, PLAIN_TEXT, PERSON_NAME]
+    family_name: Annotated[
+        str, Field(min_length=1, max_length=100), NO_NUL, PLAIN_TEXT, PERSON_NAME
+    ]
     birth_date: Annotated[CalendarDate, AfterValidator(_plausible_birth_date)]
     street: NotRequired[
         Annotated[
             str | None,
             Field(default=None, max_length=150, description="street and number"),
             NO_NUL,
+            PLAIN_TEXT,
+            BLANK_IS_NONE,
         ]
     ]
     postcode: NotRequired[
-        Annotated[str | None, Field(default=None, max_length=7), NO_NUL, AfterValidator(_postcode)]
+        Annotated[
+            str | None,
+            Field(default=None, max_length=7),
+            NO_NUL,
+            PLAIN_TEXT,
+            BLANK_IS_NONE,
+            AfterValidator(_postcode),
+        ]
     ]
-    city: NotRequired[Annotated[str | None, Field(default=None, max_length=80), NO_NUL]]
+    city: NotRequired[
+        Annotated[str | None, Field(default=None, max_length=80), NO_NUL, PLAIN_TEXT, BLANK_IS_NONE]
+    ]
     phone: NotRequired[
-        Annotated[str | None, Field(default=None, max_length=20), NO_NUL, AfterValidator(_phone)]
+        Annotated[
+            str | None,
+            Field(default=None, max_length=20),
+            NO_NUL,
+            PLAIN_TEXT,
+            BLANK_IS_NONE,
+            AfterValidator(_phone),
+        ]
     ]
     email: NotRequired[
-        Annotated[str | None, Field(default=None, max_length=254), NO_NUL, AfterValidator(_email)]
+        Annotated[
+            str | None,
+            Field(default=None, max_length=254),
+            NO_NUL,
+            PLAIN_TEXT,
+            BLANK_IS_NONE,
+            AfterValidator(_email),
+        ]
     ]
 
 
@@ -256,27 +342,33 @@ class IdentityIn(TypedDict):
 class CharacteristicsIn(TypedDict):
     """Not identifying on their own; stored in clear beside the pseudonym for analysis."""
 
-    district: Annotated[str, Field(min_length=1, max_length=64), NO_NUL, READABLE]
-    neighbourhood: Annotated[str, Field(min_length=1, max_length=64), NO_NUL, READABLE]
+    district: Annotated[str, Field(min_length=1, max_length=64), NO_NUL, PLAIN_TEXT, READABLE]
+    neighbourhood: Annotated[str, Field(min_length=1, max_length=64), NO_NUL, PLAIN_TEXT, READABLE]
     birth_year: NotRequired[
         Annotated[
             int | None,
             Field(default=None, ge=1900, le=2100, description="default: from birth date"),
         ]
     ]
-    household_type: NotRequired[Annotated[str | None, Field(default=None, max_length=32), NO_NUL]]
+    household_type: NotRequired[
+        Annotated[str | None, Field(default=None, max_length=32), NO_NUL, PLAIN_TEXT, BLANK_IS_NONE]
+    ]
 
 
 @with_config(_STRICT)
 class EventIn(TypedDict):
     type: Annotated[
-        str, Field(min_length=1, max_length=64, description="from policies/events.yaml"), NO_NUL
+        str,
+        Field(min_length=1, max_length=64, description="from policies/events.yaml"),
+        NO_NUL,
+        PLAIN_TEXT,
     ]
     date: Annotated[CalendarDate, AfterValidator(_event_date)]
     office: Annotated[
         str,
         Field(min_length=1, max_length=128, description="helpdesk or office"),
         NO_NUL,
+        PLAIN_TEXT,
         READABLE,
     ]
     source_event_id: Annotated[
@@ -285,6 +377,7 @@ class EventIn(TypedDict):
             min_length=1, max_length=128, description="unique per source; re-sending is harmless"
         ),
         NO_NUL,
+        PLAIN_TEXT,
     ]
 
 

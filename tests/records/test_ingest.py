@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from datetime import timedelta
@@ -15,13 +16,17 @@ from httpx2 import Response
 from sqlalchemy import select, text, update
 from sqlmodel import Session
 
+from service.config import Settings
 from service.crypto.keyring import Keyring
 from service.db import Database
 from service.packets.models import utcnow
 from service.packets.service import forget_old_replays
+from service.records import bulk
 from service.records import service as records_service
+from service.records.bulk import CSV_COLUMNS
 from service.records.models import MAX_BATCH_ROWS, Subject
 from service.records.service import decrypt_identity, get_subject, subject_dek
+from service.records.vocabulary import load_event_types
 from tests.conftest import Interleaving, TokenFactory, bearer, waiting_on_a_lock
 from tests.records.conftest import Record, count_rows
 
@@ -706,3 +711,89 @@ def test_an_event_id_already_stored_with_other_content_refuses_the_batch(
     corrected = client.post(URL, json={"subjects": [make(2)]}, headers=keyed)
     assert corrected.status_code == 200, corrected.text
     assert corrected.json()["replayed"] is False, "the refusal stored no idempotency record"
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("identity", "given_name"), "Gerrit\u001b[31m\u202eje"),
+        (("characteristics", "district"), "Feije\nnoord"),
+        (("events", 1, "office"), "Wijkteam\u2066Zuid"),
+    ],
+    ids=["ansi-and-bidi-in-a-name", "newline-in-a-district", "bidi-isolate-in-an-office"],
+)
+def test_a_control_or_format_character_is_422_naming_the_field_without_its_value(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    path: tuple[str | int, ...],
+    value: str,
+) -> None:
+    bad = make(2)
+    put(bad, path, value)
+
+    response = client.post(URL, json={"subjects": [make(1), bad]}, headers=source_headers)
+
+    assert response.status_code == 422, response.text
+    [error] = response.json()["errors"]
+    assert error["loc"] == ["subjects", 1, *path]
+    assert error["row"] == 1
+    assert "control or format characters" in error["msg"]
+    assert "Gerrit" not in response.text
+    assert "noord" not in response.text
+    assert "Zuid" not in response.text
+    assert_nothing_stored(session)
+
+
+def test_the_same_person_with_blank_optional_fields_sent_by_csv_and_by_api_is_unchanged(
+    client: TestClient,
+    app: FastAPI,
+    database: Database,
+    settings: Settings,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    tmp_path: Path,
+) -> None:
+    """The import reads an empty CSV value as not given; so does the API a blank text, so the
+    identity stored either way is the same and is not re-encrypted when sent the other way."""
+    record = make(0, events=1)
+    blanks = {"street": "  ", "postcode": "", "city": "", "phone": "", "email": ""}
+    record["identity"].update(blanks)
+    record["characteristics"]["household_type"] = ""
+    [event] = record["events"]
+    line = {**record["identity"], **record["characteristics"], "birth_year": ""}
+    line |= {
+        "event_type": event["type"],
+        "event_date": event["date"],
+        "office": event["office"],
+        "source_event_id": event["source_event_id"],
+    }
+    path = tmp_path / "records.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerow(line)
+    imported = bulk.import_csv(
+        database=database,
+        keyring=app.state.keyring,
+        event_types=load_event_types(settings.policies_dir / "events.yaml"),
+        path=path,
+        source="source-welfare",
+        actor="source-welfare",
+        batch_size=10,
+    )
+    assert (imported.subjects, imported.rejected) == (1, [])
+
+    response = client.post(URL, json={"subjects": [record]}, headers=source_headers)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"][0]["status"] == "unchanged"
+    assert response.json()["events_already_known"] == 1
+    subject = get_subject(session=session, pseudonym=response.json()["rows"][0]["pseudonym"])
+    assert subject.household_type is None
+    keyring = app.state.keyring
+    dek = subject_dek(keyring=keyring, subject=subject)
+    identity = decrypt_identity(keyring=keyring, subject=subject, dek=dek)
+    assert (identity.street, identity.city, identity.postcode) == (None, None, None)

@@ -296,3 +296,91 @@ def test_the_registers_mark_for_an_unknown_name_and_names_of_any_script_are_take
     record["identity"]["given_name"] = "Zoë-Ölçay d'Hondt 李"
     record["events"][0]["office"] = "UWV – Werkplein"
     assert RECORD_BATCH.validate_python({"subjects": [record]})
+
+
+@pytest.mark.parametrize(
+    ("place", "field", "name"),
+    [
+        (
+            lambda r: r["identity"],
+            "given_name",
+            "\u0645\u0647\u0631\u200c\u0627\u0646\u06af\u06cc\u0632",
+        ),
+        (lambda r: r["identity"], "family_name", "\u0915\u094d\u200d\u0937\u093e"),
+        (lambda r: r["identity"], "city", "\u0d05\u0d35\u0d28\u0d4d\u200d"),
+        (lambda r: r["events"][0], "office", "\u0dc1\u0dca\u200d\u0dbb\u0dd3 Lanka desk"),
+    ],
+    ids=["persian-zwnj", "devanagari-zwj", "malayalam-chillu", "sinhala-zwj"],
+)
+def test_a_joiner_between_letters_is_kept_as_some_scripts_spell_names_with_it(
+    make: Make, place: Callable[[Record], dict[str, Any]], field: str, name: str
+) -> None:
+    record = make(0)
+    place(record)[field] = name
+
+    [checked] = RECORD_BATCH.validate_python({"subjects": [record]})["subjects"]
+
+    assert place(checked)[field] == name  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("place", "field", "value"),
+    [
+        (lambda r: r["identity"], "given_name", "Jan\x1b[31m\u202e"),
+        (lambda r: r["identity"], "family_name", "\u202eJansen"),
+        (lambda r: r["identity"], "family_name", "de\u00adVries"),
+        (lambda r: r["identity"], "given_name", "\u200dJan"),
+        (lambda r: r["identity"], "given_name", "Jan\u200c"),
+        (lambda r: r["identity"], "given_name", "Jan 1\u200d2"),
+        (lambda r: r["identity"], "street", "Putselaan\u20282"),
+        (lambda r: r["identity"], "city", "Rotter\u200bdam"),
+        (lambda r: r["characteristics"], "district", "Fei\njenoord"),
+        (lambda r: r["characteristics"], "household_type", "single\x7f"),
+        (lambda r: r["events"][0], "office", "Wijkteam\u2066Zuid"),
+        (lambda r: r["events"][0], "source_event_id", "ev-\ufeff1"),
+    ],
+)
+def test_control_and_format_characters_are_refused_by_field(
+    make: Make, place: Callable[[Record], dict[str, Any]], field: str, value: str
+) -> None:
+    """ANSI escapes, bidi overrides, line breaks, soft hyphens and zero-width characters would
+    change how a name reads on a screen or in an export; a joiner is kept only between letters."""
+    record = make(0)
+    place(record)[field] = value
+    with pytest.raises(ValidationError) as caught:
+        RECORD_BATCH.validate_python({"subjects": [record]})
+    [error] = caught.value.errors(include_input=False)
+    assert error["loc"][-1] == field
+    assert "control or format characters" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("place", "field"),
+    [
+        (lambda r: r["characteristics"], "district"),
+        (lambda r: r["characteristics"], "neighbourhood"),
+        (lambda r: r["events"][0], "office"),
+    ],
+)
+def test_the_registers_mark_for_an_unknown_name_is_no_district_or_office(
+    make: Make, place: Callable[[Record], dict[str, Any]], field: str
+) -> None:
+    record = make(0)
+    place(record)[field] = "."
+    with pytest.raises(ValidationError) as caught:
+        RECORD_BATCH.validate_python({"subjects": [record]})
+    [error] = caught.value.errors(include_input=False)
+    assert error["loc"][-1] == field
+
+
+def test_a_blank_optional_text_is_taken_as_not_given(make: Make) -> None:
+    record = make(0)
+    blanks = ("street", "postcode", "city", "phone", "email")
+    for field in blanks:
+        record["identity"][field] = " " if field == "street" else ""
+    record["characteristics"]["household_type"] = ""
+
+    [checked] = RECORD_BATCH.validate_python({"subjects": [record]})["subjects"]
+
+    assert {field: checked["identity"][field] for field in blanks} == dict.fromkeys(blanks)  # type: ignore[literal-required]
+    assert checked["characteristics"]["household_type"] is None
