@@ -30,6 +30,8 @@ from typing import Any, TypeVar, overload
 
 from sqlalchemy import (
     Connection,
+    RowMapping,
+    Select,
     bindparam,
     case,
     func,
@@ -601,6 +603,59 @@ def _rejection(errors: Sequence[dict[str, Any]]) -> BatchInvalid:
     )
 
 
+def _stored_batch(source: str, idempotency_key: str) -> Select[Any]:
+    return select(BATCHES).where(
+        BATCHES.c.source == source, BATCHES.c.idempotency_key == idempotency_key
+    )
+
+
+def _answer_again(
+    session: Session,
+    *,
+    keyring: KeyProvider,
+    subjects: Sequence[SubjectRecordIn],
+    stored: RowMapping,
+    actor: str,
+    role: str,
+    request_id: str | None,
+) -> IngestResult:
+    """The stored answer to a batch sent again under its Idempotency-Key (logged again), or a
+    409 saying why it cannot be given."""
+    if stored["request_digest"] == ERASED_DIGEST:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key's batch held a subject who is erased (when it was "
+            "stored, or since), so nothing was kept that a batch sent again could be "
+            "matched to; use a new key"
+        )
+    if stored["request_digest"] == EXPIRED_DIGEST:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key's batch is older than the service keeps answers for "
+            "(idempotency_days in policies/retention.yaml); use a new key"
+        )
+    matches = digest_matches(keyring=keyring, subjects=subjects, stored=stored["request_digest"])
+    if matches is None:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key's batch was stored under a pseudonym key version that "
+            "has since been retired, so a batch sent again can no longer be matched to "
+            "it; use a new key"
+        )
+    if not matches:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was used for a different batch; use a new key"
+        )
+    replayed = _replay(dict(stored))
+    # An answer that hands out pseudonyms again is logged again, as a push of flags is.
+    _log_batch(
+        session,
+        actor=actor,
+        role=role,
+        batch_id=replayed.batch_id,
+        reason="sent again, not stored twice",
+        request_id=request_id,
+    )
+    return replayed
+
+
 def ingest_batch(
     *,
     session: Session,
@@ -625,54 +680,46 @@ def ingest_batch(
     connection = session.connection()
     lock_against_erasure(connection, shared=True)
 
-    digest = ""
+    now = datetime.now(UTC)
+    batch_id = uuid.uuid4().hex
+    digest = "" if idempotency_key is None else batch_digest(keyring=keyring, subjects=subjects)
+    stored = None
     if idempotency_key is not None:
-        digest = batch_digest(keyring=keyring, subjects=subjects)
-        stored = (
-            connection.execute(
-                select(BATCHES).where(
-                    BATCHES.c.source == source, BATCHES.c.idempotency_key == idempotency_key
+        stored = connection.execute(_stored_batch(source, idempotency_key)).mappings().first()
+    if stored is None:
+        try:
+            # The batch's row is written first (its answer last), in a savepoint: a retry under
+            # the same key racing this batch waits on it (PostgreSQL) and, once this batch
+            # commits, fails here with its transaction still usable and gets this batch's
+            # answer, as a retried push of flags does. On SQLite the write lock keeps the two
+            # apart and the look-up above finds the stored batch. (The SAVEPOINT is sent when
+            # the session's connection is asked for inside the block, not by ``connection``.)
+            with session.begin_nested():
+                session.connection().execute(
+                    insert(BATCHES).values(
+                        id=batch_id,
+                        source=source,
+                        idempotency_key=idempotency_key,
+                        request_digest=digest,
+                        subject_count=len(subjects),
+                        response="",
+                        created_at=now,
+                    )
                 )
-            )
-            .mappings()
-            .first()
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            stored = connection.execute(_stored_batch(source, idempotency_key)).mappings().one()
+    if stored is not None:
+        return _answer_again(
+            session,
+            keyring=keyring,
+            subjects=subjects,
+            stored=stored,
+            actor=actor,
+            role=role,
+            request_id=request_id,
         )
-        if stored is not None:
-            if stored["request_digest"] == ERASED_DIGEST:
-                raise IdempotencyKeyReused(
-                    "this Idempotency-Key's batch held a subject who is erased (when it was "
-                    "stored, or since), so nothing was kept that a batch sent again could be "
-                    "matched to; use a new key"
-                )
-            if stored["request_digest"] == EXPIRED_DIGEST:
-                raise IdempotencyKeyReused(
-                    "this Idempotency-Key's batch is older than the service keeps answers for "
-                    "(idempotency_days in policies/retention.yaml); use a new key"
-                )
-            matches = digest_matches(
-                keyring=keyring, subjects=subjects, stored=stored["request_digest"]
-            )
-            if matches is None:
-                raise IdempotencyKeyReused(
-                    "this Idempotency-Key's batch was stored under a pseudonym key version that "
-                    "has since been retired, so a batch sent again can no longer be matched to "
-                    "it; use a new key"
-                )
-            if not matches:
-                raise IdempotencyKeyReused(
-                    "this Idempotency-Key was used for a different batch; use a new key"
-                )
-            replayed = _replay(dict(stored))
-            # An answer that hands out pseudonyms again is logged again, as a push of flags is.
-            _log_batch(
-                session,
-                actor=actor,
-                role=role,
-                batch_id=replayed.batch_id,
-                reason="sent again, not stored twice",
-                request_id=request_id,
-            )
-            return replayed
 
     # Pseudonyms under every active key version (newest first): an older version's match wins
     # over creating a second subject for the same person.
@@ -684,7 +731,6 @@ def ingest_batch(
     per_version = [list(map(pseudonymizer(key.material), bsns)) for key in pseudonym_keys]
     known = _find_known(connection, sorted({p for candidates in per_version for p in candidates}))
 
-    now = datetime.now(UTC)
     statuses: list[RowStatus] = []
     pseudonyms: list[str] = []
     new_rows: list[tuple[Any, ...]] = []
@@ -807,7 +853,7 @@ def ingest_batch(
         _refresh_statistics(connection, added=len(new_rows))
 
         result = IngestResult(
-            batch_id=uuid.uuid4().hex,
+            batch_id=batch_id,
             source=source,
             events_stored=len(event_rows),
             events_already_known=len(sent_ids) - len(event_rows),
@@ -822,20 +868,17 @@ def ingest_batch(
             "rows": [[r, p, s] for r, (p, s) in enumerate(zip(pseudonyms, statuses, strict=True))],
         }
         connection.execute(
-            insert(BATCHES).values(
-                id=result.batch_id,
-                source=source,
-                idempotency_key=idempotency_key,
+            update(BATCHES)
+            .where(BATCHES.c.id == batch_id)
+            .values(
                 request_digest=ERASED_DIGEST if digest and "erased" in statuses else digest,
-                subject_count=result.subjects,
                 response=json.dumps(answer, separators=(",", ":")),
-                created_at=now,
             )
         )
     except IntegrityError:
         raise ConcurrentIngest(
-            "another batch stored the same subjects, events or Idempotency-Key at the same "
-            "time; nothing was stored, send the batch again"
+            "another batch stored the same subjects or events at the same time; nothing was "
+            "stored, send the batch again"
         ) from None
 
     _log_batch(

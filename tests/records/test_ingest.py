@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -797,3 +798,50 @@ def test_the_same_person_with_blank_optional_fields_sent_by_csv_and_by_api_is_un
     dek = subject_dek(keyring=keyring, subject=subject)
     identity = decrypt_identity(keyring=keyring, subject=subject, dek=dek)
     assert (identity.street, identity.city, identity.postcode) == (None, None, None)
+
+
+def test_retries_racing_under_one_idempotency_key_all_get_the_first_batchs_answer(
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Five retries sent while the first batch is still being stored: on PostgreSQL each waits
+    on the first one's row under the key and then gets its answer (not a 409 to send it once
+    more), as a retried push of flags does; on SQLite each waits for the write lock."""
+    interleaving = Interleaving()
+    # stopped once the first batch's rows are written, not yet committed
+    interleaving.stop_after(monkeypatch, records_service, "_refresh_statistics")
+    body = {"subjects": [make(0), make(1)]}
+    headers = {**source_headers, "Idempotency-Key": "retry-after-timeout"}
+    answers: list[Response] = []
+    retries: list[Response] = []
+
+    def first() -> Response:
+        answers.append(client.post(URL, json=body, headers=headers))
+        return answers[0]
+
+    def five_retries() -> Response:
+        threads = [
+            threading.Thread(
+                target=lambda: retries.append(client.post(URL, json=body, headers=headers))
+            )
+            for _ in range(5)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        return retries[0]
+
+    assert interleaving.run(first, five_retries) == (200, 200)
+
+    assert answers[0].json()["replayed"] is False
+    assert [retry.status_code for retry in retries] == [200] * 5, [r.text for r in retries]
+    assert {retry.json()["batch_id"] for retry in retries} == {answers[0].json()["batch_id"]}
+    assert all(retry.json()["replayed"] for retry in retries)
+    assert {retry.json()["rows"] == answers[0].json()["rows"] for retry in retries} == {True}
+    assert count_rows(session, "subjects") == 2
+    assert count_rows(session, "events") == 6
+    assert count_rows(session, "ingest_batches") == 1
