@@ -1183,6 +1183,16 @@ def pending_rewraps(*, session: Session, keyring: KeyProvider, wrapped: WrappedK
     )
 
 
+def _wraps(wrapped: WrappedKeyColumn) -> tuple[Select[Any], Any, Any]:
+    """The rows holding a wrap in ``wrapped``'s column, each with what opens it (its key, the
+    wrap, its AAD columns); and the table and its key column."""
+    table = _table(wrapped.table)
+    key = _row_key(table)
+    names = list(dict.fromkeys((key.name, wrapped.column, *wrapped.aad_columns)))
+    query = select(*(table.c[name] for name in names)).where(table.c[wrapped.column].is_not(None))
+    return query, table, key
+
+
 # How many of a column's wraps ``opens_under`` tries: one damaged row does not decide.
 SAMPLED_WRAPS = 5
 
@@ -1197,16 +1207,8 @@ def opens_under(*, session: Session, keyring: KeyProvider) -> bool | None:
     found = False
     connection = session.connection()
     for wrapped in WRAPPED_KEY_COLUMNS:
-        table = _table(wrapped.table)
-        key = _row_key(table)
-        column = table.c[wrapped.column]
-        names = list(dict.fromkeys((key.name, wrapped.column, *wrapped.aad_columns)))
-        rows = connection.execute(
-            select(*(table.c[name] for name in names))
-            .where(column.is_not(None))
-            .order_by(key.desc())
-            .limit(SAMPLED_WRAPS)
-        ).mappings()
+        query, _, key = _wraps(wrapped)
+        rows = connection.execute(query.order_by(key.desc()).limit(SAMPLED_WRAPS)).mappings()
         for row in rows:
             found = True
             try:
@@ -1283,14 +1285,10 @@ def rewrap_chunk(
     Resumable: rows already under the current version are skipped, and a row whose wrap changed
     since it was read (shredded, erased, rewrapped by another run) is left alone.
     """
-    table = _table(wrapped.table)
-    key = _row_key(table)
+    query, table, key = _wraps(wrapped)
     column = table.c[wrapped.column]
     current = keyring.current(wrapped.purpose).version
-    names = list(dict.fromkeys((key.name, wrapped.column, *wrapped.aad_columns)))
-    query = select(*(table.c[name] for name in names)).where(
-        column.is_not(None), column.not_like(f"v1.{current}.%")
-    )
+    query = query.where(column.not_like(f"v1.{current}.%"))
     if after_id is not None:
         query = query.where(key > after_id)
     connection = session.connection()

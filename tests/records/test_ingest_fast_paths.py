@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlmodel import Session
 
@@ -260,6 +261,14 @@ def test_the_bulk_insert_fails_as_sqlalchemy_fails(session: Session, backend: st
         session.rollback()
 
 
+def the_one_error(record: Record) -> ErrorDetails:
+    """The one error a batch of ``record`` alone is refused with (its input left out)."""
+    with pytest.raises(ValidationError) as caught:
+        RECORD_BATCH.validate_python({"subjects": [record]})
+    [error] = caught.value.errors(include_input=False)
+    return error
+
+
 @pytest.mark.parametrize(
     ("place", "field", "value"),
     [
@@ -282,9 +291,7 @@ def test_invisible_names_and_dates_as_numbers_are_refused(
     all are refused, by field, without the value."""
     record = make(0)
     place(record)[field] = value
-    with pytest.raises(ValidationError) as caught:
-        RECORD_BATCH.validate_python({"subjects": [record]})
-    [error] = caught.value.errors(include_input=False)
+    error = the_one_error(record)
     assert error["loc"][-1] == field
 
 
@@ -347,9 +354,7 @@ def test_control_and_format_characters_are_refused_by_field(
     change how a name reads on a screen or in an export; a joiner is kept only between letters."""
     record = make(0)
     place(record)[field] = value
-    with pytest.raises(ValidationError) as caught:
-        RECORD_BATCH.validate_python({"subjects": [record]})
-    [error] = caught.value.errors(include_input=False)
+    error = the_one_error(record)
     assert error["loc"][-1] == field
     assert "control or format characters" in error["msg"]
 
@@ -367,9 +372,7 @@ def test_the_registers_mark_for_an_unknown_name_is_no_district_or_office(
 ) -> None:
     record = make(0)
     place(record)[field] = "."
-    with pytest.raises(ValidationError) as caught:
-        RECORD_BATCH.validate_python({"subjects": [record]})
-    [error] = caught.value.errors(include_input=False)
+    error = the_one_error(record)
     assert error["loc"][-1] == field
 
 
