@@ -794,7 +794,7 @@ def keys_rotate(
         with database.reading() as session:
             # Another installation's database: its log is no place for this keyring's rotation
             # (a handover there leads none of this keyring's auditors anywhere).
-            if keyrings_database(session, keyring) is False:
+            if opens_under(session=session, keyring=keyring) is False:
                 not_the_keyrings_database_exit(
                     f"{checked} would be rotated in this database", sealed=False
                 )
@@ -864,13 +864,6 @@ def keys_rotate(
         console.print("so auditors who trust the old key can follow (`audit verify --handovers`)")
 
 
-def keyrings_database(session: Session, keyring: Keyring) -> bool | None:
-    """Whether the database of ``session`` is this keyring's: True when what it holds opens
-    under the keyring's keys, False when it does not (another installation's), None when it
-    holds nothing sealed (a new database, or the wrong one). See ``opens_under``."""
-    return opens_under(session=session, keyring=keyring)
-
-
 def signed_by_keyring(session: Session, keyring: Keyring, *, settings: Settings) -> bool | None:
     """Whether one of the keyring's log signing keys signed the database's latest checkpoint
     (None: it has none)."""
@@ -914,7 +907,7 @@ def settle_staged(database: Database, keyring: LockedKeyring, *, settings: Setti
         with database.transaction() as session:
             hold_lock(session)
             committed = rotation_committed(session=session, staged=staged)
-            sealed = keyrings_database(session, keyring)
+            sealed = opens_under(session=session, keyring=keyring)
             ours = (
                 committed
                 or sealed is True
@@ -1005,10 +998,9 @@ def keys_rewrap(
             with database.transaction() as session:
                 pending = pending_rewraps(session=session, keyring=keyring, wrapped=wrapped)
             target = f"{wrapped.purpose} v{keyring.current(wrapped.purpose).version}"
-            label = f"{wrapped.table}.{wrapped.column} → {target}"
             column = f"{wrapped.table}.{wrapped.column}"
             with progress_bar() as progress:
-                task = progress.add_task(label, total=pending)
+                task = progress.add_task(f"{column} → {target}", total=pending)
                 after: RowKey | None = None
                 while True:
                     skipped: list[str] = []
@@ -1113,7 +1105,7 @@ def retire_logged(
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None
     # Nothing depends on any version in a database the keyring's keys open nothing in.
-    if (sealed := keyrings_database(session, keyring)) is not True:
+    if (sealed := opens_under(session=session, keyring=keyring)) is not True:
         not_the_keyrings_database_exit(
             f"{purpose} v{version} would be retired as nothing here depends on it", sealed=sealed
         )
