@@ -32,6 +32,7 @@ from sqlmodel import Session
 import service.packets.service  # noqa: F401  (registers packets.wrapped_key for `keys`)
 from service.access_log.service import (
     LogEntry,
+    LogUnavailable,
     append,
     hold_lock,
     latest_checkpoint_opens,
@@ -475,7 +476,8 @@ def audit_export(
     out: Annotated[Path, typer.Option(help="folder for the export files")],
 ) -> None:
     """Sign a checkpoint and write the entries it covers, their leaf hashes, the checkpoint, its
-    public key and the signing key's handovers to the folder --out."""
+    public key and the signing key's handovers to the folder --out; then log the export (an
+    audit read, in the next export)."""
     from rich.progress import Progress
 
     from service.access_log.export import export_log
@@ -515,6 +517,7 @@ def audit_export(
                 on_start=lambda total: progress.update(task, total=total),
                 on_progress=lambda done: progress.advance(task, done),
             )
+            logged = log_export(database, size=exported.size)
     except OSError as exc:
         console.print(
             f"[red]failed:[/red] cannot write the export to {out}: {exc.strerror} ({exc.filename})",
@@ -523,6 +526,36 @@ def audit_export(
         )
         raise typer.Exit(2) from None
     console.print(f"exported {exported.size} entries and a signed checkpoint to {out}")
+    if logged is not None:
+        console.print(
+            f"[red]but the export is not in the access log:[/red] {logged}. The files are "
+            "complete; tell the auditor it is not logged",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+def log_export(database: Database, *, size: int) -> str | None:
+    """Log an export as the audit read it is, after its files are in place: its checkpoint is
+    signed before anything is read, so the entry is in the next export. Returns why the entry
+    could not be written, or None."""
+    try:
+        with database.transaction() as session:
+            append(
+                session=session,
+                entry=LogEntry(
+                    actor="system:audit-export",
+                    role="system",
+                    action="audit.read",
+                    object_type="audit",
+                    object_id=f"export:0-{size}",
+                ),
+            )
+    except LogUnavailable:
+        return "the log stayed busy longer than its bound"
+    except ServiceError as exc:
+        return exc.detail
+    return None
 
 
 def trusted_key_hint(*, trusted_checkpoint: Path, trusted_public_key: Path | None) -> str:

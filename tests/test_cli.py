@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -407,6 +410,86 @@ def test_audit_export_to_a_file_is_refused_in_one_line_before_signing(cli_home: 
     exported = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "fine")])
     assert exported.exit_code == 0, exported.output
     assert "exported 0 entries" in exported.output  # the refused export signed nothing
+
+
+def test_an_audit_export_is_logged_as_an_audit_read_and_is_in_the_next_export(
+    cli_home: Path,
+) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    first = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "first")])
+    assert first.exit_code == 0, first.output
+    assert "exported 0 entries" in first.output
+    second = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "second")])
+    assert second.exit_code == 0, second.output
+    assert "exported 1 entries" in second.output
+    lines = (cli_home / "second" / "entries.ndjson").read_bytes().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {
+            "action": "audit.read",
+            "actor": "system:audit-export",
+            "object_id": "export:0-0",
+            "object_type": "audit",
+            "outcome": "allowed",
+            "pseudonyms": [],
+            "reason": None,
+            "request_id": None,
+            "role": "system",
+            "time": json.loads(lines[0])["time"],
+        }
+    ]
+    folder = cli_home / "second"
+    verified = runner.invoke(
+        cli,
+        [
+            "audit",
+            "verify",
+            "--entries",
+            str(folder / "entries.ndjson"),
+            "--checkpoint",
+            str(folder / "checkpoint"),
+            "--public-key",
+            str(folder / "public-key"),
+        ],
+    )
+    assert verified.exit_code == 0, verified.output
+
+
+def test_an_export_the_log_cannot_record_is_kept_and_the_command_says_it_is_not_logged(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.access_log.export as export
+
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    monkeypatch.setenv("CASEPACKETS_LOG_LOCK_TIMEOUT_SECONDS", "0.2")
+    get_settings.cache_clear()
+    held = sqlite3.connect(cli_home / "cli.db", isolation_level=None)
+    export_log = export.export_log
+
+    def export_then_hold_the_log(**arguments: Any) -> export.Exported:
+        exported = export_log(**arguments)
+        held.execute("BEGIN IMMEDIATE")  # another writer takes the one write lock
+        return exported
+
+    monkeypatch.setattr(export, "export_log", export_then_hold_the_log)
+    try:
+        result = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "export")])
+    finally:
+        held.close()
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    said = " ".join(result.output.split())
+    assert "exported 0 entries and a signed checkpoint" in said
+    assert "but the export is not in the access log: the log stayed busy" in said
+    assert sorted(path.name for path in (cli_home / "export").iterdir()) == sorted(
+        export.EXPORT_FILES
+    )
+    monkeypatch.setattr(export, "export_log", export_log)
+    again = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "again")])
+    assert "exported 0 entries" in again.output  # nothing was logged
 
 
 def test_migrate_help_says_there_is_no_way_back_but_a_backup() -> None:

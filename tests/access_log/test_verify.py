@@ -370,11 +370,11 @@ def test_after_a_rotation_the_trusted_checkpoint_s_key_reaches_the_new_key_by_it
     assert f"--handovers {after / HANDOVERS_FILE}" in output
     code, output = verify(after, *trusted, "--handovers", str(after / HANDOVERS_FILE))
     assert code == 0, output
-    assert "handed over at size 11" in output
+    assert "handed over at size 12" in output
     # a rotation made before handovers existed: the auditor vouches for the new key themselves
     code, output = verify(after, *trusted, "--key-without-handover")
     assert code == 0, output
-    assert "OK: 15 entries" in output  # 10, the rotation itself, 4
+    assert "OK: 16 entries" in output  # 10, the first export's own entry, the rotation, 4
     assert "trusted checkpoint of size 10" in output
 
 
@@ -402,7 +402,7 @@ def test_a_trusted_checkpoint_exported_after_a_rotation_opens_by_the_pinned_key_
     handovers = ["--handovers", str(later / HANDOVERS_FILE)]
     code, output = verify(later, *trusted, *handovers, public_key=pinned)
     assert code == 0, output
-    assert "trusted checkpoint of size 15" in output
+    assert "trusted checkpoint of size 16" in output
     # Without the handovers nothing leads there: refused, with the hint as before.
     code, output = verify(later, *trusted, public_key=pinned)
     assert code == 1
@@ -526,7 +526,7 @@ def test_a_signing_key_rotation_killed_midway_leaves_a_log_that_verifies(
     killed_rotation("log_signing", point)
     keyring = Keyring.load(cli_env / "keyring.json")
     assert keyring.current("log_signing").version == 1
-    assert keyring.staged("log_signing") == Staged("log_signing", 2, leaf_index=5)
+    assert keyring.staged("log_signing") == Staged("log_signing", 2, leaf_index=6)
 
     append_each(database, 2)
     after = export_command(cli_env / "after")
@@ -536,12 +536,12 @@ def test_a_signing_key_rotation_killed_midway_leaves_a_log_that_verifies(
         after, *trusted, "--handovers", str(after / HANDOVERS_FILE), public_key=pinned
     )
     assert code == 0, output
-    if point == "staged":
-        assert "OK: 7 entries" in output
-        assert (after / PUBLIC_KEY_FILE).read_text() == pinned.read_text()
-    else:
+    if point == "staged":  # 5, the first export's own entry, 2
         assert "OK: 8 entries" in output
-        assert "handed over at size 6" in output
+        assert (after / PUBLIC_KEY_FILE).read_text() == pinned.read_text()
+    else:  # and the rotation, after the export's entry
+        assert "OK: 9 entries" in output
+        assert "handed over at size 7" in output
         assert (after / PUBLIC_KEY_FILE).read_text() != pinned.read_text()
 
     result = CliRunner().invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
@@ -636,7 +636,7 @@ def test_a_signing_key_rotation_whose_commit_was_made_but_reported_failed_goes_o
         public_key=before / PUBLIC_KEY_FILE,
     )
     assert code == 0, output
-    assert "handed over at size 4" in output
+    assert "handed over at size 5" in output
     settled = CliRunner().invoke(cli, ["keys", "rotate", "--purpose", "log_signing"])
     assert settled.exit_code == 0, settled.output
     assert "its rotation was logged, so it is now current" in " ".join(settled.output.split())
@@ -712,11 +712,11 @@ def test_a_rotation_logs_the_new_key_and_a_handover_signed_by_both_keys(
     old_key = VerifierKey.parse((before / PUBLIC_KEY_FILE).read_text())
     new_key = VerifierKey.parse((after / PUBLIC_KEY_FILE).read_text())
     entries = (after / ENTRIES_FILE).read_bytes().splitlines()
-    rotation = json.loads(entries[10])
+    rotation = json.loads(entries[11])  # after 10 entries and the first export's own
     assert (rotation["action"], rotation["object_id"]) == ("keys.rotate", "log_signing/v2")
     assert rotation["reason"] == f"checkpoints are signed from now on by {new_key}"
     [handover] = handovers_of(after)
-    assert handover["size"] == 11
+    assert handover["size"] == 12
     note = str(handover["note"])
     assert open_note(note, old_key) == open_note(note, new_key)
     assert (before / HANDOVERS_FILE).read_text() == "", "no rotation before the first export"
@@ -732,8 +732,8 @@ def test_the_old_key_alone_follows_the_handover_to_the_new_key(
     for leaf_hashes in (True, False):
         code, output = verify(after, *handovers, public_key=old_key, leaf_hashes=leaf_hashes)
         assert code == 0, output
-        assert "OK: 15 entries" in output
-        assert f"handed over at size 11 to {new_key}" in output
+        assert "OK: 16 entries" in output
+        assert f"handed over at size 12 to {new_key}" in output
     code, output = verify(
         after, *handovers, "--trusted-checkpoint", str(before / CHECKPOINT_FILE), public_key=old_key
     )
@@ -752,7 +752,7 @@ def test_the_auditor_api_serves_the_handovers_the_export_writes(
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/x-ndjson")
     assert response.text == (after / HANDOVERS_FILE).read_text()
-    assert [json.loads(line)["size"] for line in response.text.splitlines()] == [11]
+    assert [json.loads(line)["size"] for line in response.text.splitlines()] == [12]
     with database.session() as session:
         size = log.tree_size(session=session)
         [read] = log.iter_entries(session=session, start=size - 1, end=size)
@@ -764,7 +764,7 @@ def test_the_auditor_api_serves_the_handovers_the_export_writes(
     served.write_text(response.text)
     code, output = verify(after, "--handovers", str(served), public_key=before / PUBLIC_KEY_FILE)
     assert code == 0, output
-    assert "handed over at size 11" in output
+    assert "handed over at size 12" in output
 
 
 def forge_tail(after: Path, forged: Path, *, signer: NoteSigner, keep: int) -> None:
@@ -986,7 +986,7 @@ def test_a_stranger_s_handover_beside_the_real_one_does_not_hide_it(
         after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
     )
     assert code == 0, output
-    assert "handed over at size 11" in output
+    assert "handed over at size 12" in output
 
 
 def test_only_a_rotation_entry_naming_a_key_hands_signing_over() -> None:
@@ -1031,7 +1031,7 @@ def test_entries_rewritten_before_a_handover_fail_against_the_old_key(
         after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
     )
     assert code == 1
-    assert "its first 11 entries no longer have the root of the handover checkpoint" in output
+    assert "its first 12 entries no longer have the root of the handover checkpoint" in output
 
 
 def test_verifying_files_reports_how_far_it_read(
