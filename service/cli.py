@@ -692,6 +692,8 @@ def audit_verify(
             f"; the signing key was handed over at size "
             f"{', '.join(map(str, verified.handovers))} to {verified.signed_by}"
         )
+    elif verified.signed_by is not None:
+        message += f"; signed by {verified.signed_by}"
     console.print(message, highlight=False, markup=False)
 
 

@@ -62,8 +62,9 @@ class CheckpointRejected(VerificationFailed):
 
 
 class KeyNotHandedOver(VerificationFailed):
-    """The new checkpoint is signed by neither the trusted checkpoint's key nor a key it handed
-    signing over to, only by the other key given: accepted only when the auditor says so."""
+    """The new checkpoint is signed by the key given for it, which no handover from the trusted
+    checkpoint's key reaches: accepted only when the auditor says so (that older key signs
+    nothing after the trusted checkpoint then)."""
 
     def __init__(self, trusted: VerifierKey, given: VerifierKey) -> None:
         super().__init__(
@@ -150,9 +151,11 @@ def _follow(
     *,
     roots: dict[int, bytes],
     last_entries: dict[int, bytes],
-) -> tuple[VerifierKey, tuple[int, ...]]:
-    """The key ``key`` hands over to through ``steps`` (in size order), and where."""
+) -> tuple[VerifierKey, tuple[int, ...], tuple[VerifierKey, ...]]:
+    """The key ``key`` hands over to through ``steps`` (in size order), where, and every key
+    on the way (``key`` first)."""
     followed = []
+    through = [key]
     for step in steps:
         size = step.checkpoint.size
         try:
@@ -180,7 +183,8 @@ def _follow(
             ) from None
         key = new
         followed.append(size)
-    return key, tuple(followed)
+        through.append(new)
+    return key, tuple(followed), tuple(through)
 
 
 def _signed_in_turn(
@@ -311,23 +315,25 @@ def verify_export(
     trusted_key = start if trusted is not None else None
     if trusted is not None and trusted_by_another_key is not None:
         before_trusted = [step for step in steps if step.checkpoint.size <= trusted.size]
-        trusted_key, _ = _follow(before_trusted, start, roots=roots, last_entries=last_entries)
+        trusted_key, _, _ = _follow(before_trusted, start, roots=roots, last_entries=last_entries)
         if trusted_key == start:
             raise trusted_by_another_key
         try:
             trusted = open_checkpoint(trusted_note or "", trusted_key, which="trusted")
         except CheckpointRejected:
             raise trusted_by_another_key from None
-    signer, followed = _follow(steps, start, roots=roots, last_entries=last_entries)
-    try:
-        checkpoint = open_checkpoint(checkpoint_note, signer, which="new")
-    except CheckpointRejected:
+    signer, followed, through = _follow(steps, start, roots=roots, last_entries=last_entries)
+    if verifier in through:
         # A key that handed signing over signs no later checkpoint: only its successor does.
-        if followed or signer == verifier:
-            raise
-        if not key_without_handover:
-            raise KeyNotHandedOver(start, verifier) from None
+        checkpoint = open_checkpoint(checkpoint_note, signer, which="new")
+    else:
+        # ``verifier`` was given apart from the trusted checkpoint's key, and no handover from
+        # that key reaches it: the older key (perhaps the leaked one a rotation retired) vouches
+        # for nothing after the trusted checkpoint. Only ``verifier`` may have signed, on the
+        # auditor's word.
         checkpoint = open_checkpoint(checkpoint_note, verifier, which="new")
+        if not key_without_handover:
+            raise KeyNotHandedOver(start, verifier)
         signer = verifier
 
     if size == checkpoint.size and root == checkpoint.root:

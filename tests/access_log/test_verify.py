@@ -877,6 +877,68 @@ def test_an_export_that_read_the_keyring_before_a_rotation_signs_with_the_new_ke
     assert code == 0, output
 
 
+def test_the_old_key_given_for_the_trusted_checkpoint_vouches_for_nothing_after_it(
+    rotated: tuple[Path, Path], cli_env: Path
+) -> None:
+    """The auditor names the new key as --public-key and the old one for last month's
+    checkpoint. The old key, leaked (the reason for the rotation), signs a tail rewritten from
+    just after that checkpoint, its rotation entry dropped, with no handover: refused, whether
+    or not the auditor vouches for the new key."""
+    before, after = rotated
+    old_material = Keyring.load(cli_env / "keyring.json").get("log_signing", 1).material
+    forged = cli_env / "forged"
+    forge_tail(after, forged, signer=NoteSigner(name=ORIGIN, seed=old_material), keep=10)
+    lines = (forged / ENTRIES_FILE).read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if b'"keys.rotate"' not in line]
+    assert len(kept) == len(lines) - 1
+    (forged / ENTRIES_FILE).write_bytes(b"".join(kept))
+    size, root = merkle_root_of_lines(kept)
+    (forged / CHECKPOINT_FILE).write_text(
+        NoteSigner(name=ORIGIN, seed=old_material).sign(
+            checkpoint_text(Checkpoint(origin=ORIGIN, size=size, root=root))
+        )
+    )
+    trusted = [
+        "--trusted-checkpoint",
+        str(before / CHECKPOINT_FILE),
+        "--trusted-public-key",
+        str(before / PUBLIC_KEY_FILE),
+    ]
+    for extra in ((), ("--key-without-handover",)):
+        code, output = verify(
+            forged, *trusted, *extra, public_key=after / PUBLIC_KEY_FILE, leaf_hashes=False
+        )
+        assert code == 1, output
+        assert "FAILED: new checkpoint rejected: the note carries no signature by" in output
+    # The real export, signed by the new key, passes as before on the auditor's word.
+    code, output = verify(after, *trusted, "--key-without-handover", leaf_hashes=False)
+    assert code == 0, output
+    assert output.endswith(f"; signed by {(after / PUBLIC_KEY_FILE).read_text().strip()}")
+
+
+def test_handovers_that_lead_past_the_key_given_still_reach_it(
+    rotated: tuple[Path, Path], cli_env: Path, database: Database
+) -> None:
+    """Trusted checkpoint by the first key, --public-key the second, and a later rotation to a
+    third: the handovers pass through the key given, so the third key's checkpoint verifies."""
+    before, after = rotated
+    rotate_log_signing()
+    append_each(database, 2)
+    latest = export_command(cli_env / "latest")
+    code, output = verify(
+        latest,
+        "--trusted-checkpoint",
+        str(before / CHECKPOINT_FILE),
+        "--trusted-public-key",
+        str(before / PUBLIC_KEY_FILE),
+        "--handovers",
+        str(latest / HANDOVERS_FILE),
+        public_key=after / PUBLIC_KEY_FILE,
+    )
+    assert code == 0, output
+    assert f"to {(latest / PUBLIC_KEY_FILE).read_text().strip()}" in output
+
+
 def test_a_key_that_handed_over_is_refused_even_when_its_handover_is_left_out(
     rotated: tuple[Path, Path], cli_env: Path
 ) -> None:
