@@ -7,7 +7,8 @@ Guarantees:
   (taken on BEGIN, given back after COMMIT/ROLLBACK or close): the threads of a process on a
   lock, the processes on ``flock`` of ``<database>-writers``, waiting in the kernel rather than
   in SQLite's sleeping busy handler. The waits together stay within the engine's lock timeout;
-- PostgreSQL goes through psycopg 3, with every lock wait bounded by the engine's lock timeout,
+- PostgreSQL goes through psycopg 3 at READ COMMITTED (whatever the database's default), with
+  every lock wait bounded by the engine's lock timeout,
   or by a shorter one a transaction asks for (``LOG_LOCK_TIMEOUT_OPTION`` on its connection, as
   SQLite's turn takes it too);
 - SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
@@ -229,6 +230,9 @@ def make_engine(
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=lock_timeout_seconds,
+        # Whatever the database's default: the log reads its frontier after its lock is granted,
+        # and only READ COMMITTED lets that read see the appends committed before.
+        isolation_level="READ COMMITTED",
         # Every lock wait is bounded like the log's, not only the log's: a row or table lock
         # held elsewhere (a long job, a migration) ends a request with 503 instead of a hang.
         connect_args={"options": f"-c lock_timeout={lock_timeout_ms(lock_timeout_seconds)}"},

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from itertools import combinations
 from pathlib import Path
 
+import psycopg
 import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from service.access_log import merkle
 from service.access_log import service as log
@@ -16,6 +20,7 @@ from service.config import Settings
 from service.crypto.signing import NoteSigner, open_note
 from service.db import Database
 from tests.access_log.conftest import ORIGIN, entry
+from tests.conftest import PostgresServer, Template
 
 PROCESSES = 4
 APPENDS_PER_PROCESS = 500
@@ -93,3 +98,52 @@ def test_processes_append_one_gap_free_log_with_consistent_checkpoints(
             second_root=newer.root,
             proof=merkle.consistency_proof(older.size, newer.size, tree.lookup),
         )
+
+
+@pytest.mark.postgres
+def test_appends_stay_serialized_where_the_database_defaults_to_repeatable_read(
+    postgres: PostgresServer, postgres_template: Template, home: Path
+) -> None:
+    """The log's frontier is read after its lock is granted, which sees the appends committed
+    before only under READ COMMITTED. A database whose default is REPEATABLE READ (an
+    operator's ``ALTER DATABASE``) must not change that: the engine asks for READ COMMITTED."""
+    url = postgres.create(template=make_url(postgres_template.url).database)
+    with psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(False)) as c:
+        c.execute(
+            f"ALTER DATABASE {make_url(url).database} "
+            "SET default_transaction_isolation = 'repeatable read'"
+        )
+        c.commit()
+    database = Database(Settings(env="test", home=home, database_url=url))
+    both_read, first_committed = threading.Barrier(2), threading.Event()
+    indexes: dict[int, int] = {}
+    failures: list[BaseException] = []
+
+    def append_after_reading(number: int) -> None:
+        try:
+            with database.transaction() as session:
+                session.execute(text("SELECT count(*) FROM access_log_entries")).one()
+                both_read.wait(10)  # both snapshots taken before either appends
+                if number == 1:
+                    assert first_committed.wait(10)
+                indexes[number] = log.append(session=session, entry=entry(number))
+            if number == 0:
+                first_committed.set()
+        except BaseException as exc:  # reported below, from the test's thread
+            failures.append(exc)
+            first_committed.set()
+
+    try:
+        threads = [threading.Thread(target=append_after_reading, args=(n,)) for n in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        with database.reading() as session:
+            isolation = session.execute(text("SHOW transaction_isolation")).scalar()
+            size = log.tree_size(session=session)
+    finally:
+        database.dispose()
+    assert failures == []
+    assert indexes == {0: 0, 1: 1}
+    assert (isolation, size) == ("read committed", 2)
