@@ -6,6 +6,7 @@ Secrets never reach the terminal except the tokens ``token``/``serve`` are asked
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import time
 import traceback
@@ -219,6 +220,47 @@ def migrate() -> None:
             f"{migrated.after}",
             highlight=False,
         )
+
+
+@app.command()
+def backup(
+    out: Annotated[Path, typer.Option(help="the new file to write the copy to")],
+) -> None:
+    """Copy the SQLite database to a new file --out (mode 0600) while the service runs.
+
+    One consistent snapshot, including what the -wal file holds (a plain copy of the database
+    file misses the latest writes, access-log entries among them). Never replaces a file. The
+    copy holds pseudonyms and ciphertexts: keep it apart from the keyring. On PostgreSQL use
+    pg_dump.
+    """
+    from service.db import backup_sqlite, is_sqlite
+
+    settings = settings_or_exit()
+    url = settings.resolved_database_url
+    if not is_sqlite(url):
+        console.print(
+            "[red]refused:[/red] the database is PostgreSQL: back it up with pg_dump (for "
+            "example `pg_dump --format=custom --file=casepackets.dump <database>`)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+    try:
+        with console.status("copying the database"):
+            size = backup_sqlite(url, out)
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        reason = (
+            f"{exc.strerror}: {exc.filename}"
+            if isinstance(exc, OSError) and exc.strerror
+            else f"{type(exc).__name__}: {exc}"
+        )
+        console.print(f"[red]failed:[/red] {reason}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2 if isinstance(exc, OSError | ValueError) else 1) from None
+    console.print(
+        f"backed up the database to {out} ({size:,} bytes); keep it apart from the keyring",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()

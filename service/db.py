@@ -26,6 +26,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -65,6 +66,7 @@ from starlette.concurrency import run_in_threadpool
 
 from alembic import command
 from service.config import Settings
+from service.durable import sync_folder
 from service.errors import ServiceError
 
 # Engine execution option carrying settings.log_lock_timeout_seconds, so every engine built by
@@ -179,6 +181,43 @@ def _sqlite_file(url: str) -> Path | None:
     """The database file of a SQLite URL; None for an in-memory database."""
     database = make_url(url).database
     return Path(database) if database and database != ":memory:" else None
+
+
+def backup_sqlite(url: str, target: Path) -> int:
+    """Copy the SQLite database of ``url`` to the new file ``target`` with SQLite's online
+    backup: one consistent snapshot, including what the ``-wal`` file holds and a plain copy of
+    the database file would miss, taken while the service runs. ``target`` is readable by its
+    owner only, on disk before its name appears, and never replaces a file (``FileExistsError``);
+    a failure leaves nothing behind. Returns the size in bytes. ``FileNotFoundError`` when the
+    database file is not there (it is not created)."""
+    source_file = _sqlite_file(url)
+    if source_file is None:
+        raise ValueError("an in-memory database has nothing to back up")
+    if not source_file.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no database file", str(source_file))
+    if os.path.lexists(target):
+        raise FileExistsError(errno.EEXIST, "refusing to replace it", str(target))
+    partial = target.with_name(f".{target.name}.partial")
+    os.close(os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    try:
+        source = sqlite3.connect(f"{source_file.resolve().as_uri()}?mode=rw", uri=True)
+        try:
+            copy = sqlite3.connect(partial)
+            try:
+                source.backup(copy)  # in one step: one read snapshot of the whole database
+                copy.execute("PRAGMA journal_mode = DELETE")  # one file, no -wal beside it
+            finally:
+                copy.close()
+        finally:
+            source.close()
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        os.link(partial, target)  # refuses, as the check above did, a file put there meanwhile
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+    sync_folder(target.parent)
+    return target.stat().st_size
 
 
 def make_engine(

@@ -21,8 +21,9 @@ from service.cli import app as cli
 from service.cli import main as cli_main
 from service.config import PROJECT_ROOT, Settings, get_settings
 from service.crypto.keyring import Keyring
-from service.db import alembic_config, make_engine
+from service.db import Database, alembic_config, make_engine
 from service.main import create_app
+from tests.access_log.conftest import append_each
 from tests.conftest import MIGRATIONS, Databases, PostgresServer, bearer
 
 
@@ -490,6 +491,65 @@ def test_an_export_the_log_cannot_record_is_kept_and_the_command_says_it_is_not_
     monkeypatch.setattr(export, "export_log", export_log)
     again = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "again")])
     assert "exported 0 entries" in again.output  # nothing was logged
+
+
+def test_backup_copies_what_the_wal_holds_while_the_service_runs(cli_home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    live = Database(get_settings())  # a worker's engine: its open connection keeps the -wal
+    try:
+        append_each(live, 5)
+        plain_copy = cli_home / "plain-copy.db"
+        shutil.copyfile(cli_home / "cli.db", plain_copy)
+        result = runner.invoke(cli, ["backup", "--out", str(cli_home / "backup.db")])
+    finally:
+        live.dispose()
+    assert result.exit_code == 0, result.output
+    assert "backed up the database to" in result.output
+
+    def entries(path: Path) -> int:
+        with sqlite3.connect(path) as copy:
+            count: int = copy.execute("SELECT count(*) FROM access_log_entries").fetchone()[0]
+            return count
+
+    assert entries(plain_copy) < 5, "the latest entries were still in the -wal"
+    assert entries(cli_home / "backup.db") == 5
+    assert (cli_home / "backup.db").stat().st_mode & 0o777 == 0o600
+    with sqlite3.connect(cli_home / "backup.db") as copy:
+        assert copy.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert not [path.name for path in cli_home.iterdir() if path.name.startswith("backup.db-")]
+    assert not [path.name for path in cli_home.iterdir() if ".partial" in path.name]
+
+
+def test_backup_never_replaces_a_file_and_never_creates_the_database(cli_home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    existing = cli_home / "existing"
+    existing.write_text("an earlier backup")
+    result = runner.invoke(cli, ["backup", "--out", str(existing)])
+    assert result.exit_code == 2
+    assert one_line(result.output) == f"failed: refusing to replace it: {existing}"
+    assert existing.read_text() == "an earlier backup"
+    (cli_home / "cli.db").unlink()
+    result = runner.invoke(cli, ["backup", "--out", str(cli_home / "new.db")])
+    assert result.exit_code == 2
+    assert one_line(result.output).startswith("failed: no database file: ")
+    assert not (cli_home / "cli.db").exists()
+    assert not (cli_home / "new.db").exists()
+
+
+def test_backup_of_postgresql_points_to_pg_dump_without_echoing_the_url(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", "postgresql+psycopg://app:s3cret@db/cases")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["backup", "--out", str(cli_home / "b")])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "back it up with pg_dump" in said
+    assert "s3cret" not in said
 
 
 def test_migrate_help_says_there_is_no_way_back_but_a_backup() -> None:
