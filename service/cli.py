@@ -46,6 +46,7 @@ from service.config import Settings, UnsafeSettings, get_settings
 from service.crypto.issuer_keys import load_or_create_private_pem
 from service.crypto.keyring import (
     PURPOSES,
+    REWRAPPED_PURPOSES,
     Keyring,
     KeyringBusy,
     KeyringError,
@@ -469,7 +470,9 @@ def serve(
             )
             out.print(f"\n[cyan]{role.value}[/cyan] ({subject}):", highlight=False)
             print(minted)
-        base = f"http://{host}:{port}"
+        # A wildcard address is where the service listens, not an address to call it at.
+        reachable = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)  # noqa: S104
+        base = f"http://{reachable}:{port}"
         out.print(
             "\nPut a token in TOKEN, then try:"
             f'\n  curl -s -H "Authorization: Bearer $TOKEN" {base}/v1/me',
@@ -567,7 +570,8 @@ def audit_export(
             soft_wrap=True,
         )
         raise typer.Exit(2) from None
-    console.print(f"exported {exported.size} entries and a signed checkpoint to {out}")
+    entries = "entry" if exported.size == 1 else "entries"
+    console.print(f"exported {exported.size} {entries} and a signed checkpoint to {out}")
     if logged is not None:
         console.print(
             f"[red]but the export is not in the access log:[/red] {logged}. The files are "
@@ -930,7 +934,7 @@ def keys_rotate(
             )
             new = keyring.get(checked, version)
     console.print(f"{checked} key is now at version {new.version}")
-    if checked in ("vault", "packet"):
+    if checked in REWRAPPED_PURPOSES:
         console.print("older versions still decrypt; run `casepackets keys rewrap` to move")
         console.print("existing wraps to the new version, then `keys retire` the old one")
     elif checked == "pseudonym":
@@ -1062,7 +1066,7 @@ def keys_rewrap(
 ) -> None:
     """Move every wrapped key to the newest KEK version, without decrypting any identity.
 
-    Works in primary-key order and commits per chunk, each with its own ``keys.rewrap`` entry
+    Works in primary-key order and commits per chunk, each with its own `keys.rewrap` entry
     in the access log (so an interrupted run leaves an entry for every wrap it moved), and can
     be run again to finish.
     """

@@ -212,6 +212,18 @@ def test_serve_refuses_a_keyring_open_to_others_in_one_line_before_starting(
     assert started == []
 
 
+def test_serve_on_every_address_prints_curl_lines_that_reach_it(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[dict[str, object]] = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(k))
+    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--port", "8123"])  # noqa: S104
+    assert result.exit_code == 0, result.output
+    assert started[0]["host"] == "0.0.0.0"  # noqa: S104
+    assert "http://127.0.0.1:8123/v1/me" in result.output
+    assert "http://0.0.0.0" not in result.output
+
+
 @pytest.mark.parametrize(
     ("contents", "problem"),
     [(None, "No such file or directory"), ("{", "Expecting"), ('{"keys": []}', "no key with")],
@@ -424,7 +436,7 @@ def test_an_audit_export_is_logged_as_an_audit_read_and_is_in_the_next_export(
     assert "exported 0 entries" in first.output
     second = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "second")])
     assert second.exit_code == 0, second.output
-    assert "exported 1 entries" in second.output
+    assert "exported 1 entry and" in second.output
     lines = (cli_home / "second" / "entries.ndjson").read_bytes().splitlines()
     assert [json.loads(line) for line in lines] == [
         {

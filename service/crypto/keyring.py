@@ -59,6 +59,8 @@ from service.durable import sync_folder
 
 Purpose = Literal["pseudonym", "vault", "packet", "log_signing"]
 PURPOSES: tuple[Purpose, ...] = get_args(Purpose)
+# The key-encryption keys: `keys rewrap` moves what they wrap to their newest version.
+REWRAPPED_PURPOSES: frozenset[Purpose] = frozenset({"vault", "packet"})
 KEY_BYTES = 32
 FILE_FORMAT = "casepackets-keyring/1"
 # How often a loaded keyring looks at its file (one stat) for a change made by another process.
@@ -569,7 +571,8 @@ class LockedKeyring(Keyring):
             raise KeyringError(
                 f"{purpose} v{entry['current']} became current {int(age)} s ago; running workers "
                 f"may still be finishing work under older versions. Retire no sooner than "
-                f"{ROTATION_SETTLE_SECONDS} s after the rotation, after `casepackets keys rewrap`"
+                f"{ROTATION_SETTLE_SECONDS} s after the rotation"
+                + (", after `casepackets keys rewrap`" if purpose in REWRAPPED_PURPOSES else "")
             )
 
     def retire(self, purpose: Purpose, version: int) -> None:

@@ -424,6 +424,18 @@ def test_retiring_soon_after_a_rotation_is_refused_and_destroys_nothing(tmp_path
         Keyring.load(path).get("vault", 1)
 
 
+def test_retiring_too_soon_asks_for_a_rewrap_only_of_keys_that_wrap(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    with Keyring.edit(path) as keyring:
+        for purpose in ("vault", "packet", "pseudonym", "log_signing"):
+            keyring.rotate(purpose)
+            with pytest.raises(KeyringError) as refused:
+                keyring.retire(purpose, 1)
+            asks_for_rewrap = "keys rewrap" in str(refused.value)
+            assert asks_for_rewrap == (purpose in ("vault", "packet")), str(refused.value)
+
+
 def test_a_loaded_keyring_follows_changes_made_by_another_process(
     tmp_path: Path, rotations_settled: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
