@@ -140,7 +140,7 @@ def token_keys_or_exit(settings: Settings) -> None:
     if settings.jwks_file is None:
         return
     try:
-        KeySet.from_file(settings.jwks_file)
+        KeySet.from_file(settings.jwks_file, algorithm=settings.jwt_algorithm)
     except ValueError as exc:
         console.print(
             f"[red]configuration refused:[/red] CASEPACKETS_JWKS_FILE: {exc}",

@@ -251,13 +251,19 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         )
         static_keys.append(dev_issuer.public_jwk)
     if settings.jwks_file:
-        static_keys.extend(KeySet.from_file(settings.jwks_file).public_jwks()["keys"])
+        pinned = KeySet.from_file(settings.jwks_file, algorithm=settings.jwt_algorithm)
+        static_keys.extend(pinned.public_jwks()["keys"])
     if not (static_keys or settings.jwks_url):
         raise RuntimeError(
             "no token keys: set CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL, "
             "or enable the built-in issuer (CASEPACKETS_DEV_ISSUER=true) outside production"
         )
-    keys = KeySet(static_keys, url=settings.jwks_url, max_age_seconds=settings.jwks_refresh_seconds)
+    keys = KeySet(
+        static_keys,
+        algorithm=settings.jwt_algorithm,
+        url=settings.jwks_url,
+        max_age_seconds=settings.jwks_refresh_seconds,
+    )
     verifier = TokenVerifier(
         algorithm=settings.jwt_algorithm,
         issuer=settings.jwt_issuer,

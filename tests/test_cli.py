@@ -224,10 +224,19 @@ def test_serve_on_every_address_prints_curl_lines_that_reach_it(
     assert "http://0.0.0.0" not in result.output
 
 
+TOO_SHORT_RSA_KEY = {"kty": "RSA", "kid": "k1", "n": "AQAB", "e": "AQAB"}
+
+
 @pytest.mark.parametrize(
     ("contents", "problem"),
-    [(None, "No such file or directory"), ("{", "Expecting"), ('{"keys": []}', "no key with")],
-    ids=["missing", "not-json", "no-keys"],
+    [
+        (None, "No such file or directory"),
+        ("{", "Expecting"),
+        ('{"keys": []}', "no key with"),
+        (json.dumps({"keys": [TOO_SHORT_RSA_KEY] * 2}), "more than one RS256 signing key has kid"),
+        (json.dumps({"keys": [TOO_SHORT_RSA_KEY]}), "shorter than 2048 bits"),
+    ],
+    ids=["missing", "not-json", "no-keys", "two-keys-under-one-kid", "rsa-key-too-short"],
 )
 def test_serve_refuses_a_jwks_file_it_cannot_use_in_one_line_before_starting(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch, contents: str | None, problem: str

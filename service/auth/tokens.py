@@ -9,7 +9,10 @@ trusted:
 - the header must name exactly the configured asymmetric algorithm (RS256 or ES256) and a ``kid``;
   ``jku``, ``x5u``, ``jwk``, ``x5c`` and ``crit`` headers are refused (no key is ever taken from
   the token itself);
-- the key is chosen by ``kid`` from the pinned key set only, and its type must fit the algorithm;
+- the key is chosen by ``kid`` from the pinned key set only; that set holds only keys checked
+  when it was loaded to be meant for verifying the one algorithm's signatures, of its type (an
+  ES256 key on P-256, an RS256 key of at least 2048 bits) and well-formed, each under a ``kid``
+  no other such key has (``KeySet`` says what happens to the others);
 - keys from a JWKS URL are refetched once ``max_age_seconds`` old; a key no longer listed is
   refused from then on, and if the provider cannot be reached the last good keys are refused
   after one more ``max_age_seconds`` (``KeySet`` says why);
@@ -29,6 +32,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -60,6 +64,11 @@ MAX_LIFETIME_SECONDS = 24 * 3600
 ACCESS_TOKEN_TYPES = frozenset({"jwt", "at+jwt"})
 # The order n of P-256's group: an ES256 signature (r, s) verifies exactly when (r, n - s) does.
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+# RFC 7518: ES256 is ECDSA on P-256 (section 3.4); RS256 keys MUST have 2048 bits or more (3.3).
+CURVE_FOR_ALGORITHM = {"ES256": "P-256"}
+MIN_RSA_MODULUS_BITS = 2048
+
+logger = logging.getLogger("casepackets")
 
 
 class InvalidToken(Exception):
@@ -84,9 +93,18 @@ class VerifiedToken:
     expires_at: int
 
 
+@dataclass(frozen=True, eq=False)
+class PinnedKey:
+    """A key of the pinned set, checked when the set was loaded; ``verifier`` is built from it
+    (building an RSA key costs more than verifying a signature, so it is done once per key)."""
+
+    jwk: dict[str, Any]
+    verifier: Any
+
+
 @dataclass(frozen=True)
 class _FetchedKeys:
-    keys: dict[str, dict[str, Any]]
+    keys: dict[str, PinnedKey]
     fetched_at: float  # KeySet clock reading when the fetch began
 
 
@@ -94,11 +112,18 @@ class _FetchedKeys:
 class _Remembered:
     token: VerifiedToken
     kid: str
-    key: dict[str, Any]  # the pinned JWK object the signature was checked against
+    key: PinnedKey  # the pinned key the signature was checked against
 
 
 class KeySet:
     """Pinned public keys by ``kid``: from a JWKS file, a JWKS URL, or given directly.
+
+    Only keys meant for verifying ``algorithm`` signatures are held; keys for encryption or for
+    another algorithm are passed over (a provider's JWKS often lists both). A key that is meant
+    for them but cannot serve (without a ``kid``, on another curve, an RSA modulus under 2048
+    bits, members that make no key) is set aside with a warning naming its ``kid``; two keys
+    meant for them under one ``kid`` make the whole set a ``ValueError`` (which of them the
+    provider signs with cannot be told), and so does a file or URL document with no usable key.
 
     Keys given directly or read from a file are fixed for the life of the process. Keys from a
     URL are fetched again once they are ``max_age_seconds`` old, so a key the provider withdraws
@@ -122,6 +147,7 @@ class KeySet:
         self,
         keys: Sequence[Mapping[str, Any]] = (),
         *,
+        algorithm: str = "RS256",
         url: str | None = None,
         fetch: Callable[[str], Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -129,7 +155,10 @@ class KeySet:
     ) -> None:
         if max_age_seconds <= 0:
             raise ValueError("max_age_seconds must be positive")
-        self._pinned: dict[str, dict[str, Any]] = {k["kid"]: dict(k) for k in keys}
+        if algorithm not in KEY_TYPE_FOR_ALGORITHM:
+            raise ValueError(f"algorithm must be one of {sorted(KEY_TYPE_FOR_ALGORITHM)}")
+        self.algorithm = algorithm
+        self._pinned, _ = _usable_keys(keys, algorithm=algorithm, source="pinned keys")
         self._url = url
         self._fetch = fetch or _fetch_jwks
         self._clock = clock
@@ -145,12 +174,13 @@ class KeySet:
             self.refresh_if_due()
 
     @classmethod
-    def from_file(cls, path: Path) -> KeySet:
+    def from_file(cls, path: Path, *, algorithm: str = "RS256") -> KeySet:
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read JWKS file {path}: {exc}") from exc
-        return cls(_jwks_keys(document, source=str(path)))
+        keys = _jwks_keys(document, algorithm=algorithm, source=str(path))
+        return cls([key.jwk for key in keys.values()], algorithm=algorithm)
 
     def refresh(self) -> None:
         """Fetch the JWKS URL now; keys it no longer lists are refused from here on.
@@ -161,13 +191,12 @@ class KeySet:
             return
         attempted_at = self._clock()
         self._last_attempt = attempted_at
-        listed = _jwks_keys(self._fetch(self._url), source=self._url)
-        previous = self._fetched.keys if self._fetched else {}
-        keys: dict[str, dict[str, Any]] = {}
-        for key in map(dict, listed):
-            kid = str(key["kid"])
-            # An unchanged key keeps its identity, so tokens remembered under it stay remembered.
-            keys[kid] = previous[kid] if previous.get(kid) == key else key
+        keys = _jwks_keys(
+            self._fetch(self._url),
+            algorithm=self.algorithm,
+            source=self._url,
+            previous=self._fetched.keys if self._fetched else {},
+        )
         self._fetched = _FetchedKeys(keys=keys, fetched_at=attempted_at)
 
     def refresh_if_due(self) -> None:
@@ -183,6 +212,8 @@ class KeySet:
                 self.last_error = None
             except (httpx.HTTPError, ValueError) as exc:
                 self.last_error = type(exc).__name__
+                # The message names the URL and what was wrong (a kid at most), never a key.
+                logger.warning("JWKS refresh failed, keeping the keys held: %s", exc)
         finally:
             self._lock.release()
 
@@ -199,18 +230,18 @@ class KeySet:
         fetched = self._fetched
         return fetched is None or self._clock() - fetched.fetched_at >= self._max_age
 
-    def _trusted_url_keys(self) -> Mapping[str, dict[str, Any]]:
+    def _trusted_url_keys(self) -> Mapping[str, PinnedKey]:
         """The URL's last good keys, or none once they are older than twice the max age."""
         fetched = self._fetched
         if fetched is None or self._clock() - fetched.fetched_at >= 2 * self._max_age:
             return {}
         return fetched.keys
 
-    def _lookup(self, kid: str) -> dict[str, Any] | None:
+    def _lookup(self, kid: str) -> PinnedKey | None:
         key = self._trusted_url_keys().get(kid)
         return key if key is not None else self._pinned.get(kid)
 
-    def get(self, kid: str, *, when_due: WhenDue = "fetch") -> dict[str, Any] | None:
+    def get(self, kid: str, *, when_due: WhenDue = "fetch") -> PinnedKey | None:
         """The trusted key ``kid``, fetching the URL first when that is due.
 
         With ``when_due="defer"`` a due fetch raises ``_FetchDue`` instead of being made here;
@@ -236,7 +267,7 @@ class KeySet:
         return f"no keys (JWKS fetch failed: {self.last_error})" if self.last_error else "no keys"
 
     def public_jwks(self) -> dict[str, Any]:
-        return {"keys": [_public_members(k) for k in self._pinned.values()]}
+        return {"keys": [_public_members(k.jwk) for k in self._pinned.values()]}
 
     def __len__(self) -> int:
         return len(self._pinned.keys() | self._trusted_url_keys().keys())
@@ -251,13 +282,103 @@ def _fetch_jwks(url: str) -> Mapping[str, Any]:
     return document
 
 
-def _jwks_keys(document: Any, *, source: str) -> list[dict[str, Any]]:
+def _jwks_keys(
+    document: Any,
+    *,
+    algorithm: str,
+    source: str,
+    previous: Mapping[str, PinnedKey] | None = None,
+) -> dict[str, PinnedKey]:
+    """A JWKS document's usable keys by ``kid`` (``_usable_keys``); none is a ``ValueError``
+    saying why each key meant for the algorithm was set aside."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError(f"{source}: a JWKS document needs a 'keys' list")
-    keys = [k for k in document["keys"] if isinstance(k, dict) and "kid" in k]
+    keys, set_aside = _usable_keys(
+        document["keys"], algorithm=algorithm, source=source, previous=previous
+    )
     if not keys:
-        raise ValueError(f"{source}: no key with a 'kid'")
+        why = f" ({'; '.join(set_aside)})" if set_aside else ""
+        raise ValueError(f"{source}: no key with a 'kid' usable for {algorithm} signatures{why}")
     return keys
+
+
+def _usable_keys(
+    entries: Sequence[Any],
+    *,
+    algorithm: str,
+    source: str,
+    previous: Mapping[str, PinnedKey] | None = None,
+) -> tuple[dict[str, PinnedKey], list[str]]:
+    """The entries meant for verifying ``algorithm`` signatures that can, by ``kid`` (see
+    ``KeySet``), and why each of the others was set aside (also logged as a warning). An entry
+    equal to one in ``previous`` keeps that one's identity, so tokens remembered under it stay
+    remembered."""
+    keys: dict[str, PinnedKey] = {}
+    kids: set[str] = set()
+    set_aside: list[str] = []
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{source}: 'keys' entry {position} is not an object")
+        if not _for_signatures(entry) or not _meant_for(entry, algorithm):
+            continue
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid:
+            set_aside.append(f"the key at position {position} has no 'kid'")
+            logger.warning("%s: %s key set aside: %s", source, algorithm, set_aside[-1])
+            continue
+        if kid in kids:
+            raise ValueError(f"{source}: more than one {algorithm} signing key has kid {kid!r}")
+        kids.add(kid)
+        key = dict(entry)
+        known = (previous or {}).get(kid)
+        if known is not None and known.jwk == key:
+            keys[kid] = known
+            continue
+        try:
+            keys[kid] = PinnedKey(jwk=key, verifier=_verifier(key, algorithm))
+        except _UnusableKey as exc:
+            set_aside.append(f"key {kid!r}: {exc}")
+            logger.warning("%s: %s key set aside: %s", source, algorithm, set_aside[-1])
+    return keys, set_aside
+
+
+class _UnusableKey(Exception):
+    """A key meant for the algorithm's signatures cannot verify them; the message says why."""
+
+
+def _meant_for(key: Mapping[str, Any], algorithm: str) -> bool:
+    """Whether a JWK is of the algorithm's key type and names no other algorithm."""
+    return key.get("kty") == KEY_TYPE_FOR_ALGORITHM[algorithm] and key.get("alg") in (
+        None,
+        algorithm,
+    )
+
+
+def _verifier(key: Mapping[str, Any], algorithm: str) -> Any:
+    """The key built for verifying ``algorithm`` signatures, or ``_UnusableKey``."""
+    curve = CURVE_FOR_ALGORITHM.get(algorithm)
+    if curve is not None and key.get("crv") != curve:
+        raise _UnusableKey(f"{algorithm} needs a key on curve {curve}")
+    if key.get("kty") == "RSA" and _modulus_bits(key.get("n")) < MIN_RSA_MODULUS_BITS:
+        raise _UnusableKey(
+            f"its modulus 'n' is missing or shorter than {MIN_RSA_MODULUS_BITS} bits"
+        )
+    try:
+        return jwk.construct(dict(key), algorithm)
+    except (JOSEError, TypeError, ValueError):
+        # The error's text may quote the key's members; what matters is that they make no key.
+        raise _UnusableKey("its members do not make a public key") from None
+
+
+def _modulus_bits(n: object) -> int:
+    """The size of an RSA modulus given in base64url, or 0 when it is not one."""
+    if not isinstance(n, str):
+        return 0
+    try:
+        modulus = base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))
+    except ValueError:
+        return 0
+    return int.from_bytes(modulus, "big").bit_length()
 
 
 def _public_members(key: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,6 +423,8 @@ class TokenVerifier:
     ) -> None:
         if algorithm not in KEY_TYPE_FOR_ALGORITHM:
             raise ValueError(f"algorithm must be one of {sorted(KEY_TYPE_FOR_ALGORITHM)}")
+        if keys.algorithm != algorithm:
+            raise ValueError(f"the key set holds {keys.algorithm} keys, not {algorithm} ones")
         self.algorithm = algorithm
         self.issuer = issuer
         self.audience = audience
@@ -309,20 +432,9 @@ class TokenVerifier:
         self.keys = keys
         self.leeway_seconds = leeway_seconds
         self.max_lifetime_seconds = max_lifetime_seconds
-        # kid -> (the pinned JWK, its constructed verifier): building an RSA key from its JWK
-        # costs more than verifying a signature, so it is done once per key, not per request.
-        self._verifiers: dict[str, tuple[dict[str, Any], Any]] = {}
         self._clock = clock
         self._remembered: dict[bytes, _Remembered] = {}
         self._remembered_lock = threading.Lock()
-
-    def _verifier(self, kid: str, key: dict[str, Any]) -> Any:
-        cached = self._verifiers.get(kid)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        verifier = jwk.construct(key, self.algorithm)
-        self._verifiers[kid] = (dict(key), verifier)
-        return verifier
 
     async def verify_async(self, token: str) -> VerifiedToken:
         """``verify`` for the event loop: a JWKS fetch that is due runs in a worker thread, so
@@ -377,9 +489,7 @@ class TokenVerifier:
         with self._remembered_lock:
             self._remembered.pop(digest, None)
 
-    def _verify(
-        self, token: str, *, when_due: WhenDue
-    ) -> tuple[VerifiedToken, str, dict[str, Any]]:
+    def _verify(self, token: str, *, when_due: WhenDue) -> tuple[VerifiedToken, str, PinnedKey]:
         """Every check on the token itself; returns it with the ``kid`` and pinned key used."""
         try:
             header = jwt.get_unverified_header(token)
@@ -400,17 +510,10 @@ class TokenVerifier:
         key = self.keys.get(kid, when_due=when_due)
         if key is None:
             raise InvalidToken("token is signed by an unknown key")
-        if key.get("kty") != KEY_TYPE_FOR_ALGORITHM[self.algorithm] or key.get("alg") not in (
-            None,
-            self.algorithm,
-        ):
-            raise InvalidToken("pinned key does not fit the accepted algorithm")
-        if not _for_signatures(key):
-            raise InvalidToken("pinned key is not meant for verifying signatures")
         try:
             claims = jwt.decode(
                 token,
-                self._verifier(kid, key),
+                key.verifier,
                 algorithms=[self.algorithm],
                 audience=self.audience,
                 issuer=self.issuer,

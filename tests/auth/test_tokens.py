@@ -6,12 +6,14 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -26,6 +28,21 @@ from tests.conftest import bearer
 
 ISSUER = "casepackets-dev"
 AUDIENCE = "casepackets"
+# Public keys a JWKS may list that no token here may be verified with.
+P384_KEY = {
+    "kty": "EC",
+    "crv": "P-384",
+    "x": "vUt-P-E0IBrstW8FtW0GKCcY2Aiei2JWMT02u7IMhQpqATl-5XzoegKYONYcZAra",
+    "y": "lROd6HVOyPqegIfhrQMfMxHLfRYiSp29WXJ0jxWM7NmaemdBq7d3IJ0r6z3WAgaF",
+}
+RSA_1024_BIT_KEY = {
+    "kty": "RSA",
+    "n": (
+        "49TYjqzepbOeokBCrA01y2HpPUlDzKQ_qqSUbXQPRJ0mgbVHnbx30M_B61fOhp753GqSpx_6koKfSA1UEa8hIT8o"
+        "7M4wsb8pNAmx6HkWEU6P0LJ0c1KW0MmxkcwPp72EqgRywiFPvV2UYVRIX0f4n0xot-UU6ILRfQ0TMmvLvt0"
+    ),
+    "e": "AQAB",
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +103,7 @@ def es256_verifier(issuer: DevIssuer) -> TokenVerifier:
         issuer=ISSUER,
         audience=AUDIENCE,
         roles_claim="roles",
-        keys=KeySet([issuer.public_jwk]),
+        keys=KeySet([issuer.public_jwk], algorithm="ES256"),
     )
 
 
@@ -417,7 +434,7 @@ def test_es256_can_be_configured_and_rs256_is_then_refused(home_key: bytes) -> N
         issuer=ISSUER,
         audience=AUDIENCE,
         roles_claim="roles",
-        keys=KeySet([ec_issuer.public_jwk, rsa_issuer.public_jwk]),
+        keys=KeySet([ec_issuer.public_jwk, rsa_issuer.public_jwk], algorithm="ES256"),
     )
     assert verifier.verify(ec_issuer.mint(subject="s", roles=["analyst"])).subject == "s"
     with pytest.raises(InvalidToken, match="algorithm must be ES256"):
@@ -429,10 +446,11 @@ def test_jwks_url_is_refetched_on_unknown_kid_at_most_once_a_minute(home_key: by
     served: list[dict[str, Any]] = []
     fetches: list[str] = []
     now = [1000.0]
+    old_key = {**rs256_issuer(generate_private_pem("RS256")).public_jwk, "kid": "old"}
 
     def fetch(url: str) -> Mapping[str, Any]:
         fetches.append(url)
-        return {"keys": served or [{"kty": "RSA", "kid": "old", "n": "AQAB", "e": "AQAB"}]}
+        return {"keys": served or [old_key]}
 
     keys = KeySet(url="https://idp.example/jwks", fetch=fetch, clock=lambda: now[0])
     verifier = rs256_verifier(keys)
@@ -489,7 +507,7 @@ def test_a_remembered_token_is_refused_once_its_key_is_withdrawn(home_key: bytes
     token = issuer.mint(subject="s", roles=["auditor"])
     assert verifier.verify(token).roles == frozenset({"auditor"})
     # The provider withdraws the key and publishes another one.
-    served[:] = [{"kty": "RSA", "kid": "next", "n": "AQAB", "e": "AQAB"}]
+    served[:] = [rs256_issuer(generate_private_pem("RS256")).public_jwk]
     now[0] += 61
     keys.refresh()
     with pytest.raises(InvalidToken, match="unknown key"):
@@ -816,7 +834,7 @@ def test_a_pinned_key_marked_for_another_use_verifies_no_token(
 ) -> None:
     issuer = rs256_issuer(home_key)
     token = issuer.mint(subject="s", roles=[])
-    with pytest.raises(InvalidToken, match="not meant for verifying signatures"):
+    with pytest.raises(InvalidToken, match="unknown key"):
         rs256_verifier(KeySet([{**issuer.public_jwk, **marking}])).verify(token)
     for fit in ({"use": "sig"}, {"key_ops": ["verify"]}, {}):
         assert rs256_verifier(KeySet([{**issuer.public_jwk, **fit}])).verify(token).subject
@@ -833,3 +851,145 @@ def test_jwks_refresh_seconds_is_read_from_the_environment_and_must_be_positive(
         Settings(env="test", home=tmp_path)
     with pytest.raises(ValueError, match="must be positive"):
         KeySet(url=FakeProvider.url, fetch=FakeProvider().fetch, max_age_seconds=0)
+
+
+def write_jwks(path: Path, *keys: object) -> Path:
+    path.write_text(json.dumps({"keys": list(keys)}))
+    return path
+
+
+def same_kid_issuer(issuer: DevIssuer) -> DevIssuer:
+    """Another RS256 key published under ``issuer``'s ``kid``."""
+    return DevIssuer(
+        private_pem=generate_private_pem("RS256"),
+        algorithm="RS256",
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        kid=issuer.kid,
+    )
+
+
+def test_a_jwks_file_with_two_signing_keys_under_one_kid_is_refused(
+    tmp_path: Path, home_key: bytes
+) -> None:
+    issuer = rs256_issuer(home_key)
+    path = write_jwks(tmp_path / "jwks.json", issuer.public_jwk, same_kid_issuer(issuer).public_jwk)
+    with pytest.raises(ValueError, match=re.escape(f"signing key has kid '{issuer.kid}'")):
+        KeySet.from_file(path)
+
+
+def test_a_key_for_encryption_may_share_its_kid_with_the_signing_key(
+    tmp_path: Path, home_key: bytes
+) -> None:
+    issuer = rs256_issuer(home_key)
+    encryption_key = {**same_kid_issuer(issuer).public_jwk, "use": "enc"}
+    for listed in ([issuer.public_jwk, encryption_key], [encryption_key, issuer.public_jwk]):
+        keys = KeySet.from_file(write_jwks(tmp_path / "jwks.json", *listed))
+        token = issuer.mint(subject="s", roles=[])
+        assert rs256_verifier(keys).verify(token).subject == "s"
+
+
+def test_a_refresh_listing_two_signing_keys_under_one_kid_keeps_the_keys_held_and_warns(
+    home_key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    issuer = rs256_issuer(home_key)
+    impostor = same_kid_issuer(issuer)
+    provider = FakeProvider(issuer.public_jwk)
+    keys = provider.key_set(max_age_seconds=300)
+    verifier = rs256_verifier(keys)
+    provider.keys = [issuer.public_jwk, impostor.public_jwk]
+    provider.now += 300
+    caplog.set_level(logging.WARNING, logger="casepackets")
+    assert verifier.verify(issuer.mint(subject="s", roles=[])).subject == "s"
+    with pytest.raises(InvalidToken, match="does not verify"):
+        verifier.verify(impostor.mint(subject="s", roles=["admin"]))
+    assert provider.fetched_at == [1000.0, 1300.0]
+    assert keys.readiness() == "ok"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"more than one RS256 signing key has kid '{issuer.kid}'" in warning
+    assert issuer.public_jwk["n"][:16] not in caplog.text
+    assert impostor.public_jwk["n"][:16] not in caplog.text
+
+
+def test_jwks_entries_that_are_not_objects_are_refused_and_keys_without_a_kid_reported(
+    tmp_path: Path, home_key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    issuer = rs256_issuer(home_key)
+    with pytest.raises(ValueError, match="'keys' entry 0 is not an object"):
+        KeySet.from_file(write_jwks(tmp_path / "jwks.json", "junk", issuer.public_jwk))
+    caplog.set_level(logging.WARNING, logger="casepackets")
+    without_kid = {k: v for k, v in issuer.public_jwk.items() if k != "kid"}
+    keys = KeySet.from_file(write_jwks(tmp_path / "jwks.json", without_kid, issuer.public_jwk))
+    assert len(keys) == 1
+    assert "the key at position 0 has no 'kid'" in caplog.text
+
+
+def app_with_jwks_file(
+    tmp_path: Path, algorithm: Literal["RS256", "ES256"], *keys: object
+) -> FastAPI:
+    from service.main import create_app
+
+    settings = Settings(
+        env="test",
+        home=tmp_path,
+        database_url=f"sqlite:///{tmp_path}/x.db",
+        jwt_algorithm=algorithm,
+        jwks_file=write_jwks(tmp_path / "jwks.json", *keys),
+    )
+    return create_app(settings)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "key", "problem"),
+    [
+        ("ES256", P384_KEY, "ES256 needs a key on curve P-256"),
+        ("ES256", {**P384_KEY, "crv": "P-521"}, "ES256 needs a key on curve P-256"),
+        ("RS256", RSA_1024_BIT_KEY, "its modulus 'n' is missing or shorter than 2048 bits"),
+    ],
+    ids=["es256-on-p384", "es256-on-p521", "rs256-of-1024-bits"],
+)
+def test_a_key_too_weak_or_on_another_curve_is_refused_when_the_keys_are_loaded(
+    tmp_path: Path, algorithm: Literal["RS256", "ES256"], key: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"key 'weak': {problem}")):
+        app_with_jwks_file(tmp_path, algorithm, {**key, "kid": "weak"})
+
+
+def test_a_token_naming_an_es256_key_on_another_curve_is_signed_by_an_unknown_key(
+    tmp_path: Path,
+) -> None:
+    issuer = es256_issuer()
+    app = app_with_jwks_file(tmp_path, "ES256", {**P384_KEY, "kid": "p384"}, issuer.public_jwk)
+    with TestClient(app) as client:
+        assert client.get("/v1/me", headers=bearer(issuer.mint(subject="s", roles=[]))).json()
+        naming_p384 = issuer.sign(good_claims(), extra_headers={"kid": "p384"})
+        assert_401(client, naming_p384, "unknown key")
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"kty": "RSA"},
+        {"kty": "RSA", "n": "!!", "e": "AQAB"},
+        {"kty": "RSA", "n": 5, "e": "AQAB"},
+        {"kty": "RSA", "n": RSA_1024_BIT_KEY["n"] * 3, "e": "AQ"},
+    ],
+    ids=["no-modulus", "modulus-not-base64url", "modulus-not-text", "exponent-of-one"],
+)
+def test_a_jwks_entry_that_is_no_usable_key_is_set_aside_with_a_warning_not_blamed_on_tokens(
+    home_key: bytes, caplog: pytest.LogCaptureFixture, broken: dict[str, Any]
+) -> None:
+    issuer = rs256_issuer(home_key)
+    caplog.set_level(logging.WARNING, logger="casepackets")
+    verifier = rs256_verifier(
+        FakeProvider({**broken, "kid": "broken"}, issuer.public_jwk).key_set()
+    )
+    assert "key 'broken'" in caplog.text
+    assert verifier.verify(issuer.mint(subject="s", roles=[])).subject == "s"
+    naming_broken = issuer.sign(good_claims(), extra_headers={"kid": "broken"})
+    with pytest.raises(InvalidToken, match="unknown key"):
+        verifier.verify(naming_broken)
+    # With no other key the fetch fails: nothing is ready, and the operator is told why.
+    alone = FakeProvider({**broken, "kid": "broken"}).key_set()
+    assert alone.readiness() == "no keys (JWKS fetch failed: ValueError)"
+    assert "no key with a 'kid' usable for RS256 signatures (key 'broken': " in caplog.text
