@@ -528,9 +528,9 @@ class TokenVerifier:
             )
         except JOSEError as exc:
             raise InvalidToken(_reason(exc)) from exc
-        except (TypeError, ValueError, OverflowError):
-            # python-jose compares the time claims through int(): a null, a list, a text or an
-            # infinite value fails there rather than with a JOSEError.
+        except (TypeError, OverflowError):
+            # python-jose reads the time claims through int() and turns only its ValueError (a
+            # text) into a JOSEError: a null, a list or an infinite value fails there as is.
             raise InvalidToken(TIME_CLAIMS_REASON) from None
         except RecursionError:
             # python-jose parses the signed claims with json.loads, which gives up on JSON
@@ -621,6 +621,9 @@ def usable_subject(value: object) -> TypeGuard[str]:
 def _reason(exc: JOSEError) -> str:
     text = str(exc).lower()
     for needle, reason in (
+        ("must be an integer", TIME_CLAIMS_REASON),
+        ("invalid claim format", "token 'aud' must be text or a list of text"),
+        ("jwt id must be", "token 'jti' must be text"),
         ("expired", "token has expired"),
         ("not yet valid", "token is not yet valid"),
         ("audience", "token audience is not accepted"),

@@ -258,6 +258,34 @@ def test_time_claims_of_another_type_are_refused_not_a_500(
     assert response.headers["content-type"].startswith("application/problem+json")
 
 
+@pytest.mark.parametrize(("claim", "value"), [("exp", "soon"), ("iat", "now"), ("nbf", "0")])
+def test_a_time_claim_in_text_is_refused_naming_the_time_claims(
+    api: tuple[FastAPI, TestClient], claim: str, value: str
+) -> None:
+    app, client = api
+    token = app.state.dev_issuer.sign({**good_claims(), claim: value})
+    assert_401(client, token, "token 'iat', 'exp' and 'nbf' must be whole numbers of seconds")
+
+
+@pytest.mark.parametrize(
+    ("claim", "value", "reason"),
+    [
+        ("aud", 1, "token 'aud' must be text or a list of text"),
+        ("aud", [AUDIENCE, 1], "token 'aud' must be text or a list of text"),
+        ("aud", {"aud": AUDIENCE}, "token 'aud' must be text or a list of text"),
+        ("jti", 1, "token 'jti' must be text"),
+        ("jti", ["id"], "token 'jti' must be text"),
+    ],
+)
+def test_an_aud_or_jti_that_is_not_text_is_refused_naming_the_claim(
+    api: tuple[FastAPI, TestClient], claim: str, value: object, reason: str
+) -> None:
+    app, client = api
+    token = app.state.dev_issuer.sign({**good_claims(), claim: value})
+    assert_401(client, token, reason)
+    assert token not in client.get("/v1/me", headers=bearer(token)).text
+
+
 @pytest.mark.parametrize(
     "subject",
     ["\ud800", "prof\x00001", "prof\n001", "x" * 129, "", 7, ["prof-001"], " ", "prof-001 ", " a"],
