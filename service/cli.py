@@ -1524,6 +1524,9 @@ def expire(
 ) -> None:
     """Crypto-shred packets past their expiry and closed packets past the grace period.
 
+    First, a packet whose expiry lies more than ``packet_ttl_days`` after it was built (the TTL
+    was lowered since) gets the expiry the policy gives now; each such move is logged.
+
     Deletes each due packet's wrapped key, its members' wraps and its follow-up notes; metadata,
     outcome codes and the access log stay. Every shred is logged. Safe to run while the service
     (which also does this periodically) is running, and safe to interrupt and run again. Exit
@@ -1541,7 +1544,12 @@ def expire(
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     moment = utcnow()
-    shredded = still_due = 0
+    shredded = still_due = brought_forward = 0
+
+    def count_brought_forward(moved: int) -> None:
+        nonlocal brought_forward
+        brought_forward += moved
+
     with database_for(settings) as database, progress_bar() as progress:
         task = progress.add_task("crypto-shredding due packets", total=None)
         for attempt in range(EXPIRE_ATTEMPTS):
@@ -1555,6 +1563,7 @@ def expire(
                 now=moment,
                 on_start=(lambda due: progress.update(task, total=due)) if not attempt else None,
                 on_progress=lambda done: progress.advance(task, done),
+                on_expiry_brought_forward=count_brought_forward,
             )
             with database.transaction() as session:
                 still_due = count_due_for_shredding(
@@ -1566,6 +1575,12 @@ def expire(
         # Every purge asked for and not done: this run's, and one that an earlier run or a
         # worker left pending (a reader held it up); this run is the "run it again" they ask for.
         purge_pending = not database.purge_replaced_rows()
+    if brought_forward:
+        console.print(
+            f"brought the expiry of {brought_forward} packets forward to "
+            f"{retention.packet_ttl_days} days after they were built (packet_ttl_days)",
+            highlight=False,
+        )
     console.print(f"crypto-shredded {shredded} packets", highlight=False)
     if forgotten:
         console.print(

@@ -44,7 +44,7 @@ from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses, problems_only
 from service.packets.opens import PacketOpens
 from service.packets.router import router as packets_router
-from service.packets.service import shred_periodically
+from service.packets.service import bring_expiries_forward, shred_periodically
 from service.policies import load_policies
 from service.records.router import router as records_router
 from service.request_body import JsonRoute
@@ -286,6 +286,23 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Before the first request: a packet_ttl_days lowered since the packets were built binds
+        # them from now on (an open of one past it gets 410, like any expired packet).
+        try:
+            await asyncio.to_thread(
+                bring_expiries_forward,
+                database=database,
+                retention=policies.retention,
+                actor="system:startup",
+            )
+        except Exception as exc:
+            # The service still starts (readiness reports the database); every shredding round,
+            # and `casepackets expire`, brings the expiries forward too.
+            logger.warning(
+                "could not apply packet_ttl_days to the packets built before start-up (%s); "
+                "the next shredding round or `casepackets expire` will",
+                type(exc).__name__,
+            )
         shredder = None
         if settings.shred_interval_seconds > 0:
             shredder = asyncio.create_task(

@@ -25,6 +25,9 @@ Guarantees:
   the sealed notes in one transaction with its log entry; metadata, outcome codes and the log stay.
   Due packets are claimed with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite serializes writers
   with ``BEGIN IMMEDIATE``), so several workers can run the shredder at once;
+- ``expires_at`` is the one expiry that opens, follow-ups, listings and the shredder read. A
+  lowered ``packet_ttl_days`` moves it earlier for the packets already built (never later for a
+  raised one): ``bring_expiries_forward``, at start-up and first in every shredding job;
 - erasing a subject removes their DEK from every packet and their follow-up notes.
 """
 
@@ -2232,6 +2235,97 @@ def shred_due(
     return ids
 
 
+def _bring_forward(
+    *, session: Session, packet_ids: list[str], retention: RetentionPolicy, actor: str
+) -> int:
+    """Move the expiry of those of ``packet_ids`` built longer than ``packet_ttl_days`` before it
+    to ``created_at + packet_ttl_days``, judged under the packets' locks; one ``packet.expiry``
+    entry per packet moved. Returns how many."""
+    ttl = timedelta(days=retention.packet_ttl_days)
+    # Locked in id order, as an open, a close or an erasure locks them: no lock cycle. A packet
+    # another worker moved or shredded meanwhile is judged as it is now, so it is moved once.
+    rows = session.execute(
+        select(_packets.c.id, _packets.c.created_at, _packets.c.expires_at)
+        .where(_packets.c.id.in_(packet_ids), _packets.c.shredded_at.is_(None))
+        .order_by(_packets.c.id)
+        .with_for_update()
+    ).all()
+    moves = [
+        (
+            row.id,
+            as_utc(row.expires_at).astimezone(UTC),
+            as_utc(row.created_at).astimezone(UTC) + ttl,
+        )
+        for row in rows
+        if as_utc(row.expires_at) > as_utc(row.created_at) + ttl
+    ]
+    if not moves:
+        return 0
+    session.connection().execute(
+        update(_packets)
+        .where(_packets.c.id == bindparam("packet_id"))
+        .values(expires_at=bindparam("new_expiry")),
+        [{"packet_id": packet_id, "new_expiry": new} for packet_id, _old, new in moves],
+    )
+    append_many(
+        session=session,
+        entries=[
+            LogEntry(
+                actor=actor,
+                role="system",
+                action="packet.expiry",
+                object_type="packet",
+                object_id=packet_id,
+                reason=(
+                    f"expires {new.isoformat()}, not {old.isoformat()}: packet_ttl_days "
+                    f"{retention.packet_ttl_days} (retention policy version {retention.version})"
+                ),
+            )
+            for packet_id, old, new in moves
+        ],
+    )
+    session.flush()
+    return len(moves)
+
+
+def bring_expiries_forward(
+    *, database: Database, retention: RetentionPolicy, actor: str, batch_size: int = 1000
+) -> int:
+    """Apply ``packet_ttl_days`` to the packets already built: a packet not yet shredded whose
+    ``expires_at`` lies more than ``packet_ttl_days`` after its ``created_at`` gets
+    ``created_at + packet_ttl_days`` as its expiry. Returns how many packets.
+
+    So ``expires_at`` stays the one truth that opens, follow-ups, listings and the shredder read,
+    and a lowered TTL (a legal limit) reaches every packet; an expiry only ever moves earlier, so
+    a raised TTL extends none. Each move is logged as ``packet.expiry`` (the packet's id, the old
+    and new expiry and the policy: no pseudonym, nothing is revealed or destroyed by it).
+
+    A job: the service runs it when it starts (the policies are read then) and the shredding job
+    (``shred_expired``: each periodic round and ``casepackets expire``) first of all. The packets
+    are found by a read, then moved ``batch_size`` per committed transaction, locked and judged
+    again under their locks, so several workers running it at once move and log each packet once.
+    """
+    ttl = timedelta(days=retention.packet_ttl_days)
+    with database.reading() as session:
+        rows = session.execute(
+            select(_packets.c.id, _packets.c.created_at, _packets.c.expires_at).where(
+                _packets.c.status.in_((*OPEN_STATUSES, "closed")),
+                _packets.c.shredded_at.is_(None),
+            )
+        ).all()
+    late = sorted(row.id for row in rows if as_utc(row.expires_at) > as_utc(row.created_at) + ttl)
+    moved = 0
+    for start in range(0, len(late), batch_size):
+        with database.transaction() as session:
+            moved += _bring_forward(
+                session=session,
+                packet_ids=late[start : start + batch_size],
+                retention=retention,
+                actor=actor,
+            )
+    return moved
+
+
 def shred_expired(
     *,
     database: Database,
@@ -2241,8 +2335,11 @@ def shred_expired(
     now: datetime | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    on_expiry_brought_forward: Callable[[int], None] | None = None,
 ) -> int:
-    """The shredding job: every due packet, ``batch_size`` per committed transaction.
+    """The shredding job: every due packet, ``batch_size`` per committed transaction, after
+    ``bring_expiries_forward`` has applied ``retention.packet_ttl_days`` to the packets built
+    before (``on_expiry_brought_forward`` is told how many it moved, when any).
 
     A job, not a request: it owns its transactions (one per batch), so an interruption loses at
     most one batch and a rerun continues. When it shredded anything it ends, even when
@@ -2251,6 +2348,10 @@ def shred_expired(
     shredder holds is skipped, not waited for: ``count_due_for_shredding`` afterwards tells.
     """
     moment = now or utcnow()
+    # A lowered packet_ttl_days first: the packets it makes due are shredded in this same job.
+    brought_forward = bring_expiries_forward(database=database, retention=retention, actor=actor)
+    if on_expiry_brought_forward is not None and brought_forward:
+        on_expiry_brought_forward(brought_forward)
     if on_start is not None:
         with database.transaction() as session:
             on_start(count_due_for_shredding(session=session, retention=retention, now=moment))

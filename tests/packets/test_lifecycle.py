@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import shutil
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +32,10 @@ from service.db import WRAP_TABLES, Database
 from service.main import create_app
 from service.packets import service as packets_service
 from service.packets.models import utcnow
-from service.packets.policy import RetentionPolicy
+from service.packets.policy import RetentionPolicy, load_retention_policy
 from service.packets.service import packet_key_aad, shred_expired
 from service.records import service as records_service
+from service.schemas import as_utc
 from tests.conftest import (
     MIGRATIONS,
     Answer,
@@ -1254,6 +1257,222 @@ def test_the_service_shreds_due_packets_periodically(
     leftovers = raw_storage(session)
     assert [s for s in secrets if s in leftovers] == []
     assert [e["actor"] for e in log_entries(session, "packet.shred")] == ["system:shredder"]
+
+
+# -- a retention policy changed after packets were built ---------------------------------------
+
+SHIPPED_TTL_DAYS = 90
+
+
+def with_ttl(settings: Settings, folder: Path, days: int) -> Settings:
+    """``settings`` with the shipped policies but ``packet_ttl_days: days``, as a municipality
+    edits ``policies/retention.yaml`` (say after a DPIA) and restarts the service."""
+    policies = folder / f"policies-ttl-{days}"
+    shutil.copytree(settings.policies_dir, policies)
+    retention = policies / "retention.yaml"
+    shipped = retention.read_text()
+    assert f"\npacket_ttl_days: {SHIPPED_TTL_DAYS}\n" in shipped
+    retention.write_text(
+        shipped.replace(f"\npacket_ttl_days: {SHIPPED_TTL_DAYS}\n", f"\npacket_ttl_days: {days}\n")
+    )
+    return settings.model_copy(update={"policies_dir": policies})
+
+
+def built_days_ago(session: Session, packet_id: str, days: int) -> datetime:
+    """Make the packet one built ``days`` ago under the shipped TTL; returns its build time."""
+    built = utcnow() - timedelta(days=days)
+    session.execute(
+        update(PACKETS)
+        .where(PACKETS.c.id == packet_id)
+        .values(created_at=built, expires_at=built + timedelta(days=SHIPPED_TTL_DAYS))
+    )
+    session.commit()
+    return built
+
+
+def stored_expiry(session: Session, packet_id: str) -> datetime:
+    expires_at = session.execute(
+        select(PACKETS.c.expires_at).where(PACKETS.c.id == packet_id)
+    ).scalar_one()
+    session.rollback()
+    return as_utc(expires_at)
+
+
+def shown(client: TestClient, token: TokenFactory, packet_id: str) -> dict[str, Any]:
+    """The packet's metadata, as its owner's coordinator reads it."""
+    response = client.get(
+        f"/v1/packets/{packet_id}", headers=bearer(token(COORDINATOR, "coordinator"))
+    )
+    assert response.status_code == 200, response.text
+    metadata: dict[str, Any] = response.json()
+    return metadata
+
+
+def test_a_lowered_ttl_binds_the_packets_already_built_from_start_up(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    settings: Settings,
+    database: Database,
+    tmp_path: Path,
+) -> None:
+    world = world_of(client, token)
+    older, younger = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    older_built = built_days_ago(session, older["id"], 60)
+    younger_built = built_days_ago(session, younger["id"], 10)
+    lowered = with_ttl(settings, tmp_path, 30)
+
+    with TestClient(create_app(lowered, database=database), raise_server_exceptions=False) as c:
+        # The first request after start-up: the 60-day-old packet is past the 30 days.
+        owner = bearer(token(OWNER, "professional"))
+        opened = c.get(f"/v1/packets/{older['id']}/clients", headers=owner)
+        assert opened.status_code == 410
+        assert "expired" in opened.json()["detail"]
+        assert leaked(opened.text, world.secrets) == []
+        followup = c.post(
+            f"/v1/packets/{older['id']}/clients/{older['pseudonyms'][0]}/followups",
+            json={"kind": "contact", "date": DAY_B},
+            headers=owner,
+        )
+        assert followup.status_code == 410, followup.text
+        metadata = shown(c, token, older["id"])
+        assert metadata["status"] == "expired"
+        assert datetime.fromisoformat(metadata["expires_at"]) == older_built + timedelta(days=30)
+        # The 10-day-old one stays in use, for 20 more days rather than 80.
+        metadata = shown(c, token, younger["id"])
+        assert metadata["status"] == "assigned"
+        assert datetime.fromisoformat(metadata["expires_at"]) == younger_built + timedelta(days=30)
+        other = bearer(token(OTHER, "professional"))
+        assert c.get(f"/v1/packets/{younger['id']}/clients", headers=other).status_code == 200
+
+    denied = [e for e in log_entries(session, "packet.open") if e["outcome"] == "denied"]
+    assert [(e["object_id"], e["reason"]) for e in denied] == [(older["id"], "packet is expired")]
+    moved = log_entries(session, "packet.expiry")
+    assert sorted((e["actor"], e["role"], e["object_id"], e["outcome"]) for e in moved) == sorted(
+        ("system:startup", "system", packet["id"], "allowed") for packet in (older, younger)
+    )
+    by_packet = {e["object_id"]: e for e in moved}
+    assert by_packet[older["id"]]["reason"] == (
+        f"expires {(older_built + timedelta(days=30)).isoformat()}, "
+        f"not {(older_built + timedelta(days=90)).isoformat()}: "
+        "packet_ttl_days 30 (retention policy version 1)"
+    )
+    # ids and times only: nobody's pseudonym, and no identity
+    assert all(e["pseudonyms"] == [] for e in moved)
+    assert leaked(json.dumps(moved), world.secrets) == []
+
+
+def test_expire_under_a_lowered_ttl_shreds_the_packets_past_it(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    settings: Settings,
+    tmp_path: Path,
+    cli_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The service still runs with the policy it read at start-up; the command reads the file."""
+    world = world_of(client, token)
+    older, younger = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    older_built = built_days_ago(session, older["id"], 60)
+    younger_built = built_days_ago(session, younger["id"], 10)
+    monkeypatch.setenv(
+        "CASEPACKETS_POLICIES_DIR", str(with_ttl(settings, tmp_path, 30).policies_dir)
+    )
+    get_settings.cache_clear()
+
+    result = CliRunner().invoke(cli, ["expire"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert "brought the expiry of 2 packets forward to 30 days after they were built" in said
+    assert "crypto-shredded 1 packets" in said
+
+    assert_shredded(packet_state(session, older["id"]), "expired", notes=0)
+    assert_gone_everywhere(client, token, world, older)
+    assert stored_expiry(session, older["id"]) == older_built + timedelta(days=30)
+    assert packet_state(session, younger["id"])["wrapped_key"] is not None
+    assert stored_expiry(session, younger["id"]) == younger_built + timedelta(days=30)
+    moved = log_entries(session, "packet.expiry")
+    assert sorted((e["actor"], e["object_id"]) for e in moved) == sorted(
+        ("system:expire", packet["id"]) for packet in (older, younger)
+    )
+    [shred] = log_entries(session, "packet.shred")
+    assert (shred["actor"], shred["object_id"], shred["reason"]) == (
+        "system:expire",
+        older["id"],
+        f"expired {(older_built + timedelta(days=30)).isoformat()}",
+    )
+    # run again: nothing left to move, nothing logged twice
+    again = CliRunner().invoke(cli, ["expire"])
+    assert again.exit_code == 0, again.output
+    assert "brought" not in again.output
+    assert len(log_entries(session, "packet.expiry")) == 2
+
+
+def test_a_raised_ttl_extends_no_packet_not_even_one_a_lowering_shortened(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    settings: Settings,
+    database: Database,
+    tmp_path: Path,
+) -> None:
+    world = world_of(client, token)
+    older, newest = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    built = built_days_ago(session, older["id"], 10)
+    as_built = stored_expiry(session, newest["id"])
+    with TestClient(create_app(with_ttl(settings, tmp_path, 30), database=database)):
+        pass
+    assert stored_expiry(session, older["id"]) == built + timedelta(days=30)
+    assert len(log_entries(session, "packet.expiry")) == 2
+
+    raised = with_ttl(settings, tmp_path, 120)
+    with TestClient(create_app(raised, database=database), raise_server_exceptions=False) as c:
+        assert datetime.fromisoformat(shown(c, token, older["id"])["expires_at"]) == (
+            built + timedelta(days=30)
+        )
+    retention = load_retention_policy(raised.policies_dir / "retention.yaml")
+    assert retention.packet_ttl_days == 120
+    assert shred_expired(database=database, retention=retention, actor="system:test") == 0
+    assert stored_expiry(session, older["id"]) == built + timedelta(days=30)
+    assert stored_expiry(session, newest["id"]) == as_built - timedelta(days=60)
+    assert len(log_entries(session, "packet.expiry")) == 2
+
+
+def test_shredders_at_once_under_a_lowered_ttl_move_and_log_each_expiry_once(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, database: Database
+) -> None:
+    build_world(
+        client,
+        token,
+        professionals={OWNER: ["Charlois", "Feijenoord", "IJsselmonde"], OTHER: ["Delfshaven"]},
+        per_district=2,
+    )
+    packet_ids = list(session.execute(select(PACKETS.c.id)).scalars())
+    session.rollback()
+    assert len(packet_ids) == 4
+    built = {packet_id: built_days_ago(session, packet_id, 60) for packet_id in packet_ids}
+    lowered = replace(app.state.retention_policy, packet_ttl_days=30)
+    totals: list[int] = []
+
+    def shred() -> None:
+        totals.append(
+            shred_expired(database=database, retention=lowered, actor="system:test", batch_size=1)
+        )
+
+    threads = [threading.Thread(target=shred) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(totals) == 4
+    moved = log_entries(session, "packet.expiry")
+    assert sorted(e["object_id"] for e in moved) == sorted(packet_ids)
+    assert sorted(e["object_id"] for e in log_entries(session, "packet.shred")) == sorted(
+        packet_ids
+    )
+    for packet_id, when in built.items():
+        assert stored_expiry(session, packet_id) == when + timedelta(days=30)
 
 
 def erasure(client: TestClient, token: TokenFactory, pseudonym: str) -> Request:
