@@ -572,12 +572,21 @@ def audit_export(
         raise typer.Exit(2) from None
     entries = "entry" if exported.size == 1 else "entries"
     console.print(f"exported {exported.size} {entries} and a signed checkpoint to {out}")
+    if not exported.entries_match:
+        console.print(
+            "[red]but the entries do not hash to the checkpoint the service signed:[/red] the "
+            "stored log was altered outside the service. The export is kept as evidence; "
+            "`casepackets audit verify --leaf-hashes` names the first altered entry",
+            highlight=False,
+            soft_wrap=True,
+        )
     if logged is not None:
         console.print(
             f"[red]but the export is not in the access log:[/red] {logged}. The files are "
             "complete; tell the auditor it is not logged",
             highlight=False,
         )
+    if logged is not None or not exported.entries_match:
         raise typer.Exit(1)
 
 

@@ -2,7 +2,8 @@
 and the handovers of the signing key.
 
 Invariants: the exported checkpoint is signed (and stored) before anything is read, and exactly
-the entries it covers are written, so ``audit verify`` can check the files against it alone;
+the entries it covers are written, so ``audit verify`` can check the files against it alone (the
+export checks them itself too, and says when entries altered in the database fail it);
 every handover checkpoint among those entries (see ``handover``) is written too, one JSON line
 each in tree-size order, so an auditor holding an older key can follow it to the current one.
 
@@ -36,6 +37,7 @@ from sqlmodel import Session
 from service.access_log import service
 from service.access_log.checkpoint import parse_checkpoint
 from service.access_log.handover import handover_line, handover_notes
+from service.access_log.verify import root_of_lines
 from service.crypto.signing import NoteSigner, open_note
 from service.db import Database
 from service.durable import sync_folder
@@ -54,6 +56,10 @@ EXPORT_FILES = frozenset(
 class Exported:
     size: int
     folder: Path
+    # Whether the entries written hash to the checkpoint's root. The checkpoint is signed over
+    # the stored tree hashes; entries that do not match them were altered in the database
+    # outside the service (its triggers refuse it). The export is kept: it is the evidence.
+    entries_match: bool = True
 
 
 def export_log(
@@ -87,7 +93,8 @@ def export_log(
             service.hold_lock(session)
             current = signer(session)
             note = service.signed_checkpoint(session=session, signer=current, origin=origin)
-        size = parse_checkpoint(open_note(note, current.verifier)).size
+        checkpoint = parse_checkpoint(open_note(note, current.verifier))
+        size = checkpoint.size
         staging.mkdir(mode=0o700)
         try:
             _write_export(
@@ -100,6 +107,8 @@ def export_log(
                 on_progress=on_progress,
                 chunk=chunk,
             )
+            with open(staged / ENTRIES_FILE, "rb") as written:
+                entries_match = root_of_lines(written) == (size, checkpoint.root)
             _move_into_place(staged=staged, target=target, previous=previous, shown_as=folder)
             sync_folder(target.parent)
         finally:
@@ -107,7 +116,7 @@ def export_log(
             # ``previous``, and the next export puts it back.
             if os.path.lexists(target) or not os.path.lexists(previous):
                 shutil.rmtree(staging, ignore_errors=True)
-    return Exported(size=size, folder=folder)
+    return Exported(size=size, folder=folder, entries_match=entries_match)
 
 
 @contextmanager

@@ -354,6 +354,24 @@ def rotated(cli_env: Path, database: Database) -> tuple[Path, Path]:
     return before, after
 
 
+def test_an_export_of_entries_altered_in_the_database_says_so_and_keeps_the_evidence(
+    cli_env: Path, database: Database, raw_engine: Engine, backend: str
+) -> None:
+    """The checkpoint is signed over the stored tree hashes; entry 7 rewritten behind the
+    triggers no longer hashes to them. The operator hears it from the export, not months later
+    from the auditor, and the export is kept for the auditor."""
+    append_each(database, 10)
+    rewrite_entries(raw_engine, backend, edited)
+    result = CliRunner().invoke(cli, ["audit", "export", "--out", str(cli_env / "export")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, said
+    assert "exported 10 entries and a signed checkpoint" in said
+    assert "but the entries do not hash to the checkpoint the service signed" in said
+    code, output = verify(cli_env / "export")
+    assert code == 1
+    assert "first bad index 7" in output
+
+
 def test_after_a_rotation_the_trusted_checkpoint_s_key_reaches_the_new_key_by_its_handover(
     rotated: tuple[Path, Path],
 ) -> None:
@@ -667,7 +685,9 @@ def tampered_after_rotation(
     rotate_log_signing()
     append_each(database, 4)
     rewrite_entries(raw_engine, backend, edited)
-    return before, export_command(cli_env / "after")
+    after = CliRunner().invoke(cli, ["audit", "export", "--out", str(cli_env / "after")])
+    assert after.exit_code == 1, after.output  # the export says the log was altered
+    return before, cli_env / "after"
 
 
 def test_after_a_rotation_tampering_still_fails_against_the_trusted_checkpoint(
