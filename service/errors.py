@@ -29,8 +29,6 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.request_body import RefusedObject
-
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("casepackets")
 
@@ -83,6 +81,11 @@ def request_path(request: Request) -> str:
         cached = (len(app.routes), route_words(app.routes))
         app.state.route_words = cached
     return shown_path(request.url.path, cached[1])
+
+
+class RefusedObject(ValueError):
+    """An object in a JSON body that no model may read (``service.request_body``); the message
+    names no field (field names are caller text)."""
 
 
 class ServiceError(Exception):

@@ -19,13 +19,10 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from service.errors import RefusedObject
+
 # No request model has a quarter as many.
 MAX_FIELDS = 64
-
-
-class RefusedObject(ValueError):
-    """An object in the body that no model may read; the message names no field (field names
-    are caller text)."""
 
 
 def _each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
