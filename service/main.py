@@ -199,7 +199,9 @@ async def refuse_unknown_input(request: Request) -> None:
     """422 for a query parameter the route does not take, as for an unknown body field: a typo
     (``?stauts=closed``) must not quietly answer another question; the name is not echoed. And
     422 for a body sent to a route that takes none (``POST /close`` with ``{"force": true}``
-    would otherwise succeed as if the field had been understood)."""
+    would otherwise succeed as if the field had been understood). A route that needs a token
+    has verified it before this runs (``JsonRoute``): a caller without one gets 401 and learns
+    nothing of the parameters a route takes."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not route.path.startswith("/v1/"):
         return  # health probes: whatever a load balancer appends is harmless there

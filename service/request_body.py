@@ -8,6 +8,10 @@ identities in it. Every route here reads its body through ``JsonRoute`` instead:
 not UTF-8 and a repeated field name are refused (422, ``service.errors``), before any model
 sees them. So is an object of more fields than any model has: each unknown field is an error,
 and a body of a million of them would cost seconds and a gigabyte to list.
+
+Parsing a large body costs the event loop most of a second, so a route that needs a token
+verifies it first: a request without a valid one gets its 401 and its body is never parsed (it
+was received, up to the size limit, by ``service.main.BodySizeLimit``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from service.auth.dependencies import authenticate_request, requires_token
 from service.errors import RefusedObject
 
 # No request model has a quarter as many.
@@ -49,12 +54,17 @@ class _JsonRequest(Request):
 
 
 class JsonRoute(APIRoute):
-    """An ``APIRoute`` whose handler reads JSON bodies with ``parse_json_body``."""
+    """An ``APIRoute`` whose handler reads JSON bodies with ``parse_json_body``, and only once
+    the caller's token is verified when the route needs one: before FastAPI reads the body or
+    solves a single dependency (so also before ``service.main.refuse_unknown_input``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        needs_token = requires_token(self.dependant)
 
         async def read_strictly(request: Request) -> Response:
+            if needs_token:
+                await authenticate_request(request)  # an anonymous body is never parsed
             return await handler(_JsonRequest(request.scope, request.receive))
 
         return read_strictly

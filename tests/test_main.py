@@ -22,6 +22,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from service import request_body
 from service.auth.dependencies import Caller, require
 from service.auth.permissions import Permission
 from service.config import Settings
@@ -227,6 +228,125 @@ def test_a_request_without_a_token_is_challenged_without_an_error_code(
     assert refused.headers["www-authenticate"] == (
         'Bearer realm="casepackets", error="invalid_token"'
     )
+
+
+def test_a_body_is_parsed_only_once_the_token_is_verified(
+    probed: TestClient, token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsing a large body holds the event loop for most of a second: a caller without a
+    valid token gets 401 and costs no parsing; one with a token is read as before."""
+    parsed: list[bytes] = []
+    parse = request_body.parse_json_body
+
+    def recording_parse(body: bytes) -> object:
+        parsed.append(body)
+        return parse(body)
+
+    monkeypatch.setattr(request_body, "parse_json_body", recording_parse)
+    json_content = {"content-type": "application/json"}
+    for headers in ({}, {"Authorization": "Bearer x.y.z"}):
+        for content in (b'{"name": "a", "count": 1}', b'{"name": "123456782", '):
+            refused = probed.post(
+                "/probe/things", content=content, headers={**headers, **json_content}
+            )
+            assert parsed == []
+            assert refused.status_code == 401, refused.text
+            assert refused.headers["content-type"].startswith(PROBLEM)
+            assert "123456782" not in refused.text
+    created = probed.post(
+        "/probe/things",
+        content=b'{"name": "a", "count": 1}',
+        headers={**bearer(token("s-1", "source")), **json_content},
+    )
+    assert created.status_code == 200, created.text
+    assert parsed == [b'{"name": "a", "count": 1}']
+
+
+def test_a_token_is_verified_once_per_request(
+    app: FastAPI, probed: TestClient, token: TokenFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route class verifies the token before the body is read; the ``authenticate``
+    dependency then takes the caller it found instead of verifying again."""
+    verifier = app.state.token_verifier
+    verified: list[str] = []
+    original = verifier.verify_async
+
+    async def counting_verify(raw: str) -> object:
+        verified.append(raw)
+        return await original(raw)
+
+    monkeypatch.setattr(verifier, "verify_async", counting_verify)
+    source = token("s-1", "source")
+    created = probed.post("/probe/things", json={"name": "a", "count": 1}, headers=bearer(source))
+    assert created.status_code == 200, created.text
+    assert verified == [source]
+
+
+def _api_requests(app: FastAPI) -> list[tuple[str, str]]:
+    """Every (method, url) of the API's routes, path parameters filled in."""
+    filled = {
+        "professional_id": "prof-001",
+        "packet_id": str(uuid.uuid4()),
+        "pseudonym": "0" * 32,
+        "run_id": str(uuid.uuid4()),
+    }
+    return [
+        (method, re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: filled.get(m[1], "x"), route.path))
+        for route in served_routes(app.routes)
+        if isinstance(route, APIRoute) and route.path.startswith("/v1/")
+        for method in sorted(route.methods or ())
+    ]
+
+
+def test_every_api_route_needs_a_token_before_it_looks_at_the_input(
+    client: TestClient, app: FastAPI
+) -> None:
+    """A request without a valid token gets 401 before any 422 about its query or its body:
+    an unknown query parameter, a repeated one, a body sent to a route that takes none and
+    malformed JSON tell an anonymous caller nothing about the API's shape (its OpenAPI
+    document is not served in production)."""
+    requests = _api_requests(app)
+    assert ("GET", "/v1/audit/entries") in requests
+    assert ("POST", "/v1/records/batch") in requests
+    for credentials in ({}, {"Authorization": "Bearer x.y.z"}):
+        for method, url in requests:
+            for query, content in (
+                ("?x=1", None),
+                ("?start=0&start=1&123456782=1", None),
+                ("", b'{"123456782": '),
+                ("", b'{"force": true}'),
+            ):
+                headers = {**credentials, "content-type": "application/json"}
+                refused = client.request(method, url + query, content=content, headers=headers)
+                assert refused.status_code == 401, (method, url, query, refused.text)
+                assert refused.headers["content-type"].startswith(PROBLEM)
+                assert "takes" not in refused.json()["detail"]
+                assert "123456782" not in refused.text
+    assert client.get("/.well-known/jwks.json").status_code == 200
+    assert client.get("/healthz?probe=1").status_code == 200
+
+
+def test_with_a_token_the_input_is_refused_as_before(
+    client: TestClient, token: TokenFactory
+) -> None:
+    auditor = bearer(token("audit-001", "auditor"))
+    unknown = client.get("/v1/audit/entries?x=1", headers=auditor)
+    assert unknown.status_code == 422, unknown.text
+    assert unknown.json()["detail"] == (
+        "unknown query parameter; /v1/audit/entries takes: end, start"
+    )
+    malformed = client.post(
+        "/v1/records/batch",
+        content=b"{",
+        headers={**bearer(token("source-welfare", "source")), "content-type": "application/json"},
+    )
+    assert malformed.status_code == 422, malformed.text
+    assert malformed.json()["detail"].startswith("the body is not valid JSON (at character 1)")
+    packet = str(uuid.uuid4())
+    coordinator = bearer(token("coord-001", "coordinator"))
+    bodied = client.post(f"/v1/packets/{packet}/close", json={"force": True}, headers=coordinator)
+    assert bodied.status_code == 422, bodied.text
+    assert bodied.json()["detail"] == f"/v1/packets/{packet}/close takes no request body; send none"
 
 
 def test_wrong_method_is_405_problem(client: TestClient) -> None:
