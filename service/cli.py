@@ -1544,7 +1544,12 @@ def expire(
     """
     from service.packets.models import utcnow
     from service.packets.policy import PacketsPolicyError, load_retention_policy
-    from service.packets.service import count_due_for_shredding, forget_old_replays, shred_expired
+    from service.packets.service import (
+        bring_expiries_forward,
+        count_due_for_shredding,
+        forget_old_replays,
+        shred_expired,
+    )
 
     settings = settings_or_exit()
     try:
@@ -1553,13 +1558,12 @@ def expire(
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     moment = utcnow()
-    shredded = still_due = brought_forward = 0
-
-    def count_brought_forward(moved: int) -> None:
-        nonlocal brought_forward
-        brought_forward += moved
-
+    shredded = still_due = 0
     with database_for(settings) as database, progress_bar() as progress:
+        # A lowered packet_ttl_days first: the packets it makes due are shredded in this run.
+        brought = bring_expiries_forward(
+            database=database, retention=retention, actor="system:expire"
+        )
         task = progress.add_task("crypto-shredding due packets", total=None)
         for attempt in range(EXPIRE_ATTEMPTS):
             if attempt:
@@ -1572,7 +1576,6 @@ def expire(
                 now=moment,
                 on_start=(lambda due: progress.update(task, total=due)) if not attempt else None,
                 on_progress=lambda done: progress.advance(task, done),
-                on_expiry_brought_forward=count_brought_forward,
             )
             with database.transaction() as session:
                 still_due = count_due_for_shredding(
@@ -1584,10 +1587,16 @@ def expire(
         # Every purge asked for and not done: this run's, and one that an earlier run or a
         # worker left pending (a reader held it up); this run is the "run it again" they ask for.
         purge_pending = not database.purge_replaced_rows()
-    if brought_forward:
+    if brought.moved:
         console.print(
-            f"brought the expiry of {brought_forward} packets forward to "
+            f"brought the expiry of {brought.moved} packets forward to "
             f"{retention.packet_ttl_days} days after they were built (packet_ttl_days)",
+            highlight=False,
+        )
+    if brought.left:
+        console.print(
+            f"[yellow]{brought.left} packets past packet_ttl_days were in use and keep their "
+            "expiry for now[/yellow]; run `casepackets expire` again",
             highlight=False,
         )
     console.print(f"crypto-shredded {shredded} packets", highlight=False)
@@ -1610,7 +1619,7 @@ def expire(
             "`casepackets expire` again later[/yellow]",
             highlight=False,
         )
-    if still_due or purge_pending:
+    if still_due or purge_pending or brought.left:
         raise typer.Exit(1)
 
 

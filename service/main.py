@@ -290,16 +290,18 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Before the first request: a packet_ttl_days lowered since the packets were built binds
         # them from now on (an open of one past it gets 410, like any expired packet).
+        expiries_pending = True
         try:
-            await asyncio.to_thread(
+            brought = await asyncio.to_thread(
                 bring_expiries_forward,
                 database=database,
                 retention=policies.retention,
                 actor="system:startup",
             )
+            expiries_pending = brought.left > 0
         except Exception as exc:
-            # The service still starts (readiness reports the database); every shredding round,
-            # and `casepackets expire`, brings the expiries forward too.
+            # The service still starts (readiness reports the database); the shredding rounds
+            # try again until it has run through, and so does `casepackets expire`.
             logger.warning(
                 "could not apply packet_ttl_days to the packets built before start-up (%s); "
                 "the next shredding round or `casepackets expire` will",
@@ -312,6 +314,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
                     database=database,
                     retention=policies.retention,
                     interval_seconds=settings.shred_interval_seconds,
+                    expiries_pending=expiries_pending,
                 )
             )
         yield

@@ -27,7 +27,8 @@ Guarantees:
   with ``BEGIN IMMEDIATE``), so several workers can run the shredder at once;
 - ``expires_at`` is the one expiry that opens, follow-ups, listings and the shredder read. A
   lowered ``packet_ttl_days`` moves it earlier for the packets already built (never later for a
-  raised one): ``bring_expiries_forward``, at start-up and first in every shredding job;
+  raised one): ``bring_expiries_forward``, once per start of the service and in
+  ``casepackets expire``;
 - erasing a subject removes their DEK from every packet and their follow-up notes.
 """
 
@@ -2240,7 +2241,8 @@ def _bring_forward(
 ) -> int:
     """Move the expiry of those of ``packet_ids`` built longer than ``packet_ttl_days`` before it
     to ``created_at + packet_ttl_days``, judged under the packets' locks; one ``packet.expiry``
-    entry per packet moved. Returns how many."""
+    entry per packet moved. A packet another transaction holds is skipped (PostgreSQL), not
+    waited for. Returns how many were moved."""
     ttl = timedelta(days=retention.packet_ttl_days)
     # Locked in id order, as an open, a close or an erasure locks them: no lock cycle. A packet
     # another worker moved or shredded meanwhile is judged as it is now, so it is moved once.
@@ -2248,7 +2250,7 @@ def _bring_forward(
         select(_packets.c.id, _packets.c.created_at, _packets.c.expires_at)
         .where(_packets.c.id.in_(packet_ids), _packets.c.shredded_at.is_(None))
         .order_by(_packets.c.id)
-        .with_for_update()
+        .with_for_update(skip_locked=True)  # one a request holds is left for the next pass
     ).all()
     moves = [
         (
@@ -2288,9 +2290,28 @@ def _bring_forward(
     return len(moves)
 
 
+@dataclass(frozen=True)
+class BroughtForward:
+    moved: int
+    left: int  # late packets a request held meanwhile (PostgreSQL): a later pass moves them
+
+
+def _late_packet_ids(session: Session, retention: RetentionPolicy) -> list[str]:
+    """Packets not yet shredded whose expiry lies more than ``packet_ttl_days`` after they were
+    built, in id order."""
+    ttl = timedelta(days=retention.packet_ttl_days)
+    rows = session.execute(
+        select(_packets.c.id, _packets.c.created_at, _packets.c.expires_at).where(
+            _packets.c.status.in_((*OPEN_STATUSES, "closed")),
+            _packets.c.shredded_at.is_(None),
+        )
+    ).all()
+    return sorted(row.id for row in rows if as_utc(row.expires_at) > as_utc(row.created_at) + ttl)
+
+
 def bring_expiries_forward(
     *, database: Database, retention: RetentionPolicy, actor: str, batch_size: int = 1000
-) -> int:
+) -> BroughtForward:
     """Apply ``packet_ttl_days`` to the packets already built: a packet not yet shredded whose
     ``expires_at`` lies more than ``packet_ttl_days`` after its ``created_at`` gets
     ``created_at + packet_ttl_days`` as its expiry. Returns how many packets.
@@ -2300,20 +2321,15 @@ def bring_expiries_forward(
     a raised TTL extends none. Each move is logged as ``packet.expiry`` (the packet's id, the old
     and new expiry and the policy: no pseudonym, nothing is revealed or destroyed by it).
 
-    A job: the service runs it when it starts (the policies are read then) and the shredding job
-    (``shred_expired``: each periodic round and ``casepackets expire``) first of all. The packets
-    are found by a read, then moved ``batch_size`` per committed transaction, locked and judged
-    again under their locks, so several workers running it at once move and log each packet once.
+    A job, run once per start of the service (the policies are read then; until it has run
+    through, each shredding round tries again) and by ``casepackets expire``, never in every
+    round: during a rolling deploy that raises the TTL, workers still on the old policy would
+    otherwise shorten the packets the new ones build. The packets are found by a read, then
+    moved ``batch_size`` per committed transaction, locked and judged again under their locks,
+    so several workers running it at once move and log each packet once.
     """
-    ttl = timedelta(days=retention.packet_ttl_days)
     with database.reading() as session:
-        rows = session.execute(
-            select(_packets.c.id, _packets.c.created_at, _packets.c.expires_at).where(
-                _packets.c.status.in_((*OPEN_STATUSES, "closed")),
-                _packets.c.shredded_at.is_(None),
-            )
-        ).all()
-    late = sorted(row.id for row in rows if as_utc(row.expires_at) > as_utc(row.created_at) + ttl)
+        late = _late_packet_ids(session, retention)
     moved = 0
     for start in range(0, len(late), batch_size):
         with database.transaction() as session:
@@ -2323,7 +2339,10 @@ def bring_expiries_forward(
                 retention=retention,
                 actor=actor,
             )
-    return moved
+    if moved == len(late):
+        return BroughtForward(moved=moved, left=0)
+    with database.reading() as session:
+        return BroughtForward(moved=moved, left=len(_late_packet_ids(session, retention)))
 
 
 def shred_expired(
@@ -2335,11 +2354,8 @@ def shred_expired(
     now: datetime | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
-    on_expiry_brought_forward: Callable[[int], None] | None = None,
 ) -> int:
-    """The shredding job: every due packet, ``batch_size`` per committed transaction, after
-    ``bring_expiries_forward`` has applied ``retention.packet_ttl_days`` to the packets built
-    before (``on_expiry_brought_forward`` is told how many it moved, when any).
+    """The shredding job: every due packet, ``batch_size`` per committed transaction.
 
     A job, not a request: it owns its transactions (one per batch), so an interruption loses at
     most one batch and a rerun continues. When it shredded anything it ends, even when
@@ -2348,10 +2364,6 @@ def shred_expired(
     shredder holds is skipped, not waited for: ``count_due_for_shredding`` afterwards tells.
     """
     moment = now or utcnow()
-    # A lowered packet_ttl_days first: the packets it makes due are shredded in this same job.
-    brought_forward = bring_expiries_forward(database=database, retention=retention, actor=actor)
-    if on_expiry_brought_forward is not None and brought_forward:
-        on_expiry_brought_forward(brought_forward)
     if on_start is not None:
         with database.transaction() as session:
             on_start(count_due_for_shredding(session=session, retention=retention, now=moment))
@@ -2388,18 +2400,34 @@ def forget_old_replays(
     return forgotten
 
 
-def _shredding_round(*, database: Database, retention: RetentionPolicy) -> int:
+def _shredding_round(
+    *, database: Database, retention: RetentionPolicy, expiries_pending: bool
+) -> tuple[int, bool]:
+    """One round: the start-up's ``bring_expiries_forward`` first while it has not run through,
+    then the shredding job. Returns how many packets were shredded, and whether expiries are
+    still pending."""
+    if expiries_pending:
+        brought = bring_expiries_forward(
+            database=database, retention=retention, actor="system:shredder"
+        )
+        expiries_pending = brought.left > 0
     shredded = shred_expired(database=database, retention=retention, actor="system:shredder")
     forget_old_replays(database=database, retention=retention)
     database.purge_replaced_rows()
-    return shredded
+    return shredded, expiries_pending
 
 
 async def shred_periodically(
-    *, database: Database, retention: RetentionPolicy, interval_seconds: float
+    *,
+    database: Database,
+    retention: RetentionPolicy,
+    interval_seconds: float,
+    expiries_pending: bool = False,
 ) -> None:
     """Run the shredding job, then ``forget_old_replays``, every ``interval_seconds`` in a
-    worker thread, until cancelled.
+    worker thread, until cancelled. With ``expiries_pending`` (the start-up's
+    ``bring_expiries_forward`` failed, or left packets a request held), each round runs it
+    first until it has run through.
 
     A failed run (database busy, log unavailable) is logged by type and retried next time.
     Each run also finishes a purge still pending from an earlier overwrite (a reader held it
@@ -2410,10 +2438,15 @@ async def shred_periodically(
     while True:
         await asyncio.sleep(interval_seconds)
         in_flight = asyncio.ensure_future(
-            asyncio.to_thread(_shredding_round, database=database, retention=retention)
+            asyncio.to_thread(
+                _shredding_round,
+                database=database,
+                retention=retention,
+                expiries_pending=expiries_pending,
+            )
         )
         try:
-            shredded = await asyncio.shield(in_flight)
+            shredded, expiries_pending = await asyncio.shield(in_flight)
         except asyncio.CancelledError:
             await asyncio.wait([in_flight])
             raise

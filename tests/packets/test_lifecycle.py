@@ -1184,10 +1184,10 @@ def test_a_stopped_shredder_returns_only_once_its_round_in_flight_has_ended(
     Cancelling now waits for the round."""
     ended: list[str] = []
 
-    def slow_round(**_: Any) -> int:
+    def slow_round(**_: Any) -> tuple[int, bool]:
         time.sleep(0.3)
         ended.append("round")
-        return 0
+        return 0, False
 
     monkeypatch.setattr(packets_service, "_shredding_round", slow_round)
 
@@ -1455,7 +1455,10 @@ def test_shredders_at_once_under_a_lowered_ttl_move_and_log_each_expiry_once(
     lowered = replace(app.state.retention_policy, packet_ttl_days=30)
     totals: list[int] = []
 
-    def shred() -> None:
+    def shred() -> None:  # as each worker does as it starts, then in its first round
+        packets_service.bring_expiries_forward(
+            database=database, retention=lowered, actor="system:test", batch_size=1
+        )
         totals.append(
             shred_expired(database=database, retention=lowered, actor="system:test", batch_size=1)
         )
@@ -1473,6 +1476,62 @@ def test_shredders_at_once_under_a_lowered_ttl_move_and_log_each_expiry_once(
     )
     for packet_id, when in built.items():
         assert stored_expiry(session, packet_id) == when + timedelta(days=30)
+
+
+def test_shredding_rounds_leave_expiries_alone_once_start_up_has_applied_the_ttl(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, database: Database
+) -> None:
+    """During a rolling deploy that raises packet_ttl_days, a worker still on the lower one must
+    not shorten the packets the new workers build: its rounds bring no expiry forward. Only a
+    start-up that could not finish leaves that to the rounds."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    built = built_days_ago(session, packet["id"], 60)
+    lower = replace(app.state.retention_policy, packet_ttl_days=30)
+    assert packets_service._shredding_round(
+        database=database, retention=lower, expiries_pending=False
+    ) == (0, False)
+    assert stored_expiry(session, packet["id"]) == built + timedelta(days=90)
+    assert log_entries(session, "packet.expiry") == []
+    assert packets_service._shredding_round(
+        database=database, retention=lower, expiries_pending=True
+    ) == (1, False)
+    assert stored_expiry(session, packet["id"]) == built + timedelta(days=30)
+    moved = log_entries(session, "packet.expiry")
+    assert packet["id"] in [e["object_id"] for e in moved]
+    assert {e["actor"] for e in moved} == {"system:shredder"}
+
+
+@pytest.mark.parametrize(
+    "databases", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_packet_a_request_holds_is_left_for_the_next_pass_not_waited_for(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, database: Database
+) -> None:
+    world = world_of(client, token)
+    held, free = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    for packet in (held, free):
+        built_days_ago(session, packet["id"], 60)
+    lower = replace(app.state.retention_policy, packet_ttl_days=30)
+    holder = database.engine.connect()
+    try:
+        holder.execute(text("SELECT id FROM packets WHERE id = :id FOR UPDATE"), {"id": held["id"]})
+        started = time.monotonic()
+        brought = packets_service.bring_expiries_forward(
+            database=database, retention=lower, actor="system:test"
+        )
+        assert time.monotonic() - started < 1.5  # not the 2 s lock bound
+        assert (brought.moved, brought.left) == (1, 1)
+        holder.rollback()
+    finally:
+        holder.close()
+    brought = packets_service.bring_expiries_forward(
+        database=database, retention=lower, actor="system:test"
+    )
+    assert (brought.moved, brought.left) == (1, 0)
+    assert sorted(e["object_id"] for e in log_entries(session, "packet.expiry")) == sorted(
+        (held["id"], free["id"])
+    )
 
 
 def erasure(client: TestClient, token: TokenFactory, pseudonym: str) -> Request:
