@@ -471,12 +471,15 @@ def serve(
             out.print(f"\n[cyan]{role.value}[/cyan] ({subject}):", highlight=False)
             print(minted)
         # A wildcard address is where the service listens, not an address to call it at.
-        reachable = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)  # noqa: S104
+        reachable = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+        if ":" in reachable:
+            reachable = f"[{reachable}]"  # an IPv6 address in a URL
         base = f"http://{reachable}:{port}"
         out.print(
             "\nPut a token in TOKEN, then try:"
             f'\n  curl -s -H "Authorization: Bearer $TOKEN" {base}/v1/me',
             highlight=False,
+            markup=False,  # an IPv6 address's brackets are not a style
         )
         professional = DEMO_SUBJECTS[Role.PROFESSIONAL]
         packet_id = (

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
 import weakref
@@ -188,17 +189,22 @@ def backup_sqlite(url: str, target: Path) -> int:
     backup: one consistent snapshot, including what the ``-wal`` file holds and a plain copy of
     the database file would miss, taken while the service runs. ``target`` is readable by its
     owner only, on disk before its name appears, and never replaces a file (``FileExistsError``);
-    a failure leaves nothing behind. Returns the size in bytes. ``FileNotFoundError`` when the
-    database file is not there (it is not created)."""
+    a failure leaves nothing behind (a killed backup leaves a hidden ``.NAME.*.partial`` file,
+    mode 0600, that no later backup trips over: delete it). Returns the size in bytes.
+    ``FileNotFoundError`` when the database file or the target's folder is not there (neither
+    is created)."""
     source_file = _sqlite_file(url)
     if source_file is None:
         raise ValueError("an in-memory database has nothing to back up")
     if not source_file.is_file():
         raise FileNotFoundError(errno.ENOENT, "no database file", str(source_file))
+    if not target.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(target.parent))
     if os.path.lexists(target):
         raise FileExistsError(errno.EEXIST, "refusing to replace it", str(target))
-    partial = target.with_name(f".{target.name}.partial")
-    os.close(os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(handle)
+    partial = Path(name)
     try:
         source = sqlite3.connect(f"{source_file.resolve().as_uri()}?mode=rw", uri=True)
         try:
@@ -214,8 +220,9 @@ def backup_sqlite(url: str, target: Path) -> int:
             os.fsync(written.fileno())
         os.link(partial, target)  # refuses, as the check above did, a file put there meanwhile
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
+        for leftover in (partial, partial.with_name(f"{partial.name}-journal")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
     sync_folder(target.parent)
     return target.stat().st_size
 

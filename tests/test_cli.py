@@ -222,6 +222,10 @@ def test_serve_on_every_address_prints_curl_lines_that_reach_it(
     assert started[0]["host"] == "0.0.0.0"  # noqa: S104
     assert "http://127.0.0.1:8123/v1/me" in result.output
     assert "http://0.0.0.0" not in result.output
+    for host, shown in (("::", "[::1]"), ("::1", "[::1]"), ("fe80::2", "[fe80::2]")):
+        result = CliRunner().invoke(cli, ["serve", "--host", host, "--port", "8123"])
+        assert result.exit_code == 0, result.output
+        assert f"http://{shown}:8123/v1/me" in result.output
 
 
 TOO_SHORT_RSA_KEY = {"kty": "RSA", "kid": "k1", "n": "AQAB", "e": "AQAB"}
@@ -559,6 +563,25 @@ def test_backup_never_replaces_a_file_and_never_creates_the_database(cli_home: P
     assert one_line(result.output).startswith("failed: no database file: ")
     assert not (cli_home / "cli.db").exists()
     assert not (cli_home / "new.db").exists()
+
+
+def test_what_a_killed_backup_left_does_not_stop_the_next_one(cli_home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    for leftover in (
+        ".backup.db.partial",
+        ".backup.db.k1ll3d.partial",
+        ".backup.db.partial-journal",
+    ):
+        (cli_home / leftover).write_bytes(b"what a SIGKILL left")
+    result = runner.invoke(cli, ["backup", "--out", str(cli_home / "backup.db")])
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(cli_home / "backup.db") as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    missing = cli_home / "no-such-folder"
+    result = runner.invoke(cli, ["backup", "--out", str(missing / "backup.db")])
+    assert result.exit_code == 2
+    assert one_line(result.output) == f"failed: no such folder: {missing}"
 
 
 def test_backup_of_postgresql_points_to_pg_dump_without_echoing_the_url(

@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeGuard
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
@@ -194,7 +195,7 @@ class KeySet:
         keys = _jwks_keys(
             self._fetch(self._url),
             algorithm=self.algorithm,
-            source=self._url,
+            source=shown_url(self._url),
             previous=self._fetched.keys if self._fetched else {},
         )
         self._fetched = _FetchedKeys(keys=keys, fetched_at=attempted_at)
@@ -212,8 +213,11 @@ class KeySet:
                 self.last_error = None
             except (httpx.HTTPError, ValueError) as exc:
                 self.last_error = type(exc).__name__
-                # The message names the URL and what was wrong (a kid at most), never a key.
-                logger.warning("JWKS refresh failed, keeping the keys held: %s", exc)
+                logger.warning(
+                    "JWKS refresh from %s failed, keeping the keys held: %s",
+                    shown_url(self._url or ""),
+                    _refresh_failure(exc),
+                )
         finally:
             self._lock.release()
 
@@ -271,6 +275,28 @@ class KeySet:
 
     def __len__(self) -> int:
         return len(self._pinned.keys() | self._trusted_url_keys().keys())
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a log may show it: without a user, password, query or fragment (where a
+    provider's client secret may ride)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
+
+
+def _refresh_failure(exc: Exception) -> str:
+    """Why a JWKS fetch failed, for the log: our own refusal (it names the URL as ``shown_url``
+    does, and a kid at most), the provider's status, or the kind of network error; never
+    httpx's message, which quotes the whole URL."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, httpx.HTTPError):
+        return type(exc).__name__
+    return str(exc)
 
 
 def _fetch_jwks(url: str) -> Mapping[str, Any]:

@@ -939,6 +939,43 @@ def test_a_refresh_listing_two_signing_keys_under_one_kid_keeps_the_keys_held_an
     assert impostor.public_jwk["n"][:16] not in caplog.text
 
 
+def test_a_failed_refresh_is_logged_without_the_url_s_credentials(
+    home_key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = "https://svc:s3cret@idp.example/jwks?client_secret=abc#frag"
+    issuer = rs256_issuer(home_key)
+    impostor = same_kid_issuer(issuer)
+    answers: list[Any] = [
+        httpx.HTTPStatusError(
+            "Server error '503'",
+            request=httpx.Request("GET", url),
+            response=httpx.Response(503, request=httpx.Request("GET", url)),
+        ),
+        {"keys": [issuer.public_jwk, impostor.public_jwk]},
+    ]
+    now = [1000.0]
+
+    def fetch(_url: str) -> Mapping[str, Any]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, dict)
+        return answer
+
+    caplog.set_level(logging.WARNING, logger="casepackets")
+    keys = KeySet(url=url, fetch=fetch, clock=lambda: now[0])
+    now[0] += 61
+    keys.refresh_if_due()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "JWKS refresh from https://idp.example/jwks failed, keeping the keys held: HTTP 503",
+        "JWKS refresh from https://idp.example/jwks failed, keeping the keys held: "
+        f"https://idp.example/jwks: more than one RS256 signing key has kid '{issuer.kid}'",
+    ]
+    for secret in ("s3cret", "client_secret", "frag", "svc"):
+        assert secret not in caplog.text
+
+
 def test_jwks_entries_that_are_not_objects_are_refused_and_keys_without_a_kid_reported(
     tmp_path: Path, home_key: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
