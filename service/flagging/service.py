@@ -1,9 +1,15 @@
 """Flagging runs over the database, the flags they store, and flags pushed by sources.
 
 Guarantees:
-- a run reads subjects in keyset-paginated batches and only that batch's events, so its memory is
-  bounded by the batch size, not by the number of subjects; erased subjects are not evaluated
-  (nobody could re-identify them, so flagging them would help no one);
+- a run evaluates one committed state of the data, whatever commits while it goes on: every
+  subject's history comes from one statement, streamed in batches. On PostgreSQL that statement
+  keeps the snapshot it was opened with until its last row is fetched (the run's transaction stays
+  READ COMMITTED, as its log append needs); on SQLite the run's transaction holds the database's
+  one write lock (``BEGIN IMMEDIATE``), so nothing else commits meanwhile. Its memory is bounded by
+  the batch size, not by the number of subjects;
+- subjects erased when that state was read are not evaluated (nobody could re-identify them, so
+  flagging them would help no one). One erased while the run goes on may still be flagged:
+  partitioning leaves it unplaced ("the subject was erased");
 - every flag stores the exact policy version and the hits (evidence + sentence) that produced it;
 - a run and a push each leave one access-log entry in the same transaction ("flagging.run",
   "flags.push"); a failed log append rolls the whole action back;
@@ -14,12 +20,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -50,6 +56,8 @@ from service.records.service import (
 
 DEFAULT_BATCH_SIZE = 2000
 MAX_PAGE = 1000
+# Event rows a run fetches at a time from its one streamed statement (a few MB at most).
+FETCH_ROWS = 10_000
 
 _subjects = Subject.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
@@ -91,7 +99,8 @@ def run_flagging(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Any = None,
 ) -> FlaggingRun:
-    """Evaluate ``policy`` over every subject not erased; store one flag per flagged subject.
+    """Evaluate ``policy`` over every subject not erased, as the data stood when the run began
+    reading it (see the module docstring); store one flag per flagged subject.
 
     ``progress``, when given, is called with a ``RunProgress`` after each batch.
     """
@@ -106,28 +115,7 @@ def run_flagging(
     session.flush()
     evaluator = Evaluator(policy, as_of)
     evaluated = flagged = 0
-    after = 0
-    while True:
-        ids = list(
-            session.execute(
-                select(_subjects.c.id)
-                .where(_subjects.c.id > after, _subjects.c.erased_at.is_(None))
-                .order_by(_subjects.c.id)
-                .limit(batch_size)
-            ).scalars()
-        )
-        if not ids:
-            break
-        histories: dict[int, list[SubjectEvent]] = {subject_id: [] for subject_id in ids}
-        rows = session.execute(
-            select(_events.c.subject_id, _events.c.type, _events.c.date, _events.c.office)
-            .where(_events.c.subject_id > after, _events.c.subject_id <= ids[-1])
-            .order_by(_events.c.subject_id, _events.c.date)
-        )
-        for subject_id, kind, day, office in rows:
-            history = histories.get(subject_id)
-            if history is not None:
-                history.append((kind, day.toordinal(), office))
+    for histories in _histories(session.connection(), batch_size=batch_size):
         now = utcnow()
         new_flags: list[dict[str, Any]] = []
         for subject_id, history in histories.items():
@@ -148,9 +136,8 @@ def run_flagging(
                 )
         if new_flags:
             session.execute(insert(_flags), new_flags)
-        evaluated += len(ids)
+        evaluated += len(histories)
         flagged += len(new_flags)
-        after = ids[-1]
         if progress is not None:
             progress(RunProgress(evaluated=evaluated, flagged=flagged))
     run.evaluated = evaluated
@@ -170,6 +157,37 @@ def run_flagging(
         ),
     )
     return run
+
+
+def _histories(
+    connection: Connection, *, batch_size: int
+) -> Iterator[dict[int, list[SubjectEvent]]]:
+    """The event history of every subject not erased, ``batch_size`` subjects at a time in id
+    order, all read by one statement: one snapshot of the data, not one per batch (a batch read
+    afresh under READ COMMITTED would see half of an ingest that committed between two batches,
+    and subjects created or erased meanwhile as timing had it). The connection may write between
+    batches."""
+    rows = connection.execute(
+        select(_subjects.c.id, _events.c.type, _events.c.date, _events.c.office)
+        .select_from(_subjects.outerjoin(_events, _events.c.subject_id == _subjects.c.id))
+        .where(_subjects.c.erased_at.is_(None))
+        .order_by(_subjects.c.id, _events.c.date)
+        .execution_options(yield_per=FETCH_ROWS)
+    )
+    batch: dict[int, list[SubjectEvent]] = {}
+    with rows:
+        for subject_id, kind, day, office in rows:
+            history = batch.get(subject_id)
+            if history is None:
+                # Rows come in subject order: every history in the batch is complete.
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = {}
+                history = batch[subject_id] = []
+            if kind is not None:  # None: a subject without events (the outer join's row)
+                history.append((kind, day.toordinal(), office))
+    if batch:
+        yield batch
 
 
 def get_run(*, session: Session, run_id: str) -> FlaggingRun:

@@ -8,19 +8,27 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from service.clock import today
+from service.db import Database, lock_was_busy
 from service.flagging import service as flagging_service
 from service.flagging.models import Flag, FlagPush
 from service.flagging.rules import EVALUATOR_VERSION
-from service.flagging.service import ERASED_EXPLANATION, run_flagging, system_caller
+from service.flagging.service import (
+    ERASED_EXPLANATION,
+    RunProgress,
+    list_run_flags,
+    run_flagging,
+    system_caller,
+)
 from service.records import service as records_service
 from service.records.models import Subject
 from service.records.service import ERASED_DIGEST
 from tests.conftest import Interleaving, TokenFactory, bearer
-from tests.flagging.seed import AS_OF, QUIET, RELAPSING, add_subject, log_entries
+from tests.flagging.seed import AS_OF, EVENTS, QUIET, RELAPSING, add_subject, log_entries
 
 # Pushed flags name pseudonyms of the shape ingest hands out.
 QUIET_PSEUDONYM = "5e" * 16
@@ -127,6 +135,116 @@ def test_runs_evaluate_in_batches_and_skip_erased_subjects(app: FastAPI, session
     [logged] = log_entries(session, "flagging.run")
     assert logged["actor"] == "system:flag"
     assert logged["request_id"] is None, "a job outside any request has no request id"
+
+
+# Two of the three returns the relapse rule needs, and the third, which one ingest adds later.
+TWO_RETURNS = RELAPSING[:7]
+THIRD_RETURN = RELAPSING[7:]
+
+
+def test_a_run_evaluates_the_data_as_it_stood_when_it_began(
+    app: FastAPI,
+    client: TestClient,
+    session: Session,
+    database: Database,
+    backend: str,
+    token: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Rows fetched one at a time: the run is still reading its statement when the others commit.
+    monkeypatch.setattr(flagging_service, "FETCH_ROWS", 1)
+    keyring = app.state.keyring
+    ids = [
+        add_subject(session, keyring, pseudonym=pseudonym, events=events)[0]
+        for pseudonym, events in (
+            ("ps-a", TWO_RETURNS),
+            ("ps-b", TWO_RETURNS),
+            ("ps-erased", RELAPSING),
+        )
+    ]
+    session.commit()
+    committed: list[bool] = []
+
+    def ingest_and_erase_meanwhile(_done: RunProgress) -> None:
+        """After the run's first batch: one ingest gives ps-a and ps-b their third return and
+        adds a relapsing subject, and ps-erased is erased."""
+        if committed:
+            return
+        try:
+            with database.transaction() as other:
+                other.connection().execute(
+                    insert(EVENTS),
+                    [
+                        {
+                            "subject_id": subject_id,
+                            "source": "late",
+                            "source_event_id": f"{subject_id}-{i}",
+                            "type": kind,
+                            "date": day,
+                            "office": office,
+                        }
+                        for subject_id in ids[:2]
+                        for i, (kind, day, office) in enumerate(THIRD_RETURN)
+                    ],
+                )
+                add_subject(other, keyring, pseudonym="ps-new", events=RELAPSING)
+                records_service.erase_subject(
+                    session=other, pseudonym="ps-erased", actor="admin-001", role="admin"
+                )
+            committed.append(True)
+        except OperationalError as exc:
+            if not lock_was_busy(exc):
+                raise
+            committed.append(False)
+
+    run = run_flagging(
+        session=session,
+        policy=app.state.flagging_policy,
+        as_of=AS_OF,
+        caller=system_caller("flag"),
+        batch_size=1,
+        progress=ingest_and_erase_meanwhile,
+    )
+    session.commit()
+    # PostgreSQL: both commit during the run. SQLite: the run holds the one write lock, so they
+    # wait for it and give up at their bound.
+    assert committed == [backend == "postgres"]
+
+    def flagged(run_id: str) -> list[str]:
+        flags, _next = list_run_flags(session=session, run_id=run_id)
+        session.rollback()
+        return sorted(flag.pseudonym for flag in flags)
+
+    # As the data stood when the run began: neither half of the ingest, nor the new subject, and
+    # the subject erased meanwhile still evaluated (and flagged).
+    assert (run.evaluated, run.flagged) == (3, 1)
+    assert flagged(run.id) == ["ps-erased"]
+    if backend == "postgres":
+        again = run_flagging(
+            session=session,
+            policy=app.state.flagging_policy,
+            as_of=AS_OF,
+            caller=system_caller("flag"),
+        )
+        session.commit()
+        assert flagged(again.id) == ["ps-a", "ps-b", "ps-new"]
+        # Partitioning leaves the subject erased after the run's snapshot out, saying why.
+        coordinator = bearer(token("coord-001", "coordinator"))
+        team = {
+            "id": "prof-001",
+            "display_name": "Caseworker",
+            "team": "Zuid-1",
+            "districts": ["Charlois"],
+            "capacity": 40,
+        }
+        assert client.post("/v1/professionals", json=team, headers=coordinator).status_code == 201
+        result = client.post(
+            "/v1/packets/partition", json={"run_id": run.id}, headers=coordinator
+        ).json()
+        assert result["packets"] == []
+        assert [(u["pseudonym"], u["reason"]) for u in result["unplaced"]] == [
+            ("ps-erased", "the subject was erased")
+        ]
 
 
 def test_a_run_needs_no_body_and_then_evaluates_as_on_today(
