@@ -32,7 +32,7 @@ from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
 from service.clock import today
-from service.records.models import EARLIEST
+from service.records.models import EARLIEST, PLAIN_TEXT, READABLE
 from service.schemas import CalendarDate, StrictModel, UtcDatetime
 
 FlagKind = Literal["algorithm", "external"]
@@ -139,11 +139,19 @@ class PushedFlag(StrictModel):
         pattern=r"^[a-z0-9][a-z0-9_.-]*$",
         description="e.g. 'debt-signal'",
     )
-    explanation: str = Field(
-        min_length=10,
-        max_length=1000,
-        description="one plain-language sentence for the professional and the person concerned",
-    )
+    # Read aloud, shown on screens and exported: refused like ingest's text fields (line breaks,
+    # escapes, direction or invisible marks; nothing readable), never echoed.
+    explanation: Annotated[
+        str,
+        Field(
+            min_length=10,
+            max_length=1000,
+            description="one plain-language sentence for the professional and the person "
+            "concerned; no line breaks, control or format characters",
+        ),
+        PLAIN_TEXT,
+        READABLE,
+    ]
 
 
 class FlagsPush(StrictModel):

@@ -590,3 +590,43 @@ def test_a_pushed_pseudonym_of_another_shape_is_refused_without_echoing_it(
     assert response.json()["errors"][0]["loc"] == ["flags", 0, "pseudonym"]
     assert "123456782" not in response.text
     assert log_entries(session, "flags.push") == []
+
+
+@pytest.mark.parametrize(
+    "explanation",
+    [
+        "Rent \u202eslaer\u202c arrears reported.",  # a bidi override reorders what is read
+        "Rent arrears reported.\nforged: second line",
+        "Rent arrears \x1b[31mreported\x1b[0m.",
+        "Rent\u200barrears reported today.",
+        "Rent arrears reported\x7f today.",
+        "..........",
+    ],
+)
+def test_a_pushed_explanation_is_plain_text_like_ingest_and_never_echoed(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory, explanation: str
+) -> None:
+    seed(app, session)
+    flag = {**RENT, "explanation": explanation}
+    response = client.post(
+        "/v1/flags", json={"flags": [flag]}, headers=bearer(token("src", "source"))
+    )
+    assert response.status_code == 422, response.text
+    assert [e["loc"] for e in response.json()["errors"]] == [["flags", 0, "explanation"]]
+    assert "reported" not in response.text
+    assert "....." not in response.text
+    assert stored_flags(session) == 0
+    assert log_entries(session, "flags.push") == []
+
+
+def test_a_pushed_explanation_may_join_letters_as_ingest_allows(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    # a zero-width non-joiner between two letters of a Persian word, as in an ingested name
+    flag = {**RENT, "explanation": "Rent arrears reported by \u0645\u06cc\u200c\u0631\u0648\u062f."}
+    response = client.post(
+        "/v1/flags", json={"flags": [flag]}, headers=bearer(token("src", "source"))
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["flags"][0]["explanation"] == flag["explanation"]
