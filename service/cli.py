@@ -65,6 +65,7 @@ from service.db import (
 )
 from service.db import migrate as run_migrations
 from service.errors import ServiceError
+from service.policies import Policies, load_policies
 from service.records.bulk import (
     CSV_COLUMNS,
     BulkResult,
@@ -122,15 +123,14 @@ def refusal(exc: ValueError) -> str:
     return "; ".join(problems)
 
 
-def policies_or_exit(settings: Settings) -> None:
-    """Read every policy file once, so a mistake in one is a line naming it, before any worker
-    starts (and fails) with a traceback."""
-    from service.policies import load_policies
-
+def policies_or_exit(settings: Settings) -> Policies:
+    """Every policy file, read and checked together as the service's start-up does, so a
+    mistake in one (or between two) is a line naming it, before any worker starts (and fails)
+    with a traceback, or a command runs with a policy the service would refuse."""
     try:
-        load_policies(settings.policies_dir)
+        return load_policies(settings.policies_dir)
     except (OSError, ValueError) as exc:
-        console.print(f"[red]policy refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]policy refused:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -382,10 +382,9 @@ def build_demo_packets_if_none(settings: Settings) -> None:
     The run is as of the demo's reference date, the day its histories end, so it flags what the
     demo population shows whatever today's date.
     """
-    from service.flagging.policy import load_flagging_policy
     from service.packets.demo import build_demo_packets, has_packets
-    from service.packets.policy import load_partitioning_policy, load_retention_policy
 
+    policies = policies_or_exit(settings)
     keyring = keyring_or_exit(settings)
     with database_for(settings) as database, database.transaction() as session:
         if has_packets(session=session):
@@ -400,11 +399,9 @@ def build_demo_packets_if_none(settings: Settings) -> None:
         built = build_demo_packets(
             session=session,
             keyring=keyring,
-            flagging_policy=load_flagging_policy(settings.policies_dir / "flagging.yaml"),
-            packet_size=load_partitioning_policy(
-                settings.policies_dir / "partitioning.yaml"
-            ).packet_size,
-            retention=load_retention_policy(settings.policies_dir / "retention.yaml"),
+            flagging_policy=policies.flagging,
+            packet_size=policies.partitioning.packet_size,
+            retention=policies.retention,
             as_of=REFERENCE_DATE,
         )
     console.print(
@@ -1437,18 +1434,17 @@ def flag(
 
     from service.clock import today
     from service.flagging.models import not_in_the_future
-    from service.flagging.policy import FlaggingPolicyError, load_flagging_policy
     from service.flagging.service import RunProgress, run_flagging, system_caller
     from service.records.models import EARLIEST
     from service.schemas import parse_calendar_date
 
     settings = settings_or_exit()
+    policy = policies_or_exit(settings).flagging
     try:
-        policy = load_flagging_policy(settings.policies_dir / "flagging.yaml")
         day = not_in_the_future(parse_calendar_date(as_of)) if as_of else today()
         if day < EARLIEST:  # the bounds the API holds ``as_of`` to (``FlaggingRunCreate``)
             raise ValueError(f"as_of may not be before {EARLIEST.isoformat()}")
-    except (FlaggingPolicyError, ValueError) as exc:
+    except ValueError as exc:
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     with database_for(settings) as database, database.transaction() as session:

@@ -292,6 +292,29 @@ def test_flag_refuses_an_as_of_before_1900_in_one_line_as_the_api_does(cli_home:
     assert "0 evaluated, 0 flagged" in " ".join(earliest.output.split())
 
 
+def test_flag_refuses_a_policy_reading_an_event_type_no_source_may_send_as_serve_does(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its rules would evaluate without the visits no record can carry: a run of 0 flags."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    policies = cli_home / "policies"
+    shutil.copytree(PROJECT_ROOT / "policies", policies)
+    events = policies / "events.yaml"
+    events.write_text(events.read_text().replace("  helpdesk_visit:", "  helpdesk_visited:"))
+    monkeypatch.setenv("CASEPACKETS_POLICIES_DIR", str(policies))
+    get_settings.cache_clear()
+    for command in (["flag"], ["serve", "--no-print-tokens"]):
+        refused = runner.invoke(cli, command)
+        assert refused.exit_code == 2, refused.output
+        assert one_line(refused.output) == (
+            f"policy refused: {policies / 'flagging.yaml'}: the characteristics "
+            f"['helpdesk_visit'] are event types that {events} does not accept, so no record "
+            "could carry them"
+        )
+
+
 @pytest.mark.parametrize(
     "url", ["foo://x", "not a url", "mysql://casepackets:s3cret-pw@db/casepackets"]
 )
