@@ -2,9 +2,10 @@
 
 Guarantee: ``load_policies`` returns only when every file loads; otherwise the loader's error
 (``ValueError``, naming the file) or the ``OSError`` of a missing file propagates. The service's
-start-up and ``casepackets serve``'s early check both go through it, so neither can forget a file.
-Every loader reads its file with ``service.policy_yaml``, which refuses a key given twice and a
-whole number not written in plain decimal, naming the file and line.
+start-up and the early check of ``casepackets serve`` and ``flag`` go through it, so none can forget
+a file or the check between two. Every loader reads its file with ``service.policy_yaml``, which
+refuses a key given twice, a merge key, an anchor or alias, and a whole number not written in
+plain decimal, naming the file and line.
 """
 
 from __future__ import annotations

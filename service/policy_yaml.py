@@ -7,6 +7,9 @@ line numbers, :func:`compose_policy_yaml`). Both refuse, naming the file and the
   would silently drop every rule above it, and a second ``min_returns:`` would change a
   threshold nobody sees in the first one;
 - a merge key (``<<``), through which a mapping can hide the same overriding;
+- an anchor (``&name``) or an alias (``*name``): a policy is a small hand-written file whose
+  every value is written where it applies, and nested aliases can make a 3 KB file stand for
+  billions of values that each reader walks (an "alias bomb"), hanging start-up;
 - a whole number whose text is not plain decimal digits (optionally signed, no leading zero).
   YAML 1.1 reads ``024`` as octal 20, ``1:00`` as 60 (base 60), and also takes ``0x18``, ``0b1``
   and ``2_4``; a policy value means what it says in decimal or it does not load.
@@ -33,6 +36,29 @@ class PolicyYAMLError(ValueError):
     and, where there is one, the line."""
 
 
+class _PolicyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing an anchor or alias as it meets one (before it is expanded
+    or repeated anywhere)."""
+
+    def __init__(self, content: str | bytes, *, source: str) -> None:
+        super().__init__(content)
+        self.source = source
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # types-PyYAML leaves peek_event untyped; it returns the next event, unconsumed.
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.NodeEvent) and (
+            isinstance(event, yaml.AliasEvent) or event.anchor is not None
+        ):
+            mark = event.start_mark
+            where = f"{self.source}:{mark.line + 1}" if mark is not None else self.source
+            raise PolicyYAMLError(
+                f"{where}: anchors (&) and aliases (*) are not allowed in a policy file; write "
+                "each value out"
+            )
+        return super().compose_node(parent, index)
+
+
 def compose_policy_yaml(content: str | bytes, *, source: str) -> yaml.Node | None:
     """The checked node tree of one YAML document (None for an empty one); see the module."""
     with _loader(content, source=source) as loader:
@@ -50,7 +76,7 @@ def load_policy_yaml(content: str | bytes, *, source: str) -> Any:
 def _loader(content: str | bytes, *, source: str) -> Iterator[yaml.SafeLoader]:
     """A safe loader over ``content``; any YAML error is re-raised naming ``source``."""
     try:
-        loader = yaml.SafeLoader(content)
+        loader = _PolicyLoader(content, source=source)
         try:
             yield loader
         finally:
@@ -67,7 +93,7 @@ def _loader(content: str | bytes, *, source: str) -> Iterator[yaml.SafeLoader]:
 def _checked_root(loader: yaml.SafeLoader, *, source: str) -> yaml.Node | None:
     root = loader.get_single_node()
     if root is not None:
-        _check(root, source=source, key="", checked=set())
+        _check(root, source=source, key="")
     return root
 
 
@@ -75,15 +101,12 @@ def _line(node: yaml.Node) -> int:
     return int(node.start_mark.line) + 1
 
 
-def _check(node: yaml.Node, *, source: str, key: str, checked: set[int]) -> None:
+def _check(node: yaml.Node, *, source: str, key: str) -> None:
     """Raise on the first duplicate key, merge key or non-decimal whole number, in file order.
 
-    ``key`` is the mapping key the node is the value of (for the message); ``checked`` holds the
-    nodes already seen, as an alias repeats a node.
+    ``key`` is the mapping key the node is the value of (for the message). The tree is a tree:
+    the loader refused any alias that would let a node appear twice.
     """
-    if id(node) in checked:
-        return
-    checked.add(id(node))
     if isinstance(node, yaml.ScalarNode):
         if node.tag == INT_TAG and not PLAIN_DECIMAL.fullmatch(node.value):
             named = f"{key}: " if key else ""
@@ -94,7 +117,7 @@ def _check(node: yaml.Node, *, source: str, key: str, checked: set[int]) -> None
             )
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _check(item, source=source, key=key, checked=checked)
+            _check(item, source=source, key=key)
     elif isinstance(node, yaml.MappingNode):
         first_line: dict[str, int] = {}
         for key_node, value_node in node.value:
@@ -103,7 +126,7 @@ def _check(node: yaml.Node, *, source: str, key: str, checked: set[int]) -> None
                     f"{source}:{_line(key_node)}: merge keys (<<) are not allowed in a policy "
                     "file; write each key out"
                 )
-            _check(key_node, source=source, key=key, checked=checked)
+            _check(key_node, source=source, key=key)
             name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else key
             if isinstance(key_node, yaml.ScalarNode):
                 if name in first_line:
@@ -112,4 +135,4 @@ def _check(node: yaml.Node, *, source: str, key: str, checked: set[int]) -> None
                         f"(first on line {first_line[name]}); YAML would keep only the last one"
                     )
                 first_line[name] = _line(key_node)
-            _check(value_node, source=source, key=name, checked=checked)
+            _check(value_node, source=source, key=name)

@@ -19,10 +19,10 @@ SHIPPED = PROJECT_ROOT / "policies"
     [
         ("a: 24\nb: -3\nc: +5\nd: 0\n", {"a": 24, "b": -3, "c": 5, "d": 0}),
         ("a: '024'\nb: \"1:00\"\n", {"a": "024", "b": "1:00"}),
-        ("a: &shared [1, 2]\nb: *shared\n", {"a": [1, 2], "b": [1, 2]}),
+        ("a: '&x'\nb: \"*x\"\n", {"a": "&x", "b": "*x"}),
         ("", None),
     ],
-    ids=["decimal", "quoted-text", "alias", "empty"],
+    ids=["decimal", "quoted-text", "quoted-marks", "empty"],
 )
 def test_plain_yaml_loads_as_usual(text: str, value: object) -> None:
     assert load_policy_yaml(text, source="p.yaml") == value
@@ -65,7 +65,7 @@ def test_a_whole_number_that_is_not_plain_decimal_is_refused_naming_the_line(
             "a:\n  - {b: 1, b: 1}\n",
             "p.yaml:2: key 'b' is given twice in one mapping (first on line 2)",
         ),
-        ("base: &b {x: 1}\nc:\n  <<: *b\n  x: 2\n", "p.yaml:3: merge keys (<<) are not allowed"),
+        ("c:\n  <<: {x: 1}\n  x: 2\n", "p.yaml:2: merge keys (<<) are not allowed"),
     ],
     ids=["top-level", "quoted", "flow", "merge"],
 )
@@ -74,6 +74,28 @@ def test_a_key_given_twice_is_refused_naming_the_lines(text: str, message: str) 
         with pytest.raises(PolicyYAMLError) as caught:
             read(text, source="p.yaml")
         assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("a: &shared [1, 2]\nb: *shared\n", 1),
+        ("a: 1\nb: &unused 2\n", 2),
+        ("a: [1, *nowhere]\n", 1),
+        ("a:\n  ? &k b\n  : 1\n", 2),
+        ("l0: &l0 [x, x]\nl1: &l1 [*l0, *l0]\nl2: [*l1, *l1]\n", 1),
+    ],
+    ids=["alias", "anchor", "undefined-alias", "anchored-key", "nested"],
+)
+def test_an_anchor_or_alias_is_refused_naming_the_line(text: str, line: int) -> None:
+    """Nested aliases let a few lines stand for billions of values (an "alias bomb")."""
+    for read in (load_policy_yaml, compose_policy_yaml):
+        with pytest.raises(PolicyYAMLError) as caught:
+            read(text, source="p.yaml")
+        assert str(caught.value) == (
+            f"p.yaml:{line}: anchors (&) and aliases (*) are not allowed in a policy file; "
+            "write each value out"
+        )
 
 
 def test_not_yaml_is_refused_in_one_line_naming_the_file_and_line() -> None:

@@ -247,3 +247,22 @@ def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "flagging.yaml"
     with pytest.raises(FlaggingPolicyError, match="cannot read"):
         load_flagging_policy(missing)
+
+
+def test_an_alias_bomb_is_refused_at_its_first_anchor_before_anything_walks_it() -> None:
+    """Nested aliases under a rule's params: each level holds ten of the level below."""
+    levels = ["      l0: &l0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"      l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 10) + "]"
+        for level in range(1, 5)
+    ]
+    params = "    params: {min_helpdesks: 4, within_months: 12}\n"
+    assert params in GOOD
+    bombed = GOOD.replace(
+        params, "    params:\n" + "\n".join(levels) + "\n      min_helpdesks: 4\n"
+    )
+    line = bombed[: bombed.index("&l0")].count("\n") + 1
+    with pytest.raises(FlaggingPolicyError) as caught:
+        parse_flagging_policy(bombed.encode(), source="flagging.yaml")
+    assert str(caught.value).startswith(
+        f"flagging.yaml:{line}: anchors (&) and aliases (*) are not allowed in a policy file"
+    )
