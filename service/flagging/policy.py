@@ -10,9 +10,11 @@ Invariants, each checked before a policy can be used:
   characteristics, a rule's ``uses`` or its parameters makes the policy fail to load, naming the
   rule — there is no override;
 - the stored version is ``<declared>+<hash>/e<evaluator>``, e.g. ``2026.2+3f9a0c1b2d4e/e5``: the
-  declared version (at most 40 characters, no "+"), the first 12 hex digits of the SHA-256 of the
-  file's bytes, and ``rules.EVALUATOR_VERSION``. So any edit to the file, however small, and any
-  change to how rules are evaluated shows up in every flag it produces.
+  declared version (1 to 40 letters, digits, ".", "_" or "-": no "+" or "/" to pass for
+  another part, no space or line break to reach a log line or a terminal), the first 12 hex
+  digits of the SHA-256 of the file's bytes, and ``rules.EVALUATOR_VERSION``. So any edit to
+  the file, however small, and any change to how rules are evaluated shows up in every flag it
+  produces.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ MAX_MONTHS: Final = 600
 HASH_DIGITS: Final = 12
 # The stored version (declared + 16 characters) must fit the 64-character policy_version columns.
 MAX_DECLARED_VERSION: Final = 40
+DECLARED_VERSION: Final = re.compile(r"[A-Za-z0-9._-]+")
 # The name is stored with every run (the 128-character policy_name column).
 MAX_NAME: Final = 128
 
@@ -104,11 +107,14 @@ def parse_flagging_policy(content: bytes, *, source: str = "flagging.yaml") -> F
             f"YAML reads 2026.1 as a number)"
         )
     declared = str(declared)
-    if "+" in declared:
-        raise FlaggingPolicyError(f"{source}: 'version' may not contain '+' (the hash goes there)")
     if len(declared) > MAX_DECLARED_VERSION:
         raise FlaggingPolicyError(
             f"{source}: 'version' may have at most {MAX_DECLARED_VERSION} characters"
+        )
+    if not DECLARED_VERSION.fullmatch(declared):
+        raise FlaggingPolicyError(
+            f"{source}: 'version' may hold only letters, digits, '.', '_' and '-', e.g. "
+            "version: \"2026.1\" (the stored version adds '+<hash>/e<evaluator>')"
         )
 
     characteristics = document.get("characteristics")

@@ -89,6 +89,9 @@ def test_another_evaluator_gives_the_same_file_another_version(
     )
 
 
+SHAPE = "'version' may hold only letters, digits, '.', '_' and '-'"
+
+
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
@@ -164,6 +167,18 @@ def test_protected_attribute_among_characteristics_fails() -> None:
         ('version: "2026.1"', "version: 2026.1", "'version' must be text in quotes"),
         ("name: test-policy", f"name: {'n' * 129}", "'name' may have at most 128 characters"),
         ('version: "2026.1"', f'version: "{"9" * 41}"', "'version' may have at most 40 characters"),
+        *(
+            ('version: "2026.1"', f"version: {shown}", SHAPE)
+            for shown in (
+                '"2026.1/e9"',  # passes for another evaluator
+                '"2026.1+3f9a0c1b2d4e"',  # passes for another file
+                '"2026.1\\nforged: x"',  # a second line in the access log and the terminal
+                '" 2026.1 "',
+                '"2026.1\\u202e"',
+                '"v 2"',
+                '"2026.1é"',
+            )
+        ),
         (
             "params: {min_returns: 3, within_months: 24}",
             "params: {min_returns: 3, within_months: 024}",
@@ -266,3 +281,12 @@ def test_an_alias_bomb_is_refused_at_its_first_anchor_before_anything_walks_it()
     assert str(caught.value).startswith(
         f"flagging.yaml:{line}: anchors (&) and aliases (*) are not allowed in a policy file"
     )
+
+
+@pytest.mark.parametrize("declared", ['"2026.2"', '"v2026_02-rc.1"', "2026", f'"{"9" * 40}"'])
+def test_a_declared_version_of_the_safe_shape_is_stored_as_written(declared: str) -> None:
+    policy = parse_flagging_policy(
+        GOOD.replace('version: "2026.1"', f"version: {declared}").encode()
+    )
+    assert policy.declared_version == declared.strip('"')
+    assert policy.version.startswith(f"{policy.declared_version}+")
