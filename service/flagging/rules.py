@@ -18,6 +18,7 @@ in seconds; :func:`event` builds one from a ``date``.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -68,8 +69,9 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # counted a one-day spell's job again for the next start, and that day's start reported by a
 # second desk as a second return). 5 reads a welfare end at one office reported twice on a day
 # as one end (4 read the second as a one-day spell's end, so a desk move that day ended the
-# spell, or made a return), and says "1 month" where 4 said "1 months".
-EVALUATOR_VERSION: Final = 5
+# spell, or made a return), and says "1 month" where 4 said "1 months". 6 tells offices apart
+# after NFC normalization (5 counted "Café" written with a combining accent and with "é" as two).
+EVALUATOR_VERSION: Final = 6
 
 SubjectEvent = tuple[str, int, str]
 """``(event type, date.toordinal(), office)``: one event in the evaluation hot path."""
@@ -122,8 +124,10 @@ def whole_months_between(start: date, end: date) -> int:
 
 
 def office_key(office: str) -> str:
-    """What tells one office from another: its name, casefolded, with whitespace collapsed."""
-    return " ".join(office.split()).casefold()
+    """What tells one office from another: its name in Unicode's composed form (NFC), casefolded,
+    with whitespace collapsed. Sources differ in how they encode an accent ("é" or "e" and a
+    combining acute), never in which office they mean."""
+    return " ".join(unicodedata.normalize("NFC", office).split()).casefold()
 
 
 def _months(count: int) -> str:
@@ -192,10 +196,10 @@ class RelapseRule:
 class DeskHoppingRule:
     """Helpdesk visits at ``min_helpdesks`` or more different offices within ``within_months``.
 
-    Offices are told apart by ``office_key``: case and runs of whitespace do not matter, so
-    "Wijkteam Charlois" and "wijkteam  charlois" are one office. The evidence and the sentence name
-    each office once, as spelled at its first visit in the window (whitespace collapsed; of several
-    spellings on that day, the one that sorts first).
+    Offices are told apart by ``office_key``: case, runs of whitespace and how an accent is
+    encoded do not matter, so "Wijkteam Charlois" and "wijkteam  charlois" are one office. The
+    evidence and the sentence name each office once, as spelled at its first visit in the window
+    (whitespace collapsed; of several spellings on that day, the one that sorts first).
     """
 
     id: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import unicodedata
 from datetime import date
 
 from hypothesis import given
@@ -329,6 +330,23 @@ def test_spellings_of_one_office_are_one_helpdesk_named_once() -> None:
         "Visited 3 different helpdesks since 15 March 2025 "
         "(Bloemhof, Vraagwijzer Feijenoord and Wijkteam Charlois)."
     )
+
+
+def test_an_office_sent_composed_and_decomposed_is_one_helpdesk() -> None:
+    composed = unicodedata.normalize("NFC", "Wijkteam Café Zuid")
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed
+    history = visits(
+        (date(2025, 6, 1), decomposed),
+        (date(2025, 7, 1), composed),
+        (date(2025, 8, 1), "Vraagwijzer Feijenoord"),
+    )
+    assert evaluate(policy(HOPPING), history, as_of=AS_OF) == []
+    [hit] = evaluate(
+        policy(HOPPING), [*history, *visits((date(2025, 9, 1), "Bloemhof"))], as_of=AS_OF
+    )
+    assert hit.evidence["helpdesks"] == 3
+    assert hit.evidence["offices"] == ["Bloemhof", "Vraagwijzer Feijenoord", decomposed]
 
 
 def test_desk_hopping_counts_only_helpdesk_visits() -> None:
