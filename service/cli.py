@@ -1448,7 +1448,9 @@ def flag(
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     with database_for(settings) as database, database.transaction() as session:
-        total = session.connection().execute(select(func.count()).select_from(SUBJECTS))
+        total = session.connection().execute(
+            select(func.count()).select_from(SUBJECTS).where(SUBJECTS.c.erased_at.is_(None))
+        )
         with progress_bar() as progress:
             task = progress.add_task(f"flagging ({policy.version})", total=total.scalar())
 
@@ -1557,16 +1559,19 @@ def expire(
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     moment = utcnow()
-    shredded = still_due = 0
+    shredded = still_due = moved = 0
+    left = None
     with database_for(settings) as database, progress_bar() as progress:
-        # A lowered packet_ttl_days first: the packets it makes due are shredded in this run.
-        brought = bring_expiries_forward(
-            database=database, retention=retention, actor="system:expire"
-        )
         task = progress.add_task("crypto-shredding due packets", total=None)
         for attempt in range(EXPIRE_ATTEMPTS):
             if attempt:
                 time.sleep(EXPIRE_RETRY_SECONDS)  # a request holds a packet for milliseconds
+            if left is None or left:
+                # A lowered packet_ttl_days first: the packets it makes due are shredded now.
+                brought = bring_expiries_forward(
+                    database=database, retention=retention, actor="system:expire"
+                )
+                moved, left = moved + brought.moved, brought.left
             shredded += shred_expired(
                 database=database,
                 retention=retention,
@@ -1580,21 +1585,21 @@ def expire(
                 still_due = count_due_for_shredding(
                     session=session, retention=retention, now=moment
                 )
-            if not still_due:
+            if not still_due and not left:
                 break
         forgotten = forget_old_replays(database=database, retention=retention, now=moment)
         # Every purge asked for and not done: this run's, and one that an earlier run or a
         # worker left pending (a reader held it up); this run is the "run it again" they ask for.
         purge_pending = not database.purge_replaced_rows()
-    if brought.moved:
+    if moved:
         console.print(
-            f"brought the expiry of {brought.moved} packets forward to "
+            f"brought the expiry of {moved} packets forward to "
             f"{retention.packet_ttl_days} days after they were built (packet_ttl_days)",
             highlight=False,
         )
-    if brought.left:
+    if left:
         console.print(
-            f"[yellow]{brought.left} packets past packet_ttl_days were in use and keep their "
+            f"[yellow]{left} packets past packet_ttl_days stayed in use and keep their "
             "expiry for now[/yellow]; run `casepackets expire` again",
             highlight=False,
         )
@@ -1618,7 +1623,7 @@ def expire(
             "`casepackets expire` again later[/yellow]",
             highlight=False,
         )
-    if still_due or purge_pending or brought.left:
+    if still_due or purge_pending or left:
         raise typer.Exit(1)
 
 

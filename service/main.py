@@ -44,7 +44,11 @@ from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses, problems_only
 from service.packets.opens import PacketOpens
 from service.packets.router import router as packets_router
-from service.packets.service import bring_expiries_forward, shred_periodically
+from service.packets.service import (
+    bring_expiries_forward,
+    log_brought_forward,
+    shred_periodically,
+)
 from service.policies import load_policies
 from service.records.router import router as records_router
 from service.request_body import JsonRoute
@@ -299,6 +303,7 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
                 actor="system:startup",
             )
             expiries_pending = brought.left > 0
+            log_brought_forward(brought)
         except Exception as exc:
             # The service still starts (readiness reports the database); the shredding rounds
             # try again until it has run through, and so does `casepackets expire`.

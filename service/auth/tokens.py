@@ -281,11 +281,10 @@ def shown_url(url: str) -> str:
     """``url`` as a log may show it: without a user, password, query or fragment (where a
     provider's client secret may ride)."""
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
+    # The text after any user and password (the port is not parsed: one out of range is shown
+    # as given, not a second error inside the handler of the first).
+    place = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, place, parts.path, "", ""))
 
 
 def _refresh_failure(exc: Exception) -> str:

@@ -2400,6 +2400,17 @@ def forget_old_replays(
     return forgotten
 
 
+def log_brought_forward(brought: BroughtForward) -> None:
+    """Say in the server log what ``bring_expiries_forward`` did, when it did anything."""
+    if brought.moved:
+        logger.info("brought the expiry of %d packets forward (packet_ttl_days)", brought.moved)
+    if brought.left:
+        logger.warning(
+            "%d packets past packet_ttl_days were in use; the next shredding round moves them",
+            brought.left,
+        )
+
+
 def _shredding_round(
     *, database: Database, retention: RetentionPolicy, expiries_pending: bool
 ) -> tuple[int, bool]:
@@ -2407,10 +2418,19 @@ def _shredding_round(
     then the shredding job. Returns how many packets were shredded, and whether expiries are
     still pending."""
     if expiries_pending:
-        brought = bring_expiries_forward(
-            database=database, retention=retention, actor="system:shredder"
-        )
-        expiries_pending = brought.left > 0
+        try:
+            brought = bring_expiries_forward(
+                database=database, retention=retention, actor="system:shredder"
+            )
+        except Exception as exc:  # the round's shredding still runs; the next round tries again
+            logger.warning(
+                "could not apply packet_ttl_days to the packets built before start-up (%s); "
+                "retrying next round",
+                type(exc).__name__,
+            )
+        else:
+            expiries_pending = brought.left > 0
+            log_brought_forward(brought)
     shredded = shred_expired(database=database, retention=retention, actor="system:shredder")
     forget_old_replays(database=database, retention=retention)
     database.purge_replaced_rows()

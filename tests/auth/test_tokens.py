@@ -976,6 +976,19 @@ def test_a_failed_refresh_is_logged_without_the_url_s_credentials(
         assert secret not in caplog.text
 
 
+def test_a_jwks_url_with_a_port_out_of_range_is_a_failed_fetch_not_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def fetch(url: str) -> Mapping[str, Any]:
+        raise httpx.ConnectError("cannot connect", request=httpx.Request("GET", "https://idp/"))
+
+    caplog.set_level(logging.WARNING, logger="casepackets")
+    keys = KeySet(url="https://u:s3cret@idp.example:99999/jwks", fetch=fetch)
+    assert keys.readiness() == "no keys (JWKS fetch failed: ConnectError)"
+    assert "https://idp.example:99999/jwks failed" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
 def test_jwks_entries_that_are_not_objects_are_refused_and_keys_without_a_kid_reported(
     tmp_path: Path, home_key: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -24,6 +24,7 @@ from sqlmodel import Session
 from typer.testing import CliRunner
 
 from service import db as db_module
+from service.access_log.service import LogUnavailable
 from service.cli import app as cli
 from service.config import Settings, get_settings
 from service.crypto.envelope import DataKey, unwrap_key
@@ -1500,6 +1501,46 @@ def test_shredding_rounds_leave_expiries_alone_once_start_up_has_applied_the_ttl
     moved = log_entries(session, "packet.expiry")
     assert packet["id"] in [e["object_id"] for e in moved]
     assert {e["actor"] for e in moved} == {"system:shredder"}
+
+
+def test_a_round_whose_expiry_pass_fails_still_shreds_and_tries_again_next_time(
+    app: Any,
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    database: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    built_days_ago(session, packet["id"], 120)  # due under the shipped 90 days already
+    retention = app.state.retention_policy
+
+    def busy(**_: Any) -> packets_service.BroughtForward:
+        raise LogUnavailable("the access log is busy")
+
+    monkeypatch.setattr(packets_service, "bring_expiries_forward", busy)
+    assert packets_service._shredding_round(
+        database=database, retention=retention, expiries_pending=True
+    ) == (1, True)
+    assert_shredded(packet_state(session, packet["id"]), "expired", notes=0)
+
+
+def test_expire_tries_again_for_packets_a_request_held(
+    cli_env: None, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[packets_service.BroughtForward] = [
+        packets_service.BroughtForward(moved=2, left=1),
+        packets_service.BroughtForward(moved=1, left=0),
+    ]
+    monkeypatch.setattr(packets_service, "bring_expiries_forward", lambda **_: passes.pop(0))
+    monkeypatch.setattr("service.cli.EXPIRE_RETRY_SECONDS", 0)
+    result = CliRunner().invoke(cli, ["expire"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, said
+    assert passes == []
+    assert "brought the expiry of 3 packets forward" in said
+    assert "stayed in use" not in said
 
 
 @pytest.mark.parametrize(
