@@ -1540,8 +1540,9 @@ def expire(
     Deletes each due packet's wrapped key, its members' wraps and its follow-up notes; metadata,
     outcome codes and the access log stay. Every shred is logged. Safe to run while the service
     (which also does this periodically) is running, and safe to interrupt and run again. Exit
-    status 1 when a due packet stayed in use (by a request or another shredder) past a few
-    tries, or overwritten rows could not be purged yet: run it again later.
+    status 1 when a due packet, or one whose expiry was to be brought forward, stayed in use (by
+    a request or another shredder) past a few tries, or overwritten rows could not be purged
+    yet: run it again later.
     """
     from service.packets.models import utcnow
     from service.packets.policy import PacketsPolicyError, load_retention_policy
