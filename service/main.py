@@ -44,11 +44,7 @@ from service.flagging.router import router as flagging_router
 from service.openapi import problem_responses, problems_only
 from service.packets.opens import PacketOpens
 from service.packets.router import router as packets_router
-from service.packets.service import (
-    bring_expiries_forward,
-    log_brought_forward,
-    shred_periodically,
-)
+from service.packets.service import apply_lowered_ttl, shred_periodically
 from service.policies import load_policies
 from service.records.router import router as records_router
 from service.request_body import JsonRoute
@@ -293,25 +289,14 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Before the first request: a packet_ttl_days lowered since the packets were built binds
-        # them from now on (an open of one past it gets 410, like any expired packet).
-        expiries_pending = True
-        try:
-            brought = await asyncio.to_thread(
-                bring_expiries_forward,
-                database=database,
-                retention=policies.retention,
-                actor="system:startup",
-            )
-            expiries_pending = brought.left > 0
-            log_brought_forward(brought)
-        except Exception as exc:
-            # The service still starts (readiness reports the database); the shredding rounds
-            # try again until it has run through, and so does `casepackets expire`.
-            logger.warning(
-                "could not apply packet_ttl_days to the packets built before start-up (%s); "
-                "the next shredding round or `casepackets expire` will",
-                type(exc).__name__,
-            )
+        # them from now on (an open of one past it gets 410, like any expired packet). If it
+        # fails, the service still starts (readiness reports the database); the rounds go on.
+        expiries_pending = await asyncio.to_thread(
+            apply_lowered_ttl,
+            database=database,
+            retention=policies.retention,
+            actor="system:startup",
+        )
         shredder = None
         if settings.shred_interval_seconds > 0:
             shredder = asyncio.create_task(

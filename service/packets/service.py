@@ -2243,7 +2243,6 @@ def _bring_forward(
     to ``created_at + packet_ttl_days``, judged under the packets' locks; one ``packet.expiry``
     entry per packet moved. A packet another transaction holds is skipped (PostgreSQL), not
     waited for. Returns how many were moved."""
-    ttl = timedelta(days=retention.packet_ttl_days)
     # Locked in id order, as an open, a close or an erasure locks them: no lock cycle. A packet
     # another worker moved or shredded meanwhile is judged as it is now, so it is moved once.
     rows = session.execute(
@@ -2253,13 +2252,9 @@ def _bring_forward(
         .with_for_update(skip_locked=True)  # one a request holds is left for the next pass
     ).all()
     moves = [
-        (
-            row.id,
-            as_utc(row.expires_at).astimezone(UTC),
-            as_utc(row.created_at).astimezone(UTC) + ttl,
-        )
+        (row.id, as_utc(row.expires_at).astimezone(UTC), due)
         for row in rows
-        if as_utc(row.expires_at) > as_utc(row.created_at) + ttl
+        if (due := _expiry_under(retention, row.created_at, row.expires_at)) is not None
     ]
     if not moves:
         return 0
@@ -2296,17 +2291,29 @@ class BroughtForward:
     left: int  # late packets a request held meanwhile (PostgreSQL): a later pass moves them
 
 
+def _expiry_under(
+    retention: RetentionPolicy, created_at: datetime, expires_at: datetime
+) -> datetime | None:
+    """The earlier expiry ``packet_ttl_days`` gives a packet built at ``created_at`` (in UTC),
+    or None when ``expires_at`` is not later than that."""
+    due = as_utc(created_at).astimezone(UTC) + timedelta(days=retention.packet_ttl_days)
+    return due if as_utc(expires_at) > due else None
+
+
 def _late_packet_ids(session: Session, retention: RetentionPolicy) -> list[str]:
     """Packets not yet shredded whose expiry lies more than ``packet_ttl_days`` after they were
     built, in id order."""
-    ttl = timedelta(days=retention.packet_ttl_days)
     rows = session.execute(
         select(_packets.c.id, _packets.c.created_at, _packets.c.expires_at).where(
             _packets.c.status.in_((*OPEN_STATUSES, "closed")),
             _packets.c.shredded_at.is_(None),
         )
     ).all()
-    return sorted(row.id for row in rows if as_utc(row.expires_at) > as_utc(row.created_at) + ttl)
+    return sorted(
+        row.id
+        for row in rows
+        if _expiry_under(retention, row.created_at, row.expires_at) is not None
+    )
 
 
 def bring_expiries_forward(
@@ -2400,8 +2407,20 @@ def forget_old_replays(
     return forgotten
 
 
-def log_brought_forward(brought: BroughtForward) -> None:
-    """Say in the server log what ``bring_expiries_forward`` did, when it did anything."""
+def apply_lowered_ttl(*, database: Database, retention: RetentionPolicy, actor: str) -> bool:
+    """``bring_expiries_forward`` as the service runs it (at start-up, then in the shredding
+    rounds until it has run through): what it did, or why it failed, goes to the server log,
+    and no failure escapes. Returns whether it is still pending (it failed, or left packets a
+    request held)."""
+    try:
+        brought = bring_expiries_forward(database=database, retention=retention, actor=actor)
+    except Exception as exc:
+        logger.warning(
+            "could not apply packet_ttl_days to the packets built before start-up (%s); the next "
+            "shredding round or `casepackets expire` will",
+            type(exc).__name__,
+        )
+        return True
     if brought.moved:
         logger.info("brought the expiry of %d packets forward (packet_ttl_days)", brought.moved)
     if brought.left:
@@ -2409,6 +2428,7 @@ def log_brought_forward(brought: BroughtForward) -> None:
             "%d packets past packet_ttl_days were in use; the next shredding round moves them",
             brought.left,
         )
+    return brought.left > 0
 
 
 def _shredding_round(
@@ -2417,20 +2437,10 @@ def _shredding_round(
     """One round: the start-up's ``bring_expiries_forward`` first while it has not run through,
     then the shredding job. Returns how many packets were shredded, and whether expiries are
     still pending."""
-    if expiries_pending:
-        try:
-            brought = bring_expiries_forward(
-                database=database, retention=retention, actor="system:shredder"
-            )
-        except Exception as exc:  # the round's shredding still runs; the next round tries again
-            logger.warning(
-                "could not apply packet_ttl_days to the packets built before start-up (%s); "
-                "retrying next round",
-                type(exc).__name__,
-            )
-        else:
-            expiries_pending = brought.left > 0
-            log_brought_forward(brought)
+    if expiries_pending:  # a failure here leaves the round's shredding to run
+        expiries_pending = apply_lowered_ttl(
+            database=database, retention=retention, actor="system:shredder"
+        )
     shredded = shred_expired(database=database, retention=retention, actor="system:shredder")
     forget_old_replays(database=database, retention=retention)
     database.purge_replaced_rows()
