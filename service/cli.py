@@ -596,15 +596,13 @@ def log_export(database: Database, *, size: int) -> str | None:
     could not be written, or None."""
     try:
         with database.transaction() as session:
-            append(
-                session=session,
-                entry=LogEntry(
-                    actor="system:audit-export",
-                    role="system",
-                    action="audit.read",
-                    object_type="audit",
-                    object_id=f"export:0-{size}",
-                ),
+            log_system_action(
+                session,
+                command="audit-export",
+                action="audit.read",
+                object_type="audit",
+                object_id=f"export:0-{size}",
+                reason=None,
             )
     except LogUnavailable:
         return "the log stayed busy longer than its bound"
@@ -812,16 +810,23 @@ def keyring_edit_or_exit(settings: Settings) -> Iterator[LockedKeyring]:
 
 
 def log_system_action(
-    session: Session, *, command: str, action: str, object_id: str, reason: str
+    session: Session,
+    *,
+    command: str,
+    action: str,
+    object_id: str,
+    reason: str | None,
+    object_type: str = "key",
 ) -> int:
-    """Append a key command's entry; returns its leaf index."""
+    """Append a command's entry (a key command's unless ``object_type`` says otherwise);
+    returns its leaf index."""
     return append(
         session=session,
         entry=LogEntry(
             actor=f"system:{command}",
             role="system",
             action=action,
-            object_type="key",
+            object_type=object_type,
             object_id=object_id,
             reason=reason,
         ),
