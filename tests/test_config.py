@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import ValidationError
 
 from service.cli import refusal
@@ -165,6 +168,40 @@ def test_a_wheel_ships_every_policy_and_migration() -> None:
         if path.is_file() and "__pycache__" not in path.parts
     }
     assert needed == listed
+
+
+def pinned_versions() -> dict[str, str]:
+    """constraints.txt as {normalized name: version}."""
+    lines = (PROJECT_ROOT / "constraints.txt").read_text().splitlines()
+    pairs = (line.split("==") for line in lines if line and not line.startswith("#"))
+    return {canonicalize_name(name): version for name, version in pairs}
+
+
+def test_constraints_pin_every_package_the_project_installs() -> None:
+    """constraints.txt (written by scripts/lock) pins what pyproject asks for, with the dev
+    extras, and everything that needs in turn, at the versions installed here: a dependency added
+    without refreshing it, or an install that ignored it, would run unpinned."""
+    pinned = pinned_versions()
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [
+        Requirement(line)
+        for line in project["dependencies"] + project["optional-dependencies"]["dev"]
+    ]
+    seen: dict[str, str] = {}
+    while wanted:
+        requirement = wanted.pop()
+        name = canonicalize_name(requirement.name)
+        if name in seen:
+            continue
+        distribution = importlib.metadata.distribution(name)
+        seen[name] = distribution.version
+        extras = {"", *requirement.extras}
+        for line in distribution.requires or ():
+            needed = Requirement(line)
+            marker = needed.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras):
+                wanted.append(needed)
+    assert {name: pinned.get(name) for name in seen} == seen
 
 
 @pytest.mark.parametrize(
