@@ -157,6 +157,24 @@ LOGGED_DENIALS = {
 }
 
 
+# Routes that turn callers away on the permission alone (service.access_log.guard.require): the
+# denied entry names the permission as its action and the route as its object.
+GUARDED = {
+    ("POST", "/v1/records/batch"): "records.ingest",
+    ("POST", "/v1/subjects/{pseudonym}/erase"): "subjects.erase",
+    ("POST", "/v1/professionals"): "professionals.manage",
+    ("GET", "/v1/professionals"): "professionals.manage",
+    ("PATCH", "/v1/professionals/{professional_id}"): "professionals.manage",
+    ("POST", "/v1/professionals/{professional_id}/deactivate"): "professionals.manage",
+    ("POST", "/v1/packets/partition"): "packets.partition",
+    ("GET", "/v1/packets"): "packets.read",
+    ("POST", "/v1/flagging/runs"): "flagging.run",
+    ("GET", "/v1/flagging/runs/{run_id}"): "flagging.read",
+    ("GET", "/v1/flagging/runs/{run_id}/flags"): "flagging.read",
+    ("POST", "/v1/flags"): "flags.push",
+}
+
+
 HTTP_METHODS = {"get", "head", "post", "put", "patch", "delete", "options", "trace"}
 
 
@@ -363,6 +381,7 @@ def test_authorization_matrix(
     leaks: list[str] = []
     owner_saw_identities = False
     expected_denials: Counter[tuple[str, str]] = Counter()
+    expected_routes: Counter[tuple[str, str, str]] = Counter()
     for key, row in MATRIX.items():
         for role in ROLES:
             expectation = row[role]
@@ -396,8 +415,15 @@ def test_authorization_matrix(
                     owner_saw_identities |= bool(found)
                 elif found:
                     leaks.append(f"{method} {key[1]} as {role} ({variant})")
-                if key in LOGGED_DENIALS and status in (403, 404) and role != "anonymous":
+                if role == "anonymous" or status not in (403, 404):
+                    continue
+                if key in LOGGED_DENIALS:
                     expected_denials[(LOGGED_DENIALS[key], SUBS[role])] += 1
+                elif status == 403:
+                    # every 403 leaves a denied entry; a route missing here fails the comparison
+                    action = GUARDED.get(key, f"no denial known for {key}")
+                    expected_denials[(action, SUBS[role])] += 1
+                    expected_routes[(action, SUBS[role], " ".join(key))] += 1
 
     assert not mismatches, "authorization matrix violated:\n" + "\n".join(mismatches)
     assert not leaks, f"identities reached a non-owner: {leaks}"
@@ -406,6 +432,12 @@ def test_authorization_matrix(
         (e["action"], e["actor"]) for e in log_entries(session) if e["outcome"] == "denied"
     )
     assert denied == expected_denials
+    refused_on_permission = Counter(
+        (e["action"], e["actor"], e["object_id"])
+        for e in log_entries(session)
+        if e["outcome"] == "denied" and e["object_type"] == "route"
+    )
+    assert refused_on_permission == expected_routes
     assert leaked(str(log_entries(session)), world.secrets) == []
 
 

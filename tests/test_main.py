@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from service import request_body
-from service.auth.dependencies import Caller, require
+from service.access_log.guard import require
+from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.config import Settings
 from service.errors import served_routes

@@ -1,18 +1,18 @@
-"""FastAPI dependencies that turn a bearer token into a ``Caller`` and enforce permissions.
+"""FastAPI dependencies that turn a bearer token into a ``Caller``.
 
 Invariant: every route but health and the JWKS document depends on ``authenticate`` (through
-``require(...)`` or ``CurrentCaller``); a request without a valid token gets 401 (with
-``WWW-Authenticate``), one without the permission 403. The 401 comes before anything else about
-the request is looked at: ``service.request_body.JsonRoute`` verifies the token of every route
-that ``requires_token`` before it parses the body, and before the query or the body is checked
-against what the route takes, so an anonymous caller costs no parsing and learns nothing about
-a route's parameters.
+``service.access_log.guard.require(...)`` or ``CurrentCaller``); a request without a valid token
+gets 401 (with ``WWW-Authenticate``), one without the permission a logged 403. The 401 comes
+before anything else about the request is looked at: ``service.request_body.JsonRoute``
+verifies the token of every route that ``requires_token`` before it parses the body, and before
+the query or the body is checked against what the route takes, so an anonymous caller costs no
+parsing and learns nothing about a route's parameters.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.auth.permissions import AccessPolicy, Permission, known_roles
 from service.auth.tokens import InvalidToken, TokenVerifier
-from service.errors import Forbidden, Unauthenticated
+from service.errors import Unauthenticated
 
 bearer_scheme = HTTPBearer(auto_error=False, description="JWT from the configured issuer")
 
@@ -88,14 +88,3 @@ async def authenticate_request(request: Request) -> Caller:
     """``authenticate`` outside dependency injection, for a route class to call before it
     reads the body; 401 when the token is missing or invalid."""
     return await authenticate(request, await bearer_scheme(request))
-
-
-def require(permission: Permission) -> Any:
-    """``caller: Annotated[Caller, require(Permission.X)]`` — 403 unless the caller has X."""
-
-    async def _check(caller: CurrentCaller) -> Caller:
-        if not caller.can(permission):
-            raise Forbidden(f"this action needs the permission {permission.value!r}")
-        return caller
-
-    return Depends(_check)

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 
-from service.auth.dependencies import Caller, require
+from service.access_log.guard import require
+from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.clock import today
 from service.db import SessionDep

@@ -12,7 +12,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service.auth.dependencies import Caller, CurrentCaller, require
+from service.access_log.guard import require
+from service.auth.dependencies import Caller, CurrentCaller
 from service.auth.permissions import Permission
 from service.crypto.keyring import KeyProvider
 from service.db import SessionDep

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Request, Response
 
-from service.auth.dependencies import Caller, require
+from service.access_log.guard import require
+from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.config import Settings
 from service.crypto.keyring import Keyring

@@ -1,0 +1,81 @@
+"""A caller turned away for lacking a permission leaves a denied entry before the 403, and gets
+503 instead when the log cannot take it (the matrix in tests/test_authorization.py checks every
+route's refusals; these check what one entry holds and the fail-closed path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session
+
+from service.config import Settings
+from service.db import Database
+from service.main import create_app
+from tests.conftest import TokenFactory, bearer
+from tests.packets.scenario import HeldLogLock, log_entries
+
+REQUEST_ID = "3f2b8c1e9d7a4b6c8e0f1a2b3c4d5e6f"
+PSEUDONYM = "ps-typed-by-the-caller"
+
+
+def test_a_refusal_names_who_tried_what_and_the_route_but_not_the_values_in_its_path(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    professional = bearer(token("prof-001", "professional")) | {"X-Request-ID": REQUEST_ID}
+    response = client.post(f"/v1/subjects/{PSEUDONYM}/erase", headers=professional)
+    assert response.status_code == 403
+    assert response.json()["detail"] == "this action needs the permission 'subjects.erase'"
+    [refused] = log_entries(session)
+    assert refused == refused | {
+        "actor": "prof-001",
+        "role": "professional",
+        "action": "subjects.erase",
+        "object_type": "route",
+        "object_id": "POST /v1/subjects/{pseudonym}/erase",
+        "outcome": "denied",
+        "reason": "lacks subjects.erase",
+        "request_id": REQUEST_ID,
+        "pseudonyms": [],
+    }
+    assert PSEUDONYM not in str(refused)
+
+
+def test_a_caller_with_the_permission_leaves_no_denied_entry(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    assert client.get("/v1/professionals", headers=coordinator).status_code == 200
+    assert log_entries(session) == []
+
+
+def test_a_refusal_the_log_cannot_take_is_a_503(
+    client: TestClient, token: TokenFactory, db_url: str, home: Path, session: Session
+) -> None:
+    bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.5)
+    database = Database(bounded)
+    professional = bearer(token("prof-001", "professional"))
+    try:
+        with TestClient(create_app(bounded, database=database)) as busy:
+            with HeldLogLock(db_url):
+                response = busy.get("/v1/professionals", headers=professional)
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert log_entries(session) == []
+            # once the log is free the same request is refused, and logged
+            assert busy.get("/v1/professionals", headers=professional).status_code == 403
+            assert [e["action"] for e in log_entries(session)] == ["professionals.manage"]
+    finally:
+        database.dispose()
+
+
+@pytest.mark.parametrize("role", ["auditor", "source", "analyst", "admin", None])
+def test_every_role_without_the_permission_is_logged_under_its_own_name(
+    client: TestClient, token: TokenFactory, session: Session, role: str | None
+) -> None:
+    caller = bearer(token("someone-001", role) if role else token("someone-001"))
+    assert client.post("/v1/flagging/runs", json={}, headers=caller).status_code == 403
+    [refused] = log_entries(session)
+    assert (refused["actor"], refused["role"]) == ("someone-001", role or "none")
+    assert refused["object_id"] == "POST /v1/flagging/runs"
