@@ -24,6 +24,7 @@ from sqlalchemy import text
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.access_log.guard import lacks_permission
 from service.access_log.router import install as install_access_log
 from service.auth.router import router as auth_router
 from service.auth.tokens import DevIssuer, KeySet, TokenVerifier
@@ -201,13 +202,17 @@ async def refuse_unknown_input(request: Request) -> None:
     422 for a body sent to a route that takes none (``POST /close`` with ``{"force": true}``
     would otherwise succeed as if the field had been understood). A route that needs a token
     has verified it before this runs (``JsonRoute``): a caller without one gets 401 and learns
-    nothing of the parameters a route takes."""
+    nothing of the parameters a route takes; one whose roles lack the route's permission gets
+    its logged 403 (``service.access_log.guard``), so no stray parameter keeps a refusal out of
+    the log."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not route.path.startswith("/v1/"):
         return  # health probes: whatever a load balancer appends is harmless there
     if request.method in _WRITES and not _takes_body(route.dependant):
         headers = request.headers
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+            if lacks_permission(request.state, route.dependant):
+                return
             raise Unprocessable(
                 f"{request_path(request)} takes no request body; send none",
                 errors=[{"loc": ["body"], "msg": "this route takes no body"}],
@@ -215,6 +220,8 @@ async def refuse_unknown_input(request: Request) -> None:
     if not request.query_params:
         return
     accepted = _query_names(route.dependant)  # a few fields; only requests with a query pay
+    if lacks_permission(request.state, route.dependant):
+        return
     if not accepted.issuperset(request.query_params.keys()):
         takes = ", ".join(sorted(accepted)) if accepted else "none"
         raise Unprocessable(

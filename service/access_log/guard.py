@@ -15,13 +15,15 @@ from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.dependencies.models import Dependant
 from sqlmodel import Session
+from starlette.datastructures import State
 
 from service.access_log.service import LogEntry, append
 from service.auth.dependencies import Caller, CurrentCaller
 from service.auth.permissions import Permission
 from service.db import SessionDep
-from service.errors import Forbidden
+from service.errors import Forbidden, ServiceError
 
 
 class PermissionRefused(Forbidden):
@@ -34,28 +36,54 @@ def route_of(request: Request) -> str:
     return f"{request.method} {getattr(route, 'path', request.url.path)}"
 
 
-def log_refusal(session: Session, caller: Caller, permission: Permission, route: str) -> None:
-    append(
-        session=session,
-        entry=LogEntry.by(
-            caller,
-            action=permission.value,
-            object_type="route",
-            object_id=route,
-            outcome="denied",
-            reason=f"lacks {permission.value}",
-        ),
-    )
+class Require:
+    """The dependency ``require`` returns. ``permission`` tells others (``refuse_unknown_input``)
+    which permission the route needs; a subclass may log and word its refusal otherwise."""
+
+    def __init__(self, permission: Permission) -> None:
+        self.permission = permission
+
+    async def __call__(
+        self, request: Request, session: SessionDep, caller: CurrentCaller
+    ) -> Caller:
+        if caller.can(self.permission):
+            return caller
+        await run_in_threadpool(self.log_refusal, request, session, caller)
+        raise self.refusal()
+
+    def log_refusal(self, request: Request, session: Session, caller: Caller) -> None:
+        append(
+            session=session,
+            entry=LogEntry.by(
+                caller,
+                action=self.permission.value,
+                object_type="route",
+                object_id=route_of(request),
+                outcome="denied",
+                reason=f"lacks {self.permission.value}",
+            ),
+        )
+
+    def refusal(self) -> ServiceError:
+        return PermissionRefused(f"this action needs the permission {self.permission.value!r}")
 
 
 def require(permission: Permission) -> Any:
     """``caller: Annotated[Caller, require(Permission.X)]``: the caller if they hold X;
     otherwise a logged 403."""
+    return Depends(Require(permission))
 
-    async def _check(request: Request, session: SessionDep, caller: CurrentCaller) -> Caller:
-        if caller.can(permission):
-            return caller
-        await run_in_threadpool(log_refusal, session, caller, permission, route_of(request))
-        raise PermissionRefused(f"this action needs the permission {permission.value!r}")
 
-    return Depends(_check)
+def lacks_permission(state: State, dependant: Dependant) -> bool:
+    """Whether the caller this request's ``state`` holds (verified by ``JsonRoute``) lacks a
+    permission the route, or a dependency of it, requires."""
+    caller = getattr(state, "caller", None)
+    return isinstance(caller, Caller) and _lacks(caller, dependant)
+
+
+def _lacks(caller: Caller, dependant: Dependant) -> bool:
+    return any(
+        (isinstance(sub.call, Require) and not caller.can(sub.call.permission))
+        or _lacks(caller, sub)
+        for sub in dependant.dependencies
+    )

@@ -19,15 +19,16 @@ from sqlmodel import Session
 from starlette.datastructures import State
 
 from service.access_log import service
+from service.access_log.guard import Require
 from service.access_log.handover import handover_line, handover_notes
 from service.access_log.models import ConsistencyProofPublic, InclusionProofPublic
-from service.auth.dependencies import Caller, CurrentCaller
+from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.config import Settings
 from service.crypto.keyring import KeyProvider
 from service.crypto.signing import NoteSigner
 from service.db import Database, SessionDep
-from service.errors import BadRequest, Forbidden, Unavailable
+from service.errors import BadRequest, Forbidden, ServiceError, Unavailable
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.request_body import JsonRoute
 from service.schemas import MAX_INT64
@@ -45,21 +46,24 @@ class AuditRangeRefused(BadRequest):
     commit_before_raising = True
 
 
-def audit_caller(request: Request, session: SessionDep, caller: CurrentCaller) -> Caller:
-    """The caller if they may read the log; otherwise a denied ``audit.read`` entry and 403."""
-    if caller.can(Permission.AUDIT_READ):
-        return caller
-    service.log_audit_read(
-        session=session,
-        caller=caller,
-        object_id=request.url.path.removeprefix(f"{PREFIX}/"),
-        outcome="denied",
-        reason=f"lacks {Permission.AUDIT_READ.value}",
-    )
-    raise AuditReadRefused(f"this action needs the permission {Permission.AUDIT_READ.value!r}")
+class AuditRead(Require):
+    """The caller if they may read the log; otherwise a denied ``audit.read`` entry naming the
+    part of the log asked for, and 403."""
+
+    def log_refusal(self, request: Request, session: Session, caller: Caller) -> None:
+        service.log_audit_read(
+            session=session,
+            caller=caller,
+            object_id=request.url.path.removeprefix(f"{PREFIX}/"),
+            outcome="denied",
+            reason=f"lacks {self.permission.value}",
+        )
+
+    def refusal(self) -> ServiceError:
+        return AuditReadRefused(f"this action needs the permission {self.permission.value!r}")
 
 
-Auditor = Annotated[Caller, Depends(audit_caller)]
+Auditor = Annotated[Caller, Depends(AuditRead(Permission.AUDIT_READ))]
 
 
 def _read(session: Session, caller: Caller, object_id: str, read: Callable[[], _T]) -> _T:

@@ -79,3 +79,39 @@ def test_every_role_without_the_permission_is_logged_under_its_own_name(
     [refused] = log_entries(session)
     assert (refused["actor"], refused["role"]) == ("someone-001", role or "none")
     assert refused["object_id"] == "POST /v1/flagging/runs"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "logged"),
+    [
+        ("GET", "/v1/professionals?stray=1", None, ("professionals.manage", "route")),
+        ("GET", "/v1/packets?status=open&status=closed", None, ("packets.read", "route")),
+        ("POST", "/v1/subjects/ps-1/erase", {"now": True}, ("subjects.erase", "route")),
+        ("GET", "/v1/audit/checkpoint?stray=1", None, ("audit.read", "audit")),
+    ],
+    ids=["unknown-query", "repeated-query", "body-where-none-is-taken", "audit-route"],
+)
+def test_a_stray_parameter_does_not_keep_a_refusal_out_of_the_log(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    method: str,
+    path: str,
+    body: dict[str, bool] | None,
+    logged: tuple[str, str],
+) -> None:
+    """A caller whose roles lack the permission gets the logged 403 whatever else is wrong
+    with the request; the 422 for input the route does not take is for callers it admits."""
+    analyst = bearer(token("analyst-001", "analyst"))
+    response = client.request(method, path, json=body, headers=analyst)
+    assert response.status_code == 403, response.text
+    [refused] = log_entries(session)
+    assert (refused["action"], refused["object_type"], refused["outcome"]) == (*logged, "denied")
+    admitted = {
+        "professionals.manage": ("coord-001", "coordinator"),
+        "packets.read": ("coord-001", "coordinator"),
+        "subjects.erase": ("admin-001", "admin"),
+        "audit.read": ("auditor-001", "auditor"),
+    }[logged[0]]
+    response = client.request(method, path, json=body, headers=bearer(token(*admitted)))
+    assert response.status_code == 422, response.text
