@@ -11,7 +11,8 @@ and a body of a million of them would cost seconds and a gigabyte to list.
 
 Parsing a large body costs the event loop most of a second, so a route that needs a token
 verifies it first: a request without a valid one gets its 401 and its body is never parsed (it
-was received, up to the size limit, by ``service.main.BodySizeLimit``).
+was received, up to the size limit, by ``service.main.BodySizeLimit``); nor is the body of a
+caller whose roles lack the route's permission, who gets the logged 403.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.types import Message
 
+from service.access_log.guard import lacks_permission
 from service.auth.dependencies import authenticate_request, requires_token
 from service.errors import RefusedObject
 
@@ -53,18 +56,28 @@ class _JsonRequest(Request):
         return self._json
 
 
+async def _no_body() -> Message:
+    """What a route reads instead of the body of a caller it will refuse (its logged 403,
+    ``service.access_log.guard``, comes before anything is said of the body)."""
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
 class JsonRoute(APIRoute):
     """An ``APIRoute`` whose handler reads JSON bodies with ``parse_json_body``, and only once
     the caller's token is verified when the route needs one: before FastAPI reads the body or
-    solves a single dependency (so also before ``service.main.refuse_unknown_input``)."""
+    solves a single dependency (so also before ``service.main.refuse_unknown_input``). A caller
+    the route's ``require`` will refuse has no body read at all."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         needs_token = requires_token(self.dependant)
 
         async def read_strictly(request: Request) -> Response:
+            receive = request.receive
             if needs_token:
                 await authenticate_request(request)  # an anonymous body is never parsed
-            return await handler(_JsonRequest(request.scope, request.receive))
+                if lacks_permission(request.state, self.dependant):
+                    receive = _no_body  # nor is the body of a caller the route turns away
+            return await handler(_JsonRequest(request.scope, receive))
 
         return read_strictly

@@ -115,3 +115,25 @@ def test_a_stray_parameter_does_not_keep_a_refusal_out_of_the_log(
     }[logged[0]]
     response = client.request(method, path, json=body, headers=bearer(token(*admitted)))
     assert response.status_code == 422, response.text
+
+
+def test_the_body_of_a_caller_the_route_turns_away_is_never_read(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    """Parsing a body of many megabytes holds a worker's event loop: a caller who lacks the
+    permission gets the logged 403 without it being parsed (a body that is not JSON shows it)."""
+    not_json = b'{"batch": [' + b"{}," * 1000
+    headers = {"Content-Type": "application/json"}
+    for caller in (("prof-001", "professional"), ("auditor-001", "auditor")):
+        refused = client.post(
+            "/v1/records/batch", content=not_json, headers=headers | bearer(token(*caller))
+        )
+        assert refused.status_code == 403, refused.text
+    assert [(e["actor"], e["action"]) for e in log_entries(session)] == [
+        ("prof-001", "records.ingest"),
+        ("auditor-001", "records.ingest"),
+    ]
+    admitted = client.post(
+        "/v1/records/batch", content=not_json, headers=headers | bearer(token("src-001", "source"))
+    )
+    assert admitted.status_code == 422, admitted.text
