@@ -25,7 +25,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import Message
 
-from service.access_log.guard import lacks_permission
+from service.access_log.guard import lacks_permission, required_permissions
 from service.auth.dependencies import authenticate_request, requires_token
 from service.errors import RefusedObject
 
@@ -71,12 +71,13 @@ class JsonRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         needs_token = requires_token(self.dependant)
+        required = required_permissions(self.dependant)
 
         async def read_strictly(request: Request) -> Response:
             receive = request.receive
             if needs_token:
                 await authenticate_request(request)  # an anonymous body is never parsed
-                if lacks_permission(request.state, self.dependant):
+                if lacks_permission(request.state, required):
                     receive = _no_body  # nor is the body of a caller the route turns away
             return await handler(_JsonRequest(request.scope, receive))
 

@@ -74,16 +74,18 @@ def require(permission: Permission) -> Any:
     return Depends(Require(permission))
 
 
-def lacks_permission(state: State, dependant: Dependant) -> bool:
-    """Whether the caller this request's ``state`` holds (verified by ``JsonRoute``) lacks a
-    permission the route, or a dependency of it, requires."""
+def required_permissions(dependant: Dependant) -> frozenset[Permission]:
+    """The permissions the route, or a dependency of it, requires through ``require``."""
+    found: set[Permission] = set()
+    for sub in dependant.dependencies:
+        if isinstance(sub.call, Require):
+            found.add(sub.call.permission)
+        found |= required_permissions(sub)
+    return frozenset(found)
+
+
+def lacks_permission(state: State, required: frozenset[Permission]) -> bool:
+    """Whether the caller this request's ``state`` holds (verified by ``JsonRoute``) lacks one
+    of the ``required`` permissions."""
     caller = getattr(state, "caller", None)
-    return isinstance(caller, Caller) and _lacks(caller, dependant)
-
-
-def _lacks(caller: Caller, dependant: Dependant) -> bool:
-    return any(
-        (isinstance(sub.call, Require) and not caller.can(sub.call.permission))
-        or _lacks(caller, sub)
-        for sub in dependant.dependencies
-    )
+    return isinstance(caller, Caller) and not required <= caller.permissions
