@@ -312,3 +312,63 @@ def test_extending_in_one_batch_completes_the_subtrees_of_appending_one_by_one(
     assert len(completed) == len(expected)
     known = {s: before.levels[s.level][s.index] for s in merkle.peaks(size)} | dict(completed)
     assert merkle.fold([known[s] for s in merkle.peaks(size + batch)]) == after.root()
+
+
+def test_an_inclusion_proof_with_extra_or_missing_hashes_is_refused(ct_tree: MemoryTree) -> None:
+    # RFC 9162 §2.1.3.2: a proof must be used up exactly when the path reaches the root.
+    root = ct_tree.root(8)
+    proof = merkle.inclusion_proof(5, 8, ct_tree.lookup)
+    leaf = leaf_hash(CT_LEAVES[5])
+    verify_inclusion(leaf=leaf, index=5, size=8, proof=proof, root=root)
+    with pytest.raises(ProofError, match="too long"):
+        verify_inclusion(leaf=leaf, index=5, size=8, proof=[*proof, b"\x42" * 32], root=root)
+    # An interior node passed off as leaf 0 reaches the root one step early: too short.
+    pair = node_hash(leaf_hash(CT_LEAVES[0]), leaf_hash(CT_LEAVES[1]))
+    with pytest.raises(ProofError, match="too short"):
+        verify_inclusion(
+            leaf=pair, index=0, size=3, proof=[leaf_hash(CT_LEAVES[2])], root=ct_tree.root(3)
+        )
+
+
+def test_a_consistency_proof_with_extra_or_missing_hashes_is_refused(ct_tree: MemoryTree) -> None:
+    first_root, second_root = ct_tree.root(6), ct_tree.root(8)
+    proof = merkle.consistency_proof(6, 8, ct_tree.lookup)
+    verify_consistency(
+        first=6, second=8, first_root=first_root, second_root=second_root, proof=proof
+    )
+    with pytest.raises(ProofError, match="too long"):
+        verify_consistency(
+            first=6,
+            second=8,
+            first_root=first_root,
+            second_root=second_root,
+            proof=[*proof, b"\x42" * 32],
+        )
+    # Cut short, a proof from 2 to 3 leaves would say the third leaf changed nothing.
+    two = ct_tree.root(2)
+    with pytest.raises(ProofError, match="too short"):
+        verify_consistency(first=2, second=3, first_root=two, second_root=two, proof=[])
+
+
+def test_equal_or_empty_first_trees_need_matching_roots_and_no_proof(ct_tree: MemoryTree) -> None:
+    root = ct_tree.root(5)
+    verify_consistency(first=5, second=5, first_root=root, second_root=root, proof=[])
+    verify_consistency(first=0, second=5, first_root=EMPTY_ROOT, second_root=root, proof=[])
+    with pytest.raises(ProofError, match="different roots"):  # a fork at one size
+        verify_consistency(
+            first=5, second=5, first_root=root, second_root=ct_tree.root(4), proof=[]
+        )
+    with pytest.raises(ProofError, match="must be empty"):
+        verify_consistency(first=5, second=5, first_root=root, second_root=root, proof=[root])
+    with pytest.raises(ProofError, match="empty tree is wrong"):
+        verify_consistency(first=0, second=5, first_root=root, second_root=root, proof=[])
+    with pytest.raises(ProofError, match="must be empty"):
+        verify_consistency(first=0, second=5, first_root=EMPTY_ROOT, second_root=root, proof=[root])
+
+
+def test_an_unaligned_range_is_not_decomposed() -> None:
+    # [1, 3) has no complete aligned subtree of 2 leaves: silently returning one would hash
+    # the wrong leaves into a root or proof.
+    with pytest.raises(ValueError, match="not aligned"):
+        merkle.range_subtrees(1, 3)
+    assert merkle.range_subtrees(2, 4) == [merkle.Subtree(1, 1)]
