@@ -372,3 +372,11 @@ def test_an_unaligned_range_is_not_decomposed() -> None:
     with pytest.raises(ValueError, match="not aligned"):
         merkle.range_subtrees(1, 3)
     assert merkle.range_subtrees(2, 4) == [merkle.Subtree(1, 1)]
+
+
+def test_an_inclusion_proof_past_the_last_leaf_is_refused(ct_tree: MemoryTree) -> None:
+    # Leaf 0 with an empty path is the root of size 1: it must not pass as a leaf 1 there.
+    root = ct_tree.root(1)
+    verify_inclusion(leaf=leaf_hash(CT_LEAVES[0]), index=0, size=1, proof=[], root=root)
+    with pytest.raises(ProofError, match="outside"):
+        verify_inclusion(leaf=leaf_hash(CT_LEAVES[0]), index=1, size=1, proof=[], root=root)
