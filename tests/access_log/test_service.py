@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from sqlmodel import Session
 
 from service.access_log import merkle
 from service.access_log import service as log
-from service.access_log.checkpoint import parse_checkpoint
+from service.access_log.checkpoint import Checkpoint, checkpoint_text, parse_checkpoint
 from service.access_log.handover import HANDOVER_ACTION, HANDOVER_OBJECT_PREFIX, hand_over
 from service.access_log.models import AccessLogEntry
 from service.auth.dependencies import Caller
@@ -417,3 +418,81 @@ def test_out_of_range_proofs_are_bad_requests(database: Database) -> None:
             log.entry_range(session=session, start=2, end=2)
         with pytest.raises(BadRequest):
             log.entry_range(session=session, start=0, end=5)
+
+
+def test_the_service_refuses_to_sign_a_new_root_the_old_one_does_not_lead_to(
+    database: Database, raw_engine: Engine, signer: NoteSigner, backend: str
+) -> None:
+    """Leaves 0-7 as one forged subtree: the root signed at size 6 is still recomputable (it
+    does not use that subtree), but no consistency proof leads from it to the forged root."""
+    append_each(database, 6)
+    with database.transaction() as session:
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    append_each(database, 2)
+    run_sql(
+        raw_engine,
+        without_triggers_sql(
+            backend,
+            "access_log_subtrees",
+            ["UPDATE access_log_subtrees SET hash = :forged WHERE level = 3 AND position = 0"],
+        ),
+        {"forged": b"\x07" * 32},
+    )
+    with (
+        database.session() as session,
+        pytest.raises(log.LogCorrupted, match="refusing to sign an inconsistent checkpoint"),
+    ):
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    with raw_engine.connect() as connection:
+        assert (
+            connection.execute(text("SELECT max(tree_size) FROM access_log_checkpoints")).scalar()
+            == 6
+        )
+
+
+def test_a_rewritten_tree_is_refused_even_without_a_new_entry(
+    database: Database, raw_engine: Engine, signer: NoteSigner, backend: str
+) -> None:
+    """No growth since the last checkpoint: the stored note is handed out again only while the
+    tree still has the root it signed."""
+    append_each(database, 6)
+    with database.transaction() as session:
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    run_sql(
+        raw_engine,
+        without_triggers_sql(
+            backend,
+            "access_log_subtrees",
+            ["UPDATE access_log_subtrees SET hash = :forged WHERE level = 2 AND position = 0"],
+        ),
+        {"forged": b"\x07" * 32},
+    )
+    with (
+        database.session() as session,
+        pytest.raises(log.LogCorrupted, match="no longer has the root signed at size 6"),
+    ):
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+
+
+def test_a_stored_checkpoint_whose_note_disagrees_with_its_row_is_refused(
+    database: Database, raw_engine: Engine, signer: NoteSigner
+) -> None:
+    """A row inserted past the service (inserts are not refused by the triggers) whose root
+    column is the tree's but whose note, signed by the key, says another root: never served."""
+    append_each(database, 3)
+    with database.transaction() as session:
+        root = log.root(session=session, size=3)
+    forged_note = signer.sign(checkpoint_text(Checkpoint(origin=ORIGIN, size=3, root=b"\x07" * 32)))
+    run_sql(
+        raw_engine,
+        [
+            "INSERT INTO access_log_checkpoints (tree_size, root_hash, note, created_at) "
+            "VALUES (3, :root, :note, :created_at)"
+        ],
+        {"root": root, "note": forged_note, "created_at": datetime.now(UTC)},
+    )
+    with (
+        database.session() as session,
+        pytest.raises(log.LogCorrupted, match="does not match its own note"),
+    ):
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
