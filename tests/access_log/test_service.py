@@ -19,6 +19,7 @@ from service.access_log.handover import HANDOVER_ACTION, HANDOVER_OBJECT_PREFIX,
 from service.access_log.models import AccessLogEntry
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
+from service.crypto.keyring import Staged
 from service.crypto.signing import NoteSigner, VerifierKey, key_id, open_note
 from service.db import Database, make_engine
 from service.errors import BadRequest
@@ -496,3 +497,32 @@ def test_a_stored_checkpoint_whose_note_disagrees_with_its_row_is_refused(
         pytest.raises(log.LogCorrupted, match="does not match its own note"),
     ):
         log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+
+
+def test_a_staged_key_counts_as_rotated_only_by_its_own_rotation_entry(
+    database: Database,
+) -> None:
+    """The entry at the staged version's leaf index must be the rotation of that purpose and
+    version: any other entry there (another key's rotation included) means it never committed."""
+    with database.transaction() as session:
+        log.append(
+            session=session,
+            entry=log.LogEntry(
+                actor="system:keys",
+                role="system",
+                action="keys.rotate",
+                object_type="key",
+                object_id="vault/v2",
+                reason="new current version",
+            ),
+        )
+        log.append(session=session, entry=entry(1))
+    with database.session() as session:
+        assert log.rotation_committed(session=session, staged=Staged("vault", 2, 0))
+        for staged in (
+            Staged("log_signing", 2, 0),  # another purpose's rotation at that index
+            Staged("vault", 3, 0),  # another version's
+            Staged("vault", 2, 1),  # not a rotation at all
+            Staged("vault", 2, 2),  # nothing there yet
+        ):
+            assert not log.rotation_committed(session=session, staged=staged), staged
