@@ -1084,6 +1084,7 @@ def test_only_a_rotation_entry_naming_a_key_hands_signing_over() -> None:
         {**entry, "reason": "new current version"},  # a rotation from before handovers
         {**entry, "object_id": "vault/v2"},
         {**entry, "reason": "checkpoints are signed from now on by nobody"},
+        {**entry, "reason": str(key)},  # a key, but not the words that hand signing to it
     ):
         assert handed_to(json.dumps(other, separators=(",", ":")).encode()) is None, other
 
