@@ -1083,6 +1083,7 @@ def test_only_a_rotation_entry_naming_a_key_hands_signing_over() -> None:
         [entry],  # the markers inside a line that is not an entry at all
         {**entry, "reason": "new current version"},  # a rotation from before handovers
         {**entry, "object_id": "vault/v2"},
+        {**entry, "object_id": "vault/v2", "x": {"object_id": "log_signing/v2"}},  # nested
         {**entry, "reason": "checkpoints are signed from now on by nobody"},
         {**entry, "reason": str(key)},  # a key, but not the words that hand signing to it
     ):
