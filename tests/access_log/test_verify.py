@@ -28,7 +28,7 @@ from service.access_log.export import (
     PUBLIC_KEY_FILE,
     export_log,
 )
-from service.access_log.handover import handed_to
+from service.access_log.handover import hand_over, handed_to
 from service.access_log.verify import VerificationFailed, bounded_lines, verify_files
 from service.access_log.verify import reporting_lines as reporting
 from service.access_log.verify import root_of_lines as merkle_root_of_lines
@@ -759,6 +759,27 @@ def test_the_old_key_alone_follows_the_handover_to_the_new_key(
     )
     assert code == 0, output
     assert "extend the trusted checkpoint of size 10" in output
+
+
+def test_an_export_taken_right_after_a_handover_carries_it(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """No entry since the rotation: the export's checkpoint is the handover itself, and
+    handovers.ndjson must still hold it, or the old key leads nowhere."""
+    append_each(database, 5)
+    before = export(database, signer, tmp_path / "before")
+    successor = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+    with database.transaction() as session:
+        hand_over(
+            session=session, old=signer, new=successor, origin=ORIGIN, version=2, actor="system:t"
+        )
+    after = export(database, successor, tmp_path / "after")
+    assert [handover["size"] for handover in handovers_of(after)] == [6]
+    code, output = verify(
+        after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
+    )
+    assert code == 0, output
+    assert f"handed over at size 6 to {successor.verifier}" in output
 
 
 def test_the_auditor_api_serves_the_handovers_the_export_writes(
