@@ -1157,3 +1157,49 @@ def test_verifying_files_reports_how_far_it_read(
     positions: list[int] = []
     assert sum(1 for _ in reporting(bounded_lines(handle), handle, positions.append)) == 25_000
     assert positions == [20_000, 40_000, 50_000]
+
+
+def test_a_checkpoint_whose_origin_is_not_its_key_s_name_is_rejected(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """The key signs for one log, the one its name says: its signature over a checkpoint of
+    another origin vouches for nothing."""
+    append_each(database, 4)
+    folder = export(database, signer, tmp_path / "export")
+    body = (folder / CHECKPOINT_FILE).read_text().partition("\n\n")[0] + "\n"
+    (folder / CHECKPOINT_FILE).write_text(signer.sign(body.replace(ORIGIN, "elsewhere/log", 1)))
+    for leaf_hashes in (True, False):
+        code, output = verify(folder, leaf_hashes=leaf_hashes)
+        assert code == 1
+        assert "its origin 'elsewhere/log' is not the key's name 'casepackets/test'" in output
+
+
+def test_a_handover_to_a_key_of_another_name_is_not_followed(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_each(database, 4)
+    before = export(database, signer, tmp_path / "before")
+    renamed = NoteSigner(name="elsewhere/log", seed=os.urandom(32))
+    with database.transaction() as session:
+        hand_over(
+            session=session, old=signer, new=renamed, origin=ORIGIN, version=2, actor="system:t"
+        )
+    after = export(database, renamed, tmp_path / "after")
+    code, output = verify(
+        after, "--handovers", str(after / HANDOVERS_FILE), public_key=before / PUBLIC_KEY_FILE
+    )
+    assert code == 1
+    assert "the checkpoint at size 5 is not a handover" in output
+
+
+def test_a_last_entry_without_its_newline_is_named_on_every_path(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_each(database, 3)
+    folder = export(database, signer, tmp_path / "export")
+    entries = folder / ENTRIES_FILE
+    entries.write_bytes(entries.read_bytes().removesuffix(b"\n"))
+    for leaf_hashes in (True, False):
+        code, output = verify(folder, leaf_hashes=leaf_hashes)
+        assert code == 1
+        assert "every entry line must end with a newline" in output
