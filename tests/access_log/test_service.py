@@ -526,3 +526,36 @@ def test_a_staged_key_counts_as_rotated_only_by_its_own_rotation_entry(
             Staged("vault", 2, 2),  # nothing there yet
         ):
             assert not log.rotation_committed(session=session, staged=staged), staged
+
+
+def test_an_entry_range_is_limited_per_request(database: Database) -> None:
+    """The limit itself, not the log's size, refuses the range one entry too long."""
+    limit = log.MAX_ENTRIES_PER_REQUEST
+    with database.transaction() as session:
+        log.append_many(session=session, entries=[entry(n) for n in range(limit + 1)])
+    with database.session() as session:
+        assert log.entry_range(session=session, start=0, end=limit) == (0, limit)
+        assert log.entry_range(session=session, start=1, end=limit + 1) == (1, limit + 1)
+        with pytest.raises(BadRequest, match=f"at most {limit} entries per request"):
+            log.entry_range(session=session, start=0, end=limit + 1)
+
+
+def test_an_append_over_a_missing_peak_is_refused_as_corruption(
+    database: Database, raw_engine: Engine, backend: str
+) -> None:
+    append_each(database, 6)  # peaks: leaves 0-3 and 4-5
+    run_sql(
+        raw_engine,
+        without_triggers_sql(
+            backend,
+            "access_log_subtrees",
+            ["DELETE FROM access_log_subtrees WHERE level = 1 AND position = 2"],
+        ),
+    )
+    with (
+        database.transaction() as session,
+        pytest.raises(log.LogCorrupted, match="missing 1 peaks"),
+    ):
+        log.append(session=session, entry=entry(6))
+    with database.session() as session:
+        assert log.tree_size(session=session) == 6
