@@ -1203,3 +1203,25 @@ def test_a_last_entry_without_its_newline_is_named_on_every_path(
         code, output = verify(folder, leaf_hashes=leaf_hashes)
         assert code == 1
         assert "every entry line must end with a newline" in output
+
+
+def test_a_handovers_file_from_a_later_export_still_verifies_an_earlier_one(
+    rotated: tuple[Path, Path],
+) -> None:
+    """Handovers past the checkpoint's size say nothing about it: they are left aside."""
+    before, after = rotated
+    code, output = verify(before, "--handovers", str(after / HANDOVERS_FILE))
+    assert code == 0, output
+    assert "OK: 10 entries" in output
+
+
+def test_a_leaf_hashes_file_cut_mid_hash_is_refused(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    append_each(database, 3)
+    folder = export(database, signer, tmp_path / "export")
+    with (folder / LEAF_HASHES_FILE).open("ab") as hashes:
+        hashes.write(b"\x00")
+    code, output = verify(folder)
+    assert code == 1
+    assert "the leaf-hashes file is not a whole number of hashes" in output
