@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import stat
 from pathlib import Path
@@ -21,6 +22,7 @@ from service.access_log.export import (
     PUBLIC_KEY_FILE,
     export_log,
 )
+from service.access_log.handover import hand_over
 from service.access_log.verify import verify_files
 from service.crypto.signing import NoteSigner
 from service.db import Database
@@ -299,3 +301,85 @@ def test_a_mount_point_is_refused_before_signing(
     with pytest.raises(OSError, match="mount point") as refused:
         export_log(database=database, signer=signer, origin=ORIGIN, folder=folder)
     assert refused.value.filename == str(folder)
+
+
+def test_every_export_file_is_synced_before_the_folder_that_names_it(
+    database: Database, signer: NoteSigner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    append_each(database, 4)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    export(database, signer, tmp_path / "export")
+    staged_folder = next(n for n, path in enumerate(synced) if path.endswith(".partial/export"))
+    files = [Path(path).name for path in synced[:staged_folder]]
+    assert sorted(files) == sorted(EXPORT_FILES)
+
+
+def test_a_file_put_into_the_folder_during_an_export_is_not_replaced(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """The folder is checked again once moved aside: a file that appeared there while the
+    export was being written is not deleted with the earlier export."""
+    append_each(database, 4)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    earlier = contents(folder)
+
+    def meanwhile(_done: int) -> None:
+        (folder / "notes.txt").write_text("mine")
+
+    with pytest.raises(OSError, match="not part of an export"):
+        export_log(
+            database=database,
+            signer=lambda _session: signer,
+            origin=ORIGIN,
+            folder=folder,
+            on_progress=meanwhile,
+        )
+    assert contents(folder) == {**earlier, "notes.txt": b"mine"}
+    assert beside(folder) == ["export"]
+
+
+def test_a_link_named_like_an_export_file_is_not_replaced(
+    database: Database, tmp_path: Path
+) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    kept = tmp_path / "kept"
+    kept.write_text("not an export's")
+    (folder / CHECKPOINT_FILE).symlink_to(kept)
+
+    def signer(_session: Session) -> NoteSigner:
+        raise AssertionError("a checkpoint was to be signed for a folder that is refused")
+
+    with pytest.raises(OSError, match="not part of an export"):
+        export_log(database=database, signer=signer, origin=ORIGIN, folder=folder)
+    assert (folder / CHECKPOINT_FILE).is_symlink()
+    assert kept.read_text() == "not an export's"
+
+
+def test_handovers_are_written_in_tree_size_order(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    current = signer
+    for version in (2, 3):
+        append_each(database, 2)
+        successor = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+        with database.transaction() as session:
+            hand_over(
+                session=session,
+                old=current,
+                new=successor,
+                origin=ORIGIN,
+                version=version,
+                actor="system:t",
+            )
+        current = successor
+    folder = export(database, current, tmp_path / "export")
+    lines = (folder / HANDOVERS_FILE).read_text().splitlines()
+    assert [json.loads(line)["size"] for line in lines] == [3, 6]
