@@ -406,6 +406,24 @@ def test_retire_destroys_material_but_not_the_current_version(
     assert json.loads(path.read_text())["purposes"]["packet"]["versions"]["1"]["retired_at"]
 
 
+def test_a_version_retired_already_or_never_made_cannot_be_retired(
+    tmp_path: Path, rotations_settled: None
+) -> None:
+    """``keys retire`` logs a retirement only when it will happen: a second one is refused."""
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("packet")
+        keyring.retire("packet", 1)
+        retired = json.loads(path.read_text())["purposes"]["packet"]["versions"]["1"]
+        for version in (1, 7):
+            with pytest.raises(UnknownKey, match=f"no active packet key version {version}"):
+                keyring.check_retirable("packet", version)
+            with pytest.raises(UnknownKey):
+                keyring.retire("packet", version)
+    assert json.loads(path.read_text())["purposes"]["packet"]["versions"]["1"] == retired
+
+
 def test_retiring_soon_after_a_rotation_is_refused_and_destroys_nothing(tmp_path: Path) -> None:
     path = tmp_path / "k.json"
     old_material = Keyring.init(path).current("vault").material
