@@ -1225,3 +1225,32 @@ def test_a_leaf_hashes_file_cut_mid_hash_is_refused(
     code, output = verify(folder)
     assert code == 1
     assert "the leaf-hashes file is not a whole number of hashes" in output
+
+
+def test_a_trusted_checkpoint_the_old_key_signed_after_its_handover_is_refused(
+    rotated: tuple[Path, Path], cli_env: Path
+) -> None:
+    """The leaked old key signs a checkpoint at size 14, past its handover at 12, over the true
+    entries: given as the trusted one, it is refused as the new checkpoint would be."""
+    before, after = rotated
+    old_material = Keyring.load(cli_env / "keyring.json").get("log_signing", 1).material
+    lines = (after / ENTRIES_FILE).read_bytes().splitlines(keepends=True)
+    size, root = merkle_root_of_lines(lines[:14])
+    forged = cli_env / "forged-trusted"
+    forged.write_text(
+        NoteSigner(name=ORIGIN, seed=old_material).sign(
+            checkpoint_text(Checkpoint(origin=ORIGIN, size=size, root=root))
+        )
+    )
+    code, output = verify(
+        after,
+        "--handovers",
+        str(after / HANDOVERS_FILE),
+        "--trusted-checkpoint",
+        str(forged),
+        "--trusted-public-key",
+        str(before / PUBLIC_KEY_FILE),
+    )
+    assert code == 1, output
+    assert "trusted checkpoint rejected" in output
+    assert "a key that handed signing over signs no later checkpoint" in output
