@@ -15,7 +15,12 @@ from sqlmodel import Session
 from service.access_log import merkle
 from service.access_log import service as log
 from service.access_log.checkpoint import Checkpoint, checkpoint_text, parse_checkpoint
-from service.access_log.handover import HANDOVER_ACTION, HANDOVER_OBJECT_PREFIX, hand_over
+from service.access_log.handover import (
+    HANDOVER_ACTION,
+    HANDOVER_OBJECT_PREFIX,
+    hand_over,
+    handover_notes,
+)
 from service.access_log.models import AccessLogEntry
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
@@ -559,3 +564,44 @@ def test_an_append_over_a_missing_peak_is_refused_as_corruption(
         log.append(session=session, entry=entry(6))
     with database.session() as session:
         assert log.tree_size(session=session) == 6
+
+
+def test_a_cosigned_checkpoint_needs_an_entry_no_checkpoint_covers(
+    database: Database, signer: NoteSigner
+) -> None:
+    """A handover's cosignature goes on a new checkpoint only: never silently dropped by
+    handing back the stored one."""
+    append_each(database, 3)
+    with database.transaction() as session:
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN)
+    successor = NoteSigner(name=ORIGIN, seed=os.urandom(32))
+    with (
+        database.transaction() as session,
+        pytest.raises(ValueError, match="needs an entry no checkpoint covers yet"),
+    ):
+        log.signed_checkpoint(session=session, signer=signer, origin=ORIGIN, cosigner=successor)
+
+
+def test_only_cosigned_checkpoints_ending_with_a_handover_are_handovers(
+    database: Database, raw_engine: Engine, signer: NoteSigner
+) -> None:
+    """A stored checkpoint with a second signature (a row inserted past the service) is not
+    served as a handover unless its last entry hands signing over."""
+    append_each(database, 3)
+    witness = NoteSigner(name="witness/example", seed=os.urandom(32))
+    with database.session() as session:
+        root = log.root(session=session, size=3)
+    cosigned = witness.cosign(
+        signer.sign(checkpoint_text(Checkpoint(origin=ORIGIN, size=3, root=root)))
+    )
+    run_sql(
+        raw_engine,
+        [
+            "INSERT INTO access_log_checkpoints (tree_size, root_hash, note, created_at) "
+            "VALUES (3, :root, :note, :created_at)"
+        ],
+        {"root": root, "note": cosigned, "created_at": datetime.now(UTC)},
+    )
+    with database.session() as session:
+        assert log.cosigned_checkpoint_notes(session=session, up_to=3) == {3: cosigned}
+        assert handover_notes(session=session, up_to=3) == {}
