@@ -442,6 +442,21 @@ def test_retiring_soon_after_a_rotation_is_refused_and_destroys_nothing(tmp_path
         Keyring.load(path).get("vault", 1)
 
 
+def test_a_current_version_without_a_creation_time_counts_as_settled(tmp_path: Path) -> None:
+    """A keyring written before versions carried ``created_at``: its rotation is long past."""
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("vault")
+    document = json.loads(path.read_text())
+    del document["purposes"]["vault"]["versions"]["2"]["created_at"]
+    path.write_text(json.dumps(document))
+    with Keyring.edit(path) as keyring:
+        keyring.retire("vault", 1)
+    with pytest.raises(UnknownKey):
+        Keyring.load(path).get("vault", 1)
+
+
 def test_retiring_too_soon_asks_for_a_rewrap_only_of_keys_that_wrap(tmp_path: Path) -> None:
     path = tmp_path / "k.json"
     Keyring.init(path)
