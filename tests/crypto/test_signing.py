@@ -80,3 +80,12 @@ def test_a_signature_line_by_a_name_the_format_forbids_is_refused(
     line = f"\u2014 {name} {base64.b64encode(os.urandom(68)).decode()}\n"
     with pytest.raises(NoteError, match="key name"):
         open_note(signer.sign(TEXT) + line, signer.verifier)
+
+
+def test_a_signature_line_is_the_key_s_only_under_the_key_s_own_name(signer: NoteSigner) -> None:
+    """C2SP signed-note: a line counts for a verifier when both its name and its key id match;
+    the key's own signature relabelled with another name is no signature by that key."""
+    note = signer.sign(TEXT)
+    relabelled = note.replace(f"\u2014 {NAME} ", "\u2014 someone/else ", 1)
+    with pytest.raises(NotSignedBy):
+        open_note(relabelled, signer.verifier)
