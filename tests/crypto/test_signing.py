@@ -12,6 +12,7 @@ from service.crypto.signing import (
     NoteError,
     NoteSigner,
     NotSignedBy,
+    VerifierKey,
     open_note,
 )
 
@@ -89,3 +90,15 @@ def test_a_signature_line_is_the_key_s_only_under_the_key_s_own_name(signer: Not
     relabelled = note.replace(f"\u2014 {NAME} ", "\u2014 someone/else ", 1)
     with pytest.raises(NotSignedBy):
         open_note(relabelled, signer.verifier)
+
+
+def test_a_verifier_key_whose_id_does_not_match_its_name_and_key_is_refused(
+    signer: NoteSigner,
+) -> None:
+    text = str(signer.verifier)
+    assert VerifierKey.parse(text) == signer.verifier
+    name, key_id, key = text.split("+")
+    wrong_id = bytes(b ^ 0xFF for b in bytes.fromhex(key_id)).hex()
+    for damaged in (f"{name}+{wrong_id}+{key}", f"someone/else+{key_id}+{key}"):
+        with pytest.raises(NoteError, match="id does not match its name and key"):
+            VerifierKey.parse(damaged)
