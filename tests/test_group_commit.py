@@ -165,6 +165,27 @@ def test_waiters_of_a_batch_that_cannot_finish_are_told_so() -> None:
     asyncio.run(scenario())
 
 
+def test_a_batch_that_cannot_finish_leaves_no_waiter_hanging() -> None:
+    """Once the drain has stopped, every waiter already has its outcome: a defect here fails
+    this test rather than leaving it (and a request) waiting forever."""
+
+    async def scenario() -> None:
+        _, batches, first = await with_a_batch_in_flight()
+        queued = asyncio.create_task(batches.submit(2))
+        await asyncio.sleep(0)
+        draining = next(iter(batches._queues.values())).draining
+        assert draining is not None
+        draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)
+        for _ in range(3):  # let the waiters' tasks take the outcomes already set
+            await asyncio.sleep(0)
+        for task in (first, queued):
+            assert task.done()
+            assert isinstance(task.exception(), BatchNotFinished)
+
+    asyncio.run(scenario())
+
+
 def test_a_batch_needs_room_for_one_item() -> None:
     async def run(items: Sequence[int]) -> Sequence[int | Exception]:
         return list(items)
