@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -586,6 +587,50 @@ def test_backup_never_replaces_a_file_and_never_creates_the_database(cli_home: P
     assert one_line(result.output).startswith("failed: no database file: ")
     assert not (cli_home / "cli.db").exists()
     assert not (cli_home / "new.db").exists()
+
+
+def test_a_backup_is_on_disk_before_its_name_appears_and_its_name_after(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    backup = cli_home / "backup.db"
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), backup.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = runner.invoke(cli, ["backup", "--out", str(backup)])
+    assert result.exit_code == 0, result.output
+    [(copy, named_then), (folder, named_after)] = synced
+    assert Path(copy).name.startswith(".backup.db.")
+    assert Path(copy).name.endswith(".partial")
+    assert not named_then, "the copy is synced before it is linked as the backup"
+    assert Path(folder) == cli_home.resolve()
+    assert named_after, "the folder is synced once it holds the backup's name"
+
+
+def test_a_file_put_in_place_of_the_backup_meanwhile_is_not_replaced(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    backup = cli_home / "backup.db"
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if not backup.exists():
+            backup.write_text("someone else's")  # after the check, before the link
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = runner.invoke(cli, ["backup", "--out", str(backup)])
+    assert result.exit_code == 2, result.output
+    assert backup.read_text() == "someone else's"
+    assert not [path.name for path in cli_home.iterdir() if ".partial" in path.name]
 
 
 def test_what_a_killed_backup_left_does_not_stop_the_next_one(cli_home: Path) -> None:
