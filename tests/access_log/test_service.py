@@ -605,3 +605,26 @@ def test_only_cosigned_checkpoints_ending_with_a_handover_are_handovers(
     with database.session() as session:
         assert log.cosigned_checkpoint_notes(session=session, up_to=3) == {3: cosigned}
         assert handover_notes(session=session, up_to=3) == {}
+
+
+def test_a_batch_is_stamped_under_the_log_s_lock(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read before the lock, the clock could stamp a batch earlier than one that got the lock
+    first: time would go backwards along the log."""
+    calls: list[str] = []
+    lock_frontier, clock = log._lock_frontier, log.clock
+
+    def locking(session: Session) -> object:
+        calls.append("lock")
+        return lock_frontier(session)
+
+    def stamping() -> datetime:
+        calls.append("clock")
+        return clock()
+
+    monkeypatch.setattr(log, "_lock_frontier", locking)
+    monkeypatch.setattr(log, "clock", stamping)
+    with database.transaction() as session:
+        log.append_many(session=session, entries=[entry(0), entry(1)])
+    assert calls == ["lock", "clock"]
