@@ -245,6 +245,23 @@ def test_an_index_is_named_only_where_the_leaf_hashes_locate_it(
     assert f"first bad index {first_bad}" in output
 
 
+def test_leaf_hashes_that_fold_to_the_root_at_another_size_locate_nothing(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """A one-leaf tree's root is its leaf: a leaf-hashes file holding just the signed root
+    folds to that root, yet it authenticates no leaf of a tree of 10."""
+    append_each(database, 10)
+    folder = export(database, signer, tmp_path / "export")
+    root = unverified_checkpoint((folder / CHECKPOINT_FILE).read_text()).root
+    (folder / LEAF_HASHES_FILE).write_bytes(root)
+    entries = folder / ENTRIES_FILE
+    entries.write_bytes(entries.read_bytes().replace(b'"object_id":"4"', b'"object_id":"X"', 1))
+    code, output = verify(folder)
+    assert code == 1
+    assert "first bad index" not in output
+    assert "the entries do not hash to the signed root" in output
+
+
 def test_a_forged_or_foreign_checkpoint_is_refused(
     database: Database, signer: NoteSigner, tmp_path: Path
 ) -> None:
