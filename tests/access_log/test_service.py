@@ -92,6 +92,14 @@ def test_log_entry_by_caller_takes_actor_role_and_request_id() -> None:
     )
 
 
+def test_entry_time_is_written_in_utc_whatever_zone_it_is_given_in() -> None:
+    from datetime import timedelta, timezone
+
+    amsterdam_summer = timezone(timedelta(hours=2))
+    data = entry(1).canonical_bytes(time=datetime(2026, 6, 1, 12, 0, 0, 5, tzinfo=amsterdam_summer))
+    assert json.loads(data)["time"] == "2026-06-01T10:00:00.000005Z"
+
+
 def test_entry_bytes_keep_non_ascii_text_as_utf8() -> None:
     from datetime import UTC, datetime
 
