@@ -1075,11 +1075,23 @@ def resigned_by_a_stranger(note: str) -> str:
     return stranger.sign(note.partition("\n\n")[0] + "\n")
 
 
+def old_signature_damaged(note: str) -> str:
+    """The handover with one character of the old key's signature changed."""
+    text, _, signatures = note.partition("\n\n")
+    old, new = signatures.splitlines(keepends=True)
+    old = old[:-6] + ("A" if old[-6] != "A" else "B") + old[-5:]
+    return f"{text}\n\n{old}{new}"
+
+
 @pytest.mark.parametrize(
     ("change", "failure"),
     [
         (without_new_signature, "is not cosigned by the key it hands signing to"),
         (resigned_by_a_stranger, "new checkpoint rejected"),
+        (
+            old_signature_damaged,
+            "the handover checkpoint at size 12: the signature by casepackets/test does not verify",
+        ),
     ],
 )
 def test_a_handover_the_old_key_did_not_make_with_the_new_key_is_not_followed(
