@@ -32,7 +32,13 @@ from service.cli import app as cli
 from service.cli import prepare
 from service.config import Settings, get_settings
 from service.crypto import keyring as keyring_module
-from service.crypto.keyring import Keyring, KeyringInaccessible, LockedKeyring, check_purpose
+from service.crypto.keyring import (
+    Keyring,
+    KeyringInaccessible,
+    LockedKeyring,
+    check_purpose,
+    new_key_material,
+)
 from service.crypto.signing import NoteSigner
 from service.db import Database, make_engine
 from service.records import bulk
@@ -195,6 +201,36 @@ def test_no_key_is_rotated_or_retired_in_another_installation_s_database(
         assert code == 2, (command, said)
         assert "what this database holds does not open under this keyring's keys" in said
     assert ours.read_bytes() == before
+
+
+def test_a_staged_version_is_not_discarded_on_another_installation_s_word(
+    cli_env: Settings,
+    databases: Databases,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A staged version whose rotation may have committed in this keyring's own database is
+    not destroyed because another installation's database lacks that entry: the key command
+    stops, and the staged material stays."""
+    assert run("keys", "init")[0] == 0
+    ours = cli_env.resolved_keyring_path
+    with Keyring.edit(ours) as keyring:
+        staged = keyring.stage("vault", material=new_key_material(), leaf_index=0)
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", databases.fresh())
+    monkeypatch.setenv("CASEPACKETS_KEYRING_PATH", str(tmp_path / "theirs" / "keyring.json"))
+    get_settings.cache_clear()
+    assert run("keys", "init")[0] == 0
+    assert run("demo", "--subjects", "100", "--seed", "3")[0] == 0
+    monkeypatch.setenv("CASEPACKETS_KEYRING_PATH", str(ours))
+    get_settings.cache_clear()
+    before = ours.read_bytes()
+    code, output = run("keys", "rotate", "--purpose", "packet")
+    said = " ".join(output.split())
+    assert code == 2, said
+    assert "vault v2 is staged and its rotation is not in the log" in said
+    assert "what this database holds does not open under this keyring's keys" in said
+    assert ours.read_bytes() == before
+    assert Keyring.load(ours).get("vault", 2).material == staged.material
 
 
 def test_a_rewrap_moves_every_wrap_it_can_open_and_names_the_rows_it_cannot(
