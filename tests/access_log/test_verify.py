@@ -120,6 +120,20 @@ def test_a_crafted_export_fails_with_a_message_never_a_traceback(
     assert (code, output[:7]) == (1, "FAILED:")
 
 
+def test_a_file_that_is_not_utf8_is_named_with_the_byte_that_is_not(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """Read as it is, never with replacement characters that would make it another text."""
+    append_each(database, 2)
+    folder = export(database, signer, tmp_path / "export")
+    note = (folder / CHECKPOINT_FILE).read_bytes()
+    bad_byte = note.index(b"\n\n") + 1
+    (folder / CHECKPOINT_FILE).write_bytes(note.replace(b"\n\n", b"\n\xff\n", 1))
+    code, output = verify(folder)
+    assert code == 1
+    assert f"checkpoint is not UTF-8 text (byte {bad_byte})" in output
+
+
 def test_a_line_longer_than_the_bound_is_refused_before_it_is_held() -> None:
     lines = bounded_lines(io.BytesIO(b"short\n" + b"x" * 100 + b"\n"), limit=50)
     assert next(lines) == b"short\n"
