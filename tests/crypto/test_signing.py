@@ -97,7 +97,7 @@ def test_a_verifier_key_whose_id_does_not_match_its_name_and_key_is_refused(
 ) -> None:
     text = str(signer.verifier)
     assert VerifierKey.parse(text) == signer.verifier
-    name, key_id, key = text.split("+")
+    name, key_id, key = text.split("+", 2)  # base64 may hold "+" too
     wrong_id = bytes(b ^ 0xFF for b in bytes.fromhex(key_id)).hex()
     for damaged in (f"{name}+{wrong_id}+{key}", f"someone/else+{key_id}+{key}"):
         with pytest.raises(NoteError, match="id does not match its name and key"):
