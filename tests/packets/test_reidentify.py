@@ -138,6 +138,51 @@ def test_non_owners_get_404_and_each_attempt_is_logged_as_denied(
     assert status == "assigned"
 
 
+@pytest.mark.parametrize("role", ["analyst", None])
+def test_the_owners_id_under_a_role_without_the_permission_gets_the_logged_404(
+    client: TestClient, token: TokenFactory, session: Session, role: str | None
+) -> None:
+    # A packet is its owner's by the token's `sub`, but what the caller may do with it comes
+    # from their roles: the same id under a role that grants nothing on packets (an identity
+    # provider's account reused for analysis, or one whose roles were withdrawn) is refused
+    # like anyone else, and every refusal is logged with why.
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    member = packet["pseudonyms"][0]
+    headers = bearer(token(OWNER, *([role] if role else [])))
+    before = len(log_entries(session))
+    attempts = {
+        "packet.read": client.get(f"/v1/packets/{packet['id']}", headers=headers),
+        "packet.open": client.get(f"/v1/packets/{packet['id']}/clients", headers=headers),
+        "followup.create": client.post(
+            f"/v1/packets/{packet['id']}/clients/{member}/followups",
+            json={"kind": "contact", "date": DAY_A},
+            headers=headers,
+        ),
+        "packet.close": client.post(f"/v1/packets/{packet['id']}/close", headers=headers),
+    }
+    for action, response in attempts.items():
+        assert response.status_code == 404, (action, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+        assert leaked(response.text, world.secrets) == []
+    entries = log_entries(session)[before:]
+    assert [(e["action"], e["actor"], e["outcome"], e["reason"]) for e in entries] == [
+        ("packet.read", OWNER, "denied", "lacks packets.read"),
+        ("packet.open", OWNER, "denied", "lacks packets.open"),
+        ("followup.create", OWNER, "denied", "lacks followups.write"),
+        ("packet.close", OWNER, "denied", "lacks packets.close"),
+    ]
+    assert all(sorted(e["pseudonyms"]) == sorted(packet["pseudonyms"]) for e in entries)
+    state = session.execute(
+        select(PACKETS.c.status, PACKETS.c.opened_at).where(PACKETS.c.id == packet["id"])
+    ).one()
+    followups = session.execute(
+        select(func.count()).select_from(FOLLOWUPS).where(FOLLOWUPS.c.packet_id == packet["id"])
+    ).scalar()
+    session.rollback()
+    assert (state.status, state.opened_at, followups) == ("assigned", None, 0)
+
+
 def test_ids_of_another_shape_are_refused_before_anything_reaches_the_log(
     client: TestClient, token: TokenFactory, session: Session
 ) -> None:
