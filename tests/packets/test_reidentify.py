@@ -524,6 +524,46 @@ def test_a_member_wrap_moved_to_another_member_withholds_those_identities_alone(
     PacketClientsPublic.model_validate_json(opened.text)
 
 
+def test_a_packet_whose_key_is_gone_is_refused_and_logged_whatever_its_status_says(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    # The key wrap is what makes a packet usable: a row that lost it (a shred cut short by hand,
+    # a restore that left it out) is as gone as a shredded packet, even though its status still
+    # says assigned. Every use is a logged 410, and nothing is recorded under it.
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    member = packet["pseudonyms"][0]
+    session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(wrapped_key=None))
+    session.commit()
+    owner = bearer(token(OWNER, "professional"))
+    before = len(log_entries(session))
+
+    answers = {
+        "packet.open": client.get(f"/v1/packets/{packet['id']}/clients", headers=owner),
+        "followup.create": client.post(
+            f"/v1/packets/{packet['id']}/clients/{member}/followups",
+            json={"kind": "contact", "date": DAY_B},
+            headers=owner,
+        ),
+        "packet.close": client.post(f"/v1/packets/{packet['id']}/close", headers=owner),
+    }
+    for action, response in answers.items():
+        assert response.status_code == 410, (action, response.text)
+        assert leaked(response.text, world.secrets) == []
+    entries = log_entries(session)[before:]
+    assert [(e["action"], e["outcome"], e["reason"]) for e in entries] == [
+        (action, "denied", "packet is expired") for action in answers
+    ]
+    state = session.execute(
+        select(PACKETS.c.status, PACKETS.c.opened_at).where(PACKETS.c.id == packet["id"])
+    ).one()
+    followups = session.execute(
+        select(func.count()).select_from(FOLLOWUPS).where(FOLLOWUPS.c.packet_id == packet["id"])
+    ).scalar()
+    session.rollback()
+    assert (state.status, state.opened_at, followups) == ("assigned", None, 0)
+
+
 def test_a_packet_key_that_fails_its_check_is_a_clear_problem_for_whatever_needs_it(
     client: TestClient, token: TokenFactory, session: Session, caplog: pytest.LogCaptureFixture
 ) -> None:
