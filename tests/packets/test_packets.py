@@ -561,6 +561,55 @@ def test_reassignment_moves_access_at_once(
     )
 
 
+def test_a_packet_moves_only_to_an_active_professional_of_its_district_with_room_for_it(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """Reassigning hands over the clients' identities: never to someone who no longer works
+    here, nor outside the packet's district, nor past anyone's capacity (room for exactly the
+    packet is room enough). Each refusal is logged as denied and leaves the packet where it
+    was."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=5)
+    run_id, _ = flagged_run(app, client, session, coordinator, 3)
+    [packet] = client.post(
+        "/v1/packets/partition", json={"run_id": run_id}, headers=coordinator
+    ).json()["packets"]
+    professional(client, coordinator, "prof-left")
+    assert client.post("/v1/professionals/prof-left/deactivate", headers=coordinator).is_success
+    professional(client, coordinator, "prof-north", districts=["Feijenoord"])
+    professional(client, coordinator, "prof-small", capacity=2)
+    professional(client, coordinator, "prof-fits", capacity=3)
+
+    def reassign(to: str) -> Any:
+        return client.post(
+            f"/v1/packets/{packet['id']}/reassign",
+            json={"professional_id": to},
+            headers=coordinator,
+        )
+
+    for refused_to in ("prof-left", "prof-north", "prof-small"):
+        refused = reassign(refused_to)
+        assert refused.status_code == 409, (refused_to, refused.text)
+        shown = client.get(f"/v1/packets/{packet['id']}", headers=coordinator).json()
+        assert shown["professional_id"] == "prof-001"
+        denied = client.get(
+            f"/v1/packets/{packet['id']}/clients",
+            headers=bearer(token(refused_to, "professional")),
+        )
+        assert denied.status_code == 404
+    moved = reassign("prof-fits")
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["professional_id"] == "prof-fits"
+    entries = log_entries(session, "packet.reassign")
+    assert [(e["outcome"], e["reason"]) for e in entries] == [
+        ("denied", "professional 'prof-left' is not active"),
+        ("denied", "professional 'prof-north' does not serve district Charlois"),
+        ("denied", "professional 'prof-small' has room for 2 more clients; this packet has 3"),
+        ("allowed", "from prof-001 to prof-fits"),
+    ]
+    assert all(len(e["pseudonyms"]) == 3 for e in entries)
+
+
 def test_paging_through_packets_neither_repeats_nor_skips_while_packets_change(
     client: TestClient, token: TokenFactory
 ) -> None:
