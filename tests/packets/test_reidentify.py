@@ -726,6 +726,41 @@ def test_a_followup_sent_again_under_its_idempotency_key_is_recorded_once(
         assert "Idempotency-Key" in refused.text
 
 
+def test_an_idempotency_key_is_the_callers_own_another_professionals_same_key_is_theirs(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    # Keys are chosen by clients ("retry-1"): two professionals picking the same one must not
+    # meet each other's follow-ups, neither refused because of the other's nor answered with it.
+    world = small_world(client, token)
+    mine, theirs = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    body = {"kind": "contact", "date": DAY_B, "outcome_code": "reached", "note": NOTE}
+    answers: dict[str, set[str]] = {}
+    for sub, packet in ((OWNER, mine), (OTHER, theirs), (OWNER, mine), (OTHER, theirs)):
+        answer = client.post(
+            f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups",
+            json=body,
+            headers={**bearer(token(sub, "professional")), "Idempotency-Key": "retry-1"},
+        )
+        assert answer.status_code == 201, (sub, answer.text)
+        assert answer.json()["created_by"] == sub
+        answers.setdefault(sub, set()).add(answer.json()["id"])
+    # One follow-up each, answered again under the same key, none shared.
+    assert [len(ids) for ids in answers.values()] == [1, 1]
+    assert answers[OWNER].isdisjoint(answers[OTHER])
+    stored = session.execute(
+        select(FOLLOWUPS.c.packet_id, FOLLOWUPS.c.created_by).order_by(FOLLOWUPS.c.created_by)
+    ).all()
+    session.rollback()
+    assert [tuple(row) for row in stored] == [(mine["id"], OWNER), (theirs["id"], OTHER)]
+    entries = log_entries(session, "followup.create")
+    assert [(e["actor"], e["outcome"]) for e in entries] == [
+        (OWNER, "allowed"),
+        (OTHER, "allowed"),
+        (OWNER, "allowed"),
+        (OTHER, "allowed"),
+    ]
+
+
 def test_a_followup_dated_outside_the_packets_time_is_refused_and_logged(
     client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
