@@ -761,6 +761,41 @@ def test_an_idempotency_key_is_the_callers_own_another_professionals_same_key_is
     ]
 
 
+def test_a_key_whose_request_was_forgotten_with_an_erasure_answers_nothing_but_a_409(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    # An erasure removes what a keyed follow-up about its subject asked for (its digest): the
+    # key is then used, and what it was used for can no longer be told. A request under it
+    # for another client is refused (logged), never answered with the erased client's
+    # follow-up as if it had been recorded.
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    erased, other, *_ = packet["pseudonyms"]
+    keyed = {**bearer(token(OWNER, "professional")), "Idempotency-Key": "retry-9"}
+    body = {"kind": "contact", "date": DAY_B, "outcome_code": "reached"}
+
+    def url(pseudonym: str) -> str:
+        return f"/v1/packets/{packet['id']}/clients/{pseudonym}/followups"
+
+    assert client.post(url(erased), json=body, headers=keyed).status_code == 201
+    erasure = client.post(
+        f"/v1/subjects/{erased}/erase", headers=bearer(token("admin-001", "admin"))
+    )
+    assert erasure.status_code == 200, erasure.text
+    digest = session.execute(select(FOLLOWUPS.c.request_digest)).scalar_one()
+    session.rollback()
+    assert digest is None
+
+    refused = client.post(url(other), json=body, headers=keyed)
+    assert refused.status_code == 409, refused.text
+    assert "different follow-up" in refused.json()["detail"]
+    stored = session.execute(select(FOLLOWUPS.c.pseudonym)).scalars().all()
+    session.rollback()
+    assert stored == [erased]
+    last = log_entries(session, "followup.create")[-1]
+    assert (last["outcome"], last["pseudonyms"]) == ("denied", [other])
+
+
 def test_a_followup_dated_outside_the_packets_time_is_refused_and_logged(
     client: TestClient, token: TokenFactory, session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
