@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import pytest
@@ -446,6 +446,34 @@ def test_chunked_body_over_the_limit_is_413(probed: TestClient, app: FastAPI) ->
     response = probed.post("/probe/things", content=chunks())
     assert response.status_code == 413
     assert response.json()["request_id"] == response.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(
+    probed: TestClient, app: FastAPI, token: TokenFactory, chunked: bool
+) -> None:
+    limit = app.state.settings.max_body_bytes
+    headers = {**bearer(token("s-1", "source")), "content-type": "application/json"}
+
+    def body(size: int) -> bytes:
+        thing = b'{"name": "edge", "count": 1}'
+        return thing + b" " * (size - len(thing))
+
+    def chunks(content: bytes) -> Iterator[bytes]:
+        for start in range(0, len(content), 65536):
+            yield content[start : start + 65536]
+
+    def sent(size: int) -> tuple[int, Any]:
+        content = body(size)
+        response = probed.post(
+            "/probe/things", content=chunks(content) if chunked else content, headers=headers
+        )
+        return response.status_code, response.json()
+
+    assert sent(limit) == (200, {"name": "edge"})
+    status, problem = sent(limit + 1)
+    assert status == 413
+    assert str(limit) in problem["detail"]
 
 
 def test_unexpected_error_is_500_without_details(probed: TestClient) -> None:
