@@ -595,6 +595,16 @@ def test_a_body_sent_to_a_route_that_takes_none_is_422_and_nothing_happens(
             shown = url.replace("prof-001", "…")
             assert refused.json()["detail"] == f"{shown} takes no request body; send none"
             assert "123456782" not in refused.text
+        # Sent in chunks, a body has no Content-Length: it is refused all the same.
+        chunked = client.request(
+            method,
+            url,
+            headers={**admin, "content-type": "application/json"},
+            content=iter([b'{"force": ', b"true}"]),
+        )
+        assert chunked.status_code == 422, (url, chunked.text)
+        assert chunked.request.headers["transfer-encoding"] == "chunked"
+        assert "content-length" not in chunked.request.headers
     # nothing happened: the professional is still active, and without a body it goes through
     [listed] = client.get("/v1/professionals", headers=admin).json()["items"]
     assert listed["active"] is True
