@@ -367,6 +367,29 @@ def test_a_packet_past_its_expiry_reads_as_expired_before_the_shredder_runs(
     assert packet_state(session, packet["id"])["status"] == "assigned"
 
 
+def test_a_packet_is_expired_from_the_instant_of_its_expiry_for_readers_and_the_shredder(
+    app: Any, client: TestClient, token: TokenFactory, session: Session, database: Database
+) -> None:
+    """``expires_at`` is the first instant the packet is no longer in use: readers see it
+    expired then, and the shredder takes it then, not a moment later."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    at = utcnow() + timedelta(hours=1)
+    session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(expires_at=at))
+    session.commit()
+    moment = timedelta(microseconds=1)
+    for status in ("assigned", "opened"):
+        assert packets_service.shown_status(status, at, at - moment) == status
+        assert packets_service.shown_status(status, at, at) == "expired"
+    retention = app.state.retention_policy
+    assert shred_expired(database=database, retention=retention, actor="t", now=at - moment) == 0
+    assert packet_state(session, packet["id"])["status"] == "assigned"
+    assert shred_expired(database=database, retention=retention, actor="t", now=at) == 1
+    assert_shredded(packet_state(session, packet["id"]), "expired", notes=0)
+    [entry] = log_entries(session, "packet.shred")
+    assert entry["object_id"] == packet["id"]
+
+
 def test_the_expire_command_forgets_what_old_idempotency_keys_kept(
     app: Any, client: TestClient, token: TokenFactory, session: Session, cli_env: None
 ) -> None:
