@@ -362,6 +362,16 @@ def test_key_location_headers_are_refused(api: tuple[FastAPI, TestClient], heade
     assert_401(client, token, f"may not carry {header}")
 
 
+@pytest.mark.parametrize("kid", ["", ["kid"], {"kid": "k"}, 7, None])
+def test_a_kid_that_is_not_text_is_refused_as_missing_not_a_500(
+    api: tuple[FastAPI, TestClient], kid: object
+) -> None:
+    # A key is looked up by kid: a list or an object is no name for one (and no dict key).
+    app, client = api
+    token = app.state.dev_issuer.sign(good_claims(), extra_headers={"kid": kid})
+    assert_401(client, token, "token header needs a 'kid'")
+
+
 def test_oversized_token_is_refused_before_parsing(api: tuple[FastAPI, TestClient]) -> None:
     app, client = api
     token = app.state.dev_issuer.mint(
