@@ -864,8 +864,8 @@ def test_claims_nested_too_deeply_to_parse_are_refused_as_a_token(home_key: byte
 
 @pytest.mark.parametrize(
     "marking",
-    [{"use": "enc"}, {"key_ops": ["encrypt"]}, {"key_ops": "verify"}],
-    ids=["use-enc", "key-ops-without-verify", "key-ops-not-a-list"],
+    [{"use": "enc"}, {"key_ops": ["encrypt"]}, {"key_ops": "verify"}, {"alg": "RS512"}],
+    ids=["use-enc", "key-ops-without-verify", "key-ops-not-a-list", "alg-of-another-algorithm"],
 )
 def test_a_pinned_key_marked_for_another_use_verifies_no_token(
     home_key: bytes, marking: dict[str, Any]
@@ -874,7 +874,7 @@ def test_a_pinned_key_marked_for_another_use_verifies_no_token(
     token = issuer.mint(subject="s", roles=[])
     with pytest.raises(InvalidToken, match="unknown key"):
         rs256_verifier(KeySet([{**issuer.public_jwk, **marking}])).verify(token)
-    for fit in ({"use": "sig"}, {"key_ops": ["verify"]}, {}):
+    for fit in ({"use": "sig"}, {"key_ops": ["verify"]}, {"alg": "RS256"}, {}):
         assert rs256_verifier(KeySet([{**issuer.public_jwk, **fit}])).verify(token).subject
 
 
