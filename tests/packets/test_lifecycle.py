@@ -1386,6 +1386,39 @@ def test_a_lowered_ttl_binds_the_packets_already_built_from_start_up(
     assert leaked(json.dumps(moved), world.secrets) == []
 
 
+def test_a_lowered_ttl_binds_a_closed_packet_still_in_its_grace_too(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    settings: Settings,
+    database: Database,
+    tmp_path: Path,
+) -> None:
+    """A closed packet keeps its key through the grace period, but never past the TTL: one
+    built 60 days ago and closed yesterday is shredded at once under a TTL lowered to 30."""
+    world = world_of(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    closed = client.post(
+        f"/v1/packets/{packet['id']}/close", headers=bearer(token(OWNER, "professional"))
+    )
+    assert closed.status_code == 200, closed.text
+    built = built_days_ago(session, packet["id"], 60)
+    lowered = with_ttl(settings, tmp_path, 30)
+    retention = load_retention_policy(lowered.policies_dir / "retention.yaml")
+    assert retention.closed_grace_days > 1
+
+    brought = packets_service.bring_expiries_forward(
+        database=database, retention=retention, actor="system:test"
+    )
+    # this one, and the other professional's (built today, for 90 days)
+    assert (brought.moved, brought.left) == (2, 0)
+    assert stored_expiry(session, packet["id"]) == built + timedelta(days=30)
+    assert shred_expired(database=database, retention=retention, actor="system:test") == 1
+    assert_shredded(packet_state(session, packet["id"]), "shredded", notes=0)
+    [entry] = log_entries(session, "packet.shred")
+    assert entry["reason"] == f"expired {(built + timedelta(days=30)).isoformat()}"
+
+
 def test_expire_under_a_lowered_ttl_shreds_the_packets_past_it(
     client: TestClient,
     token: TokenFactory,
