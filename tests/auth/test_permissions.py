@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,12 +51,20 @@ def test_unknown_permission_names_file_and_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "version: 1\nroles: {}\n", "roles:\n  auditor: [audit.read]\n", "- a\n"],
-    ids=["empty", "no-roles", "no-version", "not-a-mapping"],
+    [
+        "",
+        "version: 1\nroles: {}\n",
+        "roles:\n  auditor: [audit.read]\n",
+        "- a\n",
+        "version: one\nroles:\n  auditor: [audit.read]\n",
+        "version: -1\nroles:\n  auditor: [audit.read]\n",
+    ],
+    ids=["empty", "no-roles", "no-version", "not-a-mapping", "version-in-words", "version-below-0"],
 )
 def test_empty_or_malformed_policy_is_refused(tmp_path: Path, text: str) -> None:
-    with pytest.raises(PolicyError):
-        load_access_policy(write(tmp_path, text))
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError, match=f"^{re.escape(str(path))}"):
+        load_access_policy(path)
 
 
 def test_bad_policy_stops_start_up(tmp_path: Path) -> None:
