@@ -325,6 +325,34 @@ def test_followups_are_recorded_with_a_note_only_the_owner_reads(
     assert leaked(str(log_entries(session)), world.secrets) == []
 
 
+def test_a_followup_for_a_client_of_another_packet_is_refused_as_not_a_client(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    # A pseudonym is found in the caller's own packet or not at all: one of another packet's
+    # clients is no client of theirs (and its answer must not tell that the pseudonym exists).
+    world = small_world(client, token)
+    mine, theirs = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    owner = bearer(token(OWNER, "professional"))
+    answers = [
+        client.post(
+            f"/v1/packets/{mine['id']}/clients/{pseudonym}/followups",
+            json={"kind": "contact", "date": DAY_B, "note": NOTE},
+            headers=owner,
+        )
+        for pseudonym in (theirs["pseudonyms"][0], "0" * 32)
+    ]
+    assert [a.status_code for a in answers] == [404, 404], answers[0].text
+    assert answers[0].json()["detail"] == answers[1].json()["detail"]
+    stored = session.execute(select(func.count()).select_from(FOLLOWUPS)).scalar_one()
+    session.rollback()
+    assert stored == 0
+    entries = log_entries(session, "followup.create")
+    assert [(e["outcome"], e["reason"], e["pseudonyms"]) for e in entries] == [
+        ("denied", "not a client of the packet", [theirs["pseudonyms"][0]]),
+        ("denied", "not a client of the packet", ["0" * 32]),
+    ]
+
+
 def test_an_erased_member_comes_back_as_erased_without_failing_the_packet(
     client: TestClient, token: TokenFactory, session: Session
 ) -> None:
