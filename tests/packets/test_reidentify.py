@@ -101,6 +101,21 @@ def test_owner_gets_back_exactly_the_identities_that_were_ingested(
     assert leaked(str(log_entries(session)), world.secrets) == []
 
 
+def test_opened_at_is_the_first_open_and_later_opens_leave_it(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    owner = bearer(token(OWNER, "professional"))
+    url = f"/v1/packets/{packet['id']}/clients"
+    first, again = (client.get(url, headers=owner).json()["packet"] for _ in range(2))
+    assert first["status"] == again["status"] == "opened"
+    assert again["opened_at"] == first["opened_at"]
+    metadata = client.get(f"/v1/packets/{packet['id']}", headers=owner).json()
+    assert metadata["opened_at"] == first["opened_at"]
+    assert [e["outcome"] for e in log_entries(session, "packet.open")] == ["allowed"] * 2
+
+
 def test_non_owners_get_404_and_each_attempt_is_logged_as_denied(
     client: TestClient, token: TokenFactory, session: Session
 ) -> None:
