@@ -59,8 +59,46 @@ def test_production_requires_pinned_keys(tmp_path: Path) -> None:
 
 
 def test_production_requires_https_jwks(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="https"):
-        Settings(env="production", home=tmp_path, dev_issuer=False, jwks_url="http://idp/jwks")
+    """Every other production setting is right, so only the scheme can be what is refused (a
+    bare ``match="https"`` also matched the link to pydantic's docs in any ValidationError)."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(
+            env="production",
+            home=tmp_path,
+            dev_issuer=False,
+            jwks_url="http://idp/jwks",
+            checkpoint_origin="casepackets.example.nl/access-log",
+        )
+    assert refusal(refused.value) == "CASEPACKETS_JWKS_URL must use https:// in production"
+
+
+def test_a_jwks_file_and_a_jwks_url_together_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(
+            home=tmp_path,
+            dev_issuer=False,
+            jwks_file=Path("jwks.json"),
+            jwks_url="https://idp.example/jwks",
+        )
+    assert refusal(refused.value) == "set CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL, not both"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("token_leeway_seconds", 301),
+        ("token_max_lifetime_seconds", 30 * 24 * 3600 + 1),
+        ("token_max_lifetime_seconds", 59),
+    ],
+)
+def test_token_time_bounds_past_their_limits_are_refused(
+    tmp_path: Path, setting: str, value: int
+) -> None:
+    """A leeway or a token lifetime past its bound keeps an expired or leaked token usable."""
+    given: dict[str, Any] = {setting: value}
+    with pytest.raises(ValidationError) as refused:
+        Settings(home=tmp_path, **given)
+    assert refusal(refused.value).startswith(f"CASEPACKETS_{setting.upper()}:")
 
 
 def test_the_batch_size_may_not_exceed_the_ceiling_the_request_schema_holds(
@@ -71,9 +109,10 @@ def test_the_batch_size_may_not_exceed_the_ceiling_the_request_schema_holds(
         Settings(home=tmp_path, max_batch_rows=MAX_BATCH_ROWS + 1)
 
 
-def test_placeholder_values_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("password", ["changethis", "CHANGEME", "Change-Me"])
+def test_placeholder_values_are_refused(tmp_path: Path, password: str) -> None:
     with pytest.raises(ValueError, match="CASEPACKETS_DATABASE_URL holds a placeholder"):
-        Settings(home=tmp_path, database_url="postgresql://app:changethis@db/casepackets")
+        Settings(home=tmp_path, database_url=f"postgresql://app:{password}@db/casepackets")
 
 
 @pytest.mark.parametrize(
