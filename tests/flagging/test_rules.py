@@ -66,11 +66,15 @@ def test_relapse_fires_at_exactly_n_returns_with_a_sentence_to_read_aloud() -> N
     )
     [hit] = evaluate(policy(RELAPSE), history, as_of=AS_OF)
     assert hit.rule_id == "relapse"
-    assert hit.evidence["returns"] == 3
-    assert hit.evidence["since"] == "2024-03-15"
-    assert hit.evidence["welfare_ended"] == ["2024-03-30", "2024-10-31", "2025-06-30"]
-    assert hit.evidence["jobs_ended"] == ["2024-06-30", "2025-01-31", "2025-09-30"]
-    assert hit.evidence["welfare_started"] == ["2024-07-01", "2025-02-03", "2025-10-01"]
+    # The whole evidence, so that none of it (the threshold included) can go missing unnoticed.
+    assert dict(hit.evidence) == {
+        "returns": 3,
+        "since": "2024-03-15",
+        "welfare_ended": ["2024-03-30", "2024-10-31", "2025-06-30"],
+        "jobs_ended": ["2024-06-30", "2025-01-31", "2025-09-30"],
+        "welfare_started": ["2024-07-01", "2025-02-03", "2025-10-01"],
+        "threshold": 3,
+    }
     assert hit.explanation == (
         "Came back to welfare 3 times since 15 March 2024, each time after leaving it for work "
         "that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
@@ -322,14 +326,41 @@ def test_spellings_of_one_office_are_one_helpdesk_named_once() -> None:
     [hit] = evaluate(
         policy(HOPPING), [*history, *visits((date(2025, 10, 1), "Bloemhof"))], as_of=AS_OF
     )
-    assert hit.evidence["helpdesks"] == 3
-    assert hit.evidence["visits"] == 6
-    assert hit.evidence["offices"] == ["Bloemhof", "Vraagwijzer Feijenoord", "Wijkteam Charlois"]
-    assert hit.evidence["first_visits"] == ["2025-10-01", "2025-09-01", "2025-06-01"]
+    assert dict(hit.evidence) == {
+        "helpdesks": 3,
+        "visits": 6,
+        "since": "2025-03-15",
+        "offices": ["Bloemhof", "Vraagwijzer Feijenoord", "Wijkteam Charlois"],
+        "first_visits": ["2025-10-01", "2025-09-01", "2025-06-01"],
+        "threshold": 3,
+    }
     assert hit.explanation == (
         "Visited 3 different helpdesks since 15 March 2025 "
         "(Bloemhof, Vraagwijzer Feijenoord and Wijkteam Charlois)."
     )
+
+
+def test_visits_before_the_window_are_not_in_the_evidence() -> None:
+    """The evidence counts and names only what happened since the window's first day, as its
+    sentence says: an older visit, even at another office, is neither counted nor named."""
+    in_window = visits(
+        (date(2025, 4, 1), "Bloemhof"), (date(2025, 5, 1), "Carnisse"), (date(2025, 6, 1), "Zuid")
+    )
+    older = visits((date(2025, 3, 14), "Bloemhof"), (date(2024, 1, 2), "Hillesluis"))
+    [hit] = evaluate(policy(HOPPING), [*older, *in_window], as_of=AS_OF)
+    assert hit.evidence["visits"] == 3
+    assert hit.evidence["offices"] == ["Bloemhof", "Carnisse", "Zuid"]
+    assert hit.evidence["first_visits"] == ["2025-04-01", "2025-05-01", "2025-06-01"]
+
+
+def test_offices_are_told_apart_casefolded_not_merely_lowercased() -> None:
+    """``office_key`` casefolds: "Straße" and "STRASSE" are one office (lowercasing keeps "ß")."""
+    history = visits(
+        (date(2025, 6, 1), "Wijkteam Straße"),
+        (date(2025, 7, 1), "WIJKTEAM STRASSE"),
+        (date(2025, 8, 1), "Vraagwijzer Feijenoord"),
+    )
+    assert evaluate(policy(HOPPING), history, as_of=AS_OF) == []
 
 
 def test_an_office_sent_composed_and_decomposed_is_one_helpdesk() -> None:
@@ -367,9 +398,14 @@ def test_long_welfare_fires_at_exactly_m_months_without_contact_for_k_months() -
         *visits((date(2025, 3, 14), "Bloemhof")),
     ]
     [hit] = evaluate(policy(LONG), history, as_of=AS_OF)
-    assert hit.evidence["on_welfare_since"] == "2024-03-15"
-    assert hit.evidence["months_on_welfare"] == 24
-    assert hit.evidence["last_helpdesk_visit"] == "2025-03-14"
+    assert dict(hit.evidence) == {
+        "on_welfare_since": "2024-03-15",
+        "months_on_welfare": 24,
+        "last_helpdesk_visit": "2025-03-14",
+        "no_contact_since": "2025-03-15",
+        "threshold_months": 24,
+        "no_contact_months": 12,
+    }
     assert hit.explanation == (
         "On welfare since 2024-03 (24 months) and no helpdesk visit in the last 12 months "
         "(last visit 2025-03-14)."
@@ -387,6 +423,16 @@ def test_a_visit_on_the_first_day_of_the_no_contact_window_is_contact() -> None:
         *visits((date(2025, 3, 15), "Bloemhof")),
     ]
     assert evaluate(policy(LONG), history, as_of=AS_OF) == []
+
+
+def test_the_latest_visit_decides_contact_however_many_came_before() -> None:
+    old_visits = visits((date(2021, 1, 4), "Bloemhof"), (date(2024, 12, 2), "Carnisse"))
+    history = [event("welfare_start", date(2020, 1, 1)), *old_visits]
+    [hit] = evaluate(policy(LONG), history, as_of=AS_OF)
+    assert hit.evidence["last_helpdesk_visit"] == "2024-12-02"
+    assert hit.explanation.endswith("(last visit 2024-12-02).")
+    recent = [*history, *visits((date(2025, 6, 2), "Bloemhof"))]
+    assert evaluate(policy(LONG), recent, as_of=AS_OF) == []
 
 
 def test_long_welfare_needs_the_spell_to_be_ongoing() -> None:
