@@ -110,6 +110,11 @@ SHAPE = "'version' may hold only letters, digits, '.', '_' and '-'"
             "params: {min_returns: 3, within_months: 24, skip_if_language: nl}",
             "'relapse'",
         ),
+        (
+            "uses: [helpdesk_visit, office]",
+            "uses: [helpdesk_visit, office, Gender]",
+            "'hopping'",
+        ),
     ],
 )
 def test_a_rule_referring_to_a_protected_attribute_fails_naming_the_rule(
@@ -160,7 +165,32 @@ def test_protected_attribute_among_characteristics_fails() -> None:
             "uses: [welfare_start, employment_end, office]",
             "a relapse rule reads ['employment_start', 'welfare_end']",
         ),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: 0, within_months: 24}",
+            "rule 'relapse': parameter 'min_returns' must be a whole number from 1 to 600",
+        ),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: 3, within_months: 601}",
+            "rule 'relapse': parameter 'within_months' must be a whole number from 1 to 600",
+        ),
+        (
+            "params: {min_returns: 3, within_months: 24}",
+            "params: {min_returns: true, within_months: 24}",
+            "rule 'relapse': parameter 'min_returns' must be a whole number from 1 to 600",
+        ),
+        (
+            "params: {min_helpdesks: 4, within_months: 12}",
+            "params: {min_helpdesks: 1, within_months: 12}",
+            "rule 'hopping': 'min_helpdesks' must be at least 2",
+        ),
         ("    description: Visited four different helpdesks in a year.\n", "", "description"),
+        (
+            "description: Visited four different helpdesks in a year.",
+            "description: Hopping.",
+            "rule 'hopping' needs a plain-language 'description'",
+        ),
         ("  - id: hopping", "  - id: relapse", "used twice"),
         ('version: "2026.1"', "", "'version' must be given"),
         ('version: "2026.1"', 'version: "   "', "'version' must be given"),
