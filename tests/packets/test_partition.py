@@ -137,6 +137,65 @@ def test_a_retention_policy_may_leave_out_idempotency_days_but_not_give_a_bad_on
             load_retention_policy(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "version: 1\npacket_ttl_days: 0\nclosed_grace_days: 30\n",
+            "'packet_ttl_days' must be a whole number from 1 to 3650",
+        ),
+        (
+            "version: 1\npacket_ttl_days: 90\nclosed_grace_days: -1\n",
+            "'closed_grace_days' must be a whole number from 0 to 3650",
+        ),
+        (
+            "version: 1\npacket_ttl_days: true\nclosed_grace_days: 30\n",
+            "'packet_ttl_days' must be a whole number from 1 to 3650",
+        ),
+        (
+            "version: 1\npacket_ttl_days: 90\nclosed_grace_days: 30\npacket_ttl: 7\n",
+            "unknown keys ['packet_ttl']",
+        ),
+    ],
+)
+def test_a_bad_retention_policy_fails_to_load_naming_the_file_and_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """A misspelled key would leave packets open for the default; a zero TTL or a negative grace
+    would shred at once; YAML's true would pass for 1."""
+    path = tmp_path / "retention.yaml"
+    path.write_text(text)
+    with pytest.raises(PacketsPolicyError) as caught:
+        load_retention_policy(path)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("version: 1\npacket_size: true\n", "'packet_size' must be a whole number"),
+        ("version: 1\npacket_size: 0\n", "'packet_size' must be a whole number"),
+        ("version: 1\npackets_size: 10\n", "unknown keys ['packets_size']"),
+    ],
+)
+def test_a_bad_partitioning_policy_fails_to_load(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "partitioning.yaml"
+    path.write_text(text)
+    with pytest.raises(PacketsPolicyError) as caught:
+        load_partitioning_policy(path)
+    assert str(caught.value).startswith(f"{path}: {message}")
+
+
+def test_a_professional_listed_twice_is_refused() -> None:
+    """Two entries for one id would each get that professional's room: twice the capacity."""
+    twice = [
+        Professional("anna", frozenset({"Charlois"}), capacity=20),
+        Professional("anna", frozenset({"Charlois"}), capacity=20),
+    ]
+    with pytest.raises(ValueError, match="professional ids must be unique"):
+        partition(cases("Charlois", 30), twice, packet_size=20)
+
+
 def test_a_packet_size_above_twenty_fails_to_load(tmp_path: Path) -> None:
     path = tmp_path / "partitioning.yaml"
     path.write_text("version: 1\npacket_size: 21\n")
