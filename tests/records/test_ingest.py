@@ -117,6 +117,27 @@ def test_duplicate_rows_in_a_batch_are_rejected(
     assert_nothing_stored(session)
 
 
+def test_one_subject_sent_twice_with_other_events_is_rejected_naming_the_row_it_repeats(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+) -> None:
+    """The same person in two rows, each with events of its own: refused as a duplicate with the
+    row it repeats, not stored as two subjects nor left to the database to refuse (409)."""
+    again = make(0, prefix="other")
+    response = client.post(
+        URL, json={"subjects": [make(0), make(1), again]}, headers=source_headers
+    )
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["detail"] == "batch rejected, nothing was stored; failing rows: 2"
+    assert {"row": 2, "loc": ["subjects", 2, "identity", "bsn"]}.items() <= next(
+        e for e in body["errors"] if e["row"] == 2
+    ).items()
+    assert [e["msg"] for e in body["errors"] if e["row"] == 2] == [
+        "same subject as row 0; send each subject once per batch"
+    ]
+    assert_nothing_stored(session)
+
+
 def test_malformed_json_is_rejected(
     client: TestClient, session: Session, source_headers: dict[str, str]
 ) -> None:
@@ -214,7 +235,11 @@ def test_a_422_lists_the_first_100_errors_and_says_how_many_there_were(
     assert response.status_code == 422
     body = response.json()
     assert [error["row"] for error in body["errors"]] == list(range(100))
-    assert body["detail"].endswith("(150 errors; the first 100 are listed)")
+    first_rows = ", ".join(str(row) for row in range(20))
+    assert body["detail"] == (
+        f"batch rejected, nothing was stored; failing rows: {first_rows} … "
+        "(150 errors; the first 100 are listed)"
+    )
     assert_nothing_stored(session)
 
 
