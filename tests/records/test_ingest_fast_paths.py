@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -24,7 +24,9 @@ from sqlmodel import Session
 
 from service.crypto.keyring import Keyring
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn, pseudonymize
+from service.records import models as records_models
 from service.records.models import (
+    MAX_SUBJECT_EVENTS,
     RECORD_BATCH,
     SUBJECT_RECORD,
     RecordBatchPublic,
@@ -273,6 +275,7 @@ def the_one_error(record: Record) -> ErrorDetails:
     ("place", "field", "value"),
     [
         (lambda r: r["identity"], "given_name", "\u200b"),
+        (lambda r: r["identity"], "given_name", "-"),
         (lambda r: r["identity"], "family_name", "\u202e\u200d"),
         (lambda r: r["characteristics"], "district", "\u0301"),
         (lambda r: r["events"][0], "office", "\u2063"),
@@ -339,6 +342,7 @@ def test_a_joiner_between_letters_is_kept_as_some_scripts_spell_names_with_it(
         (lambda r: r["identity"], "given_name", "\u200dJan"),
         (lambda r: r["identity"], "given_name", "Jan\u200c"),
         (lambda r: r["identity"], "given_name", "Jan 1\u200d2"),
+        (lambda r: r["identity"], "given_name", "Jan\u200c Smit"),
         (lambda r: r["identity"], "street", "Putselaan\u20282"),
         (lambda r: r["identity"], "city", "Rotter\u200bdam"),
         (lambda r: r["characteristics"], "district", "Fei\njenoord"),
@@ -387,3 +391,29 @@ def test_a_blank_optional_text_is_taken_as_not_given(make: Make) -> None:
 
     assert {field: checked["identity"][field] for field in blanks} == dict.fromkeys(blanks)  # type: ignore[literal-required]
     assert checked["characteristics"]["household_type"] is None
+
+
+def test_a_subject_holds_at_most_1000_events(make: Make) -> None:
+    record = make(0, events=MAX_SUBJECT_EVENTS)
+    assert RECORD_BATCH.validate_python({"subjects": [record]})
+    record = make(0, events=MAX_SUBJECT_EVENTS + 1)
+    error = the_one_error(record)
+    assert (error["loc"], error["type"]) == (("subjects", 0, "events"), "too_long")
+
+
+def test_an_event_or_birth_date_after_today_where_the_municipality_is_is_refused(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Today is the last day a record may be dated: not tomorrow, however near."""
+    today = datetime.now(UTC).date() + timedelta(days=5)  # past the check's "surely past" days
+    monkeypatch.setattr(records_models, "today", lambda: today)
+    record = make(0)
+    record["events"][0]["date"] = today.isoformat()
+    record["identity"]["birth_date"] = today.isoformat()
+    assert RECORD_BATCH.validate_python({"subjects": [record]})
+    for place, field in ((record["events"][0], "date"), (record["identity"], "birth_date")):
+        place[field] = (today + timedelta(days=1)).isoformat()
+        error = the_one_error(record)
+        assert error["loc"][-1] == field
+        assert "between 1900-01-01 and today" in error["msg"]
+        place[field] = today.isoformat()
