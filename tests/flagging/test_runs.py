@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -104,6 +104,11 @@ def test_flags_are_paged(
             break
         after = page["next_after"]
     assert sorted(seen) == [f"ps-{i}" for i in range(5)]
+    # A page that holds the last flag says so, even when it is exactly full.
+    whole = client.get(
+        f"/v1/flagging/runs/{run_id}/flags", params={"limit": 5}, headers=coordinator
+    ).json()
+    assert (len(whole["items"]), whole["next_after"]) == (5, None)
     # A cursor past every flag id reads nothing, on PostgreSQL too (its flag ids are 32-bit).
     for beyond in (2**31 - 1, 2**31, 2**63 - 1):
         page = client.get(
@@ -135,6 +140,29 @@ def test_runs_evaluate_in_batches_and_skip_erased_subjects(app: FastAPI, session
     [logged] = log_entries(session, "flagging.run")
     assert logged["actor"] == "system:flag"
     assert logged["request_id"] is None, "a job outside any request has no request id"
+
+
+def test_a_flag_of_several_hits_explains_every_one_in_policy_order(
+    app: FastAPI, session: Session
+) -> None:
+    hopping = [
+        ("helpdesk_visit", date(2025, month, 3), office)
+        for month, office in enumerate(("Bloemhof", "Carnisse", "Tarwewijk", "Zuidwijk"), start=4)
+    ]
+    subject_id, _ = add_subject(
+        session, app.state.keyring, pseudonym="ps-both", events=[*RELAPSING, *hopping]
+    )
+    run = run_flagging(
+        session=session, policy=app.state.flagging_policy, as_of=AS_OF, caller=system_caller("t")
+    )
+    [flag] = session.execute(select(Flag).where(Flag.run_id == run.id)).scalars()  # type: ignore[arg-type]
+    assert flag.subject_id == subject_id
+    assert [hit["rule_id"] for hit in flag.hits] == ["relapse", "desk-hopping"]
+    assert flag.explanation == " ".join(hit["explanation"] for hit in flag.hits)
+    assert flag.explanation.endswith(
+        "Visited 4 different helpdesks since 15 March 2025 "
+        "(Bloemhof, Carnisse, Tarwewijk and Zuidwijk)."
+    )
 
 
 # Two of the three returns the relapse rule needs, and the third, which one ingest adds later.
