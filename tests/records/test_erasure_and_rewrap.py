@@ -31,6 +31,7 @@ from service.records.service import (
     subject_dek,
 )
 from tests.conftest import Interleaving, TokenFactory, bearer
+from tests.flagging.seed import log_entries
 from tests.records.conftest import Record, count_rows
 
 Make = Callable[..., Record]
@@ -101,6 +102,15 @@ def test_erasure_shreds_one_subject_and_keeps_events_and_everyone_else(
     assert get_subject(session=session, pseudonym=pseudonyms[1]).wrapped_dek is None
     assert count_rows(session, "events") == 15, "its new events are stored, pseudonymized"
     session.rollback()
+    # Each erasure is in the access log under the pseudonym it erased, the second as such.
+    logged = [
+        (entry["actor"], entry["object_id"], entry["pseudonyms"], entry["reason"])
+        for entry in log_entries(session, "subject.erase")
+    ]
+    assert logged == [
+        ("admin-001", pseudonyms[1], [pseudonyms[1]], "packet_wraps_removed=0"),
+        ("admin-001", pseudonyms[1], [pseudonyms[1]], "already erased"),
+    ]
 
 
 def test_erasure_needs_the_admin_role_and_an_existing_subject(
