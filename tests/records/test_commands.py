@@ -913,6 +913,48 @@ def test_a_line_with_fewer_values_than_the_header_is_rejected_whole(
     assert count_rows(cli_session, "events") == 2
 
 
+def test_a_line_with_one_value_more_than_the_header_is_rejected_whole(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    """One value too many, as a stray comma makes: rejected by line, not an import that fails."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_lines(tmp_path / "records.csv", [line(0, 0), line(1, 0), line(2, 0)])
+    rewrite_line(path, 3, "csv-1-0", "csv-1-0,")
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 1, output
+    said = " ".join(output.split())
+    assert "line 3: row: more values than header columns" in said
+    assert "1 lines rejected" in said
+    assert count_rows(cli_session, "subjects") == 2  # 0 and 2; nothing of line 3
+
+
+def test_an_import_keeps_the_first_rejections_and_counts_them_all(
+    cli_env: Settings, tmp_path: Path
+) -> None:
+    """What an import remembers of rejected lines is bounded, the count is not."""
+    keyring = Keyring.init(cli_env.resolved_keyring_path)
+    rows = [line(index, 0, event_type="alien_visit") for index in range(3)]
+    path = write_csv(tmp_path / "records.csv", [*rows, line(3, 0)])
+    database = Database(cli_env)
+    try:
+        result = bulk.import_csv(
+            database=database,
+            keyring=keyring,
+            event_types=load_event_types(cli_env.policies_dir / "events.yaml"),
+            path=path,
+            source="welfare",
+            actor="system:import:welfare",
+            batch_size=10,
+            keep_rejections=2,
+        )
+    finally:
+        database.dispose()
+
+    assert [rejection.line for rejection in result.rejected] == [2, 3]
+    assert result.rejected_total == 3
+    assert result.subjects == 1
+
+
 def test_an_import_that_stops_after_committed_batches_says_what_was_stored(
     cli_env: Settings, cli_session: Session, tmp_path: Path
 ) -> None:
