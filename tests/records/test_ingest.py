@@ -297,6 +297,26 @@ def test_idempotency_key_returns_the_first_answer(
     assert count_rows(session, "subjects") == 2
 
 
+@pytest.mark.parametrize(
+    "key",
+    [b"", b"k" * 129, "Zwanenburg-\u00e9".encode("latin-1"), b"batch\x7f1"],
+    ids=["empty", "129-characters", "latin-1", "delete-character"],
+)
+def test_an_idempotency_key_of_another_shape_is_422_and_stores_nothing(
+    client: TestClient, session: Session, source_headers: dict[str, str], make: Make, key: bytes
+) -> None:
+    """1 to 128 printable ASCII characters: anything else would be stored garbled (a header
+    arrives as Latin-1) or could carry a name; it is refused, not echoed."""
+    headers = {name.encode(): value.encode() for name, value in source_headers.items()}
+    response = client.post(
+        URL, json={"subjects": [make(0)]}, headers={**headers, b"Idempotency-Key": key}
+    )
+    assert response.status_code == 422, response.text
+    assert [e["loc"] for e in response.json()["errors"]] == [["header", "Idempotency-Key"]]
+    assert "Zwanenburg" not in response.text
+    assert_nothing_stored(session)
+
+
 def test_a_batch_replayed_under_its_idempotency_key_is_logged_again_without_identities(
     client: TestClient, session: Session, source_headers: dict[str, str], make: Make
 ) -> None:
