@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from fastapi.testclient import TestClient
 
+from service.schemas import refuse_nul
 from tests.conftest import TokenFactory, bearer
 
 
@@ -44,3 +48,27 @@ def test_nul_characters_are_refused_on_both_engines(
     assert response.status_code == 422
     assert {tuple(e["loc"]) for e in response.json()["errors"]} == {("id",), ("districts",)}
     assert "\u0000" not in response.text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a\u0000b",
+        ["ok", "a\u0000"],
+        ("ok", ("deeper\u0000",)),
+        {"a\u0000": "key"},
+        {"key": ["a\u0000"]},
+        {"a\u0000"},
+        frozenset({"a\u0000"}),
+    ],
+    ids=["text", "list", "nested-tuple", "dict-key", "dict-value", "set", "frozenset"],
+)
+def test_refuse_nul_finds_a_nul_in_any_text_inside_a_value(value: Any) -> None:
+    with pytest.raises(ValueError, match="must not contain NUL characters") as refused:
+        refuse_nul(value)
+    assert "\u0000" not in str(refused.value)
+
+
+def test_refuse_nul_hands_back_a_value_without_one() -> None:
+    value = {"districts": ["Charlois", "Feijenoord"], "capacity": 3}
+    assert refuse_nul(value) is value

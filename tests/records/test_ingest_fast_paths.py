@@ -282,6 +282,7 @@ def the_one_error(record: Record) -> ErrorDetails:
         (lambda r: r["identity"], "birth_date", 0),
         (lambda r: r["events"][0], "date", 1_700_000_000.0),
         (lambda r: r["events"][0], "date", "1704067200"),
+        (lambda r: r["events"][0], "date", "17280000"),  # 200 days after 1970-01-01, in seconds
         (lambda r: r["identity"], "birth_date", "1990-01-01T00:00:00Z"),
         (lambda r: r["identity"], "birth_date", "1990-01-01 00:00"),
     ],
