@@ -27,7 +27,7 @@ from service.access_log.guard import require
 from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.config import Settings
-from service.errors import served_routes
+from service.errors import served_routes, shown_path
 from service.main import create_app
 from service.request_body import MAX_FIELDS, JsonRoute
 from service.schemas import StrictModel
@@ -680,6 +680,16 @@ def test_a_query_parameter_given_twice_is_422_not_the_last_one_quietly(
     auditor = bearer(token("audit-001", "auditor"))
     entries = client.get("/v1/audit/entries?start=0&end=1&start=3", headers=auditor)
     assert entries.status_code == 422, entries.text
+
+
+def test_a_path_shows_an_id_only_when_the_whole_segment_is_one() -> None:
+    """A name typed after (or before) a pseudonym or a packet id is no id: the segment is hidden."""
+    words = frozenset({"", "v1", "packets", "clients"})
+    packet, pseudonym = "0f8fad5b-d9cb-469f-a165-70867728950e", "ab" * 16
+    assert shown_path(f"/v1/packets/{packet}/clients", words) == f"/v1/packets/{packet}/clients"
+    assert shown_path(f"/v1/packets/{pseudonym}", words) == f"/v1/packets/{pseudonym}"
+    for typed in (f"{pseudonym}Jansen", f"{packet}-123456782", f"Jansen{pseudonym}"):
+        assert shown_path(f"/v1/packets/{typed}/clients?x=1", words) == "/v1/packets/…/clients?…"
 
 
 def test_the_server_access_log_keeps_no_identity_typed_into_a_url(tmp_path: Path) -> None:
