@@ -69,6 +69,23 @@ def test_a_valid_policy_gives_typed_rules() -> None:
     )
 
 
+def test_a_policy_without_rules_is_refused() -> None:
+    empty = GOOD[: GOOD.index("rules:")] + "rules: []\n"
+    with pytest.raises(FlaggingPolicyError) as caught:
+        parse_flagging_policy(empty.encode(), source="flagging.yaml")
+    assert str(caught.value) == "flagging.yaml: 'rules' must list at least one rule"
+
+
+def test_a_description_is_stored_with_its_whitespace_collapsed() -> None:
+    """A folded or wrapped description reads as one line in flags and the policy listing."""
+    wrapped = GOOD.replace(
+        "description: Visited four different helpdesks in a year.",
+        'description: "Visited four   different\\n  helpdesks in a year."',
+    )
+    rules = parse_flagging_policy(wrapped.encode()).rules
+    assert rules[1].description == "Visited four different helpdesks in a year."
+
+
 def test_any_edit_changes_the_stored_version() -> None:
     first = parse_flagging_policy(GOOD.encode())
     second = parse_flagging_policy((GOOD + "# a comment\n").encode())
@@ -186,6 +203,18 @@ def test_protected_attribute_among_characteristics_fails() -> None:
             "rule 'hopping': 'min_helpdesks' must be at least 2",
         ),
         ("    description: Visited four different helpdesks in a year.\n", "", "description"),
+        (
+            "    params: {min_returns: 3, within_months: 24}\n",
+            "    params: {min_returns: 3, within_months: 24}\n    enabled: false\n",
+            "rule 'relapse': unknown keys ['enabled']",
+        ),
+        ("name: test-policy", "name: test-policy\nowner: team", "unknown keys ['owner']"),
+        (
+            "helpdesk_visit, office]\nrules:",
+            "helpdesk_visit, office, income]\nrules:",
+            "unknown characteristics ['income']",
+        ),
+        ("  - id: hopping", f"  - id: {'h' * 65}", "rule 2 needs an 'id' of lowercase letters"),
         (
             "description: Visited four different helpdesks in a year.",
             "description: Hopping.",
