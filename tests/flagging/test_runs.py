@@ -421,6 +421,10 @@ def test_a_push_sent_again_with_its_idempotency_key_stores_its_flags_once(
     other = client.post("/v1/flags", json={"flags": [RENT]}, headers=source)
     assert other.status_code == 409, other.text
     assert other.json()["detail"] == "this Idempotency-Key was used for other flags; use a new key"
+    # The explanation is part of what was pushed: reworded, it is other flags.
+    reworded = {**SCHOOL, "explanation": "Reported again, in other words."}
+    reworded_again = client.post("/v1/flags", json={"flags": [RENT, reworded]}, headers=source)
+    assert reworded_again.status_code == 409, reworded_again.text
     # Keys are per source: another source's push under the same key is its own.
     elsewhere = {**bearer(token("source-school", "source")), "Idempotency-Key": "push-0001"}
     assert client.post("/v1/flags", json={"flags": [RENT]}, headers=elsewhere).status_code == 201

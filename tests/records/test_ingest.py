@@ -281,7 +281,11 @@ def test_replayed_batch_never_duplicates(
 
 
 def test_idempotency_key_returns_the_first_answer(
-    client: TestClient, session: Session, source_headers: dict[str, str], make: Make
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+    token: TokenFactory,
 ) -> None:
     headers = {**source_headers, "Idempotency-Key": "batch-2025-001"}
     body = {"subjects": [make(0), make(1)]}
@@ -295,6 +299,12 @@ def test_idempotency_key_returns_the_first_answer(
     other = client.post(URL, json={"subjects": [make(5)]}, headers=headers)
     assert other.status_code == 409
     assert count_rows(session, "subjects") == 2
+    # Keys are per source: another source's batch under the same key is its own.
+    elsewhere = {**bearer(token("source-uwv", "source")), "Idempotency-Key": "batch-2025-001"}
+    own = client.post(URL, json={"subjects": [make(5)]}, headers=elsewhere)
+    assert own.status_code == 200, own.text
+    assert own.json()["replayed"] is False
+    assert count_rows(session, "subjects") == 3
 
 
 @pytest.mark.parametrize(
