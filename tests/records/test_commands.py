@@ -928,6 +928,21 @@ def test_a_line_with_one_value_more_than_the_header_is_rejected_whole(
     assert count_rows(cli_session, "subjects") == 2  # 0 and 2; nothing of line 3
 
 
+def test_import_lists_the_first_50_rejected_lines_and_counts_the_rest(
+    cli_env: Settings, tmp_path: Path
+) -> None:
+    Keyring.init(cli_env.resolved_keyring_path)
+    rows = [line(index, 0, event_type="alien_visit") for index in range(52)]
+    path = write_csv(tmp_path / "records.csv", rows)
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 1, output
+    listed = re.findall(r"^  line (\d+): event_type:", output, flags=re.MULTILINE)
+    assert listed == [str(number) for number in range(2, 52)]
+    said = " ".join(output.split())
+    assert "… and 2 more rejected lines" in said
+    assert "52 lines rejected" in said
+
+
 def test_an_import_keeps_the_first_rejections_and_counts_them_all(
     cli_env: Settings, tmp_path: Path
 ) -> None:
