@@ -88,7 +88,7 @@ def get_run(
 def list_run_flags(
     run_id: RunId,
     session: SessionDep,
-    _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
+    caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
     after: Annotated[
         int, Query(ge=0, le=MAX_INT64, description="the previous page's next_after")
     ] = 0,
@@ -97,7 +97,7 @@ def list_run_flags(
     # Flag ids are 32-bit on PostgreSQL: a cursor past the largest one reads no flag, as on
     # SQLite, rather than failing as a number the column cannot hold.
     items, next_after = service.list_run_flags(
-        session=session, run_id=run_id, after=min(after, MAX_FLAG_ID), limit=limit
+        session=session, run_id=run_id, after=min(after, MAX_FLAG_ID), limit=limit, caller=caller
     )
     return FlagPagePublic(items=items, next_after=next_after)
 

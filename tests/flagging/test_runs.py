@@ -24,11 +24,13 @@ from service.flagging.service import (
     run_flagging,
     system_caller,
 )
+from service.main import create_app
 from service.records import service as records_service
 from service.records.models import Subject
 from service.records.service import ERASED_DIGEST
 from tests.conftest import Interleaving, TokenFactory, bearer
 from tests.flagging.seed import AS_OF, EVENTS, QUIET, RELAPSING, add_subject, log_entries
+from tests.packets.scenario import HeldLogLock
 
 # Pushed flags name pseudonyms of the shape ingest hands out.
 QUIET_PSEUDONYM = "5e" * 16
@@ -116,6 +118,44 @@ def test_flags_are_paged(
         )
         assert page.status_code == 200, (beyond, page.text)
         assert page.json() == {"items": [], "next_after": None}
+
+
+def test_every_page_of_flags_read_is_logged_with_its_pseudonyms(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory, db_url: str
+) -> None:
+    """Who saw whose flags and explanations is in the access log; a page the log cannot record
+    is not given out (503)."""
+    for i in range(3):
+        add_subject(session, app.state.keyring, pseudonym=f"ps-{i}", events=RELAPSING)
+    session.commit()
+    coordinator = bearer(token("coord-001", "coordinator"))
+    run_id = client.post(
+        "/v1/flagging/runs", json={"as_of": "2026-03-15"}, headers=coordinator
+    ).json()["id"]
+    url = f"/v1/flagging/runs/{run_id}/flags"
+    first = client.get(url, params={"limit": 2}, headers=coordinator).json()
+    rest = client.get(url, params={"after": first["next_after"]}, headers=coordinator).json()
+    pages = [[item["pseudonym"] for item in page["items"]] for page in (first, rest)]
+    assert sorted(pages[0] + pages[1]) == ["ps-0", "ps-1", "ps-2"]
+    logged = [
+        (e["actor"], e["object_type"], e["object_id"], e["outcome"], e["pseudonyms"])
+        for e in log_entries(session, "flagging.read")
+    ]
+    assert logged == [
+        ("coord-001", "flagging_run", run_id, "allowed", pages[0]),
+        ("coord-001", "flagging_run", run_id, "allowed", pages[1]),
+    ]
+    bounded = app.state.settings.model_copy(update={"log_lock_timeout_seconds": 0.3})
+    database = Database(bounded)
+    try:
+        with TestClient(create_app(bounded, database=database)) as busy:
+            with HeldLogLock(db_url):
+                refused = busy.get(url, headers=coordinator)
+            assert refused.status_code == 503, refused.text
+            assert "ps-" not in refused.text
+    finally:
+        database.dispose()
+    assert len(log_entries(session, "flagging.read")) == 2
 
 
 def test_runs_evaluate_in_batches_and_skip_erased_subjects(app: FastAPI, session: Session) -> None:
