@@ -24,7 +24,6 @@ from sqlalchemy import text
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.access_log.guard import lacks_permission, required_permissions
 from service.access_log.router import install as install_access_log
 from service.auth.router import router as auth_router
 from service.auth.tokens import DevIssuer, KeySet, TokenVerifier
@@ -208,11 +207,11 @@ async def refuse_unknown_input(request: Request) -> None:
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not route.path.startswith("/v1/"):
         return  # health probes: whatever a load balancer appends is harmless there
+    if getattr(request.state, "turned_away", False):
+        return  # the route's require() refuses this caller, logged (JsonRoute said so)
     if request.method in _WRITES and not _takes_body(route.dependant):
         headers = request.headers
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
-            if lacks_permission(request.state, required_permissions(route.dependant)):
-                return
             raise Unprocessable(
                 f"{request_path(request)} takes no request body; send none",
                 errors=[{"loc": ["body"], "msg": "this route takes no body"}],
@@ -220,8 +219,6 @@ async def refuse_unknown_input(request: Request) -> None:
     if not request.query_params:
         return
     accepted = _query_names(route.dependant)  # a few fields; only requests with a query pay
-    if lacks_permission(request.state, required_permissions(route.dependant)):
-        return
     if not accepted.issuperset(request.query_params.keys()):
         takes = ", ".join(sorted(accepted)) if accepted else "none"
         raise Unprocessable(

@@ -25,7 +25,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.types import Message
 
-from service.access_log.guard import lacks_permission, required_permissions
+from service.access_log.guard import required_permissions
 from service.auth.dependencies import authenticate_request, requires_token
 from service.errors import RefusedObject
 
@@ -76,9 +76,12 @@ class JsonRoute(APIRoute):
         async def read_strictly(request: Request) -> Response:
             receive = request.receive
             if needs_token:
-                await authenticate_request(request)  # an anonymous body is never parsed
-                if lacks_permission(request.state, required):
-                    receive = _no_body  # nor is the body of a caller the route turns away
+                caller = await authenticate_request(request)  # an anonymous body is never parsed
+                if not required <= caller.permissions:
+                    # The route's require() will refuse: its logged 403 comes before anything
+                    # about the body or the query (service.main.refuse_unknown_input).
+                    request.state.turned_away = True
+                    receive = _no_body
             return await handler(_JsonRequest(request.scope, receive))
 
         return read_strictly

@@ -17,7 +17,6 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.dependencies.models import Dependant
 from sqlmodel import Session
-from starlette.datastructures import State
 
 from service.access_log.service import LogEntry, append
 from service.auth.dependencies import Caller, CurrentCaller
@@ -37,8 +36,9 @@ def route_of(request: Request) -> str:
 
 
 class Require:
-    """The dependency ``require`` returns. ``permission`` tells others (``refuse_unknown_input``)
-    which permission the route needs; a subclass may log and word its refusal otherwise."""
+    """The dependency ``require`` returns. ``permission`` tells ``JsonRoute`` which permission
+    the route needs (``required_permissions``); a subclass may log and word its refusal
+    otherwise."""
 
     def __init__(self, permission: Permission) -> None:
         self.permission = permission
@@ -82,10 +82,3 @@ def required_permissions(dependant: Dependant) -> frozenset[Permission]:
             found.add(sub.call.permission)
         found |= required_permissions(sub)
     return frozenset(found)
-
-
-def lacks_permission(state: State, required: frozenset[Permission]) -> bool:
-    """Whether the caller this request's ``state`` holds (verified by ``JsonRoute``) lacks one
-    of the ``required`` permissions."""
-    caller = getattr(state, "caller", None)
-    return isinstance(caller, Caller) and not required <= caller.permissions
