@@ -214,12 +214,12 @@ def _public(flag: Flag, pseudonym: str) -> FlagPublic:
 
 
 def list_run_flags(
-    *, session: Session, run_id: str, after: int = 0, limit: int = 100, caller: Caller | None = None
+    *, session: Session, run_id: str, caller: Caller, after: int = 0, limit: int = 100
 ) -> tuple[list[FlagPublic], int | None]:
     """One page of a run's flags in id order; the second value is the next ``after`` or None.
-    With a ``caller`` the read is logged (``flagging.read``, the run as object, the page's
-    pseudonyms): who saw whose flags and explanations is in the access log, as packet reads are,
-    and the page leaves the service only once that entry has committed."""
+    The read is logged (``flagging.read``, the run as object, the page's pseudonyms): who saw
+    whose flags and explanations is in the access log, as packet reads are, and the page leaves
+    the service only once that entry has committed."""
     get_run(session=session, run_id=run_id)
     limit = max(1, min(limit, MAX_PAGE))
     rows = session.execute(
@@ -231,17 +231,16 @@ def list_run_flags(
     ).all()
     items = [_public(flag, pseudonym) for flag, pseudonym in rows[:limit]]
     next_after = items[-1].id if len(rows) > limit else None
-    if caller is not None:
-        append(
-            session=session,
-            entry=LogEntry.by(
-                caller,
-                action="flagging.read",
-                object_type="flagging_run",
-                object_id=run_id,
-                pseudonyms=[item.pseudonym for item in items],
-            ),
-        )
+    append(
+        session=session,
+        entry=LogEntry.by(
+            caller,
+            action="flagging.read",
+            object_type="flagging_run",
+            object_id=run_id,
+            pseudonyms=[item.pseudonym for item in items],
+        ),
+    )
     return items, next_after
 
 

@@ -279,7 +279,7 @@ def test_a_run_evaluates_the_data_as_it_stood_when_it_began(
     assert committed == [backend == "postgres"]
 
     def flagged(run_id: str) -> list[str]:
-        flags, _next = list_run_flags(session=session, run_id=run_id)
+        flags, _next = list_run_flags(session=session, run_id=run_id, caller=system_caller("test"))
         session.rollback()
         return sorted(flag.pseudonym for flag in flags)
 
