@@ -37,8 +37,10 @@ def route_of(request: Request) -> str:
 
 class Require:
     """The dependency ``require`` returns. ``permission`` tells ``JsonRoute`` which permission
-    the route needs (``required_permissions``); a subclass may log and word its refusal
-    otherwise."""
+    the route needs (``required_permissions``); a subclass may log its refusal otherwise
+    and raise another error for it."""
+
+    refused: type[ServiceError] = PermissionRefused  # must commit before raising (its entry)
 
     def __init__(self, permission: Permission) -> None:
         self.permission = permission
@@ -49,7 +51,7 @@ class Require:
         if caller.can(self.permission):
             return caller
         await run_in_threadpool(self.log_refusal, request, session, caller)
-        raise self.refusal()
+        raise self.refused(f"this action needs the permission {self.permission.value!r}")
 
     def log_refusal(self, request: Request, session: Session, caller: Caller) -> None:
         append(
@@ -63,9 +65,6 @@ class Require:
                 reason=f"lacks {self.permission.value}",
             ),
         )
-
-    def refusal(self) -> ServiceError:
-        return PermissionRefused(f"this action needs the permission {self.permission.value!r}")
 
 
 def require(permission: Permission) -> Any:

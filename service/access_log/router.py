@@ -28,7 +28,7 @@ from service.config import Settings
 from service.crypto.keyring import KeyProvider
 from service.crypto.signing import NoteSigner
 from service.db import Database, SessionDep
-from service.errors import BadRequest, Forbidden, ServiceError, Unavailable
+from service.errors import BadRequest, Forbidden, Unavailable
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.request_body import JsonRoute
 from service.schemas import MAX_INT64
@@ -50,6 +50,8 @@ class AuditRead(Require):
     """The caller if they may read the log; otherwise a denied ``audit.read`` entry naming the
     part of the log asked for, and 403."""
 
+    refused = AuditReadRefused
+
     def log_refusal(self, request: Request, session: Session, caller: Caller) -> None:
         service.log_audit_read(
             session=session,
@@ -58,9 +60,6 @@ class AuditRead(Require):
             outcome="denied",
             reason=f"lacks {self.permission.value}",
         )
-
-    def refusal(self) -> ServiceError:
-        return AuditReadRefused(f"this action needs the permission {self.permission.value!r}")
 
 
 Auditor = Annotated[Caller, Depends(AuditRead(Permission.AUDIT_READ))]
