@@ -149,6 +149,11 @@ class Unprocessable(ServiceError):
     status = 422
 
 
+class UnknownInput(Unprocessable):
+    """Input the route does not take at all: a stray or repeated query parameter, or a body sent
+    to a route that takes none (``service.main.refuse_unknown_input``)."""
+
+
 class Unavailable(ServiceError):
     status = 503
 

@@ -33,7 +33,7 @@ from service.crypto.keyring import Keyring
 from service.db import Database
 from service.errors import (
     UnexpectedErrors,
-    Unprocessable,
+    UnknownInput,
     install_error_handlers,
     problem,
     request_path,
@@ -212,7 +212,7 @@ async def refuse_unknown_input(request: Request) -> None:
     if request.method in _WRITES and not _takes_body(route.dependant):
         headers = request.headers
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
-            raise Unprocessable(
+            raise UnknownInput(
                 f"{request_path(request)} takes no request body; send none",
                 errors=[{"loc": ["body"], "msg": "this route takes no body"}],
             )
@@ -221,7 +221,7 @@ async def refuse_unknown_input(request: Request) -> None:
     accepted = _query_names(route.dependant)  # a few fields; only requests with a query pay
     if not accepted.issuperset(request.query_params.keys()):
         takes = ", ".join(sorted(accepted)) if accepted else "none"
-        raise Unprocessable(
+        raise UnknownInput(
             f"unknown query parameter; {request_path(request)} takes: {takes}",
             errors=[{"loc": ["query"], "msg": f"unknown parameter (accepted: {takes})"}],
         )
@@ -229,7 +229,7 @@ async def refuse_unknown_input(request: Request) -> None:
     # (``?status=closed&status=assigned`` would answer for assigned packets alone).
     repeated = sorted(name for name in accepted if len(request.query_params.getlist(name)) > 1)
     if repeated:
-        raise Unprocessable(
+        raise UnknownInput(
             f"query parameters given more than once: {', '.join(repeated)}; give each once",
             errors=[{"loc": ["query", name], "msg": "given more than once"} for name in repeated],
         )

@@ -13,21 +13,28 @@ Parsing a large body costs the event loop most of a second, so a route that need
 verifies it first: a request without a valid one gets its 401 and its body is never parsed (it
 was received, up to the size limit, by ``service.main.BodySizeLimit``); nor is the body of a
 caller whose roles lack the route's permission, who gets the logged 403.
+
+A route may name a judge (``judged_before_its_input``) that hears a request the route cannot
+take as sent before its 422 is given: the packet routes answer a caller who may not act on the
+packet with the same logged 404 as for any of their requests, so a stray parameter or a body
+that does not fit keeps no attempt out of the access log.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.types import Message
 
 from service.access_log.guard import required_permissions
-from service.auth.dependencies import authenticate_request, requires_token
-from service.errors import RefusedObject
+from service.auth.dependencies import Caller, authenticate_request, requires_token
+from service.errors import RefusedObject, UnknownInput
 
 # No request model has a quarter as many.
 MAX_FIELDS = 64
@@ -62,6 +69,34 @@ async def _no_body() -> Message:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
+# Hears a request its route cannot take as sent, from a verified caller; answers instead of the
+# 422 by raising (a ``ServiceError``), or returns to let the 422 go out.
+Judge = Callable[[Request, Caller], Awaitable[None]]
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+_JUDGE = "judged_before_its_input"
+
+
+def judged_before_its_input(judge: Judge) -> Callable[[Endpoint], Endpoint]:
+    """Mark a route's endpoint (below its ``@router`` decorator): a verified caller's request
+    that the route cannot take as sent (``_about_the_input``) goes to ``judge`` before its 422."""
+
+    def mark(endpoint: Endpoint) -> Endpoint:
+        setattr(endpoint, _JUDGE, judge)
+        return endpoint
+
+    return mark
+
+
+def _about_the_input(error: Exception) -> bool:
+    """Whether ``error`` is a 422 about what was sent rather than a decision on it: a body that
+    cannot be read or does not fit its model, a path or query value of the wrong shape, input
+    the route does not take. (FastAPI's 400 for an unreadable body is answered as a 422,
+    ``service.errors``.)"""
+    if isinstance(error, HTTPException):
+        return error.status_code == 400
+    return isinstance(error, RequestValidationError | UnknownInput)
+
+
 class JsonRoute(APIRoute):
     """An ``APIRoute`` whose handler reads JSON bodies with ``parse_json_body``, and only once
     the caller's token is verified when the route needs one: before FastAPI reads the body or
@@ -72,9 +107,11 @@ class JsonRoute(APIRoute):
         handler = super().get_route_handler()
         needs_token = requires_token(self.dependant)
         required = required_permissions(self.dependant)
+        judge: Judge | None = getattr(self.endpoint, _JUDGE, None)
 
         async def read_strictly(request: Request) -> Response:
             receive = request.receive
+            caller: Caller | None = None
             if needs_token:
                 caller = await authenticate_request(request)  # an anonymous body is never parsed
                 if not required <= caller.permissions:
@@ -82,6 +119,13 @@ class JsonRoute(APIRoute):
                     # about the body or the query (service.main.refuse_unknown_input).
                     request.state.turned_away = True
                     receive = _no_body
-            return await handler(_JsonRequest(request.scope, receive))
+            if judge is None or caller is None:
+                return await handler(_JsonRequest(request.scope, receive))
+            try:
+                return await handler(_JsonRequest(request.scope, receive))
+            except Exception as error:
+                if _about_the_input(error):
+                    await judge(request, caller)
+                raise
 
         return read_strictly

@@ -47,10 +47,11 @@ MAX_INT64 = 2**63 - 1
 # Path parameters that can reach the access log as object ids. Anything but the shape the service
 # itself hands out is refused (422) before a route runs: the log can never be erased, so no caller
 # may write free text (a name, a BSN pasted by mistake, kilobytes of junk) into it.
+PACKET_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 PacketIdPath = Annotated[
     str,
     Path(
-        pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        pattern=f"^{PACKET_ID.pattern}$",
         description="the packet's id, a lowercase UUID as returned by partitioning",
     ),
 ]

@@ -32,6 +32,7 @@ from service.main import create_app
 from service.request_body import MAX_FIELDS, JsonRoute
 from service.schemas import StrictModel
 from tests.conftest import TokenFactory, bearer
+from tests.packets.scenario import build_world
 
 PROBLEM = "application/problem+json"
 # Held in constants so the frames a 500 logs (which quote source lines) cannot contain them.
@@ -343,11 +344,16 @@ def test_with_a_token_the_input_is_refused_as_before(
     )
     assert malformed.status_code == 422, malformed.text
     assert malformed.json()["detail"].startswith("the body is not valid JSON (at character 1)")
-    packet = str(uuid.uuid4())
+    # (a packet route judges first whether the caller may act on the packet: for a packet
+    # that does not exist that is its logged 404, tests/packets/test_reidentify.py)
     coordinator = bearer(token("coord-001", "coordinator"))
-    bodied = client.post(f"/v1/packets/{packet}/close", json={"force": True}, headers=coordinator)
+    url = "/v1/professionals/prof-001/deactivate"
+    bodied = client.post(url, json={"force": True}, headers=coordinator)
     assert bodied.status_code == 422, bodied.text
-    assert bodied.json()["detail"] == f"/v1/packets/{packet}/close takes no request body; send none"
+    # (an id typed into a path is shown as "…": it may be anything a caller typed)
+    assert bodied.json()["detail"] == (
+        "/v1/professionals/…/deactivate takes no request body; send none"
+    )
 
 
 def test_wrong_method_is_405_problem(client: TestClient) -> None:
@@ -566,17 +572,9 @@ def test_a_body_sent_to_a_route_that_takes_none_is_422_and_nothing_happens(
     """Every write route without a request body in the OpenAPI document refuses one: a
     ``{"force": true}`` must not succeed as if it had been understood."""
     admin = bearer(token("admin-001", "admin", "coordinator"))
-    assert client.post(
-        "/v1/professionals",
-        json={
-            "id": "prof-001",
-            "display_name": "Caseworker",
-            "team": "Zuid",
-            "districts": ["Charlois"],
-            "capacity": 20,
-        },
-        headers=admin,
-    ).is_success
+    # a packet that exists: for one that does not, a packet route answers the logged 404 first
+    world = build_world(client, token, professionals={"prof-001": ["Charlois"]})
+    packet_id = world.packet("prof-001", "Charlois")["id"]
     bodiless = [
         (method, path)
         for path, operations in app.openapi()["paths"].items()
@@ -584,7 +582,7 @@ def test_a_body_sent_to_a_route_that_takes_none_is_422_and_nothing_happens(
         if method in ("post", "put", "patch", "delete") and "requestBody" not in operation
     ]
     assert ("post", "/v1/professionals/{professional_id}/deactivate") in bodiless
-    filled = {"professional_id": "prof-001", "packet_id": str(uuid.uuid4()), "pseudonym": "0" * 32}
+    filled = {"professional_id": "prof-001", "packet_id": packet_id, "pseudonym": "0" * 32}
     for method, path in bodiless:
         url = path.format(**filled)
         for body in ({"force": True}, "123456782"):
@@ -608,6 +606,7 @@ def test_a_body_sent_to_a_route_that_takes_none_is_422_and_nothing_happens(
     # nothing happened: the professional is still active, and without a body it goes through
     [listed] = client.get("/v1/professionals", headers=admin).json()["items"]
     assert listed["active"] is True
+    assert client.get(f"/v1/packets/{packet_id}", headers=admin).json()["status"] == "assigned"
     deactivated = client.post("/v1/professionals/prof-001/deactivate", headers=admin)
     assert deactivated.status_code == 200, deactivated.text
     assert deactivated.json()["active"] is False

@@ -3,7 +3,9 @@ follow-ups and closing.
 
 The routes about one packet depend on authentication alone, not on ``require(...)``: whoever
 is not entitled, whatever their role, gets the same 404 (never a 403 that would confirm the
-packet exists), and the service logs the attempt as denied.
+packet exists), and the service logs the attempt as denied. That holds for a request the route
+cannot take as sent, too (a stray parameter, a body that does not fit): the caller's right to
+the packet is judged before its 422 (``hidden_unless_admitted``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from service.access_log.guard import require
 from service.auth.dependencies import Caller, CurrentCaller
 from service.auth.permissions import Permission
 from service.crypto.keyring import KeyProvider
-from service.db import SessionDep
+from service.db import Database, SessionDep
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.packets import service
 from service.packets.models import (
@@ -37,8 +40,8 @@ from service.packets.models import (
 )
 from service.packets.opens import PacketOpens
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
-from service.request_body import JsonRoute
-from service.schemas import IdempotencyKeyHeader, PacketIdPath, PseudonymPath
+from service.request_body import JsonRoute, Judge, judged_before_its_input
+from service.schemas import PACKET_ID, IdempotencyKeyHeader, PacketIdPath, PseudonymPath
 
 router = APIRouter(route_class=JsonRoute)
 
@@ -124,6 +127,27 @@ def deactivate_professional(
 # -- packets ----------------------------------------------------------------------------------
 
 
+def hidden_unless_admitted(action: str) -> Judge:
+    """The judge of a packet route's requests that it cannot take as sent: a caller who may not
+    do ``action`` to the packet gets the logged 404 they would get for a proper request. A
+    packet id of another shape names no packet, and is never written to the log: its 422 stands
+    (``PacketIdPath``)."""
+
+    async def judge(request: Request, caller: Caller) -> None:
+        packet_id = request.path_params.get("packet_id", "")
+        if PACKET_ID.fullmatch(packet_id):
+            database: Database = request.app.state.database
+            await run_in_threadpool(
+                service.refuse_if_hidden,
+                database,
+                packet_id=packet_id,
+                caller=caller,
+                action=action,
+            )
+
+    return judge
+
+
 @router.post(
     "/v1/packets/partition",
     response_model=PartitionPublic,
@@ -194,6 +218,7 @@ def list_packets(
     responses=problem_responses(401, 404, 503),
     summary="One packet's metadata: status, members' pseudonyms, dates (never identities)",
 )
+@judged_before_its_input(hidden_unless_admitted("packet.read"))
 def get_packet(
     packet_id: PacketIdPath, session: SessionDep, caller: CurrentCaller
 ) -> PacketDetailPublic:
@@ -208,6 +233,7 @@ def get_packet(
     responses=problem_responses(401, 404, 409, 422, 503),
     summary="Give an open packet to another professional; the former owner loses access",
 )
+@judged_before_its_input(hidden_unless_admitted("packet.reassign"))
 def reassign_packet(
     packet_id: PacketIdPath, body: PacketReassign, session: SessionDep, caller: CurrentCaller
 ) -> PacketPublic:
@@ -230,6 +256,7 @@ OWNER_ERRORS = {**problem_responses(401, 404, 410, 503)}
     responses=OWNER_ERRORS,
     summary="Re-identify your own packet: identities, characteristics, why flagged, follow-ups",
 )
+@judged_before_its_input(hidden_unless_admitted("packet.open"))
 async def open_packet(request: Request, packet_id: PacketIdPath, caller: CurrentCaller) -> Response:
     """Owner only; everyone else gets 404 and the attempt is logged as denied. The access is
     logged before any identity is decrypted: if the log cannot be written in time, 503 and no
@@ -251,6 +278,7 @@ async def open_packet(request: Request, packet_id: PacketIdPath, caller: Current
     responses={**OWNER_ERRORS, **problem_responses(409, 422)},
     summary="Record an appointment, contact, intervention or outcome for one of your clients",
 )
+@judged_before_its_input(hidden_unless_admitted("followup.create"))
 def create_followup(
     request: Request,
     packet_id: PacketIdPath,
@@ -283,6 +311,7 @@ def create_followup(
     responses={**OWNER_ERRORS, **problem_responses(409)},
     summary="Close a packet (its owner, or a coordinator); it is crypto-shredded after the grace",
 )
+@judged_before_its_input(hidden_unless_admitted("packet.close"))
 def close_packet(
     packet_id: PacketIdPath, session: SessionDep, caller: CurrentCaller
 ) -> PacketPublic:

@@ -45,8 +45,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from json.encoder import encode_basestring
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, NoReturn, Protocol
 
 from pydantic_core import to_json
 from sqlalchemy import (
@@ -888,13 +889,10 @@ def _visible_packet(session: Session, *, packet_id: str, caller: Caller, action:
     """The packet if ``caller`` may read it (own, or all with ``packets.read_all``); otherwise a
     logged denial and a 404, also for a role without ``packets.read``."""
     packet = session.get(Packet, packet_id)
+    reason: str | None
     if packet is None:
         reason = "no such packet"
-    elif not caller.can(Permission.PACKETS_READ):
-        reason = f"lacks {Permission.PACKETS_READ.value}"
-    elif not _sees_all(caller) and packet.professional_id != caller.sub:
-        reason = "not the packet's owner"
-    else:
+    elif (reason := _HIDDEN_FROM[action](packet, caller)) is None:
         return packet
     _hide(session, caller=caller, action=action, packet_id=packet_id, reason=reason, known=packet)
 
@@ -954,8 +952,6 @@ def reassign_packet(
         packet_id=packet_id,
         caller=caller,
         action="packet.reassign",
-        permission=Permission.PACKETS_REASSIGN,
-        any_permission=Permission.PACKETS_REASSIGN,
     )
     members = _pseudonyms_of(session, [packet_id])[packet_id]
 
@@ -1223,18 +1219,10 @@ def _update_packet(session: Session, packet: _PacketRow, **values: Any) -> _Pack
     return replace(packet, **values)
 
 
-def _owned_packet(
-    session: Session,
-    *,
-    packet_id: str,
-    caller: Caller,
-    action: str,
-    permission: Permission,
-    any_permission: Permission | None = None,
-) -> _PacketRow:
-    """The packet, locked, if ``caller`` may act on it; otherwise a logged denial and a 404.
+def _owned_packet(session: Session, *, packet_id: str, caller: Caller, action: str) -> _PacketRow:
+    """The packet, locked, if ``caller`` may do ``action`` on it (``_HIDDEN_FROM``); otherwise a
+    logged denial and a 404.
 
-    The owner needs ``permission``; anyone holding ``any_permission`` may act on every packet.
     A packet that another transaction holds (PostgreSQL: a close, reassign, shred or erasure in
     progress) is waited for, as the change may be a reassignment to the caller. If that wait
     runs out, someone its committed row does not admit gets the same logged 404 as for a packet
@@ -1242,9 +1230,7 @@ def _owned_packet(
     """
     packet = _row(session, _FREE_PACKET, packet_id)
     if packet is None and (held := _row(session, _PACKET, packet_id)) is not None:
-        admitted = (
-            _why_hidden(held, caller, permission=permission, any_permission=any_permission) is None
-        )
+        admitted = _HIDDEN_FROM[action](held, caller) is None
         began = time.monotonic()
         try:
             # Under a savepoint: a wait that runs out leaves the transaction usable for the
@@ -1263,15 +1249,18 @@ def _owned_packet(
     reason: str | None
     if packet is None:
         reason = "no such packet"
-    elif (
-        reason := _why_hidden(packet, caller, permission=permission, any_permission=any_permission)
-    ) is None:
+    elif (reason := _HIDDEN_FROM[action](packet, caller)) is None:
         return packet
     _hide(session, caller=caller, action=action, packet_id=packet_id, reason=reason, known=packet)
 
 
+class _Owned(Protocol):
+    @property
+    def professional_id(self) -> str: ...
+
+
 def _why_hidden(
-    packet: _PacketRow,
+    packet: _Owned,
     caller: Caller,
     *,
     permission: Permission,
@@ -1287,6 +1276,60 @@ def _why_hidden(
     if not caller.can(permission):
         return f"lacks {permission.value}"
     return None
+
+
+def _why_unseen(packet: _Owned, caller: Caller) -> str | None:
+    """Why ``caller`` may not read ``packet``'s metadata: ``packets.read`` for their own, and
+    ``packets.read_all`` besides for everyone's."""
+    if not caller.can(Permission.PACKETS_READ):
+        return f"lacks {Permission.PACKETS_READ.value}"
+    if not _sees_all(caller) and packet.professional_id != caller.sub:
+        return "not the packet's owner"
+    return None
+
+
+# Who may do what to a packet, by the action's log name: why ``caller`` may not (the reason of
+# the denied entry that goes with the 404), or None when they may. The routes decide by these,
+# and so does ``refuse_if_hidden`` for a request a route cannot take as sent.
+_HIDDEN_FROM: dict[str, Callable[[_Owned, Caller], str | None]] = {
+    "packet.read": _why_unseen,
+    "packet.open": partial(_why_hidden, permission=Permission.PACKETS_OPEN),
+    "followup.create": partial(_why_hidden, permission=Permission.FOLLOWUPS_WRITE),
+    "packet.close": partial(
+        _why_hidden,
+        permission=Permission.PACKETS_CLOSE,
+        any_permission=Permission.PACKETS_CLOSE_ANY,
+    ),
+    "packet.reassign": partial(
+        _why_hidden,
+        permission=Permission.PACKETS_REASSIGN,
+        any_permission=Permission.PACKETS_REASSIGN,
+    ),
+}
+
+
+def refuse_if_hidden(database: Database, *, packet_id: str, caller: Caller, action: str) -> None:
+    """Raise the logged 404 of ``action`` when ``caller`` may not do it to ``packet_id`` (also
+    when there is no such packet); return when they may. For a request the route cannot take as
+    sent: its 422 would otherwise say nothing of the packet yet keep the attempt out of the log.
+    The row is read without its lock: nothing changes but the log."""
+    with database.session() as session:
+        packet = _row(session, _PACKET, packet_id)
+        reason = "no such packet" if packet is None else _HIDDEN_FROM[action](packet, caller)
+        if reason is None:
+            return
+        try:
+            _hide(
+                session,
+                caller=caller,
+                action=action,
+                packet_id=packet_id,
+                reason=reason,
+                known=packet,
+            )
+        except PacketNotFound:
+            session.commit()
+            raise
 
 
 def _why_not_in_use(
@@ -1673,9 +1716,7 @@ def _refusal(
     reason: str | None
     if packet is None:
         reason = "no such packet"
-    elif (
-        reason := _why_hidden(packet, request.caller, permission=Permission.PACKETS_OPEN)
-    ) is None:
+    elif (reason := _HIDDEN_FROM["packet.open"](packet, request.caller)) is None:
         why = _why_not_in_use(packet, now, ahead=ahead)
         return None if why is None else (f"packet is {why}", _gone(packet.id, why))
     return reason, PacketNotFound(f"no packet {request.packet_id} for this caller")
@@ -1932,7 +1973,6 @@ def create_followup(
         packet_id=packet_id,
         caller=caller,
         action="followup.create",
-        permission=Permission.FOLLOWUPS_WRITE,
     )
     _in_use(session, packet=packet, caller=caller, action="followup.create")
     refusal = _followup_refusal(policy, given, packet)
@@ -2108,8 +2148,6 @@ def close_packet(*, session: Session, packet_id: str, caller: Caller) -> PacketP
         packet_id=packet_id,
         caller=caller,
         action="packet.close",
-        permission=Permission.PACKETS_CLOSE,
-        any_permission=Permission.PACKETS_CLOSE_ANY,
     )
     why = _why_not_in_use(packet, utcnow())
     members = _pseudonyms_of(session, [packet_id])[packet_id]

@@ -153,6 +153,120 @@ def test_non_owners_get_404_and_each_attempt_is_logged_as_denied(
     assert status == "assigned"
 
 
+# A request each packet route cannot take as sent: (action, method, path under the packet,
+# what is wrong with it, the body). ``{member}`` is a client of the packet.
+CANNOT_TAKE = [
+    ("packet.open", "GET", "/clients?stray=1", None),
+    ("packet.read", "GET", "?status=open&status=closed", None),
+    ("followup.create", "POST", "/clients/{member}/followups", {"kind": "contact", "x": 1}),
+    ("followup.create", "POST", "/clients/{member}/followups", b'{"kind": '),
+    ("followup.create", "POST", "/clients/{member}/followups", {"kind": "contact"}),
+    ("followup.create", "POST", "/clients/{member}/followups?stray=1", {"kind": "contact"}),
+    ("packet.close", "POST", "/close", {"force": True}),
+    ("packet.reassign", "POST", "/reassign", {"professional_id": OTHER, "force": True}),
+    ("packet.reassign", "POST", "/reassign", b"\xff\xfe"),
+]
+
+
+@pytest.mark.parametrize(
+    ("action", "method", "path", "body"),
+    CANNOT_TAKE,
+    ids=[
+        "open-unknown-query",
+        "read-repeated-query",
+        "followup-unknown-field",
+        "followup-not-json",
+        "followup-missing-field",
+        "followup-unknown-query",
+        "close-with-a-body",
+        "reassign-unknown-field",
+        "reassign-not-utf8",
+    ],
+)
+def test_a_request_a_packet_route_cannot_take_is_the_logged_404_for_whom_it_hides_the_packet(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    action: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | bytes | None,
+) -> None:
+    """Whoever may not act on a packet gets its logged 404 whatever else is wrong with the
+    request (a 422 would say nothing of the packet, but kept the attempt out of the log);
+    whoever may gets the 422, and no entry is written for it."""
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    url = f"/v1/packets/{packet['id']}" + path.format(member=packet["pseudonyms"][0])
+    raw = isinstance(body, bytes)
+    payload: dict[str, Any] = {"content": body} if raw else {"json": body}
+    json_type = {"Content-Type": "application/json"} if raw else {}
+
+    def send(sub: str, role: str) -> Any:
+        headers = bearer(token(sub, role)) | json_type
+        return client.request(method, url, headers=headers, **payload)
+
+    hidden_from = [(OTHER, "professional"), ("auditor-001", "auditor")]
+    before = len(log_entries(session))
+    for sub, role in hidden_from:
+        response = send(sub, role)
+        assert response.status_code == 404, (sub, response.text)
+        assert response.json()["detail"] == f"no packet {packet['id']} for this caller"
+    entries = log_entries(session)[before:]
+    # the auditor, not the owner either, is refused metadata before ownership is looked at
+    auditors_reason = "lacks packets.read" if action == "packet.read" else "not the packet's owner"
+    assert [(e["actor"], e["action"], e["outcome"], e["reason"]) for e in entries] == [
+        (OTHER, action, "denied", "not the packet's owner"),
+        ("auditor-001", action, "denied", auditors_reason),
+    ]
+    assert all(e["object_id"] == packet["id"] for e in entries)
+    assert all(sorted(e["pseudonyms"]) == sorted(packet["pseudonyms"]) for e in entries)
+
+    admitted = (
+        (COORDINATOR, "coordinator") if action == "packet.reassign" else (OWNER, "professional")
+    )
+    response = send(*admitted)
+    assert response.status_code == 422, response.text
+    assert len(log_entries(session)) == before + len(hidden_from)
+
+
+def test_a_packet_that_does_not_exist_is_the_logged_404_before_the_input_is_judged(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    small_world(client, token)
+    missing = str(uuid.uuid4())
+    for sub, role in ((OWNER, "professional"), (COORDINATOR, "coordinator")):
+        response = client.get(f"/v1/packets/{missing}?stray=1", headers=bearer(token(sub, role)))
+        assert response.status_code == 404, response.text
+    denied = [e for e in log_entries(session, "packet.read") if e["outcome"] == "denied"]
+    assert [(e["actor"], e["object_id"], e["reason"]) for e in denied] == [
+        (OWNER, missing, "no such packet"),
+        (COORDINATOR, missing, "no such packet"),
+    ]
+    assert all(e["pseudonyms"] == [] for e in denied)
+
+
+def test_a_hidden_packets_404_the_log_cannot_take_is_a_503_and_writes_nothing(
+    token: TokenFactory, db_url: str, home: Path, session: Session
+) -> None:
+    bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=0.5)
+    database = Database(bounded)
+    try:
+        with TestClient(create_app(bounded, database=database)) as client:
+            world = small_world(client, token)
+            url = f"/v1/packets/{world.packet(OWNER, 'Charlois')['id']}/clients?stray=1"
+            other = bearer(token(OTHER, "professional"))
+            before = len(log_entries(session))
+            with HeldLogLock(db_url):
+                response = client.get(url, headers=other)
+            assert response.status_code == 503, response.text
+            assert len(log_entries(session)) == before
+            assert client.get(url, headers=other).status_code == 404
+            assert len(log_entries(session)) == before + 1
+    finally:
+        database.dispose()
+
+
 @pytest.mark.parametrize("role", ["analyst", None])
 def test_the_owners_id_under_a_role_without_the_permission_gets_the_logged_404(
     client: TestClient, token: TokenFactory, session: Session, role: str | None
