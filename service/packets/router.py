@@ -267,7 +267,13 @@ async def open_packet(request: Request, packet_id: PacketIdPath, caller: Current
     # Committed: the ``packet.open`` entry is durable before anything is decrypted. Decrypting
     # here, on the event loop, is like serializing a response: bounded (at most 20 clients) and
     # CPU only, and the next batch of opens is being logged meanwhile.
-    return Response(service.reveal(keyring=keyring, sealed=sealed), media_type="application/json")
+    try:
+        body = service.reveal(keyring=keyring, sealed=sealed)
+    except service.PacketKeyDamaged:
+        database: Database = request.app.state.database
+        await run_in_threadpool(service.record_unrevealed, database, sealed=sealed, caller=caller)
+        raise
+    return Response(body, media_type="application/json")
 
 
 @router.post(

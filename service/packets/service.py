@@ -63,7 +63,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session
 
 from service import clock
@@ -1450,6 +1450,30 @@ class SealedPacket:
 
     def __repr__(self) -> str:
         return f"SealedPacket({self.packet.id}, {len(self.members)} members)"
+
+
+def record_unrevealed(database: Database, *, sealed: SealedPacket, caller: Caller) -> None:
+    """Follow an open logged as allowed whose packet key then failed its check
+    (``PacketKeyDamaged``) with a denied ``packet.open`` entry saying nothing was shown: the
+    log must not leave an auditor believing identities left that never did. Best effort: if
+    the log cannot take it, the server log says so and the open's 500 stands."""
+    try:
+        with database.session() as session:
+            _deny(
+                session,
+                caller=caller,
+                action="packet.open",
+                packet_id=sealed.packet.id,
+                reason="the packet key failed its integrity check; nothing was shown",
+                pseudonyms=[member.pseudonym for member in sealed.members],
+            )
+            session.commit()
+    except (ServiceError, SQLAlchemyError) as exc:
+        logger.error(
+            "could not log that the open of packet %s showed nothing (%s)",
+            sealed.packet.id,
+            type(exc).__name__,
+        )
 
 
 # A flag as the owner reads it (``_FlagRow``'s fields, in order). The hits are read as the JSON

@@ -756,9 +756,48 @@ def test_a_packet_key_that_fails_its_check_is_a_clear_problem_for_whatever_needs
     assert session.execute(select(func.count()).select_from(FOLLOWUPS)).scalar_one() == 0
     session.rollback()
     assert caplog.text.count(damaged) == 3
+    # The open was logged as allowed before its key was tried; a second entry says that
+    # nothing was shown (the follow-ups rolled back with their entries).
+    opens = log_entries(session, "packet.open")
+    assert [(e["actor"], e["outcome"], e["reason"]) for e in opens] == [
+        (OWNER, "allowed", None),
+        (OWNER, "denied", "the packet key failed its integrity check; nothing was shown"),
+    ]
+    assert opens[0]["request_id"] == opens[1]["request_id"]
+    assert sorted(opens[1]["pseudonyms"]) == sorted(packet["pseudonyms"])
+    assert log_entries(session, "followup.create") == []
     # A follow-up without a note needs no key: it is recorded.
     plain = client.post(followups, json={"kind": "contact", "date": DAY_B}, headers=owner)
     assert plain.status_code == 201, plain.text
+
+
+def test_an_unrevealed_open_the_log_cannot_take_stays_a_500_and_the_server_log_says_so(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = small_world(client, token)
+    packet, other = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
+    moved = session.execute(
+        select(PACKETS.c.wrapped_key).where(PACKETS.c.id == other["id"])
+    ).scalar_one()
+    session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(wrapped_key=moved))
+    session.commit()
+
+    def busy(*_args: object, **_kwargs: object) -> None:
+        raise log.LogUnavailable("the access log is busy")
+
+    monkeypatch.setattr(packets_service, "_deny", busy)
+    opened = client.get(
+        f"/v1/packets/{packet['id']}/clients", headers=bearer(token(OWNER, "professional"))
+    )
+    # still the damaged key's 500, not a 503 inviting a retry that cannot succeed
+    assert opened.status_code == 500, opened.text
+    assert opened.json()["detail"].startswith(f"the key of packet {packet['id']}")
+    assert f"could not log that the open of packet {packet['id']} showed nothing" in caplog.text
+    assert [e["outcome"] for e in log_entries(session, "packet.open")] == ["allowed"]
 
 
 def test_a_note_is_kept_as_written_and_a_blank_one_is_no_note(
