@@ -91,6 +91,9 @@ MATRIX: dict[tuple[str, str], dict[str, Expected]] = {
     ("GET", "/v1/flagging/runs/{run_id}/flags"): only(
         {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
     ),
+    ("GET", "/v1/flagging/runs/{run_id}/policy"): only(
+        {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+    ),
     ("POST", "/v1/flags"): only({"source": (201, 201, 422)}, others=DENY, anonymous=NO_TOKEN),
     ("POST", "/v1/professionals"): only({"coordinator": 201}, others=403, anonymous=401),
     ("GET", "/v1/professionals"): only({"coordinator": 200}, others=403, anonymous=401),
@@ -171,6 +174,7 @@ GUARDED = {
     ("POST", "/v1/flagging/runs"): "flagging.run",
     ("GET", "/v1/flagging/runs/{run_id}"): "flagging.read",
     ("GET", "/v1/flagging/runs/{run_id}/flags"): "flagging.read",
+    ("GET", "/v1/flagging/runs/{run_id}/policy"): "flagging.read",
     ("POST", "/v1/flags"): "flags.push",
 }
 

@@ -293,6 +293,26 @@ def test_flag_refuses_an_as_of_before_1900_in_one_line_as_the_api_does(cli_home:
     assert "0 evaluated, 0 flagged" in " ".join(earliest.output.split())
 
 
+def test_flag_refuses_a_policy_whose_version_is_archived_with_other_bytes(
+    cli_home: Path,
+) -> None:
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    assert runner.invoke(cli, ["flag"]).exit_code == 0  # archives the shipped policy
+    engine = make_engine(str(get_settings().database_url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE flagging_policies SET content = x'00', sha256 = '0'"))
+    finally:
+        engine.dispose()
+    refused = runner.invoke(cli, ["flag"])
+    assert refused.exit_code == 1, refused.output
+    assert "Traceback" not in refused.output
+    assert "failed: policy version " in refused.output
+    assert "is archived with other content" in " ".join(refused.output.split())
+
+
 def test_flag_refuses_a_policy_reading_an_event_type_no_source_may_send_as_serve_does(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

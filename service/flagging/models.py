@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -57,6 +58,19 @@ class FlaggingRun(SQLModel, table=True):
     flagged: int = 0
     created_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
     finished_at: datetime | None = SQLField(default=None, sa_type=DateTime(timezone=True))
+
+
+class ArchivedPolicy(SQLModel, table=True):
+    """A flagging policy file as a run evaluated it, kept under its version from its first run
+    on: what every flag of that version was decided by, whatever ``policies/`` holds today."""
+
+    __tablename__ = "flagging_policies"
+
+    version: str = SQLField(primary_key=True, max_length=64)
+    name: str = SQLField(max_length=128)
+    sha256: str = SQLField(max_length=64)  # of ``content``, hex
+    content: bytes = SQLField(sa_type=LargeBinary)
+    archived_at: datetime = SQLField(default_factory=utcnow, sa_type=DateTime(timezone=True))
 
 
 class Flag(SQLModel, table=True):
@@ -174,6 +188,17 @@ class FlaggingRunPublic(BaseModel):
     flagged: int
     created_at: UtcDatetime
     finished_at: UtcDatetime | None
+
+
+class ArchivedPolicyPublic(BaseModel):
+    version: str = Field(description="as the run and its flags store it")
+    name: str
+    sha256: str = Field(
+        description="SHA-256 of the file's bytes (hex); its first 12 digits are the hash in the "
+        "version"
+    )
+    content: str = Field(description="the policy file, exactly as the run read it (UTF-8 YAML)")
+    archived_at: UtcDatetime = Field(description="when the first run of this version began")
 
 
 class RuleHitPublic(BaseModel):

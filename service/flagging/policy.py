@@ -152,6 +152,7 @@ def parse_flagging_policy(content: bytes, *, source: str = "flagging.yaml") -> F
         version=policy_version(declared, content),
         characteristics=tuple(characteristics),
         rules=tuple(rules),
+        content=content,
     )
 
 

@@ -13,6 +13,7 @@ from service.clock import today
 from service.db import SessionDep
 from service.flagging import service
 from service.flagging.models import (
+    ArchivedPolicyPublic,
     FlaggingRunCreate,
     FlaggingRunPublic,
     FlagPagePublic,
@@ -38,7 +39,7 @@ def _policy(request: Request) -> FlaggingPolicy:
     "/v1/flagging/runs",
     response_model=FlaggingRunPublic,
     status_code=201,
-    responses={**AUTH_ERRORS, **problem_responses(422, 503)},
+    responses={**AUTH_ERRORS, **problem_responses(409, 422, 503)},
     summary="Evaluate the flagging policy over every subject",
 )
 def create_run(
@@ -77,6 +78,20 @@ def get_run(
 ) -> FlaggingRunPublic:
     run = service.get_run(session=session, run_id=run_id)
     return FlaggingRunPublic.model_validate(run, from_attributes=True)
+
+
+@router.get(
+    "/v1/flagging/runs/{run_id}/policy",
+    response_model=ArchivedPolicyPublic,
+    responses={**AUTH_ERRORS, **problem_responses(404)},
+    summary="The policy file a run evaluated, exactly as it read it (the rules behind its flags)",
+)
+def get_run_policy(
+    run_id: RunId,
+    session: SessionDep,
+    _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
+) -> ArchivedPolicyPublic:
+    return service.get_run_policy(session=session, run_id=run_id)
 
 
 @router.get(

@@ -255,6 +255,8 @@ class FlaggingPolicy:
     version: str
     characteristics: tuple[str, ...]
     rules: tuple[Rule, ...]
+    # The policy file's bytes as read: archived with the first run under ``version``.
+    content: bytes = field(repr=False)
 
 
 class WelfareReturn(NamedTuple):

@@ -11,6 +11,8 @@ Guarantees:
   flagging them would help no one). One erased while the run goes on may still be flagged:
   partitioning leaves it unplaced ("the subject was erased");
 - every flag stores the exact policy version and the hits (evidence + sentence) that produced it;
+  the policy file of that version is archived by its first run (``flagging_policies``), and a
+  run refuses a file whose version is archived with other bytes;
 - a run and a push each leave one access-log entry in the same transaction ("flagging.run",
   "flags.push"); a failed log append rolls the whole action back;
 - nothing here reads or returns an identity: subjects are handled by id and shown by pseudonym.
@@ -18,6 +20,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator, Sequence
@@ -35,6 +38,8 @@ from service.crypto.keyring import KeyProvider
 from service.db import request_purge
 from service.errors import Conflict, NotFound, Unprocessable
 from service.flagging.models import (
+    ArchivedPolicy,
+    ArchivedPolicyPublic,
     Flag,
     FlaggingRun,
     FlagPublic,
@@ -73,6 +78,14 @@ class FlagsKeyReused(Conflict):
     title = "Idempotency-Key reused"
 
 
+class PolicyVersionClash(Conflict):
+    title = "Policy version already archived with other content"
+
+
+class PolicyNotArchived(NotFound):
+    pass
+
+
 def system_caller(command: str) -> Caller:
     """The actor of a job outside any request, as it appears in the access log
     ("system:<command>", no request id)."""
@@ -104,6 +117,7 @@ def run_flagging(
 
     ``progress``, when given, is called with a ``RunProgress`` after each batch.
     """
+    _archive(session, policy)
     run = FlaggingRun(
         id=uuid.uuid4().hex,
         policy_name=policy.name,
@@ -195,6 +209,54 @@ def get_run(*, session: Session, run_id: str) -> FlaggingRun:
     if run is None:
         raise FlaggingRunNotFound(f"no flagging run {run_id}")
     return run
+
+
+def _archive(session: Session, policy: FlaggingPolicy) -> None:
+    """Keep the policy file under its version, unless it is kept already. The version holds
+    only 48 bits of the file's hash: another file under the same version (made to collide, or
+    an archive row altered) is ``PolicyVersionClash``, and the run does not start."""
+    digest = hashlib.sha256(policy.content).hexdigest()
+    kept = session.get(ArchivedPolicy, policy.version)
+    if kept is None:
+        try:
+            with session.begin_nested():  # a run of the same new version may commit first
+                session.add(
+                    ArchivedPolicy(
+                        version=policy.version,
+                        name=policy.name,
+                        sha256=digest,
+                        content=policy.content,
+                    )
+                )
+                session.flush()
+            return
+        except IntegrityError:
+            kept = session.get(ArchivedPolicy, policy.version, populate_existing=True)
+    if kept is None or kept.sha256 != digest or kept.content != policy.content:
+        raise PolicyVersionClash(
+            f"policy version {policy.version} is archived with other content: the policy file "
+            "read now is not the one that version's flags were decided by; no run starts "
+            "until the policy gets a version of its own"
+        )
+
+
+def get_run_policy(*, session: Session, run_id: str) -> ArchivedPolicyPublic:
+    """The policy file the run evaluated, as archived by the first run of its version."""
+    run = get_run(session=session, run_id=run_id)
+    kept = session.get(ArchivedPolicy, run.policy_version)
+    if kept is None:
+        raise PolicyNotArchived(
+            f"the policy of run {run_id} ({run.policy_version}) is not archived: the run is "
+            "older than the archive (database revision 0012); the version's hash is the first "
+            "12 hex digits of the file's SHA-256"
+        )
+    return ArchivedPolicyPublic(
+        version=kept.version,
+        name=kept.name,
+        sha256=kept.sha256,
+        content=kept.content.decode("utf-8"),
+        archived_at=kept.archived_at,
+    )
 
 
 def _public(flag: Flag, pseudonym: str) -> FlagPublic:

@@ -33,6 +33,7 @@ def policy(*rules: Rule) -> FlaggingPolicy:
         version="1+000000000000",
         characteristics=(*EVENT_TYPES, "office"),
         rules=rules,
+        content=b"",
     )
 
 

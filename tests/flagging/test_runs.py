@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ from sqlmodel import Session
 from service.clock import today
 from service.db import Database, lock_was_busy
 from service.flagging import service as flagging_service
-from service.flagging.models import Flag, FlagPush
+from service.flagging.models import ArchivedPolicy, Flag, FlaggingRun, FlagPush
 from service.flagging.rules import EVALUATOR_VERSION
 from service.flagging.service import (
     ERASED_EXPLANATION,
@@ -315,6 +316,127 @@ def test_a_run_evaluates_the_data_as_it_stood_when_it_began(
         ]
 
 
+POLICIES = ArchivedPolicy.__table__  # type: ignore[attr-defined]
+RUNS = FlaggingRun.__table__  # type: ignore[attr-defined]
+
+
+def test_a_runs_policy_file_is_served_exactly_as_it_was_read_whatever_policies_holds_now(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    coordinator = bearer(token("coord-001", "coordinator"))
+    runs = [
+        client.post("/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator)
+        for _ in range(2)
+    ]
+    assert [run.status_code for run in runs] == [201, 201]
+    policy = app.state.flagging_policy
+    file_bytes = (app.state.settings.policies_dir / "flagging.yaml").read_bytes()
+    for run in runs:
+        served = client.get(f"/v1/flagging/runs/{run.json()['id']}/policy", headers=coordinator)
+        assert served.status_code == 200, served.text
+        body = served.json()
+        assert body["content"].encode("utf-8") == file_bytes
+        assert body["sha256"] == hashlib.sha256(file_bytes).hexdigest()
+        assert (body["version"], body["name"]) == (run.json()["policy_version"], policy.name)
+        # the version's hash is the head of the file's: an auditor checks one against the other
+        assert f"+{body['sha256'][:12]}/" in body["version"]
+    # kept once, under its version
+    assert session.execute(select(POLICIES.c.version)).scalars().all() == [policy.version]
+    session.rollback()
+    professional = bearer(token("prof-001", "professional"))
+    refused = client.get(f"/v1/flagging/runs/{runs[0].json()['id']}/policy", headers=professional)
+    assert refused.status_code == 403
+
+
+def test_a_policy_whose_version_is_archived_with_other_bytes_starts_no_run(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """The version holds 48 bits of the file's hash, few enough to make two files collide: the
+    archive keeps the whole hash, and a second file under a kept version is refused."""
+    seed(app, session)
+    policy = app.state.flagging_policy
+    other = b"name: another policy made to collide\n"
+    session.execute(
+        insert(POLICIES).values(
+            version=policy.version,
+            name=policy.name,
+            sha256=hashlib.sha256(other).hexdigest(),
+            content=other,
+            archived_at=datetime.now(UTC),
+        )
+    )
+    session.commit()
+    before = len(log_entries(session))
+    coordinator = bearer(token("coord-001", "coordinator"))
+    refused = client.post("/v1/flagging/runs", json={}, headers=coordinator)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["detail"].startswith(
+        f"policy version {policy.version} is archived with other content"
+    )
+    assert session.execute(select(func.count()).select_from(RUNS)).scalar_one() == 0
+    assert session.execute(select(POLICIES.c.content)).scalars().all() == [other]
+    session.rollback()
+    assert len(log_entries(session)) == before
+
+
+@pytest.mark.parametrize("same_bytes", [True, False], ids=["same-file", "other-file"])
+def test_a_version_another_run_archived_after_this_one_looked_is_judged_as_kept(
+    app: FastAPI,
+    database: Database,
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+    same_bytes: bool,
+) -> None:
+    """Two runs of a new version at once: the second one's insert fails on the first one's row,
+    which then decides, as if it had been there when the second looked."""
+    policy = app.state.flagging_policy
+    content = policy.content if same_bytes else b"name: made to collide\n"
+    with database.session() as first:
+        first.execute(
+            insert(POLICIES).values(
+                version=policy.version,
+                name=policy.name,
+                sha256=hashlib.sha256(content).hexdigest(),
+                content=content,
+                archived_at=datetime.now(UTC),
+            )
+        )
+        first.commit()
+    looks: list[object] = []
+    real_get = session.get
+
+    def looked_before_it_committed(entity: Any, ident: Any, **options: Any) -> Any:
+        looks.append(ident)
+        return None if len(looks) == 1 else real_get(entity, ident, **options)
+
+    monkeypatch.setattr(session, "get", looked_before_it_committed)
+    if same_bytes:
+        flagging_service._archive(session, policy)
+    else:
+        with pytest.raises(flagging_service.PolicyVersionClash):
+            flagging_service._archive(session, policy)
+    assert looks == [policy.version, policy.version]
+    session.commit()  # the transaction is still usable: only the savepoint was rolled back
+    assert session.execute(select(POLICIES.c.content)).scalars().all() == [content]
+    session.rollback()
+
+
+def test_a_run_from_before_the_archive_says_its_policy_is_not_kept(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    coordinator = bearer(token("coord-001", "coordinator"))
+    run = client.post("/v1/flagging/runs", json={}, headers=coordinator).json()
+    session.execute(POLICIES.delete())  # as a run made before revision 0012 finds it
+    session.commit()
+    served = client.get(f"/v1/flagging/runs/{run['id']}/policy", headers=coordinator)
+    assert served.status_code == 404, served.text
+    assert served.json()["detail"].startswith(
+        f"the policy of run {run['id']} ({run['policy_version']}) is not archived"
+    )
+
+
 def test_a_run_needs_no_body_and_then_evaluates_as_on_today(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:
@@ -377,7 +499,11 @@ def test_unknown_run_is_404_and_a_run_id_of_another_shape_422(
     client: TestClient, token: TokenFactory
 ) -> None:
     coordinator = bearer(token("c", "coordinator"))
-    for path in ("/v1/flagging/runs/{}", "/v1/flagging/runs/{}/flags"):
+    for path in (
+        "/v1/flagging/runs/{}",
+        "/v1/flagging/runs/{}/flags",
+        "/v1/flagging/runs/{}/policy",
+    ):
         unknown = client.get(path.format("0" * 32), headers=coordinator)
         assert unknown.status_code == 404, unknown.text
         # a NUL gave 422 "a value cannot be stored" on PostgreSQL, 404 on SQLite
