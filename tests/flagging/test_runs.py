@@ -320,6 +320,20 @@ POLICIES = ArchivedPolicy.__table__  # type: ignore[attr-defined]
 RUNS = FlaggingRun.__table__  # type: ignore[attr-defined]
 
 
+def archive(session: Session, version: str, content: bytes) -> None:
+    """Keep ``content`` under ``version``, as a run of it would have."""
+    session.execute(
+        insert(POLICIES).values(
+            version=version,
+            name="archived by the test",
+            sha256=hashlib.sha256(content).hexdigest(),
+            content=content,
+            archived_at=datetime.now(UTC),
+        )
+    )
+    session.commit()
+
+
 def test_a_runs_policy_file_is_served_exactly_as_it_was_read_whatever_policies_holds_now(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:
@@ -357,16 +371,7 @@ def test_a_policy_whose_version_is_archived_with_other_bytes_starts_no_run(
     seed(app, session)
     policy = app.state.flagging_policy
     other = b"name: another policy made to collide\n"
-    session.execute(
-        insert(POLICIES).values(
-            version=policy.version,
-            name=policy.name,
-            sha256=hashlib.sha256(other).hexdigest(),
-            content=other,
-            archived_at=datetime.now(UTC),
-        )
-    )
-    session.commit()
+    archive(session, policy.version, other)
     before = len(log_entries(session))
     coordinator = bearer(token("coord-001", "coordinator"))
     refused = client.post("/v1/flagging/runs", json={}, headers=coordinator)
@@ -393,16 +398,7 @@ def test_a_version_another_run_archived_after_this_one_looked_is_judged_as_kept(
     policy = app.state.flagging_policy
     content = policy.content if same_bytes else b"name: made to collide\n"
     with database.session() as first:
-        first.execute(
-            insert(POLICIES).values(
-                version=policy.version,
-                name=policy.name,
-                sha256=hashlib.sha256(content).hexdigest(),
-                content=content,
-                archived_at=datetime.now(UTC),
-            )
-        )
-        first.commit()
+        archive(first, policy.version, content)
     looks: list[object] = []
     real_get = session.get
 

@@ -721,17 +721,23 @@ def test_a_packet_whose_key_is_gone_is_refused_and_logged_whatever_its_status_sa
     assert (state.status, state.opened_at, followups) == ("assigned", None, 0)
 
 
-def test_a_packet_key_that_fails_its_check_is_a_clear_problem_for_whatever_needs_it(
-    client: TestClient, token: TokenFactory, session: Session, caplog: pytest.LogCaptureFixture
-) -> None:
-    world = small_world(client, token)
+def with_a_damaged_key(session: Session, world: World) -> dict[str, Any]:
+    """The owner's packet, with the other packet's key wrap copied onto its row: a restore
+    gone wrong, or tampering."""
     packet, other = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
-    # The other packet's key wrap copied onto this one's row: a restore gone wrong, or tampering.
     moved = session.execute(
         select(PACKETS.c.wrapped_key).where(PACKETS.c.id == other["id"])
     ).scalar_one()
     session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(wrapped_key=moved))
     session.commit()
+    return packet
+
+
+def test_a_packet_key_that_fails_its_check_is_a_clear_problem_for_whatever_needs_it(
+    client: TestClient, token: TokenFactory, session: Session, caplog: pytest.LogCaptureFixture
+) -> None:
+    world = small_world(client, token)
+    packet = with_a_damaged_key(session, world)
     owner = bearer(token(OWNER, "professional"))
     followups = f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups"
     damaged = f"the key of packet {packet['id']} failed its integrity check"
@@ -779,12 +785,7 @@ def test_an_unrevealed_open_the_log_cannot_take_stays_a_500_and_the_server_log_s
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     world = small_world(client, token)
-    packet, other = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
-    moved = session.execute(
-        select(PACKETS.c.wrapped_key).where(PACKETS.c.id == other["id"])
-    ).scalar_one()
-    session.execute(update(PACKETS).where(PACKETS.c.id == packet["id"]).values(wrapped_key=moved))
-    session.commit()
+    packet = with_a_damaged_key(session, world)
 
     def busy(*_args: object, **_kwargs: object) -> None:
         raise log.LogUnavailable("the access log is busy")
