@@ -1777,7 +1777,7 @@ def test_a_packet_being_changed_holds_up_no_other_open_and_each_gives_up_at_its_
     every open waits, and each gives up at its own bound."""
     world = small_world(client, token)
     held, other = world.packet(OWNER, "Charlois"), world.packet(OTHER, "Feijenoord")
-    bound = 1.0
+    bound = 2.0  # long enough that a loaded machine's delays stay well inside the slack
     bounded = Settings(env="test", home=home, database_url=db_url, log_lock_timeout_seconds=bound)
     database = Database(bounded)
     answers: dict[str, tuple[int, float]] = {}
@@ -1807,8 +1807,10 @@ def test_a_packet_being_changed_holds_up_no_other_open_and_each_gives_up_at_its_
         database.dispose()
     assert answers["first"][0] == answers["again"][0] == 503, answers
     # each at its own bound, counted from its own arrival (the slack covers a loaded machine)
-    assert answers["first"][1] < bound + 0.6, answers
-    assert answers["again"][1] < bound + 0.6, answers
+    assert answers["first"][1] < bound + 1.0, answers
+    assert answers["again"][1] < bound + 1.0, answers
+    # and not at the first one's, which ran out 0.7 bound after the second arrived
+    assert answers["again"][1] > bound - 0.1, answers
     opened = log_entries(session, "packet.open")
     if backend == "postgres":
         assert answers["unrelated"][0] == 200, answers
@@ -1816,5 +1818,5 @@ def test_a_packet_being_changed_holds_up_no_other_open_and_each_gives_up_at_its_
         assert [(e["object_id"], e["outcome"]) for e in opened] == [(other["id"], "allowed")]
     else:
         assert answers["unrelated"][0] == 503, answers
-        assert answers["unrelated"][1] < bound + 0.6, answers
+        assert answers["unrelated"][1] < bound + 1.0, answers
         assert opened == []
