@@ -85,6 +85,7 @@ MATRIX: dict[tuple[str, str], dict[str, Expected]] = {
         {"admin": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
     ),
     ("POST", "/v1/flagging/runs"): only({"coordinator": 201}, others=403, anonymous=401),
+    ("GET", "/v1/flagging/runs"): only({"coordinator": 200}, others=403, anonymous=401),
     ("GET", "/v1/flagging/runs/{run_id}"): only(
         {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
     ),
@@ -172,6 +173,7 @@ GUARDED = {
     ("POST", "/v1/packets/partition"): "packets.partition",
     ("GET", "/v1/packets"): "packets.read",
     ("POST", "/v1/flagging/runs"): "flagging.run",
+    ("GET", "/v1/flagging/runs"): "flagging.read",
     ("GET", "/v1/flagging/runs/{run_id}"): "flagging.read",
     ("GET", "/v1/flagging/runs/{run_id}/flags"): "flagging.read",
     ("GET", "/v1/flagging/runs/{run_id}/policy"): "flagging.read",
@@ -310,7 +312,7 @@ def build(objects: Objects, key: tuple[str, str], role: str, variant: str) -> Re
         body = {"subjects": [record(900, "Nowhere")]}
     elif path == "/v1/subjects/{pseudonym}/erase":
         url = f"/v1/subjects/{erasable}/erase"
-    elif path == "/v1/flagging/runs":
+    elif path == "/v1/flagging/runs" and method == "POST":
         body = {"as_of": AS_OF.isoformat()}
     elif path.startswith("/v1/flagging/runs/{run_id}"):
         url = path.replace("{run_id}", run)

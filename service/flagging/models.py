@@ -190,6 +190,13 @@ class FlaggingRunPublic(BaseModel):
     finished_at: UtcDatetime | None
 
 
+class FlaggingRunPagePublic(BaseModel):
+    items: list[FlaggingRunPublic]
+    next_after: str | None = Field(
+        description="pass as after for the next page; null on the last page"
+    )
+
+
 class ArchivedPolicyPublic(BaseModel):
     version: str = Field(description="as the run and its flags store it")
     name: str

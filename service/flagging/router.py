@@ -15,6 +15,7 @@ from service.flagging import service
 from service.flagging.models import (
     ArchivedPolicyPublic,
     FlaggingRunCreate,
+    FlaggingRunPagePublic,
     FlaggingRunPublic,
     FlagPagePublic,
     FlagsPush,
@@ -60,9 +61,30 @@ def create_run(
     return FlaggingRunPublic.model_validate(run, from_attributes=True)
 
 
+@router.get(
+    "/v1/flagging/runs",
+    response_model=FlaggingRunPagePublic,
+    responses={**AUTH_ERRORS, **problem_responses(422)},
+    summary="Flagging runs, newest first: policy version, date and counts",
+)
+def list_runs(
+    session: SessionDep,
+    _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
+    after: Annotated[
+        str | None,
+        Query(min_length=1, max_length=200, description="the previous page's next_after"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
+) -> FlaggingRunPagePublic:
+    items, next_after = service.list_runs(session=session, after=after, limit=limit)
+    return FlaggingRunPagePublic(items=items, next_after=next_after)
+
+
 # A run's id as a run was given it (32 lowercase hex): anything else is refused unseen (422), not
 # looked up and echoed back in a 404.
-RunId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="as a run was given it")]
+RunId = Annotated[
+    str, Path(pattern=f"^{service.RUN_ID.pattern}$", description="as a run was given it")
+]
 
 
 @router.get(

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -42,6 +43,7 @@ from service.flagging.models import (
     ArchivedPolicyPublic,
     Flag,
     FlaggingRun,
+    FlaggingRunPublic,
     FlagPublic,
     FlagPush,
     PushedFlag,
@@ -49,6 +51,7 @@ from service.flagging.models import (
     utcnow,
 )
 from service.flagging.rules import Evaluator, FlaggingPolicy, SubjectEvent, explain
+from service.paging import cursor, place_of
 from service.records.models import Event, Subject
 from service.records.service import (
     ERASED_DIGEST,
@@ -60,6 +63,7 @@ from service.records.service import (
 )
 
 DEFAULT_BATCH_SIZE = 2000
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # as a run is given it
 MAX_PAGE = 1000
 # Event rows a run fetches at a time from its one streamed statement (a few MB at most).
 FETCH_ROWS = 10_000
@@ -67,6 +71,7 @@ FETCH_ROWS = 10_000
 _subjects = Subject.__table__  # type: ignore[attr-defined]
 _events = Event.__table__  # type: ignore[attr-defined]
 _flags = Flag.__table__  # type: ignore[attr-defined]
+_runs = FlaggingRun.__table__  # type: ignore[attr-defined]
 _pushes = FlagPush.__table__  # type: ignore[attr-defined]
 
 
@@ -202,6 +207,31 @@ def _histories(
                 history.append((kind, day.toordinal(), office))
     if batch:
         yield batch
+
+
+def _run_id(text: str) -> str:
+    if not RUN_ID.fullmatch(text):
+        raise ValueError("not a run id")
+    return text
+
+
+def list_runs(
+    *, session: Session, after: str | None = None, limit: int = 100
+) -> tuple[list[FlaggingRunPublic], str | None]:
+    """Runs, newest first, paged by where the previous page ended (``service.paging``)."""
+    query = select(FlaggingRun).order_by(_runs.c.created_at.desc(), _runs.c.id)
+    if after is not None:
+        made, run_id = place_of(after, _run_id)
+        query = query.where(
+            or_(
+                _runs.c.created_at < made,
+                and_(_runs.c.created_at == made, _runs.c.id > run_id),
+            )
+        )
+    runs = session.execute(query.limit(limit + 1)).scalars().all()
+    items = [FlaggingRunPublic.model_validate(run, from_attributes=True) for run in runs[:limit]]
+    more = len(runs) > limit
+    return items, (cursor(items[-1].created_at, items[-1].id) if more else None)
 
 
 def get_run(*, session: Session, run_id: str) -> FlaggingRun:

@@ -35,7 +35,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -118,6 +117,7 @@ from service.packets.models import (
     utcnow,
 )
 from service.packets.policy import FollowupPolicy, RetentionPolicy
+from service.paging import cursor, place_of
 from service.records.models import Subject
 from service.records.service import (
     WrappedKeyColumn,
@@ -807,28 +807,8 @@ def _member_counts(session: Session, packet_ids: Sequence[str]) -> dict[str, int
     return {packet_id: int(count) for packet_id, count in rows}
 
 
-class BadCursor(Unprocessable):
-    pass
-
-
-def _cursor(packet: PacketPublic) -> str:
-    """Where a page ended: its last packet's place in the order (newest first, then by id)."""
-    place = f"{packet.created_at.astimezone(UTC).isoformat()}|{packet.id}"
-    return base64.urlsafe_b64encode(place.encode()).decode().rstrip("=")
-
-
-def _after(cursor: str) -> tuple[datetime, str]:
-    try:
-        made, packet_id = (
-            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("|")
-        )
-        return datetime.fromisoformat(made).astimezone(UTC), str(uuid.UUID(packet_id))
-    except (ValueError, OverflowError):
-        # Not echoed: whatever was sent is caller's text.
-        raise BadCursor(
-            "after is not a cursor this service handed out; use a page's next_after",
-            errors=[{"loc": ["query", "after"], "msg": "not a cursor from a previous page"}],
-        ) from None
+def _packet_id(text: str) -> str:
+    return str(uuid.UUID(text))
 
 
 def list_packets(
@@ -847,7 +827,7 @@ def list_packets(
     limit = max(1, min(limit, MAX_PAGE))
     query = select(_packets).order_by(_packets.c.created_at.desc(), _packets.c.id)
     if after is not None:
-        made, packet_id = _after(after)
+        made, packet_id = place_of(after, _packet_id)
         query = query.where(
             or_(
                 _packets.c.created_at < made,
@@ -866,7 +846,8 @@ def list_packets(
     page = rows[:limit]
     counts = _member_counts(session, [row.id for row in page])
     items = [_packet_public(row, counts.get(row.id, 0), now) for row in page]
-    return items, (_cursor(items[-1]) if len(rows) > limit else None)
+    more = len(rows) > limit  # so the page is full
+    return items, (cursor(items[-1].created_at, items[-1].id) if more else None)
 
 
 def _hide(

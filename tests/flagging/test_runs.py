@@ -418,6 +418,33 @@ def test_a_version_another_run_archived_after_this_one_looked_is_judged_as_kept(
     session.rollback()
 
 
+def test_runs_are_listed_newest_first_a_page_at_a_time(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    coordinator = bearer(token("coord-001", "coordinator"))
+    made = [
+        client.post("/v1/flagging/runs", json={"as_of": day}, headers=coordinator).json()
+        for day in ("2025-01-01", "2025-06-01", AS_OF.isoformat())
+    ]
+    first = client.get("/v1/flagging/runs?limit=2", headers=coordinator)
+    assert first.status_code == 200, first.text
+    assert [run["id"] for run in first.json()["items"]] == [made[2]["id"], made[1]["id"]]
+    assert first.json()["items"][0] == made[2]
+    cursor = first.json()["next_after"]
+    # a run made while the caller pages belongs to a new walk, not to the next page
+    client.post("/v1/flagging/runs", json={}, headers=coordinator)
+    rest = client.get(f"/v1/flagging/runs?limit=2&after={cursor}", headers=coordinator).json()
+    assert ([run["id"] for run in rest["items"]], rest["next_after"]) == ([made[0]["id"]], None)
+    for bad in ("nope", "MjAyNXxub3BlCg", "A" * 200):
+        refused = client.get(f"/v1/flagging/runs?after={bad}", headers=coordinator)
+        assert refused.status_code == 422, refused.text
+        assert bad not in refused.text
+    # a page that holds the last run says so, even when it is exactly full
+    whole = client.get("/v1/flagging/runs?limit=4", headers=coordinator).json()
+    assert (len(whole["items"]), whole["next_after"]) == (4, None)
+
+
 def test_a_run_from_before_the_archive_says_its_policy_is_not_kept(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:
