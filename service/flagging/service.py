@@ -122,7 +122,7 @@ def run_flagging(
 
     ``progress``, when given, is called with a ``RunProgress`` after each batch.
     """
-    _archive(session, policy)
+    digest = _archive(session, policy)
     run = FlaggingRun(
         id=uuid.uuid4().hex,
         policy_name=policy.name,
@@ -171,7 +171,9 @@ def run_flagging(
             action="flagging.run",
             object_type="flagging_run",
             object_id=run.id,
-            reason=f"policy {policy.version} as of {as_of.isoformat()}: "
+            # The file's whole hash: the signed log commits to the exact rules, whatever
+            # happens to the archive's row.
+            reason=f"policy {policy.version} (sha256 {digest}) as of {as_of.isoformat()}: "
             f"{evaluated} evaluated, {flagged} flagged",
         ),
     )
@@ -241,10 +243,11 @@ def get_run(*, session: Session, run_id: str) -> FlaggingRun:
     return run
 
 
-def _archive(session: Session, policy: FlaggingPolicy) -> None:
-    """Keep the policy file under its version, unless it is kept already. The version holds
-    only 48 bits of the file's hash: another file under the same version (made to collide, or
-    an archive row altered) is ``PolicyVersionClash``, and the run does not start."""
+def _archive(session: Session, policy: FlaggingPolicy) -> str:
+    """Keep the policy file under its version, unless it is kept already; returns the file's
+    SHA-256 (hex). The version holds only 48 bits of that hash: another file under the same
+    version (made to collide, or an archive row altered) is ``PolicyVersionClash``, and the run
+    does not start."""
     digest = hashlib.sha256(policy.content).hexdigest()
     kept = session.get(ArchivedPolicy, policy.version)
     if kept is None:
@@ -259,7 +262,7 @@ def _archive(session: Session, policy: FlaggingPolicy) -> None:
                     )
                 )
                 session.flush()
-            return
+            return digest
         except IntegrityError:
             kept = session.get(ArchivedPolicy, policy.version, populate_existing=True)
     if kept is None or kept.sha256 != digest or kept.content != policy.content:
@@ -268,6 +271,7 @@ def _archive(session: Session, policy: FlaggingPolicy) -> None:
             "read now is not the one that version's flags were decided by; no run starts "
             "until the policy gets a version of its own"
         )
+    return digest
 
 
 def get_run_policy(*, session: Session, run_id: str) -> ArchivedPolicyPublic:

@@ -83,6 +83,12 @@ def test_a_run_flags_matching_subjects_and_explains_why(
     [logged] = log_entries(session, "flagging.run")
     assert logged["object_id"] == run["id"]
     assert logged["actor"] == "coord-001"
+    # the signed log commits to the policy file's whole hash, not only the version's 48 bits
+    policy = app.state.flagging_policy
+    assert logged["reason"] == (
+        f"policy {policy.version} (sha256 {hashlib.sha256(policy.content).hexdigest()}) "
+        f"as of {AS_OF.isoformat()}: 3 evaluated, 1 flagged"
+    )
 
 
 def test_flags_are_paged(
