@@ -55,8 +55,19 @@ logger = logging.getLogger("casepackets")
 REQUEST_ID = re.compile(r"[0-9a-f]{8}(-?)[0-9a-f]{4}\1[0-9a-f]{4}\1[0-9a-f]{4}\1[0-9a-f]{12}")
 
 
+# The API routes that take many rows in one body: ``max_body_bytes`` (16 MiB by default). Every
+# other API route takes one small object (the largest, a follow-up with a 4,000-character note,
+# stays under 50 KiB even with every character escaped), and gets ``SMALL_BODY_BYTES``: parsing a
+# body costs the worker's event loop about a second for 16 MiB, which no caller should be able
+# to spend on a follow-up.
+BULK_PATHS = frozenset({"/v1/records/batch", "/v1/flags"})
+SMALL_BODY_BYTES = 256 * 1024
+
+
 class BodySizeLimit:
-    """Refuse bodies over ``max_bytes`` with 413 before any route parses them.
+    """Refuse bodies over the path's limit with 413 before any route parses them:
+    ``max_bytes`` for the bulk routes (``BULK_PATHS``) and paths outside the API, at most
+    ``SMALL_BODY_BYTES`` for every other API route.
 
     A declared ``Content-Length`` over the limit is refused without reading; a chunked body is
     counted as it arrives and refused as soon as it passes the limit.
@@ -65,14 +76,21 @@ class BodySizeLimit:
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.small_max_bytes = min(max_bytes, SMALL_BODY_BYTES)
+
+    def limit_of(self, path: str) -> int:
+        if path.startswith("/v1/") and path not in BULK_PATHS:
+            return self.small_max_bytes
+        return self.max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_of(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._refuse(scope, receive, send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -83,8 +101,8 @@ class BodySizeLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
+            if size > limit:
+                await self._refuse(scope, receive, send, limit)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -100,11 +118,11 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         # Inside RequestId: the body carries the request's id and path like every other problem.
         response = problem(
             413,
-            f"request body is larger than {self.max_bytes} bytes",
+            f"request body is larger than {limit} bytes",
             request=Request(scope),
         )
         await response(scope, receive, send)

@@ -28,7 +28,7 @@ from service.auth.dependencies import Caller
 from service.auth.permissions import Permission
 from service.config import Settings
 from service.errors import served_routes, shown_path
-from service.main import create_app
+from service.main import SMALL_BODY_BYTES, create_app
 from service.request_body import MAX_FIELDS, JsonRoute
 from service.schemas import StrictModel
 from tests.conftest import TokenFactory, bearer
@@ -480,6 +480,40 @@ def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(
     status, problem = sent(limit + 1)
     assert status == 413
     assert str(limit) in problem["detail"]
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_route_that_takes_one_small_object_takes_at_most_256_kib(
+    client: TestClient, token: TokenFactory, chunked: bool
+) -> None:
+    """Parsing a 16 MiB body holds a worker's event loop for about a second: only the routes
+    that take many rows may be sent that much."""
+    coordinator = {**bearer(token("coord-001", "coordinator")), "content-type": "application/json"}
+    professional = json.dumps(
+        {
+            "id": "prof-001",
+            "display_name": "Caseworker",
+            "team": "Zuid",
+            "districts": ["Charlois"],
+            "capacity": 20,
+        }
+    ).encode()
+
+    def sent(url: str, content: bytes, headers: dict[str, str]) -> Any:
+        if chunked:
+            pieces = [content[start : start + 65536] for start in range(0, len(content), 65536)]
+            return client.post(url, content=iter(pieces), headers=headers)
+        return client.post(url, content=content, headers=headers)
+
+    padded = professional + b" " * (SMALL_BODY_BYTES + 1 - len(professional))
+    refused = sent("/v1/professionals", padded, coordinator)
+    assert refused.status_code == 413, refused.text
+    assert refused.json()["detail"] == f"request body is larger than {SMALL_BODY_BYTES} bytes"
+    assert sent("/v1/professionals", padded[:-1], coordinator).status_code == 201
+    # a batch of that size is read (and refused for what it holds, not for its size)
+    source = {**bearer(token("src-001", "source")), "content-type": "application/json"}
+    batch = sent("/v1/records/batch", b'{"subjects": []}' + b" " * (4 * SMALL_BODY_BYTES), source)
+    assert batch.status_code == 422, batch.text
 
 
 def test_unexpected_error_is_500_without_details(probed: TestClient) -> None:
