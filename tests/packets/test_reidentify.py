@@ -1820,3 +1820,21 @@ def test_a_packet_being_changed_holds_up_no_other_open_and_each_gives_up_at_its_
         assert answers["unrelated"][0] == 503, answers
         assert answers["unrelated"][1] < bound + 1.0, answers
         assert opened == []
+
+
+def test_an_id_that_only_begins_as_a_packet_id_is_refused_before_anything_reaches_the_log(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    # The judge of a request a route cannot take writes the packet id to the log: all of it
+    # must be a packet id's shape, not just its first 36 characters.
+    world = small_world(client, token)
+    packet = world.packet(OWNER, "Charlois")
+    before = len(log_entries(session))
+    for sub in (OWNER, OTHER):
+        response = client.get(
+            f"/v1/packets/{packet['id']}-123456782/clients",
+            headers=bearer(token(sub, "professional")),
+        )
+        assert response.status_code == 422, response.text
+        assert "123456782" not in response.json()["detail"]
+    assert len(log_entries(session)) == before
