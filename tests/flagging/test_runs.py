@@ -859,3 +859,22 @@ def test_a_pushed_explanation_may_join_letters_as_ingest_allows(
     )
     assert response.status_code == 201, response.text
     assert response.json()["flags"][0]["explanation"] == flag["explanation"]
+
+
+@pytest.mark.parametrize("altered", ["sha256", "content"])
+def test_a_kept_policy_whose_hash_or_bytes_were_altered_starts_no_run(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory, altered: str
+) -> None:
+    """The archive row is checked whole: a hash that no longer fits the kept bytes, or bytes
+    changed under the kept hash, is a clash as much as another file under the version."""
+    seed(app, session)
+    policy = app.state.flagging_policy
+    archive(session, policy.version, policy.content)
+    changed = {"sha256": "0" * 64, "content": policy.content + b"# altered\n"}[altered]
+    session.execute(update(POLICIES).values({altered: changed}))
+    session.commit()
+    coordinator = bearer(token("coord-001", "coordinator"))
+    refused = client.post("/v1/flagging/runs", json={}, headers=coordinator)
+    assert refused.status_code == 409, refused.text
+    assert session.execute(select(func.count()).select_from(RUNS)).scalar_one() == 0
+    session.rollback()
