@@ -13,6 +13,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
+from service import paging
 from service.clock import today
 from service.db import Database, lock_was_busy
 from service.flagging import service as flagging_service
@@ -878,3 +879,43 @@ def test_a_kept_policy_whose_hash_or_bytes_were_altered_starts_no_run(
     assert refused.status_code == 409, refused.text
     assert session.execute(select(func.count()).select_from(RUNS)).scalar_one() == 0
     session.rollback()
+
+
+def test_runs_begun_at_one_instant_are_each_listed_once_a_page_at_a_time(
+    client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    instant = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    ids = sorted(f"{n:032x}" for n in (7, 3, 5))
+    for run_id in ids:
+        session.add(
+            FlaggingRun(
+                id=run_id,
+                policy_name="p",
+                policy_version="v",
+                as_of=AS_OF,
+                started_by="test",
+                created_at=instant,
+            )
+        )
+    session.commit()
+    coordinator = bearer(token("coord-001", "coordinator"))
+    seen: list[str] = []
+    after = ""
+    for _ in range(len(ids) + 1):  # bounded: a cursor that goes nowhere would loop forever
+        page = client.get(f"/v1/flagging/runs?limit=1{after}", headers=coordinator).json()
+        seen += [run["id"] for run in page["items"]]
+        if page["next_after"] is None:
+            break
+        after = f"&after={page['next_after']}"
+    assert seen == ids
+
+
+def test_a_cursor_whose_run_id_is_not_of_a_runs_shape_is_refused(
+    client: TestClient, token: TokenFactory
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    for run_id in ("nope", "A" * 32, "0" * 31):
+        bad = paging.cursor(datetime(2025, 3, 1, tzinfo=UTC), run_id)
+        refused = client.get(f"/v1/flagging/runs?after={bad}", headers=coordinator)
+        assert refused.status_code == 422, refused.text
+        assert bad not in refused.text
