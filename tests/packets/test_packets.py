@@ -839,3 +839,16 @@ def test_professional_text_without_a_letter_or_digit_is_refused_naming_the_field
         "Zuid-1",
         ["Charlois"],
     )
+
+
+def test_a_page_that_holds_the_last_packet_says_so_even_when_it_is_exactly_full(
+    client: TestClient, token: TokenFactory
+) -> None:
+    districts = {"prof-001": ["Charlois"], "prof-002": ["Feijenoord"]}
+    world = build_world(client, token, professionals=districts)
+    count = sum(len(served) for served in world.packets.values())
+    coordinator = bearer(token(COORDINATOR, "coordinator"))
+    short = client.get(f"/v1/packets?limit={count - 1}", headers=coordinator).json()
+    assert (len(short["items"]), short["next_after"] is None) == (count - 1, False)
+    whole = client.get(f"/v1/packets?limit={count}", headers=coordinator).json()
+    assert (len(whole["items"]), whole["next_after"]) == (count, None)
