@@ -12,7 +12,9 @@ line numbers, :func:`compose_policy_yaml`). Both refuse, naming the file and the
   billions of values that each reader walks (an "alias bomb"), hanging start-up;
 - a whole number whose text is not plain decimal digits (optionally signed, no leading zero).
   YAML 1.1 reads ``024`` as octal 20, ``1:00`` as 60 (base 60), and also takes ``0x18``, ``0b1``
-  and ``2_4``; a policy value means what it says in decimal or it does not load.
+  and ``2_4``; a policy value means what it says in decimal or it does not load;
+- a file that is not UTF-8 (PyYAML also reads UTF-16 after a byte order mark): the flagging
+  policy is archived and served as the UTF-8 text it was read as.
 
 Everything else is PyYAML's safe loading (no tags that construct Python objects).
 """
@@ -75,6 +77,13 @@ def load_policy_yaml(content: str | bytes, *, source: str) -> Any:
 @contextmanager
 def _loader(content: str | bytes, *, source: str) -> Iterator[yaml.SafeLoader]:
     """A safe loader over ``content``; any YAML error is re-raised naming ``source``."""
+    if isinstance(content, bytes):
+        try:
+            content = content.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PolicyYAMLError(
+                f"{source}: not UTF-8 text (byte {exc.start}); save the file as UTF-8"
+            ) from None
     try:
         loader = _PolicyLoader(content, source=source)
         try:
