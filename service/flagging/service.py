@@ -221,6 +221,7 @@ def list_runs(
     *, session: Session, after: str | None = None, limit: int = 100
 ) -> tuple[list[FlaggingRunPublic], str | None]:
     """Runs, newest first, paged by where the previous page ended (``service.paging``)."""
+    limit = max(1, min(limit, MAX_PAGE))
     query = select(FlaggingRun).order_by(_runs.c.created_at.desc(), _runs.c.id)
     if after is not None:
         made, run_id = place_of(after, _run_id)

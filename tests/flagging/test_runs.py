@@ -919,3 +919,21 @@ def test_a_cursor_whose_run_id_is_not_of_a_runs_shape_is_refused(
         refused = client.get(f"/v1/flagging/runs?after={bad}", headers=coordinator)
         assert refused.status_code == 422, refused.text
         assert bad not in refused.text
+
+
+def test_a_page_size_outside_1_to_the_maximum_is_brought_within_it(
+    app: FastAPI, session: Session
+) -> None:
+    seed(app, session)
+    for _ in range(2):
+        run_flagging(
+            session=session,
+            policy=app.state.flagging_policy,
+            as_of=AS_OF,
+            caller=system_caller("t"),
+        )
+    session.commit()
+    items, next_after = flagging_service.list_runs(session=session, limit=0)
+    assert (len(items), next_after is not None) == (1, True)
+    items, next_after = flagging_service.list_runs(session=session, limit=10**9)
+    assert (len(items), next_after) == (2, None)
