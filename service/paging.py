@@ -11,6 +11,10 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, or_
+from sqlalchemy.sql.elements import ColumnElement
 
 from service.errors import Unprocessable
 
@@ -38,3 +42,11 @@ def place_of(cursor: str, read_id: Callable[[str], str]) -> tuple[datetime, str]
             "after is not a cursor this service handed out; use a page's next_after",
             errors=[{"loc": ["query", "after"], "msg": "not a cursor from a previous page"}],
         ) from None
+
+
+def after_place(
+    given: str, read_id: Callable[[str], str], *, created_at: Any, item_id: Any
+) -> ColumnElement[bool]:
+    """The rows that come after the cursor ``given`` in the order newest first, then by id."""
+    made, last_id = place_of(given, read_id)
+    return or_(created_at < made, and_(created_at == made, item_id > last_id))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -51,7 +51,7 @@ from service.flagging.models import (
     utcnow,
 )
 from service.flagging.rules import Evaluator, FlaggingPolicy, SubjectEvent, explain
-from service.paging import cursor, place_of
+from service.paging import after_place, cursor
 from service.records.models import Event, Subject
 from service.records.service import (
     ERASED_DIGEST,
@@ -224,12 +224,8 @@ def list_runs(
     limit = max(1, min(limit, MAX_PAGE))
     query = select(FlaggingRun).order_by(_runs.c.created_at.desc(), _runs.c.id)
     if after is not None:
-        made, run_id = place_of(after, _run_id)
         query = query.where(
-            or_(
-                _runs.c.created_at < made,
-                and_(_runs.c.created_at == made, _runs.c.id > run_id),
-            )
+            after_place(after, _run_id, created_at=_runs.c.created_at, item_id=_runs.c.id)
         )
     runs = session.execute(query.limit(limit + 1)).scalars().all()
     items = [FlaggingRunPublic.model_validate(run, from_attributes=True) for run in runs[:limit]]

@@ -117,7 +117,7 @@ from service.packets.models import (
     utcnow,
 )
 from service.packets.policy import FollowupPolicy, RetentionPolicy
-from service.paging import cursor, place_of
+from service.paging import after_place, cursor
 from service.records.models import Subject
 from service.records.service import (
     WrappedKeyColumn,
@@ -827,12 +827,8 @@ def list_packets(
     limit = max(1, min(limit, MAX_PAGE))
     query = select(_packets).order_by(_packets.c.created_at.desc(), _packets.c.id)
     if after is not None:
-        made, packet_id = place_of(after, _packet_id)
         query = query.where(
-            or_(
-                _packets.c.created_at < made,
-                and_(_packets.c.created_at == made, _packets.c.id > packet_id),
-            )
+            after_place(after, _packet_id, created_at=_packets.c.created_at, item_id=_packets.c.id)
         )
     if not _sees_all(caller):
         query = query.where(_packets.c.professional_id == caller.sub)
