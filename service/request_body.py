@@ -119,12 +119,10 @@ class JsonRoute(APIRoute):
                     # about the body or the query (service.main.refuse_unknown_input).
                     request.state.turned_away = True
                     receive = _no_body
-            if judge is None or caller is None:
-                return await handler(_JsonRequest(request.scope, receive))
             try:
                 return await handler(_JsonRequest(request.scope, receive))
             except Exception as error:
-                if _about_the_input(error):
+                if judge is not None and caller is not None and _about_the_input(error):
                     await judge(request, caller)
                 raise
 
