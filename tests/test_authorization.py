@@ -93,7 +93,9 @@ MATRIX: dict[tuple[str, str], dict[str, Expected]] = {
         {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
     ),
     ("GET", "/v1/flagging/runs/{run_id}/policy"): only(
-        {"coordinator": (200, 200, 404)}, others=DENY, anonymous=NO_TOKEN
+        {"coordinator": (200, 200, 404), "auditor": (200, 200, 404)},
+        others=DENY,
+        anonymous=NO_TOKEN,
     ),
     ("POST", "/v1/flags"): only({"source": (201, 201, 422)}, others=DENY, anonymous=NO_TOKEN),
     ("POST", "/v1/professionals"): only({"coordinator": 201}, others=403, anonymous=401),
@@ -176,7 +178,7 @@ GUARDED = {
     ("GET", "/v1/flagging/runs"): "flagging.read",
     ("GET", "/v1/flagging/runs/{run_id}"): "flagging.read",
     ("GET", "/v1/flagging/runs/{run_id}/flags"): "flagging.read",
-    ("GET", "/v1/flagging/runs/{run_id}/policy"): "flagging.read",
+    ("GET", "/v1/flagging/runs/{run_id}/policy"): "policies.read",
     ("POST", "/v1/flags"): "flags.push",
 }
 

@@ -38,6 +38,7 @@ class Permission(StrEnum):
     RECORDS_INGEST = "records.ingest"
     FLAGGING_RUN = "flagging.run"
     FLAGGING_READ = "flagging.read"
+    POLICIES_READ = "policies.read"
     FLAGS_PUSH = "flags.push"
     PACKETS_PARTITION = "packets.partition"
     PACKETS_READ = "packets.read"

@@ -111,8 +111,10 @@ def get_run(
 def get_run_policy(
     run_id: RunId,
     session: SessionDep,
-    _caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
+    _caller: Annotated[Caller, require(Permission.POLICIES_READ)],
 ) -> ArchivedPolicyPublic:
+    """Coordinators and auditors (``policies.read``): the file holds rules, no personal data. An
+    auditor finds the run's id and the file's whole SHA-256 in its ``flagging.run`` log entry."""
     return service.get_run_policy(session=session, run_id=run_id)
 
 

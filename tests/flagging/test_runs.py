@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -368,6 +370,29 @@ def test_a_runs_policy_file_is_served_exactly_as_it_was_read_whatever_policies_h
     professional = bearer(token("prof-001", "professional"))
     refused = client.get(f"/v1/flagging/runs/{runs[0].json()['id']}/policy", headers=professional)
     assert refused.status_code == 403
+
+
+def test_an_auditor_checks_a_runs_rules_against_the_hash_its_log_entry_names(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    seed(app, session)
+    coordinator = bearer(token("coord-001", "coordinator"))
+    made = client.post("/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator)
+    assert made.status_code == 201, made.text
+    auditor = bearer(token("audit-001", "auditor"))
+    pulled = client.get("/v1/audit/entries?start=0&end=1", headers=auditor)
+    assert pulled.status_code == 200, pulled.text
+    (entry,) = [json.loads(line) for line in pulled.text.splitlines()]
+    assert (entry["action"], entry["object_id"]) == ("flagging.run", made.json()["id"])
+    committed = re.search(r"\(sha256 ([0-9a-f]{64})\)", entry["reason"])
+    assert committed is not None, entry["reason"]
+    served = client.get(f"/v1/flagging/runs/{entry['object_id']}/policy", headers=auditor)
+    assert served.status_code == 200, served.text
+    assert hashlib.sha256(served.json()["content"].encode("utf-8")).hexdigest() == (
+        committed.group(1)
+    )
+    # the policy is rules, not personal data: reading it is not an audit read of the log
+    assert log_entries(session, "audit.read") == [log_entries(session)[-1]]
 
 
 def test_a_policy_whose_version_is_archived_with_other_bytes_starts_no_run(
