@@ -141,6 +141,16 @@ def damage_current_number(entry: dict[str, Any]) -> None:
     entry["current"] = "one"
 
 
+def damage_version_key_to(name: str) -> Callable[[dict[str, Any]], None]:
+    """A second version named ``name``: a digit ``int`` cannot read (superscript two), another
+    spelling of 1 (a leading zero, full-width), or more digits than ``int`` reads."""
+
+    def damage(entry: dict[str, Any]) -> None:
+        entry["versions"][name] = entry["versions"]["1"]
+
+    return damage
+
+
 @pytest.mark.parametrize(
     ("damage", "said"),
     [
@@ -148,6 +158,10 @@ def damage_current_number(entry: dict[str, Any]) -> None:
         (damage_version_key, "vault has a version whose name is not a number"),
         (damage_version_entry, "vault v1 is not an object"),
         (damage_current_number, "vault has no current version"),
+        (damage_version_key_to("\u00b2"), "vault has a version whose name is not a number"),
+        (damage_version_key_to("01"), "vault has a version whose name is not a number"),
+        (damage_version_key_to("\uff11"), "vault has a version whose name is not a number"),
+        (damage_version_key_to("9" * 5000), "vault has a version whose name is not a number"),
     ],
 )
 def test_a_hand_damaged_keyring_is_refused_by_what_is_wrong(
