@@ -645,11 +645,14 @@ def _retire_in(entry: dict[str, Any], version: int) -> None:
 
 
 def _age_seconds(created_at: Any) -> float:
-    """Seconds since a version's ``created_at``; a version without one counts as old."""
+    """Seconds since a version's ``created_at``; a version without one counts as old, and a
+    time without a zone (written by hand) is in UTC, as the file's own times are."""
     try:
         created = datetime.fromisoformat(str(created_at))
     except ValueError:
         return float("inf")
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
     return (datetime.now(UTC) - created).total_seconds()
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -465,6 +466,30 @@ def test_a_current_version_without_a_creation_time_counts_as_settled(tmp_path: P
     document = json.loads(path.read_text())
     del document["purposes"]["vault"]["versions"]["2"]["created_at"]
     path.write_text(json.dumps(document))
+    with Keyring.edit(path) as keyring:
+        keyring.retire("vault", 1)
+    with pytest.raises(UnknownKey):
+        Keyring.load(path).get("vault", 1)
+
+
+def test_a_creation_time_written_without_a_zone_is_read_as_utc(tmp_path: Path) -> None:
+    """A hand-edited ``created_at`` without its ``+00:00`` (as the file's own times are in UTC):
+    judged by its age like any other, never a traceback."""
+    path = tmp_path / "k.json"
+    Keyring.init(path)
+    with Keyring.edit(path) as keyring:
+        keyring.rotate("vault")
+
+    def created(moment: datetime) -> None:
+        document = json.loads(path.read_text())
+        written = moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
+        document["purposes"]["vault"]["versions"]["2"]["created_at"] = written
+        path.write_text(json.dumps(document))
+
+    created(datetime.now(UTC))
+    with pytest.raises(KeyringError, match="became current"), Keyring.edit(path) as keyring:
+        keyring.retire("vault", 1)
+    created(datetime.now(UTC) - timedelta(seconds=keyring_module.ROTATION_SETTLE_SECONDS + 60))
     with Keyring.edit(path) as keyring:
         keyring.retire("vault", 1)
     with pytest.raises(UnknownKey):
