@@ -175,8 +175,13 @@ def _split(token: str) -> tuple[int, str]:
         if version is not None:
             return version, parts[2]
         text = parts[1]
-        if text.isascii() and text.isdigit() and str(int(text)) == text:
-            return int(text), parts[2]
+        if text.isascii() and text.isdigit():
+            try:
+                version = int(text)
+            except ValueError:  # past the digits ``int`` reads: no key has such a version
+                raise DecryptionFailed("not a v1 envelope") from None
+            if str(version) == text:
+                return version, parts[2]
     raise DecryptionFailed("not a v1 envelope")
 
 
