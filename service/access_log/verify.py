@@ -187,18 +187,48 @@ def _follow(
     return key, tuple(followed), tuple(through)
 
 
+def _handed_over_at(
+    key: VerifierKey, named: dict[int, VerifierKey], *, signed_at: int | None
+) -> int | None:
+    """The tree size at which the entries show ``key`` handing signing over: the first rotation
+    naming another key after one naming ``key``, or at or after ``signed_at`` (a size ``key`` is
+    known to have signed, such as the trusted checkpoint's); None when they show none."""
+    in_office = False
+    for at in sorted(named):
+        if named[at] == key:
+            in_office = True
+        elif in_office or (signed_at is not None and at >= signed_at):
+            return at
+    return None
+
+
 def _signed_in_turn(
-    checkpoint: Checkpoint, key: VerifierKey, named: dict[int, VerifierKey], *, which: Which
+    checkpoint: Checkpoint,
+    key: VerifierKey,
+    named: dict[int, VerifierKey],
+    *,
+    which: Which,
+    signed_at: int | None = None,
 ) -> None:
     """Refuse a checkpoint signed by a key other than the one the entries before it name last
     (or, at the size of a handover, the key it names): one left behind by a handover, however
-    the handovers given were chosen."""
+    the handovers given were chosen. Refuse it too when ``key`` handed signing over before the
+    checkpoint's size and a later entry names it again: only a key's own signature vouches for
+    such an entry (a leaked old key handing signing back to itself)."""
     before = [at for at in named if at < checkpoint.size]
     if not before:
         return
     last = max(before)
     if key in (named[last], named.get(checkpoint.size)):
-        return
+        handed_over = _handed_over_at(key, named, signed_at=signed_at)
+        if handed_over is None or handed_over >= checkpoint.size:
+            return
+        raise CheckpointRejected(
+            which,
+            f"it is signed by {key}, which handed checkpoint signing over at size "
+            f"{handed_over}: a key that handed signing over signs no later checkpoint, "
+            "whatever later entries say",
+        )
     raise CheckpointRejected(
         which,
         f"it is signed by {key}, but the entries hand checkpoint signing to {named[last]} at "
@@ -346,7 +376,9 @@ def verify_export(
         # handovers were given (or left out), a key that handed signing over signs no later
         # checkpoint.
         named = {at: key for at, line in marked if (key := handed_to(line)) is not None}
-        _signed_in_turn(checkpoint, signer, named, which="new")
+        # The trusted checkpoint's key signed at its size: a rotation from there on retires it.
+        signed_at = trusted.size if trusted is not None and trusted_key == signer else None
+        _signed_in_turn(checkpoint, signer, named, which="new", signed_at=signed_at)
         if trusted is not None and trusted_key is not None:
             _signed_in_turn(trusted, trusted_key, named, which="trusted")
         return Verified(

@@ -1297,3 +1297,51 @@ def test_a_trusted_checkpoint_the_old_key_signed_after_its_handover_is_refused(
     assert code == 1, output
     assert "trusted checkpoint rejected" in output
     assert "a key that handed signing over signs no later checkpoint" in output
+
+
+def test_a_key_that_handed_over_is_not_handed_signing_back_by_entries_only_it_signed(
+    rotated: tuple[Path, Path], cli_env: Path
+) -> None:
+    """The auditor trusts the old key and holds the handover checkpoint (size 12, signed by the
+    old key, cosigned by the new) from an export taken right after the rotation. The old key,
+    leaked, signs the true first 12 entries followed by a forged rotation naming the old key
+    itself again: entries only the old key vouches for cannot give it back what it handed
+    over."""
+    before, after = rotated
+    old_signer = NoteSigner(
+        name=ORIGIN,
+        seed=Keyring.load(cli_env / "keyring.json").get("log_signing", 1).material,
+    )
+    new_key = VerifierKey.parse((after / PUBLIC_KEY_FILE).read_text())
+    [handover] = handovers_of(after)
+    trusted = cli_env / "trusted-handover"
+    trusted.write_text(str(handover["note"]))
+    lines = (after / ENTRIES_FILE).read_bytes().splitlines(keepends=True)
+    assert handed_to(lines[11][:-1]) == new_key
+    handed_back = (
+        lines[11]
+        .replace(str(new_key).encode(), str(old_signer.verifier).encode())
+        .replace(b"log_signing/v2", b"log_signing/v3")
+    )
+    assert handed_to(handed_back[:-1]) == old_signer.verifier
+    forged = cli_env / "forged"
+    forged.mkdir()
+    rewritten = [
+        *lines[:12],
+        handed_back,
+        *(line.replace(b"prof-001", b"prof-009") for line in lines[12:]),
+    ]
+    (forged / ENTRIES_FILE).write_bytes(b"".join(rewritten))
+    size, root = merkle_root_of_lines(rewritten)
+    (forged / CHECKPOINT_FILE).write_text(
+        old_signer.sign(checkpoint_text(Checkpoint(origin=ORIGIN, size=size, root=root)))
+    )
+    code, output = verify(
+        forged,
+        "--trusted-checkpoint",
+        str(trusted),
+        public_key=before / PUBLIC_KEY_FILE,
+        leaf_hashes=False,
+    )
+    assert code == 1, output
+    assert "a key that handed signing over signs no later checkpoint" in output
