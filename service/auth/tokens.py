@@ -6,6 +6,9 @@ trusted:
   compact form whose signature segment is the one base64url encoding of its bytes (a token
   cannot be rewritten into many strings that all verify, each taking a place in the cache; the
   one other spelling ECDSA itself accepts, s replaced by n - s, shares its original's place);
+- the header and the claims each name every member once: python-jose keeps the last of two
+  values under one name, where another reader of the same token (a gateway, an audit tool) may
+  keep the first, and see another ``alg``, ``kid``, ``sub`` or roles;
 - the header must name exactly the configured asymmetric algorithm (RS256 or ES256) and a ``kid``;
   ``jku``, ``x5u``, ``jwk``, ``x5c`` and ``crit`` headers are refused (no key is ever taken from
   the token itself);
@@ -522,6 +525,7 @@ class TokenVerifier:
             raise InvalidToken("token is not a well-formed JWS") from exc
         if not isinstance(header, dict):
             raise InvalidToken("token header is not an object")
+        _refuse_repeated_names(token.split(".", 1)[0], part="header")
         if header.get("alg") != self.algorithm:
             raise InvalidToken(f"token algorithm must be {self.algorithm}")
         forbidden = sorted(FORBIDDEN_HEADERS & header.keys())
@@ -561,6 +565,8 @@ class TokenVerifier:
             # python-jose parses the signed claims with json.loads, which gives up on JSON
             # nested deeper than Python's recursion limit.
             raise InvalidToken("token claims are nested too deeply") from None
+        # Parsed again only now that the signature checks out, like python-jose's own parse.
+        _refuse_repeated_names(token.split(".", 2)[1], part="claims")
         if claims.get("typ", "Bearer") != "Bearer":
             raise InvalidToken(TYPE_REASON)
         subject = claims.get("sub")
@@ -616,6 +622,31 @@ def _signature_bytes(token: str) -> bytes:
     if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode("ascii") != signature:
         raise InvalidToken("token is not a well-formed JWS")
     return decoded
+
+
+class _RepeatedName(ValueError):
+    pass
+
+
+def _each_name_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise _RepeatedName
+    return fields
+
+
+def _refuse_repeated_names(segment: str, *, part: str) -> None:
+    """``InvalidToken`` unless every object in the token's ``segment`` (its header or its
+    claims, which python-jose has read already) names each member once."""
+    try:
+        json.loads(
+            base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)),
+            object_pairs_hook=_each_name_once,
+        )
+    except _RepeatedName:
+        raise InvalidToken(f"a name appears twice in the token's {part}") from None
+    except (ValueError, RecursionError):
+        raise InvalidToken("token is not a well-formed JWS") from None
 
 
 def _seconds(value: object) -> bool:

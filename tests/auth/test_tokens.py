@@ -18,6 +18,8 @@ from typing import Any, Literal
 import anyio
 import httpx
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -351,6 +353,47 @@ def test_only_access_tokens_are_accepted(
         assert client.get("/v1/me", headers=bearer(token)).status_code == 200
     else:
         assert_401(client, token, "not an access token")
+
+
+def sign_exactly(private_pem: bytes, header: str, claims: str) -> str:
+    """An RS256 token of exactly this header and these claims, as JSON text (the issuer's own
+    encoder writes every name once)."""
+    signing_input = f"{b64url(header.encode())}.{b64url(claims.encode())}"
+    key = serialization.load_pem_private_key(private_pem, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64url(signature)}"
+
+
+@pytest.mark.parametrize(
+    ("header", "claims", "part"),
+    [
+        ('{"alg": "none", "kid": KID, "alg": "RS256"}', "CLAIMS}", "header"),
+        (
+            '{"alg": "RS256", "kid": KID}',
+            'CLAIMS, "sub": "coord-001", "roles": ["admin"]}',
+            "claims",
+        ),
+    ],
+    ids=["alg-twice", "sub-and-roles-twice"],
+)
+def test_a_token_naming_a_member_twice_is_refused(
+    api: tuple[FastAPI, TestClient], home_key: bytes, header: str, claims: str, part: str
+) -> None:
+    """python-jose keeps the last of two values under one name, where another reader of the
+    same token (a gateway, an audit tool) may keep the first: the two would see another
+    algorithm, or another subject with other roles."""
+    app, client = api
+    kid = json.dumps(app.state.dev_issuer.kid)
+    claims_once = json.dumps(good_claims())
+    each_once = sign_exactly(
+        home_key, '{"alg": "RS256", "kid": KID}'.replace("KID", kid), claims_once
+    )
+    assert client.get("/v1/me", headers=bearer(each_once)).status_code == 200
+    token = sign_exactly(
+        home_key, header.replace("KID", kid), claims.replace("CLAIMS", claims_once[:-1])
+    )
+    assert_401(client, token, f"a name appears twice in the token's {part}")
 
 
 @pytest.mark.parametrize("header", ["jku", "x5u", "jwk"])
