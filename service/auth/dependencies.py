@@ -53,6 +53,10 @@ async def authenticate(
     verified = getattr(request.state, "caller", None)
     if isinstance(verified, Caller):
         return verified
+    if len(request.headers.getlist("authorization")) > 1:
+        # Which of them counts is each reader's guess (this one takes the first, a proxy in
+        # front may take the last): a request naming two callers is neither of them.
+        raise Unauthenticated("send one Authorization header, not several")
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthenticated(
             "a bearer token is required (Authorization: Bearer <token>)", token_sent=False

@@ -163,6 +163,22 @@ def test_missing_token_is_401(api: tuple[FastAPI, TestClient]) -> None:
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
+def test_two_authorization_headers_are_refused_whichever_comes_first(
+    api: tuple[FastAPI, TestClient],
+) -> None:
+    """Of two Authorization headers a proxy in front may read one and the service the other."""
+    app, client = api
+    valid = bearer(app.state.dev_issuer.mint(subject="prof-001", roles=["professional"]))
+    for second in (valid, bearer("not.a.jwt"), {"Authorization": "Basic dXNlcjpwYXNz"}):
+        headers = [*valid.items(), *second.items()]
+        for order in (headers, headers[::-1]):
+            response = client.get("/v1/me", headers=order)
+            assert response.status_code == 401, response.text
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert response.json()["detail"] == "send one Authorization header, not several"
+            assert valid["Authorization"].split()[1] not in response.text
+
+
 def test_alg_none_is_refused(api: tuple[FastAPI, TestClient]) -> None:
     app, client = api
     header = {"alg": "none", "typ": "JWT", "kid": app.state.dev_issuer.kid}
