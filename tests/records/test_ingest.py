@@ -703,6 +703,20 @@ def test_a_replay_whose_digest_key_was_retired_is_told_so_not_that_the_batch_dif
     assert "different batch" not in replay.json()["detail"]
 
 
+@pytest.mark.parametrize("version", ["²", "١", "9" * 5000, "", "v1"])
+def test_a_stored_digest_under_no_version_a_key_can_have_matches_nothing(
+    app: FastAPI, version: str
+) -> None:
+    """A digest row altered in the database names a version no key has: the resend is refused
+    as a different batch, not answered with a 500."""
+    assert (
+        records_service.keyed_digest_matches(
+            keyring=app.state.keyring, message=b"a batch", stored=f"{version}:{'0' * 64}"
+        )
+        is False
+    )
+
+
 def test_an_event_sent_again_with_the_same_content_is_already_known(
     client: TestClient, session: Session, source_headers: dict[str, str], make: Make
 ) -> None:
