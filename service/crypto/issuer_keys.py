@@ -1,17 +1,22 @@
 """Signing keys for the built-in development token issuer.
 
-Invariant: the private key is written once, with mode 0600, and never printed; a key file that is
-readable by group or others is refused.
+Invariant: the private key is written once, with mode 0600, whole or not at all (a kill
+half-way leaves no truncated key for the next start to trip over), and never printed; a key file
+that is readable by group or others is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from service.durable import sync_folder
 
 
 class KeyFileTooOpen(PermissionError):
@@ -43,11 +48,21 @@ def public_pem(private_pem: bytes) -> bytes:
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 (never world-readable, not even for a moment)."""
+    """Create ``path`` with mode 0600 (never world-readable, not even for a moment) holding
+    ``data``: written to a hidden file beside it and on disk before the name appears, so the
+    name never shows a part of it. ``FileExistsError`` if ``path`` exists (nothing replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    partial = Path(name)  # mkstemp makes it 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(partial, path)  # never replaces a file, unlike a rename
+    finally:
+        partial.unlink(missing_ok=True)
+    sync_folder(path.parent)
 
 
 def read_secret_file(path: Path) -> bytes:
@@ -63,5 +78,6 @@ def read_secret_file(path: Path) -> bytes:
 def load_or_create_private_pem(path: Path, algorithm: str) -> bytes:
     """The issuer key at ``path``, generated on first use."""
     if not path.exists():
-        write_secret_file(path, generate_private_pem(algorithm))
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            write_secret_file(path, generate_private_pem(algorithm))
     return read_secret_file(path)
