@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
+from service.auth.tokens import SUBJECT_REASON, usable_subject
 from service.flagging.models import FlagKind, RuleHitPublic
 from service.records.models import READABLE
 from service.schemas import CalendarDate, StrictModel, UtcDatetime
@@ -192,6 +193,10 @@ class ProfessionalCreate(StrictModel):
         # professional could never be updated or deactivated.
         if "/" in value:
             raise ValueError("must not contain '/' (it could not be named in a URL path)")
+        # A token whose sub is not usable is refused at sign-in: a professional registered with
+        # a no-break or zero-width space copied along would be given packets nobody can open.
+        if not usable_subject(value):
+            raise ValueError(f"is the sub of their tokens, and {SUBJECT_REASON}")
         return value
 
 

@@ -765,6 +765,23 @@ def test_a_professional_id_with_a_slash_is_refused_at_registration(
     ).status_code == 201
 
 
+@pytest.mark.parametrize("typed", ["prof\u00a0001", "prof\u200b", "prof\x01001", "prof\t001"])
+def test_a_professional_id_no_token_could_carry_is_refused_at_registration(
+    client: TestClient, token: TokenFactory, typed: str
+) -> None:
+    """Sign-in refuses a ``sub`` with characters that are not printable (a no-break or
+    zero-width space copied along, a control character): such a professional would be given
+    packets that nobody could ever open. (Spaces around the id are stripped, as for every
+    text field.)"""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    body = {"display_name": "X", "team": "Zuid-1", "districts": ["Charlois"], "capacity": 5}
+    refused = client.post("/v1/professionals", json={"id": typed, **body}, headers=coordinator)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == "request is invalid: id"
+    assert "token 'sub' must be printable text" in refused.text
+    assert client.get("/v1/professionals", headers=coordinator).json()["items"] == []
+
+
 def test_a_professional_registered_twice_at_once_is_a_409_not_a_500(
     client: TestClient, token: TokenFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
