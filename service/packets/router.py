@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.access_log.guard import require
@@ -89,6 +89,11 @@ def list_professionals(
     return ProfessionalPagePublic(items=items, next_after=next_after)
 
 
+# As registered (1 to 128 characters): a longer path segment names nobody, and is refused (422)
+# rather than echoed back in a 404.
+ProfessionalIdPath = Annotated[str, Path(min_length=1, max_length=128)]
+
+
 @router.patch(
     "/v1/professionals/{professional_id}",
     response_model=ProfessionalPublic,
@@ -97,7 +102,7 @@ def list_professionals(
     summary="Change a professional's name, team, districts, capacity or active flag",
 )
 def update_professional(
-    professional_id: str,
+    professional_id: ProfessionalIdPath,
     body: ProfessionalUpdate,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
@@ -115,7 +120,7 @@ def update_professional(
     summary="Stop assigning new packets to a professional (open packets stay until reassigned)",
 )
 def deactivate_professional(
-    professional_id: str,
+    professional_id: ProfessionalIdPath,
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
 ) -> ProfessionalPublic:

@@ -749,6 +749,25 @@ def test_a_packet_past_its_expiry_is_not_reassigned_even_before_it_is_shredded(
     assert detail["professional_id"] == packet["professional_id"]
 
 
+def test_a_professional_id_longer_than_any_registered_is_refused_without_echo(
+    client: TestClient, token: TokenFactory, session: Session
+) -> None:
+    coordinator = bearer(token("coord-001", "coordinator"))
+    long_id = "p" * 129
+    for refused in (
+        client.patch(f"/v1/professionals/{long_id}", json={"capacity": 3}, headers=coordinator),
+        client.post(f"/v1/professionals/{long_id}/deactivate", headers=coordinator),
+    ):
+        assert refused.status_code == 422, refused.text
+        assert long_id not in refused.text
+    # someone without the permission still gets the logged 403, whatever the path holds
+    professional_headers = bearer(token("prof-001", "professional"))
+    denied = client.post(f"/v1/professionals/{long_id}/deactivate", headers=professional_headers)
+    assert denied.status_code == 403, denied.text
+    [entry] = log_entries(session, "professionals.manage")
+    assert entry["object_id"] == "POST /v1/professionals/{professional_id}/deactivate"
+
+
 def test_a_professional_id_with_a_slash_is_refused_at_registration(
     client: TestClient, token: TokenFactory
 ) -> None:
