@@ -35,7 +35,7 @@ from sqlmodel import SQLModel
 
 from service.auth.tokens import SUBJECT_REASON, usable_subject
 from service.flagging.models import FlagKind, RuleHitPublic
-from service.records.models import READABLE
+from service.records.models import PLAIN_TEXT, READABLE
 from service.schemas import CalendarDate, StrictModel, UtcDatetime
 
 PacketStatus = Literal["assigned", "opened", "closed", "expired", "shredded"]
@@ -179,9 +179,11 @@ class ProfessionalCreate(StrictModel):
     id: str = Field(
         min_length=1, max_length=128, description="the `sub` claim of the professional's tokens"
     )
-    display_name: Annotated[str, READABLE] = Field(min_length=1, max_length=128)
-    team: Annotated[str, READABLE] = Field(min_length=1, max_length=64)
-    districts: list[Annotated[str, READABLE]] = Field(min_length=1, max_length=MAX_DISTRICTS)
+    display_name: Annotated[str, READABLE, PLAIN_TEXT] = Field(min_length=1, max_length=128)
+    team: Annotated[str, READABLE, PLAIN_TEXT] = Field(min_length=1, max_length=64)
+    districts: list[Annotated[str, READABLE, PLAIN_TEXT]] = Field(
+        min_length=1, max_length=MAX_DISTRICTS
+    )
     capacity: int = Field(ge=0, le=10_000, description="most clients open at once")
 
     _districts = field_validator("districts")(_clean_districts)
@@ -201,11 +203,13 @@ class ProfessionalCreate(StrictModel):
 
 
 class ProfessionalUpdate(StrictModel):
-    display_name: Annotated[str, READABLE] | None = Field(
+    display_name: Annotated[str, READABLE, PLAIN_TEXT] | None = Field(
         default=None, min_length=1, max_length=128
     )
-    team: Annotated[str, READABLE] | None = Field(default=None, min_length=1, max_length=64)
-    districts: list[Annotated[str, READABLE]] | None = Field(
+    team: Annotated[str, READABLE, PLAIN_TEXT] | None = Field(
+        default=None, min_length=1, max_length=64
+    )
+    districts: list[Annotated[str, READABLE, PLAIN_TEXT]] | None = Field(
         default=None, min_length=1, max_length=MAX_DISTRICTS
     )
     capacity: int | None = Field(default=None, ge=0, le=10_000)

@@ -878,6 +878,42 @@ def test_professional_text_without_a_letter_or_digit_is_refused_naming_the_field
     )
 
 
+@pytest.mark.parametrize("hidden", ["\u200b", "\n", "\u202e", "\x1b"])
+def test_professional_text_with_a_control_or_format_character_is_refused_naming_the_field(
+    client: TestClient, token: TokenFactory, hidden: str
+) -> None:
+    """The rule every text of a subject follows: a district with a zero-width space in it would
+    never match a subject's district, so its professional would silently get no packets."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    body = {
+        "id": "prof-001",
+        "display_name": "Caseworker",
+        "team": "Zuid-1",
+        "districts": ["Charlois"],
+        "capacity": 5,
+    }
+    cases = (
+        ("display_name", f"Case{hidden}worker", ["display_name"]),
+        ("team", f"Zuid{hidden}1", ["team"]),
+        ("districts", ["Feijenoord", f"Char{hidden}lois"], ["districts", 1]),
+    )
+    for field_name, value, loc in cases:
+        refused = client.post(
+            "/v1/professionals", json={**body, field_name: value}, headers=coordinator
+        )
+        assert refused.status_code == 422, (field_name, refused.text)
+        assert [e["loc"] for e in refused.json()["errors"]] == [loc]
+        assert "control or format characters" in refused.json()["errors"][0]["msg"]
+    assert client.get("/v1/professionals", headers=coordinator).json()["items"] == []
+    professional(client, coordinator, "prof-001")
+    for field_name, value, loc in cases:
+        refused = client.patch(
+            "/v1/professionals/prof-001", json={field_name: value}, headers=coordinator
+        )
+        assert refused.status_code == 422, (field_name, refused.text)
+        assert [e["loc"] for e in refused.json()["errors"]] == [loc]
+
+
 def test_a_page_that_holds_the_last_packet_says_so_even_when_it_is_exactly_full(
     client: TestClient, token: TokenFactory
 ) -> None:
