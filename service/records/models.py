@@ -210,8 +210,13 @@ def _event_date(value: dt.date) -> dt.date:
 UNKNOWN_NAME = "."
 
 
+# The Hangul fillers are letters (Lo) to ``str.isalnum`` but default-ignorable code points, drawn
+# as blank space: a name of them alone reads as nothing, as one of zero-width spaces does.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0")
+
+
 def _readable(value: str) -> str:
-    if not any(character.isalnum() for character in value):
+    if not any(character.isalnum() and character not in _BLANK_LETTERS for character in value):
         raise ValueError(
             "must hold a letter or digit, not only spaces, marks or invisible characters"
         )

@@ -279,6 +279,9 @@ def the_one_error(record: Record) -> ErrorDetails:
         (lambda r: r["identity"], "family_name", "\u202e\u200d"),
         (lambda r: r["characteristics"], "district", "\u0301"),
         (lambda r: r["events"][0], "office", "\u2063"),
+        (lambda r: r["identity"], "given_name", "\u3164"),  # Hangul fillers: blank "letters"
+        (lambda r: r["identity"], "family_name", "\u115f\u1160"),
+        (lambda r: r["characteristics"], "neighbourhood", "\uffa0 \u3164"),
         (lambda r: r["identity"], "birth_date", 0),
         (lambda r: r["events"][0], "date", 1_700_000_000.0),
         (lambda r: r["events"][0], "date", "1704067200"),
@@ -290,9 +293,9 @@ def the_one_error(record: Record) -> ErrorDetails:
 def test_invisible_names_and_dates_as_numbers_are_refused(
     make: Make, place: Callable[[Record], dict[str, Any]], field: str, value: Any
 ) -> None:
-    """A name of zero-width characters reads as nothing, and a number (or digits in a string)
-    where a date belongs would be taken as seconds since 1970, a midnight datetime as its day:
-    all are refused, by field, without the value."""
+    """A name of zero-width characters or Hangul fillers reads as nothing, and a number (or
+    digits in a string) where a date belongs would be taken as seconds since 1970, a midnight
+    datetime as its day: all are refused, by field, without the value."""
     record = make(0)
     place(record)[field] = value
     error = the_one_error(record)
