@@ -218,10 +218,19 @@ def _csv_problem(error: csv.Error) -> str:
     return "not valid CSV"
 
 
+# What the API strips from a value (``str_strip_whitespace``: Unicode's White_Space). Plain
+# ``str.strip`` also strips the information separators U+001C to U+001F, control characters the
+# API refuses: a line holding one is rejected as its request would be.
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+
 def _blank(value: str | None) -> str | None:
     if value is None:
         return None
-    value = value.strip()
+    value = value.strip(_WHITESPACE)
     return value or None
 
 

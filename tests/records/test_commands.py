@@ -810,6 +810,25 @@ def test_a_line_that_is_not_utf8_is_rejected_alone_wherever_it_falls(
     assert count_rows(cli_session, "subjects") == 5
 
 
+def test_a_control_character_at_a_values_edge_is_rejected_as_the_api_rejects_it(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    """The information separators U+001C to U+001F are whitespace to ``str.strip`` but control
+    characters to the API, which does not strip them and refuses them (422) as any other: the
+    import rejects such a line too instead of storing it without them."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    rows = [line(0, 0), line(1, 0, given_name="Fatima\x1f"), line(2, 0, office="\x1e" + OFFICE)]
+    path = write_csv(tmp_path / "records.csv", rows)
+    code, output = run("import", str(path), "--source", "welfare")
+    assert code == 1, output
+    said = " ".join(output.split())
+    assert "line 3: given_name: invalid value" in said
+    assert "line 4: office: invalid value" in said
+    assert "2 lines rejected" in said
+    assert count_rows(cli_session, "subjects") == 1
+    assert count_rows(cli_session, "events") == 1
+
+
 def test_an_import_refuses_a_header_that_is_not_utf8_before_storing_anything(
     cli_env: Settings, cli_session: Session, tmp_path: Path
 ) -> None:
