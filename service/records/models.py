@@ -182,7 +182,9 @@ def _plausible_birth_date(value: dt.date) -> dt.date:
 
 def _postcode(value: str | None) -> str | None:
     if value is not None:
-        value = value.upper()
+        # Only ASCII is upper-cased: str.upper makes Latin capitals of other letters (a sharp s
+        # is "SS", a dotless i is "I"), a postcode nobody sent.
+        value = value.upper() if value.isascii() else value
         if not POSTCODE.match(value):
             raise ValueError("a Dutch postcode looks like 1234 AB")
     return value

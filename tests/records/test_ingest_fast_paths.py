@@ -119,6 +119,18 @@ def test_strings_are_stripped_and_postcodes_upper_cased(make: Make) -> None:
     assert checked["identity"]["postcode"] == "3074 LK"
 
 
+@pytest.mark.parametrize("postcode", ["3074 \u0131\u0131", "3074\u00df", "3074 \ufb00"])
+def test_a_postcode_whose_letters_upper_case_to_latin_ones_is_refused(
+    make: Make, postcode: str
+) -> None:
+    """``str.upper`` makes Latin capitals of other letters (the dotless i is I, sharp s is SS,
+    the ligature ff is FF): such a postcode is refused, not stored as one nobody sent."""
+    record = make(0)
+    record["identity"]["postcode"] = postcode
+    error = the_one_error(record)
+    assert error["loc"][-1] == "postcode"
+
+
 @pytest.mark.parametrize(
     ("place", "loc"),
     [
