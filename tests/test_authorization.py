@@ -26,8 +26,8 @@ from service.db import Database
 from service.errors import served_routes
 from service.main import create_app
 from tests.conftest import TokenFactory, bearer
-from tests.flagging.seed import AS_OF
-from tests.packets.scenario import DAY_B, NOTE, World, build_world, leaked, log_entries, record
+from tests.flagging.seed import AS_OF, log_entries
+from tests.packets.scenario import DAY_B, NOTE, World, build_world, leaked, record
 
 # "norole": a valid token that carries no role; "anonymous": no token at all.
 ROLES = (

@@ -14,7 +14,8 @@ from service.config import Settings
 from service.db import Database
 from service.main import create_app
 from tests.conftest import TokenFactory, bearer
-from tests.packets.scenario import HeldLogLock, log_entries
+from tests.flagging.seed import log_entries
+from tests.packets.scenario import HeldLogLock
 
 REQUEST_ID = "3f2b8c1e9d7a4b6c8e0f1a2b3c4d5e6f"
 PSEUDONYM = "ps-typed-by-the-caller"

@@ -5,7 +5,6 @@ tests; every identity it ingests is distinctive, so a response can be scanned fo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -13,11 +12,9 @@ from typing import Any
 
 import psycopg
 from fastapi.testclient import TestClient
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlmodel import Session
 
-from service.access_log.models import AccessLogEntry
 from service.access_log.service import LOG_LOCK_KEY
 from service.db import make_engine
 from service.packets.models import Followup, Packet, PacketMember, utcnow
@@ -26,7 +23,6 @@ from service.records.models import Subject
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import AS_OF, RELAPSING
 
-LOG = AccessLogEntry.__table__  # type: ignore[attr-defined]
 PACKETS = Packet.__table__  # type: ignore[attr-defined]
 MEMBERS = PacketMember.__table__  # type: ignore[attr-defined]
 FOLLOWUPS = Followup.__table__  # type: ignore[attr-defined]
@@ -173,13 +169,6 @@ def register(
         headers=coordinator,
     )
     assert response.status_code == 201, response.text
-
-
-def log_entries(session: Session, action: str | None = None) -> list[dict[str, Any]]:
-    rows = session.execute(select(LOG.c.entry).order_by(LOG.c.leaf_index)).scalars()
-    entries = [json.loads(bytes(row)) for row in rows]
-    session.rollback()  # end the read (on SQLite every transaction holds the write lock)
-    return [e for e in entries if action is None or e["action"] == action]
 
 
 def _letters_and_digits(text: str) -> str:

@@ -46,7 +46,7 @@ from tests.conftest import (
     TokenFactory,
     bearer,
 )
-from tests.flagging.seed import AS_OF
+from tests.flagging.seed import AS_OF, log_entries
 from tests.packets.scenario import (
     COORDINATOR,
     DAY_B,
@@ -59,7 +59,6 @@ from tests.packets.scenario import (
     World,
     build_world,
     leaked,
-    log_entries,
 )
 
 OWNER = "prof-001"

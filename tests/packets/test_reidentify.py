@@ -31,6 +31,7 @@ from service.main import create_app
 from service.packets import service as packets_service
 from service.packets.models import PacketClientsPublic, utcnow
 from tests.conftest import TokenFactory, bearer
+from tests.flagging.seed import log_entries
 from tests.packets.scenario import (
     COORDINATOR,
     DAY_A,
@@ -45,7 +46,6 @@ from tests.packets.scenario import (
     World,
     build_world,
     leaked,
-    log_entries,
 )
 
 OWNER = "prof-001"

@@ -30,7 +30,8 @@ from service.db import Database
 from service.records import service as records_service
 from service.records.service import WRAPPED_KEY_COLUMNS, pending_rewraps, rewrap_chunk
 from tests.conftest import TokenFactory, bearer
-from tests.packets.scenario import PACKETS, World, build_world, log_entries
+from tests.flagging.seed import log_entries
+from tests.packets.scenario import PACKETS, World, build_world
 from tests.records.conftest import make_record
 
 OWNER = "prof-001"
