@@ -71,7 +71,10 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # as one end (4 read the second as a one-day spell's end, so a desk move that day ended the
 # spell, or made a return), and says "1 month" where 4 said "1 months". 6 tells offices apart
 # after NFC normalization (5 counted "Café" written with a combining accent and with "é" as two).
-EVALUATOR_VERSION: Final = 6
+# 7 counts no return for a spell that moved desks and ended on one day, both desks reporting
+# the end (6 read the second end and the start as a one-day spell, and a return if a job ended
+# that day, though welfare never stopped).
+EVALUATOR_VERSION: Final = 7
 
 SubjectEvent = tuple[str, int, str]
 """``(event type, date.toordinal(), office)``: one event in the evaluation hot path."""
@@ -161,9 +164,10 @@ class RelapseRule:
     A return is a ``welfare_start`` on a day when, by the events up to it (same-day events in
     ``SAME_DAY_ORDER``), all of these hold:
 
-    - the person is off welfare: a spell ended (``welfare_end``) and none has started since. So a
-      first-ever ``welfare_start`` is no return, a start while on welfare is the same spell
-      reported again, and a start on the day the spell ended continues it (moved desks);
+    - the person is off welfare: a spell ended (``welfare_end``) on an earlier day and none has
+      started since. So a first-ever ``welfare_start`` is no return, a start while on welfare is
+      the same spell reported again, and a start on the day the spell ended continues it (moved
+      desks), also when the desk it moved to reports an end that day too;
     - a job ended (``employment_end``) on or after the day that spell ended;
     - no job started (``employment_start``) after that job ended: someone who is in work when
       welfare starts did not come back after work. Employment events name no job, so the latest
@@ -338,7 +342,10 @@ class Evaluator:
             elif kind == "welfare_start" and on_welfare_since < 0:
                 moved_desks = left_before < 0 and office_key(office) != ended_at
                 if day == ended_off_welfare and not moved_desks:
-                    if 0 <= left_before <= job_ended:
+                    # A spell that ended this same day moved to this desk and ended there too:
+                    # welfare never stopped for a day, so there is no return (as for a start on
+                    # the day the spell ended, below).
+                    if 0 <= left_before <= job_ended and left_before < day:
                         returns.append(WelfareReturn(left_before, job_ended, day))
                         # Spent: the job ended before this one-day spell began, so without this
                         # the same start reported again, or the next spell, would count it again.

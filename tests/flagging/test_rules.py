@@ -165,6 +165,24 @@ def test_moving_desks_on_the_day_a_job_ended_is_no_return() -> None:
     assert returns(history) == []
 
 
+def test_a_desk_move_on_the_day_a_job_ended_is_no_return_when_both_desks_report_the_end() -> None:
+    """The spell ends at one desk, the desk it moves to reports an end that day too, and the
+    job ends: welfare never stopped for a day, so there was no leaving it for work and no
+    return, only a spell that ended that day (a start later, with that job ended, is one)."""
+    history = [
+        event("welfare_start", date(2023, 1, 2), "Werkplein Zuid"),
+        event("employment_start", date(2024, 2, 1)),
+        event("welfare_end", date(2024, 6, 30), "Werkplein Zuid"),
+        event("welfare_end", date(2024, 6, 30), "Werkplein Noord"),
+        event("employment_end", date(2024, 6, 30)),
+        event("welfare_start", date(2024, 6, 30), "Werkplein Noord"),
+    ]
+    assert returns(history) == []
+    assert returns(history[2:]) == [], "where the records begin with those ends, too"
+    later = [*history, event("welfare_start", date(2024, 9, 2), "Werkplein Zuid")]
+    assert returns(later) == ["2024-09-02"]
+
+
 def test_a_return_reported_again_by_another_desk_is_one_return() -> None:
     """Off welfare, desk B closes a stale record the day desk A reports the person back: a
     one-day spell, and a return. Desk B reporting that same start is no second one."""
