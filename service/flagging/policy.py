@@ -1,9 +1,10 @@
 """Loading and validating ``policies/flagging.yaml``.
 
 Invariants, each checked before a policy can be used:
-- the file has a name, a declared version, the characteristics rules may use, and at least one
-  rule; every rule has an id (unique), a plain-language description, a known type, exactly the
-  parameters of that type (positive whole numbers) and a ``uses`` list;
+- the file has a name (no control or format character), a declared version, the
+  characteristics rules may use, and at least one rule; every rule has an id (unique), a
+  plain-language description, a known type, exactly the parameters of that type (positive whole
+  numbers) and a ``uses`` list;
 - a rule's ``uses`` lists only declared characteristics and covers everything its type reads, so
   the file tells the whole truth about what each rule looks at;
 - a protected attribute (gender, nationality, ethnicity, language, religion) anywhere in the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -53,6 +55,10 @@ MAX_DECLARED_VERSION: Final = 40
 DECLARED_VERSION: Final = re.compile(r"[A-Za-z0-9._-]+")
 # The name is stored with every run (the 128-character policy_name column).
 MAX_NAME: Final = 128
+# Control characters (a NUL, which PostgreSQL cannot store in text, so every run would fail; line
+# breaks, escapes), format characters (direction and invisible marks), line and paragraph
+# separators and lone surrogates: refused in the name as in every other text people read here.
+REFUSED_IN_NAME: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 class FlaggingPolicyError(ValueError):
@@ -98,6 +104,11 @@ def parse_flagging_policy(content: bytes, *, source: str = "flagging.yaml") -> F
         raise FlaggingPolicyError(f"{source}: 'name' must be a non-empty text")
     if len(name.strip()) > MAX_NAME:
         raise FlaggingPolicyError(f"{source}: 'name' may have at most {MAX_NAME} characters")
+    if any(unicodedata.category(character) in REFUSED_IN_NAME for character in name.strip()):
+        raise FlaggingPolicyError(
+            f"{source}: 'name' must not contain control or format characters (line breaks, "
+            "escapes, direction or invisible marks)"
+        )
     declared = document.get("version")
     if declared is None or (isinstance(declared, str) and not declared.strip()):
         raise FlaggingPolicyError(f"{source}: 'version' must be given, e.g. version: \"2026.1\"")

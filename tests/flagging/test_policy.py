@@ -225,6 +225,15 @@ def test_protected_attribute_among_characteristics_fails() -> None:
         ('version: "2026.1"', 'version: "   "', "'version' must be given"),
         ('version: "2026.1"', "version: 2026.1", "'version' must be text in quotes"),
         ("name: test-policy", f"name: {'n' * 129}", "'name' may have at most 128 characters"),
+        *(
+            ("name: test-policy", f"name: {shown}", "'name' must not contain control or format")
+            for shown in (
+                '"test\\0policy"',  # a NUL: PostgreSQL cannot store it, so every run fails
+                '"test\\npolicy"',
+                '"test\\e[31mpolicy"',
+                '"test\\u202epolicy"',
+            )
+        ),
         ('version: "2026.1"', f'version: "{"9" * 41}"', "'version' may have at most 40 characters"),
         *(
             ('version: "2026.1"', f"version: {shown}", SHAPE)
