@@ -46,6 +46,7 @@ import psycopg
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from fastapi import Depends, Request
 from pydantic_core import from_json
 from sqlalchemy import (
@@ -99,6 +100,11 @@ class DatabaseBusy(DatabaseProblem):
 
 class SchemaTooNew(DatabaseProblem):
     """The database is at a revision this code does not know: a newer version migrated it."""
+
+
+class NoMigrations(DatabaseProblem):
+    """CASEPACKETS_MIGRATIONS_DIR is not a folder of casepackets migrations: the database can be
+    neither migrated nor checked against this code's schema."""
 
 
 # SQLite's names (``sqlite_errorname``) for a file it cannot open, read or write.
@@ -842,8 +848,9 @@ def migrate(url: str, migrations_dir: Path, revision: str = "head") -> Migrated:
     concurrent migrations of one database wait for each other. A database at a revision this
     code does not know is refused (``SchemaTooNew``); a lock held by running work past
     ``MIGRATION_LOCK_TIMEOUT_SECONDS`` ends it (``DatabaseBusy``), as does a migration that
-    cannot reach the database (``DatabaseUnreachable``). Returns the revision found and the
-    one left."""
+    cannot reach the database (``DatabaseUnreachable``), and a ``migrations_dir`` without
+    migrations is refused before anything is created (``NoMigrations``). Returns the revision
+    found and the one left."""
     return _run_migrations(url, migrations_dir, lambda config: command.upgrade(config, revision))
 
 
@@ -852,7 +859,25 @@ def downgrade(url: str, migrations_dir: Path, revision: str = "base") -> None:
     _run_migrations(url, migrations_dir, lambda config: command.downgrade(config, revision))
 
 
+def migration_scripts(migrations_dir: Path) -> ScriptDirectory:
+    """The migrations in ``migrations_dir``. ``NoMigrations`` when it holds none (a mistyped,
+    empty or other folder): Alembic would fail with a traceback, or find no revision at all and
+    call an empty database up to date and a migrated one newer than this code."""
+    try:
+        script = ScriptDirectory.from_config(alembic_config("", migrations_dir))
+        head = script.get_current_head()
+    except CommandError:
+        head = None
+    if head is None or not (Path(migrations_dir) / "env.py").is_file():
+        raise NoMigrations(
+            f"CASEPACKETS_MIGRATIONS_DIR {migrations_dir} holds no casepackets migrations "
+            "(env.py and versions/): point it at the alembic folder casepackets ships, or unset it"
+        )
+    return script
+
+
 def _run_migrations(url: str, migrations_dir: Path, run: Callable[[Config], None]) -> Migrated:
+    migration_scripts(migrations_dir)  # before anything is created or locked
     # Every replica runs ``migrate`` as it starts: two at once would both create the tables.
     with (
         database_problems(url),
@@ -890,7 +915,7 @@ def schema_is_current(engine: Engine, migrations_dir: Path) -> bool:
     """Whether the database's Alembic revision is the newest one in ``migrations_dir`` (False:
     an older one, which ``migrate`` brings up to date). A revision this code does not know is
     ``SchemaTooNew``; a database that cannot be reached or read in time, a ``DatabaseProblem``."""
-    script = ScriptDirectory.from_config(alembic_config("", migrations_dir))
+    script = migration_scripts(migrations_dir)
     with database_problems(engine.url), engine.connect() as connection:
         return _known_revision(connection, script) == script.get_current_head()
 

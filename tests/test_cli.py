@@ -467,6 +467,34 @@ def test_demo_without_its_policies_is_refused_in_one_line(
     assert "no-policies/events.yaml" in said
 
 
+@pytest.mark.parametrize("folder", ["missing", "empty", "policies"])
+def test_a_migrations_folder_without_migrations_is_refused_in_one_line_naming_it(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch, folder: str
+) -> None:
+    """A wrong CASEPACKETS_MIGRATIONS_DIR (a typo, an empty folder, another shipped folder) is
+    one line naming the variable, before the database is touched: never a traceback, never
+    'schema is up to date' over a database left empty, nor a database 'newer than' no code."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    wrong = {
+        "missing": cli_home / "no-such-folder",
+        "empty": cli_home / "empty",
+        "policies": PROJECT_ROOT / "policies",
+    }[folder]
+    (cli_home / "empty").mkdir()
+    monkeypatch.setenv("CASEPACKETS_MIGRATIONS_DIR", str(wrong))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", f"sqlite:///{cli_home}/fresh.db")
+    get_settings.cache_clear()
+    for command in (["migrate"], ["serve", "--no-print-tokens"], ["expire"], ["flag"]):
+        result = runner.invoke(cli, command)
+        assert result.exit_code == 2, (command, result.output)
+        said = one_line(result.output)
+        assert f"CASEPACKETS_MIGRATIONS_DIR {wrong} holds no casepackets migrations" in said
+        if command == ["serve", "--no-print-tokens"]:
+            assert not (cli_home / "fresh.db").exists(), "refused before migrating anything"
+
+
 def test_audit_export_to_a_file_is_refused_in_one_line_before_signing(cli_home: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(cli, ["migrate"]).exit_code == 0
