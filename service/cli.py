@@ -355,9 +355,13 @@ def prepare(settings: Settings) -> None:
         try:
             Keyring.init(settings.resolved_keyring_path)
         except KeyringError as exc:
-            console.print(f"[red]keyring refused:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        console.print(f"created the keyring at {settings.resolved_keyring_path}")
+            # Another process (a second `serve` on a fresh data folder) created it meanwhile:
+            # that one is used, as the workers do (keyring_or_exit below checks it).
+            if not settings.resolved_keyring_path.exists():
+                console.print(f"[red]keyring refused:[/red] {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+        else:
+            console.print(f"created the keyring at {settings.resolved_keyring_path}")
     with database_problems_exit():
         run_migrations(settings.resolved_database_url, settings.migrations_dir)
     if serves_demo_data(settings):

@@ -157,6 +157,28 @@ def test_serve_refuses_to_create_a_keyring_in_production(cli_home: Path) -> None
     assert not (cli_home / "keyring.json").exists()
 
 
+def test_serve_that_another_process_beats_to_the_keyring_serves_with_that_one(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two services started at once on a fresh data folder (or `keys init` run beside `serve`)
+    both find no keyring; one creates it, and the other uses it, as the workers do
+    (``Keyring.load_or_init``), instead of refusing to start because a keyring exists."""
+    create = Keyring.init
+
+    def created_by_another_process_first(path: Path) -> Keyring:
+        create(path)  # the other process, a moment earlier
+        return create(path)
+
+    monkeypatch.setattr(Keyring, "init", created_by_another_process_first)
+    started: list[Any] = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(a))
+    result = CliRunner().invoke(cli, ["serve", "--no-print-tokens"])
+    assert result.exit_code == 0, result.output
+    assert "refused" not in result.output
+    assert started
+    Keyring.load(cli_home / "keyring.json")
+
+
 def test_a_bad_setting_is_refused_by_its_variable_name(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
