@@ -160,6 +160,19 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(unknown))
         return given
 
+    @field_validator(
+        "home", "keyring_path", "jwks_file", "policies_dir", "migrations_dir", mode="before"
+    )
+    @classmethod
+    def _path_given(cls, value: object) -> object:
+        # An empty path is the current folder, not the default: CASEPACKETS_HOME=$UNSET would put
+        # the database and keyring wherever a command happens to run (scripts/serve reads an
+        # empty one as unset), and an empty CASEPACKETS_JWKS_FILE would turn the built-in issuer
+        # off as if an identity provider were configured.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty; unset it for the default, or give a path")
+        return value
+
     @field_validator("checkpoint_origin")
     @classmethod
     def _usable_origin(cls, origin: str) -> str:

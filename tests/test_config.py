@@ -282,6 +282,32 @@ def test_a_misspelled_setting_is_refused_naming_the_one_it_resembles(
     assert "s3cret" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "CASEPACKETS_HOME",
+        "CASEPACKETS_KEYRING_PATH",
+        "CASEPACKETS_JWKS_FILE",
+        "CASEPACKETS_POLICIES_DIR",
+        "CASEPACKETS_MIGRATIONS_DIR",
+    ],
+)
+def test_an_empty_path_setting_is_refused_by_name_not_read_as_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """``CASEPACKETS_HOME=$DATA`` with DATA unset put the database, keyring and issuer key in
+    whatever folder a command ran from (scripts/serve reads an empty one as unset, so a
+    `casepackets token` beside it signed with a key the service refused); an empty JWKS file
+    turned the built-in issuer off as if a provider were configured."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert refusal(refused.value) == (
+        f"{variable}: is empty; unset it for the default, or give a path"
+    )
+
+
 def test_only_variables_with_the_casepackets_prefix_are_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
