@@ -281,7 +281,7 @@ def refuse_unusable_database_url(url: str) -> None:
     echoed (it may hold a password)."""
     try:
         driver = make_url(normalize_database_url(url)).drivername
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is no number, quoted in it
         driver = None
     if driver not in DATABASE_DRIVERS:
         scheme = f" ({driver}://…)" if driver else ""

@@ -252,6 +252,21 @@ def test_a_url_naming_no_database_casepackets_runs_on_is_refused(tmp_path: Path,
     assert "s3cret" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "url", ["postgresql://app:s3cret/casepackets", "postgresql://app@db:s3cret/casepackets"]
+)
+def test_a_url_whose_port_is_no_number_is_refused_by_name_without_echoing_it(
+    tmp_path: Path, url: str
+) -> None:
+    """A URL missing its ``@host`` reads the password as the port: SQLAlchemy's own error
+    ("invalid literal for int() …") quoted it, and named no variable."""
+    with pytest.raises(ValidationError) as refused:
+        Settings(home=tmp_path, database_url=url)
+    said = refusal(refused.value)
+    assert said.startswith("DATABASE_URL (or CASEPACKETS_DATABASE_URL) is not a database URL")
+    assert "s3cret" not in str(refused.value)
+
+
 def test_a_refusal_never_echoes_the_settings_it_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
