@@ -440,7 +440,8 @@ def holds_demo_records_only(session: Session) -> bool:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="PORT", help="port to bind")] = 8000,
+    # Bounded here: uvicorn binds a larger number modulo 65536 while reporting it unchanged.
+    port: Annotated[int, typer.Option(envvar="PORT", min=1, max=65535, help="port to bind")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
     print_tokens: Annotated[
         bool, typer.Option(help="print a demo token per role (built-in issuer only)")

@@ -218,6 +218,25 @@ def test_serve_refuses_a_broken_policy_in_one_line_before_starting(
     assert not (cli_home / "keyring.json").exists()  # refused before anything was prepared
 
 
+@pytest.mark.parametrize(("given", "value"), [("--port", "70000"), ("PORT", "80800")])
+def test_serve_refuses_a_port_no_socket_has_before_starting(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch, given: str, value: str
+) -> None:
+    """uvicorn took 70000 as 70000 mod 65536 and listened on 4464, while saying (and the
+    printed curl lines and the image's health check calling) 70000."""
+    started: list[object] = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: started.append(k))
+    if given == "PORT":
+        monkeypatch.setenv("PORT", value)
+    result = CliRunner().invoke(
+        cli, ["serve", "--no-print-tokens", *([given, value] if given == "--port" else [])]
+    )
+    assert result.exit_code == 2, result.output
+    assert "65535" in result.output
+    assert started == []
+    assert not (cli_home / "keyring.json").exists()  # refused before anything was prepared
+
+
 def test_serve_refuses_a_keyring_open_to_others_in_one_line_before_starting(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
