@@ -251,7 +251,12 @@ def make_engine(
                 database.parent.mkdir(parents=True, exist_ok=True)
                 # Owner-only from the start (SQLite gives its -wal and -shm files the same mode):
                 # the file holds pseudonyms, ciphertexts and wrapped keys.
+                made = not database.exists()
                 os.close(os.open(database, os.O_RDWR | os.O_CREAT, 0o600))
+                if made:
+                    # Its name is an entry of the folder: on disk before anything is committed
+                    # to the file, or a power cut could take the whole database with it.
+                    sync_folder(database.parent)
             lock_file = database.with_name(f"{database.name}-writers")
         pool: dict[str, float] = {}
         if database is not None:

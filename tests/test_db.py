@@ -74,6 +74,18 @@ def test_replicas_migrating_at_once_all_succeed(databases: Databases) -> None:
     assert set(metadata.tables) <= table_names(url)
 
 
+def test_a_new_sqlite_file_s_name_is_put_on_disk_once_it_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(db, "sync_folder", synced.append)
+    url = f"sqlite:///{tmp_path / 'data' / 'new.db'}"
+    make_engine(url).dispose()
+    assert synced == [tmp_path / "data"]
+    make_engine(url).dispose()  # there already: nothing to put on disk
+    assert synced == [tmp_path / "data"]
+
+
 def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'private.db'}"
     migrate(url, MIGRATIONS)
