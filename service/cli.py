@@ -1444,7 +1444,12 @@ def flag(
 
     from service.clock import today
     from service.flagging.models import not_in_the_future
-    from service.flagging.service import RunProgress, run_flagging, system_caller
+    from service.flagging.service import (
+        RunProgress,
+        refuse_policy_clash,
+        run_flagging,
+        system_caller,
+    )
     from service.records.models import EARLIEST
     from service.schemas import parse_calendar_date
 
@@ -1458,6 +1463,7 @@ def flag(
         console.print(f"[red]refused:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     with database_for(settings) as database, database.transaction() as session:
+        refuse_policy_clash(session=session, policy=policy)  # said before a bar is drawn
         total = session.connection().execute(
             select(func.count()).select_from(SUBJECTS).where(SUBJECTS.c.erased_at.is_(None))
         )

@@ -350,8 +350,9 @@ def test_flag_refuses_a_policy_whose_version_is_archived_with_other_bytes(
     refused = runner.invoke(cli, ["flag"])
     assert refused.exit_code == 1, refused.output
     assert "Traceback" not in refused.output
-    assert "failed: policy version " in refused.output
+    assert one_line(refused.output).startswith("failed: policy version "), refused.output
     assert "is archived with other content" in " ".join(refused.output.split())
+    assert "flagging (" not in refused.output  # refused before a progress bar was drawn
 
 
 def test_flag_refuses_a_policy_reading_an_event_type_no_source_may_send_as_serve_does(

@@ -262,13 +262,29 @@ def _archive(session: Session, policy: FlaggingPolicy) -> str:
             return digest
         except IntegrityError:
             kept = session.get(ArchivedPolicy, policy.version, populate_existing=True)
-    if kept is None or kept.sha256 != digest or kept.content != policy.content:
-        raise PolicyVersionClash(
-            f"policy version {policy.version} is archived with other content: the policy file "
-            "read now is not the one that version's flags were decided by; no run starts "
-            "until the policy gets a version of its own"
-        )
+    if kept is None or _clashes(kept, policy, digest):
+        raise _clash(policy)
     return digest
+
+
+def refuse_policy_clash(*, session: Session, policy: FlaggingPolicy) -> None:
+    """``PolicyVersionClash`` now if ``policy``'s version is archived with other bytes, before
+    a long run starts (``run_flagging`` checks again as it archives)."""
+    kept = session.get(ArchivedPolicy, policy.version)
+    if kept is not None and _clashes(kept, policy, hashlib.sha256(policy.content).hexdigest()):
+        raise _clash(policy)
+
+
+def _clashes(kept: ArchivedPolicy, policy: FlaggingPolicy, digest: str) -> bool:
+    return kept.sha256 != digest or kept.content != policy.content
+
+
+def _clash(policy: FlaggingPolicy) -> PolicyVersionClash:
+    return PolicyVersionClash(
+        f"policy version {policy.version} is archived with other content: the policy file "
+        "read now is not the one that version's flags were decided by; no run starts "
+        "until the policy gets a version of its own"
+    )
 
 
 def get_run_policy(*, session: Session, run_id: str) -> ArchivedPolicyPublic:
