@@ -97,7 +97,8 @@ def refuse_nul(value: T) -> T:
 
 
 # The same refusal for request schemas that are not ``StrictModel`` classes (the ingest
-# TypedDicts): every text field carries it, before any check of its own.
+# TypedDicts): every text field carries it, before any check of its own; and for text query and
+# path parameters that reach SQL (a 422 naming the parameter, not the database's refusal).
 NO_NUL = AfterValidator(refuse_nul)
 
 

@@ -41,7 +41,13 @@ from service.packets.models import (
 from service.packets.opens import PacketOpens
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
 from service.request_body import JsonRoute, Judge, judged_before_its_input
-from service.schemas import PACKET_ID, IdempotencyKeyHeader, PacketIdPath, PseudonymPath
+from service.schemas import (
+    NO_NUL,
+    PACKET_ID,
+    IdempotencyKeyHeader,
+    PacketIdPath,
+    PseudonymPath,
+)
 
 router = APIRouter(route_class=JsonRoute)
 
@@ -75,11 +81,12 @@ def create_professional(
 def list_professionals(
     session: SessionDep,
     _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
-    team: Annotated[str | None, Query(max_length=64)] = None,
+    team: Annotated[str | None, Query(max_length=64), NO_NUL] = None,
     active: bool | None = None,
     after: Annotated[
         str | None,
         Query(min_length=1, max_length=128, description="the previous page's next_after"),
+        NO_NUL,
     ] = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
 ) -> ProfessionalPagePublic:
@@ -89,9 +96,11 @@ def list_professionals(
     return ProfessionalPagePublic(items=items, next_after=next_after)
 
 
-# As registered (1 to 128 characters): a longer path segment names nobody, and is refused (422)
-# rather than echoed back in a 404.
-ProfessionalIdPath = Annotated[str, Path(min_length=1, max_length=128)]
+# As registered (1 to 128 characters, no NUL): a longer path segment names nobody, and is refused
+# (422) rather than echoed back in a 404. Like every text parameter that reaches SQL (the lists'
+# filters and cursors too), it is refused with a NUL on both databases: PostgreSQL cannot even
+# compare such text, and SQLite would just find nothing.
+ProfessionalIdPath = Annotated[str, Path(min_length=1, max_length=128), NO_NUL]
 
 
 @router.patch(
@@ -198,6 +207,7 @@ def list_packets(
             description="one professional's packets (a professional's own list is theirs only: "
             "another's id finds nothing)",
         ),
+        NO_NUL,
     ] = None,
     after: Annotated[
         str | None,

@@ -768,6 +768,30 @@ def test_a_professional_id_longer_than_any_registered_is_refused_without_echo(
     assert entry["object_id"] == "POST /v1/professionals/{professional_id}/deactivate"
 
 
+@pytest.mark.parametrize(
+    ("method", "url", "named"),
+    [
+        ("GET", "/v1/professionals?team=Zuid%001", "query.team"),
+        ("GET", "/v1/professionals?after=prof%00", "query.after"),
+        ("GET", "/v1/packets?professional_id=prof%00001", "query.professional_id"),
+        ("PATCH", "/v1/professionals/prof%00001", "path.professional_id"),
+        ("POST", "/v1/professionals/prof%00001/deactivate", "path.professional_id"),
+    ],
+)
+def test_a_nul_in_a_professional_id_team_or_cursor_is_a_422_naming_it_on_either_database(
+    client: TestClient, token: TokenFactory, method: str, url: str, named: str
+) -> None:
+    """PostgreSQL cannot compare a text holding NUL: it answered 422 "a value cannot be stored
+    … nothing was changed" (on a GET), where SQLite answered 200 or 404 (quoting the id)."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001")
+    body = {"capacity": 3} if method == "PATCH" else None
+    refused = client.request(method, url, json=body, headers=coordinator)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == f"request is invalid: {named}"
+    assert refused.json()["errors"][0]["msg"].endswith("must not contain NUL characters")
+
+
 def test_a_professional_id_with_a_slash_is_refused_at_registration(
     client: TestClient, token: TokenFactory
 ) -> None:
