@@ -7,8 +7,8 @@ Guarantees:
   (taken on BEGIN, given back after COMMIT/ROLLBACK or close): the threads of a process on a
   lock, the processes on ``flock`` of ``<database>-writers``, waiting in the kernel rather than
   in SQLite's sleeping busy handler. The waits together stay within the engine's lock timeout;
-- PostgreSQL goes through psycopg 3 at READ COMMITTED (whatever the database's default), with
-  every lock wait bounded by the engine's lock timeout,
+- PostgreSQL goes through psycopg 3 at READ COMMITTED and in UTC (whatever the database's
+  defaults), with every lock wait bounded by the engine's lock timeout,
   or by a shorter one a transaction asks for (``LOG_LOCK_TIMEOUT_OPTION`` on its connection, as
   SQLite's turn takes it too);
 - SQL parameters never appear in exception messages (they may hold pseudonyms or ciphertexts);
@@ -292,7 +292,11 @@ def make_engine(
         isolation_level="READ COMMITTED",
         # Every lock wait is bounded like the log's, not only the log's: a row or table lock
         # held elsewhere (a long job, a migration) ends a request with 503 instead of a hang.
-        connect_args={"options": f"-c lock_timeout={lock_timeout_ms(lock_timeout_seconds)}"},
+        # Times come back in UTC, as SQLite's do, whatever the server's TimeZone (initdb takes
+        # the host's): otherwise a time shows another offset when read back than when written.
+        connect_args={
+            "options": f"-c lock_timeout={lock_timeout_ms(lock_timeout_seconds)} -c TimeZone=UTC"
+        },
         execution_options={LOG_LOCK_TIMEOUT_OPTION: lock_timeout_seconds},
     )
 

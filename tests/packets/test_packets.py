@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlmodel import Session
 
 from service.crypto.envelope import DecryptionFailed, unwrap_key, unwrap_under
@@ -79,6 +79,26 @@ def test_professionals_are_listed_in_pages(client: TestClient, token: TokenFacto
     for bad in ({"limit": 0}, {"limit": 1001}, {"after": ""}):
         refused = client.get("/v1/professionals", params=bad, headers=coordinator)
         assert refused.status_code == 422, bad
+
+
+def test_times_read_back_are_utc_whatever_time_zone_the_database_server_keeps(
+    app: FastAPI, client: TestClient, token: TokenFactory, session: Session, backend: str
+) -> None:
+    """A PostgreSQL server hands timestamps back in its own ``TimeZone`` (initdb takes the
+    host's, say Europe/Amsterdam): a professional registered at ...Z was listed at ...-05:00."""
+    if backend == "postgres":
+        name = session.execute(text("SELECT current_database()")).scalar_one()
+        session.execute(text(f"ALTER DATABASE {name} SET timezone TO 'America/New_York'"))
+        session.commit()
+        app.state.database.engine.dispose()  # new connections take the database's setting
+    coordinator = bearer(token("coord-001", "coordinator"))
+    created = professional(client, coordinator, "prof-001")
+    [listed] = client.get("/v1/professionals", headers=coordinator).json()["items"]
+    assert created["created_at"].endswith("Z"), created
+    assert (listed["created_at"], listed["updated_at"]) == (
+        created["created_at"],
+        created["updated_at"],
+    )
 
 
 def test_professionals_are_registered_listed_updated_and_deactivated(
