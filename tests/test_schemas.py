@@ -46,7 +46,8 @@ def test_nul_characters_are_refused_on_both_engines(
         "/v1/professionals", json=professional, headers=bearer(token("c-1", "coordinator"))
     )
     assert response.status_code == 422
-    assert {tuple(e["loc"]) for e in response.json()["errors"]} == {("id",), ("districts",)}
+    # a district is checked for control characters on its own, so the refusal names which one
+    assert {tuple(e["loc"]) for e in response.json()["errors"]} == {("id",), ("districts", 0)}
     assert "\u0000" not in response.text
 
 
