@@ -12,6 +12,7 @@ and without CASEPACKETS_JWKS_FILE or CASEPACKETS_JWKS_URL.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import os
 import socket
 import sys
@@ -29,16 +30,33 @@ from service.clock import DEFAULT_TIMEZONE, zone_named
 from service.records.models import MAX_BATCH_ROWS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Where a wheel install puts the folders the code reads at run time (pyproject's data-files).
-INSTALLED_DATA = Path(sys.prefix) / "share" / "casepackets"
 
 
-def shipped(folder: str, *, root: Path = PROJECT_ROOT, installed: Path = INSTALLED_DATA) -> Path:
+def installed_data(distribution: importlib.metadata.Distribution | None = None) -> Path:
+    """Where a wheel install put the folders the code reads at run time (pyproject's data-files):
+    ``<prefix>/share/casepackets`` under the prefix that install used, read from the files it
+    recorded. That is not always ``sys.prefix``: ``pip install --user`` uses the user base, and
+    Debian's system Python installs under /usr/local. Without such a record, ``sys.prefix``'s."""
+    fallback = Path(sys.prefix) / "share" / "casepackets"
+    if distribution is None:
+        try:
+            distribution = importlib.metadata.distribution("casepackets")
+        except importlib.metadata.PackageNotFoundError:
+            return fallback
+    for file in distribution.files or ():
+        if file.parts[-4:] == ("share", "casepackets", "policies", "access.yaml"):
+            return Path(file.locate()).resolve().parents[1]
+    return fallback
+
+
+def shipped(folder: str, *, root: Path = PROJECT_ROOT, installed: Path | None = None) -> Path:
     """``policies`` or ``alembic`` as shipped: the checkout's own folder when running from the
     source tree (it has pyproject.toml), else the copy the wheel installed under
-    ``<prefix>/share/casepackets``. Never a folder of the same name in site-packages (there,
-    ``alembic`` is the library)."""
-    return root / folder if (root / "pyproject.toml").is_file() else installed / folder
+    ``<prefix>/share/casepackets`` (``installed_data``). Never a folder of the same name in
+    site-packages (there, ``alembic`` is the library)."""
+    if (root / "pyproject.toml").is_file():
+        return root / folder
+    return (installed if installed is not None else installed_data()) / folder
 
 
 ENV_PREFIX = "CASEPACKETS_"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import shlex
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,13 @@ from packaging.utils import canonicalize_name
 from pydantic import ValidationError
 
 from service.cli import refusal
-from service.config import PROJECT_ROOT, Settings, normalize_database_url, shipped
+from service.config import (
+    PROJECT_ROOT,
+    Settings,
+    installed_data,
+    normalize_database_url,
+    shipped,
+)
 from service.records.models import MAX_BATCH_ROWS
 
 
@@ -166,6 +173,27 @@ def test_shipped_folders_come_from_the_checkout_or_the_installed_data(tmp_path: 
     # from this checkout, the defaults are the repository's own folders
     assert Settings(home=tmp_path).policies_dir == PROJECT_ROOT / "policies"
     assert (Settings(home=tmp_path).migrations_dir / "env.py").is_file()
+
+
+def test_installed_data_is_where_the_wheel_put_it_whatever_the_prefix(tmp_path: Path) -> None:
+    """``pip install --user`` (and Debian's system Python, whose pip installs under /usr/local)
+    puts the data-files under another prefix than the interpreter's sys.prefix: the policies and
+    migrations were looked for under sys.prefix, and every command but ``keys init`` refused."""
+    site = tmp_path / "user" / "lib" / "python3.11" / "site-packages"
+    record = site / "casepackets-0.1.0.dist-info"
+    record.mkdir(parents=True)
+    (record / "METADATA").write_text("Metadata-Version: 2.4\nName: casepackets\nVersion: 0.1.0\n")
+    (record / "RECORD").write_text(
+        "service/config.py,,\n"
+        "../../../share/casepackets/alembic/env.py,,\n"
+        "../../../share/casepackets/policies/access.yaml,,\n"
+    )
+    found = installed_data(importlib.metadata.PathDistribution(record))
+    assert found == (tmp_path / "user" / "share" / "casepackets").resolve()
+    # without a record of its files (not installed by a wheel), the interpreter's prefix
+    (record / "RECORD").unlink()
+    bare = installed_data(importlib.metadata.PathDistribution(record))
+    assert bare == Path(sys.prefix) / "share" / "casepackets"
 
 
 def test_database_url_from_plain_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
