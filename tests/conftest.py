@@ -40,7 +40,9 @@ def postgres_admin_url() -> str:
     given = os.environ.get("DATABASE_URL", "")
     if given.startswith(("postgres://", "postgresql")):
         return normalize_database_url(given)
-    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    # The maintenance database every cluster has (a new one has no other): only CREATE and DROP
+    # DATABASE run on this connection.
+    return "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 def _libpq(url: str) -> str:

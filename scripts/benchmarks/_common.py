@@ -13,11 +13,11 @@ from service.config import normalize_database_url
 
 
 def postgres_admin_url() -> str:
-    """``DATABASE_URL`` when it names PostgreSQL, else the local server's ``test`` database."""
+    """``DATABASE_URL`` when it names PostgreSQL, else the local server's ``postgres`` database."""
     given = os.environ.get("DATABASE_URL", "")
     if given.startswith(("postgres://", "postgresql")):
         return normalize_database_url(given)
-    return "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    return "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 def _libpq(url: str) -> str:
