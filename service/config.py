@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     jwks_refresh_seconds: float = Field(
         default=300,
         gt=0,
+        le=86_400,  # a key the provider withdrew is refused within a day at the latest
+        allow_inf_nan=False,
         description="refetch the JWKS URL's keys once they are this old, refusing keys it no "
         "longer lists; if the provider cannot be reached, the last keys are kept as long again, "
         "then every token is refused",
@@ -145,8 +147,14 @@ class Settings(BaseSettings):
         "opened briefly under bursts); a request that finds none free within the lock bound "
         "gets 503",
     )
+    # Finite and at most a day: "inf" or a huge number would turn the retention policy's
+    # shredding off without saying so (0 is the one way to, leaving it to `casepackets expire`).
     shred_interval_seconds: float = Field(
-        default=300, ge=0, description="crypto-shred due packets this often; 0 turns it off"
+        default=300,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="crypto-shred due packets this often; 0 turns it off",
     )
     checkpoint_origin: str = Field(
         default_factory=lambda: f"casepackets/{socket.gethostname()}",

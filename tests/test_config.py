@@ -108,6 +108,27 @@ def test_token_time_bounds_past_their_limits_are_refused(
     assert refusal(refused.value).startswith(f"CASEPACKETS_{setting.upper()}:")
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("shred_interval_seconds", "inf"),
+        ("shred_interval_seconds", "nan"),
+        ("shred_interval_seconds", "86401"),
+        ("jwks_refresh_seconds", "inf"),
+        ("jwks_refresh_seconds", "1e12"),
+    ],
+)
+def test_an_interval_that_would_mean_never_is_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, value: str
+) -> None:
+    """Shredding every 'inf' seconds, or refetching the identity provider's keys that seldom,
+    would switch off the retention policy or key withdrawal without saying so."""
+    monkeypatch.setenv(f"CASEPACKETS_{setting.upper()}", value)
+    with pytest.raises(ValidationError) as refused:
+        Settings(home=tmp_path)
+    assert refusal(refused.value).startswith(f"CASEPACKETS_{setting.upper()}:")
+
+
 def test_the_batch_size_may_not_exceed_the_ceiling_the_request_schema_holds(
     tmp_path: Path,
 ) -> None:
