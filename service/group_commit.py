@@ -15,6 +15,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class GroupCommit(Generic[Item, Result]):
         queue.waiting.append((item, future))
         if queue.draining is None:
             queue.draining = loop.create_task(self._drain(queue))
+            queue.draining.add_done_callback(functools.partial(_strand_if_never_run, queue))
         return await future
 
     async def _drain(self, queue: _Queue[Item, Result]) -> None:
@@ -93,3 +95,17 @@ class GroupCommit(Generic[Item, Result]):
             del queue.waiting[:]
             for future in stranded:
                 future.set_exception(BatchNotFinished("the batch did not finish"))
+
+
+def _strand_if_never_run(queue: _Queue[Item, Result], drain: asyncio.Task[None]) -> None:
+    """A drain cancelled before its first step (a shutdown cancelling every task at once) never
+    ran, ``finally`` included: its waiters are told here, and the queue is free for the next
+    item to start a drain. A drain that ran has done both itself (``draining`` is then no
+    longer it), so a batch started since is left alone."""
+    if queue.draining is not drain:
+        return
+    queue.draining = None
+    stranded = [future for _, future in queue.waiting if not future.done()]
+    del queue.waiting[:]
+    for future in stranded:
+        future.set_exception(BatchNotFinished("the batch did not finish"))

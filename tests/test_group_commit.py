@@ -192,3 +192,27 @@ def test_a_batch_needs_room_for_one_item() -> None:
 
     with pytest.raises(ValueError, match="at least one"):
         GroupCommit(run, max_batch=0)
+
+
+def test_a_drain_cancelled_before_it_starts_leaves_no_waiter_or_later_item_hanging() -> None:
+    """A task cancelled before its first step never runs its coroutine, ``finally`` included
+    (as at a shutdown that cancels every task at once): its waiter must still be told, and the
+    next item must start a batch of its own rather than queue behind a drain that is gone."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        batches = GroupCommit(recorder.run, max_batch=8)
+        first = asyncio.create_task(batches.submit(0))
+        await asyncio.sleep(0)  # submitted: its drain is created but has not run yet
+        draining = next(iter(batches._queues.values())).draining
+        assert draining is not None
+        draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert first.done()
+        assert isinstance(first.exception(), BatchNotFinished)
+        assert await asyncio.wait_for(batches.submit(2), timeout=5) == 20
+        assert recorder.batches == [[2]]
+
+    asyncio.run(scenario())
