@@ -90,11 +90,7 @@ class GroupCommit(Generic[Item, Result]):
                         future.set_result(outcome)
                 batch = []
         finally:
-            queue.draining = None
-            stranded = [future for _, future in (*batch, *queue.waiting) if not future.done()]
-            del queue.waiting[:]
-            for future in stranded:
-                future.set_exception(BatchNotFinished("the batch did not finish"))
+            _strand(queue, batch)
 
 
 def _strand_if_never_run(queue: _Queue[Item, Result], drain: asyncio.Task[None]) -> None:
@@ -102,10 +98,17 @@ def _strand_if_never_run(queue: _Queue[Item, Result], drain: asyncio.Task[None])
     ran, ``finally`` included: its waiters are told here, and the queue is free for the next
     item to start a drain. A drain that ran has done both itself (``draining`` is then no
     longer it), so a batch started since is left alone."""
-    if queue.draining is not drain:
-        return
+    if queue.draining is drain:
+        _strand(queue, [])
+
+
+def _strand(
+    queue: _Queue[Item, Result], batch: Sequence[tuple[Item, asyncio.Future[Result]]]
+) -> None:
+    """Free the queue for the next drain, and tell every item of ``batch`` and of the queue
+    still waiting that its batch did not finish."""
     queue.draining = None
-    stranded = [future for _, future in queue.waiting if not future.done()]
+    stranded = [future for _, future in (*batch, *queue.waiting) if not future.done()]
     del queue.waiting[:]
     for future in stranded:
         future.set_exception(BatchNotFinished("the batch did not finish"))
