@@ -461,7 +461,8 @@ def serve(
         issuer = dev_issuer(settings)
         ttl = min(DEMO_TOKEN_SECONDS, settings.token_max_lifetime_seconds)
         out = Console(soft_wrap=True)
-        lifetime = f"{ttl // 3600} hours" if ttl % 3600 == 0 else f"{ttl // 60} minutes"
+        count, unit = (ttl // 3600, "hour") if ttl % 3600 == 0 else (ttl // 60, "minute")
+        lifetime = f"{count} {unit}{'' if count == 1 else 's'}"
         out.print(f"\n[bold]casepackets[/bold] demo tokens (valid {lifetime}):")
         for role, subject in DEMO_SUBJECTS.items():
             minted = issuer.mint(

@@ -270,6 +270,20 @@ def test_serve_on_every_address_prints_curl_lines_that_reach_it(
         assert f"http://{shown}:8123/v1/me" in result.output
 
 
+@pytest.mark.parametrize(
+    ("max_lifetime", "said"),
+    [("86400", "valid 12 hours"), ("3600", "valid 1 hour)"), ("5400", "valid 90 minutes")],
+)
+def test_serve_says_how_long_its_demo_tokens_last_in_plain_words(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch, max_lifetime: str, said: str
+) -> None:
+    monkeypatch.setenv("CASEPACKETS_TOKEN_MAX_LIFETIME_SECONDS", max_lifetime)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    result = CliRunner().invoke(cli, ["serve"])
+    assert result.exit_code == 0, result.output
+    assert f"demo tokens ({said}" in result.output
+
+
 TOO_SHORT_RSA_KEY = {"kty": "RSA", "kid": "k1", "n": "AQAB", "e": "AQAB"}
 
 
