@@ -876,19 +876,23 @@ def test_a_professional_registered_twice_at_once_is_a_409_not_a_500(
     assert kept["display_name"] == "Caseworker prof-001"
 
 
+# A registration every field check below spoils one field of.
+REGISTRATION = {
+    "id": "prof-001",
+    "display_name": "Caseworker",
+    "team": "Zuid-1",
+    "districts": ["Charlois"],
+    "capacity": 5,
+}
+
+
 @pytest.mark.parametrize("unreadable", ["\u200b", "\u0301", " \u200b\u200c ", "-"])
 def test_professional_text_without_a_letter_or_digit_is_refused_naming_the_field(
     client: TestClient, token: TokenFactory, unreadable: str
 ) -> None:
     """The rule a subject's district follows: a zero-width space is no district, name or team."""
     coordinator = bearer(token("coord-001", "coordinator"))
-    body = {
-        "id": "prof-001",
-        "display_name": "Caseworker",
-        "team": "Zuid-1",
-        "districts": ["Charlois"],
-        "capacity": 5,
-    }
+    body = REGISTRATION
     for field_name, value, loc in (
         ("display_name", unreadable, ["display_name"]),
         ("team", unreadable, ["team"]),
@@ -929,13 +933,7 @@ def test_professional_text_with_a_control_or_format_character_is_refused_naming_
     """The rule every text of a subject follows: a district with a zero-width space in it would
     never match a subject's district, so its professional would silently get no packets."""
     coordinator = bearer(token("coord-001", "coordinator"))
-    body = {
-        "id": "prof-001",
-        "display_name": "Caseworker",
-        "team": "Zuid-1",
-        "districts": ["Charlois"],
-        "capacity": 5,
-    }
+    body = REGISTRATION
     cases = (
         ("display_name", f"Case{hidden}worker", ["display_name"]),
         ("team", f"Zuid{hidden}1", ["team"]),
