@@ -362,6 +362,10 @@ def prepare(settings: Settings) -> None:
                 raise typer.Exit(2) from None
         else:
             console.print(f"created the keyring at {settings.resolved_keyring_path}")
+    # Read as every worker will read it, so a keyring it would refuse (too open, unreadable) is
+    # one line naming what to fix, not a traceback from each worker; and before the schema is
+    # touched, so a start that is refused has changed nothing.
+    keyring_or_exit(settings)
     with database_problems_exit():
         run_migrations(settings.resolved_database_url, settings.migrations_dir)
     if serves_demo_data(settings):
@@ -454,9 +458,6 @@ def serve(
     policies_or_exit(settings)
     token_keys_or_exit(settings)
     prepare(settings)
-    # Read as every worker will read it, so a keyring it would refuse (too open, unreadable)
-    # is one line naming what to fix, not a traceback from each worker.
-    keyring_or_exit(settings)
     if settings.dev_issuer and print_tokens:
         issuer = dev_issuer(settings)
         ttl = min(DEMO_TOKEN_SECONDS, settings.token_max_lifetime_seconds)

@@ -252,6 +252,7 @@ def test_serve_refuses_a_keyring_open_to_others_in_one_line_before_starting(
     assert f"run chmod 600 {keyring}" in said
     assert "Traceback" not in said
     assert started == []
+    assert not (cli_home / "cli.db").exists()  # refused before the schema was touched
 
 
 def test_serve_on_every_address_prints_curl_lines_that_reach_it(
