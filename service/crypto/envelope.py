@@ -24,7 +24,7 @@ from typing import NamedTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from service.crypto.keyring import Key, KeyProvider, Purpose
+from service.crypto.keyring import Key, KeyProvider, Purpose, version_number
 
 FORMAT = "v1"
 NONCE_BYTES = 12
@@ -172,16 +172,10 @@ def _split(token: str) -> tuple[int, str]:
     parts = token.split(".")
     if len(parts) == 3 and parts[0] == FORMAT:
         version = _VERSION_SPELLINGS.get(parts[1])
+        if version is None:
+            version = version_number(parts[1])
         if version is not None:
             return version, parts[2]
-        text = parts[1]
-        if text.isascii() and text.isdigit():
-            try:
-                version = int(text)
-            except ValueError:  # past the digits ``int`` reads: no key has such a version
-                raise DecryptionFailed("not a v1 envelope") from None
-            if str(version) == text:
-                return version, parts[2]
     raise DecryptionFailed("not a v1 envelope")
 
 

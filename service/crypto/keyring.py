@@ -679,7 +679,7 @@ def _parse(
             raise KeyringError(f"{path}: purpose {purpose!r} is missing")
         for version_text, version in entry["versions"].items():
             # The name is not echoed: in a hand-edited file it could be anything, material too.
-            if not _is_version_name(version_text):
+            if version_number(version_text) is None:
                 raise KeyringError(f"{path}: {purpose} has a version whose name is not a number")
             if not isinstance(version, dict):
                 raise KeyringError(f"{path}: {purpose} v{version_text} is not an object")
@@ -703,17 +703,19 @@ def _parse(
     return document, keys
 
 
-def _is_version_name(text: str) -> bool:
-    """Whether ``text`` names a version as the keyring writes one: ASCII digits without a
-    leading zero. ``str.isdigit`` alone lets through digits ``int`` cannot read (a superscript
-    two, more digits than ``int`` reads) and second spellings of a number (``01``, full-width
-    digits), two names whose keys would silently take each other's place as one version."""
+def version_number(text: str) -> int | None:
+    """The key version ``text`` names, written as the keyring, its envelopes and its digests
+    write one: ASCII digits without a leading zero; None for anything else. ``str.isdigit``
+    alone lets through digits ``int`` cannot read (a superscript two, more digits than ``int``
+    reads) and second spellings of a number (``01``, full-width digits), two names whose keys
+    would silently take each other's place as one version."""
     if not (text.isascii() and text.isdigit()):
-        return False
+        return None
     try:
-        return str(int(text)) == text
+        number = int(text)
     except ValueError:  # past the digits ``int`` reads
-        return False
+        return None
+    return number if str(number) == text else None
 
 
 def _check_staged(

@@ -55,7 +55,13 @@ from service.crypto.envelope import (
     unwrap_key,
     wrap_key,
 )
-from service.crypto.keyring import KeyProvider, KeyringError, Purpose, UnknownKey
+from service.crypto.keyring import (
+    KeyProvider,
+    KeyringError,
+    Purpose,
+    UnknownKey,
+    version_number,
+)
 from service.crypto.pseudonym import DOMAIN, PSEUDONYM_BYTES
 from service.db import request_purge
 from service.errors import Conflict, Gone, NotFound, Unavailable, Unprocessable
@@ -354,11 +360,9 @@ def keyed_digest_matches(*, keyring: KeyProvider, message: bytes, stored: str) -
     """Whether ``stored`` is the ``keyed_digest`` of ``message``; None when that cannot be told
     any more, because the pseudonym key version it was made under has been retired."""
     version_text, _, expected = stored.partition(":")
-    # A row altered in the database may name anything: "²" passes isdigit() but not int(),
-    # and int() refuses more than 4,300 digits. Neither is a version any key can have.
-    if not (version_text.isascii() and version_text.isdigit() and len(version_text) <= 18):
+    version = version_number(version_text)  # a row altered in the database may name anything
+    if version is None:
         return False
-    version = int(version_text)
     try:
         key = keyring.get("pseudonym", version)
     except KeyringError:
