@@ -38,6 +38,7 @@ from service.flagging.rules import (
     Rule,
 )
 from service.policy_yaml import PolicyYAMLError, load_policy_yaml
+from service.records.models import REFUSED_CATEGORIES
 
 PROTECTED_ATTRIBUTES: Final = frozenset(
     {"gender", "nationality", "ethnicity", "language", "religion"}
@@ -55,10 +56,6 @@ MAX_DECLARED_VERSION: Final = 40
 DECLARED_VERSION: Final = re.compile(r"[A-Za-z0-9._-]+")
 # The name is stored with every run (the 128-character policy_name column).
 MAX_NAME: Final = 128
-# Control characters (a NUL, which PostgreSQL cannot store in text, so every run would fail; line
-# breaks, escapes), format characters (direction and invisible marks), line and paragraph
-# separators and lone surrogates: refused in the name as in every other text people read here.
-REFUSED_IN_NAME: Final = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 class FlaggingPolicyError(ValueError):
@@ -104,7 +101,9 @@ def parse_flagging_policy(content: bytes, *, source: str = "flagging.yaml") -> F
         raise FlaggingPolicyError(f"{source}: 'name' must be a non-empty text")
     if len(name.strip()) > MAX_NAME:
         raise FlaggingPolicyError(f"{source}: 'name' may have at most {MAX_NAME} characters")
-    if any(unicodedata.category(character) in REFUSED_IN_NAME for character in name.strip()):
+    # The categories no text of a subject may hold (a NUL among them, which PostgreSQL cannot
+    # store, so every run would fail); unlike a name, no script needs a joiner here.
+    if any(unicodedata.category(character) in REFUSED_CATEGORIES for character in name.strip()):
         raise FlaggingPolicyError(
             f"{source}: 'name' must not contain control or format characters (line breaks, "
             "escapes, direction or invisible marks)"

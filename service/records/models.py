@@ -237,7 +237,7 @@ PERSON_NAME = AfterValidator(_readable_name)
 # Control characters (line breaks, ANSI escapes), format characters (bidi overrides, zero-width
 # spaces, soft hyphens), line and paragraph separators and lone surrogates: invisible or
 # rearranging on a screen or in a CSV export, never part of a name or an address.
-_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 # Except the zero-width (non-)joiner where a script needs one to choose a letter's form, as
 # IDNA's CONTEXTJ rules have it (RFC 5892, appendix A.1-A.2): after a virama (Devanagari,
 # Malayalam, Sinhala), or between two letters or marks (Persian, Arabic, Kurdish names).
@@ -262,7 +262,7 @@ def _plain_text(value: str | None) -> str | None:
     if value is None or value.isprintable():  # the common case: nothing to look at
         return value
     for position, character in enumerate(value):
-        if unicodedata.category(character) in _REFUSED_CATEGORIES and not (
+        if unicodedata.category(character) in REFUSED_CATEGORIES and not (
             character in _JOINERS and _joins_letters(value, position)
         ):
             raise ValueError(
