@@ -1358,7 +1358,10 @@ def import_(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     source: Annotated[
         str,
-        typer.Option(help=f"the sending source's name: printable, 1 to {SOURCE_MAX} characters"),
+        typer.Option(
+            help=f"the sending source's name: printable, 1 to {SOURCE_MAX} characters, "
+            "no spaces around it"
+        ),
     ],
     batch_size: Annotated[
         int, typer.Option(min=1, max=MAX_BATCH_ROWS, help="subjects per batch")
@@ -1369,7 +1372,7 @@ def import_(
         # itself is not repeated.
         console.print(
             f"[red]import refused:[/red] --source must be printable text of 1 to {SOURCE_MAX} "
-            "characters",
+            "characters, without spaces around it",
             highlight=False,
         )
         raise typer.Exit(2)

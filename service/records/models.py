@@ -100,8 +100,10 @@ MAX_SUBJECT_EVENTS = 1000
 
 def usable_source(name: str) -> bool:
     """Printable text of 1 to ``SOURCE_MAX`` characters that encodes as UTF-8 (a command-line
-    argument with bytes that are not UTF-8 arrives holding lone surrogates)."""
-    if not 0 < len(name) <= SOURCE_MAX or not name.isprintable():
+    argument with bytes that are not UTF-8 arrives holding lone surrogates), without spaces around
+    it: the rule a token subject, the API's source, is held to. ``" welfare"`` would be another
+    source than ``welfare``, whose event ids it would repeat unnoticed."""
+    if not 0 < len(name) <= SOURCE_MAX or not name.isprintable() or name != name.strip():
         return False
     try:
         name.encode("utf-8")

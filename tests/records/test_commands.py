@@ -730,7 +730,9 @@ def test_a_subject_over_several_batches_or_bsn_spellings_is_one_subject_counted_
     assert count_rows(cli_session, "events") == 4
 
 
-@pytest.mark.parametrize("source", ["", "s" * 65, "tab\there", "bad\udcffbyte"])
+@pytest.mark.parametrize(
+    "source", ["", "s" * 65, "tab\there", "bad\udcffbyte", " welfare", "welfare ", "\u00a0welfare"]
+)
 def test_import_refuses_a_source_the_api_would_refuse_in_one_line(
     cli_env: Settings, cli_session: Session, tmp_path: Path, source: str
 ) -> None:
@@ -739,7 +741,8 @@ def test_import_refuses_a_source_the_api_would_refuse_in_one_line(
     code, output = run("import", str(path), "--source", source)
     assert code == 2, output
     assert output.strip() == (
-        "import refused: --source must be printable text of 1 to 64 characters"
+        "import refused: --source must be printable text of 1 to 64 characters, without spaces "
+        "around it"
     )
     assert count_rows(cli_session, "events") == 0
 
