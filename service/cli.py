@@ -61,6 +61,8 @@ from service.db import (
     DatabaseBusy,
     DatabaseProblem,
     database_problems,
+    migration_scripts,
+    missing_sqlite_file,
     schema_is_current,
 )
 from service.db import migrate as run_migrations
@@ -769,10 +771,22 @@ app.add_typer(keys, name="keys")
 @contextmanager
 def database_for(settings: Settings) -> Iterator[Database]:
     """The command's database, disposed when the command is done. A database that cannot be
-    reached, or whose schema is not this version's, is refused (exit 2, before anything is done);
+    reached, a SQLite file that is not there (it is not created), or a schema not this version's
+    is refused (exit 2, before anything is done);
     a lock held too long (exit 1: try again) or a service refusal (its detail, exit 1) ends the
     command in one line, not a traceback."""
     with database_problems_exit():
+        migration_scripts(settings.migrations_dir)  # a wrong folder first: no schema to judge
+        missing = missing_sqlite_file(settings.resolved_database_url)
+        if missing is not None:
+            # Opening it would leave an empty file behind, and a schema "not this version's".
+            console.print(
+                f"[red]refused:[/red] there is no database at {missing}; run "
+                "`casepackets migrate` first",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
         database = Database(settings)
         try:
             if not schema_is_current(database.engine, settings.migrations_dir):

@@ -190,6 +190,15 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL when it does not exist yet (None otherwise, and for PostgreSQL):
+    a command that needs a migrated database refuses it rather than create an empty one."""
+    if not is_sqlite(url):
+        return None
+    database = _sqlite_file(url)
+    return database if database is not None and not database.exists() else None
+
+
 def backup_sqlite(url: str, target: Path) -> int:
     """Copy the SQLite database of ``url`` to the new file ``target`` with SQLite's online
     backup: one consistent snapshot, including what the ``-wal`` file holds and a plain copy of

@@ -357,6 +357,37 @@ def test_key_commands_refuse_a_database_without_this_versions_schema(
         get_settings.cache_clear()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["keys", "rotate", "--purpose", "vault"],
+        ["demo", "--subjects", "100"],
+        ["flag"],
+        ["expire"],
+        ["audit", "export", "--out", "export"],
+    ],
+)
+def test_commands_refuse_a_sqlite_database_that_is_not_there_without_creating_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    database = tmp_path / "nothing-here.db"
+    monkeypatch.setenv("CASEPACKETS_HOME", str(tmp_path))
+    monkeypatch.setenv("CASEPACKETS_DATABASE_URL", f"sqlite:///{database}")
+    monkeypatch.setenv("CASEPACKETS_ENV", "test")
+    get_settings.cache_clear()
+    try:
+        Keyring.init(tmp_path / "keyring.json")
+        before = sorted(path.name for path in tmp_path.iterdir())
+        code, output = run(*command)
+        assert code == 2, output
+        assert " ".join(output.split()) == (
+            f"refused: there is no database at {database}; run `casepackets migrate` first"
+        )
+        assert sorted(path.name for path in tmp_path.iterdir()) == before
+    finally:
+        get_settings.cache_clear()
+
+
 @pytest.mark.parametrize("purpose", ["vault", "log_signing"])
 def test_a_rotation_the_log_cannot_record_leaves_the_keyring_as_it_was(
     cli_env: Settings, monkeypatch: pytest.MonkeyPatch, backend: str, purpose: str
