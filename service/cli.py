@@ -1512,6 +1512,7 @@ def partition(
     run_id: Annotated[str, typer.Option(help="the flagging run to split into packets")],
 ) -> None:
     """Split a run's flagged cases (and pending external flags) into packets and assign them."""
+    from service.flagging.models import RUN_ID
     from service.flagging.service import system_caller
     from service.packets.policy import (
         PacketsPolicyError,
@@ -1520,6 +1521,14 @@ def partition(
     )
     from service.packets.service import KEY_DAMAGED, partition_run
 
+    if not RUN_ID.fullmatch(run_id):
+        # Not echoed: a BSN or a name typed here by mistake stays out of the terminal.
+        console.print(
+            "[red]--run-id refused:[/red] a run id is 32 lowercase hex characters, as `flag` "
+            "printed it",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     settings = settings_or_exit()
     try:
         partitioning = load_partitioning_policy(settings.policies_dir / "partitioning.yaml")

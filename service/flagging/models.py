@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import datetime as dt
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,7 @@ from service.records.models import EARLIEST, PLAIN_TEXT, READABLE
 from service.schemas import CalendarDate, StrictModel, UtcDatetime
 
 FlagKind = Literal["algorithm", "external"]
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # as a run is given it
 MAX_PUSHED_FLAGS = 1000
 
 

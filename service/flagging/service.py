@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from service.crypto.keyring import KeyProvider
 from service.db import request_purge
 from service.errors import Conflict, NotFound, Unprocessable
 from service.flagging.models import (
+    RUN_ID,
     ArchivedPolicy,
     ArchivedPolicyPublic,
     Flag,
@@ -63,7 +63,6 @@ from service.records.service import (
 )
 
 DEFAULT_BATCH_SIZE = 2000
-RUN_ID = re.compile(r"[0-9a-f]{32}")  # as a run is given it
 MAX_PAGE = 1000
 # Event rows a run fetches at a time from its one streamed statement (a few MB at most).
 FETCH_ROWS = 10_000

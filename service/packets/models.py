@@ -34,7 +34,7 @@ from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
 from service.auth.tokens import SUBJECT_REASON, usable_subject
-from service.flagging.models import FlagKind, RuleHitPublic
+from service.flagging.models import RUN_ID, FlagKind, RuleHitPublic
 from service.records.models import PLAIN_TEXT, READABLE
 from service.schemas import CalendarDate, StrictModel, UtcDatetime
 
@@ -222,7 +222,11 @@ class ProfessionalUpdate(StrictModel):
 
 
 class PartitionCreate(StrictModel):
-    run_id: str = Field(min_length=1, max_length=32)
+    # Only the shape a run is given: anything else names no run, and a BSN or a name pasted
+    # here is refused (422, naming the field) rather than quoted back in a 404.
+    run_id: str = Field(
+        pattern=f"^{RUN_ID.pattern}$", description="as a run was given it (32 lowercase hex)"
+    )
 
 
 class PacketReassign(StrictModel):

@@ -44,9 +44,15 @@ def test_flag_then_partition_from_the_command_line(cli_home: Path) -> None:
     parted = runner.invoke(cli, ["partition", "--run-id", found.group(1)])
     assert parted.exit_code == 0, parted.output
     assert "0 packets built" in " ".join(parted.output.split())
-    missing = runner.invoke(cli, ["partition", "--run-id", "nope"])
+    missing = runner.invoke(cli, ["partition", "--run-id", "0" * 32])
     assert missing.exit_code == 1
-    assert "no flagging run nope" in " ".join(missing.output.split())
+    assert f"no flagging run {'0' * 32}" in " ".join(missing.output.split())
+    # A BSN or a name typed as the run id is refused by its shape, and not printed back.
+    pasted = runner.invoke(cli, ["partition", "--run-id", "Jan Jansen 123456782"])
+    assert pasted.exit_code == 2, pasted.output
+    assert "--run-id" in pasted.output
+    assert "Jansen" not in pasted.output
+    assert "123456782" not in pasted.output
     for bad in ("yesterday", "20260315", "2026-W11-7", "2026-03-15T00:00:00"):
         bad_date = runner.invoke(cli, ["flag", "--as-of", bad])
         assert bad_date.exit_code == 2, (bad, bad_date.output)

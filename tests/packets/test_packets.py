@@ -251,10 +251,23 @@ def test_unplaceable_cases_come_back_with_a_reason(
     }
     assert (
         client.post(
-            "/v1/packets/partition", json={"run_id": "nope"}, headers=coordinator
+            "/v1/packets/partition", json={"run_id": "0" * 32}, headers=coordinator
         ).status_code
         == 404
     )
+
+
+@pytest.mark.parametrize("pasted", ["123456782", "Jan Jansen", "1984-02-29 Rotterdam"])
+def test_a_run_id_of_another_shape_is_refused_naming_the_field_not_echoed(
+    client: TestClient, token: TokenFactory, pasted: str
+) -> None:
+    # A BSN or a name pasted into run_id names no run: refused (422) as the run routes' path
+    # refuses it, rather than quoted back in a 404 ("no flagging run 123456782").
+    coordinator = bearer(token("coord-001", "coordinator"))
+    refused = client.post("/v1/packets/partition", json={"run_id": pasted}, headers=coordinator)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["errors"][0]["loc"] == ["run_id"]
+    assert pasted not in refused.text
 
 
 def test_a_case_whose_key_fails_its_check_is_left_unplaced_and_the_rest_are_placed(
