@@ -284,9 +284,11 @@ async def open_packet(request: Request, packet_id: PacketIdPath, caller: Current
     # CPU only, and the next batch of opens is being logged meanwhile.
     try:
         body = service.reveal(keyring=keyring, sealed=sealed)
-    except service.PacketKeyDamaged:
+    except (service.PacketKeyDamaged, service.PacketKeyRetired) as refusal:
         database: Database = request.app.state.database
-        await run_in_threadpool(service.record_unrevealed, database, sealed=sealed, caller=caller)
+        await run_in_threadpool(
+            service.record_unrevealed, database, sealed=sealed, caller=caller, refusal=refusal
+        )
         raise
     return Response(body, media_type="application/json")
 

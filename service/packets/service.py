@@ -82,7 +82,7 @@ from service.crypto.envelope import (
     wrap_key,
     wrap_under,
 )
-from service.crypto.keyring import KeyProvider
+from service.crypto.keyring import KeyProvider, UnknownKey
 from service.db import (
     LOCK_WAIT_SLACK_SECONDS,
     LOG_LOCK_TIMEOUT_OPTION,
@@ -1024,6 +1024,23 @@ class PacketKeyDamaged(ServiceError):
     packet's row): nothing that needs it can be done until it is restored."""
 
     status = 500
+    # The reason of the denied entry that follows an open logged as allowed (record_unrevealed).
+    nothing_shown = "the packet key failed its integrity check; nothing was shown"
+
+
+class PacketKeyRetired(Unavailable):
+    """An open logged as allowed whose packet key wrap was then moved to a newer packet KEK
+    version (``keys rewrap``) and the version it was under retired, before it was decrypted:
+    nothing was shown, and the open tried again reads the new wrap."""
+
+    nothing_shown = "the packet key's version was retired before it was read; nothing was shown"
+
+    def __init__(self, packet_id: str) -> None:
+        super().__init__(
+            f"the key of packet {packet_id} was rewrapped and its old version retired while "
+            "this open was logged; nothing was shown, try again",
+            headers={"Retry-After": "1"},
+        )
 
 
 class PacketNotClosable(Conflict):
@@ -1429,11 +1446,18 @@ class SealedPacket:
         return f"SealedPacket({self.packet.id}, {len(self.members)} members)"
 
 
-def record_unrevealed(database: Database, *, sealed: SealedPacket, caller: Caller) -> None:
-    """Follow an open logged as allowed whose packet key then failed its check
-    (``PacketKeyDamaged``) with a denied ``packet.open`` entry saying nothing was shown: the
-    log must not leave an auditor believing identities left that never did. Best effort: if
-    the log cannot take it, the server log says so and the open's 500 stands."""
+def record_unrevealed(
+    database: Database,
+    *,
+    sealed: SealedPacket,
+    caller: Caller,
+    refusal: PacketKeyDamaged | PacketKeyRetired,
+) -> None:
+    """Follow an open logged as allowed whose packet key then could not be opened
+    (``PacketKeyDamaged``, ``PacketKeyRetired``) with a denied ``packet.open`` entry saying
+    nothing was shown: the log must not leave an auditor believing identities left that never
+    did. Best effort: if the log cannot take it, the server log says so and the open's refusal
+    stands."""
     try:
         with database.session() as session:
             _deny(
@@ -1441,7 +1465,7 @@ def record_unrevealed(database: Database, *, sealed: SealedPacket, caller: Calle
                 caller=caller,
                 action="packet.open",
                 packet_id=sealed.packet.id,
-                reason="the packet key failed its integrity check; nothing was shown",
+                reason=refusal.nothing_shown,
                 pseudonyms=[member.pseudonym for member in sealed.members],
             )
             session.commit()
@@ -1578,8 +1602,9 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
     """Decrypt a logged open into the response body, JSON shaped as ``PacketClientsPublic``:
     the packet key (packet KEK), each member's DEK (packet key), the identities and the
     follow-up notes. An erased member comes back with ``identity=None`` and ``note="erased"``;
-    the packet as a whole never fails for it, only for a damaged packet key
-    (``PacketKeyDamaged``, after its open was logged). No database access.
+    the packet as a whole never fails for it, only for a packet key that cannot be opened
+    after its open was logged (``PacketKeyDamaged``, or ``PacketKeyRetired`` when the KEK
+    version of the wrap the open read was retired since). No database access.
 
     This is the service's hottest path, so the body is written as JSON piece by piece: each
     identity is its decrypted plaintext, which is the identity's JSON as ingest wrote it
@@ -1588,7 +1613,13 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
     placement is encoded once per packet (``AadTemplate``).
     """
     packet_id = sealed.packet.id
-    packet_key = _unwrap_packet_key(keyring, packet_id=packet_id, wrapped_key=sealed.wrapped_key)
+    try:
+        packet_key = _unwrap_packet_key(
+            keyring, packet_id=packet_id, wrapped_key=sealed.wrapped_key
+        )
+    except UnknownKey:
+        # Read before a rewrap moved it, its version retired since the open committed.
+        raise PacketKeyRetired(packet_id) from None
     dek_aad = AadTemplate(member_dek_aad(packet_id, 0), field="subject", wrapped_key=True)
     wrapped = {
         m.subject_id: UnderWrappedKey(

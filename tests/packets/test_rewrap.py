@@ -27,11 +27,12 @@ from service.crypto import keyring as keyring_module
 from service.crypto.keyring import Keyring, LockedKeyring, UnknownKey
 from service.crypto.signing import NoteError, NoteSigner, VerifierKey, open_note
 from service.db import Database
+from service.packets import service as packets_service
 from service.records import service as records_service
 from service.records.service import WRAPPED_KEY_COLUMNS, pending_rewraps, rewrap_chunk
 from tests.conftest import TokenFactory, bearer
 from tests.flagging.seed import log_entries
-from tests.packets.scenario import PACKETS, World, build_world
+from tests.packets.scenario import PACKETS, World, build_world, leaked
 from tests.records.conftest import make_record
 
 OWNER = "prof-001"
@@ -361,3 +362,61 @@ def test_a_pseudonym_rotation_stages_its_version_before_it_commits_and_promotes_
     assert Keyring.load(keyring_path).staged("pseudonym") is not None
     assert Keyring.load(keyring_path).current("pseudonym").version == 2
     assert committed_entries(database) == before + 1
+
+
+def test_an_open_whose_packet_kek_is_retired_before_its_reveal_shows_nothing_and_says_try_again(
+    client: TestClient,
+    app: FastAPI,
+    token: TokenFactory,
+    database: Database,
+    keys_cli: CliRunner,
+    keyring_followed_at_once: None,
+    rotations_settled: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The open's batch committed its ``packet.open`` entry holding the packet key's v1 wrap;
+    before it is decrypted, a rewrap moves the packet to v2 and v1 is retired. The owner gets a
+    503 problem that invites a retry (which reads the new wrap), no identity, and the log says
+    that nothing was shown."""
+    world = build_world(client, token, professionals={OWNER: ["Charlois"]}, per_district=3)
+    packet = world.packet(OWNER, "Charlois")
+    rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "packet"])
+    assert rotated.exit_code == 0, rotated.output
+    real_reveal = packets_service.reveal
+    commands: list[int] = []  # the exit codes of the key commands run before the reveal
+
+    def retired_before_reveal(**arguments: Any) -> bytes:
+        if not commands:
+            for command in (["rewrap"], ["retire", "--purpose", "packet", "--version", "1"]):
+                commands.append(keys_cli.invoke(cli, ["keys", *command]).exit_code)
+        return real_reveal(**arguments)
+
+    monkeypatch.setattr(packets_service, "reveal", retired_before_reveal)
+    owner = bearer(token(OWNER, "professional"))
+    url = f"/v1/packets/{packet['id']}/clients"
+    opened = client.get(url, headers=owner)
+    assert commands == [0, 0]
+    assert opened.status_code == 503, opened.text
+    assert opened.headers["content-type"] == "application/problem+json"
+    assert opened.headers["retry-after"] == "1"
+    assert opened.json()["detail"] == (
+        f"the key of packet {packet['id']} was rewrapped and its old version retired while "
+        "this open was logged; nothing was shown, try again"
+    )
+    assert leaked(opened.text, world.secrets) == []
+    with database.transaction() as session:
+        opens = log_entries(session, "packet.open")
+    assert [(e["actor"], e["outcome"], e["reason"]) for e in opens] == [
+        (OWNER, "allowed", None),
+        (
+            OWNER,
+            "denied",
+            "the packet key's version was retired before it was read; nothing was shown",
+        ),
+    ]
+    assert opens[0]["request_id"] == opens[1]["request_id"]
+    assert sorted(opens[1]["pseudonyms"]) == sorted(packet["pseudonyms"])
+    # Tried again, the open reads the packet's new wrap.
+    assert family_names(client, token, packet["id"], OWNER) == expected_names(
+        world, OWNER, "Charlois"
+    )
