@@ -83,6 +83,7 @@ from service.records.service import (
     WRAPPED_KEY_COLUMNS,
     RowKey,
     count_key_dependents,
+    lock_out_vault_readers,
     opens_under,
     pending_rewraps,
     rewrap_chunk,
@@ -1225,6 +1226,9 @@ def retire_logged(
         not_the_keyrings_database_exit(
             f"{purpose} v{version} would be retired as nothing here depends on it", sealed=sealed
         )
+    if purpose == "vault":
+        # Counted once the work that read vault wraps before a rewrap moved them has committed.
+        lock_out_vault_readers(session)
     try:
         dependents = count_key_dependents(session=session, purpose=purpose, version=version)
     except ServiceError as exc:

@@ -969,14 +969,15 @@ ERASURE_HOOKS: list[ErasureHook] = []
 # as an integer, fixed forever. Erasure (which removes copies) and partitioning (which wraps
 # DEKs under new packet keys) take it, so they run one at a time: a copy is never made from a
 # wrap read before an erasure that commits first, and two partitionings never place the same
-# client twice.
+# client twice. A vault KEK retirement takes it too (``lock_out_vault_readers``).
 SUBJECT_KEYS_LOCK_KEY = 0x63702D64656B73
 
 
 # pg_advisory_xact_lock key between ingests and pushes of flags (shared: they run side by side)
 # and erasure (exclusive): one that read a subject before its erasure commits first, so its
 # answer ("updated", "unchanged") is true when given and the erasure finds what it stored; one
-# that starts later sees the subject erased. The ASCII of "cp-ingst", fixed forever.
+# that starts later sees the subject erased. A vault KEK retirement takes it exclusively too
+# (``lock_out_vault_readers``). The ASCII of "cp-ingst", fixed forever.
 INGEST_ERASURE_LOCK_KEY = 0x63702D696E677374
 
 # What an ingest batch keeps instead of its digest once it held an erased subject: the digest is
@@ -1006,6 +1007,16 @@ def lock_against_erasure(connection: Connection, *, shared: bool) -> None:
 def lock_subject_keys(session: Session) -> None:
     """Hold the subject-keys lock until the transaction ends (partitioning, erasure)."""
     _hold_advisory_lock(session.connection(), SUBJECT_KEYS_LOCK_KEY)
+
+
+def lock_out_vault_readers(session: Session) -> None:
+    """Wait for the ingests, pushes and partitionings in progress, and keep new ones from
+    starting until the transaction ends (PostgreSQL; on SQLite each holds the write lock for its
+    whole transaction). A retirement of a vault KEK version takes both locks before it counts
+    what still depends on that version: a rewrap may have moved a wrap one of those read under
+    the old version and not yet opened, and its material must outlast them."""
+    lock_against_erasure(session.connection(), shared=False)
+    lock_subject_keys(session)
 
 
 def register_erasure_hook(hook: ErasureHook) -> None:

@@ -7,7 +7,9 @@ its own keyring file, and the owner's ``GET /v1/packets/{id}/clients``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,9 @@ from service.db import Database
 from service.packets import service as packets_service
 from service.records import service as records_service
 from service.records.service import WRAPPED_KEY_COLUMNS, pending_rewraps, rewrap_chunk
-from tests.conftest import TokenFactory, bearer
-from tests.flagging.seed import log_entries
+from tests.conftest import Answer, Interleaving, TokenFactory, bearer, waiting_on_a_lock
+from tests.flagging.seed import AS_OF, log_entries
+from tests.packets import scenario
 from tests.packets.scenario import PACKETS, World, build_world, leaked
 from tests.records.conftest import make_record
 
@@ -420,3 +423,132 @@ def test_an_open_whose_packet_kek_is_retired_before_its_reveal_shows_nothing_and
     assert family_names(client, token, packet["id"], OWNER) == expected_names(
         world, OWNER, "Charlois"
     )
+
+
+def retired_while_paused(
+    work: Callable[[], Answer],
+    *,
+    pause_after: tuple[object, str],
+    keys_cli: CliRunner,
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[int, list[int]]:
+    """``work``'s status, and the exit codes of ``keys rewrap`` and ``keys retire --purpose vault
+    --version 1``, run while ``work`` is stopped right after ``pause_after`` returned (its vault
+    wraps read, not yet opened). The work goes on once the commands are done, or wait for it."""
+    interleaving = Interleaving()
+    interleaving.stop_after(monkeypatch, *pause_after)
+    statuses: list[int] = []
+    exit_codes: list[int] = []
+    commands = (["rewrap"], ["retire", "--purpose", "vault", "--version", "1"])
+    threads = [
+        threading.Thread(target=lambda: statuses.append(work().status_code)),
+        threading.Thread(
+            target=lambda: exit_codes.extend(
+                keys_cli.invoke(cli, ["keys", *command]).exit_code for command in commands
+            )
+        ),
+    ]
+    threads[0].start()
+    assert interleaving.paused.wait(10), "the work never reached its pause"
+    threads[1].start()
+    waits, deadline = waiting_on_a_lock(session), time.monotonic() + 10
+    while threads[1].is_alive() and not waits():
+        assert time.monotonic() < deadline, "the key commands neither ended nor came to wait"
+        time.sleep(0.01)
+    interleaving.go_on.set()
+    for thread in threads:
+        thread.join(20)
+    assert not any(thread.is_alive() for thread in threads), "the work or a command never ended"
+    return statuses[0], exit_codes
+
+
+def rotated_vault(keys_cli: CliRunner) -> None:
+    rotated = keys_cli.invoke(cli, ["keys", "rotate", "--purpose", "vault"])
+    assert rotated.exit_code == 0, rotated.output
+
+
+# On SQLite the work holds the database's write lock from its first statement: a rewrap cannot
+# move a wrap under it.
+@pytest.mark.parametrize(
+    "databases", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_vault_kek_retired_during_a_partitioning_waits_for_the_wraps_it_read(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    keys_cli: CliRunner,
+    keyring_followed_at_once: None,
+    rotations_settled: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    people = scenario.ingest(client, token, ["Charlois"] * 3)
+    coordinator = bearer(token(scenario.COORDINATOR, "coordinator"))
+    scenario.register(client, coordinator, OWNER, ["Charlois"])
+    run = client.post("/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator)
+    assert run.status_code == 201, run.text
+    rotated_vault(keys_cli)
+
+    def partitioning() -> Answer:
+        return client.post(
+            "/v1/packets/partition", json={"run_id": run.json()["id"]}, headers=coordinator
+        )
+
+    status, exit_codes = retired_while_paused(
+        partitioning,
+        pause_after=(packets_service, "_candidates"),
+        keys_cli=keys_cli,
+        session=session,
+        monkeypatch=monkeypatch,
+    )
+    assert (status, exit_codes) == (201, [0, 0])
+    (packet_id,) = session.execute(select(PACKETS.c.id)).scalars().all()
+    session.rollback()
+    # built from the wraps read under v1, before it was destroyed: the packet opens
+    assert family_names(client, token, packet_id, OWNER) == {
+        person.identity["family_name"] for person in people.values()
+    }
+
+
+@pytest.mark.parametrize(
+    "databases", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_vault_kek_retired_during_an_ingest_waits_for_the_wraps_it_read(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    keyring_path: Path,
+    keys_cli: CliRunner,
+    keyring_followed_at_once: None,
+    rotations_settled: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    known = make_record(0)
+    source = bearer(token("source-welfare", "source"))
+    first = client.post("/v1/records/batch", json={"subjects": [known]}, headers=source)
+    assert first.status_code == 200, first.text
+    rotated_vault(keys_cli)
+    moved = {**known, "identity": {**known["identity"], "street": "Putselaan 9"}}
+
+    def ingest_again() -> Answer:
+        return client.post("/v1/records/batch", json={"subjects": [moved]}, headers=source)
+
+    status, exit_codes = retired_while_paused(
+        ingest_again,
+        pause_after=(records_service, "_find_known"),
+        keys_cli=keys_cli,
+        session=session,
+        monkeypatch=monkeypatch,
+    )
+    assert (status, exit_codes) == (200, [0, 0])
+    # The new address is stored, sealed under the subject's DEK, now wrapped under v2 alone.
+    keyring = Keyring.load(keyring_path)
+    subject = records_service.get_subject(
+        session=session, pseudonym=first.json()["rows"][0]["pseudonym"]
+    )
+    session.rollback()
+    assert subject.wrapped_dek is not None
+    assert subject.wrapped_dek.startswith("v1.2.")
+    dek = records_service.subject_dek(keyring=keyring, subject=subject)
+    stored = records_service.decrypt_identity(keyring=keyring, subject=subject, dek=dek)
+    assert stored.street == "Putselaan 9"
