@@ -7,7 +7,14 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Header, Path
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StringConstraints,
+    field_validator,
+)
 
 
 def as_utc(value: datetime) -> datetime:
@@ -100,6 +107,12 @@ def refuse_nul(value: T) -> T:
 # TypedDicts): every text field carries it, before any check of its own; and for text query and
 # path parameters that reach SQL (a 422 naming the parameter, not the database's refusal).
 NO_NUL = AfterValidator(refuse_nul)
+
+
+# A query or path text that names what a ``StrictModel`` stored (a professional's id, a team):
+# read as that model reads it, without the spaces around it ("Zuid-2 " was registered as
+# "Zuid-2", and a filter typed the same way must find it).
+AS_STORED = StringConstraints(strip_whitespace=True)
 
 
 class StrictModel(BaseModel):

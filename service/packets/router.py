@@ -42,6 +42,7 @@ from service.packets.opens import PacketOpens
 from service.packets.policy import FollowupPolicy, PartitioningPolicy, RetentionPolicy
 from service.request_body import JsonRoute, Judge, judged_before_its_input
 from service.schemas import (
+    AS_STORED,
     NO_NUL,
     PACKET_ID,
     IdempotencyKeyHeader,
@@ -81,7 +82,7 @@ def create_professional(
 def list_professionals(
     session: SessionDep,
     _caller: Annotated[Caller, require(Permission.PROFESSIONALS_MANAGE)],
-    team: Annotated[str | None, Query(max_length=64), NO_NUL] = None,
+    team: Annotated[str | None, Query(max_length=64), AS_STORED, NO_NUL] = None,
     active: bool | None = None,
     after: Annotated[
         str | None,
@@ -96,11 +97,11 @@ def list_professionals(
     return ProfessionalPagePublic(items=items, next_after=next_after)
 
 
-# As registered (1 to 128 characters, no NUL): a longer path segment names nobody, and is refused
-# (422) rather than echoed back in a 404. Like every text parameter that reaches SQL (the lists'
-# filters and cursors too), it is refused with a NUL on both databases: PostgreSQL cannot even
-# compare such text, and SQLite would just find nothing.
-ProfessionalIdPath = Annotated[str, Path(min_length=1, max_length=128), NO_NUL]
+# As registered (1 to 128 characters once the spaces around it are gone, no NUL): a longer path
+# segment names nobody, and is refused (422) rather than echoed back in a 404. Like every text
+# parameter that reaches SQL (the lists' filters and cursors too), it is refused with a NUL on
+# both databases: PostgreSQL cannot even compare such text, and SQLite would just find nothing.
+ProfessionalIdPath = Annotated[str, Path(min_length=1, max_length=128), AS_STORED, NO_NUL]
 
 
 @router.patch(
@@ -207,6 +208,7 @@ def list_packets(
             description="one professional's packets (a professional's own list is theirs only: "
             "another's id finds nothing)",
         ),
+        AS_STORED,
         NO_NUL,
     ] = None,
     after: Annotated[

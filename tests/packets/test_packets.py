@@ -825,6 +825,37 @@ def test_a_nul_in_a_professional_id_team_or_cursor_is_a_422_naming_it_on_either_
     assert refused.json()["errors"][0]["msg"].endswith("must not contain NUL characters")
 
 
+def test_a_professional_is_found_by_the_team_and_id_as_typed_at_registration(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """Registration strips the spaces around an id and a team ("Zuid-2 " is stored "Zuid-2"):
+    the filters and the path read what a coordinator types the same way. ``?team= Zuid-2``
+    found nobody, and ``PATCH /v1/professionals/prof-002%20`` answered 404."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, " prof-001", team="Zuid-1 ")
+    professional(client, coordinator, "prof-002 ", team=" Zuid-2")
+    run_id, _ = flagged_run(app, client, session, coordinator, 2)
+    client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+
+    for team, found in ((" Zuid-2", ["prof-002"]), ("Zuid-1\u00a0", ["prof-001"])):
+        listed = client.get("/v1/professionals", params={"team": team}, headers=coordinator)
+        assert listed.status_code == 200, listed.text
+        assert [p["id"] for p in listed.json()["items"]] == found, team
+    packets = client.get(
+        "/v1/packets", params={"professional_id": "prof-001 "}, headers=coordinator
+    )
+    assert packets.status_code == 200, packets.text
+    assert {p["professional_id"] for p in packets.json()["items"]} == {"prof-001"}
+    patched = client.patch(
+        "/v1/professionals/prof-002%20", json={"capacity": 3}, headers=coordinator
+    )
+    assert patched.status_code == 200, patched.text
+    assert (patched.json()["id"], patched.json()["capacity"]) == ("prof-002", 3)
+    deactivated = client.post("/v1/professionals/%20prof-001/deactivate", headers=coordinator)
+    assert deactivated.status_code == 200, deactivated.text
+    assert deactivated.json()["id"] == "prof-001"
+
+
 def test_a_professional_id_with_a_slash_is_refused_at_registration(
     client: TestClient, token: TokenFactory
 ) -> None:
