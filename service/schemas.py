@@ -47,6 +47,22 @@ def parse_calendar_date(text: str) -> date:
     return date.fromisoformat(str(_date_as_text(text)))
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _written_in_digits(value: object) -> object:
+    # Pydantic would also read Python's own spellings of a number in a query ("+5", " 5", "5.0",
+    # "1_000"): a proxy, a log or a person reading the URL would see another number, or none,
+    # than the one answered (and, for an audit read, logged).
+    if isinstance(value, str) and _DIGITS.fullmatch(value) is None:
+        raise ValueError("a whole number is written in the digits 0-9 alone")
+    return value
+
+
+# Every integer a query takes: the digits 0-9, and nothing else. Put after the ``Query(...)``:
+# constraints after a validator would leave the OpenAPI document as unknown keywords.
+DIGITS_ONLY = BeforeValidator(_written_in_digits)
+
 # Largest integer both SQLite and PostgreSQL store (64-bit signed). Query parameters that reach
 # SQL (offsets, indexes, cursors) are bounded by it: an oversized number is a 422, not a 500.
 MAX_INT64 = 2**63 - 1

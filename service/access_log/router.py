@@ -31,7 +31,7 @@ from service.db import Database, SessionDep
 from service.errors import BadRequest, Forbidden, Unavailable
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.request_body import JsonRoute
-from service.schemas import MAX_INT64
+from service.schemas import DIGITS_ONLY, MAX_INT64
 
 _T = TypeVar("_T")
 PREFIX = "/v1/audit"
@@ -150,8 +150,12 @@ def entries(
     request: Request,
     session: SessionDep,
     caller: Auditor,
-    start: Annotated[int, Query(ge=0, le=MAX_INT64, description="first leaf index (inclusive)")],
-    end: Annotated[int, Query(ge=1, le=MAX_INT64, description="last leaf index (exclusive)")],
+    start: Annotated[
+        int, Query(ge=0, le=MAX_INT64, description="first leaf index (inclusive)"), DIGITS_ONLY
+    ],
+    end: Annotated[
+        int, Query(ge=1, le=MAX_INT64, description="last leaf index (exclusive)"), DIGITS_ONLY
+    ],
 ) -> StreamingResponse:
     start, end = _read(
         session,
@@ -203,8 +207,8 @@ def checkpoint(request: Request, session: SessionDep, caller: Auditor) -> PlainT
 def inclusion(
     session: SessionDep,
     caller: Auditor,
-    index: Annotated[int, Query(ge=0, le=MAX_INT64)],
-    tree_size: Annotated[int, Query(ge=1, le=MAX_INT64)],
+    index: Annotated[int, Query(ge=0, le=MAX_INT64), DIGITS_ONLY],
+    tree_size: Annotated[int, Query(ge=1, le=MAX_INT64), DIGITS_ONLY],
 ) -> InclusionProofPublic:
     hashes = _read(
         session,
@@ -224,8 +228,8 @@ def inclusion(
 def consistency(
     session: SessionDep,
     caller: Auditor,
-    first: Annotated[int, Query(ge=0, le=MAX_INT64)],
-    second: Annotated[int, Query(ge=0, le=MAX_INT64)],
+    first: Annotated[int, Query(ge=0, le=MAX_INT64), DIGITS_ONLY],
+    second: Annotated[int, Query(ge=0, le=MAX_INT64), DIGITS_ONLY],
 ) -> ConsistencyProofPublic:
     hashes = _read(
         session,

@@ -24,7 +24,7 @@ from service.flagging.models import (
 from service.flagging.rules import FlaggingPolicy
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.request_body import JsonRoute
-from service.schemas import MAX_INT64, IdempotencyKeyHeader
+from service.schemas import DIGITS_ONLY, MAX_INT64, IdempotencyKeyHeader
 
 MAX_FLAG_ID = 2**31 - 1  # flags.id is an INTEGER column
 
@@ -74,7 +74,7 @@ def list_runs(
         str | None,
         Query(min_length=1, max_length=200, description="the previous page's next_after"),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE), DIGITS_ONLY] = 100,
 ) -> FlaggingRunPagePublic:
     items, next_after = service.list_runs(session=session, after=after, limit=limit)
     return FlaggingRunPagePublic(items=items, next_after=next_after)
@@ -129,9 +129,9 @@ def list_run_flags(
     session: SessionDep,
     caller: Annotated[Caller, require(Permission.FLAGGING_READ)],
     after: Annotated[
-        int, Query(ge=0, le=MAX_INT64, description="the previous page's next_after")
+        int, Query(ge=0, le=MAX_INT64, description="the previous page's next_after"), DIGITS_ONLY
     ] = 0,
-    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE), DIGITS_ONLY] = 100,
 ) -> FlagPagePublic:
     # Flag ids are 32-bit on PostgreSQL: a cursor past the largest one reads no flag, as on
     # SQLite, rather than failing as a number the column cannot hold.

@@ -43,6 +43,7 @@ from service.packets.policy import FollowupPolicy, PartitioningPolicy, Retention
 from service.request_body import JsonRoute, Judge, judged_before_its_input
 from service.schemas import (
     AS_STORED,
+    DIGITS_ONLY,
     NO_NUL,
     PACKET_ID,
     IdempotencyKeyHeader,
@@ -89,7 +90,7 @@ def list_professionals(
         Query(min_length=1, max_length=128, description="the previous page's next_after"),
         NO_NUL,
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE), DIGITS_ONLY] = 100,
 ) -> ProfessionalPagePublic:
     items, next_after = service.list_professionals(
         session=session, team=team, active=active, after=after, limit=limit
@@ -215,7 +216,7 @@ def list_packets(
         str | None,
         Query(min_length=1, max_length=200, description="the previous page's next_after"),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE)] = 100,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_PAGE), DIGITS_ONLY] = 100,
 ) -> PacketPagePublic:
     items, next_after = service.list_packets(
         session=session,
