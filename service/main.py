@@ -348,6 +348,10 @@ def create_app(settings: Settings | None = None, *, database: Database | None = 
         lifespan=lifespan,
         dependencies=[Depends(refuse_unknown_input)],
         responses=problem_responses(422),
+        # No 307 from /v1/packets/ to /v1/packets: Starlette builds its Location from the Host
+        # header and the scheme it sees (http behind a proxy that ends TLS), and a client that
+        # follows it sends its token and its body there. A path is served as written, or 404.
+        redirect_slashes=False,
         openapi_url="/openapi.json" if browsable else None,
         docs_url="/docs" if browsable else None,
         redoc_url="/redoc" if browsable else None,

@@ -151,6 +151,31 @@ def test_unknown_route_is_404_problem(client: TestClient) -> None:
     assert response.json()["detail"] == "no route /v1/…"
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/packets/?limit=5"),
+        ("POST", "/v1/records/batch/"),
+        ("GET", "/v1/audit/checkpoint/"),
+        ("GET", "/healthz/"),
+    ],
+)
+def test_a_path_with_a_trailing_slash_is_404_problem_not_a_redirect(
+    client: TestClient, token: TokenFactory, method: str, path: str
+) -> None:
+    """Starlette answered 307 to the path without the slash, an empty body whose Location it
+    built from the request's Host header and the scheme it saw: behind a proxy that ends TLS, a
+    client following it sent its token and a batch of identities again in clear http, and a
+    forged Host sent them to another server."""
+    headers = {**bearer(token("src-001", "source", "auditor")), "Host": "elsewhere.example"}
+    body: dict[str, list[Any]] | None = {"subjects": []} if method == "POST" else None
+    response = client.request(method, path, json=body, headers=headers, follow_redirects=False)
+    assert response.status_code == 404, response.headers
+    assert "location" not in response.headers
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert response.json()["detail"].startswith("no route /")
+
+
 def test_a_path_is_shown_in_a_problem_without_what_was_typed_into_it(
     client: TestClient, token: TokenFactory
 ) -> None:
