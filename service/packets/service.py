@@ -376,12 +376,19 @@ def list_professionals(
     after: str | None = None,
     limit: int = 100,
 ) -> tuple[list[ProfessionalPublic], str | None]:
-    """Professionals in id order, a page of at most ``limit`` after the id ``after``; with the
-    id to pass as ``after`` for the next page (None on the last)."""
+    """Professionals in id order (code point order, on either database), a page of at most
+    ``limit`` after the id ``after``; with the id to pass as ``after`` for the next page (None
+    on the last)."""
     limit = max(1, min(limit, MAX_PAGE))
-    query = select(Professional).order_by(_professionals.c.id)
+    professional_id = _professionals.c.id
+    if session.get_bind().dialect.name == "postgresql":
+        # In code point order, as SQLite compares text, whatever collation the cluster was made
+        # with (en_US sorts "Prof-d" between "prof-a" and "prof-b"). The id index then goes
+        # unused for the order: a team's professionals are few.
+        professional_id = professional_id.collate("C")
+    query = select(Professional).order_by(professional_id)
     if after is not None:
-        query = query.where(_professionals.c.id > after)
+        query = query.where(professional_id > after)
     if team is not None:
         query = query.where(_professionals.c.team == team)
     if active is not None:

@@ -81,6 +81,34 @@ def test_professionals_are_listed_in_pages(client: TestClient, token: TokenFacto
         assert refused.status_code == 422, bad
 
 
+def test_professionals_are_listed_in_the_same_id_order_on_either_database(
+    client: TestClient, token: TokenFactory, session: Session, backend: str
+) -> None:
+    """The ids' characters in code point order, as SQLite compares text, whatever collation
+    the PostgreSQL cluster was made with: under en_US (a common default, here set on the
+    column) "Prof-d" came between "prof-a" and "prof-b", and "prof_c" before "prof-d"."""
+    if backend == "postgres":
+        session.execute(
+            text(
+                'ALTER TABLE professionals ALTER COLUMN id TYPE VARCHAR(128) COLLATE "en-US-x-icu"'
+            )
+        )
+        session.commit()
+    coordinator = bearer(token("coord-001", "coordinator"))
+    ids = ["prof-b", "Prof-d", "prof_c", "prof-a", "PROF-2", "prof-10", "prof-9", "prof.e"]
+    for sub in ids:
+        professional(client, coordinator, sub)
+    walked, after = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 1, **({"after": after} if after else {})}
+        page = client.get("/v1/professionals", params=params, headers=coordinator)
+        assert page.status_code == 200, page.text
+        walked += [p["id"] for p in page.json()["items"]]
+        if (after := page.json()["next_after"]) is None:
+            break
+    assert walked == sorted(ids)
+
+
 def test_times_read_back_are_utc_whatever_time_zone_the_database_server_keeps(
     app: FastAPI, client: TestClient, token: TokenFactory, session: Session, backend: str
 ) -> None:
