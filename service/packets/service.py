@@ -78,6 +78,7 @@ from service.crypto.envelope import (
     open_,
     open_under_wrapped_keys,
     seal,
+    token_version,
     unwrap_key,
     wrap_key,
     wrap_under,
@@ -1050,6 +1051,21 @@ class PacketKeyRetired(Unavailable):
         )
 
 
+class PacketKeyUnheld(Unavailable):
+    """The packet's key is wrapped under a packet KEK version the keyring does not hold (retired
+    before a backup holding the older wrap was restored, or not yet readable from this worker's
+    keyring file): nothing that needs the packet key was done. The open's counterpart, for an
+    open already logged, is ``PacketKeyRetired``."""
+
+    def __init__(self, packet_id: str) -> None:
+        super().__init__(
+            f"the key of packet {packet_id} is under a packet key version the keyring does not "
+            "hold; nothing was recorded (a follow-up without a note or Idempotency-Key needs "
+            "no key)",
+            headers={"Retry-After": "1"},
+        )
+
+
 class PacketNotClosable(Conflict):
     commit_before_raising = True  # the refusal keeps its ``denied`` entry
 
@@ -1379,7 +1395,19 @@ def _packet_key_wrap(packet: _PacketRow) -> str:
 
 
 def _packet_key(keyring: KeyProvider, packet: _PacketRow) -> DataKey:
-    return _unwrap_packet_key(keyring, packet_id=packet.id, wrapped_key=_packet_key_wrap(packet))
+    """The packet key of a packet its caller holds locked (no rewrap can move it meanwhile):
+    ``PacketKeyDamaged`` for a wrap that fails its check, ``PacketKeyUnheld`` for one under a
+    version the keyring does not hold, each logged by the packet's id."""
+    wrapped_key = _packet_key_wrap(packet)
+    try:
+        return _unwrap_packet_key(keyring, packet_id=packet.id, wrapped_key=wrapped_key)
+    except UnknownKey:
+        logger.error(
+            "the key of packet %s is under packet v%d, which the keyring does not hold",
+            packet.id,
+            token_version(wrapped_key),
+        )
+        raise PacketKeyUnheld(packet.id) from None
 
 
 def _unwrap_packet_key(keyring: KeyProvider, *, packet_id: str, wrapped_key: str) -> DataKey:

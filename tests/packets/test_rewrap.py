@@ -425,6 +425,65 @@ def test_an_open_whose_packet_kek_is_retired_before_its_reveal_shows_nothing_and
     )
 
 
+def test_a_followup_needing_a_packet_key_under_a_version_the_keyring_lacks_is_a_clear_503(
+    client: TestClient,
+    token: TokenFactory,
+    database: Database,
+    keys_cli: CliRunner,
+    keyring_followed_at_once: None,
+    rotations_settled: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A packet row whose key wrap is under a packet KEK version the keyring no longer holds (a
+    database restored from a backup taken before ``keys rewrap``, after ``keys retire``): a
+    follow-up that needs the packet key (a note, an ``Idempotency-Key``) is refused as the open
+    is, 503 with ``Retry-After`` and a detail naming the packet, never a bare 500, and nothing
+    is recorded; one that needs no key is recorded."""
+    world = build_world(client, token, professionals={OWNER: ["Charlois"]}, per_district=3)
+    packet = world.packet(OWNER, "Charlois")
+    backup = packet_wraps(database)[packet["id"]]
+    assert backup.startswith("v1.1.")
+    for command in (
+        ["rotate", "--purpose", "packet"],
+        ["rewrap"],
+        ["retire", "--purpose", "packet", "--version", "1"],
+    ):
+        done = keys_cli.invoke(cli, ["keys", *command])
+        assert done.exit_code == 0, done.output
+    with database.session() as session:
+        session.execute(
+            PACKETS.update().where(PACKETS.c.id == packet["id"]).values(wrapped_key=backup)
+        )
+        session.commit()
+    owner = bearer(token(OWNER, "professional"))
+    url = f"/v1/packets/{packet['id']}/clients/{packet['pseudonyms'][0]}/followups"
+    with_a_note = {"kind": "contact", "date": scenario.DAY_B, "note": scenario.NOTE}
+    plain = {"kind": "contact", "date": scenario.DAY_B}
+    answers = [
+        client.post(url, json=with_a_note, headers=owner),
+        client.post(url, json=plain, headers={**owner, "Idempotency-Key": "retry-1"}),
+    ]
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.headers["retry-after"] == "1"
+        assert answer.json()["detail"] == (
+            f"the key of packet {packet['id']} is under a packet key version the keyring does "
+            "not hold; nothing was recorded (a follow-up without a note or Idempotency-Key "
+            "needs no key)"
+        )
+        assert scenario.NOTE not in answer.text
+        assert leaked(answer.text, world.secrets) == []
+    assert f"the key of packet {packet['id']} is under packet v1" in caplog.text
+    assert scenario.NOTE not in caplog.text
+    with database.transaction() as session:
+        stored = session.execute(select(scenario.FOLLOWUPS.c.id)).scalars().all()
+        entries = log_entries(session, "followup.create")
+    assert (stored, entries) == ([], [])
+    recorded = client.post(url, json=plain, headers=owner)
+    assert recorded.status_code == 201, recorded.text
+
+
 def retired_while_paused(
     work: Callable[[], Answer],
     *,
