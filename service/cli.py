@@ -1479,7 +1479,9 @@ def flag(
     settings = settings_or_exit()
     policy = policies_or_exit(settings).flagging
     try:
-        day = not_in_the_future(parse_calendar_date(as_of)) if as_of else today()
+        # An empty value (`--as-of "$DAY"` with DAY unset) is a bad date, not today: a run is
+        # kept and logged for good.
+        day = not_in_the_future(parse_calendar_date(as_of)) if as_of is not None else today()
         if day < EARLIEST:  # the bounds the API holds ``as_of`` to (``FlaggingRunCreate``)
             raise ValueError(f"as_of may not be before {EARLIEST.isoformat()}")
     except ValueError as exc:

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from service.cli import app as cli
@@ -16,6 +16,7 @@ from service.clock import today
 from service.config import get_settings
 from service.crypto.keyring import Keyring
 from service.db import Database
+from service.flagging.models import FlaggingRun
 from service.flagging.service import system_caller
 from service.packets.models import ProfessionalCreate
 from service.packets.service import create_professional
@@ -106,3 +107,22 @@ def test_partition_names_a_case_whose_key_fails_its_check_and_places_the_rest(
     assert "unplaced: 1 (the subject's key failed its integrity check)" in output
     assert "key failed its integrity check: ps-000" in output
     assert "1 packets built" in output
+
+
+def test_an_empty_as_of_is_refused_and_no_run_is_made_as_of_today(cli_home: Path) -> None:
+    """`--as-of "$DAY"` with DAY unset is a mistake, not a request for today: a run is logged
+    and kept for good, so one as of the wrong day must not be made."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    for empty in ("", " "):
+        refused = runner.invoke(cli, ["flag", "--as-of", empty])
+        assert refused.exit_code == 2, (empty, refused.output)
+        assert "a date is written as text, YYYY-MM-DD" in " ".join(refused.output.split())
+    database = Database(get_settings())
+    try:
+        with database.session() as session:
+            runs = session.execute(select(func.count()).select_from(FlaggingRun)).scalar_one()
+    finally:
+        database.dispose()
+    assert runs == 0
