@@ -1287,6 +1287,24 @@ def test_demo_is_deterministic_per_seed_and_names_the_date_to_flag_it_as_of(
     assert count_rows(cli_session, "events") == events
 
 
+def test_a_demo_seed_too_long_to_name_its_source_is_refused_in_one_line(
+    cli_env: Settings, cli_session: Session
+) -> None:
+    """The seed is spelled into the batches' source and the subjects' e-mail addresses, which
+    have a length limit: a seed of 60 digits is refused by its option, not by a traceback from
+    the first batch, and nothing is stored."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    result = CliRunner().invoke(cli, ["demo", "--subjects", "100", "--seed", "9" * 60])
+    assert result.exit_code == 2, result.output
+    assert "--seed" in result.output
+    assert "Traceback" not in result.output
+    assert "ValidationError" not in result.output
+    assert count_rows(cli_session, "subjects") == 0
+    assert count_rows(cli_session, "ingest_batches") == 0
+    assert run("demo", "--subjects", "100", "--seed", str(2**63 - 1))[0] == 0
+    assert count_rows(cli_session, "subjects") == 100
+
+
 def test_prepare_creates_keys_and_demo_once_in_the_embedded_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
