@@ -18,6 +18,7 @@ from typing import Annotated, NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -258,10 +259,12 @@ def backup(
             if isinstance(exc, OSError) and exc.strerror
             else f"{type(exc).__name__}: {exc}"
         )
-        console.print(f"[red]failed:[/red] {reason}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed:[/red] {escape(reason)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2 if isinstance(exc, OSError | ValueError) else 1) from None
+    # Escaped: a path is text, and a folder named `[daily]` is not a style (nor `a[/b]` an error).
     console.print(
-        f"backed up the database to {out} ({size:,} bytes); keep it apart from the keyring",
+        f"backed up the database to {escape(str(out))} ({size:,} bytes); keep it apart from "
+        "the keyring",
         highlight=False,
         soft_wrap=True,
     )
@@ -542,7 +545,7 @@ def audit_export(
     try:
         Keyring.load(settings.resolved_keyring_path)
     except KeyringError as exc:
-        console.print(f"[red]cannot sign a checkpoint:[/red] {exc}")
+        console.print(f"[red]cannot sign a checkpoint:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
     def signer(session: Session) -> NoteSigner:
@@ -556,7 +559,7 @@ def audit_export(
         out.mkdir(parents=True, exist_ok=True)  # before a checkpoint is signed for it
     except OSError as exc:
         console.print(
-            f"[red]refused:[/red] cannot write the export to {out}: {exc.strerror}",
+            f"[red]refused:[/red] cannot write the export to {escape(str(out))}: {exc.strerror}",
             highlight=False,
             soft_wrap=True,
         )
@@ -575,13 +578,17 @@ def audit_export(
             logged = log_export(database, size=exported.size)
     except OSError as exc:
         console.print(
-            f"[red]failed:[/red] cannot write the export to {out}: {exc.strerror} ({exc.filename})",
+            f"[red]failed:[/red] cannot write the export to "
+            f"{escape(f'{out}: {exc.strerror} ({exc.filename})')}",
             highlight=False,
             soft_wrap=True,
         )
         raise typer.Exit(2) from None
     entries = "entry" if exported.size == 1 else "entries"
-    console.print(f"exported {exported.size} {entries} and a signed checkpoint to {out}")
+    console.print(
+        f"exported {exported.size} {entries} and a signed checkpoint to {escape(str(out))}",
+        highlight=False,
+    )
     if not exported.entries_match:
         console.print(
             "[red]but the entries do not hash to the checkpoint the service signed:[/red] the "

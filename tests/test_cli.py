@@ -697,6 +697,33 @@ def test_backup_never_replaces_a_file_and_never_creates_the_database(cli_home: P
     assert not (cli_home / "new.db").exists()
 
 
+def test_backup_and_export_name_a_path_with_brackets_as_it_is_written(cli_home: Path) -> None:
+    """A folder named `[daily]` is a folder, not terminal markup: the command names the file it
+    wrote as it is (not `…//backup.db`), and `a[/b]` does not turn a backup that was made into
+    an unexpected error (exit 1) that says nothing of it."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    for folder in (cli_home / "[daily]", cli_home / "a[" / "b]"):
+        folder.mkdir(parents=True)
+        backup = folder / "backup.db"
+        result = runner.invoke(cli, ["backup", "--out", str(backup)])
+        assert result.exit_code == 0, result.output
+        assert one_line(result.output).startswith(f"backed up the database to {backup} (")
+        again = runner.invoke(cli, ["backup", "--out", str(backup)])
+        assert again.exit_code == 2, again.output
+        assert one_line(again.output) == f"failed: refusing to replace it: {backup}"
+        export = folder / "export"
+        exported = runner.invoke(cli, ["audit", "export", "--out", str(export)])
+        assert exported.exit_code == 0, exported.output
+        assert f"a signed checkpoint to {export}" in exported.output
+        (export / "stray").write_text("not part of an export")
+        refused = runner.invoke(cli, ["audit", "export", "--out", str(export)])
+        assert refused.exit_code == 2, refused.output
+        assert f"cannot write the export to {export}: " in refused.output
+        assert f"({export / 'stray'})" in refused.output
+
+
 def test_a_backup_is_on_disk_before_its_name_appears_and_its_name_after(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
