@@ -570,6 +570,31 @@ def test_audit_export_to_a_file_is_refused_in_one_line_before_signing(cli_home: 
     assert "exported 0 entries" in exported.output  # the refused export signed nothing
 
 
+def test_an_export_killed_between_its_renames_is_put_back_by_the_next_even_if_that_fails(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after moving the earlier export aside and before renaming the new one into place,
+    an export leaves the earlier one in `.export.partial/previous`: the next export puts it back
+    before it signs anything, so that export failing too (here: a checkpoint origin the log does
+    not carry) does not leave the auditor's folder empty and the earlier export deleted."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    export = cli_home / "export"
+    assert runner.invoke(cli, ["audit", "export", "--out", str(export)]).exit_code == 0
+    earlier = {path.name: path.read_bytes() for path in export.iterdir()}
+    staging = cli_home / ".export.partial"
+    staging.mkdir(mode=0o700)
+    export.rename(staging / "previous")  # the state a kill -9 between the renames leaves
+    monkeypatch.setenv("CASEPACKETS_CHECKPOINT_ORIGIN", "another.example/log")
+    get_settings.cache_clear()
+    failed = runner.invoke(cli, ["audit", "export", "--out", str(export)])
+    assert failed.exit_code == 1, failed.output
+    assert "another.example/log" in failed.output
+    assert {path.name: path.read_bytes() for path in export.iterdir()} == earlier
+    assert not staging.exists()
+
+
 def test_an_audit_export_is_logged_as_an_audit_read_and_is_in_the_next_export(
     cli_home: Path,
 ) -> None:

@@ -17,7 +17,7 @@ other folder or file at the target is refused before a checkpoint is signed for 
 One export at a time writes to a target (a lock file beside it; a second is refused at once), so
 the private folder has one name, and what a killed export left there (``kill -9``, a power cut)
 is found by the next: the earlier export it had moved aside goes back first when the target is
-missing, and the rest, which names pseudonyms, is deleted.
+missing or an empty folder, and the rest, which names pseudonyms, is deleted.
 """
 
 from __future__ import annotations
@@ -144,13 +144,26 @@ def _only_export_into(target: Path, *, shown_as: Path) -> Iterator[None]:
 
 def _clear_leftovers(staging: Path, *, target: Path, previous: Path) -> None:
     """Undo what an export killed midway left in ``staging``: the earlier export it had moved
-    aside goes back to ``target`` if nothing took its place, and the rest is deleted."""
+    aside goes back to ``target`` if nothing took its place (an empty folder, such as the one
+    ``casepackets audit export`` makes before it signs, holds nothing), and the rest is
+    deleted."""
     if not os.path.lexists(staging):
         return
-    if os.path.isdir(previous) and not os.path.lexists(target):
+    if os.path.isdir(previous) and _absent_or_empty(target):
+        if os.path.lexists(target):
+            os.rmdir(target)
         os.rename(previous, target)
     shutil.rmtree(staging)
     sync_folder(target.parent)
+
+
+def _absent_or_empty(path: Path) -> bool:
+    if not os.path.lexists(path):
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
 
 
 def _write_export(
