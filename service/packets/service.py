@@ -1653,7 +1653,14 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
             keyring, packet_id=packet_id, wrapped_key=sealed.wrapped_key
         )
     except UnknownKey:
-        # Read before a rewrap moved it, its version retired since the open committed.
+        # Read before a rewrap moved it, its version retired since the open committed. Logged:
+        # a version gone for good (a database restored from before a rewrap and retirement)
+        # answers every open so, and only the operator can put it right.
+        logger.error(
+            "the key of packet %s is under packet v%d, which the keyring does not hold",
+            packet_id,
+            token_version(sealed.wrapped_key),
+        )
         raise PacketKeyRetired(packet_id) from None
     dek_aad = AadTemplate(member_dek_aad(packet_id, 0), field="subject", wrapped_key=True)
     wrapped = {

@@ -376,6 +376,7 @@ def test_an_open_whose_packet_kek_is_retired_before_its_reveal_shows_nothing_and
     keyring_followed_at_once: None,
     rotations_settled: None,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The open's batch committed its ``packet.open`` entry holding the packet key's v1 wrap;
     before it is decrypted, a rewrap moves the packet to v2 and v1 is retired. The owner gets a
@@ -407,6 +408,9 @@ def test_an_open_whose_packet_kek_is_retired_before_its_reveal_shows_nothing_and
         "this open was logged; nothing was shown, try again"
     )
     assert leaked(opened.text, world.secrets) == []
+    # The operator learns which packet and version, should the version be gone for good.
+    assert f"the key of packet {packet['id']} is under packet v1" in caplog.text
+    assert leaked(caplog.text, world.secrets) == []
     with database.transaction() as session:
         opens = log_entries(session, "packet.open")
     assert [(e["actor"], e["outcome"], e["reason"]) for e in opens] == [
