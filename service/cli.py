@@ -105,12 +105,21 @@ app = typer.Typer(
 console = Console(stderr=True, soft_wrap=True)
 
 
+def shown(value: object) -> str:
+    """``value`` as text in a console line, as written: a path or a message holding ``[`` is
+    not markup (``[daily]`` would vanish as a style; ``a[/b]`` would end the command in a
+    MarkupError, after its work was done)."""
+    return escape(str(value))
+
+
 def settings_or_exit() -> Settings:
     try:
         return get_settings()
     except (UnsafeSettings, ValueError) as exc:
         console.print(
-            f"[red]configuration refused:[/red] {refusal(exc)}", highlight=False, soft_wrap=True
+            f"[red]configuration refused:[/red] {shown(refusal(exc))}",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(2) from None
 
@@ -134,7 +143,7 @@ def policies_or_exit(settings: Settings) -> Policies:
     try:
         return load_policies(settings.policies_dir)
     except (OSError, ValueError) as exc:
-        console.print(f"[red]policy refused:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]policy refused:[/red] {shown(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -147,7 +156,7 @@ def token_keys_or_exit(settings: Settings) -> None:
         KeySet.from_file(settings.jwks_file, algorithm=settings.jwt_algorithm)
     except ValueError as exc:
         console.print(
-            f"[red]configuration refused:[/red] CASEPACKETS_JWKS_FILE: {exc}",
+            f"[red]configuration refused:[/red] CASEPACKETS_JWKS_FILE: {shown(exc)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -161,7 +170,7 @@ def database_problems_exit() -> Iterator[None]:
     try:
         yield
     except DatabaseProblem as exc:
-        console.print(f"[red]failed:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed:[/red] {shown(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1 if isinstance(exc, DatabaseBusy) else 2) from None
 
 
@@ -171,7 +180,8 @@ def data_folder_or_exit(settings: Settings) -> None:
         settings.home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         console.print(
-            f"[red]refused:[/red] CASEPACKETS_HOME {settings.home} cannot be the data folder: "
+            f"[red]refused:[/red] CASEPACKETS_HOME {shown(settings.home)} cannot be the data "
+            "folder: "
             f"{exc.strerror or type(exc).__name__}",
             highlight=False,
             soft_wrap=True,
@@ -186,7 +196,7 @@ def dev_issuer(settings: Settings) -> DevIssuer:
             if settings.jwks_file or settings.jwks_url
             else "CASEPACKETS_DEV_ISSUER=false"
         )
-        console.print(f"[red]the built-in issuer is off[/red]: {why}", highlight=False)
+        console.print(f"[red]the built-in issuer is off[/red]: {shown(why)}", highlight=False)
         raise typer.Exit(2)
     try:
         private_pem = load_or_create_private_pem(
@@ -195,7 +205,9 @@ def dev_issuer(settings: Settings) -> DevIssuer:
     except OSError as exc:  # KeyFileTooOpen among them: its message says what to run
         reason = f"cannot use {exc.filename}: {exc.strerror}" if exc.strerror else str(exc)
         console.print(
-            f"[red]built-in issuer's key refused:[/red] {reason}", highlight=False, soft_wrap=True
+            f"[red]built-in issuer's key refused:[/red] {shown(reason)}",
+            highlight=False,
+            soft_wrap=True,
         )
         raise typer.Exit(2) from None
     return DevIssuer(
@@ -259,12 +271,11 @@ def backup(
             if isinstance(exc, OSError) and exc.strerror
             else f"{type(exc).__name__}: {exc}"
         )
-        console.print(f"[red]failed:[/red] {escape(reason)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]failed:[/red] {shown(reason)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2 if isinstance(exc, OSError | ValueError) else 1) from None
     # Escaped: a path is text, and a folder named `[daily]` is not a style (nor `a[/b]` an error).
     console.print(
-        f"backed up the database to {escape(str(out))} ({size:,} bytes); keep it apart from "
-        "the keyring",
+        f"backed up the database to {shown(out)} ({size:,} bytes); keep it apart from the keyring",
         highlight=False,
         soft_wrap=True,
     )
@@ -307,7 +318,7 @@ def token(
         # Most often a command run from another folder than the service's (CASEPACKETS_HOME
         # defaults to ./var): its tokens would be refused as signed by an unknown key.
         console.print(
-            f"[yellow]created a new built-in issuer key at {key_path.resolve()}[/yellow]: a "
+            f"[yellow]created a new built-in issuer key at {shown(key_path.resolve())}[/yellow]: a "
             "service already running with another CASEPACKETS_HOME refuses this token; run "
             "the command where the service runs, or set CASEPACKETS_HOME to its data folder",
             highlight=False,
@@ -352,9 +363,9 @@ def prepare(settings: Settings) -> None:
     if not settings.resolved_keyring_path.exists():
         if settings.env == "production":
             console.print(
-                f"[red]no keyring at {settings.resolved_keyring_path}[/red]: in production it is "
-                "created deliberately, once, with `casepackets keys init` (and backed up apart "
-                "from the database)",
+                f"[red]no keyring at {shown(settings.resolved_keyring_path)}[/red]: in "
+                "production it is created deliberately, once, with `casepackets keys init` "
+                "(and backed up apart from the database)",
                 highlight=False,
             )
             raise typer.Exit(2)
@@ -364,10 +375,12 @@ def prepare(settings: Settings) -> None:
             # Another process (a second `serve` on a fresh data folder) created it meanwhile:
             # that one is used, as the workers do (keyring_or_exit below checks it).
             if not settings.resolved_keyring_path.exists():
-                console.print(f"[red]keyring refused:[/red] {exc}", highlight=False, soft_wrap=True)
+                console.print(
+                    f"[red]keyring refused:[/red] {shown(exc)}", highlight=False, soft_wrap=True
+                )
                 raise typer.Exit(2) from None
         else:
-            console.print(f"created the keyring at {settings.resolved_keyring_path}")
+            console.print(f"created the keyring at {shown(settings.resolved_keyring_path)}")
     # Read as every worker will read it, so a keyring it would refuse (too open, unreadable) is
     # one line naming what to fix, not a traceback from each worker; and before the schema is
     # touched, so a start that is refused has changed nothing.
@@ -545,7 +558,7 @@ def audit_export(
     try:
         Keyring.load(settings.resolved_keyring_path)
     except KeyringError as exc:
-        console.print(f"[red]cannot sign a checkpoint:[/red] {escape(str(exc))}")
+        console.print(f"[red]cannot sign a checkpoint:[/red] {shown(exc)}")
         raise typer.Exit(2) from None
 
     def signer(session: Session) -> NoteSigner:
@@ -559,7 +572,7 @@ def audit_export(
         out.mkdir(parents=True, exist_ok=True)  # before a checkpoint is signed for it
     except OSError as exc:
         console.print(
-            f"[red]refused:[/red] cannot write the export to {escape(str(out))}: {exc.strerror}",
+            f"[red]refused:[/red] cannot write the export to {shown(out)}: {exc.strerror}",
             highlight=False,
             soft_wrap=True,
         )
@@ -579,14 +592,14 @@ def audit_export(
     except OSError as exc:
         console.print(
             f"[red]failed:[/red] cannot write the export to "
-            f"{escape(f'{out}: {exc.strerror} ({exc.filename})')}",
+            f"{shown(f'{out}: {exc.strerror} ({exc.filename})')}",
             highlight=False,
             soft_wrap=True,
         )
         raise typer.Exit(2) from None
     entries = "entry" if exported.size == 1 else "entries"
     console.print(
-        f"exported {exported.size} {entries} and a signed checkpoint to {escape(str(out))}",
+        f"exported {exported.size} {entries} and a signed checkpoint to {shown(out)}",
         highlight=False,
     )
     if not exported.entries_match:
@@ -599,7 +612,7 @@ def audit_export(
         )
     if logged is not None:
         console.print(
-            f"[red]but the export is not in the access log:[/red] {logged}. The files are "
+            f"[red]but the export is not in the access log:[/red] {shown(logged)}. The files are "
             "complete; tell the auditor it is not logged",
             highlight=False,
         )
@@ -789,7 +802,7 @@ def database_for(settings: Settings) -> Iterator[Database]:
         if missing is not None:
             # Opening it would leave an empty file behind, and a schema "not this version's".
             console.print(
-                f"[red]refused:[/red] there is no database at {missing}; run "
+                f"[red]refused:[/red] there is no database at {shown(missing)}; run "
                 "`casepackets migrate` first",
                 highlight=False,
                 soft_wrap=True,
@@ -807,7 +820,7 @@ def database_for(settings: Settings) -> Iterator[Database]:
             with database_problems(database.engine.url):
                 yield database
         except ServiceError as exc:
-            console.print(f"[red]failed:[/red] {exc.detail}", highlight=False)
+            console.print(f"[red]failed:[/red] {shown(exc.detail)}", highlight=False)
             raise typer.Exit(1) from None
         finally:
             database.dispose()
@@ -817,7 +830,7 @@ def keyring_or_exit(settings: Settings) -> Keyring:
     try:
         return Keyring.load(settings.resolved_keyring_path)
     except KeyringError as exc:
-        console.print(f"[red]keyring refused:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]keyring refused:[/red] {shown(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -830,10 +843,10 @@ def keyring_edit_or_exit(settings: Settings) -> Iterator[LockedKeyring]:
         try:
             keyring = stack.enter_context(Keyring.edit(settings.resolved_keyring_path))
         except KeyringBusy as exc:
-            console.print(f"[red]refused:[/red] {exc}", highlight=False)
+            console.print(f"[red]refused:[/red] {shown(exc)}", highlight=False)
             raise typer.Exit(1) from None
         except KeyringError as exc:
-            console.print(f"[red]keyring refused:[/red] {exc}", highlight=False)
+            console.print(f"[red]keyring refused:[/red] {shown(exc)}", highlight=False)
             raise typer.Exit(2) from None
         yield keyring
 
@@ -869,12 +882,14 @@ def keys_init() -> None:
     try:
         keyring = Keyring.init(settings.resolved_keyring_path)
     except KeyringInaccessible as exc:
-        console.print(f"[red]keyring refused:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]keyring refused:[/red] {shown(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyringError as exc:  # one exists already, or another key command is running
-        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(1) from None
-    console.print(f"created {keyring.path} with keys: {', '.join(PURPOSES)} (version 1 each)")
+    console.print(
+        f"created {shown(keyring.path)} with keys: {', '.join(PURPOSES)} (version 1 each)"
+    )
 
 
 # What an older, not yet retired version of each key still does.
@@ -971,7 +986,7 @@ def keys_rotate(
             # Staged, and the log holds its rotation: workers use it already.
             console.print(
                 f"[yellow]{checked} v{version} is in use but still marked staged:[/yellow] "
-                f"{exc}. The next key command marks it current",
+                f"{shown(exc)}. The next key command marks it current",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -1007,8 +1022,8 @@ def not_the_keyrings_database_exit(what: str, *, sealed: bool | None) -> NoRetur
         else "what this database holds does not open under this keyring's keys"
     )
     console.print(
-        f"[red]refused:[/red] {what}, but {why}: is CASEPACKETS_DATABASE_URL the database this "
-        "keyring belongs to? Nothing was changed",
+        f"[red]refused:[/red] {shown(what)}, but {shown(why)}: is CASEPACKETS_DATABASE_URL the "
+        "database this keyring belongs to? Nothing was changed",
         highlight=False,
         soft_wrap=True,
     )
@@ -1053,8 +1068,8 @@ def settle_staged(database: Database, keyring: LockedKeyring, *, settings: Setti
                 )
         except KeyringError as exc:
             console.print(
-                f"[red]keyring not written:[/red] {exc}. {name} stays staged; fix the keyring "
-                "file and run the command again",
+                f"[red]keyring not written:[/red] {shown(exc)}. {name} stays staged; fix the "
+                "keyring file and run the command again",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -1086,7 +1101,7 @@ def check_purpose_or_exit(purpose: str) -> Purpose:
     try:
         return check_purpose(purpose)
     except KeyringError as exc:
-        console.print(f"[red]{exc}[/red]", highlight=False)
+        console.print(f"[red]{shown(exc)}[/red]", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -1159,7 +1174,9 @@ def keys_rewrap(
                 for wrapped in WRAPPED_KEY_COLUMNS
             )
     for line in unopened[:REWRAP_FAILURES_SHOWN]:
-        console.print(f"[yellow]not rewrapped:[/yellow] {line}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]not rewrapped:[/yellow] {shown(line)}", highlight=False, soft_wrap=True
+        )
     if len(unopened) > REWRAP_FAILURES_SHOWN:
         console.print(f"[yellow]… and {len(unopened) - REWRAP_FAILURES_SHOWN} more[/yellow]")
     done = f"rewrapped {total_moved} {'key' if total_moved == 1 else 'keys'}"
@@ -1208,8 +1225,9 @@ def unwritten_keyring_exit(exc: KeyringError, *, logged: str) -> NoReturn:
     """A key change the access log already holds, whose keyring write then failed: say so in
     one line (exit 2), so the operator fixes the file and runs the command again."""
     console.print(
-        f"[red]keyring not written:[/red] {exc}. The access log already records {logged}; fix "
-        "the keyring file and run the same command again (the log will then record it again)",
+        f"[red]keyring not written:[/red] {shown(exc)}. The access log already records "
+        f"{shown(logged)}; fix the keyring file and run the same command again (the log will "
+        "then record it again)",
         highlight=False,
         soft_wrap=True,
     )
@@ -1226,7 +1244,7 @@ def retire_logged(
     try:
         keyring.check_old_version(purpose, version)
     except KeyringError as exc:
-        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(1) from None
     # Nothing depends on any version in a database the keyring's keys open nothing in.
     if (sealed := opens_under(session=session, keyring=keyring)) is not True:
@@ -1239,7 +1257,7 @@ def retire_logged(
     try:
         dependents = count_key_dependents(session=session, purpose=purpose, version=version)
     except ServiceError as exc:
-        console.print(f"[red]refused:[/red] {exc.detail}", highlight=False)
+        console.print(f"[red]refused:[/red] {shown(exc.detail)}", highlight=False)
         raise typer.Exit(1) from None
     if dependents:
         remedy = (
@@ -1249,14 +1267,15 @@ def retire_logged(
             else "run `casepackets keys rewrap` first"
         )
         console.print(
-            f"[red]refused:[/red] {dependents} rows still depend on {purpose} v{version}; {remedy}",
+            f"[red]refused:[/red] {dependents} rows still depend on {purpose} v{version}; "
+            f"{shown(remedy)}",
             highlight=False,
         )
         raise typer.Exit(1)
     try:
         keyring.check_retirable(purpose, version)
     except KeyringError as exc:
-        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(1) from None
     log_system_action(
         session,
@@ -1303,7 +1322,7 @@ def event_types_or_exit(settings: Settings) -> frozenset[str]:
     try:
         return load_event_types(settings.policies_dir / "events.yaml")
     except VocabularyError as exc:
-        console.print(f"[red]policy refused:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]policy refused:[/red] {shown(exc)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -1413,7 +1432,7 @@ def import_(
     try:
         event_types = load_event_types(settings.policies_dir / "events.yaml")
     except ValueError as exc:
-        console.print(f"[red]import refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]import refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
     try:
         with database_for(settings) as database, progress_bar() as progress:
@@ -1431,7 +1450,9 @@ def import_(
                 on_progress=lambda _done, read: progress.update(task, completed=read),
             )
     except ImportRefused as exc:
-        console.print(f"[red]import refused:[/red] {exc}; nothing was stored", highlight=False)
+        console.print(
+            f"[red]import refused:[/red] {shown(exc)}; nothing was stored", highlight=False
+        )
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print(
@@ -1448,7 +1469,8 @@ def import_(
     if result.rejected_total:
         for rejection in result.rejected[:50]:
             console.print(
-                f"  line {rejection.line}: {', '.join(rejection.fields)}: {rejection.reason}",
+                f"  line {rejection.line}: {', '.join(rejection.fields)}: "
+                f"{shown(rejection.reason)}",
                 highlight=False,
             )
         more = result.rejected_total - min(len(result.rejected), 50)
@@ -1458,7 +1480,8 @@ def import_(
     if result.stopped is not None:
         stop = result.stopped
         console.print(
-            f"[red]import stopped at line {stop.line}:[/red] {stop.reason}. The lines before it "
+            f"[red]import stopped at line {stop.line}:[/red] {shown(stop.reason)}. The lines "
+            "before it "
             f"are stored ({result.subjects} subjects and {result.events_stored} new events) or "
             f"rejected as listed; nothing from line {stop.line} on was stored. Correct the file "
             "and run the same import again: what is stored already is recognised and not "
@@ -1499,7 +1522,7 @@ def flag(
         if day < EARLIEST:  # the bounds the API holds ``as_of`` to (``FlaggingRunCreate``)
             raise ValueError(f"as_of may not be before {EARLIEST.isoformat()}")
     except ValueError as exc:
-        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
     with database_for(settings) as database, database.transaction() as session:
         refuse_policy_clash(session=session, policy=policy)  # said before a bar is drawn
@@ -1554,7 +1577,7 @@ def partition(
         partitioning = load_partitioning_policy(settings.policies_dir / "partitioning.yaml")
         retention = load_retention_policy(settings.policies_dir / "retention.yaml")
     except PacketsPolicyError as exc:
-        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
     keyring = keyring_or_exit(settings)
     with (
@@ -1583,10 +1606,12 @@ def partition(
     for case in result.unplaced:
         reasons[case.reason] = reasons.get(case.reason, 0) + 1
     for reason, count in sorted(reasons.items()):
-        console.print(f"unplaced: {count} ({reason})", highlight=False)
+        console.print(f"unplaced: {count} ({shown(reason)})", highlight=False)
     if damaged := [case.pseudonym for case in result.unplaced if case.reason == KEY_DAMAGED]:
         # Each needs its key restored (from a backup) before it can be placed: name them.
-        console.print(f"key failed its integrity check: {', '.join(damaged)}", highlight=False)
+        console.print(
+            f"key failed its integrity check: {shown(', '.join(damaged))}", highlight=False
+        )
     console.print(f"{len(result.packets)} packets built for run {run_id}", highlight=False)
 
 
@@ -1621,7 +1646,7 @@ def expire(
     try:
         retention = load_retention_policy(settings.policies_dir / "retention.yaml")
     except PacketsPolicyError as exc:
-        console.print(f"[red]refused:[/red] {exc}", highlight=False)
+        console.print(f"[red]refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
     moment = utcnow()
     shredded = still_due = moved = 0

@@ -857,3 +857,30 @@ def test_an_unexpected_error_is_reported_by_its_type_without_its_message(
     assert "in crash" in output  # the frames are shown
     assert "123456782" not in output
     assert "Quaedvlieg" not in output
+
+
+@pytest.mark.parametrize("folder", ["[daily]", "a[/b]"])
+def test_paths_are_named_as_written_brackets_and_all(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch, folder: str
+) -> None:
+    """A path is text, not console markup: a folder named ``[daily]`` does not vanish as a
+    style, and ``a[/b]`` does not end a command that did its work in a MarkupError."""
+    home = cli_home / folder
+    home.mkdir(parents=True)
+    monkeypatch.setenv("CASEPACKETS_HOME", str(home))
+    monkeypatch.delenv("CASEPACKETS_DATABASE_URL")
+    get_settings.cache_clear()
+    runner = CliRunner()
+    created = runner.invoke(cli, ["keys", "init"])
+    assert created.exit_code == 0, created.output
+    assert one_line(created.output).startswith(f"created {home}/keyring.json with keys: ")
+    refused = runner.invoke(cli, ["flag"])
+    assert refused.exit_code == 2, refused.output
+    assert one_line(refused.output) == (
+        f"refused: there is no database at {home}/casepackets.db; run `casepackets migrate` first"
+    )
+    again = runner.invoke(cli, ["keys", "init"])
+    assert again.exit_code == 1, again.output
+    assert one_line(again.output) == (
+        f"refused: a keyring already exists at {home}/keyring.json; refusing to overwrite it"
+    )
