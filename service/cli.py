@@ -76,8 +76,15 @@ from service.records.bulk import (
     import_csv,
     ingest_records,
 )
-from service.records.demo import DEMO_SOURCE_PREFIX, REFERENCE_DATE, demo_records
-from service.records.models import MAX_BATCH_ROWS, MAX_SUBJECT_EVENTS, SOURCE_MAX, usable_source
+from service.records.demo import REFERENCE_DATE, demo_records
+from service.records.models import (
+    DEMO_SOURCE_PREFIX,
+    DEMO_SOURCE_REFUSAL,
+    MAX_BATCH_ROWS,
+    MAX_SUBJECT_EVENTS,
+    SOURCE_MAX,
+    usable_source,
+)
 from service.records.service import (
     BATCHES,
     SUBJECTS,
@@ -1426,6 +1433,11 @@ def import_(
             "characters, without spaces around it",
             highlight=False,
         )
+        raise typer.Exit(2)
+    if source.startswith(DEMO_SOURCE_PREFIX):
+        # Else `serve` would take the records for the demo's, build packets of them for the demo
+        # team and print a curl line that re-identifies them.
+        console.print(f"[red]import refused:[/red] --source {DEMO_SOURCE_REFUSAL}", highlight=False)
         raise typer.Exit(2)
     settings = settings_or_exit()
     keyring = keyring_or_exit(settings)

@@ -22,9 +22,6 @@ from faker import Faker
 from service.crypto.pseudonym import bsn_from_prefix
 
 REFERENCE_DATE = date(2025, 10, 1)
-# The source of the demo's batches: demo-seed-<seed>. ``serve`` builds demo packets only while
-# every batch stored has such a source.
-DEMO_SOURCE_PREFIX = "demo-seed-"
 MIN_SUBJECTS, MAX_SUBJECTS = 100, 1_000_000
 NEIGHBOURHOODS: dict[str, tuple[str, ...]] = {
     "Feijenoord": ("Afrikaanderwijk", "Bloemhof", "Hillesluis", "Feijenoord", "Katendrecht"),

@@ -90,6 +90,11 @@ class Subject(SubjectBase, table=True):
 # A source's name: the events' and ingest batches' ``source`` column. Through the API it is the
 # caller's token subject, which the token check already holds to printable UTF-8 text.
 SOURCE_MAX = 64
+# The source of ``casepackets demo``'s batches: demo-seed-<seed>. ``serve`` builds demo packets,
+# and prints a curl line that re-identifies their clients, only while every batch stored has
+# such a source: no other source may take a name that begins so.
+DEMO_SOURCE_PREFIX = "demo-seed-"
+DEMO_SOURCE_REFUSAL = f"names beginning with {DEMO_SOURCE_PREFIX!r} are `casepackets demo`'s"
 
 # The most subjects a batch may hold whatever CASEPACKETS_MAX_BATCH_ROWS says (it may not be set
 # higher): a longer list is refused before any row of it is checked.

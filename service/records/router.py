@@ -15,6 +15,8 @@ from service.db import Database, SessionDep
 from service.errors import Unprocessable
 from service.openapi import AUTH_ERRORS, problem_responses
 from service.records.models import (
+    DEMO_SOURCE_PREFIX,
+    DEMO_SOURCE_REFUSAL,
     SOURCE_MAX,
     RecordBatchCreate,
     RecordBatchPublic,
@@ -50,6 +52,8 @@ def ingest_records(
     keyring: Keyring = request.app.state.keyring
     if len(caller.sub) > SOURCE_MAX:
         raise Unprocessable(f"the token subject (the source name) exceeds {SOURCE_MAX} characters")
+    if caller.sub.startswith(DEMO_SOURCE_PREFIX):
+        raise Unprocessable(f"the token subject (the source name): {DEMO_SOURCE_REFUSAL}")
     result = ingest_batch(
         session=session,
         keyring=keyring,

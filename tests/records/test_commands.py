@@ -778,6 +778,21 @@ def test_import_refuses_a_source_the_api_would_refuse_in_one_line(
     assert count_rows(cli_session, "events") == 0
 
 
+def test_import_refuses_the_demos_source_names_in_one_line(
+    cli_env: Settings, cli_session: Session, tmp_path: Path
+) -> None:
+    """Records imported as demo-seed-<x> would pass for the demo's: ``serve`` would build packets
+    of them for the demo team and print a curl line that re-identifies them."""
+    Keyring.init(cli_env.resolved_keyring_path)
+    path = write_csv(tmp_path / "records.csv", [line(0, 0)])
+    code, output = run("import", str(path), "--source", "demo-seed-1")
+    assert code == 2, output
+    assert output.strip() == (
+        "import refused: --source names beginning with 'demo-seed-' are `casepackets demo`'s"
+    )
+    assert count_rows(cli_session, "events") == 0
+
+
 def test_import_takes_a_source_of_64_characters(
     cli_env: Settings, cli_session: Session, tmp_path: Path
 ) -> None:

@@ -266,6 +266,21 @@ def test_only_sources_may_ingest(
     assert_nothing_stored(session)
 
 
+def test_a_source_named_as_the_demo_names_its_batches_is_refused_and_stores_nothing(
+    client: TestClient, session: Session, token: TokenFactory, make: Make
+) -> None:
+    """``serve`` takes a database whose batches all come from demo-seed-<seed> for the demo's,
+    and builds packets of them for the demo team: real records must never pass for those."""
+    headers = bearer(token("demo-seed-1", "source"))
+    response = client.post(URL, json={"subjects": [make(0)]}, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == (
+        "the token subject (the source name): names beginning with 'demo-seed-' are "
+        "`casepackets demo`'s"
+    )
+    assert_nothing_stored(session)
+
+
 def test_replayed_batch_never_duplicates(
     client: TestClient, session: Session, source_headers: dict[str, str], make: Make
 ) -> None:
