@@ -1139,7 +1139,11 @@ def keys_rewrap(
     keyring = keyring_or_exit(settings)
     total_moved = 0
     unopened: list[str] = []
-    with database_for(settings) as database:
+    kept = (
+        "the chunks committed before are rewrapped, each with its keys.rewrap entry in the access "
+        "log, nothing of the one in progress is. Run `casepackets keys rewrap` again to finish"
+    )
+    with interruption_says(kept), database_for(settings) as database:
         for wrapped in WRAPPED_KEY_COLUMNS:
             with database.transaction() as session:
                 pending = pending_rewraps(session=session, keyring=keyring, wrapped=wrapped)
@@ -1316,6 +1320,25 @@ def progress_bar() -> Progress:
     )
 
 
+def batches_kept(command: str) -> str:
+    return (
+        "the batches committed before are stored, nothing of the one in progress is. Run the "
+        f"same {command} again to finish: what is stored already is recognised and not stored "
+        "twice"
+    )
+
+
+@contextmanager
+def interruption_says(what_was_kept: str) -> Iterator[None]:
+    """Ctrl-C during long work ends the command with one line saying what it kept and how to
+    finish (exit status 130), not a bare stop that leaves the operator guessing."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"[red]interrupted:[/red] {what_was_kept}", highlight=False)
+        raise typer.Exit(130) from None
+
+
 def load_demo_if_empty(settings: Settings, *, subjects: int, seed: int) -> None:
     """Load the demo population into an empty record store (first run of ``serve``)."""
     with database_for(settings) as database:
@@ -1379,7 +1402,7 @@ def demo(
     of that date (the command prints it).
     """
     settings = settings_or_exit()
-    with database_for(settings) as database:
+    with interruption_says(batches_kept("demo")), database_for(settings) as database:
         run_demo(settings, database, subjects=subjects, seed=seed, batch_size=batch_size)
     console.print(
         f"the demo's histories end on {REFERENCE_DATE}; flag them as of that date: "
@@ -1447,7 +1470,11 @@ def import_(
         console.print(f"[red]import refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
     try:
-        with database_for(settings) as database, progress_bar() as progress:
+        with (
+            interruption_says(batches_kept("import")),
+            database_for(settings) as database,
+            progress_bar() as progress,
+        ):
             # A pipe has no size: the bar then counts the bytes read without a total.
             size = file.stat().st_size if file.is_file() else None
             task = progress.add_task(f"import {file.name}", total=size)
@@ -1466,14 +1493,6 @@ def import_(
             f"[red]import refused:[/red] {shown(exc)}; nothing was stored", highlight=False
         )
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        console.print(
-            "[red]import interrupted:[/red] the batches committed before are stored, nothing of "
-            "the one in progress is. Run the same import again to finish: what is stored "
-            "already is recognised and not stored twice",
-            highlight=False,
-        )
-        raise typer.Exit(130) from None
     console.print(
         f"imported {result.subjects} subjects, {result.events_stored} new events "
         f"({result.events_already_known} already known) in {result.batches} batches"
@@ -1536,7 +1555,11 @@ def flag(
     except ValueError as exc:
         console.print(f"[red]refused:[/red] {shown(exc)}", highlight=False)
         raise typer.Exit(2) from None
-    with database_for(settings) as database, database.transaction() as session:
+    with (
+        interruption_says("nothing was stored: a run is stored whole or not at all"),
+        database_for(settings) as database,
+        database.transaction() as session,
+    ):
         refuse_policy_clash(session=session, policy=policy)  # said before a bar is drawn
         total = session.connection().execute(
             select(func.count()).select_from(SUBJECTS).where(SUBJECTS.c.erased_at.is_(None))
@@ -1663,7 +1686,11 @@ def expire(
     moment = utcnow()
     shredded = still_due = moved = 0
     left = None
-    with database_for(settings) as database, progress_bar() as progress:
+    kept = (
+        "the packets shredded before are shredded and logged, nothing of the batch in progress "
+        "is. Run `casepackets expire` again to finish"
+    )
+    with interruption_says(kept), database_for(settings) as database, progress_bar() as progress:
         task = progress.add_task("crypto-shredding due packets", total=None)
         for attempt in range(EXPIRE_ATTEMPTS):
             if attempt:

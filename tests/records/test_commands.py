@@ -1080,7 +1080,7 @@ def test_an_interrupted_import_says_what_is_stored_and_finishes_when_run_again(
         code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
     assert code == 130, output
     said = " ".join(output.split())
-    assert "import interrupted: the batches committed before are stored" in said
+    assert "interrupted: the batches committed before are stored" in said
     assert "Run the same import again to finish" in said
     assert count_rows(cli_session, "subjects") == 2
     code, output = run("import", str(path), "--source", "welfare", "--batch-size", "1")
@@ -1403,3 +1403,75 @@ def test_import_and_demo_refuse_a_database_not_at_this_versions_schema(
         assert "subjects" not in tables if revision is None else "subjects" in tables
     finally:
         get_settings.cache_clear()
+
+
+def test_long_commands_interrupted_say_what_they_kept_and_finish_when_run_again(
+    cli_env: Settings, cli_session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in demo, flag, keys rewrap or expire: one line saying what was kept and how to
+    finish (exit status 130), and running the command again finishes the job."""
+    from service.flagging import service as flagging_service
+    from service.packets import service as packets_service
+
+    Keyring.init(cli_env.resolved_keyring_path)
+    real_ingest, batches = records_service.ingest_batch, []
+
+    def interrupted_at_the_second_batch(**arguments: Any) -> Any:
+        batches.append(1)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        return real_ingest(**arguments)
+
+    with pytest.MonkeyPatch.context() as interrupting:
+        interrupting.setattr(bulk, "ingest_batch", interrupted_at_the_second_batch)
+        code, output = run("demo", "--subjects", "100", "--batch-size", "60")
+    assert code == 130, output
+    assert "interrupted: the batches committed before are stored" in " ".join(output.split())
+    assert "Run the same demo again to finish" in " ".join(output.split())
+    assert count_rows(cli_session, "subjects") == 60
+    assert run("demo", "--subjects", "100", "--batch-size", "60")[0] == 0
+    assert count_rows(cli_session, "subjects") == 100
+
+    real_run = flagging_service.run_flagging
+
+    def interrupted_once_evaluated(**arguments: Any) -> Any:
+        real_run(**arguments)  # every flag written to the run's transaction, then Ctrl-C
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as interrupting:
+        interrupting.setattr(flagging_service, "run_flagging", interrupted_once_evaluated)
+        code, output = run("flag", "--as-of", REFERENCE_DATE.isoformat())
+    assert code == 130, output
+    assert "interrupted: nothing was stored" in " ".join(output.split())
+    assert count_rows(cli_session, "flagging_runs") == count_rows(cli_session, "flags") == 0
+
+    assert run("keys", "rotate", "--purpose", "vault")[0] == 0
+    real_chunk, chunks = records_service.rewrap_chunk, []
+
+    def interrupted_at_the_second_chunk(**arguments: Any) -> Any:
+        chunks.append(1)
+        if len(chunks) == 2:
+            raise KeyboardInterrupt
+        return real_chunk(**arguments)
+
+    with pytest.MonkeyPatch.context() as interrupting:
+        interrupting.setattr("service.cli.rewrap_chunk", interrupted_at_the_second_chunk)
+        code, output = run("keys", "rewrap", "--chunk", "40")
+    assert code == 130, output
+    said = " ".join(output.split())
+    assert "interrupted: the chunks committed before are rewrapped" in said
+    assert "Run `casepackets keys rewrap` again to finish" in said
+    code, output = run("keys", "rewrap", "--chunk", "40")
+    assert code == 0, output
+    assert "rewrapped 60 keys; nothing depends on older KEK versions now" in " ".join(
+        output.split()
+    )
+
+    def interrupted_shredding(**_: Any) -> int:
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as interrupting:
+        interrupting.setattr(packets_service, "shred_expired", interrupted_shredding)
+        code, output = run("expire")
+    assert code == 130, output
+    assert "Run `casepackets expire` again to finish" in " ".join(output.split())
