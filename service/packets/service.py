@@ -279,15 +279,24 @@ register_wrapped_key_column(
 
 # -- professionals ----------------------------------------------------------------------------
 
+# A member whose DEK wrap is gone from an open packet was erased: still listed, never a client.
+_STILL_A_CLIENT = _members.c.wrapped_dek.is_not(None)
+
 
 def open_loads(
     *, session: Session, professional_ids: Sequence[str] | None = None
 ) -> dict[str, int]:
-    """Clients in open packets not yet past their expiry, per professional."""
+    """Clients in open packets not yet past their expiry, per professional. An erased member
+    is no client of theirs any more (nobody can re-identify or follow them up), so they take
+    up no room."""
     query = (
         select(_packets.c.professional_id, func.count())
         .select_from(_members.join(_packets, _packets.c.id == _members.c.packet_id))
-        .where(_packets.c.status.in_(OPEN_STATUSES), _packets.c.expires_at > utcnow())
+        .where(
+            _packets.c.status.in_(OPEN_STATUSES),
+            _packets.c.expires_at > utcnow(),
+            _STILL_A_CLIENT,
+        )
         .group_by(_packets.c.professional_id)
     )
     if professional_ids is not None:
@@ -983,11 +992,14 @@ def reassign_packet(
             )
         )
     load = open_loads(session=session, professional_ids=[professional_id]).get(professional_id, 0)
-    if load + len(members) > target.capacity:
+    clients = session.execute(
+        select(func.count()).where(_members.c.packet_id == packet_id, _STILL_A_CLIENT)
+    ).scalar_one()
+    if load + clients > target.capacity:
         refuse(
             PacketNotReassignable(
                 f"professional {professional_id!r} has room for "
-                f"{max(target.capacity - load, 0)} more clients; this packet has {len(members)}"
+                f"{max(target.capacity - load, 0)} more clients; this packet has {clients}"
             )
         )
     # The new owner has not opened it: it is theirs as newly assigned (the log keeps the

@@ -671,6 +671,48 @@ def test_a_packet_moves_only_to_an_active_professional_of_its_district_with_room
     assert all(len(e["pseudonyms"]) == 3 for e in entries)
 
 
+def test_an_erased_client_no_longer_takes_up_their_professionals_capacity(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """An erased client cannot be re-identified nor followed up: nobody works with them any
+    more, so they leave the open load, and the room they took goes to new clients and to
+    packets reassigned (a packet needs room for the clients left in it)."""
+    coordinator = bearer(token("coord-001", "coordinator"))
+    professional(client, coordinator, "prof-001", capacity=3)
+    add_subject(session, app.state.keyring, pseudonym=EXTERNAL, events=RELAPSING)
+    run_id, _ = flagged_run(app, client, session, coordinator, 2)
+    [packet] = partition(client, coordinator, run_id)["packets"]
+    assert packet["member_count"] == 3
+    erased = client.post(
+        f"/v1/subjects/{EXTERNAL}/erase", headers=bearer(token("admin-001", "admin"))
+    )
+    assert erased.status_code == 200, erased.text
+
+    [listed] = client.get("/v1/professionals", headers=coordinator).json()["items"]
+    assert (listed["capacity"], listed["open_load"]) == (3, 2)
+
+    add_subject(session, app.state.keyring, pseudonym="ps-new", events=RELAPSING)
+    session.commit()
+    later = client.post(
+        "/v1/flagging/runs", json={"as_of": AS_OF.isoformat()}, headers=coordinator
+    ).json()["id"]
+    result = partition(client, coordinator, later)
+    assert [(p["professional_id"], p["member_count"]) for p in result["packets"]] == [
+        ("prof-001", 1)
+    ]
+    assert "ps-new" not in {u["pseudonym"] for u in result["unplaced"]}
+
+    professional(client, coordinator, "prof-002", capacity=2)
+    moved = client.post(
+        f"/v1/packets/{packet['id']}/reassign",
+        json={"professional_id": "prof-002"},
+        headers=coordinator,
+    )
+    assert moved.status_code == 200, moved.text
+    [_, second] = client.get("/v1/professionals", headers=coordinator).json()["items"]
+    assert (second["id"], second["open_load"]) == ("prof-002", 2)
+
+
 def test_paging_through_packets_neither_repeats_nor_skips_while_packets_change(
     client: TestClient, token: TokenFactory
 ) -> None:
