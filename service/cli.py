@@ -1635,7 +1635,8 @@ def partition(
         counts[0] += 1
         counts[1] += packet.member_count
     for (professional_id, district), (packets, clients) in sorted(summary.items()):
-        table.add_row(professional_id, district, str(packets), str(clients))
+        # Typed by a coordinator or a source: "[zuid]" in an id or a district is no style.
+        table.add_row(shown(professional_id), shown(district), str(packets), str(clients))
     Console().print(table)
     reasons: dict[str, int] = {}
     for case in result.unplaced:

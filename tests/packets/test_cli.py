@@ -109,6 +109,52 @@ def test_partition_names_a_case_whose_key_fails_its_check_and_places_the_rest(
     assert "1 packets built" in output
 
 
+def test_partition_shows_professional_ids_and_districts_as_written_brackets_and_all(
+    cli_home: Path,
+) -> None:
+    """An id or a district is text someone typed, never terminal markup: one in square brackets
+    is shown whole, and one holding what reads as a closing tag does not crash the summary of
+    packets already built."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    settings = get_settings()
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            keyring = Keyring.load(settings.resolved_keyring_path)
+            add_subject(
+                session, keyring, pseudonym="ps-000", district="Zuid [oost]", events=RELAPSING
+            )
+            add_subject(
+                session, keyring, pseudonym="ps-001", district="Hoek [/b]", events=RELAPSING
+            )
+            create_professional(
+                session=session,
+                given=ProfessionalCreate(
+                    id="prof-[bold]",
+                    display_name="Caseworker",
+                    team="Zuid-1",
+                    districts=["Zuid [oost]"],
+                    capacity=40,
+                ),
+                caller=system_caller("test"),
+            )
+    finally:
+        database.dispose()
+    flagged = runner.invoke(cli, ["flag", "--as-of", AS_OF.isoformat()])
+    assert flagged.exit_code == 0, flagged.output
+    found = re.search(r"run ([0-9a-f]{32})", flagged.output)
+    assert found is not None, flagged.output
+    parted = runner.invoke(cli, ["partition", "--run-id", found.group(1)])
+    assert parted.exit_code == 0, parted.output
+    output = " ".join(parted.output.split())
+    assert "prof-[bold]" in output
+    assert "Zuid [oost]" in output
+    assert "unplaced: 1 (no active professional serves district Hoek [/b])" in output
+    assert "1 packets built" in output
+
+
 def test_an_empty_as_of_is_refused_and_no_run_is_made_as_of_today(cli_home: Path) -> None:
     """`--as-of "$DAY"` with DAY unset is a mistake, not a request for today: a run is logged
     and kept for good, so one as of the wrong day must not be made."""
