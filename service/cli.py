@@ -6,6 +6,7 @@ Secrets never reach the terminal except the tokens ``token``/``serve`` are asked
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -1330,13 +1331,14 @@ def batches_kept(command: str) -> str:
 
 @contextmanager
 def interruption_says(what_was_kept: str) -> Iterator[None]:
-    """Ctrl-C during long work ends the command with one line saying what it kept and how to
-    finish (exit status 130), not a bare stop that leaves the operator guessing."""
+    """Ctrl-C (or SIGTERM, ``Terminated``) during long work ends the command with one line
+    saying what it kept and how to finish (exit status 130, or 143), not a bare stop that leaves
+    the operator guessing."""
     try:
         yield
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
         console.print(f"[red]interrupted:[/red] {what_was_kept}", highlight=False)
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(stop, Terminated) else 130) from None
 
 
 def load_demo_if_empty(settings: Settings, *, subjects: int, seed: int) -> None:
@@ -1761,10 +1763,26 @@ EXPIRE_ATTEMPTS = 5
 EXPIRE_RETRY_SECONDS = 1.0
 
 
+class Terminated(SystemExit):
+    """SIGTERM (``docker stop``, a process manager, ``kill``) ends a command as an exit, not as
+    a kill: its transactions roll back, its ``finally`` blocks run (a backup leaves no hidden
+    partial copy behind, an export puts back what it moved aside), and a long command says what
+    it kept (``interruption_says``). Exit status 143, as for a process killed by SIGTERM."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _terminate(_signal: int, _frame: object) -> NoReturn:
+    raise Terminated
+
+
 def main() -> None:
     """The console script. An exception no command handles is reported by its type and stack
     frames only, as the server logs one: its message and chained causes may quote a national id,
-    a name or a key (a CSV line, a row the database refused)."""
+    a name or a key (a CSV line, a row the database refused). SIGTERM is ``Terminated`` (uvicorn
+    puts its own handler in place once ``serve`` starts it)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except Exception as exc:

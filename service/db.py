@@ -204,8 +204,9 @@ def backup_sqlite(url: str, target: Path) -> int:
     backup: one consistent snapshot, including what the ``-wal`` file holds and a plain copy of
     the database file would miss, taken while the service runs. ``target`` is readable by its
     owner only, on disk before its name appears, and never replaces a file (``FileExistsError``);
-    a failure leaves nothing behind (a killed backup leaves a hidden ``.NAME.*.partial`` file,
-    mode 0600, that no later backup trips over: delete it). Returns the size in bytes.
+    a failure leaves nothing behind (a backup killed outright, SIGKILL or a power cut, leaves a
+    hidden ``.NAME.*.partial`` file, mode 0600, that no later backup trips over: delete it).
+    Returns the size in bytes.
     ``FileNotFoundError`` when the database file or the target's folder is not there (neither
     is created)."""
     source_file = _sqlite_file(url)

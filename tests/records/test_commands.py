@@ -1475,3 +1475,57 @@ def test_long_commands_interrupted_say_what_they_kept_and_finish_when_run_again(
         code, output = run("expire")
     assert code == 130, output
     assert "Run `casepackets expire` again to finish" in " ".join(output.split())
+
+
+def test_an_import_stopped_by_sigterm_rolls_back_its_batch_and_says_what_is_stored(
+    cli_env: Settings, cli_session: Session, db_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM (``docker stop``) ends a command as Ctrl-C does, exit status 143: the batch in
+    progress rolls back, and the command says what is stored and how to finish."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from service.config import PROJECT_ROOT
+
+    Keyring.init(cli_env.resolved_keyring_path)
+    env = {
+        **os.environ,
+        "CASEPACKETS_HOME": str(tmp_path),
+        "CASEPACKETS_DATABASE_URL": db_url,
+        "CASEPACKETS_ENV": "test",
+    }
+    command = [sys.executable, "-m", "service.cli", "import", "/dev/stdin", "--source", "welfare"]
+    importing = subprocess.Popen(
+        [*command, "--batch-size", "1"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert importing.stdin is not None
+    try:
+        rows = [",".join(line(n, 0).values()) for n in range(3)]
+        importing.stdin.write(",".join(CSV_COLUMNS) + "\n" + "\n".join(rows) + "\n")
+        importing.stdin.flush()  # the pipe stays open: the import waits for more lines
+        deadline = time.monotonic() + 60
+        while count_rows(cli_session, "subjects") < 2:
+            assert time.monotonic() < deadline, "the import stored nothing"
+            assert importing.poll() is None, importing.communicate()[0]
+            time.sleep(0.1)
+            cli_session.rollback()  # a fresh snapshot
+        importing.send_signal(signal.SIGTERM)
+        output = importing.communicate(timeout=60)[0]
+    finally:
+        if importing.poll() is None:
+            importing.kill()
+    assert importing.returncode == 143, output
+    said = " ".join(output.split())
+    assert "interrupted: the batches committed before are stored" in said, output
+    assert "Traceback" not in output
+    cli_session.rollback()
+    # The third subject waits for its next line (another of the same BSN may follow) or the end.
+    assert count_rows(cli_session, "subjects") == 2
