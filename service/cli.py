@@ -577,25 +577,29 @@ def audit_export(
         return NoteSigner(name=settings.checkpoint_origin, seed=key.material)
 
     try:
-        out.mkdir(parents=True, exist_ok=True)  # before a checkpoint is signed for it
-    except OSError as exc:
-        console.print(
-            f"[red]refused:[/red] cannot write the export to {shown(out)}: {exc.strerror}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(2) from None
-    try:
-        with database_for(settings) as database, Progress(console=console) as progress:
-            task = progress.add_task("exporting entries", total=None)
-            exported = export_log(
-                database=database,
-                signer=signer,
-                origin=settings.checkpoint_origin,
-                folder=out,
-                on_start=lambda total: progress.update(task, total=total),
-                on_progress=lambda done: progress.advance(task, done),
-            )
+        with database_for(settings) as database:
+            # Once the database is found usable (a refused export leaves no empty folder), and
+            # before a checkpoint is signed for it.
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                console.print(
+                    f"[red]refused:[/red] cannot write the export to {shown(out)}: "
+                    f"{exc.strerror}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(2) from None
+            with Progress(console=console) as progress:
+                task = progress.add_task("exporting entries", total=None)
+                exported = export_log(
+                    database=database,
+                    signer=signer,
+                    origin=settings.checkpoint_origin,
+                    folder=out,
+                    on_start=lambda total: progress.update(task, total=total),
+                    on_progress=lambda done: progress.advance(task, done),
+                )
             logged = log_export(database, size=exported.size)
     except OSError as exc:
         console.print(

@@ -364,12 +364,13 @@ def test_key_commands_refuse_a_database_without_this_versions_schema(
         ["demo", "--subjects", "100"],
         ["flag"],
         ["expire"],
-        ["audit", "export", "--out", "export"],
+        ["audit", "export", "--out", "{home}/export"],
     ],
 )
 def test_commands_refuse_a_sqlite_database_that_is_not_there_without_creating_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
 ) -> None:
+    command = [part.format(home=tmp_path) for part in command]
     database = tmp_path / "nothing-here.db"
     monkeypatch.setenv("CASEPACKETS_HOME", str(tmp_path))
     monkeypatch.setenv("CASEPACKETS_DATABASE_URL", f"sqlite:///{database}")
