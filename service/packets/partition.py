@@ -102,7 +102,17 @@ def partition(
     waiting: dict[str, list[Case]] = defaultdict(list)
     assigned: dict[tuple[str, str], list[str]] = defaultdict(list)
     seen: set[str] = set()
-    ordered = sorted(cases, key=lambda c: (c.district, c.pseudonym, c.previous_professional or ""))
+    # Every field decides the order, so two copies of a case (which the service never sends) are
+    # settled the same way whatever order they come in: one in an open packet first.
+    ordered = sorted(
+        cases,
+        key=lambda c: (
+            c.district,
+            c.pseudonym,
+            not c.in_open_packet,
+            c.previous_professional or "",
+        ),
+    )
     for case in ordered:
         if case.pseudonym in seen:
             unplaced.append(UnplacedCase(case.pseudonym, case.district, DUPLICATE_CASE))
