@@ -135,6 +135,7 @@ ERASED = "the subject was erased"
 KEY_DAMAGED = "the subject's key failed its integrity check"
 MAX_PAGE = 1000
 LOG_BATCH = 2000  # access-log entries per append_many while building packets
+UNPLACED_PER_ENTRY = 1000  # pseudonyms per packet.unplaced entry, as a page of a run's flags
 
 _subjects = Subject.__table__  # type: ignore[attr-defined]
 _flags = Flag.__table__  # type: ignore[attr-defined]
@@ -791,8 +792,6 @@ def partition_run(
             ("packet.assign", f"run {run_id}; professional {planned.professional_id}"),
         )
     ]
-    for start in range(0, len(entries), LOG_BATCH):
-        append_many(session=session, entries=entries[start : start + LOG_BATCH])
     unplaced = [
         UnplacedCasePublic(pseudonym=u.pseudonym, district=u.district, reason=u.reason)
         for u in plan.unplaced
@@ -801,6 +800,21 @@ def partition_run(
         for cases_left_out, reason in ((damaged, KEY_DAMAGED), (erased, ERASED))
         for c in cases_left_out
     ]
+    # The answer shows the coordinator whom the run (or a source) flagged and nobody took, as a
+    # page of the run's flags would (``flagging.read``): the log says who saw which pseudonyms.
+    entries += [
+        LogEntry.by(
+            caller,
+            action="packet.unplaced",
+            object_type="flagging_run",
+            object_id=run_id,
+            pseudonyms=[case.pseudonym for case in unplaced[start : start + UNPLACED_PER_ENTRY]],
+            reason=f"run {run_id}; {len(unplaced)} cases unplaced",
+        )
+        for start in range(0, len(unplaced), UNPLACED_PER_ENTRY)
+    ]
+    for start in range(0, len(entries), LOG_BATCH):
+        append_many(session=session, entries=entries[start : start + LOG_BATCH])
     return PartitionPublic(
         run_id=run_id, packet_size=packet_size, packets=built.public, unplaced=unplaced
     )

@@ -277,6 +277,23 @@ def test_unplaceable_cases_come_back_with_a_reason(
     assert {u["reason"] for u in result["unplaced"]} == {
         "every professional serving district Charlois is at capacity"
     }
+    # The answer showed the coordinator whom the run flagged and nobody took: logged, as a page
+    # of the run's flags is.
+    (unplaced,) = log_entries(session, "packet.unplaced")
+    assert (unplaced["actor"], unplaced["object_type"], unplaced["object_id"]) == (
+        "coord-001",
+        "flagging_run",
+        run_id,
+    )
+    assert unplaced["pseudonyms"] == ["ps-003", "ps-004"]
+    assert unplaced["reason"] == f"run {run_id}; 2 cases unplaced"
+    # Partitioned again, the two still find no room: shown, and so logged, again.
+    again = client.post("/v1/packets/partition", json={"run_id": run_id}, headers=coordinator)
+    assert [u["pseudonym"] for u in again.json()["unplaced"]] == ["ps-003", "ps-004"]
+    assert [e["pseudonyms"] for e in log_entries(session, "packet.unplaced")] == [
+        ["ps-003", "ps-004"],
+        ["ps-003", "ps-004"],
+    ]
     assert (
         client.post(
             "/v1/packets/partition", json={"run_id": "0" * 32}, headers=coordinator
