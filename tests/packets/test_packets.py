@@ -302,7 +302,18 @@ def test_unplaceable_cases_come_back_with_a_reason(
     )
 
 
-@pytest.mark.parametrize("pasted", ["123456782", "Jan Jansen", "1984-02-29 Rotterdam"])
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "123456782",
+        "Jan Jansen",
+        "1984-02-29 Rotterdam",
+        # a run id with more around it is not one
+        "0" * 33,
+        f"{'0' * 32} 123456782",
+        f"123456782 {'0' * 32}",
+    ],
+)
 def test_a_run_id_of_another_shape_is_refused_naming_the_field_not_echoed(
     client: TestClient, token: TokenFactory, pasted: str
 ) -> None:
