@@ -1317,8 +1317,15 @@ def test_a_demo_seed_too_long_to_name_its_source_is_refused_in_one_line(
     assert "ValidationError" not in result.output
     assert count_rows(cli_session, "subjects") == 0
     assert count_rows(cli_session, "ingest_batches") == 0
+    # A 64-bit integer, either sign, and nothing past it.
+    for seed in (2**63, -(2**63) - 1):
+        refused = CliRunner().invoke(cli, ["demo", "--subjects", "100", "--seed", str(seed)])
+        assert refused.exit_code == 2, (seed, refused.output)
+        assert "--seed" in refused.output
+    assert count_rows(cli_session, "subjects") == 0
     assert run("demo", "--subjects", "100", "--seed", str(2**63 - 1))[0] == 0
-    assert count_rows(cli_session, "subjects") == 100
+    assert run("demo", "--subjects", "100", "--seed", str(-(2**63)))[0] == 0
+    assert count_rows(cli_session, "subjects") == 200
 
 
 def test_prepare_creates_keys_and_demo_once_in_the_embedded_database(
