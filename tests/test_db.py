@@ -29,6 +29,7 @@ from service.db import (
     downgrade,
     make_engine,
     migrate,
+    missing_sqlite_file,
 )
 from service.schema import metadata
 from tests.conftest import MIGRATIONS, Databases
@@ -84,6 +85,18 @@ def test_a_new_sqlite_file_s_name_is_put_on_disk_once_it_is_made(
     assert synced == [tmp_path / "data"]
     make_engine(url).dispose()  # there already: nothing to put on disk
     assert synced == [tmp_path / "data"]
+
+
+def test_only_a_sqlite_file_that_is_not_there_is_missing(tmp_path: Path) -> None:
+    """What a command refuses rather than create empty: a SQLite file not there. An in-memory
+    database names no file, and a PostgreSQL database's name is not a path."""
+    there = tmp_path / "there.db"
+    there.write_bytes(b"")
+    assert missing_sqlite_file(f"sqlite:///{tmp_path / 'gone.db'}") == tmp_path / "gone.db"
+    assert missing_sqlite_file(f"sqlite:///{there}") is None
+    assert missing_sqlite_file("sqlite://") is None
+    assert missing_sqlite_file("sqlite:///:memory:") is None
+    assert missing_sqlite_file("postgresql+psycopg://127.0.0.1/not-a-file-here") is None
 
 
 def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
