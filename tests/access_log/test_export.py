@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -193,6 +194,23 @@ def test_an_export_killed_between_its_renames_is_undone_by_the_next(
     with pytest.raises(OSError, match="No space"):
         export(database, signer, folder)
     assert contents(folder) == earlier
+    assert beside(folder) == ["export"], "nothing of the killed export left"
+
+
+def test_an_export_killed_after_its_renames_is_kept_and_replaced_by_the_next(
+    database: Database, signer: NoteSigner, tmp_path: Path
+) -> None:
+    """Killed once the new export is in place, before the earlier one it moved aside was
+    deleted: the next export deletes that earlier one (the target holds an export, not nothing)
+    and replaces the target as usual, rather than failing on every run after."""
+    append_each(database, 4)
+    folder = export(database, signer, tmp_path / "exports" / "export")
+    staging = folder.with_name(".export.partial")
+    staging.mkdir(mode=0o700)
+    shutil.copytree(folder, staging / "previous")  # the earlier export, left aside
+    append_each(database, 2)
+    export(database, signer, folder)
+    assert contents(folder)[ENTRIES_FILE].count(b"\n") == 6
     assert beside(folder) == ["export"], "nothing of the killed export left"
 
 
