@@ -749,6 +749,34 @@ def test_backup_and_export_name_a_path_with_brackets_as_it_is_written(cli_home: 
         assert f"({export / 'stray'})" in refused.output
 
 
+def test_audit_export_refusals_name_a_path_with_brackets_as_it_is_written(
+    cli_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusals before a checkpoint is signed name their path as it is too: an export
+    folder that cannot be made, and a keyring that is not there; `a[/b]` is neither a style
+    nor an unexpected error (exit 1) that names nothing."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    (cli_home / "a[").mkdir()
+    (cli_home / "a[" / "b]").write_text("a file, not a folder")
+    export = cli_home / "a[" / "b]" / "export"
+    refused = runner.invoke(cli, ["audit", "export", "--out", str(export)])
+    assert refused.exit_code == 2, refused.output
+    assert one_line(refused.output) == (
+        f"refused: cannot write the export to {export}: Not a directory"
+    )
+    keyring = cli_home / "k[" / "x]" / "keyring.json"
+    monkeypatch.setenv("CASEPACKETS_KEYRING_PATH", str(keyring))
+    get_settings.cache_clear()
+    unsigned = runner.invoke(cli, ["audit", "export", "--out", str(cli_home / "export")])
+    assert unsigned.exit_code == 2, unsigned.output
+    assert one_line(unsigned.output).startswith(
+        f"cannot sign a checkpoint: no keyring at {keyring};"
+    )
+    assert not (cli_home / "export").exists()
+
+
 def test_a_backup_is_on_disk_before_its_name_appears_and_its_name_after(
     cli_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
