@@ -495,15 +495,19 @@ def retired_while_paused(
     keys_cli: CliRunner,
     session: Session,
     monkeypatch: pytest.MonkeyPatch,
+    rotated_first: bool = False,
 ) -> tuple[int, list[int]]:
     """``work``'s status, and the exit codes of ``keys rewrap`` and ``keys retire --purpose vault
-    --version 1``, run while ``work`` is stopped right after ``pause_after`` returned (its vault
-    wraps read, not yet opened). The work goes on once the commands are done, or wait for it."""
+    --version 1`` (after ``keys rotate --purpose vault`` if ``rotated_first``), run while
+    ``work`` is stopped right after ``pause_after`` returned (its vault wraps read, not yet
+    opened). The work goes on once the commands are done, or wait for it."""
     interleaving = Interleaving()
     interleaving.stop_after(monkeypatch, *pause_after)
     statuses: list[int] = []
     exit_codes: list[int] = []
-    commands = (["rewrap"], ["retire", "--purpose", "vault", "--version", "1"])
+    commands = [["rewrap"], ["retire", "--purpose", "vault", "--version", "1"]]
+    if rotated_first:
+        commands.insert(0, ["rotate", "--purpose", "vault"])
     threads = [
         threading.Thread(target=lambda: statuses.append(work().status_code)),
         threading.Thread(
@@ -615,3 +619,48 @@ def test_a_vault_kek_retired_during_an_ingest_waits_for_the_wraps_it_read(
     dek = records_service.subject_dek(keyring=keyring, subject=subject)
     stored = records_service.decrypt_identity(keyring=keyring, subject=subject, dek=dek)
     assert stored.street == "Putselaan 9"
+
+
+@pytest.mark.parametrize(
+    "databases", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_vault_kek_is_not_retired_under_a_new_subject_an_ingest_wrapped_before_its_rotation(
+    client: TestClient,
+    token: TokenFactory,
+    session: Session,
+    keyring_path: Path,
+    keys_cli: CliRunner,
+    keyring_followed_at_once: None,
+    rotations_settled: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An ingest wraps a new subject's DEK under vault v1, then v2 is rotated in, the rewrap
+    runs (it cannot see the uncommitted subject) and v1 is retired. The retirement counts what
+    depends on v1 only once the ingest has committed: it finds the new subject and is refused,
+    so that person's identity can still be read. Counted before waiting, it found nothing and
+    destroyed v1 under them."""
+    source = bearer(token("source-welfare", "source"))
+    first = client.post("/v1/records/batch", json={"subjects": [make_record(0)]}, headers=source)
+    assert first.status_code == 200, first.text
+
+    def ingest_a_new_subject() -> Answer:
+        return client.post("/v1/records/batch", json={"subjects": [make_record(1)]}, headers=source)
+
+    status, exit_codes = retired_while_paused(
+        ingest_a_new_subject,
+        pause_after=(records_service, "_known_events"),  # its new DEK wrapped, not yet stored
+        keys_cli=keys_cli,
+        session=session,
+        monkeypatch=monkeypatch,
+        rotated_first=True,
+    )
+    assert (status, exit_codes) == (200, [0, 0, 1])
+    keyring = Keyring.load(keyring_path)
+    pseudonyms = session.execute(select(records_service.SUBJECTS.c.pseudonym)).scalars().all()
+    for pseudonym in pseudonyms:
+        subject = records_service.get_subject(session=session, pseudonym=pseudonym)
+        assert subject.wrapped_dek is not None
+        dek = records_service.subject_dek(keyring=keyring, subject=subject)
+        records_service.decrypt_identity(keyring=keyring, subject=subject, dek=dek)
+    session.rollback()
+    assert len(pseudonyms) == 2
