@@ -1584,8 +1584,10 @@ def flag(
                 batch_size=batch_size,
                 progress=advance,
             )
-    console.print(
-        f"run {run.id}: policy {run.policy_version}, {run.evaluated} evaluated, "
+    # The result, on standard output (progress and refusals go to standard error): a script
+    # takes the run id from it for `partition --run-id`.
+    Console(soft_wrap=True).print(
+        f"run {run.id}: policy {shown(run.policy_version)}, {run.evaluated} evaluated, "
         f"{run.flagged} flagged",
         highlight=False,
     )

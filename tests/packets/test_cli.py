@@ -39,8 +39,10 @@ def test_flag_then_partition_from_the_command_line(cli_home: Path) -> None:
     assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
     flagged = runner.invoke(cli, ["flag", "--as-of", "2026-03-15"])
     assert flagged.exit_code == 0, flagged.output
-    output = " ".join(flagged.output.split())
-    found = re.search(r"run ([0-9a-f]{32}): policy \S+, 0 evaluated, 0 flagged", output)
+    # On standard output alone, for a script to pass to partition --run-id.
+    found = re.fullmatch(
+        r"run ([0-9a-f]{32}): policy \S+, 0 evaluated, 0 flagged\n", flagged.stdout
+    )
     assert found is not None, flagged.output
     parted = runner.invoke(cli, ["partition", "--run-id", found.group(1)])
     assert parted.exit_code == 0, parted.output
