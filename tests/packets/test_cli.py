@@ -33,6 +33,17 @@ def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     get_settings.cache_clear()
 
 
+def flagged_and_partitioned(runner: CliRunner) -> str:
+    """What `partition` says of the run `flag` made as of AS_OF, on one line."""
+    flagged = runner.invoke(cli, ["flag", "--as-of", AS_OF.isoformat()])
+    assert flagged.exit_code == 0, flagged.output
+    found = re.search(r"run ([0-9a-f]{32})", flagged.stdout)
+    assert found is not None, flagged.output
+    parted = runner.invoke(cli, ["partition", "--run-id", found.group(1)])
+    assert parted.exit_code == 0, parted.output
+    return " ".join(parted.output.split())
+
+
 def test_flag_then_partition_from_the_command_line(cli_home: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(cli, ["migrate"]).exit_code == 0
@@ -104,13 +115,7 @@ def test_partition_names_a_case_whose_key_fails_its_check_and_places_the_rest(
             )
     finally:
         database.dispose()
-    flagged = runner.invoke(cli, ["flag", "--as-of", AS_OF.isoformat()])
-    assert flagged.exit_code == 0, flagged.output
-    found = re.search(r"run ([0-9a-f]{32})", flagged.output)
-    assert found is not None, flagged.output
-    parted = runner.invoke(cli, ["partition", "--run-id", found.group(1)])
-    assert parted.exit_code == 0, parted.output
-    output = " ".join(parted.output.split())
+    output = flagged_and_partitioned(runner)
     assert "unplaced: 1 (the subject's key failed its integrity check)" in output
     assert "key failed its integrity check: ps-000" in output
     assert "1 packets built" in output
@@ -149,13 +154,7 @@ def test_partition_shows_professional_ids_and_districts_as_written_brackets_and_
             )
     finally:
         database.dispose()
-    flagged = runner.invoke(cli, ["flag", "--as-of", AS_OF.isoformat()])
-    assert flagged.exit_code == 0, flagged.output
-    found = re.search(r"run ([0-9a-f]{32})", flagged.output)
-    assert found is not None, flagged.output
-    parted = runner.invoke(cli, ["partition", "--run-id", found.group(1)])
-    assert parted.exit_code == 0, parted.output
-    output = " ".join(parted.output.split())
+    output = flagged_and_partitioned(runner)
     assert "prof-[bold]" in output
     assert "Zuid [oost]" in output
     assert "unplaced: 1 (no active professional serves district Hoek [/b])" in output
