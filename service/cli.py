@@ -584,8 +584,7 @@ def audit_export(
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 console.print(
-                    f"[red]refused:[/red] cannot write the export to {shown(out)}: "
-                    f"{exc.strerror}",
+                    f"[red]refused:[/red] cannot write the export to {shown(out)}: {exc.strerror}",
                     highlight=False,
                     soft_wrap=True,
                 )
