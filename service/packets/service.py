@@ -1428,12 +1428,18 @@ def _packet_key(keyring: KeyProvider, packet: _PacketRow) -> DataKey:
     try:
         return _unwrap_packet_key(keyring, packet_id=packet.id, wrapped_key=wrapped_key)
     except UnknownKey:
-        logger.error(
-            "the key of packet %s is under packet v%d, which the keyring does not hold",
-            packet.id,
-            token_version(wrapped_key),
-        )
+        _say_version_unheld(packet.id, wrapped_key)
         raise PacketKeyUnheld(packet.id) from None
+
+
+def _say_version_unheld(packet_id: str, wrapped_key: str) -> None:
+    # For the operator: a version gone for good (a restore from before a rewrap and retirement)
+    # refuses this packet every time, and only they can put it right.
+    logger.error(
+        "the key of packet %s is under packet v%d, which the keyring does not hold",
+        packet_id,
+        token_version(wrapped_key),
+    )
 
 
 def _unwrap_packet_key(keyring: KeyProvider, *, packet_id: str, wrapped_key: str) -> DataKey:
@@ -1679,14 +1685,9 @@ def reveal(*, keyring: KeyProvider, sealed: SealedPacket) -> bytes:
             keyring, packet_id=packet_id, wrapped_key=sealed.wrapped_key
         )
     except UnknownKey:
-        # Read before a rewrap moved it, its version retired since the open committed. Logged:
-        # a version gone for good (a database restored from before a rewrap and retirement)
-        # answers every open so, and only the operator can put it right.
-        logger.error(
-            "the key of packet %s is under packet v%d, which the keyring does not hold",
-            packet_id,
-            token_version(sealed.wrapped_key),
-        )
+        # Read before a rewrap moved it, its version retired since the open committed (or gone
+        # for good: then every open answers so).
+        _say_version_unheld(packet_id, sealed.wrapped_key)
         raise PacketKeyRetired(packet_id) from None
     dek_aad = AadTemplate(member_dek_aad(packet_id, 0), field="subject", wrapped_key=True)
     wrapped = {
