@@ -164,5 +164,6 @@ def push_flags(
             flags=body.flags,
             caller=caller,
             idempotency_key=idempotency_key,
+            idempotency_days=request.app.state.retention_policy.idempotency_days,
         )
     )

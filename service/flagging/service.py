@@ -25,7 +25,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
@@ -61,6 +61,7 @@ from service.records.service import (
     lock_against_erasure,
     register_erasure_hook,
 )
+from service.schemas import as_utc
 
 DEFAULT_BATCH_SIZE = 2000
 MAX_PAGE = 1000
@@ -363,7 +364,7 @@ def _push_message(flags: Sequence[PushedFlag]) -> bytes:
 
 
 # The push a source sent under an Idempotency-Key.
-_STORED_PUSH = select(_pushes.c.id, _pushes.c.request_digest).where(
+_STORED_PUSH = select(_pushes.c.id, _pushes.c.request_digest, _pushes.c.created_at).where(
     _pushes.c.pushed_by == bindparam("by"), _pushes.c.idempotency_key == bindparam("key")
 )
 
@@ -375,11 +376,17 @@ def push_flags(
     flags: Sequence[PushedFlag],
     caller: Caller,
     idempotency_key: str | None = None,
+    idempotency_days: int | None = None,
 ) -> list[FlagPublic]:
     """Store flags a source pushed by pseudonym (all or nothing); a pseudonym that is unknown,
     erased or given twice → 422. With an ``idempotency_key`` (per source), the same push sent
-    again gets the flags it stored the first time (logged again, not stored twice); other flags
-    under that key → 409."""
+    again within ``idempotency_days`` (the retention policy's; required with a key) gets the
+    flags it stored the first time (logged again, not stored twice); other flags under that key,
+    or a push older than that, → 409."""
+    if idempotency_key is not None and idempotency_days is None:
+        raise TypeError("an idempotency_key is replayed for idempotency_days, which is missing")
+    # A push stored before it is forgotten by the shredder's round (``forget_push_digests``).
+    kept_since = utcnow() - timedelta(days=idempotency_days or 0)
     # An erasure in progress commits first, so a subject it erases is refused below, and one
     # that starts later finds these flags and removes their text.
     lock_against_erasure(session.connection(), shared=True)
@@ -388,7 +395,12 @@ def push_flags(
         stored = session.execute(_STORED_PUSH, {"by": caller.sub, "key": idempotency_key}).first()
         if stored is not None:
             return _pushed_again(
-                session, keyring=keyring, stored=stored, message=message, caller=caller
+                session,
+                keyring=keyring,
+                stored=stored,
+                message=message,
+                caller=caller,
+                kept_since=kept_since,
             )
     known = _pushable(session, flags)
     push_id = None
@@ -410,7 +422,12 @@ def push_flags(
         except IntegrityError:
             stored = session.execute(_STORED_PUSH, {"by": caller.sub, "key": idempotency_key}).one()
             return _pushed_again(
-                session, keyring=keyring, stored=stored, message=message, caller=caller
+                session,
+                keyring=keyring,
+                stored=stored,
+                message=message,
+                caller=caller,
+                kept_since=kept_since,
             )
     stored_flags: list[FlagPublic] = []
     for flag in flags:
@@ -491,16 +508,23 @@ def _log_push(
 
 
 def _pushed_again(
-    session: Session, *, keyring: KeyProvider, stored: Any, message: bytes, caller: Caller
+    session: Session,
+    *,
+    keyring: KeyProvider,
+    stored: Any,
+    message: bytes,
+    caller: Caller,
+    kept_since: datetime,
 ) -> list[FlagPublic]:
     """The flags a push sent again stored the first time (logged again), or a 409 when the
-    source's key was used for other flags, or the push can no longer be matched."""
+    source's key was used for other flags, or the push can no longer be matched: also when it
+    was stored before ``kept_since``, whether or not the shredder's round has forgotten it."""
     if stored.request_digest == ERASED_DIGEST:
         raise FlagsKeyReused(
             "this Idempotency-Key's push held a subject who has since been erased, so a push "
             "sent again can no longer be matched to it; use a new key"
         )
-    if stored.request_digest == EXPIRED_DIGEST:
+    if stored.request_digest == EXPIRED_DIGEST or as_utc(stored.created_at) < kept_since:
         raise FlagsKeyReused(
             "this Idempotency-Key's push is older than the service keeps digests for "
             "(idempotency_days in policies/retention.yaml); use a new key"

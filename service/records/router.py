@@ -65,6 +65,7 @@ def ingest_records(
         actor=caller.sub,
         role=caller.role,
         request_id=caller.request_id,
+        idempotency_days=request.app.state.retention_policy.idempotency_days,
     )
     # The RecordBatchPublic body, written once from typed values (no model object per row).
     return Response(result.to_json(), media_type="application/json")

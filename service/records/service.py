@@ -25,7 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar, overload
 
 from sqlalchemy import (
@@ -78,6 +78,7 @@ from service.records.models import (
     SubjectErasurePublic,
     SubjectRecordIn,
 )
+from service.schemas import as_utc
 
 SUBJECTS = Subject.__table__  # type: ignore[attr-defined]
 EVENTS = Event.__table__  # type: ignore[attr-defined]
@@ -627,16 +628,18 @@ def _answer_again(
     actor: str,
     role: str,
     request_id: str | None,
+    kept_since: datetime,
 ) -> IngestResult:
     """The stored answer to a batch sent again under its Idempotency-Key (logged again), or a
-    409 saying why it cannot be given."""
+    409 saying why it cannot be given. A batch stored before ``kept_since`` is past the retention
+    policy's idempotency_days at once, whether or not the shredder's round has forgotten it."""
     if stored["request_digest"] == ERASED_DIGEST:
         raise IdempotencyKeyReused(
             "this Idempotency-Key's batch held a subject who is erased (when it was "
             "stored, or since), so nothing was kept that a batch sent again could be "
             "matched to; use a new key"
         )
-    if stored["request_digest"] == EXPIRED_DIGEST:
+    if stored["request_digest"] == EXPIRED_DIGEST or as_utc(stored["created_at"]) < kept_since:
         raise IdempotencyKeyReused(
             "this Idempotency-Key's batch is older than the service keeps answers for "
             "(idempotency_days in policies/retention.yaml); use a new key"
@@ -677,12 +680,16 @@ def ingest_batch(
     actor: str,
     role: str,
     request_id: str | None = None,
+    idempotency_days: int | None = None,
 ) -> IngestResult:
     """Store a batch of validated subjects and events, all or nothing; a pseudonym per row.
 
     ``subjects`` are values validated by ``RECORD_BATCH`` / ``SUBJECT_RECORD`` (every key
-    present, BSN normalized, dates parsed).
+    present, BSN normalized, dates parsed). A batch sent again under ``idempotency_key`` gets
+    its stored answer for ``idempotency_days`` (the retention policy's; required with a key).
     """
+    if idempotency_key is not None and idempotency_days is None:
+        raise TypeError("an idempotency_key is replayed for idempotency_days, which is missing")
     errors = batch_errors(subjects=subjects, event_types=event_types, max_rows=max_rows)
     if errors:
         raise _rejection(errors)
@@ -728,6 +735,8 @@ def ingest_batch(
             actor=actor,
             role=role,
             request_id=request_id,
+            # Forgotten by the shredder's round when older (``forget_batch_answers``).
+            kept_since=now - timedelta(days=idempotency_days or 0),
         )
 
     # Pseudonyms under every active key version (newest first): an older version's match wins

@@ -683,6 +683,28 @@ def test_a_push_s_digest_is_forgotten_after_the_retention_period(
     assert stored_flags(session) == 1
 
 
+def test_a_push_key_past_the_retention_period_is_refused_before_it_is_forgotten(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    """idempotency_days bounds the replay itself, not only the shredder's round that forgets
+    the digest: a retry past it gets 409 at once, and nothing is stored again."""
+    seed_two_pushable(app, session)
+    source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-aged"}
+    assert client.post("/v1/flags", json={"flags": [RENT]}, headers=source).status_code == 201
+    retention = app.state.retention_policy
+    pushes = FlagPush.__table__  # type: ignore[attr-defined]
+    session.execute(
+        update(pushes).values(
+            created_at=datetime.now(UTC) - timedelta(days=retention.idempotency_days, minutes=1)
+        )
+    )
+    session.commit()
+    replay = client.post("/v1/flags", json={"flags": [RENT]}, headers=source)
+    assert replay.status_code == 409, replay.text
+    assert "older than the service keeps digests for" in replay.json()["detail"]
+    assert stored_flags(session) == 1
+
+
 def test_a_push_under_a_key_that_held_an_erased_subject_cannot_be_replayed(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
 ) -> None:

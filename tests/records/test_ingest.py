@@ -423,6 +423,45 @@ def test_what_an_idempotency_key_kept_is_forgotten_after_the_retention_period(
     assert count_rows(session, "subjects") == 3
 
 
+def test_an_idempotency_key_past_the_retention_period_is_refused_before_it_is_forgotten(
+    app: FastAPI,
+    client: TestClient,
+    session: Session,
+    source_headers: dict[str, str],
+    make: Make,
+) -> None:
+    """idempotency_days bounds the replay itself, not only the shredder's round that forgets
+    the answer: until then (minutes, or for ever with CASEPACKETS_SHRED_INTERVAL_SECONDS=0) a
+    retry would still be handed the batch's pseudonyms. A key just younger still replays."""
+    days = app.state.retention_policy.idempotency_days
+    aged = {**source_headers, "Idempotency-Key": "batch-aged"}
+    edge = {**source_headers, "Idempotency-Key": "batch-edge"}
+    aged_body, edge_body = {"subjects": [make(0)]}, {"subjects": [make(1)]}
+    assert client.post(URL, json=aged_body, headers=aged).status_code == 200
+    assert client.post(URL, json=edge_body, headers=edge).status_code == 200
+    batches = records_service.BATCHES
+    now = utcnow()
+    for key, age in (
+        ("batch-aged", timedelta(days=days, minutes=1)),
+        ("batch-edge", timedelta(days=days, minutes=-1)),
+    ):
+        session.execute(
+            update(batches).where(batches.c.idempotency_key == key).values(created_at=now - age)
+        )
+    session.commit()
+
+    refused = client.post(URL, json=aged_body, headers=aged)
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert "older than the service keeps answers for" in refused.json()["detail"]
+    assert "rows" not in refused.json()
+    replayed = client.post(URL, json=edge_body, headers=edge)
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["replayed"] is True
+    assert count_rows(session, "subjects") == 2
+    assert count_rows(session, "ingest_batches") == 2
+
+
 def test_a_subject_from_another_source_links_and_a_changed_identity_is_reencrypted(
     client: TestClient,
     app: FastAPI,
