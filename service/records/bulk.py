@@ -46,6 +46,7 @@ from service.records.models import (
     RECORD_BATCH,
     SUBJECT_RECORD,
     SubjectRecordIn,
+    postcode_as_stored,
 )
 from service.records.service import BatchInvalid, ingest_batch
 
@@ -350,7 +351,15 @@ def _subject_of(row: Mapping[str, str]) -> tuple[str, list[str | None], dict[str
     bsn = identity["bsn"] or ""
     with contextlib.suppress(InvalidBsn):
         bsn = normalize_bsn(bsn)
-    values = [bsn, *list(identity.values())[1:], *characteristics.values()]
+    # Compared as the service stores them, so that lines of one person whose values differ only
+    # in what it evens out (the API finds such a resend unchanged) are not told apart: a
+    # postcode's case, and a birth year left to the birth date's.
+    as_stored = {**identity, "bsn": bsn, **characteristics}
+    if as_stored["postcode"] is not None:
+        as_stored["postcode"] = postcode_as_stored(as_stored["postcode"])
+    if as_stored["birth_year"] is None and as_stored["birth_date"] is not None:
+        as_stored["birth_year"] = as_stored["birth_date"][:4]
+    values = list(as_stored.values())
     return bsn, values, {"identity": identity, "characteristics": characteristics}
 
 

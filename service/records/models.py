@@ -187,11 +187,16 @@ def _plausible_birth_date(value: dt.date) -> dt.date:
     return value
 
 
+def postcode_as_stored(value: str) -> str:
+    """A postcode as it is stored: its letters in capitals."""
+    # Only ASCII is upper-cased: str.upper makes Latin capitals of other letters (a sharp s is
+    # "SS", a dotless i is "I"), a postcode nobody sent.
+    return value.upper() if value.isascii() else value
+
+
 def _postcode(value: str | None) -> str | None:
     if value is not None:
-        # Only ASCII is upper-cased: str.upper makes Latin capitals of other letters (a sharp s
-        # is "SS", a dotless i is "I"), a postcode nobody sent.
-        value = value.upper() if value.isascii() else value
+        value = postcode_as_stored(value)
         if not POSTCODE.match(value):
             raise ValueError("a Dutch postcode looks like 1234 AB")
     return value

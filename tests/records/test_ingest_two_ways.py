@@ -249,3 +249,49 @@ def test_the_same_person_sent_either_way_is_one_subject_unchanged_and_stays_eras
         assert count_rows(session, "subjects") == subjects_before + 1
 
     check()
+
+
+def test_lines_of_one_person_that_differ_only_as_the_api_stores_alike_are_all_imported(
+    app: FastAPI, database: Database, settings: Settings, session: Session, tmp_path: Path
+) -> None:
+    """A postcode's case and a birth year left to the birth date change nothing the service
+    stores (the API finds such a resend unchanged), so the import takes each such line of one
+    BSN as the same person instead of rejecting it as another identity."""
+    record = as_json(
+        {
+            "identity": {"given_name": "Gerritje", "family_name": "Zwanenburg"}
+            | {"birth_date": "1990-04-17", "postcode": "3074 lk"},
+            "characteristics": {"district": "Feijenoord", "neighbourhood": "Tarwewijk"},
+            "events": [{"type": "helpdesk_visit", "date": "2023-01-15", "office": "Zuidplein 1"}],
+        },
+        bsn=synthetic_bsn(1, 11),
+        event_prefix="spelled",
+    )
+    respelled = as_json(
+        {
+            "identity": record["identity"] | {"postcode": "3074 LK"},
+            "characteristics": record["characteristics"] | {"birth_year": 1990},
+            "events": [{"type": "welfare_start", "date": "2023-02-01", "office": "Zuidplein 1"}],
+        },
+        bsn=synthetic_bsn(1, 11),
+        event_prefix="respelled",
+    )
+    path = tmp_path / "records.csv"
+    write_csv(path, record)
+    with path.open("a", newline="", encoding="utf-8") as handle:
+        lines = write_csv(tmp_path / "respelled.csv", respelled).read_text("utf-8").splitlines()
+        handle.write(lines[1] + "\r\n")
+
+    imported = bulk.import_csv(
+        database=database,
+        keyring=app.state.keyring,
+        event_types=load_event_types(settings.policies_dir / "events.yaml"),
+        path=path,
+        source=SOURCE,
+        actor=SOURCE,
+        batch_size=1,
+    )
+
+    assert imported.rejected == []
+    assert (imported.subjects, imported.events_stored) == (1, 2)
+    assert count_rows(session, "events") == 2
