@@ -235,6 +235,13 @@ def _blank(value: str | None) -> str | None:
     return value or None
 
 
+def _date_text(value: str | None) -> str | None:
+    """A date as written, or None when blank: the API strips its text fields, but a date is the
+    text YYYY-MM-DD and nothing else, so it refuses one with spaces around it, and so does the
+    import."""
+    return None if _blank(value) is None else value
+
+
 @dataclass
 class _Pending:
     lines: list[int]
@@ -345,6 +352,7 @@ def _subject_of(row: Mapping[str, str]) -> tuple[str, list[str | None], dict[str
     when invalid, which validation rejects), its identity and characteristics values, and its
     record."""
     identity = {name: _blank(row.get(name)) for name in IDENTITY_COLUMNS}
+    identity["birth_date"] = _date_text(row.get("birth_date"))
     characteristics: dict[str, Any] = {
         name: _blank(row.get(name)) for name in CHARACTERISTIC_COLUMNS
     }
@@ -365,6 +373,7 @@ def _subject_of(row: Mapping[str, str]) -> tuple[str, list[str | None], dict[str
 
 def _event_of(row: Mapping[str, str]) -> dict[str, Any] | None:
     values = {name: _blank(row.get(name)) for name in EVENT_COLUMNS}
+    values["event_date"] = _date_text(row.get("event_date"))
     if not any(values.values()):
         return None
     return {

@@ -295,3 +295,41 @@ def test_lines_of_one_person_that_differ_only_as_the_api_stores_alike_are_all_im
     assert imported.rejected == []
     assert (imported.subjects, imported.events_stored) == (1, 2)
     assert count_rows(session, "events") == 2
+
+
+def test_a_date_with_spaces_around_it_is_refused_by_the_import_as_by_the_api(
+    client: TestClient,
+    app: FastAPI,
+    database: Database,
+    settings: Settings,
+    session: Session,
+    source_headers: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Every date is the text YYYY-MM-DD: the API refuses " 1990-04-17" (it strips text fields,
+    not dates), so the import rejects the line rather than store what the API would not."""
+    person = {
+        "identity": {"given_name": "Gerritje", "family_name": "Zwanenburg"}
+        | {"birth_date": " 1990-04-17"},
+        "characteristics": {"district": "Feijenoord", "neighbourhood": "Tarwewijk"},
+        "events": [{"type": "helpdesk_visit", "date": "2023-01-15\t", "office": "Zuidplein 1"}],
+    }
+    record = as_json(person, bsn=synthetic_bsn(2, 11), event_prefix="padded")
+
+    response = client.post(URL, json={"subjects": [record]}, headers=source_headers)
+    imported = bulk.import_csv(
+        database=database,
+        keyring=app.state.keyring,
+        event_types=load_event_types(settings.policies_dir / "events.yaml"),
+        path=write_csv(tmp_path / "records.csv", record),
+        source=SOURCE,
+        actor=SOURCE,
+        batch_size=10,
+    )
+
+    assert response.status_code == 422, response.text
+    refused = {tuple(error["loc"][2:]) for error in response.json()["errors"]}
+    assert refused == {("identity", "birth_date"), ("events", 0, "date")}
+    assert [(r.line, r.fields) for r in imported.rejected] == [(2, ("birth_date", "event_date"))]
+    assert imported.subjects == 0
+    assert count_rows(session, "subjects") == 0
