@@ -182,7 +182,7 @@ class FlaggingRunPublic(BaseModel):
     policy_name: str
     policy_version: str = Field(
         description="<declared version>+<hash of the policy file>/e<evaluator version>, "
-        "e.g. 2026.2+3f9a0c1b2d4e/e7"
+        "e.g. 2026.2+3f9a0c1b2d4e/e8"
     )
     as_of: dt.date
     started_by: str

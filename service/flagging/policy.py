@@ -10,7 +10,7 @@ Invariants, each checked before a policy can be used:
 - a protected attribute (gender, nationality, ethnicity, language, religion) anywhere in the
   characteristics, a rule's ``uses`` or its parameters makes the policy fail to load, naming the
   rule — there is no override;
-- the stored version is ``<declared>+<hash>/e<evaluator>``, e.g. ``2026.2+3f9a0c1b2d4e/e7``: the
+- the stored version is ``<declared>+<hash>/e<evaluator>``, e.g. ``2026.2+3f9a0c1b2d4e/e8``: the
   declared version (1 to 40 letters, digits, ".", "_" or "-": no "+" or "/" to pass for
   another part, no space or line break to reach a log line or a terminal), the first 12 hex
   digits of the SHA-256 of the file's bytes, and ``rules.EVALUATOR_VERSION``. So any edit to

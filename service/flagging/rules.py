@@ -73,8 +73,10 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # after NFC normalization (5 counted "Café" written with a combining accent and with "é" as two).
 # 7 counts no return for a spell that moved desks and ended on one day, both desks reporting
 # the end (6 read the second end and the start as a one-day spell, and a return if a job ended
-# that day, though welfare never stopped).
-EVALUATOR_VERSION: Final = 7
+# that day, though welfare never stopped). 8 dates the long welfare sentence ("As of 15 March
+# 2026: ..."): 7 said "no helpdesk visit in the last 12 months" without the day those months end
+# on, untrue when read to the person after a visit the run did not see.
+EVALUATOR_VERSION: Final = 8
 
 SubjectEvent = tuple[str, int, str]
 """``(event type, date.toordinal(), office)``: one event in the evaluation hot path."""
@@ -495,7 +497,7 @@ def _long_welfare_hit(
             "no_contact_months": rule.no_contact_months,
         },
         explanation=(
-            f"On welfare since {_month(since)} ({_months(months)}) and no helpdesk visit in the "
-            f"last {_months(rule.no_contact_months)} ({contact})."
+            f"As of {_spoken_date(as_of)}: on welfare since {_month(since)} ({_months(months)}) "
+            f"and no helpdesk visit in the last {_months(rule.no_contact_months)} ({contact})."
         ),
     )

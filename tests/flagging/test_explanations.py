@@ -166,8 +166,9 @@ def check_long_welfare(
     assert all(day < no_contact_since for day in visits)
     contact = f"last visit {last_visit}" if last_visit else "no visit on record"
     assert hit.explanation == (
-        f"On welfare since {on_welfare_since.strftime('%Y-%m')} ({months(on_welfare)}) and no "
-        f"helpdesk visit in the last {months(rule.no_contact_months)} ({contact})."
+        f"As of {spoken(as_of)}: on welfare since {on_welfare_since.strftime('%Y-%m')} "
+        f"({months(on_welfare)}) and no helpdesk visit in the last "
+        f"{months(rule.no_contact_months)} ({contact})."
     )
 
 

@@ -426,8 +426,8 @@ def test_long_welfare_fires_at_exactly_m_months_without_contact_for_k_months() -
         "no_contact_months": 12,
     }
     assert hit.explanation == (
-        "On welfare since 2024-03 (24 months) and no helpdesk visit in the last 12 months "
-        "(last visit 2025-03-14)."
+        "As of 15 March 2026: on welfare since 2024-03 (24 months) and no helpdesk visit in the "
+        "last 12 months (last visit 2025-03-14)."
     )
 
 
@@ -512,7 +512,7 @@ def test_a_spell_end_reported_twice_is_one_end() -> None:
     for history in (moved_desks, reported_twice):
         [hit] = evaluate(policy(LONG), history, as_of=AS_OF)
         assert hit.evidence["on_welfare_since"] == "2020-01-01"
-        assert "On welfare since 2020-01 (74 months)" in hit.explanation
+        assert "on welfare since 2020-01 (74 months)" in hit.explanation
         assert returns(history) == []
     # The end alone, reported twice, still ends the spell.
     ended = [*reported_twice[:4], reported_twice[5]]
@@ -568,8 +568,24 @@ def test_long_welfare_says_one_month_in_the_singular() -> None:
     )
     [hit] = evaluate(policy(short), [event("welfare_start", date(2026, 2, 10))], as_of=AS_OF)
     assert hit.explanation == (
-        "On welfare since 2026-02 (1 month) and no helpdesk visit in the last 1 month "
-        "(no visit on record)."
+        "As of 15 March 2026: on welfare since 2026-02 (1 month) and no helpdesk visit in the "
+        "last 1 month (no visit on record)."
+    )
+
+
+def test_long_welfare_names_the_day_its_months_are_counted_to() -> None:
+    """A run may be made as of a past day, and a professional reads the flag to the person long
+    after it: "no helpdesk visit in the last 12 months" must say which day those months end on,
+    or a visit since (which the run rightly did not see) makes the sentence read aloud untrue."""
+    history = [
+        event("welfare_start", date(2024, 3, 15)),
+        *visits((date(2026, 3, 16), "Bloemhof")),
+    ]
+    [hit] = evaluate(policy(LONG), history, as_of=AS_OF)
+    assert hit.evidence["last_helpdesk_visit"] is None
+    assert hit.explanation == (
+        "As of 15 March 2026: on welfare since 2024-03 (24 months) and no helpdesk visit in the "
+        "last 12 months (no visit on record)."
     )
 
 
