@@ -75,7 +75,8 @@ SAME_DAY_ORDER: Final[Mapping[str, int]] = {
 # the end (6 read the second end and the start as a one-day spell, and a return if a job ended
 # that day, though welfare never stopped). 8 dates the long welfare sentence ("As of 15 March
 # 2026: ..."): 7 said "no helpdesk visit in the last 12 months" without the day those months end
-# on, untrue when read to the person after a visit the run did not see.
+# on, untrue when read to the person after a visit the run did not see; so do the relapse and
+# desk hopping sentences, whose counts a later return or visit made untrue.
 EVALUATOR_VERSION: Final = 8
 
 SubjectEvent = tuple[str, int, str]
@@ -388,12 +389,12 @@ class Evaluator:
                 if len(returns) >= rule.min_returns:
                     in_window = [r for r in returns if r.welfare_started >= first]
                     if len(in_window) >= rule.min_returns:
-                        hits.append(_relapse_hit(rule, first, in_window))
+                        hits.append(_relapse_hit(rule, as_of, first, in_window))
             elif isinstance(rule, DeskHoppingRule):
                 if len(visits) >= rule.min_helpdesks:
                     offices = {office_key(office) for day, office in visits if day >= first}
                     if len(offices) >= rule.min_helpdesks:
-                        hits.append(_desk_hopping_hit(rule, first, visits))
+                        hits.append(_desk_hopping_hit(rule, as_of, first, visits))
             elif 0 <= on_welfare_since <= first:
                 last_visit = visits[-1][0] if visits else -1
                 if last_visit < second:
@@ -419,19 +420,22 @@ def evaluate(
     return Evaluator(policy, as_of).evaluate(events)
 
 
-def _relapse_hit(rule: RelapseRule, since: int, returns: list[WelfareReturn]) -> RuleHit:
+def _relapse_hit(
+    rule: RelapseRule, as_of: int, since: int, returns: list[WelfareReturn]
+) -> RuleHit:
     count = len(returns)
     jobs = _join([_month(r.job_ended) for r in returns])
     spoken_since = _spoken_date(since)
     if count == 1:
         sentence = (
-            f"Came back to welfare once since {spoken_since}, after leaving it for work that "
-            f"then ended (a job ending {jobs})."
+            f"As of {_spoken_date(as_of)}: came back to welfare once since {spoken_since}, after "
+            f"leaving it for work that then ended (a job ending {jobs})."
         )
     else:
         sentence = (
-            f"Came back to welfare {count} times since {spoken_since}, each time after leaving "
-            f"it for work that then ended (jobs ending {jobs})."
+            f"As of {_spoken_date(as_of)}: came back to welfare {count} times since "
+            f"{spoken_since}, each time after leaving it for work that then ended (jobs ending "
+            f"{jobs})."
         )
     return RuleHit(
         rule_id=rule.id,
@@ -448,7 +452,9 @@ def _relapse_hit(rule: RelapseRule, since: int, returns: list[WelfareReturn]) ->
     )
 
 
-def _desk_hopping_hit(rule: DeskHoppingRule, since: int, visits: list[tuple[int, str]]) -> RuleHit:
+def _desk_hopping_hit(
+    rule: DeskHoppingRule, as_of: int, since: int, visits: list[tuple[int, str]]
+) -> RuleHit:
     first_visit: dict[str, tuple[int, str]] = {}  # office key -> (day, spelling) of its first visit
     for day, office in visits:
         if day >= since:
@@ -470,8 +476,8 @@ def _desk_hopping_hit(rule: DeskHoppingRule, since: int, visits: list[tuple[int,
             "threshold": rule.min_helpdesks,
         },
         explanation=(
-            f"Visited {len(offices)} different helpdesks since {_spoken_date(since)} "
-            f"({_join(offices)})."
+            f"As of {_spoken_date(as_of)}: visited {len(offices)} different helpdesks since "
+            f"{_spoken_date(since)} ({_join(offices)})."
         ),
     )
 

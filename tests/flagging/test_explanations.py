@@ -112,13 +112,13 @@ def check_relapse(hit: RuleHit, rule: RelapseRule, history: list[RawEvent], as_o
     jobs = listed([day[:7] for day in evidence["jobs_ended"]])
     if count == 1:
         expected = (
-            f"Came back to welfare once since {spoken(since)}, after leaving it for work that "
-            f"then ended (a job ending {jobs})."
+            f"As of {spoken(as_of)}: came back to welfare once since {spoken(since)}, after "
+            f"leaving it for work that then ended (a job ending {jobs})."
         )
     else:
         expected = (
-            f"Came back to welfare {count} times since {spoken(since)}, each time after leaving "
-            f"it for work that then ended (jobs ending {jobs})."
+            f"As of {spoken(as_of)}: came back to welfare {count} times since {spoken(since)}, "
+            f"each time after leaving it for work that then ended (jobs ending {jobs})."
         )
     assert hit.explanation == expected
 
@@ -142,7 +142,8 @@ def check_desk_hopping(
     for office, first in zip(evidence["offices"], evidence["first_visits"], strict=True):
         assert first == min(d for d, o in visits if office_key(o) == office_key(office)).isoformat()
     assert hit.explanation == (
-        f"Visited {len(helpdesks)} different helpdesks since {spoken(since)} "
+        f"As of {spoken(as_of)}: visited {len(helpdesks)} different helpdesks since "
+        f"{spoken(since)} "
         f"({listed(evidence['offices'])})."
     )
 

@@ -77,8 +77,8 @@ def test_relapse_fires_at_exactly_n_returns_with_a_sentence_to_read_aloud() -> N
         "threshold": 3,
     }
     assert hit.explanation == (
-        "Came back to welfare 3 times since 15 March 2024, each time after leaving it for work "
-        "that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
+        "As of 15 March 2026: came back to welfare 3 times since 15 March 2024, each time after "
+        "leaving it for work that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
     )
 
 
@@ -92,8 +92,8 @@ def test_one_return_is_told_in_the_singular() -> None:
     once = RelapseRule(id="once", description="once test", min_returns=1, within_months=24)
     [hit] = evaluate(policy(once), relapses((date(2025, 9, 30), date(2025, 10, 1))), as_of=AS_OF)
     assert hit.explanation == (
-        "Came back to welfare once since 15 March 2024, after leaving it for work that then ended "
-        "(a job ending 2025-09)."
+        "As of 15 March 2026: came back to welfare once since 15 March 2024, after leaving it "
+        "for work that then ended (a job ending 2025-09)."
     )
 
 
@@ -294,7 +294,7 @@ def test_desk_hopping_fires_at_exactly_n_different_helpdesks() -> None:
     assert hit.evidence["visits"] == 4
     assert hit.evidence["offices"] == ["Afrikaanderwijk", "Bloemhof", "Carnisse"]
     assert hit.explanation == (
-        "Visited 3 different helpdesks since 15 March 2025 "
+        "As of 15 March 2026: visited 3 different helpdesks since 15 March 2025 "
         "(Afrikaanderwijk, Bloemhof and Carnisse)."
     )
 
@@ -310,7 +310,32 @@ def test_the_sentence_names_the_first_day_of_the_window_not_its_month() -> None:
     [hit] = evaluate(policy(one_month), history, as_of=date(2026, 3, 31))
     assert hit.evidence["since"] == "2026-02-28"
     assert hit.explanation == (
-        "Visited 3 different helpdesks since 28 February 2026 "
+        "As of 31 March 2026: visited 3 different helpdesks since 28 February 2026 "
+        "(Afrikaanderwijk, Bloemhof and Carnisse)."
+    )
+
+
+def test_counts_name_the_day_they_are_counted_to() -> None:
+    """A flag is read to the person after its run (made as of a past day, perhaps): "3 times
+    since 15 March 2024" or "4 different helpdesks" must say up to which day, or a return or a
+    visit since (which the run rightly did not see) makes the count read aloud untrue."""
+    once = RelapseRule(id="once", description="once test", min_returns=1, within_months=24)
+    history = [
+        *relapses((date(2025, 9, 30), date(2025, 10, 1)), (date(2026, 4, 30), date(2026, 5, 4))),
+        *visits(
+            (date(2025, 4, 1), "Bloemhof"),
+            (date(2025, 5, 1), "Afrikaanderwijk"),
+            (date(2026, 1, 5), "Carnisse"),
+            (date(2026, 3, 16), "Tarwewijk"),
+        ),
+    ]
+    relapse, hopping = evaluate(policy(once, HOPPING), history, as_of=AS_OF)
+    assert relapse.explanation == (
+        "As of 15 March 2026: came back to welfare once since 15 March 2024, after leaving it "
+        "for work that then ended (a job ending 2025-09)."
+    )
+    assert hopping.explanation == (
+        "As of 15 March 2026: visited 3 different helpdesks since 15 March 2025 "
         "(Afrikaanderwijk, Bloemhof and Carnisse)."
     )
 
@@ -354,7 +379,7 @@ def test_spellings_of_one_office_are_one_helpdesk_named_once() -> None:
         "threshold": 3,
     }
     assert hit.explanation == (
-        "Visited 3 different helpdesks since 15 March 2025 "
+        "As of 15 March 2026: visited 3 different helpdesks since 15 March 2025 "
         "(Bloemhof, Vraagwijzer Feijenoord and Wijkteam Charlois)."
     )
 

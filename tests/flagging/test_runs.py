@@ -77,8 +77,8 @@ def test_a_run_flags_matching_subjects_and_explains_why(
     assert [hit["rule_id"] for hit in flag["hits"]] == ["relapse"]
     assert flag["hits"][0]["evidence"]["returns"] == 3
     assert flag["explanation"] == (
-        "Came back to welfare 3 times since 15 March 2024, each time after leaving it for work "
-        "that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
+        "As of 15 March 2026: came back to welfare 3 times since 15 March 2024, each time after "
+        "leaving it for work that then ended (jobs ending 2024-06, 2025-01 and 2025-09)."
     )
     assert "Person" not in str(page)
     assert "111222333" not in str(page)
@@ -210,7 +210,7 @@ def test_a_flag_of_several_hits_explains_every_one_in_policy_order(
     assert [hit["rule_id"] for hit in flag.hits] == ["relapse", "desk-hopping"]
     assert flag.explanation == " ".join(hit["explanation"] for hit in flag.hits)
     assert flag.explanation.endswith(
-        "Visited 4 different helpdesks since 15 March 2025 "
+        "As of 15 March 2026: visited 4 different helpdesks since 15 March 2025 "
         "(Bloemhof, Carnisse, Tarwewijk and Zuidwijk)."
     )
 

@@ -87,7 +87,7 @@ def test_owner_gets_back_exactly_the_identities_that_were_ingested(
         assert client_view["flag"]["kind"] == "algorithm"
         assert client_view["flag"]["run_id"] == world.run_id
         assert [hit["rule_id"] for hit in client_view["flag"]["hits"]] == ["relapse"]
-        assert "Came back to welfare" in client_view["flag"]["explanation"]
+        assert "came back to welfare" in client_view["flag"]["explanation"]
         assert client_view["followups"] == []
     # nobody else's client is in it
     other = world.packet(OTHER, "Feijenoord")
