@@ -657,22 +657,31 @@ def test_a_push_sent_again_with_its_idempotency_key_stores_its_flags_once(
     assert stored_flags(session) == 5
 
 
-def test_a_push_s_digest_is_forgotten_after_the_retention_period(
+def pushed_a_minute_past_retention(
     app: FastAPI, client: TestClient, session: Session, token: TokenFactory
-) -> None:
+) -> dict[str, str]:
+    """A source's push under an Idempotency-Key, stored idempotency_days and a minute ago; the
+    headers to send it again with."""
     seed_two_pushable(app, session)
     source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-aged"}
     assert client.post("/v1/flags", json={"flags": [RENT]}, headers=source).status_code == 201
-    retention = app.state.retention_policy
-    pushes = FlagPush.__table__  # type: ignore[attr-defined]
+    days = app.state.retention_policy.idempotency_days
     session.execute(
-        update(pushes).values(
-            created_at=datetime.now(UTC) - timedelta(days=retention.idempotency_days, minutes=1)
+        update(FlagPush.__table__).values(  # type: ignore[attr-defined]
+            created_at=datetime.now(UTC) - timedelta(days=days, minutes=1)
         )
     )
     session.commit()
+    return source
+
+
+def test_a_push_s_digest_is_forgotten_after_the_retention_period(
+    app: FastAPI, client: TestClient, session: Session, token: TokenFactory
+) -> None:
+    source = pushed_a_minute_past_retention(app, client, session, token)
+    pushes = FlagPush.__table__  # type: ignore[attr-defined]
     with app.state.database.transaction() as job:
-        before = datetime.now(UTC) - timedelta(days=retention.idempotency_days)
+        before = datetime.now(UTC) - timedelta(days=app.state.retention_policy.idempotency_days)
         assert flagging_service.forget_push_digests(session=job, before=before) == 1
     [digest] = session.execute(select(pushes.c.request_digest)).scalars()
     session.rollback()
@@ -688,17 +697,7 @@ def test_a_push_key_past_the_retention_period_is_refused_before_it_is_forgotten(
 ) -> None:
     """idempotency_days bounds the replay itself, not only the shredder's round that forgets
     the digest: a retry past it gets 409 at once, and nothing is stored again."""
-    seed_two_pushable(app, session)
-    source = {**bearer(token("source-welfare", "source")), "Idempotency-Key": "push-aged"}
-    assert client.post("/v1/flags", json={"flags": [RENT]}, headers=source).status_code == 201
-    retention = app.state.retention_policy
-    pushes = FlagPush.__table__  # type: ignore[attr-defined]
-    session.execute(
-        update(pushes).values(
-            created_at=datetime.now(UTC) - timedelta(days=retention.idempotency_days, minutes=1)
-        )
-    )
-    session.commit()
+    source = pushed_a_minute_past_retention(app, client, session, token)
     replay = client.post("/v1/flags", json={"flags": [RENT]}, headers=source)
     assert replay.status_code == 409, replay.text
     assert "older than the service keeps digests for" in replay.json()["detail"]
