@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlmodel import Session
 from typer.testing import CliRunner
 
 from service.cli import app as cli
@@ -31,6 +33,35 @@ def cli_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     get_settings.cache_clear()
     yield tmp_path
     get_settings.cache_clear()
+
+
+@contextmanager
+def seeding(runner: CliRunner) -> Iterator[tuple[Session, Keyring]]:
+    """A migrated database and a new keyring, with a transaction that puts rows in before the
+    commands run (committed when the block ends)."""
+    assert runner.invoke(cli, ["migrate"]).exit_code == 0
+    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
+    settings = get_settings()
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            yield session, Keyring.load(settings.resolved_keyring_path)
+    finally:
+        database.dispose()
+
+
+def register_caseworker(session: Session, professional_id: str, district: str) -> None:
+    create_professional(
+        session=session,
+        given=ProfessionalCreate(
+            id=professional_id,
+            display_name="Caseworker",
+            team="Zuid-1",
+            districts=[district],
+            capacity=40,
+        ),
+        caller=system_caller("test"),
+    )
 
 
 def flagged_and_partitioned(runner: CliRunner) -> str:
@@ -86,35 +117,17 @@ def test_partition_names_a_case_whose_key_fails_its_check_and_places_the_rest(
     cli_home: Path,
 ) -> None:
     runner = CliRunner()
-    assert runner.invoke(cli, ["migrate"]).exit_code == 0
-    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
-    settings = get_settings()
-    database = Database(settings)
-    try:
-        with database.transaction() as session:
-            keyring = Keyring.load(settings.resolved_keyring_path)
-            for pseudonym in ("ps-000", "ps-001", "ps-002"):
-                add_subject(session, keyring, pseudonym=pseudonym, events=RELAPSING)
-            create_professional(
-                session=session,
-                given=ProfessionalCreate(
-                    id="prof-001",
-                    display_name="Caseworker",
-                    team="Zuid-1",
-                    districts=["Charlois"],
-                    capacity=40,
-                ),
-                caller=system_caller("test"),
-            )
-            # ps-001's wrap copied onto ps-000's row: a restore gone wrong, or tampering.
-            moved = session.execute(
-                select(SUBJECTS.c.wrapped_dek).where(SUBJECTS.c.pseudonym == "ps-001")
-            ).scalar_one()
-            session.execute(
-                update(SUBJECTS).where(SUBJECTS.c.pseudonym == "ps-000").values(wrapped_dek=moved)
-            )
-    finally:
-        database.dispose()
+    with seeding(runner) as (session, keyring):
+        for pseudonym in ("ps-000", "ps-001", "ps-002"):
+            add_subject(session, keyring, pseudonym=pseudonym, events=RELAPSING)
+        register_caseworker(session, "prof-001", "Charlois")
+        # ps-001's wrap copied onto ps-000's row: a restore gone wrong, or tampering.
+        moved = session.execute(
+            select(SUBJECTS.c.wrapped_dek).where(SUBJECTS.c.pseudonym == "ps-001")
+        ).scalar_one()
+        session.execute(
+            update(SUBJECTS).where(SUBJECTS.c.pseudonym == "ps-000").values(wrapped_dek=moved)
+        )
     output = flagged_and_partitioned(runner)
     assert "unplaced: 1 (the subject's key failed its integrity check)" in output
     assert "key failed its integrity check: ps-000" in output
@@ -128,32 +141,10 @@ def test_partition_shows_professional_ids_and_districts_as_written_brackets_and_
     is shown whole, and one holding what reads as a closing tag does not crash the summary of
     packets already built."""
     runner = CliRunner()
-    assert runner.invoke(cli, ["migrate"]).exit_code == 0
-    assert runner.invoke(cli, ["keys", "init"]).exit_code == 0
-    settings = get_settings()
-    database = Database(settings)
-    try:
-        with database.transaction() as session:
-            keyring = Keyring.load(settings.resolved_keyring_path)
-            add_subject(
-                session, keyring, pseudonym="ps-000", district="Zuid [oost]", events=RELAPSING
-            )
-            add_subject(
-                session, keyring, pseudonym="ps-001", district="Hoek [/b]", events=RELAPSING
-            )
-            create_professional(
-                session=session,
-                given=ProfessionalCreate(
-                    id="prof-[bold]",
-                    display_name="Caseworker",
-                    team="Zuid-1",
-                    districts=["Zuid [oost]"],
-                    capacity=40,
-                ),
-                caller=system_caller("test"),
-            )
-    finally:
-        database.dispose()
+    with seeding(runner) as (session, keyring):
+        add_subject(session, keyring, pseudonym="ps-000", district="Zuid [oost]", events=RELAPSING)
+        add_subject(session, keyring, pseudonym="ps-001", district="Hoek [/b]", events=RELAPSING)
+        register_caseworker(session, "prof-[bold]", "Zuid [oost]")
     output = flagged_and_partitioned(runner)
     assert "prof-[bold]" in output
     assert "Zuid [oost]" in output
