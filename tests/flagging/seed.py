@@ -17,6 +17,7 @@ from sqlmodel import Session
 from service.access_log.models import AccessLogEntry
 from service.crypto.envelope import DataKey, wrap_key
 from service.crypto.keyring import KeyProvider
+from service.flagging.rules import EVENT_TYPES, FlaggingPolicy, Rule
 from service.records.models import Event, Subject
 from service.records.service import Identity, dek_aad, encrypt_identity
 
@@ -102,3 +103,15 @@ def log_entries(session: Session, action: str | None = None) -> list[dict[str, A
     entries = [json.loads(bytes(row)) for row in rows]
     session.rollback()  # end the read (on SQLite every transaction holds the write lock)
     return [e for e in entries if action is None or e["action"] == action]
+
+
+def policy(*rules: Rule) -> FlaggingPolicy:
+    """A policy of ``rules`` alone, free to use every event type and the office."""
+    return FlaggingPolicy(
+        name="test",
+        declared_version="1",
+        version="1+000000000000",
+        characteristics=(*EVENT_TYPES, "office"),
+        rules=rules,
+        content=b"",
+    )

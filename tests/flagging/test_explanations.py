@@ -17,7 +17,6 @@ from service.flagging.rules import (
     MONTHS,
     DeskHoppingRule,
     Evaluator,
-    FlaggingPolicy,
     LongWelfareWithoutContactRule,
     RelapseRule,
     RuleHit,
@@ -28,6 +27,7 @@ from service.flagging.rules import (
     office_key,
     whole_months_between,
 )
+from tests.flagging.seed import policy
 
 RawEvent = tuple[str, date, str]
 
@@ -181,16 +181,9 @@ def test_every_explanation_states_what_the_evidence_and_the_events_show(
     as_of: date,
 ) -> None:
     relapse, hopping, long_welfare = rules
-    policy = FlaggingPolicy(
-        name="test",
-        declared_version="1",
-        version="1+000000000000/e0",
-        characteristics=(*EVENT_TYPES, "office"),
-        rules=rules,
-        content=b"",
-    )
+    evaluated = policy(*rules)
     events: list[SubjectEvent] = [event(kind, day, office) for kind, day, office in history]
-    hits = evaluate(policy, events, as_of=as_of)
+    hits = evaluate(evaluated, events, as_of=as_of)
     assert [hit.rule_id for hit in hits] == [
         r.id for r in rules if r.id in {h.rule_id for h in hits}
     ]
@@ -206,22 +199,15 @@ def test_every_explanation_states_what_the_evidence_and_the_events_show(
             check_long_welfare(hit, long_welfare, history, as_of)
     # Each rule alone fires exactly when it fires among the others, saying the same.
     for rule in rules:
-        alone = FlaggingPolicy(
-            name="alone",
-            declared_version="1",
-            version="1+000000000000/e0",
-            characteristics=policy.characteristics,
-            rules=(rule,),
-            content=b"",
-        )
+        alone = policy(rule)
         assert evaluate(alone, events, as_of=as_of) == [h for h in hits if h.rule_id == rule.id]
     # The same policy on the same history says the same, run again, reused, or without events
     # after as_of.
-    evaluator = Evaluator(policy, as_of)
+    evaluator = Evaluator(evaluated, as_of)
     evaluator.evaluate(list(reversed(events)))
     assert evaluator.evaluate(events) == hits
-    assert [h.as_json() for h in evaluate(policy, events, as_of=as_of)] == [
+    assert [h.as_json() for h in evaluate(evaluated, events, as_of=as_of)] == [
         h.as_json() for h in hits
     ]
     before = [e for e in events if e[1] <= as_of.toordinal()]
-    assert evaluate(policy, before, as_of=as_of) == hits
+    assert evaluate(evaluated, before, as_of=as_of) == hits

@@ -12,29 +12,17 @@ from hypothesis import strategies as st
 from service.flagging.rules import (
     EVENT_TYPES,
     DeskHoppingRule,
-    FlaggingPolicy,
     LongWelfareWithoutContactRule,
     RelapseRule,
-    Rule,
     SubjectEvent,
     evaluate,
     event,
     months_before,
     whole_months_between,
 )
+from tests.flagging.seed import policy
 
 AS_OF = date(2026, 3, 15)
-
-
-def policy(*rules: Rule) -> FlaggingPolicy:
-    return FlaggingPolicy(
-        name="test",
-        declared_version="1",
-        version="1+000000000000",
-        characteristics=(*EVENT_TYPES, "office"),
-        rules=rules,
-        content=b"",
-    )
 
 
 RELAPSE = RelapseRule(id="relapse", description="relapse test", min_returns=3, within_months=24)
