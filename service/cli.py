@@ -808,7 +808,7 @@ def database_for(settings: Settings) -> Iterator[Database]:
     a lock held too long (exit 1: try again) or a service refusal (its detail, exit 1) ends the
     command in one line, not a traceback."""
     with database_problems_exit():
-        migration_scripts(settings.migrations_dir)  # a wrong folder first: no schema to judge
+        script = migration_scripts(settings.migrations_dir)  # a wrong folder first
         missing = missing_sqlite_file(settings.resolved_database_url)
         if missing is not None:
             # Opening it would leave an empty file behind, and a schema "not this version's".
@@ -821,7 +821,7 @@ def database_for(settings: Settings) -> Iterator[Database]:
             raise typer.Exit(2)
         database = Database(settings)
         try:
-            if not schema_is_current(database.engine, settings.migrations_dir):
+            if not schema_is_current(database.engine, script):
                 console.print(
                     "[red]refused:[/red] the database's schema is not this version's; run "
                     "`casepackets migrate` first",

@@ -930,11 +930,11 @@ def _known_revision(connection: Connection, script: ScriptDirectory) -> str | No
     return current
 
 
-def schema_is_current(engine: Engine, migrations_dir: Path) -> bool:
-    """Whether the database's Alembic revision is the newest one in ``migrations_dir`` (False:
-    an older one, which ``migrate`` brings up to date). A revision this code does not know is
-    ``SchemaTooNew``; a database that cannot be reached or read in time, a ``DatabaseProblem``."""
-    script = migration_scripts(migrations_dir)
+def schema_is_current(engine: Engine, script: ScriptDirectory) -> bool:
+    """Whether the database's Alembic revision is the newest one of ``script``
+    (``migration_scripts``; False: an older one, which ``migrate`` brings up to date). A
+    revision this code does not know is ``SchemaTooNew``; a database that cannot be reached or
+    read in time, a ``DatabaseProblem``."""
     with database_problems(engine.url), engine.connect() as connection:
         return _known_revision(connection, script) == script.get_current_head()
 
