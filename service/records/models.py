@@ -37,6 +37,7 @@ from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
+from service.auth.tokens import usable_subject
 from service.clock import today
 from service.crypto.pseudonym import InvalidBsn, normalize_bsn
 from service.errors import LISTED_ERRORS
@@ -104,17 +105,12 @@ MAX_SUBJECT_EVENTS = 1000
 
 
 def usable_source(name: str) -> bool:
-    """Printable text of 1 to ``SOURCE_MAX`` characters that encodes as UTF-8 (a command-line
-    argument with bytes that are not UTF-8 arrives holding lone surrogates), without spaces around
-    it: the rule a token subject, the API's source, is held to. ``" welfare"`` would be another
-    source than ``welfare``, whose event ids it would repeat unnoticed."""
-    if not 0 < len(name) <= SOURCE_MAX or not name.isprintable() or name != name.strip():
-        return False
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    """A name a token subject could carry (``usable_subject``: printable UTF-8 without spaces
+    around it), of at most ``SOURCE_MAX`` characters: through the API a source is its token's
+    subject, and ``" welfare"`` would be another source than ``welfare``, whose event ids it
+    would repeat unnoticed. (A command-line argument with bytes that are not UTF-8 arrives
+    holding lone surrogates, which that rule refuses.)"""
+    return usable_subject(name) and len(name) <= SOURCE_MAX
 
 
 class Event(SQLModel, table=True):
